@@ -1,0 +1,247 @@
+"""The StreamManager contract, defined once for every backend.
+
+A *stream* is an append-only sequence of events numbered 0, 1, 2, ...: any
+number of ``chunk`` events followed by exactly one terminal event (``done`` or
+``error``) carrying the last sequence number. Payloads are JSON text, encoded
+once by the producer, so every backend stores and replays the same bytes.
+
+Producer side: :meth:`StreamManager.open` returns a :class:`StreamWriter`.
+Its :meth:`~StreamWriter.append` is the one primitive a backend implements
+(``_append``); it must be idempotent per sequence number, because the runner
+retries a failed append with the same events. ``write``/``done``/``error`` are
+conveniences on top of it.
+
+Consumer side: :meth:`StreamManager.subscribe` yields the stored events with
+``seq > after``, then the live ones, then exactly one terminal event, with no
+gap and no duplicate at the boundary. A subscriber that sees neither an event
+nor a producer heartbeat for ``timeout`` seconds gets :class:`StreamTimeout`; a
+subscriber of an open stream whose producer heartbeat is older than
+``lease_seconds`` gets a terminal ``UNAVAILABLE`` error event, stored so every
+other reader sees the same thing.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import protocol
+from ..exceptions import StreamClosed
+
+#: Stream ids travel in a header and end up in keys and paths: keep them boring.
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
+
+
+def valid_stream_id(stream_id: str) -> bool:
+    return bool(STREAM_ID_RE.match(stream_id)) and ".." not in stream_id
+
+
+class StreamStatus(str, enum.Enum):
+    OPEN = "open"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stored event. ``payload`` is compact JSON text."""
+
+    seq: int
+    kind: str  # protocol.CHUNK | protocol.DONE | protocol.ERROR
+    payload: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind != protocol.CHUNK
+
+    @property
+    def value(self) -> Any:
+        return protocol.json.loads(self.payload)
+
+    def frame(self) -> str:
+        return protocol.frame(self.kind, self.payload)
+
+
+def status_after(event: Event) -> StreamStatus:
+    """The stream status a terminal event leads to."""
+    if event.kind == protocol.DONE:
+        return StreamStatus.DONE
+    if event.kind == protocol.ERROR and event.value.get("status") == "CANCELLED":
+        return StreamStatus.CANCELLED
+    return StreamStatus.ERROR
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """What an operator (or the cancel endpoint) can learn about a stream without reading it."""
+
+    stream_id: str
+    status: StreamStatus
+    created_at: float
+    updated_at: float
+    last_seq: int = -1
+    owner: str | None = None
+    cancel_requested: bool = False
+    heartbeat_at: float | None = None
+    expires_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stream_id": self.stream_id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_seq": self.last_seq,
+            "owner": self.owner,
+            "cancel_requested": self.cancel_requested,
+            "heartbeat_at": self.heartbeat_at,
+            "expires_at": self.expires_at,
+        }
+
+
+class StreamWriter:
+    """The producer's handle on one stream. Not shared between producers."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.next_seq = 0
+        self.closed = False
+
+    # -- the primitive -------------------------------------------------------
+    def append(self, events: Sequence[Event]) -> None:
+        """Store ``events`` (contiguous, starting at :attr:`next_seq`) in order.
+
+        On failure nothing of the writer's state changes, so the caller may
+        retry with the same events; backends make that retry idempotent.
+        """
+        if not events:
+            return
+        if self.closed:
+            raise StreamClosed(f"stream {self.stream_id} already ended")
+        for offset, event in enumerate(events):
+            if event.seq != self.next_seq + offset:
+                raise ValueError(
+                    f"events must be contiguous from seq {self.next_seq}, got {event.seq}"
+                )
+            if event.terminal and offset != len(events) - 1:
+                raise StreamClosed("no event may follow a terminal event")
+        self._append(events)
+        self.next_seq = events[-1].seq + 1
+        self.closed = events[-1].terminal
+
+    def _append(self, events: Sequence[Event]) -> None:
+        raise NotImplementedError
+
+    def heartbeat(self) -> bool:
+        """Tell subscribers the producer is alive; return True if cancel was requested."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (connections, listeners). Does not end the stream."""
+
+    # -- conveniences --------------------------------------------------------
+    def write(self, chunk: Any) -> Event:
+        return self._one(protocol.CHUNK, protocol.encode(chunk))
+
+    def done(self, output: Any = None) -> Event:
+        return self._one(protocol.DONE, protocol.encode(output))
+
+    def error(self, err: BaseException | dict[str, Any]) -> Event:
+        body = err if isinstance(err, dict) else protocol.error_body(err)
+        return self._one(protocol.ERROR, protocol.encode(body))
+
+    def _one(self, kind: str, payload: str) -> Event:
+        event = Event(self.next_seq, kind, payload)
+        self.append([event])
+        return event
+
+
+class StreamManager:
+    """Where streams live. Subclasses implement the methods that raise NotImplementedError.
+
+    ``timeout``: seconds a subscriber waits with neither an event nor a
+    heartbeat before :class:`StreamTimeout` (Genkit's default, 60).
+    ``ttl_seconds``: how long a finished stream stays replayable.
+    ``lease_seconds``: how old a producer heartbeat may get before an open
+    stream is declared lost. ``heartbeat_interval``: how often the runner
+    refreshes it (must be well under the lease).
+    """
+
+    timeout: float = 60.0
+    ttl_seconds: float = 300.0
+    lease_seconds: float = 10.0
+    heartbeat_interval: float = 2.0
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 60.0,
+        ttl_seconds: float = 300.0,
+        lease_seconds: float = 10.0,
+        heartbeat_interval: float | None = None,
+    ) -> None:
+        if timeout <= 0 or ttl_seconds < 0 or lease_seconds <= 0:
+            raise ValueError("timeout and lease_seconds must be > 0, ttl_seconds >= 0")
+        self.timeout = timeout
+        self.ttl_seconds = ttl_seconds
+        self.lease_seconds = lease_seconds
+        self.heartbeat_interval = (
+            heartbeat_interval if heartbeat_interval is not None else min(2.0, lease_seconds / 5)
+        )
+
+    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+        """Create a stream; :class:`StreamExists` (ALREADY_EXISTS) if the id is taken."""
+        raise NotImplementedError
+
+    def subscribe(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[Event]:
+        """Events with ``seq > after``, then live ones, ending with one terminal event.
+
+        Raises :class:`StreamNotFound` (before yielding anything) for an
+        unknown or expired id, :class:`StreamTimeout` on inactivity.
+        """
+        raise NotImplementedError
+
+    def info(self, stream_id: str) -> StreamInfo | None:
+        """Metadata of a live or finished (not expired) stream, or None."""
+        raise NotImplementedError
+
+    def request_cancel(self, stream_id: str) -> bool:
+        """Raise the cancel flag. True if the stream is open, False if it already ended.
+
+        :class:`StreamNotFound` for an unknown id. The producer sees the flag on
+        its next heartbeat.
+        """
+        raise NotImplementedError
+
+    def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
+        """Newest first, for operators."""
+        raise NotImplementedError
+
+    def gc(self, now: float | None = None) -> int:
+        """Delete finished streams whose TTL has passed; return how many."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop background work and release connections."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def expiry(self, now: float | None = None) -> float:
+        return (self.now() if now is None else now) + self.ttl_seconds
+
+    def __enter__(self) -> StreamManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

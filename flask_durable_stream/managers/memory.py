@@ -1,0 +1,234 @@
+"""In-process stream storage: the default for development and the test helper.
+
+Streams live in a dict guarded by a lock; each stream has its own condition
+variable that wakes its subscribers. Subscribers keep a cursor into the
+append-only event list, so a slow subscriber never makes the producer wait and
+never loses events. Finished streams expire ``ttl_seconds`` after their
+terminal event; a background sweep removes them whether or not new streams are
+opened. Streams are not shared across processes: with several workers use the
+SQLite manager (one host) or a networked backend.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from .. import protocol
+from .._concurrency import Task, TaskGroup
+from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeout
+from .base import (
+    PRODUCER_LOST,
+    Event,
+    StreamInfo,
+    StreamManager,
+    StreamStatus,
+    StreamWriter,
+    status_after,
+)
+
+
+class _Stream:
+    __slots__ = ("events", "info", "cond")
+
+    def __init__(self, info: StreamInfo) -> None:
+        self.events: list[Event] = []
+        self.info = info
+        self.cond = threading.Condition()
+
+
+class InMemoryStreamManager(StreamManager):
+    """Keeps streams in this process's memory. Greenlet- and thread-safe."""
+
+    def __init__(
+        self,
+        ttl_seconds: float = 300.0,
+        *,
+        timeout: float = 60.0,
+        lease_seconds: float = 10.0,
+        heartbeat_interval: float | None = None,
+        sweep_interval: float | None = None,
+    ) -> None:
+        super().__init__(
+            timeout=timeout,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self.sweep_interval = (
+            sweep_interval if sweep_interval is not None else max(0.05, min(30.0, ttl_seconds / 2))
+        )
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._tasks = TaskGroup()
+        self._sweeper: Task | None = None
+        self._stopping = threading.Event()
+
+    # -- producer ------------------------------------------------------------
+    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+        now = self.now()
+        with self._lock:
+            existing = self._streams.get(stream_id)
+            if existing is not None and not self._expired(existing, now):
+                raise StreamExists(f"stream {stream_id} already exists")
+            info = StreamInfo(
+                stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now
+            )
+            stream = self._streams[stream_id] = _Stream(info)
+            self._ensure_sweeper()
+        return _MemoryWriter(self, stream)
+
+    def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
+        with stream.cond:
+            stored = len(stream.events)
+            if events[-1].seq < stored:
+                return  # a retry of events that did reach storage
+            if stream.info.status is not StreamStatus.OPEN:
+                raise StreamClosed(f"stream {stream.info.stream_id} already ended")
+            stream.events.extend(e for e in events if e.seq >= stored)
+            info = stream.info
+            now = self.now()
+            info.updated_at = info.heartbeat_at = now
+            info.last_seq = stream.events[-1].seq
+            last = stream.events[-1]
+            if last.terminal:
+                info.status = status_after(last)
+                info.expires_at = now + self.ttl_seconds
+            stream.cond.notify_all()
+
+    def _heartbeat(self, stream: _Stream) -> bool:
+        with stream.cond:
+            stream.info.heartbeat_at = self.now()
+            stream.cond.notify_all()
+            return stream.info.cancel_requested
+
+    # -- consumer ------------------------------------------------------------
+    def subscribe(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[Event]:
+        stream = self._get(stream_id)
+        return self._follow(stream, after, self.timeout if timeout is None else timeout)
+
+    def _follow(self, stream: _Stream, after: int, timeout: float) -> Iterator[Event]:
+        cursor = max(after + 1, 0)
+        last_activity = time.monotonic()
+        seen_heartbeat = stream.info.heartbeat_at
+        while True:
+            with stream.cond:
+                while len(stream.events) <= cursor:
+                    info = stream.info
+                    if info.status is not StreamStatus.OPEN:
+                        return  # the caller already has the terminal event
+                    if info.heartbeat_at != seen_heartbeat:
+                        seen_heartbeat = info.heartbeat_at
+                        last_activity = time.monotonic()
+                    if (
+                        info.status is StreamStatus.OPEN
+                        and info.heartbeat_at is not None
+                        and self.now() - info.heartbeat_at > self.lease_seconds
+                    ):
+                        self._mark_lost(stream)
+                        continue
+                    remaining = timeout - (time.monotonic() - last_activity)
+                    if remaining <= 0:
+                        raise StreamTimeout("Stream timed out.")
+                    stream.cond.wait(min(remaining, self.lease_seconds / 2))
+                batch = stream.events[cursor:]
+            last_activity = time.monotonic()
+            for event in batch:
+                yield event
+                if event.terminal:
+                    return
+            cursor += len(batch)
+
+    def _mark_lost(self, stream: _Stream) -> None:
+        # Called with stream.cond held; the producer is gone, so nobody else appends.
+        seq = len(stream.events)
+        stream.events.append(Event(seq, protocol.ERROR, protocol.encode(PRODUCER_LOST)))
+        now = self.now()
+        stream.info.status = StreamStatus.ERROR
+        stream.info.last_seq = seq
+        stream.info.updated_at = now
+        stream.info.expires_at = now + self.ttl_seconds
+        stream.cond.notify_all()
+
+    # -- metadata ------------------------------------------------------------
+    def info(self, stream_id: str) -> StreamInfo | None:
+        try:
+            stream = self._get(stream_id)
+        except StreamNotFound:
+            return None
+        with stream.cond:
+            i = stream.info
+            return StreamInfo(
+                i.stream_id, i.status, i.created_at, i.updated_at, i.last_seq, i.owner,
+                i.cancel_requested, i.heartbeat_at, i.expires_at,
+            )
+
+    def request_cancel(self, stream_id: str) -> bool:
+        stream = self._get(stream_id)
+        with stream.cond:
+            if stream.info.status is not StreamStatus.OPEN:
+                return False
+            stream.info.cancel_requested = True
+            stream.info.updated_at = self.now()
+            stream.cond.notify_all()
+            return True
+
+    def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
+        with self._lock:
+            ids = list(self._streams)
+        infos = [i for i in map(self.info, ids) if i is not None]
+        infos.sort(key=lambda i: i.created_at, reverse=True)
+        return infos[:limit]
+
+    def _get(self, stream_id: str) -> _Stream:
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None or self._expired(stream, self.now()):
+            raise StreamNotFound(f"stream {stream_id} not found")
+        return stream
+
+    @staticmethod
+    def _expired(stream: _Stream, now: float) -> bool:
+        expires = stream.info.expires_at
+        return expires is not None and expires <= now
+
+    # -- expiry --------------------------------------------------------------
+    def gc(self, now: float | None = None) -> int:
+        now = self.now() if now is None else now
+        with self._lock:
+            dead = [sid for sid, s in self._streams.items() if self._expired(s, now)]
+            for sid in dead:
+                del self._streams[sid]
+        return len(dead)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None and not self._stopping.is_set():
+            self._sweeper = self._tasks.spawn(self._sweep, name="durable-stream-sweep")
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(self.sweep_interval):
+            self.gc()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._tasks.join(5)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+
+class _MemoryWriter(StreamWriter):
+    def __init__(self, manager: InMemoryStreamManager, stream: _Stream) -> None:
+        super().__init__(stream.info.stream_id)
+        self._manager = manager
+        self._stream = stream
+
+    def _append(self, events: Sequence[Event]) -> None:
+        self._manager._append(self._stream, events)
+
+    def heartbeat(self) -> bool:
+        return self._manager._heartbeat(self._stream)

@@ -1,0 +1,125 @@
+"""Genkit's wire protocol: JSON encoding, frames, error bodies. Shared by server and client.
+
+A stream is a sequence of frames, each ``<field>: <compact JSON>\\n\\n``::
+
+    data: {"message":<chunk>}
+    data: {"result":<output>}
+    error: {"error":{"status":"<STATUS>","message":"<msg>"}}
+
+Genkit's JS client strips six characters from every frame and JSON-parses the
+rest, so nothing else (comments, ``id:`` lines) may appear on the Genkit
+endpoint. Payloads are encoded once, when a flow emits them, and stored as JSON
+text; frames are built by string concatenation, so a replay is byte-identical to
+the live stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from .exceptions import DurableStreamError, FlowError
+
+CHUNK = "chunk"
+DONE = "done"
+ERROR = "error"
+
+STREAM_ID_HEADER = "x-genkit-stream-id"
+
+#: The redacted body of any error a flow did not raise deliberately.
+INTERNAL_ERROR = {"status": "INTERNAL", "message": "Internal Error"}
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):  # pydantic v2
+        return model_dump(mode="json")
+    dict_method = getattr(value, "dict", None)
+    if callable(dict_method) and hasattr(value, "__fields__"):  # pydantic v1
+        return dict_method()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encoder = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
+)
+
+
+def encode(value: Any) -> str:
+    """Compact JSON text, as JavaScript's ``JSON.stringify`` would write it."""
+    return _encoder.encode(value)
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The client-visible body of an exception: public errors as-is, others redacted."""
+    if isinstance(exc, DurableStreamError):
+        return exc.to_dict()
+    return dict(INTERNAL_ERROR)
+
+
+def frame(kind: str, payload: str) -> str:
+    """One wire frame for an event whose payload is already JSON text."""
+    if kind == CHUNK:
+        return 'data: {"message":' + payload + "}\n\n"
+    if kind == DONE:
+        return 'data: {"result":' + payload + "}\n\n"
+    if kind == ERROR:
+        return 'error: {"error":' + payload + "}\n\n"
+    raise ValueError(f"unknown event kind {kind!r}")
+
+
+def error_frame(body: dict[str, Any]) -> str:
+    return frame(ERROR, encode(body))
+
+
+def wants_stream(accept: str | None, stream_arg: str | None) -> bool:
+    """Genkit streams when ``Accept`` mentions text/event-stream (any case) or ``?stream=true``."""
+    if stream_arg is not None and stream_arg.lower() == "true":
+        return True
+    return accept is not None and "text/event-stream" in accept.lower()
+
+
+def parse_frames(buffer: str) -> tuple[list[tuple[str, Any]], str]:
+    """Split complete frames off ``buffer``; return ``[(kind, value)], rest``.
+
+    ``kind`` is ``chunk``, ``done`` or ``error``; for errors ``value`` is the
+    ``{"status","message"}`` body. Used by the Python client and the tests.
+    """
+    events: list[tuple[str, Any]] = []
+    while True:
+        end = buffer.find("\n\n")
+        if end < 0:
+            return events, buffer
+        raw, buffer = buffer[:end], buffer[end + 2 :]
+        field, _, text = raw.partition(": ")
+        if not text:
+            continue
+        body = json.loads(text)
+        if "error" in body:
+            events.append((ERROR, body["error"]))
+        elif "message" in body:
+            events.append((CHUNK, body["message"]))
+        elif "result" in body or field == "data":
+            events.append((DONE, body.get("result")))
+
+
+def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
+    """Decode a byte stream (e.g. ``response.iter_content()``) into events."""
+    buffer = ""
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    for data in chunks:
+        buffer += utf8.decode(data)
+        events, buffer = parse_frames(buffer)
+        yield from events
+
+
+def to_flow_error(body: dict[str, Any]) -> FlowError:
+    """Turn an error body received from a server back into a :class:`FlowError`."""
+    return FlowError(body.get("status", "UNKNOWN"), body.get("message", ""), details=body.get("details"))

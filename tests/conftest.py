@@ -1,0 +1,44 @@
+"""Shared fixtures.
+
+Every StreamManager backend is a plugin module in ``tests/backends/`` that
+defines a fixture ``backend_<name>`` returning a factory ``make(**options)``
+(options: ``ttl_seconds``, ``timeout``, ``lease_seconds``,
+``heartbeat_interval``). The ``make_manager`` fixture is parametrized over all
+of them, so every test that uses it runs against every backend. Backends that
+need a server start it themselves, on a free port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from flask_durable_stream import StreamManager
+from flask_durable_stream._concurrency import running_tasks
+
+BACKENDS = sorted(
+    m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")])
+)
+pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tasks() -> Iterator[None]:
+    """Every greenlet/thread the library spawned during a test is gone after it."""
+    yield
+    leftover = [t for t in running_tasks() if t.alive and not t.join(5)]
+    assert not leftover, f"leaked library tasks: {[t.name for t in leftover]}"
+
+
+@pytest.fixture(params=BACKENDS)
+def make_manager(request: pytest.FixtureRequest) -> Callable[..., StreamManager]:
+    factory: Callable[..., StreamManager] = request.getfixturevalue(f"backend_{request.param}")
+    return factory
+
+
+@pytest.fixture
+def manager(make_manager: Callable[..., StreamManager]) -> StreamManager:
+    return make_manager()
