@@ -82,9 +82,11 @@ class InMemoryStreamManager(StreamManager):
     def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
         with stream.cond:
             stored = len(stream.events)
-            if events[-1].seq < stored:
+            if events[-1].seq < stored and all(
+                stream.events[e.seq] == e for e in events
+            ):
                 return  # a retry of events that did reach storage
-            if stream.info.status is not StreamStatus.OPEN:
+            if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
                 raise StreamClosed(f"stream {stream.info.stream_id} already ended")
             stream.events.extend(e for e in events if e.seq >= stored)
             info = stream.info
