@@ -19,11 +19,31 @@ from .managers import (
     StreamWriter,
 )
 
+_LAZY = {
+    # Optional backends: imported on first use so their dependencies stay optional.
+    "SQLiteStreamManager": ".managers.sqlite",
+    "FirestoreStreamManager": ".managers.firestore",
+    "RtdbStreamManager": ".managers.rtdb",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 __all__ = [
     "DurableStreamError",
+    "FirestoreStreamManager",
     "Event",
     "FlowError",
     "InMemoryStreamManager",
+    "RtdbStreamManager",
+    "SQLiteStreamManager",
     "StorageUnavailable",
     "StreamClosed",
     "StreamError",
