@@ -10,6 +10,8 @@ from .exceptions import (
     StreamNotFound,
     StreamTimeout,
 )
+from .extension import DurableStream
+from .flows import FlowContext, RequestData
 from .managers import (
     Event,
     InMemoryStreamManager,
@@ -18,6 +20,7 @@ from .managers import (
     StreamStatus,
     StreamWriter,
 )
+from .views import FlowEndpoint, durable_stream_blueprint, flow_view
 
 _LAZY = {
     # Optional backends: imported on first use so their dependencies stay optional.
@@ -37,11 +40,15 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DurableStream",
     "DurableStreamError",
-    "FirestoreStreamManager",
     "Event",
+    "FirestoreStreamManager",
+    "FlowContext",
+    "FlowEndpoint",
     "FlowError",
     "InMemoryStreamManager",
+    "RequestData",
     "RtdbStreamManager",
     "SQLiteStreamManager",
     "StorageUnavailable",
@@ -54,4 +61,6 @@ __all__ = [
     "StreamStatus",
     "StreamTimeout",
     "StreamWriter",
+    "durable_stream_blueprint",
+    "flow_view",
 ]

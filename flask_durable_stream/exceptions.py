@@ -119,8 +119,10 @@ class InvalidRequest(StreamError):
 
     status = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str, *, http_status: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, status: str | None = None, http_status: int | None = None
+    ) -> None:
+        super().__init__(message, status=status)
         self._http_status = http_status
 
     @property

@@ -211,6 +211,18 @@ class StreamManager:
         """
         raise NotImplementedError
 
+    def subscribe_batches(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[list[Event]]:
+        """:meth:`subscribe`, grouped: each list is everything available at that moment.
+
+        The HTTP layer sends a batch in one write, which is what makes replays
+        fast. Backends that read in pages should override this; the default
+        wraps :meth:`subscribe` one event at a time.
+        """
+        events = self.subscribe(stream_id, after, timeout=timeout)
+        return ([event] for event in events)
+
     def info(self, stream_id: str) -> StreamInfo | None:
         """Metadata of a live or finished (not expired) stream, or None."""
         raise NotImplementedError

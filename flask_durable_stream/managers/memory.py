@@ -109,10 +109,16 @@ class InMemoryStreamManager(StreamManager):
     def subscribe(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[Event]:
+        batches = self.subscribe_batches(stream_id, after, timeout=timeout)
+        return (event for batch in batches for event in batch)
+
+    def subscribe_batches(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[list[Event]]:
         stream = self._get(stream_id)
         return self._follow(stream, after, self.timeout if timeout is None else timeout)
 
-    def _follow(self, stream: _Stream, after: int, timeout: float) -> Iterator[Event]:
+    def _follow(self, stream: _Stream, after: int, timeout: float) -> Iterator[list[Event]]:
         cursor = max(after + 1, 0)
         last_activity = time.monotonic()
         seen_heartbeat = stream.info.heartbeat_at
@@ -138,10 +144,9 @@ class InMemoryStreamManager(StreamManager):
                     stream.cond.wait(min(remaining, self.lease_seconds / 2))
                 batch = stream.events[cursor:]
             last_activity = time.monotonic()
-            for event in batch:
-                yield event
-                if event.terminal:
-                    return
+            yield batch
+            if batch[-1].terminal:
+                return
             cursor += len(batch)
 
     def _mark_lost(self, stream: _Stream) -> None:

@@ -1,0 +1,60 @@
+"""``flask durable-stream ...``: operator commands over the app's stream manager."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+durable_stream_cli = AppGroup("durable-stream", help="Inspect and clean up durable streams.")
+
+
+def _manager():  # type: ignore[no-untyped-def]
+    state = current_app.extensions.get("durable_stream")
+    if state is None or state.manager is None:
+        raise click.ClickException("This app has no durable stream manager.")
+    return state.manager
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@durable_stream_cli.command("gc")
+def gc_command() -> None:
+    """Delete finished streams whose TTL has passed."""
+    removed = _manager().gc()
+    click.echo(f"removed {removed} expired stream(s)")
+
+
+@durable_stream_cli.command("list")
+@click.option("--limit", default=50, show_default=True)
+def list_command(limit: int) -> None:
+    """Newest streams first."""
+    infos = _manager().list_streams(limit=limit)
+    click.echo(f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED (UTC)':19}  UPDATED (UTC)")
+    for i in infos:
+        click.echo(
+            f"{i.stream_id:34} {i.status.value:9} {i.last_seq + 1:>7}  "
+            f"{_when(i.created_at):19}  {_when(i.updated_at)}"
+        )
+
+
+@durable_stream_cli.command("show")
+@click.argument("stream_id")
+@click.option("--events/--no-events", default=False, help="Also print the stored events.")
+def show_command(stream_id: str, events: bool) -> None:
+    """Metadata (and optionally the events) of one stream."""
+    manager = _manager()
+    info = manager.info(stream_id)
+    if info is None:
+        raise click.ClickException(f"stream {stream_id} not found (or expired)")
+    click.echo(json.dumps(info.to_dict(), indent=2))
+    if events:
+        for event in manager.subscribe(stream_id, timeout=0.001) if info.status.value != "open" else []:
+            click.echo(f"{event.seq:>6} {event.kind:5} {event.payload}")

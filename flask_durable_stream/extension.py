@@ -1,0 +1,125 @@
+"""The Flask extension object: ``DurableStream(app)`` or ``ext.init_app(app)``.
+
+Follows Flask's extension rules: no app is kept on the object; per-app state is
+``app.extensions["durable_stream"]``; configuration is read once from
+``DURABLE_STREAM_*`` keys (documented in README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from .flows import Flow
+from .managers.base import StreamManager
+from .runner import Runner
+from .views import DEFAULT_MAX_CONTENT_LENGTH, ContextProvider, durable_stream_blueprint
+
+EXTENSION_KEY = "durable_stream"
+
+DEFAULTS: dict[str, Any] = {
+    "DURABLE_STREAM_URL_PREFIX": "/flows",
+    "DURABLE_STREAM_BACKEND": "memory",
+    "DURABLE_STREAM_SQLITE_PATH": None,
+    "DURABLE_STREAM_TTL": 300.0,
+    "DURABLE_STREAM_TIMEOUT": 60.0,
+    "DURABLE_STREAM_LEASE": 10.0,
+    "DURABLE_STREAM_MAX_CONTENT_LENGTH": DEFAULT_MAX_CONTENT_LENGTH,
+    "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": 30.0,
+    "DURABLE_STREAM_SHUTDOWN_GRACE": 25.0,
+}
+
+
+@dataclass
+class State:
+    """What ``app.extensions["durable_stream"]`` holds."""
+
+    manager: StreamManager | None
+    runner: Runner
+    flows: dict[str, Flow]
+
+
+class DurableStream:
+    """Registers flows as durable streaming endpoints on an app.
+
+    ``flows`` may also be added with the :meth:`flow` decorator before
+    :meth:`init_app`. ``stream_manager`` overrides ``DURABLE_STREAM_BACKEND``.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        flows: dict[str, Flow] | None = None,
+        stream_manager: StreamManager | None = None,
+        context_provider: ContextProvider | None = None,
+    ) -> None:
+        self.flows: dict[str, Flow] = dict(flows or {})
+        self.stream_manager = stream_manager
+        self.context_provider = context_provider
+        if app is not None:
+            self.init_app(app)
+
+    def flow(self, name: str | None = None) -> Callable[[Flow], Flow]:
+        """Decorator: ``@ext.flow()`` registers a function as a flow under its name."""
+
+        def register(fn: Flow) -> Flow:
+            self.flows[name or fn.__name__] = fn
+            return fn
+
+        return register
+
+    def init_app(self, app: Flask) -> None:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "A 'DurableStream' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        config = app.config
+        manager = self.stream_manager or build_manager(app)
+        bp = durable_stream_blueprint(
+            self.flows,
+            stream_manager=manager,
+            context_provider=self.context_provider,
+            max_content_length=int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
+            write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
+            shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
+        )
+        app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
+        app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
+        from .cli import durable_stream_cli
+
+        app.cli.add_command(durable_stream_cli)
+
+
+def build_manager(app: Flask) -> StreamManager:
+    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config."""
+    config = app.config
+    backend = str(config["DURABLE_STREAM_BACKEND"]).lower()
+    common = {
+        "ttl_seconds": float(config["DURABLE_STREAM_TTL"]),
+        "timeout": float(config["DURABLE_STREAM_TIMEOUT"]),
+        "lease_seconds": float(config["DURABLE_STREAM_LEASE"]),
+    }
+    if backend == "memory":
+        from .managers.memory import InMemoryStreamManager
+
+        return InMemoryStreamManager(**common)  # type: ignore[arg-type]
+    if backend == "sqlite":
+        from .managers.sqlite import SQLiteStreamManager  # type: ignore[import-not-found]
+
+        path = config["DURABLE_STREAM_SQLITE_PATH"] or os.path.join(
+            app.instance_path, "durable-streams.sqlite3"
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return SQLiteStreamManager(path, **common)  # type: ignore[no-any-return]
+    raise ValueError(
+        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory' or 'sqlite', or pass stream_manager="
+        " (FirestoreStreamManager, RtdbStreamManager, ...) to DurableStream()"
+    )

@@ -1,0 +1,200 @@
+"""Flows: plain Python callables, adapted to one calling convention.
+
+Supported shapes (``data`` is the request's input, ``ctx`` a :class:`FlowContext`)::
+
+    def flow(data): return output                 # plain call, no chunks
+    def flow(data, ctx): ctx.send_chunk(c); return output
+    def flow(data[, ctx]): yield chunk; return output   # generator: return value is the output
+    async def flow(data[, ctx]): ...               # coroutine
+    async def flow(data[, ctx]): yield chunk       # async generator: output is ctx.output (None)
+
+Coroutines never run on the gevent hub: under gevent they run on one shared
+asyncio event loop in a real OS thread, and their chunks are handed back to the
+hub thread-safely, so an ``await`` never blocks other greenlets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol
+from ._concurrency import gevent_patched
+from .exceptions import FlowError
+
+log = logging.getLogger("flask_durable_stream")
+
+Flow = Callable[..., Any]
+
+#: A CPU-bound flow yields the hub this often, so other streams keep flowing.
+COOPERATIVE_EVERY = 64
+
+
+@dataclass
+class RequestData:
+    """What a context provider sees: plain data, never the request object itself."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    input: Any
+    flow: str
+    stream_id: str | None = None
+
+
+@dataclass
+class FlowContext:
+    """The second argument of a flow that takes one."""
+
+    stream_id: str | None
+    context: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    _emit: Callable[[str], None] | None = field(default=None, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _sent: int = field(default=0, repr=False)
+    _cooperative: bool = field(default=True, repr=False)
+
+    def send_chunk(self, chunk: Any) -> None:
+        """Stream one chunk to every subscriber (and to storage). Must be JSON-serializable."""
+        payload = protocol.encode(chunk)
+        if self._emit is not None:
+            self._emit(payload)
+        self._sent += 1
+        if self._cooperative and self._sent % COOPERATIVE_EVERY == 0:
+            _yield_cpu()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a client asked to cancel this stream. Check it in long loops."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise FlowError("CANCELLED", "Cancelled by client.")
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early on cancel. Returns ``cancelled``."""
+        return self._cancel.wait(timeout)
+
+
+def _yield_cpu() -> None:
+    import time
+
+    time.sleep(0)  # gevent.sleep(0) once patched; releases the GIL otherwise
+
+
+def takes_context(flow: Flow) -> bool:
+    try:
+        params = inspect.signature(flow).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables
+        return False
+    positional = [
+        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
+    """Run ``flow`` to completion in the current greenlet/thread; return its output."""
+    args = (data, ctx) if takes_context(flow) else (data,)
+    if inspect.iscoroutinefunction(flow) or inspect.isasyncgenfunction(flow):
+        return _run_async(flow, args, ctx)
+    result = flow(*args)
+    if inspect.isgenerator(result):
+        return _drain(result, ctx)
+    if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+        return _run_async(lambda *_: result, args, ctx)
+    return result
+
+
+def _drain(gen: Any, ctx: FlowContext) -> Any:
+    while True:
+        try:
+            chunk = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        ctx.send_chunk(chunk)
+        if ctx.cancelled:
+            gen.close()
+            raise FlowError("CANCELLED", "Cancelled by client.")
+
+
+async def _consume(flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
+    ctx._cooperative = False  # the event loop schedules; never sleep the thread
+    result = flow(*args)
+    if inspect.isasyncgen(result):
+        async for chunk in result:
+            ctx.send_chunk(chunk)
+            if ctx.cancelled:
+                await result.aclose()
+                raise FlowError("CANCELLED", "Cancelled by client.")
+        return ctx.output
+    return await result
+
+
+def _run_async(flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
+    if not gevent_patched():
+        return asyncio.run(_consume(flow, args, ctx))
+    return _loop_thread().run(flow, args, ctx)
+
+
+class _LoopThread:
+    """One asyncio loop in a real OS thread, shared by every async flow of the process."""
+
+    def __init__(self) -> None:
+        from gevent import monkey
+
+        real_thread = monkey.get_original("threading", "Thread")  # type: ignore[attr-defined]
+        self.loop = asyncio.new_event_loop()
+        ready = monkey.get_original("threading", "Event")()  # type: ignore[attr-defined]
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(ready.set)
+            self.loop.run_forever()
+
+        self.thread = real_thread(target=main, name="durable-stream-asyncio", daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def run(self, flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
+        import gevent
+        from gevent.event import AsyncResult
+
+        hub_loop = gevent.get_hub().loop
+        emit = ctx._emit
+        if emit is not None:
+            # Chunks are produced on the loop thread; hand them to the hub in order.
+            ctx._emit = lambda payload: hub_loop.run_callback_threadsafe(emit, payload)
+        done: AsyncResult = AsyncResult()
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(_consume(flow, args, ctx), self.loop)
+        future.add_done_callback(lambda f: hub_loop.run_callback_threadsafe(done.set, f))
+        try:
+            while not done.ready():
+                if done.wait(0.5) is None and ctx.cancelled and not future.done():
+                    future.cancel()
+        except BaseException:
+            future.cancel()
+            raise
+        finished: Future[Any] = done.get()
+        if finished.cancelled():
+            raise FlowError("CANCELLED", "Cancelled by client.")
+        return finished.result()
+
+
+_LOOP: _LoopThread | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _loop_thread() -> _LoopThread:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _LoopThread()
+        return _LOOP

@@ -1,0 +1,283 @@
+"""The runner: flows in library-owned greenlets, decoupled from HTTP connections.
+
+Each started flow gets a :class:`Run`: an append-only list of events that the
+flow fills and any number of live readers follow with their own cursor (the
+HTTP response that started it is just one of them). A second task per run, the
+*persister*, is the stream's one ordered writer: it copies new events to the
+StreamManager in batches, retries failed writes with backoff, and refreshes the
+producer heartbeat (which also carries the cancel flag back). Storage latency
+therefore never delays live frames, and a client that goes away stops nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from . import protocol
+from ._concurrency import TaskGroup
+from .exceptions import FlowError, StreamClosed, StreamError
+from .flows import Flow, FlowContext, call_flow
+from .managers.base import Event, StreamManager, StreamWriter
+
+log = logging.getLogger("flask_durable_stream")
+
+SHUTDOWN_ERROR = {
+    "status": "UNAVAILABLE",
+    "message": "Server shutting down: the flow did not finish within the grace period.",
+}
+
+
+def new_stream_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Run:
+    """One execution of a flow, as seen by the process that runs it."""
+
+    def __init__(self, stream_id: str, ctx: FlowContext) -> None:
+        self.stream_id = stream_id
+        self.ctx = ctx
+        self.events: list[Event] = []
+        self.cond = threading.Condition()
+        self.persisted = -1  # highest seq stored by the manager
+        self.durable_failed = False
+        ctx._emit = self.emit_chunk
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.events) and self.events[-1].terminal
+
+    def _emit(self, kind: str, payload: str) -> None:
+        with self.cond:
+            if self.events and self.events[-1].terminal:
+                raise StreamClosed(f"stream {self.stream_id} already ended")
+            self.events.append(Event(len(self.events), kind, payload))
+            self.cond.notify_all()
+
+    def emit_chunk(self, payload: str) -> None:
+        self._emit(protocol.CHUNK, payload)
+
+    def finish(self, output: Any) -> None:
+        try:
+            payload = protocol.encode(output)
+        except (TypeError, ValueError):
+            log.exception("flow %s returned an output that is not JSON-serializable", self.stream_id)
+            self.fail(protocol.INTERNAL_ERROR)
+            return
+        self._emit(protocol.DONE, payload)
+
+    def fail(self, body: dict[str, Any]) -> None:
+        self._emit(protocol.ERROR, protocol.encode(body))
+
+    def batches(self, after: int = -1) -> Iterator[list[Event]]:
+        """Everything after ``after`` as it arrives: all that is ready at once, never held back."""
+        cursor = after + 1
+        while True:
+            with self.cond:
+                while len(self.events) <= cursor:
+                    if self.finished:
+                        return
+                    self.cond.wait()
+                batch = self.events[cursor:]
+            cursor += len(batch)
+            yield batch
+            if batch[-1].terminal:
+                return
+
+    def wait(self, timeout: float | None = None) -> Event | None:
+        """Block until the terminal event (or timeout); return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while not self.finished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.cond.wait(remaining)
+            return self.events[-1]
+
+
+class Runner:
+    """Starts flows and owns every task they need. One per stream manager per process."""
+
+    def __init__(
+        self,
+        manager: StreamManager | None,
+        *,
+        write_retry_timeout: float = 30.0,
+        shutdown_grace: float = 25.0,
+    ) -> None:
+        self.manager = manager
+        self.write_retry_timeout = write_retry_timeout
+        self.shutdown_grace = shutdown_grace
+        self.tasks = TaskGroup()
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    # -- starting ------------------------------------------------------------
+    def start(
+        self,
+        name: str,
+        flow: Flow,
+        data: Any,
+        *,
+        context: dict[str, Any] | None = None,
+        durable: bool = True,
+        owner: str | None = None,
+    ) -> Run:
+        """Open the stream (synchronously: an id is only handed out once storage has it) and spawn the flow."""
+        if self.closed:
+            raise StreamError("Server shutting down.", status="UNAVAILABLE")
+        stream_id = new_stream_id()
+        writer = None
+        if durable and self.manager is not None:
+            writer = self.manager.open(stream_id, owner=owner)
+        run = Run(stream_id, FlowContext(stream_id if writer else None, context or {}))
+        with self._lock:
+            self._runs[stream_id] = run
+        self.tasks.spawn(self._execute, name, run, flow, data, name=f"flow:{name}")
+        if writer is not None:
+            self.tasks.spawn(self._persist, run, writer, name=f"persist:{name}")
+        else:
+            self.tasks.spawn(self._forget_when_done, run, name=f"forget:{name}")
+        return run
+
+    def get(self, stream_id: str) -> Run | None:
+        with self._lock:
+            return self._runs.get(stream_id)
+
+    def active(self) -> list[Run]:
+        with self._lock:
+            return list(self._runs.values())
+
+    def request_cancel(self, stream_id: str) -> bool:
+        """Cancel a run of this process at once (others learn it on their next heartbeat)."""
+        run = self.get(stream_id)
+        if run is None or run.finished:
+            return False
+        run.ctx._cancel.set()
+        return True
+
+    # -- the two tasks of a run ---------------------------------------------
+    def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
+        try:
+            output = call_flow(flow, data, run.ctx)
+        except FlowError as exc:
+            body = exc.to_dict()
+            if exc.details is not None:
+                try:
+                    protocol.encode(body)
+                except (TypeError, ValueError):
+                    body.pop("details")
+            self._end(run, lambda: run.fail(body))
+        except Exception:
+            log.exception("flow %r failed (stream %s)", name, run.stream_id)
+            self._end(run, lambda: run.fail(protocol.INTERNAL_ERROR))
+        else:
+            self._end(run, lambda: run.finish(output))
+
+    @staticmethod
+    def _end(run: Run, terminal: Any) -> None:
+        try:
+            terminal()
+        except StreamClosed:
+            pass  # already ended by shutdown; the flow's late result is dropped
+
+    def _persist(self, run: Run, writer: StreamWriter) -> None:
+        manager = self.manager
+        assert manager is not None
+        interval = manager.heartbeat_interval
+        last_beat = time.monotonic()
+        try:
+            while True:
+                with run.cond:
+                    if len(run.events) <= writer.next_seq:
+                        run.cond.wait(interval)
+                    batch = run.events[writer.next_seq :]
+                if batch and not self._append(run, writer, batch):
+                    return
+                if batch and batch[-1].terminal:
+                    return
+                if time.monotonic() - last_beat >= interval:
+                    last_beat = time.monotonic()
+                    self._heartbeat(run, writer)
+        finally:
+            try:
+                writer.close()
+            except Exception:  # pragma: no cover - close must not mask the outcome
+                log.exception("closing the writer of stream %s failed", run.stream_id)
+            self._forget(run)
+
+    def _append(self, run: Run, writer: StreamWriter, batch: list[Event]) -> bool:
+        """Store ``batch``, retrying with backoff. False when storage stayed down."""
+        delay, first_failure = 0.05, None
+        while True:
+            try:
+                writer.append(batch)
+                run.persisted = batch[-1].seq
+                return True
+            except StreamClosed:
+                log.error("stream %s was ended in storage (lease expired?); %d events not stored",
+                          run.stream_id, len(batch))
+                run.durable_failed = True
+                return False
+            except Exception as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure >= self.write_retry_timeout:
+                    log.error("giving up storing stream %s after %.1fs: %s",
+                              run.stream_id, now - first_failure, exc)
+                    run.durable_failed = True
+                    self._store_data_loss(writer)
+                    return False
+                log.warning("storing stream %s failed (%s); retrying in %.2fs",
+                            run.stream_id, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _store_data_loss(writer: StreamWriter) -> None:
+        # Best effort: readers of storage then end with a clear error instead of
+        # waiting for the lease to expire.
+        body = {"status": "DATA_LOSS", "message": "Storage failed; the stream is incomplete."}
+        try:
+            writer.error(body)
+        except Exception:
+            pass
+
+    def _heartbeat(self, run: Run, writer: StreamWriter) -> None:
+        try:
+            if writer.heartbeat():
+                run.ctx._cancel.set()
+        except Exception as exc:
+            log.warning("heartbeat of stream %s failed: %s", run.stream_id, exc)
+
+    def _forget_when_done(self, run: Run) -> None:
+        run.wait()
+        self._forget(run)
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            self._runs.pop(run.stream_id, None)
+
+    # -- stopping ------------------------------------------------------------
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting flows; give running ones ``grace`` seconds, then end them UNAVAILABLE."""
+        self.closed = True
+        grace = self.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        for run in self.active():
+            run.wait(max(0.0, deadline - time.monotonic()))
+        for run in self.active():
+            if not run.finished:
+                run.ctx._cancel.set()
+                try:
+                    run.fail(SHUTDOWN_ERROR)
+                except StreamClosed:
+                    pass
+        self.tasks.join(max(5.0, deadline - time.monotonic()))
