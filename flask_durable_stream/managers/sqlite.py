@@ -1,0 +1,586 @@
+"""Streams in one SQLite file, shared by every worker process of one host.
+
+Layout: one row per stream (``ds_streams``) and one row per event
+(``ds_events``, primary key ``(stream_id, seq)``, so a retried append is a
+no-op). The database runs in WAL mode: readers never wait for the writer.
+
+Writes leave the caller's thread: each process has one writer OS thread that
+owns the only writing connection, takes every queued operation, runs them in
+one transaction and commits once (group commit). Under gevent this keeps
+commits, fsyncs and lock waits off the hub; a caller waits cooperatively and is
+woken through the hub's thread-safe callback. Reads are short indexed queries
+on pooled connections, run in place.
+
+Subscribers in the writing process are woken as soon as a commit lands; events
+written by other processes are found by an adaptive poll (``poll_interval``
+grows from its first to its second value while a stream is quiet and resets on
+every event). See ``docs/sqlite.md`` for figures and limits.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .. import protocol
+from .._concurrency import Task, TaskGroup, gevent_patched
+from ..exceptions import (
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+    StreamExists,
+    StreamNotFound,
+    StreamTimeout,
+)
+from .base import (
+    PRODUCER_LOST,
+    Event,
+    StreamInfo,
+    StreamManager,
+    StreamStatus,
+    StreamWriter,
+    status_after,
+)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ds_streams (
+    stream_id TEXT PRIMARY KEY,
+    token INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    owner TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    heartbeat_at REAL,
+    expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT -1
+);
+CREATE INDEX IF NOT EXISTS ds_streams_expires ON ds_streams (expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ds_streams_created ON ds_streams (created_at);
+CREATE TABLE IF NOT EXISTS ds_events (
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+"""
+_ROW = (
+    "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
+    " heartbeat_at, expires_at, token FROM ds_streams"
+)
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+_READ_BATCH = 256
+_STOP = object()
+
+
+def _original(module: str, name: str) -> Any:
+    """The unpatched primitive even after gevent's monkey patching: a real OS thread or lock."""
+    from gevent import monkey
+
+    return monkey.get_original(module, name)
+
+
+_real_lock = _original("_thread", "allocate_lock")
+_real_get_ident = _original("_thread", "get_ident")
+_real_start_thread = _original("_thread", "start_new_thread")
+_RealQueue = _original("_queue", "SimpleQueue")
+
+
+class _Signal:
+    """A wake-up that any OS thread may fire and one thread or greenlet waits on."""
+
+    __slots__ = ("_event", "_hub")
+
+    def __init__(self) -> None:
+        if gevent_patched():
+            import gevent
+            import gevent.event
+
+            self._hub: Any = gevent.get_hub()
+            self._event: Any = gevent.event.Event()
+        else:
+            self._hub = None
+            self._event = threading.Event()
+
+    def set(self) -> None:
+        if self._hub is None or _real_get_ident() == self._hub.thread_ident:
+            self._event.set()
+        else:
+            self._hub.loop.run_callback_threadsafe(self._event.set)
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._event.wait(timeout))
+
+
+class _Request:
+    __slots__ = ("op", "args", "stream_id", "done", "result", "error")
+
+    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], stream_id: str | None):
+        self.op = op
+        self.args = args
+        self.stream_id = stream_id
+        self.done = _Signal()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _row_info(row: tuple[Any, ...]) -> StreamInfo:
+    return StreamInfo(
+        row[0], StreamStatus(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8]
+    )
+
+
+class SQLiteStreamManager(StreamManager):
+    """Durable streams in a local SQLite file; safe for several processes and threads/greenlets.
+
+    ``synchronous="NORMAL"`` (WAL) survives a process crash and loses at most
+    the last commits on power loss; ``"FULL"`` fsyncs every commit.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 60.0,
+        ttl_seconds: float = 300.0,
+        lease_seconds: float = 10.0,
+        heartbeat_interval: float | None = None,
+        synchronous: str = "NORMAL",
+        poll_interval: tuple[float, float] = (0.005, 0.1),
+        busy_timeout: float = 10.0,
+        sweep_interval: float | None = None,
+        read_pool_size: int = 8,
+        max_batch: int = 512,
+    ) -> None:
+        super().__init__(
+            timeout=timeout,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self.path = os.fspath(path)
+        if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
+            raise ValueError("SQLiteStreamManager needs a file; use InMemoryStreamManager instead")
+        self.synchronous = synchronous.upper()
+        if self.synchronous not in _SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
+        self.poll_interval = poll_interval
+        self.busy_timeout = busy_timeout
+        self.sweep_interval = (
+            sweep_interval if sweep_interval is not None else max(0.05, min(30.0, ttl_seconds / 2))
+        )
+        self.read_pool_size = read_pool_size
+        self.max_batch = max_batch
+        #: Committed write transactions and the operations they carried (group commit at work).
+        self.transactions = 0
+        self.operations = 0
+        self._lock = _real_lock()
+        self._watchers: dict[str, set[_Signal]] = {}
+        self._tasks = TaskGroup()
+        self._sweeper: Task | None = None
+        self._stopping = threading.Event()
+        self._closed = False
+        self._start()
+        ref = weakref.ref(self)
+
+        def after_fork() -> None:
+            manager = ref()
+            if manager is not None:
+                manager._after_fork()
+
+        os.register_at_fork(after_in_child=after_fork)
+
+    # -- connections -------------------------------------------------------------
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            if writer:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute("BEGIN IMMEDIATE")  # also proves the file is writable
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    raise sqlite3.DatabaseError(f"unknown schema version {version}")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            else:
+                conn.execute("PRAGMA query_only=1")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._readers: list[sqlite3.Connection] = []
+        try:
+            conn = self._connect(writer=True)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot use SQLite database {self.path!r}: {exc}") from exc
+        self._queue: Any = _RealQueue()
+        _real_start_thread(self._writer_loop, (conn,))
+
+    def _after_fork(self) -> None:
+        # Threads and SQLite connections do not survive fork(): abandon them, start afresh.
+        self._lock = _real_lock()
+        self._watchers = {}
+        self._sweeper = None
+        if not self._closed:
+            self._start()
+
+    def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if self._closed:
+            raise StorageUnavailable("the SQLite stream manager is closed")
+        with self._lock:
+            conn = self._readers.pop() if self._readers else None
+        try:
+            if conn is None:
+                conn = self._connect(writer=False)
+            rows = conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StorageUnavailable(f"SQLite read failed on {self.path!r}: {exc}") from exc
+        with self._lock:
+            if len(self._readers) < self.read_pool_size and not self._closed:
+                self._readers.append(conn)
+                return rows
+        conn.close()
+        return rows
+
+    # -- the writer thread -----------------------------------------------------------
+    def _submit(self, op: Callable[..., Any], *args: Any, stream_id: str | None = None) -> Any:
+        request = _Request(op, args, stream_id)
+        with self._lock:
+            if self._closed:
+                raise StorageUnavailable("the SQLite stream manager is closed")
+            self._queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+        queue = self._queue
+        try:
+            while True:
+                batch = [queue.get()]
+                while len(batch) < self.max_batch and batch[-1] is not _STOP:
+                    try:
+                        batch.append(queue.get_nowait())
+                    except Exception:  # queue.Empty: nothing else waiting, commit now
+                        break
+                stop = batch[-1] is _STOP
+                self._commit(conn, batch[:-1] if stop else batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        culprit: _Request | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for culprit in batch:
+                    try:
+                        culprit.result = culprit.op(conn, *culprit.args)
+                    except StreamError as exc:  # ops check before they write: nothing to undo
+                        culprit.error = exc
+                culprit = None
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.transactions += 1
+            self.operations += len(batch)
+        except Exception as exc:
+            # Nothing of the batch was stored. A bug in one operation fails that one;
+            # storage trouble fails all as UNAVAILABLE, which callers retry.
+            error = StorageUnavailable(f"SQLite write failed on {self.path!r}: {exc}")
+            error.__cause__ = exc
+            for request in batch:
+                request.result = None
+                fault = request is culprit and not isinstance(exc, sqlite3.Error)
+                request.error = exc if fault else error
+        touched = {r.stream_id for r in batch if r.stream_id is not None and r.error is None}
+        for request in batch:
+            request.done.set()
+        if touched:
+            with self._lock:
+                signals = [s for sid in touched for s in self._watchers.get(sid, ())]
+            for signal in signals:
+                signal.set()
+
+    # -- operations, run by the writer thread inside its transaction -----------------
+    def _op_open(self, conn: sqlite3.Connection, stream_id: str, owner: str | None) -> int:
+        now = self.now()
+        row = conn.execute(
+            "SELECT expires_at FROM ds_streams WHERE stream_id = ?", (stream_id,)
+        ).fetchone()
+        if row is not None:
+            if row[0] is None or row[0] > now:
+                raise StreamExists(f"stream {stream_id} already exists")
+            conn.execute("DELETE FROM ds_events WHERE stream_id = ?", (stream_id,))
+            conn.execute("DELETE FROM ds_streams WHERE stream_id = ?", (stream_id,))
+        token = int.from_bytes(os.urandom(7), "big")
+        conn.execute(
+            "INSERT INTO ds_streams (stream_id, token, status, owner, created_at, updated_at,"
+            " heartbeat_at) VALUES (?, ?, 'open', ?, ?, ?, ?)",
+            (stream_id, token, owner, now, now, now),
+        )
+        return token
+
+    def _op_append(
+        self, conn: sqlite3.Connection, stream_id: str, token: int, events: Sequence[Event]
+    ) -> None:
+        row = conn.execute(
+            "SELECT status, last_seq, token FROM ds_streams WHERE stream_id = ?", (stream_id,)
+        ).fetchone()
+        if row is None or row[2] != token:
+            raise StreamClosed(f"stream {stream_id} no longer exists")
+        status, last_seq = row[0], row[1]
+        stored = [e for e in events if e.seq <= last_seq]
+        if stored:  # a retry of events that did reach storage: they must be the same
+            have = conn.execute(
+                "SELECT seq, kind, payload FROM ds_events"
+                " WHERE stream_id = ? AND seq BETWEEN ? AND ?",
+                (stream_id, stored[0].seq, stored[-1].seq),
+            ).fetchall()
+            if [Event(*r) for r in have] != stored:
+                raise StreamClosed(f"stream {stream_id}: conflicting event at an existing seq")
+        new = events[len(stored) :]
+        if not new:
+            return
+        if status != StreamStatus.OPEN.value or new[0].seq != last_seq + 1:
+            raise StreamClosed(f"stream {stream_id} already ended")
+        conn.executemany(
+            "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
+            [(stream_id, e.seq, e.kind, e.payload) for e in new],
+        )
+        now, last = self.now(), new[-1]
+        if last.terminal:
+            conn.execute(
+                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?, status = ?,"
+                " expires_at = ? WHERE stream_id = ?",
+                (last.seq, now, now, status_after(last).value, now + self.ttl_seconds, stream_id),
+            )
+        else:
+            conn.execute(
+                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?"
+                " WHERE stream_id = ?",
+                (last.seq, now, now, stream_id),
+            )
+
+    def _op_heartbeat(self, conn: sqlite3.Connection, stream_id: str, token: int) -> bool:
+        row = conn.execute(
+            "UPDATE ds_streams SET heartbeat_at = ? WHERE stream_id = ? AND token = ?"
+            " RETURNING cancel_requested",
+            (self.now(), stream_id, token),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _op_cancel(self, conn: sqlite3.Connection, stream_id: str) -> bool:
+        now = self.now()
+        row = conn.execute(
+            "SELECT status, expires_at FROM ds_streams WHERE stream_id = ?", (stream_id,)
+        ).fetchone()
+        if row is None or (row[1] is not None and row[1] <= now):
+            raise StreamNotFound(f"stream {stream_id} not found")
+        if row[0] != StreamStatus.OPEN.value:
+            return False
+        conn.execute(
+            "UPDATE ds_streams SET cancel_requested = 1, updated_at = ? WHERE stream_id = ?",
+            (now, stream_id),
+        )
+        return True
+
+    def _op_mark_lost(
+        self, conn: sqlite3.Connection, stream_id: str, token: int, last_seq: int
+    ) -> bool:
+        """End an open stream whose producer stopped beating, unless anything moved meanwhile."""
+        now = self.now()
+        row = conn.execute(
+            "SELECT status, last_seq, token, heartbeat_at FROM ds_streams WHERE stream_id = ?",
+            (stream_id,),
+        ).fetchone()
+        if (
+            row is None
+            or row[0] != StreamStatus.OPEN.value
+            or row[1] != last_seq
+            or row[2] != token
+            or (row[3] is not None and now - row[3] <= self.lease_seconds)
+        ):
+            return False
+        seq = last_seq + 1
+        conn.execute(
+            "INSERT INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
+            (stream_id, seq, protocol.ERROR, protocol.encode(PRODUCER_LOST)),
+        )
+        conn.execute(
+            "UPDATE ds_streams SET status = 'error', last_seq = ?, updated_at = ?, expires_at = ?"
+            " WHERE stream_id = ?",
+            (seq, now, now + self.ttl_seconds, stream_id),
+        )
+        return True
+
+    def _op_gc(self, conn: sqlite3.Connection, now: float) -> int:
+        dead = "SELECT stream_id FROM ds_streams WHERE expires_at <= ?"
+        conn.execute(f"DELETE FROM ds_events WHERE stream_id IN ({dead})", (now,))
+        return conn.execute("DELETE FROM ds_streams WHERE expires_at <= ?", (now,)).rowcount
+
+    # -- producer ----------------------------------------------------------------------
+    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+        token = self._submit(self._op_open, stream_id, owner)
+        self._ensure_sweeper()
+        return _SQLiteWriter(self, stream_id, token)
+
+    # -- consumer ----------------------------------------------------------------------
+    def _row(self, stream_id: str) -> tuple[Any, ...] | None:
+        rows = self._read(f"{_ROW} WHERE stream_id = ?", (stream_id,))
+        if not rows or (rows[0][8] is not None and rows[0][8] <= self.now()):
+            return None
+        return rows[0]
+
+    def subscribe(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[Event]:
+        row = self._row(stream_id)
+        if row is None:
+            raise StreamNotFound(f"stream {stream_id} not found")
+        return self._follow(
+            stream_id, row[9], max(after + 1, 0), self.timeout if timeout is None else timeout
+        )
+
+    def _follow(self, stream_id: str, token: int, cursor: int, timeout: float) -> Iterator[Event]:
+        signal = _Signal()
+        with self._lock:
+            self._watchers.setdefault(stream_id, set()).add(signal)
+        first_poll, max_poll = self.poll_interval
+        poll = first_poll
+        last_activity = time.monotonic()
+        seen_heartbeat = None
+        try:
+            while True:
+                signal.clear()  # before reading, so a commit after the read still wakes us
+                rows = self._read(
+                    "SELECT seq, kind, payload FROM ds_events WHERE stream_id = ? AND seq >= ?"
+                    " ORDER BY seq LIMIT ?",
+                    (stream_id, cursor, _READ_BATCH),
+                )
+                if rows:
+                    for row in rows:
+                        event = Event(*row)
+                        yield event
+                        if event.terminal:
+                            return
+                    cursor = rows[-1][0] + 1
+                    last_activity, poll = time.monotonic(), first_poll
+                    continue
+                info = self._row(stream_id)
+                if info is None or info[9] != token:
+                    raise StreamNotFound(f"stream {stream_id} not found")
+                if info[4] >= cursor:
+                    continue  # committed between our two reads
+                if info[1] != StreamStatus.OPEN.value:
+                    return  # the caller already has the terminal event
+                heartbeat = info[7]
+                if heartbeat != seen_heartbeat:
+                    seen_heartbeat, last_activity = heartbeat, time.monotonic()
+                lease_left = heartbeat + self.lease_seconds - self.now()
+                if lease_left < 0:
+                    self._submit(self._op_mark_lost, stream_id, token, info[4], stream_id=stream_id)
+                    continue
+                remaining = timeout - (time.monotonic() - last_activity)
+                if remaining <= 0:
+                    raise StreamTimeout("Stream timed out.")
+                signal.wait(min(poll, remaining, lease_left + 0.001))
+                poll = min(poll * 1.5, max_poll)
+        finally:
+            with self._lock:
+                watchers = self._watchers.get(stream_id)
+                if watchers is not None:
+                    watchers.discard(signal)
+                    if not watchers:
+                        del self._watchers[stream_id]
+
+    # -- metadata ----------------------------------------------------------------------
+    def info(self, stream_id: str) -> StreamInfo | None:
+        row = self._row(stream_id)
+        return None if row is None else _row_info(row)
+
+    def request_cancel(self, stream_id: str) -> bool:
+        return bool(self._submit(self._op_cancel, stream_id))
+
+    def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
+        rows = self._read(
+            f"{_ROW} WHERE expires_at IS NULL OR expires_at > ? ORDER BY created_at DESC LIMIT ?",
+            (self.now(), limit),
+        )
+        return [_row_info(row) for row in rows]
+
+    # -- expiry --------------------------------------------------------------------------
+    def gc(self, now: float | None = None) -> int:
+        return int(self._submit(self._op_gc, self.now() if now is None else now))
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None and not self._stopping.is_set():
+            self._sweeper = self._tasks.spawn(self._sweep, name="durable-stream-sqlite-sweep")
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(self.sweep_interval):
+            try:
+                self.gc()
+            except StorageUnavailable:
+                pass  # busy or closing: the next sweep tries again
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._tasks.join(5)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            readers, self._readers = self._readers, []
+            done = _Request(lambda conn: None, (), None)
+            self._queue.put(done)
+            self._queue.put(_STOP)
+        done.done.wait(30)
+        for conn in readers:
+            conn.close()
+
+
+class _SQLiteWriter(StreamWriter):
+    def __init__(self, manager: SQLiteStreamManager, stream_id: str, token: int) -> None:
+        super().__init__(stream_id)
+        self._manager = manager
+        self._token = token
+
+    def _append(self, events: Sequence[Event]) -> None:
+        manager = self._manager
+        manager._submit(
+            manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
+        )
+
+    def heartbeat(self) -> bool:
+        manager = self._manager
+        return bool(manager._submit(manager._op_heartbeat, self.stream_id, self._token))
