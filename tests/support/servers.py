@@ -1,0 +1,79 @@
+"""Real servers for tests: subprocesses on free ports on 127.0.0.1, stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Server:
+    """A server process; ``url`` is its base URL."""
+
+    def __init__(self, args: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(port, self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> str:
+        """Stop the whole process group; return what it printed."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate()
+        return out.decode(errors="replace") if out else ""
+
+
+def example_app(env: dict[str, str] | None = None) -> Server:
+    port = free_port()
+    return Server([PYTHON, "-m", "example_app", "--port", str(port)], port, env)
+
+
+def gunicorn(app: str, *, workers: int = 1, env: dict[str, str] | None = None,
+             extra: Sequence[str] = ()) -> Server:
+    port = free_port()
+    args = [
+        str(BIN / "gunicorn"), "-k", "gevent", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+        "--graceful-timeout", "10", *extra, app,
+    ]
+    return Server(args, port, env)
