@@ -78,7 +78,6 @@ _ROW = (
 )
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _READ_BATCH = 256
-_STOP = object()
 
 
 def _original(module: str, name: str) -> Any:
@@ -280,20 +279,23 @@ class SQLiteStreamManager(StreamManager):
 
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
         queue = self._queue
+        stop: _Request | None = None
         try:
-            while True:
+            while stop is None:
                 batch = [queue.get()]
-                while len(batch) < self.max_batch and batch[-1] is not _STOP:
+                while len(batch) < self.max_batch and batch[-1].op is not _stop:
                     try:
                         batch.append(queue.get_nowait())
                     except Exception:  # queue.Empty: nothing else waiting, commit now
                         break
-                stop = batch[-1] is _STOP
-                self._commit(conn, batch[:-1] if stop else batch)
-                if stop:
-                    return
+                if batch[-1].op is _stop:
+                    stop = batch.pop()
+                if batch:
+                    self._commit(conn, batch)
         finally:
-            conn.close()
+            conn.close()  # the last connection to close checkpoints and removes the WAL
+            if stop is not None:
+                stop.done.set()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         culprit: _Request | None = None
@@ -561,12 +563,15 @@ class SQLiteStreamManager(StreamManager):
                 return
             self._closed = True
             readers, self._readers = self._readers, []
-            done = _Request(lambda conn: None, (), None)
-            self._queue.put(done)
-            self._queue.put(_STOP)
-        done.done.wait(30)
+            stop = _Request(_stop, (), None)
+            self._queue.put(stop)
         for conn in readers:
             conn.close()
+        stop.done.wait(30)
+
+
+def _stop(conn: sqlite3.Connection) -> None:
+    """The writer thread's last request."""
 
 
 class _SQLiteWriter(StreamWriter):

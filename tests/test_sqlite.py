@@ -1,0 +1,337 @@
+"""SQLite specifics beyond the conformance suite: processes, restarts, startup errors, gevent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flask_durable_stream import (
+    Event,
+    SQLiteStreamManager,
+    StorageUnavailable,
+    StreamClosed,
+    StreamNotFound,
+    StreamStatus,
+)
+
+PRODUCER = """
+import sys, threading, time
+from flask_durable_stream import SQLiteStreamManager
+path, sid, mode = sys.argv[1:4]
+manager = SQLiteStreamManager(path, lease_seconds=1.0)
+writer = manager.open(sid)
+for i in range(5):
+    writer.write({"i": i})
+if mode == "crash":  # beat like the runner does, until SIGKILL
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.1)
+        writer.heartbeat()
+print("ready", flush=True)
+sys.stdin.readline()  # the follower has the first five events; go on
+for i in range(5, 40):
+    time.sleep(0.005)
+    writer.write({"i": i})
+writer.done("end")
+manager.close()
+"""
+
+
+def start_producer(path: Path, sid: str, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, str(path), sid, mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "streams.db"
+
+
+def test_follow_a_stream_produced_by_another_process(db: Path) -> None:
+    with SQLiteStreamManager(db, timeout=30) as manager:
+        proc = start_producer(db, "cross", "normal")
+        try:
+            sub = manager.subscribe("cross")
+            first = [next(sub) for _ in range(5)]
+            info = manager.info("cross")
+            assert info is not None and info.status is StreamStatus.OPEN  # truly live
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            events = first + list(sub)
+        finally:
+            assert proc.wait(30) == 0
+    assert [e.seq for e in events] == list(range(41))
+    assert [e.payload for e in events[:40]] == [f'{{"i":{i}}}' for i in range(40)]
+    assert events[-1] == Event(40, "done", '"end"')
+
+
+def test_killed_producer_process_ends_stream_with_unavailable(db: Path) -> None:
+    lease = 1.0
+    with SQLiteStreamManager(db, timeout=30, lease_seconds=lease) as manager:
+        proc = start_producer(db, "doomed", "crash")
+        sub = manager.subscribe("doomed")
+        assert [next(sub).seq for _ in range(5)] == list(range(5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+        terminal = next(sub)
+        assert time.monotonic() - killed < lease + 2
+        assert terminal.seq == 5 and terminal.kind == "error"
+        assert terminal.value["status"] == "UNAVAILABLE"
+        assert list(manager.subscribe("doomed", after=4)) == [terminal]
+        info = manager.info("doomed")
+        assert info is not None and info.status is StreamStatus.ERROR
+
+
+def test_restart_replays_finished_streams_byte_for_byte(db: Path) -> None:
+    payloads = ["héllo ✓ 🚀", {"nested": [1, 2.5, None]}, "\n\n data: x\n\n", "x" * 70_000]
+    with SQLiteStreamManager(db) as manager:
+        writer = manager.open("kept", owner="alice")
+        for p in payloads:
+            writer.write(p)
+        writer.done({"ok": True})
+        before = [(e.seq, e.kind, e.payload) for e in manager.subscribe("kept")]
+    with SQLiteStreamManager(db) as manager:
+        after = [(e.seq, e.kind, e.payload) for e in manager.subscribe("kept")]
+        info = manager.info("kept")
+    assert after == before and len(after) == 5
+    assert info is not None and info.status is StreamStatus.DONE and info.owner == "alice"
+
+
+def test_corrupt_file_is_a_clear_startup_error(db: Path) -> None:
+    db.write_bytes(b"this is not a database" * 300)
+    with pytest.raises(StorageUnavailable) as info:
+        SQLiteStreamManager(db)
+    assert str(db) in str(info.value) and "not a database" in str(info.value)
+    assert info.value.status == "UNAVAILABLE"
+
+
+def test_missing_directory_is_a_clear_startup_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageUnavailable, match="unable to open"):
+        SQLiteStreamManager(tmp_path / "no" / "such" / "dir.db")
+
+
+def test_read_only_file_is_a_clear_startup_error(db: Path) -> None:
+    SQLiteStreamManager(db).close()
+    db.chmod(0o444)
+    immutable = os.geteuid() == 0  # root ignores file modes: make the file immutable instead
+    if immutable:
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(db)]).returncode != 0:
+            pytest.skip("running as root without chattr +i: cannot make a file read-only")
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            SQLiteStreamManager(db)
+        assert str(db) in str(info.value) and "readonly" in str(info.value)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+def test_memory_path_is_rejected() -> None:
+    with pytest.raises(ValueError, match="InMemoryStreamManager"):
+        SQLiteStreamManager(":memory:")
+
+
+def test_group_commit_puts_queued_appends_in_one_transaction(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        writers = [manager.open(f"s{i}") for i in range(16)]
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        threads = [threading.Thread(target=w.write, args=("x",)) for w in writers]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while manager._queue.qsize() < 15 and time.monotonic() < deadline:
+            time.sleep(0.005)  # one append waits for the lock, fifteen wait behind it
+        assert manager._queue.qsize() == 15
+        transactions, operations = manager.transactions, manager.operations
+        blocker.execute("COMMIT")
+        blocker.close()
+        for t in threads:
+            t.join(10)
+        assert manager.operations - operations == 16
+        assert manager.transactions - transactions <= 2
+        for i in range(16):
+            info = manager.info(f"s{i}")
+            assert info is not None and info.last_seq == 0
+
+
+def test_many_concurrent_writers_all_land(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+
+        def produce(n: int) -> None:
+            writer = manager.open(f"w{n}")
+            for i in range(50):
+                writer.write([n, i])
+            writer.done(n)
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for n in range(12):
+            events = list(manager.subscribe(f"w{n}"))
+            assert [e.payload for e in events] == [f"[{n},{i}]" for i in range(50)] + [str(n)]
+        assert manager.operations >= 12 * 52
+
+
+def test_lock_held_too_long_is_unavailable_and_retry_is_idempotent(db: Path) -> None:
+    with SQLiteStreamManager(db, busy_timeout=0.2) as manager:
+        writer = manager.open("busy")
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        batch = [Event(0, "chunk", '"a"'), Event(1, "chunk", '"b"')]
+        with pytest.raises(StorageUnavailable):
+            writer.append(batch)
+        blocker.execute("COMMIT")
+        blocker.close()
+        writer.append(batch)  # the runner's retry
+        writer.done("end")
+        assert [e.seq for e in manager.subscribe("busy")] == [0, 1, 2]
+
+
+def test_conflicting_payload_at_an_existing_seq_is_refused(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        writer = manager.open("c")
+        writer.write("original")
+        with pytest.raises(StreamClosed, match="conflicting"):
+            writer._append([Event(0, "chunk", '"forged"')])
+        assert next(manager.subscribe("c")).payload == '"original"'
+        writer.done("end")  # the writer itself is unaffected
+        assert [e.seq for e in manager.subscribe("c")] == [0, 1]
+
+
+def test_two_managers_on_one_file_share_streams_and_leases(db: Path) -> None:
+    with (
+        SQLiteStreamManager(db, lease_seconds=30) as a,
+        SQLiteStreamManager(db, timeout=30, lease_seconds=0.5) as b,
+    ):
+        writer = a.open("shared")
+        writer.write("from a")
+        events = list(b.subscribe("shared"))  # a's producer never beats again
+        assert [e.kind for e in events] == ["chunk", "error"]
+        assert list(a.subscribe("shared")) == events
+        with pytest.raises(StreamClosed):
+            writer.write("too late")
+        assert a.request_cancel("shared") is False
+
+
+def test_expired_stream_is_not_found_before_gc_then_gc_deletes_rows(db: Path) -> None:
+    with SQLiteStreamManager(db, ttl_seconds=0.2, sweep_interval=3600) as manager:
+        writer = manager.open("old")
+        writer.write("a")
+        writer.done("b")
+        time.sleep(0.3)
+        assert manager.info("old") is None
+        with pytest.raises(StreamNotFound):
+            manager.subscribe("old")
+        with pytest.raises(StreamNotFound):
+            manager.request_cancel("old")
+        assert manager.gc() == 1
+        raw = sqlite3.connect(db)
+        tables = ("ds_streams", "ds_events")
+        counts = [raw.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables]
+        raw.close()
+        assert counts == [0, 0]
+
+
+def test_sweep_deletes_expired_streams_without_gc_calls(db: Path) -> None:
+    with SQLiteStreamManager(db, ttl_seconds=0.1, sweep_interval=0.05) as manager:
+        manager.open("swept").done(None)
+        raw = sqlite3.connect(db)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if raw.execute("SELECT count(*) FROM ds_streams").fetchone()[0] == 0:
+                break
+            time.sleep(0.02)
+        assert raw.execute("SELECT count(*) FROM ds_streams").fetchone()[0] == 0
+        raw.close()
+
+
+def test_closed_manager_refuses_work(db: Path) -> None:
+    manager = SQLiteStreamManager(db)
+    writer = manager.open("s")
+    manager.close()
+    manager.close()  # twice is fine
+    with pytest.raises(StorageUnavailable):
+        writer.write("x")
+    with pytest.raises(StorageUnavailable):
+        manager.info("s")
+
+
+GEVENT_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import sys, threading
+import gevent
+from flask_durable_stream import SQLiteStreamManager, StreamTimeout
+
+assert monkey.is_module_patched("threading")
+manager = SQLiteStreamManager(sys.argv[1], timeout=0.5, lease_seconds=30)
+ticks = [0]
+
+def tick():
+    while True:
+        ticks[0] += 1
+        gevent.sleep(0.001)
+
+def produce(n):
+    writer = manager.open(f"g{n}")
+    for i in range(30):
+        writer.write([n, i])
+        gevent.sleep(0.002)
+    assert writer.heartbeat() is False
+    writer.done(n)
+
+def follow(n):
+    return [e.payload for e in manager.subscribe(f"g{n}")]
+
+ticker = gevent.spawn(tick)
+producers = [gevent.spawn(produce, n) for n in range(4)]
+gevent.sleep(0.01)
+followers = [gevent.spawn(follow, n) for n in range(4)]
+gevent.joinall(producers + followers, timeout=30, raise_error=True)
+for n, g in enumerate(followers):
+    assert g.value == [f"[{n},{i}]" for i in range(30)] + [str(n)], g.value
+late = [e.payload for e in manager.subscribe("g0")]
+assert late == followers[0].value
+manager.open("quiet")
+try:
+    list(manager.subscribe("quiet"))
+    raise AssertionError("no timeout")
+except StreamTimeout:
+    pass
+assert ticks[0] > 10, ticks  # the hub kept running while SQLite worked
+assert threading.active_count() >= 1
+ticker.kill()
+manager.close()
+print("ok", manager.transactions, manager.operations)
+"""
+
+
+def test_works_under_gevent_monkey_patching(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", GEVENT_SCRIPT, str(db)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    word, transactions, operations = result.stdout.split()
+    assert word == "ok" and 0 < int(transactions) <= int(operations)
