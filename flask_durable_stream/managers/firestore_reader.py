@@ -1,0 +1,163 @@
+"""The Firestore subscriber: replay stored batches, then follow two listeners.
+
+One ``on_snapshot`` listener watches the batches with ``last_seq`` past the
+subscriber's cursor, another the metadata document (heartbeats, status). Their
+callbacks run on the client library's own threads (greenlets once gevent has
+patched ``threading``), so they only hand snapshots over through an
+:class:`Inbox`; everything else happens in the subscriber's own thread or
+greenlet. Events are deduplicated by seq and emitted strictly in order, so the
+replay/listen boundary has no gap and no duplicate. A listener's result set
+grows with every batch, so after ``reanchor_docs`` documents it is replaced by
+one starting at the cursor. Both listeners are closed when the generator
+finishes or is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._concurrency import gevent_patched
+from ..exceptions import StreamNotFound, StreamTimeout
+from .base import Event, StreamStatus
+from .firestore_io import FieldFilter, events_of, seconds
+
+if TYPE_CHECKING:
+    from .firestore import FirestoreStreamManager
+
+#: Documents a batch listener may accumulate before it is replaced by a fresh one.
+REANCHOR_DOCS = 64
+
+
+class Inbox:
+    """Hands items from any thread (or greenlet) to one waiting consumer."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._async: Any = None
+        if gevent_patched():
+            import gevent
+            from gevent.event import Event as GeventEvent
+
+            self._ready: Any = GeventEvent()
+            # A loop watcher may be signalled from any real thread; it wakes this hub.
+            self._async = gevent.get_hub().loop.async_()
+            self._async.start(self._ready.set)
+        else:
+            self._ready = threading.Event()
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if self._async is not None:
+            self._async.send()
+        else:
+            self._ready.set()
+
+    def get(self, timeout: float) -> Any:
+        """The next item, or None after ``timeout`` seconds."""
+        if not self._items:
+            self._ready.clear()
+            if not self._items:
+                self._ready.wait(max(0.0, timeout))
+        return self._items.popleft() if self._items else None
+
+    def close(self) -> None:
+        if self._async is not None:
+            self._async.stop()
+            self._async.close()
+            self._async = None
+
+
+def follow(
+    manager: FirestoreStreamManager, stream_id: str, meta: Any, after: int, timeout: float
+) -> Iterator[Event]:
+    meta_ref = manager._meta_ref(stream_id)
+    cursor = after
+    if meta.get("status") != StreamStatus.OPEN.value:
+        # Finished: everything is stored, no listener needed.
+        for event in manager._stored_events(stream_id, cursor):
+            yield event
+            if event.terminal:
+                return
+        return
+
+    inbox = Inbox()
+    watches: list[Any] = []
+    pending: dict[int, Event] = {}
+    heartbeat_at = seconds(meta.get("heartbeatAt")) or 0.0
+    written_at = 0.0  # server time of the newest batch seen: the producer was alive then
+    anchored_docs = 0
+    try:
+        watches.append(
+            meta_ref.on_snapshot(lambda docs, changes, read_time: inbox.put(("meta", docs)))
+        )
+        for event in manager._stored_events(stream_id, cursor):
+            yield event
+            cursor = event.seq
+            if event.terminal:
+                return
+        watches.append(_listen(manager, stream_id, cursor, inbox))
+        last_activity = time.monotonic()
+        status_open = True
+        while True:
+            wait = min(timeout - (time.monotonic() - last_activity), manager.lease_seconds / 2, 1.0)
+            item = inbox.get(wait)
+            if item is not None:
+                kind, docs = item
+                if kind == "meta":
+                    if not docs or not docs[0].exists:
+                        raise StreamNotFound(f"stream {stream_id} was deleted")
+                    data = docs[0].to_dict()
+                    beat = seconds(data.get("heartbeatAt")) or 0.0
+                    if beat != heartbeat_at:
+                        heartbeat_at = beat
+                        last_activity = time.monotonic()
+                    status_open = data.get("status") == StreamStatus.OPEN.value
+                    if not status_open:  # the terminal event is stored: fetch it directly
+                        for event in manager._stored_events(stream_id, cursor):
+                            pending[event.seq] = event
+                else:
+                    anchored_docs += len(docs)
+                    for doc in docs:
+                        written_at = max(written_at, doc.update_time.timestamp())
+                        for event in events_of(doc.to_dict()):
+                            if event.seq > cursor:
+                                pending[event.seq] = event
+                if cursor + 1 in pending:
+                    last_activity = time.monotonic()
+                while cursor + 1 in pending:
+                    event = pending.pop(cursor + 1)
+                    cursor = event.seq
+                    yield event
+                    if event.terminal:
+                        return
+                if anchored_docs >= REANCHOR_DOCS:
+                    watches.pop().unsubscribe()
+                    watches.append(_listen(manager, stream_id, cursor, inbox))
+                    anchored_docs = 0
+                continue
+            if time.monotonic() - last_activity >= timeout:
+                raise StreamTimeout("Stream timed out.")
+            alive_at = max(heartbeat_at, written_at)
+            if status_open and manager.now() - alive_at > manager.lease_seconds:
+                manager._mark_lost(stream_id)  # the listeners then deliver the error event
+    finally:
+        for watch in watches:
+            watch.unsubscribe()
+        inbox.close()
+
+
+def _listen(manager: FirestoreStreamManager, stream_id: str, cursor: int, inbox: Inbox) -> Any:
+    query = (
+        manager._batches_ref(stream_id)
+        .where(filter=FieldFilter("last_seq", ">", cursor))
+        .order_by("last_seq")
+    )
+
+    def on_snapshot(docs: list[Any], changes: list[Any], read_time: Any) -> None:
+        inbox.put(("batches", [c.document for c in changes if c.type.name != "REMOVED"]))
+
+    return query.on_snapshot(on_snapshot)

@@ -1,0 +1,177 @@
+"""The Firestore producer: events are coalesced for ``linger`` seconds, then committed.
+
+``append`` puts events in the writer's buffer and returns; a flusher task
+(spawned through the manager's :class:`TaskGroup`, only while something is
+buffered) commits the buffer ``linger`` seconds after its oldest event arrived.
+Three things flush at once, in the caller: a terminal event, a buffer past
+``batch_bytes``, and a previous flush that failed. Nothing is dropped on a
+failure: the buffer is kept, the next ``append`` (the runner's retry of the same
+events, or its next events) commits it again and raises
+:class:`StorageUnavailable` until that works, and ``close()`` flushes what is
+left. Retries are idempotent because batch documents are *created*: a retry
+of a commit that did land fails with ALREADY_EXISTS and is reconciled by
+reading back what is stored.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .._concurrency import Task
+from ..exceptions import StreamClosed, StreamError
+from .base import Event, StreamWriter
+from .firestore_io import MAX_EVENT_BYTES, event_bytes
+
+if TYPE_CHECKING:
+    from .firestore import FirestoreStreamManager
+
+
+class FirestoreStreamWriter(StreamWriter):
+    def __init__(self, manager: FirestoreStreamManager, stream_id: str) -> None:
+        super().__init__(stream_id)
+        self._manager = manager
+        self._state = threading.Lock()  # guards the fields below; never held across an RPC
+        self._commit_lock = threading.Lock()  # one commit in flight, so batches land in order
+        self._buffer: list[Event] = []
+        self._buffered_bytes = 0
+        self._oldest_at = 0.0  # monotonic arrival time of the buffer's oldest event
+        self._accepted = -1  # highest seq taken into the buffer
+        self._stored = -1  # highest seq known to be committed
+        self._failed: StreamError | None = None
+        self._ended: str | None = None  # why this writer may no longer write
+        self._closing = False
+        self._flusher: Task | None = None
+        self._alive_at = time.time()  # last heartbeat or commit: what subscribers' lease sees
+
+    # -- producing -----------------------------------------------------------
+    def _append(self, events: Sequence[Event]) -> None:
+        for event in events:
+            size = event_bytes(event)
+            if size > MAX_EVENT_BYTES:
+                raise StreamError(
+                    f"event {event.seq} of stream {self.stream_id} is {size} bytes; a Firestore "
+                    f"document holds at most {MAX_EVENT_BYTES} bytes of events",
+                    status="INVALID_ARGUMENT",
+                )
+        self._check_lease()
+        with self._state:
+            self._raise_if_ended()
+            for event in events:
+                self._take(event)
+            urgent = (
+                events[-1].terminal
+                or self._buffered_bytes >= self._manager.batch_bytes
+                or self._failed is not None
+            )
+            if not urgent and self._buffer and self._flusher is None:
+                self._flusher = self._manager._tasks.spawn(
+                    self._linger_then_flush, name=f"durable-stream-flush-{self.stream_id}"
+                )
+        if urgent:
+            self._flush()
+
+    def _take(self, event: Event) -> None:
+        # Called with _state held. A retry may resend events already taken: events
+        # still buffered are replaced (the caller's latest word wins), stored ones skipped.
+        if event.seq <= self._stored:
+            return
+        if event.seq <= self._accepted:
+            index = event.seq - self._buffer[0].seq
+            self._buffered_bytes += event_bytes(event) - event_bytes(self._buffer[index])
+            self._buffer[index] = event
+            return
+        if event.seq != self._accepted + 1:
+            raise ValueError(f"expected seq {self._accepted + 1}, got {event.seq}")
+        if not self._buffer:
+            self._oldest_at = time.monotonic()
+        self._buffer.append(event)
+        self._buffered_bytes += event_bytes(event)
+        self._accepted = event.seq
+
+    def _raise_if_ended(self) -> None:
+        if self._ended is not None:
+            raise StreamClosed(self._ended)
+
+    def _check_lease(self) -> None:
+        """A producer late on its heartbeats may have been declared lost: ask before writing."""
+        if time.time() - self._alive_at <= self._manager.lease_seconds:
+            return
+        if self._manager._write_heartbeat(self) is None:
+            with self._state:
+                self._ended = f"stream {self.stream_id} already ended (producer lease expired)"
+            raise StreamClosed(self._ended)
+
+    def _linger_then_flush(self) -> None:
+        while True:
+            with self._state:
+                if not self._buffer or self._failed is not None or self._ended or self._closing:
+                    self._flusher = None
+                    return
+                wait = self._oldest_at + self._manager.linger - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # cooperative under gevent; close() flushes without waiting
+                continue
+            try:
+                self._flush()
+            except StreamError:
+                pass  # recorded in _failed / _ended; the producer's next call sees it
+
+    def _flush(self) -> None:
+        with self._commit_lock:
+            with self._state:
+                self._raise_if_ended()
+                pending = list(self._buffer)
+            if not pending:
+                return
+            started = time.monotonic()
+            try:
+                stored = self._manager._store(self.stream_id, pending)
+            except StreamClosed as exc:
+                with self._state:
+                    self._ended = exc.message
+                raise
+            except StreamError as exc:
+                with self._state:
+                    self._failed = exc
+                raise
+            with self._state:
+                done = sum(1 for e in self._buffer if e.seq <= stored)
+                del self._buffer[:done]
+                self._buffered_bytes = sum(map(event_bytes, self._buffer))
+                self._stored = max(self._stored, stored)
+                self._failed = None
+                self._alive_at = time.time()
+                self._oldest_at = started  # later events arrived after the commit began
+
+    # -- liveness ------------------------------------------------------------
+    def heartbeat(self) -> bool:
+        with self._state:
+            retry = bool(self._buffer) and self._failed is not None
+        if retry:
+            self._flush()
+        state = self._manager._write_heartbeat(self)
+        if state is None:  # ended by someone else: the producer should stop
+            with self._state:
+                self._ended = self._ended or f"stream {self.stream_id} already ended"
+            return True
+        return state
+
+    @property
+    def stored_seq(self) -> int:
+        return self._stored
+
+    def close(self) -> None:
+        """Flush what is buffered (raising StorageUnavailable if that fails) and stop."""
+        with self._state:
+            self._closing = True
+            pending = bool(self._buffer) and self._ended is None
+            flusher = self._flusher
+        try:
+            if pending:
+                self._flush()
+        finally:
+            if flusher is not None:
+                flusher.join(self._manager.linger + self._manager.rpc_timeout)
