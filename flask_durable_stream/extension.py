@@ -82,7 +82,7 @@ class DurableStream:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         config = app.config
-        manager = self.stream_manager or build_manager(app)
+        manager = self.stream_manager if self.stream_manager is not None else build_manager(app)
         bp = durable_stream_blueprint(
             self.flows,
             stream_manager=manager,

@@ -280,4 +280,8 @@ class Runner:
                     run.fail(SHUTDOWN_ERROR)
                 except StreamClosed:
                     pass
-        self.tasks.join(max(5.0, deadline - time.monotonic()))
+        # Wait for the terminal events to be stored (flows that ignore the end
+        # may keep running; their late output is dropped).
+        flush_deadline = time.monotonic() + 5.0
+        while self.active() and time.monotonic() < flush_deadline:
+            time.sleep(0.02)

@@ -25,12 +25,12 @@ BACKENDS = sorted(
 pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_tasks() -> Iterator[None]:
-    """Every greenlet/thread the library spawned during a test is gone after it."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Every greenlet/thread the library spawned during a test is gone once its fixtures are."""
     yield
     leftover = [t for t in running_tasks() if t.alive and not t.join(5)]
-    assert not leftover, f"leaked library tasks: {[t.name for t in leftover]}"
+    assert not leftover, f"{item.nodeid} leaked library tasks: {[t.name for t in leftover]}"
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,219 @@
+"""Flow shapes and the runner, without HTTP (threads: this process is not monkey-patched)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pydantic
+import pytest
+
+from flask_durable_stream import FlowContext, InMemoryStreamManager, StreamError
+from flask_durable_stream.runner import Runner
+
+
+@pytest.fixture
+def runner() -> Iterator[Runner]:
+    manager = InMemoryStreamManager()
+    runner = Runner(manager, write_retry_timeout=0.5)
+    yield runner
+    runner.shutdown(5)
+    manager.close()
+
+
+def run_to_end(runner: Runner, flow: Any, data: Any = None) -> list[tuple[str, str]]:
+    run = runner.start("f", flow, data)
+    assert run.wait(10) is not None
+    assert runner.tasks.join(10)
+    stored = [(e.kind, e.payload) for e in runner.manager.subscribe(run.stream_id)]  # type: ignore[union-attr]
+    assert stored == [(e.kind, e.payload) for e in run.events]  # storage matches the live stream
+    return stored
+
+
+def gen_flow(data: Any) -> Iterator[Any]:
+    yield 1
+    yield 2
+    return "out"
+
+
+def ctx_flow(data: Any, ctx: FlowContext) -> Any:
+    ctx.send_chunk({"a": data})
+    return [data]
+
+
+async def async_flow(data: Any, ctx: FlowContext) -> Any:
+    await asyncio.sleep(0.01)
+    ctx.send_chunk("a")
+    await asyncio.sleep(0.01)
+    return {"async": True}
+
+
+async def async_gen_flow(data: Any, ctx: FlowContext) -> AsyncIterator[Any]:
+    for i in range(3):
+        await asyncio.sleep(0.005)
+        yield i
+    ctx.output = "set by ctx"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Model(pydantic.BaseModel):
+    name: str
+    tags: list[str]
+
+
+def typed_flow(data: Any) -> Iterator[Any]:
+    yield Point(1, 2)
+    yield Model(name="m", tags=["t"])
+    return Point(3, 4)
+
+
+@pytest.mark.parametrize(
+    ("flow", "expected"),
+    [
+        (gen_flow, [("chunk", "1"), ("chunk", "2"), ("done", '"out"')]),
+        (ctx_flow, [("chunk", '{"a":7}'), ("done", "[7]")]),
+        (async_flow, [("chunk", '"a"'), ("done", '{"async":true}')]),
+        (async_gen_flow, [("chunk", "0"), ("chunk", "1"), ("chunk", "2"), ("done", '"set by ctx"')]),
+        (lambda data: data * 2, [("done", "14")]),
+        (typed_flow, [("chunk", '{"x":1,"y":2}'), ("chunk", '{"name":"m","tags":["t"]}'),
+                      ("done", '{"x":3,"y":4}')]),
+    ],
+    ids=["generator", "context", "async", "async-generator", "plain", "dataclass-pydantic"],
+)
+def test_flow_shapes(runner: Runner, flow: Any, expected: list[tuple[str, str]]) -> None:
+    assert run_to_end(runner, flow, 7) == expected
+
+
+def test_non_serializable_output_is_internal(runner: Runner) -> None:
+    assert run_to_end(runner, lambda data: object()) == [
+        ("error", '{"status":"INTERNAL","message":"Internal Error"}')]
+
+
+def test_flow_keeps_running_without_readers(runner: Runner) -> None:
+    """Nobody reads the run; the flow still completes and storage has everything."""
+    def slow(data: Any, ctx: FlowContext) -> Any:
+        for i in range(5):
+            time.sleep(0.01)
+            ctx.send_chunk(i)
+        return "done"
+
+    assert len(run_to_end(runner, slow)) == 6
+
+
+def test_cancel_reaches_the_flow_through_the_manager(runner: Runner) -> None:
+    started = threading.Event()
+
+    def patient(data: Any, ctx: FlowContext) -> Any:
+        started.set()
+        while not ctx.wait_cancelled(0.01):
+            pass
+        ctx.raise_if_cancelled()
+
+    manager = runner.manager
+    assert isinstance(manager, InMemoryStreamManager)
+    manager.heartbeat_interval = 0.05
+    run = runner.start("patient", patient, None)
+    assert started.wait(5)
+    assert manager.request_cancel(run.stream_id)
+    terminal = run.wait(5)
+    assert terminal is not None and terminal.payload == '{"status":"CANCELLED","message":"Cancelled by client."}'
+    runner.tasks.join(5)
+    info = manager.info(run.stream_id)
+    assert info is not None and info.status.value == "cancelled"
+
+
+def test_generator_flow_is_closed_on_cancel(runner: Runner) -> None:
+    closed = threading.Event()
+
+    def endless(data: Any) -> Iterator[int]:
+        try:
+            i = 0
+            while True:
+                time.sleep(0.005)
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    run = runner.start("endless", endless, None)
+    time.sleep(0.05)
+    assert runner.request_cancel(run.stream_id)
+    terminal = run.wait(5)
+    assert terminal is not None and '"CANCELLED"' in terminal.payload
+    assert closed.wait(5)
+
+
+class FlakyManager(InMemoryStreamManager):
+    """Fails the first ``failures`` appends, or all of them when ``failures`` < 0."""
+
+    def __init__(self, failures: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.failures = failures
+        self.attempts = 0
+
+    def _append(self, stream: Any, events: Any) -> None:
+        self.attempts += 1
+        if self.failures < 0 or self.attempts <= self.failures:
+            from flask_durable_stream import StorageUnavailable
+
+            raise StorageUnavailable("disk on fire")
+        super()._append(stream, events)
+
+
+def test_transient_storage_failures_are_retried_without_loss(caplog: Any) -> None:
+    manager = FlakyManager(failures=3)
+    runner = Runner(manager, write_retry_timeout=10)
+    try:
+        run = runner.start("gen", gen_flow, None)
+        assert run.wait(5) is not None
+        assert runner.tasks.join(10)
+        assert [e.payload for e in manager.subscribe(run.stream_id)] == ["1", "2", '"out"']
+        assert manager.attempts >= 4 and "retrying" in caplog.text
+    finally:
+        runner.shutdown(1)
+        manager.close()
+
+
+def test_storage_down_ends_readers_and_spares_the_live_client() -> None:
+    manager = FlakyManager(failures=-1, lease_seconds=0.5)
+    runner = Runner(manager, write_retry_timeout=0.3)
+    try:
+        run = runner.start("gen", gen_flow, None)
+        live = [e for batch in run.batches() for e in batch]
+        assert [e.payload for e in live] == ["1", "2", '"out"']  # the live client is unaffected
+        assert runner.tasks.join(10)
+        assert run.durable_failed
+        manager.failures = 0  # storage is reachable again for readers: a clear end, not a hang
+        events = list(manager.subscribe(run.stream_id, timeout=30))
+        assert [e.kind for e in events] == ["error"]
+        assert events[0].value["status"] == "UNAVAILABLE"  # the lease: nobody is producing
+    finally:
+        runner.shutdown(1)
+        manager.close()
+
+
+def test_shutdown_ends_unfinished_flows_unavailable() -> None:
+    manager = InMemoryStreamManager()
+    runner = Runner(manager)
+    gate = threading.Event()
+    try:
+        run = runner.start("stuck", lambda data: gate.wait(30), None)
+        runner.shutdown(0.2)
+        assert [e.kind for e in manager.subscribe(run.stream_id)] == ["error"]
+        assert '"UNAVAILABLE"' in run.events[-1].payload
+        with pytest.raises(StreamError) as refused:  # new flows are refused after shutdown
+            runner.start("late", gen_flow, None)
+        assert refused.value.status == "UNAVAILABLE"
+    finally:
+        gate.set()
+        runner.tasks.join(5)
+        manager.close()
