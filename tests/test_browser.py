@@ -1,0 +1,55 @@
+"""The example page in headless Chromium: reload mid-stream, the whole story still arrives."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import playwright.sync_api as playwright_api
+import pytest
+
+from tests.support import servers
+
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[servers.Server]:
+    server = servers.example_app()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is required for the browser test (apt-get install chromium)"
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def test_reload_mid_stream_shows_the_whole_story(
+    server: servers.Server, browser: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    shot_dir = tmp_path_factory.mktemp("screenshots")
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.goto(server.url + "/")
+    page.click("#start")
+    page.wait_for_function("document.getElementById('story').textContent.split(' ').length > 8")
+    stream_id = page.evaluate("sessionStorage.getItem('durable-story-stream-id')")
+    assert stream_id and len(stream_id) == 32
+    before = page.text_content("#story")
+    page.reload()
+    page.wait_for_selector("#story[data-done='true']", timeout=20_000)
+    story = page.text_content("#story") or ""
+    status = page.text_content("#status") or ""
+    assert before and story.startswith(before)  # the replay begins with what was shown before
+    assert len(story.split()) == 40
+    assert f"resumed {stream_id}" not in status and "done: 40 words" in status
+    assert stream_id in status
+    page.screenshot(path=str(shot_dir / "example-page.png"))
+    assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None

@@ -1,0 +1,131 @@
+"""Against real servers on free ports: gevent's WSGIServer, gunicorn's gevent worker, `flask run`.
+
+Clients really drop their sockets mid-stream; flows must not notice.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import servers
+from tests.support.client import StreamCall, post_stream
+
+N = 30
+STORY = {"data": {"chunks": N, "delay": 0.01}}
+
+
+@pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent", "flask-run"])
+def server(request: pytest.FixtureRequest) -> Iterator[servers.Server]:
+    if request.param == "pywsgi":
+        server = servers.example_app()
+    elif request.param == "gunicorn-gevent":
+        server = servers.gunicorn("example_app:create_app()", workers=1)
+    else:
+        port = servers.free_port()
+        server = servers.Server(
+            [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)], port)
+    yield server
+    output = server.stop()
+    # The only traceback a server may log is the one the throwy flow raises on purpose.
+    expected = output.count("RuntimeError: the flow hit an internal problem")
+    assert output.count("Traceback") == expected, output
+
+
+def indexes(call: StreamCall) -> list[int]:
+    return [c["index"] for c in call.chunks]
+
+
+@pytest.mark.parametrize("k", [1, 7, 29])
+def test_disconnect_then_reconnect_gets_everything_once(server: servers.Server, k: int) -> None:
+    first = post_stream(server.url, "/flows/story", STORY, stop_after=k)
+    assert first.status == 200 and first.stream_id
+    assert indexes(first)[:k] == list(range(k))
+    again = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
+    assert again.status == 200
+    assert indexes(again) == list(range(N))
+    assert again.terminal is not None and again.terminal[0] == "done"
+    assert again.terminal[1]["words"] == N
+
+
+def test_flow_finishes_with_nobody_listening(server: servers.Server) -> None:
+    first = post_stream(server.url, "/flows/story", {"data": {"chunks": 10, "delay": 0.02}}, stop_after=1)
+    time.sleep(0.6)  # the flow ends while no client is connected
+    again = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
+    assert indexes(again) == list(range(10)) and again.terminal is not None
+
+
+def test_concurrent_and_late_subscribers_see_identical_bytes(server: servers.Server) -> None:
+    first = post_stream(server.url, "/flows/story", STORY, stop_after=1)
+    calls: list[StreamCall] = []
+
+    def follow() -> None:
+        calls.append(post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id))
+
+    readers = [threading.Thread(target=follow) for _ in range(2)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(30)
+    late = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
+    assert len(calls) == 2
+    assert calls[0].raw == calls[1].raw == late.raw
+    assert indexes(late) == list(range(N))
+
+
+def test_error_frames_identical_live_and_replayed(server: servers.Server) -> None:
+    live = post_stream(server.url, "/flows/throwy", {"data": {"count": 3}})
+    assert live.events[-1] == ("error", {"status": "INTERNAL", "message": "Internal Error"})
+    assert [c["count"] for c in live.chunks] == [0, 1, 2]
+    replay = post_stream(server.url, "/flows/throwy", {}, stream_id=live.stream_id)
+    assert replay.raw == live.raw
+    assert b"never sent" not in live.raw
+
+
+def test_headers_arrive_before_a_slow_first_chunk(server: servers.Server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    started = time.monotonic()
+    conn.request("POST", "/flows/story", body=json.dumps({"data": {"chunks": 1, "delay": 4}}),
+                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    response = conn.getresponse()
+    waited = time.monotonic() - started
+    try:
+        assert response.status == 200
+        assert response.getheader("x-genkit-stream-id")
+        assert waited < 3, "headers waited for the first chunk"
+        assert b'"index":0' in response.read()
+    finally:
+        conn.close()
+
+
+def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> None:
+    assert post_stream(server.url, "/flows/story", {}, stream_id="f" * 32).status == 204
+    host, port = server.url.removeprefix("http://").split(":")
+    for body, status in [(b"{oops", 400), (b"[]", 400), (b'{"x":1}', 400)]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("POST", "/flows/story", body=body,
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        response = conn.getresponse()
+        assert response.status == status
+        assert json.loads(response.read())["status"] == "INVALID_ARGUMENT"
+        conn.close()
+
+
+def test_oversized_body_over_the_wire_is_413(server: servers.Server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = b'{"data":"' + b"x" * (10 * 1024 * 1024) + b'"}'
+    try:
+        conn.request("POST", "/flows/echo", body=body, headers={"Content-Type": "application/json"})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer and close before the upload ends
+    response = conn.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["status"] == "RESOURCE_EXHAUSTED"
+    conn.close()
