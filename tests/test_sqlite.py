@@ -159,9 +159,9 @@ def test_group_commit_puts_queued_appends_in_one_transaction(db: Path) -> None:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while manager._queue.qsize() < 15 and time.monotonic() < deadline:
-            time.sleep(0.005)  # one append waits for the lock, fifteen wait behind it
-        assert manager._queue.qsize() == 15
+        while manager._in_flight < 16 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the first append(s) wait for the lock, the rest queue behind
+        assert manager._in_flight == 16
         transactions, operations = manager.transactions, manager.operations
         blocker.execute("COMMIT")
         blocker.close()

@@ -184,6 +184,7 @@ class SQLiteStreamManager(StreamManager):
         #: Committed write transactions and the operations they carried (group commit at work).
         self.transactions = 0
         self.operations = 0
+        self._in_flight = 0  # submitted, not yet answered
         self._lock = _real_lock()
         self._watchers: dict[str, set[_Signal]] = {}
         self._tasks = TaskGroup()
@@ -271,6 +272,7 @@ class SQLiteStreamManager(StreamManager):
         with self._lock:
             if self._closed:
                 raise StorageUnavailable("the SQLite stream manager is closed")
+            self._in_flight += 1
             self._queue.put(request)
         request.done.wait()
         if request.error is not None:
@@ -325,13 +327,13 @@ class SQLiteStreamManager(StreamManager):
                 fault = request is culprit and not isinstance(exc, sqlite3.Error)
                 request.error = exc if fault else error
         touched = {r.stream_id for r in batch if r.stream_id is not None and r.error is None}
+        with self._lock:
+            self._in_flight -= len(batch)
+            signals = [s for sid in touched for s in self._watchers.get(sid, ())]
         for request in batch:
             request.done.set()
-        if touched:
-            with self._lock:
-                signals = [s for sid in touched for s in self._watchers.get(sid, ())]
-            for signal in signals:
-                signal.set()
+        for signal in signals:
+            signal.set()
 
     # -- operations, run by the writer thread inside its transaction -----------------
     def _op_open(self, conn: sqlite3.Connection, stream_id: str, owner: str | None) -> int:
