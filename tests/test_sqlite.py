@@ -209,6 +209,18 @@ def test_lock_held_too_long_is_unavailable_and_retry_is_idempotent(db: Path) -> 
         assert [e.seq for e in manager.subscribe("busy")] == [0, 1, 2]
 
 
+def test_large_batches_round_trip_byte_for_byte_and_retry_idempotently(db: Path) -> None:
+    tricky = ['"héllo ✓ 🚀"', '"\\u0000 nul, \\" quote"', '{"a":[1,2.50,1e5]}', '"\\n\\n"']
+    batch = [Event(i, "chunk", tricky[i % 4]) for i in range(40)] + [Event(40, "done", "null")]
+    with SQLiteStreamManager(db) as manager:
+        writer = manager.open("packed")
+        writer._append(batch)  # reached storage, reported failure
+        writer.append(batch)  # the retry
+        assert list(manager.subscribe("packed")) == batch
+        with pytest.raises(StreamClosed, match="conflicting"):
+            writer._append(batch[:20] + [Event(20, "chunk", '"x"')])
+
+
 def test_conflicting_payload_at_an_existing_seq_is_refused(db: Path) -> None:
     with SQLiteStreamManager(db) as manager:
         writer = manager.open("c")
@@ -287,6 +299,10 @@ from flask_durable_stream import SQLiteStreamManager, StreamTimeout
 
 assert monkey.is_module_patched("threading")
 manager = SQLiteStreamManager(sys.argv[1], timeout=0.5, lease_seconds=30)
+alone = manager.open("alone")  # only the main greenlet: nothing else keeps the hub busy
+alone.write("a")
+alone.done("b")
+assert [e.payload for e in manager.subscribe("alone")] == ['"a"', '"b"']
 ticks = [0]
 
 def tick():

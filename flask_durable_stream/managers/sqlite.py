@@ -19,6 +19,7 @@ every event). See ``docs/sqlite.md`` for figures and limits.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -76,6 +77,11 @@ _ROW = (
     "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
     " heartbeat_at, expires_at, token FROM ds_streams"
 )
+_INSERT_PACKED = (
+    "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
+    " SELECT ?1, ?2 + key, CASE WHEN key = ?3 THEN ?4 ELSE 'chunk' END, value FROM json_each(?5)"
+)
+_PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _READ_BATCH = 256
 
@@ -88,17 +94,23 @@ def _original(module: str, name: str) -> Any:
 
 
 _real_lock = _original("_thread", "allocate_lock")
-_real_get_ident = _original("_thread", "get_ident")
 _real_start_thread = _original("_thread", "start_new_thread")
 _RealQueue = _original("_queue", "SimpleQueue")
 
 
 class _Signal:
-    """A wake-up that any OS thread may fire and one thread or greenlet waits on."""
+    """A wake-up that any OS thread may fire and one thread or greenlet waits on.
 
-    __slots__ = ("_event", "_hub")
+    Under gevent the waiter starts an ``async`` watcher: the only thing another
+    thread may safely poke on a hub, and it keeps the hub's loop alive while
+    nothing else would.
+    """
+
+    __slots__ = ("_event", "_hub", "_async", "_fired")
 
     def __init__(self) -> None:
+        self._fired = False
+        self._async: Any = None
         if gevent_patched():
             import gevent
             import gevent.event
@@ -110,16 +122,28 @@ class _Signal:
             self._event = threading.Event()
 
     def set(self) -> None:
-        if self._hub is None or _real_get_ident() == self._hub.thread_ident:
+        if self._hub is None:
             self._event.set()
-        else:
-            self._hub.loop.run_callback_threadsafe(self._event.set)
+            return
+        self._fired = True  # read by wait() after it started the watcher: no lost wake-up
+        watcher = self._async
+        if watcher is not None:
+            watcher.send()
 
     def clear(self) -> None:
+        self._fired = False
         self._event.clear()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return bool(self._event.wait(timeout))
+        if self._hub is None:
+            return bool(self._event.wait(timeout))
+        if self._async is None:
+            self._async = self._hub.loop.async_()
+        self._async.start(self._event.set)
+        try:
+            return self._fired or bool(self._event.wait(timeout))
+        finally:
+            self._async.stop()
 
 
 class _Request:
@@ -363,7 +387,7 @@ class SQLiteStreamManager(StreamManager):
         if row is None or row[2] != token:
             raise StreamClosed(f"stream {stream_id} no longer exists")
         status, last_seq = row[0], row[1]
-        stored = [e for e in events if e.seq <= last_seq]
+        stored = events[: max(0, last_seq + 1 - events[0].seq)]  # events are contiguous
         if stored:  # a retry of events that did reach storage: they must be the same
             have = conn.execute(
                 "SELECT seq, kind, payload FROM ds_events"
@@ -377,10 +401,7 @@ class SQLiteStreamManager(StreamManager):
             return
         if status != StreamStatus.OPEN.value or new[0].seq != last_seq + 1:
             raise StreamClosed(f"stream {stream_id} already ended")
-        conn.executemany(
-            "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
-            [(stream_id, e.seq, e.kind, e.payload) for e in new],
-        )
+        self._insert(conn, stream_id, new)
         now, last = self.now(), new[-1]
         if last.terminal:
             conn.execute(
@@ -394,6 +415,25 @@ class SQLiteStreamManager(StreamManager):
                 " WHERE stream_id = ?",
                 (last.seq, now, now, stream_id),
             )
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, stream_id: str, events: Sequence[Event]) -> None:
+        n = len(events)
+        if n >= 8 and [e.kind for e in events[:-1]].count(protocol.CHUNK) == n - 1:
+            # One statement for the whole batch: SQLite unpacks a JSON array of the
+            # payload texts in C, about twice as fast as a row-by-row executemany.
+            # JSON text never holds a raw NUL, which would end SQLite's string early.
+            packed = _PACK.encode([e.payload for e in events])
+            if "\x00" not in packed:
+                conn.execute(
+                    _INSERT_PACKED,
+                    (stream_id, events[0].seq, len(events) - 1, events[-1].kind, packed),
+                )
+                return
+        conn.executemany(
+            "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
+            [(stream_id, e.seq, e.kind, e.payload) for e in events],
+        )
 
     def _op_heartbeat(self, conn: sqlite3.Connection, stream_id: str, token: int) -> bool:
         row = conn.execute(
