@@ -433,6 +433,8 @@ class _Follower:
                         down_since = down_since or time.monotonic()
                     elif event == "denied":
                         raise StreamError(str(data), status="PERMISSION_DENIED")
+                    elif event == "closed":
+                        raise StorageUnavailable("The stream manager was closed.")
                     elif event in ("put", "patch"):
                         down_since = None
                         if source == "events":

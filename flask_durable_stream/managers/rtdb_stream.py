@@ -128,8 +128,9 @@ class Watch:
 
     ``url()`` and ``headers()`` are asked again on each connection. ``on_event``
     gets ``("put" | "patch", {"path", "data"})``, ``("connected", None)`` before
-    each new connection's first event, ``("disconnected", exc)`` after a lost one
-    and ``("denied", message)`` when the database ends it for good.
+    each new connection's first event, ``("disconnected", exc)`` after a lost one,
+    ``("denied", message)`` when the database ends it for good and ``("closed",
+    None)`` when :meth:`close` is called.
     """
 
     def __init__(
@@ -186,6 +187,8 @@ class Watch:
             delay = min(delay * 2, self._max_backoff)
 
     def close(self, wait: float = 5.0) -> None:
+        if not self._stop.is_set():
+            self._on_event("closed", None)
         self._stop.set()
         with self._lock:
             source = self._source
