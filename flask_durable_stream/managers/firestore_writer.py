@@ -61,6 +61,12 @@ class FirestoreStreamWriter(StreamWriter):
             self._raise_if_ended()
             for event in events:
                 self._take(event)
+            if events[-1].terminal and self._accepted > events[-1].seq:
+                # A terminal event replacing buffered ones (the runner giving up on a
+                # batch and ending the stream instead): nothing may follow it.
+                del self._buffer[events[-1].seq - self._buffer[0].seq + 1 :]
+                self._buffered_bytes = sum(map(event_bytes, self._buffer))
+                self._accepted = events[-1].seq
             urgent = (
                 events[-1].terminal
                 or self._buffered_bytes >= self._manager.batch_bytes

@@ -1,0 +1,408 @@
+"""Firestore-specific behaviour, beyond the conformance suite, on the real emulator."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_durable_stream import (
+    Event,
+    FirestoreStreamManager,
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+    StreamManager,
+)
+from tests.support.firestore_emulator import FirestoreEmulator
+
+ROOT = Path(__file__).resolve().parents[1]
+MakeManager = Callable[..., FirestoreStreamManager]
+
+
+@pytest.fixture
+def make(backend_firestore: Callable[..., StreamManager]) -> MakeManager:
+    return backend_firestore  # type: ignore[return-value]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def batch_docs(manager: FirestoreStreamManager, sid: str) -> list[dict[str, Any]]:
+    docs = manager._batches_ref(sid).order_by("last_seq").stream()
+    return [{"id": d.id, **d.to_dict()} for d in docs]
+
+
+class CommitSpy:
+    """Counts commit RPCs (every Firestore write goes through one) and the documents they touch."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, client: Any) -> None:
+        self.calls: list[list[str]] = []
+        gapic = type(client._firestore_api)
+        original = gapic.commit
+
+        def commit(api: Any, request: Any = None, **kwargs: Any) -> Any:
+            writes = request["writes"] if isinstance(request, dict) else request.writes
+            self.calls.append([w.update.name or w.delete for w in writes])
+            return original(api, request=request, **kwargs)
+
+        monkeypatch.setattr(gapic, "commit", commit)
+
+    def touching(self, suffix: str) -> int:
+        return sum(1 for names in self.calls if any(n.endswith(suffix) for n in names))
+
+
+def test_ten_mib_stream_completes_and_replays_byte_for_byte(make: MakeManager) -> None:
+    """Genkit's manager keeps a stream in one document and loses everything past 1 MiB."""
+    manager = make()
+    sid = new_id()
+    writer = manager.open(sid)
+    live = manager.subscribe(sid)
+    received: list[Event] = []
+    reader = threading.Thread(target=lambda: received.extend(live), daemon=True)
+    reader.start()
+    payloads = [json.dumps({"i": i, "text": f"{i:06d}" + "x" * 1024}) for i in range(10_000)]
+    for seq, payload in enumerate(payloads):
+        writer.append([Event(seq, "chunk", payload)])
+    writer.done({"chunks": 10_000})
+    writer.close()
+    reader.join(60)
+    expected = [*payloads, '{"chunks":10000}']
+    assert sum(map(len, payloads)) > 10 * 1024 * 1024
+    assert [e.payload for e in manager.subscribe(sid)] == expected
+    assert [e.payload for e in received] == expected
+    docs = batch_docs(manager, sid)
+    assert 20 <= len(docs) <= 200  # up to 512 KiB each: full ones plus lingered partial ones
+    sizes = [sum(len(e["payload"]) for e in d["events"]) for d in docs]
+    assert max(sizes) <= 512 * 1024  # half of Firestore's 1 MiB document limit
+
+
+def test_writes_per_chunk_well_below_one_at_a_steady_rate(
+    make: MakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = make(linger=0.2)
+    spy = CommitSpy(monkeypatch, manager.client)
+    sid = new_id()
+    writer = manager.open(sid)
+    for i in range(100):  # 200 chunks/s for half a second
+        writer.write({"token": i})
+        time.sleep(0.005)
+    writer.done("end")
+    writer.close()
+    assert len(spy.calls) <= 25  # 0.25 writes per chunk at most; Genkit's manager does 1
+    assert spy.touching(f"/{sid}") == 2  # metadata written at open and with the terminal event only
+    assert [e.seq for e in manager.subscribe(sid)] == list(range(101))
+
+
+def test_batch_documents_hold_contiguous_ranges_with_sortable_ids(make: MakeManager) -> None:
+    manager = make(batch_bytes=400, linger=0)
+    sid = new_id()
+    writer = manager.open(sid)
+    for i in range(30):
+        writer.write("y" * 100 + str(i))
+    writer.done(None)
+    writer.close()
+    docs = batch_docs(manager, sid)
+    assert len(docs) > 5
+    assert [d["id"] for d in docs] == sorted(d["id"] for d in docs)
+    assert all(d["id"] == f"{d['first_seq']:012d}" for d in docs)
+    assert [d["first_seq"] for d in docs[1:]] == [d["last_seq"] + 1 for d in docs[:-1]]
+    assert all([e["seq"] for e in d["events"]] == list(range(d["first_seq"], d["last_seq"] + 1))
+               for d in docs)
+    assert all("expiresAt" in d for d in docs)
+
+
+def test_subscribe_from_every_offset_across_batch_boundaries(make: MakeManager) -> None:
+    manager = make(batch_bytes=300, linger=0)
+    sid = new_id()
+    writer = manager.open(sid)
+    for i in range(12):
+        writer.write("z" * 80 + str(i))
+    boundaries = {d["first_seq"] for d in batch_docs(manager, sid)}
+    assert len(boundaries) >= 3
+    live = {after: manager.subscribe(sid, after=after) for after in range(-1, 12)}
+    writer.done("end")
+    writer.close()
+    for after, events in live.items():
+        assert [e.seq for e in events] == list(range(after + 1, 13)), after
+        assert [e.seq for e in manager.subscribe(sid, after=after)] == list(range(after + 1, 13))
+
+
+def test_live_subscriber_survives_listener_reanchoring(make: MakeManager) -> None:
+    manager = make(batch_bytes=200, linger=0)
+    sid = new_id()
+    writer = manager.open(sid)
+    live = manager.subscribe(sid)
+    received: list[int] = []
+    reader = threading.Thread(target=lambda: received.extend(e.seq for e in live), daemon=True)
+    reader.start()
+    for i in range(150):  # one batch document each: past two listener re-anchorings
+        writer.write("w" * 150 + str(i))
+    writer.done(None)
+    writer.close()
+    reader.join(30)
+    assert received == list(range(151))
+
+
+def test_oversized_event_is_rejected_and_large_ones_fit(make: MakeManager) -> None:
+    manager = make()
+    sid = new_id()
+    writer = manager.open(sid)
+    with pytest.raises(StreamError) as info:
+        writer.write("x" * (1024 * 1024))
+    assert info.value.status == "INVALID_ARGUMENT"
+    assert "document holds at most" in info.value.message
+    big = "y" * (900 * 1024)  # larger than a batch, smaller than a document: stored alone
+    writer.write(big)
+    writer.done("end")
+    assert [e.payload for e in manager.subscribe(sid)] == [f'"{big}"', '"end"']
+
+
+def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManager) -> None:
+    manager = make()
+    sid = new_id()
+    manager.open(sid)
+    events = [Event(0, "chunk", '"a"'), Event(1, "chunk", '"b"')]
+    assert manager._store(sid, events) == 1
+    assert manager._store(sid, events + [Event(2, "chunk", '"c"')]) == 2  # landed + one more
+    with pytest.raises(StreamClosed):  # someone else extended the stream first
+        manager._store(sid, [Event(3, "chunk", '"mine"')] if manager._store(
+            sid, [Event(3, "chunk", '"theirs"')]) == 3 else [])
+    assert [e.payload for e in manager._stored_events(sid, -1)] == ['"a"', '"b"', '"c"', '"theirs"']
+
+
+def test_closing_a_subscription_stops_its_listeners(make: MakeManager) -> None:
+    manager = make()
+    sid = new_id()
+    writer = manager.open(sid)
+    writer.write(1)
+    before = threading.active_count()
+    subscriptions = [manager.subscribe(sid) for _ in range(3)]
+    for sub in subscriptions:
+        assert next(sub).seq == 0
+    assert threading.active_count() > before  # listener threads are running
+    for sub in subscriptions:
+        sub.close()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= before
+    writer.done(None)
+
+
+def test_client_factory_is_called_lazily_once(firestore_emulator: Any) -> None:
+    calls: list[int] = []
+
+    def factory() -> Any:
+        calls.append(1)
+        return firestore_emulator.client()
+
+    manager = FirestoreStreamManager(client=factory, collection=f"c-{new_id()}")
+    assert calls == []
+    sid = new_id()
+    manager.open(sid).done("x")
+    assert [e.payload for e in manager.subscribe(sid)] == ['"x"']
+    assert calls == [1]
+    manager.close()
+
+
+def test_firebase_admin_app_is_accepted(
+    firestore_emulator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import firebase_admin
+    from firebase_admin import credentials
+    from google.auth.credentials import AnonymousCredentials
+
+    class Anonymous(credentials.Base):
+        def get_credential(self) -> Any:
+            return AnonymousCredentials()
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+    app = firebase_admin.initialize_app(
+        Anonymous(), {"projectId": firestore_emulator.project}, name=new_id()
+    )
+    try:
+        manager = FirestoreStreamManager(firebase_app=app, collection=f"c-{new_id()}")
+        sid = new_id()
+        manager.open(sid).done({"via": "firebase_admin"})
+        assert [e.payload for e in manager.subscribe(sid)] == ['{"via":"firebase_admin"}']
+        manager.close()
+    finally:
+        firebase_admin.delete_app(app)
+
+
+@pytest.fixture
+def private_emulator() -> Iterator[FirestoreEmulator]:
+    emulator = FirestoreEmulator().start()
+    try:
+        warm = emulator.client().collection("warm-up").document("jvm")
+        warm.set({"ok": True})  # the first calls of a fresh JVM are slow: keep them out of tests
+        warm.get()
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def test_emulator_paused_then_back_nothing_lost(private_emulator: FirestoreEmulator) -> None:
+    """A timed-out commit raises StorageUnavailable; retrying the same events stores them once."""
+    manager = FirestoreStreamManager(
+        client=private_emulator.client(), collection="paused", rpc_timeout=1.0
+    )
+    sid = new_id()
+    writer = manager.open(sid)
+    for i in range(5):
+        writer.write(i)
+    assert private_emulator.process is not None
+    os.killpg(private_emulator.process.pid, signal.SIGSTOP)
+    try:
+        terminal = [Event(5, "done", '"end"')]
+        for _ in range(2):
+            with pytest.raises(StorageUnavailable) as info:
+                writer.append(terminal)
+            assert info.value.status == "UNAVAILABLE"
+            assert writer.next_seq == 5
+    finally:
+        os.killpg(private_emulator.process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while True:  # what the runner does: retry the same events with backoff
+        try:
+            writer.append(terminal)
+            break
+        except StorageUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    writer.close()
+    assert [(e.seq, e.payload) for e in manager.subscribe(sid)] == [
+        (0, "0"), (1, "1"), (2, "2"), (3, "3"), (4, "4"), (5, '"end"')
+    ]
+    manager.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_emulator_gone_is_storage_unavailable_at_the_edge(
+    private_emulator: FirestoreEmulator,
+) -> None:
+    client = private_emulator.client()
+    manager = FirestoreStreamManager(client=client, collection="gone", rpc_timeout=2.0)
+    reading = FirestoreStreamManager(client=client, collection="gone", lease_seconds=0.5)
+    sid = new_id()
+    writer = manager.open(sid)
+    writer.write("stored")
+    writer.close()
+    live = reading.subscribe(sid)
+    assert next(live).seq == 0
+    private_emulator.stop()
+    with pytest.raises(StorageUnavailable):
+        writer.done("lost")
+    with pytest.raises(StorageUnavailable):
+        next(live)  # the lease check has to ask storage, which is gone
+    with pytest.raises(StorageUnavailable):
+        manager.open(new_id())
+    with pytest.raises(StorageUnavailable):
+        manager.subscribe(sid)
+    with pytest.raises(StorageUnavailable):
+        manager.info(sid)
+    with pytest.raises(StorageUnavailable):
+        manager.gc()
+    with pytest.raises(StorageUnavailable):
+        writer.close()  # the unflushed terminal event is reported, not dropped
+    manager.close()
+
+
+GEVENT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+
+import json, os, sys
+import gevent
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import firestore
+from grpc._cython import cygrpc
+
+from flask_durable_stream import FirestoreStreamManager
+
+host, project = sys.argv[1:3]
+os.environ["FIRESTORE_EMULATOR_HOST"] = host
+manager = FirestoreStreamManager(
+    client=lambda: firestore.Client(project=project, credentials=AnonymousCredentials()),
+    collection="gevent",
+)
+writer = manager.open("s1")
+ticks = [0]
+
+def ticker():
+    while True:
+        ticks[0] += 1
+        gevent.sleep(0.01)
+
+def produce():
+    for i in range(40):
+        writer.write(i)
+        gevent.sleep(0.01)
+        if i % 10 == 0:
+            writer.heartbeat()
+    writer.done("end")
+    writer.close()
+
+def consume():
+    return [e.seq for e in manager.subscribe("s1")]
+
+tick = gevent.spawn(ticker)
+readers = [gevent.spawn(consume) for _ in range(3)]
+gevent.sleep(0.2)
+producer = gevent.spawn(produce)
+gevent.joinall(readers + [producer], timeout=60, raise_error=True)
+late = consume()
+tick.kill()
+manager.close()
+print(json.dumps({
+    "readers": [r.value for r in readers],
+    "late": late,
+    "ticks": ticks[0],
+    "grpc_gevent": bool(cygrpc.g_gevent_activated),
+}))
+"""
+
+
+def test_gevent_patched_process_uses_the_manager_without_hanging(
+    firestore_emulator: Any, tmp_path: Path
+) -> None:
+    """The script never calls grpc's init_gevent itself: the manager must."""
+    script = tmp_path / "gevent_firestore.py"
+    script.write_text(GEVENT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(script), firestore_emulator.host, firestore_emulator.project],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["readers"] == [list(range(41))] * 3
+    assert report["late"] == list(range(41))
+    assert report["grpc_gevent"] is True
+    assert report["ticks"] > 10  # other greenlets ran while Firestore calls were in flight
+
+
+def test_missing_google_cloud_firestore_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(sys.modules):
+        if name.startswith("flask_durable_stream.managers.firestore"):
+            monkeypatch.delitem(sys.modules, name)
+    import google.cloud
+
+    monkeypatch.delattr(google.cloud, "firestore", raising=False)
+    monkeypatch.setitem(sys.modules, "google.cloud.firestore", None)
+    with pytest.raises(ImportError) as info:
+        importlib.import_module("flask_durable_stream.managers.firestore")
+    assert "pip install flask_durable_stream[firestore]" in str(info.value)
