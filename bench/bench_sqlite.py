@@ -23,8 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from flask_durable_stream import InMemoryStreamManager, SQLiteStreamManager, StreamManager
-from flask_durable_stream import protocol
+from flask_durable_stream import InMemoryStreamManager, SQLiteStreamManager, StreamManager, protocol
 from flask_durable_stream.managers.base import Event
 
 QUICK = "--quick" in sys.argv
@@ -91,17 +90,26 @@ def bench_throughput(tmp: Path) -> None:
     memory = InMemoryStreamManager()
     sqlite = SQLiteStreamManager(tmp / "throughput.db")
     try:
-        for label, size in (("one event per append", 1), ("batches of 64", 64), ("batches of 512", 512)):
+        for label, size in (
+            ("one event per append", 1),
+            ("batches of 64", 64),
+            ("batches of 512", 512),
+        ):
             m = min(fixed_batches(memory, f"m{size}-{i}", size) for i in range(3))
             s = min(fixed_batches(sqlite, f"s{size}-{i}", size) for i in range(3))
-            print(f"   {label:<24} memory {CHUNKS / m:>10,.0f}   sqlite {CHUNKS / s:>10,.0f}"
-                  f"   ratio {m / s:.2f}")
+            print(
+                f"   {label:<24} memory {CHUNKS / m:>10,.0f}   sqlite {CHUNKS / s:>10,.0f}"
+                f"   ratio {m / s:.2f}"
+            )
         m_runs = [runner_style(memory, f"mr{i}") for i in range(3)]
         s_runs = [runner_style(sqlite, f"sr{i}") for i in range(3)]
         m, m_appends = min(m_runs)
         s, s_appends = min(s_runs)
-        print(f"   {'runner-style batches':<24} memory {CHUNKS / m:>10,.0f}   sqlite {CHUNKS / s:>10,.0f}"
-              f"   ratio {m / s:.2f}   (appends: memory {m_appends}, sqlite {s_appends})")
+        print(
+            f"   {'runner-style batches':<24} memory {CHUNKS / m:>10,.0f}"
+            f"   sqlite {CHUNKS / s:>10,.0f}"
+            f"   ratio {m / s:.2f}   (appends: memory {m_appends}, sqlite {s_appends})"
+        )
     finally:
         sqlite.close()
         memory.close()
@@ -127,8 +135,12 @@ def bench_latency(tmp: Path) -> None:
     count = 100 if QUICK else 500
     print(f"2. follow latency, {count} chunks written every 10 ms (write -> receive, ms)")
     path = tmp / "latency.db"
-    proc = subprocess.Popen([sys.executable, "-c", PRODUCER, str(path), str(count)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, str(path), str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdout.readline()
     with SQLiteStreamManager(path) as manager:
@@ -137,8 +149,10 @@ def bench_latency(tmp: Path) -> None:
         proc.stdin.flush()
         delays = [(time.time() - e.value["t"]) * 1000 for e in sub if not e.terminal]
     proc.wait()
-    print(f"   other process: p50 {percentile(delays, 50):.2f}  p99 {percentile(delays, 99):.2f}"
-          f"  max {max(delays):.2f}")
+    print(
+        f"   other process: p50 {percentile(delays, 50):.2f}  p99 {percentile(delays, 99):.2f}"
+        f"  max {max(delays):.2f}"
+    )
 
     with SQLiteStreamManager(tmp / "latency-local.db") as manager:
         writer = manager.open("local")
@@ -154,8 +168,10 @@ def bench_latency(tmp: Path) -> None:
         thread.start()
         delays = [(time.time() - e.value["t"]) * 1000 for e in sub if not e.terminal]
         thread.join()
-    print(f"   same process:  p50 {percentile(delays, 50):.2f}  p99 {percentile(delays, 99):.2f}"
-          f"  max {max(delays):.2f}")
+    print(
+        f"   same process:  p50 {percentile(delays, 50):.2f}  p99 {percentile(delays, 99):.2f}"
+        f"  max {max(delays):.2f}"
+    )
 
 
 # -- 3. synchronous NORMAL vs FULL -------------------------------------------------------------
@@ -166,14 +182,17 @@ def bench_synchronous(tmp: Path) -> None:
         with SQLiteStreamManager(tmp / f"sync-{mode}.db", synchronous=mode) as manager:
             writer = manager.open("s")
             latencies = []
-            for i in range(appends):
+            for _ in range(appends):
                 started = time.perf_counter()
                 writer.write(CHUNK)
                 latencies.append((time.perf_counter() - started) * 1000)
             elapsed, batches = runner_style(manager, "r")
-        print(f"   {mode:<6} per append p50 {statistics.median(latencies):.3f} ms"
-              f"  p99 {percentile(latencies, 99):.3f} ms  ({1000 / statistics.mean(latencies):,.0f}/s);"
-              f"  runner-style {CHUNKS / elapsed:,.0f} chunks/s in {batches} appends")
+        print(
+            f"   {mode:<6} per append p50 {statistics.median(latencies):.3f} ms"
+            f"  p99 {percentile(latencies, 99):.3f} ms"
+            f"  ({1000 / statistics.mean(latencies):,.0f}/s);"
+            f"  runner-style {CHUNKS / elapsed:,.0f} chunks/s in {batches} appends"
+        )
 
 
 # -- 4. writer thread vs inline commits under gevent ----------------------------------------------
@@ -205,7 +224,8 @@ if mode == "inline":  # the same transaction, run on the hub by the calling gree
     def append(n, seq):
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("SELECT status, last_seq FROM ds_streams WHERE stream_id = ?", (f"s{n}",))
-        conn.execute("INSERT OR IGNORE INTO ds_events VALUES (?, ?, 'chunk', ?)", (f"s{n}", seq, '"x"'))
+        conn.execute("INSERT OR IGNORE INTO ds_events VALUES (?, ?, 'chunk', ?)",
+                     (f"s{n}", seq, '"x"'))
         conn.execute("UPDATE ds_streams SET last_seq = ?, updated_at = ? WHERE stream_id = ?",
                      (seq, time.time(), f"s{n}"))
         conn.execute("COMMIT")
@@ -233,22 +253,32 @@ print(json.dumps({"rate": streams * per_stream / elapsed, "stall_ms": stall[0] *
 
 def bench_gevent(tmp: Path) -> None:
     per_stream = 50 if QUICK else 250
-    print(f"4. under gevent: 16 greenlets x {per_stream} single-event appends"
-          " (appends/s, longest hub stall)")
+    print(
+        f"4. under gevent: 16 greenlets x {per_stream} single-event appends"
+        " (appends/s, longest hub stall)"
+    )
     for sync in ("NORMAL", "FULL"):
         for mode in ("thread", "inline"):
             path = tmp / f"gevent-{mode}-{sync}.db"
-            out = subprocess.run([sys.executable, "-c", GEVENT, str(path), mode, sync, str(per_stream)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", GEVENT, str(path), mode, sync, str(per_stream)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             r = json.loads(out)
             extra = f"  in {r['transactions']} transactions" if mode == "thread" else ""
-            print(f"   {sync:<6} {mode + ' writes':<14} {r['rate']:>9,.0f}/s"
-                  f"   stall {r['stall_ms']:.2f} ms{extra}")
+            print(
+                f"   {sync:<6} {mode + ' writes':<14} {r['rate']:>9,.0f}/s"
+                f"   stall {r['stall_ms']:.2f} ms{extra}"
+            )
 
 
 def main() -> None:
-    print(f"python {sys.version.split()[0]}, SQLite {__import__('sqlite3').sqlite_version},"
-          f" {os.cpu_count()} cores{', quick run' if QUICK else ''}")
+    print(
+        f"python {sys.version.split()[0]}, SQLite {__import__('sqlite3').sqlite_version},"
+        f" {os.cpu_count()} cores{', quick run' if QUICK else ''}"
+    )
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         bench_throughput(Path(tmp))
         bench_latency(Path(tmp))
