@@ -70,7 +70,9 @@ def test_reader_survives_dropped_connections(backend_rtdb: Make, rtdb_server: Rt
     assert len(requests_for(server, manager, "STREAM")) >= 2 + 2 * 3  # it did reconnect
 
 
-def test_auth_revoked_reconnects_and_cancel_denies(backend_rtdb: Make, rtdb_server: RtdbServer) -> None:
+def test_auth_revoked_reconnects_and_cancel_denies(
+    backend_rtdb: Make, rtdb_server: RtdbServer
+) -> None:
     server = rtdb_server.require_hooks()
     manager = backend_rtdb()
     sid = new_id()
@@ -148,7 +150,7 @@ def test_existence_checks_read_only_meta(backend_rtdb: Make, rtdb_server: RtdbSe
     manager = backend_rtdb()
     sid = new_id()
     writer = manager.open(sid)
-    for i in range(50):
+    for _ in range(50):
         writer.write("x" * 1000)
     writer.done(None)
     server.reset_log()
@@ -166,7 +168,9 @@ def test_existence_checks_read_only_meta(backend_rtdb: Make, rtdb_server: RtdbSe
     assert gets[0].endswith("/meta") and all(p.endswith(("/meta", "/events")) for p in gets)
 
 
-def test_lease_cannot_clobber_a_terminal_event(backend_rtdb: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lease_cannot_clobber_a_terminal_event(
+    backend_rtdb: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manager = backend_rtdb(lease_seconds=0.3)
     assert isinstance(manager, RtdbStreamManager)
     sid = new_id()
@@ -262,7 +266,8 @@ GEVENT_SCRIPT = textwrap.dedent(
     from flask_durable_stream._concurrency import gevent_patched, running_tasks
 
     app = firebase_admin.initialize_app(options={"databaseURL": sys.argv[1]})
-    manager = RtdbStreamManager(firebase_app=app, ref_prefix="gevent-" + uuid.uuid4().hex, linger=0.02)
+    prefix = "gevent-" + uuid.uuid4().hex
+    manager = RtdbStreamManager(firebase_app=app, ref_prefix=prefix, linger=0.02)
     sid = uuid.uuid4().hex
     writer = manager.open(sid)
     ticks = [0]

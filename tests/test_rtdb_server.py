@@ -1,4 +1,4 @@
-"""The RTDB protocol test server against the documented REST API, with plain HTTP and firebase_admin.db."""
+"""The RTDB protocol test server against the documented REST API (plain HTTP, firebase_admin.db)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_queries_order_filter_and_limit(base: str) -> None:
     assert set(get(orderBy='"n"', limitToLast=2)) == {"s4", "9"}
     assert set(get(orderBy='"v"', startAt='"b"', limitToFirst=2)) == {"s2", "s3"}
     requests.put(url(base, "/vals"), json={"x": 3, "y": 1, "z": 2})
-    assert requests.get(url(base, "/vals", orderBy='"$value"', limitToFirst=2)).json() == {"y": 1, "z": 2}
+    by_value = requests.get(url(base, "/vals", orderBy='"$value"', limitToFirst=2))
+    assert by_value.json() == {"y": 1, "z": 2}
     assert requests.get(url(base, startAt=1)).status_code == 400  # filters need orderBy
     assert requests.get(url(base, orderBy=key, startAt=1)).status_code == 400  # $key needs strings
 
@@ -132,9 +133,10 @@ def test_etags_and_conditional_writes(base: str) -> None:
     assert stale.json() == {"v": 2} and stale.headers["ETag"] == ok.headers["ETag"]
     assert requests.get(url(base)).json() == {"v": 2}
     missing = requests.get(url(base, "/nothing"), headers={"X-Firebase-ETag": "true"})
-    created = requests.put(url(base, "/nothing"), json=1, headers={"if-match": missing.headers["ETag"]})
+    if_absent = {"if-match": missing.headers["ETag"]}
+    created = requests.put(url(base, "/nothing"), json=1, headers=if_absent)
     assert created.status_code == 200
-    again = requests.put(url(base, "/nothing"), json=2, headers={"if-match": missing.headers["ETag"]})
+    again = requests.put(url(base, "/nothing"), json=2, headers=if_absent)
     assert again.status_code == 412 and again.json() == 1
 
 
@@ -144,7 +146,8 @@ def test_server_values_and_null_deletes(base: str) -> None:
     assert before <= stored["at"] <= int(time.time() * 1000) + 1
     requests.patch(url(base), json={"n/keep": None, "count": {".sv": {"increment": 2}}})
     requests.patch(url(base), json={"count": {".sv": {"increment": 3}}})
-    assert requests.get(url(base)).json() == {"at": stored["at"], "count": 5}  # emptied parent pruned
+    # the emptied parent "n" is pruned
+    assert requests.get(url(base)).json() == {"at": stored["at"], "count": 5}
     requests.put(url(base), json=None)
     assert requests.get(url(base)).json() is None
 
@@ -240,13 +243,16 @@ def test_control_endpoints_count_writes(proto: RtdbProtocolServer, base: str) ->
 # firebase_admin's listener thread raises when its registration is closed (one reason the
 # manager has its own reader); that thread's exception is not what this test is about.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_firebase_admin_db_as_a_client(proto: RtdbProtocolServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_firebase_admin_db_as_a_client(
+    proto: RtdbProtocolServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import firebase_admin
     from firebase_admin import db
 
     monkeypatch.setenv("FIREBASE_DATABASE_EMULATOR_HOST", f"{proto.host}:{proto.port}")
     app = firebase_admin.initialize_app(
-        options={"databaseURL": "https://proto-admin.firebaseio.com"}, name=f"admin-{uuid.uuid4().hex}"
+        options={"databaseURL": "https://proto-admin.firebaseio.com"},
+        name=f"admin-{uuid.uuid4().hex}",
     )
     try:
         ref = db.reference(f"admin-{uuid.uuid4().hex[:8]}", app=app)

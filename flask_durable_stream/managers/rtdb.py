@@ -3,7 +3,8 @@
 Layout under ``{ref_prefix}`` (stream ids with ``.`` are stored with ``,``,
 which RTDB keys allow and stream ids never contain)::
 
-    {id}/meta              {status, createdAt, updatedAt, heartbeatAt, lastSeq, cancel, owner, expiresAt, lost}
+    {id}/meta    {status, createdAt, updatedAt, heartbeatAt, lastSeq, cancel, owner,
+                  expiresAt, lost}
     {id}/events/s0000000042  {kind, payload}     payload: the event's JSON text, byte for byte
     _index/{id}            {createdAt, expiresAt} what list_streams() and gc() query
 
@@ -112,9 +113,13 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if isinstance(exc, _UNAVAILABLE) or code >= 500:
             raise StorageUnavailable(f"Realtime Database unavailable: {exc}") from exc
         if isinstance(exc, fb_exceptions.PermissionDeniedError):
-            raise StreamError(f"Realtime Database denied access: {exc}", status="PERMISSION_DENIED") from exc
+            raise StreamError(
+                f"Realtime Database denied access: {exc}", status="PERMISSION_DENIED"
+            ) from exc
         if isinstance(exc, fb_exceptions.UnauthenticatedError):
-            raise StreamError(f"Realtime Database rejected the credentials: {exc}", status="UNAUTHENTICATED") from exc
+            raise StreamError(
+                f"Realtime Database rejected the credentials: {exc}", status="UNAUTHENTICATED"
+            ) from exc
         raise StreamError(f"Realtime Database error: {exc}", status="INTERNAL") from exc
     except OSError as exc:
         raise StorageUnavailable(f"Realtime Database unreachable: {exc}") from exc
@@ -202,7 +207,7 @@ class RtdbStreamManager(StreamManager):
     def _cas(
         self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
     ) -> tuple[dict[str, Any] | None, bool]:
-        """Conditionally rewrite the meta node: ``change(current)`` returns the new value or None to stop."""
+        """Conditionally rewrite meta: ``change(current)`` returns the new value or None."""
         ref = self._ref(f"{key}/meta")
         value, etag = call(ref.get, etag=True)
         for _ in range(25):
@@ -247,7 +252,8 @@ class RtdbStreamManager(StreamManager):
         meta = self._meta(key)
         if meta is None:
             raise StreamNotFound(f"stream {stream_id} not found")
-        return self._follow(key, meta, max(after + 1, 0), self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        return self._follow(key, meta, max(after + 1, 0), timeout)
 
     def _follow(
         self, key: str, meta: dict[str, Any], cursor: int, timeout: float
@@ -484,18 +490,22 @@ class _Follower:
             if meta.get("status") == OPEN:
                 if m.now() - meta.get("heartbeatAt", 0) > m.lease_seconds:
                     m._mark_lost(self.key)
-            elif meta.get("lost") and meta.get("lastSeq") == self.cursor and idle > m.lease_seconds / 2:
-                m._write_lost_event(self.key, meta)  # the marker stopped half-way: finish it
+            elif meta.get("lost") and meta.get("lastSeq") == self.cursor:
+                if idle > m.lease_seconds / 2:  # the marker stopped half-way: finish its work
+                    m._write_lost_event(self.key, meta)
         except StorageUnavailable:
             pass  # the inactivity timeout decides
 
 
 class _RtdbWriter(StreamWriter):
-    def __init__(self, manager: RtdbStreamManager, key: str, stream_id: str, confirmed: float) -> None:
+    def __init__(
+        self, manager: RtdbStreamManager, key: str, stream_id: str, confirmed: float
+    ) -> None:
         super().__init__(stream_id)
         self._m = manager
         self._key = key
-        self._confirmed = confirmed  # monotonic start of the last conditional write that found it open
+        # monotonic start of the last conditional write that found the stream open
+        self._confirmed = confirmed
         self._last_write = 0.0
 
     def _append(self, events: Sequence[Event]) -> None:

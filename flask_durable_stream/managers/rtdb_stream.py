@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,7 +38,8 @@ class EventSource:
         self.read_timeout = read_timeout
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
-        self._sock: socket.socket | None = None  # kept: http.client drops conn.sock on "Connection: close"
+        # Kept: http.client forgets conn.sock once a response says "Connection: close".
+        self._sock: socket.socket | None = None
         self._response: http.client.HTTPResponse | None = None
         self.closed = False
 
@@ -47,7 +47,9 @@ class EventSource:
         url = self.url
         for _ in range(5):  # the database may redirect a stream to another server
             parts = urlsplit(url)
-            conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn_type: type[http.client.HTTPConnection] = http.client.HTTPConnection
+            if parts.scheme == "https":
+                conn_type = http.client.HTTPSConnection
             conn = conn_type(parts.netloc, timeout=self.read_timeout)
             conn.connect()
             with self._lock:

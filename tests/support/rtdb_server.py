@@ -181,7 +181,9 @@ class Query:
         given = names & params.keys()
         if "orderBy" not in params:
             if given:
-                raise ApiError(400, "orderBy must be defined when other query parameters are defined")
+                raise ApiError(
+                    400, "orderBy must be defined when other query parameters are defined"
+                )
             return None
         if params.get("shallow") == "true":
             raise ApiError(400, "Mixing 'shallow' and querying parameters is not supported")
@@ -200,7 +202,7 @@ class Query:
         if order_by == "$key":
             for name in given & {"startAt", "endAt", "equalTo"}:
                 if not isinstance(parsed[name], str):
-                    raise ApiError(400, "orderBy $key must be used with string startAt/endAt/equalTo")
+                    raise ApiError(400, "orderBy $key needs string startAt/endAt/equalTo")
         return cls(
             order_by, parsed.get("startAt"), parsed.get("endAt"), parsed.get("equalTo"),
             parsed.get("limitToFirst"), parsed.get("limitToLast"), given,
@@ -217,7 +219,8 @@ class Query:
             return value_order(child)
         if self.order_by == "$priority":
             return value_order(None)
-        return value_order(_get(child, _segments(self.order_by)) if isinstance(child, dict) else None)
+        nested = _get(child, _segments(self.order_by)) if isinstance(child, dict) else None
+        return value_order(nested)
 
     def _bound(self, value: Any) -> tuple[Any, ...]:
         return key_order(value) if self.order_by == "$key" else value_order(value)
@@ -385,9 +388,10 @@ class RtdbProtocolServer:
         root = self.tree(ns)
         paths = {rel: base + _segments(rel) for rel in entries}
         ordered = sorted(paths.values())
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in zip(ordered, ordered[1:], strict=False):
             if _under(b, a):
-                raise ApiError(400, f"Invalid data; path {'/'.join(a)} is an ancestor of {'/'.join(b)}")
+                message = f"Invalid data; path {'/'.join(a)} is an ancestor of {'/'.join(b)}"
+                raise ApiError(400, message)
         stored = {
             rel: normalize(value, _get(root, paths[rel]), now_ms) for rel, value in entries.items()
         }
@@ -431,7 +435,11 @@ class RtdbProtocolServer:
                 changed |= view.keys() | watcher.sent
         else:
             changed = {t[w] for t in related}
-            view = {k: children[k] for k in changed if k in children and query.matches(k, children[k])}
+            view = {
+                k: children[k]
+                for k in changed
+                if k in children and query.matches(k, children[k])
+            }
         for key in sorted(changed, key=key_order):
             if key in view:
                 watcher.sent.add(key)
