@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
+import flask_durable_stream
 from flask_durable_stream import (
     Event,
-    SQLiteStreamManager,
     StorageUnavailable,
     StreamClosed,
     StreamNotFound,
     StreamStatus,
 )
+from flask_durable_stream.managers.sqlite import SQLiteStreamManager
 
 PRODUCER = """
 import sys, threading, time
@@ -143,6 +144,10 @@ def test_read_only_file_is_a_clear_startup_error(db: Path) -> None:
     finally:
         if immutable:
             subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+def test_exported_lazily_from_the_package() -> None:
+    assert flask_durable_stream.SQLiteStreamManager is SQLiteStreamManager
 
 
 def test_memory_path_is_rejected() -> None:

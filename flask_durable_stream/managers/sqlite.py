@@ -597,6 +597,9 @@ class SQLiteStreamManager(StreamManager):
             except StorageUnavailable:
                 pass  # busy or closing: the next sweep tries again
 
+    def __enter__(self) -> SQLiteStreamManager:
+        return self
+
     def close(self) -> None:
         self._stopping.set()
         self._tasks.join(5)

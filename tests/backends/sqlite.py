@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flask_durable_stream import SQLiteStreamManager, StreamManager
+from flask_durable_stream import StreamManager
+from flask_durable_stream.managers.sqlite import SQLiteStreamManager
 
 
 @pytest.fixture
