@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import protocol
-from ._concurrency import TaskGroup
+from ._concurrency import TaskGroup, gevent_patched
 from .exceptions import FlowError, StreamClosed, StreamError
 from .flows import Flow, FlowContext, call_flow
 from .managers.base import Event, StreamManager, StreamWriter
@@ -37,27 +37,61 @@ def new_stream_id() -> str:
 
 
 class Run:
-    """One execution of a flow, as seen by the process that runs it."""
+    """One execution of a flow, as seen by the process that runs it.
+
+    Emitting is the hot path (once per chunk): an append to a list and, only
+    when somebody is waiting, a wake-up. Readers keep their own cursor. Under
+    gevent greenlets never preempt each other, so no lock is needed; with real
+    threads (``flask run``) a plain lock keeps sequence numbers unique.
+    """
 
     def __init__(self, stream_id: str, ctx: FlowContext) -> None:
         self.stream_id = stream_id
         self.ctx = ctx
         self.events: list[Event] = []
-        self.cond = threading.Condition()
+        self.ended = False
         self.persisted = -1  # highest seq stored by the manager
         self.durable_failed = False
+        self._waiters: list[threading.Event] = []
+        self._lock = None if gevent_patched() else threading.Lock()
         ctx._emit = self.emit_chunk
 
     @property
     def finished(self) -> bool:
-        return bool(self.events) and self.events[-1].terminal
+        return self.ended
 
     def _emit(self, kind: str, payload: str) -> None:
-        with self.cond:
-            if self.events and self.events[-1].terminal:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self.ended:
                 raise StreamClosed(f"stream {self.stream_id} already ended")
-            self.events.append(Event(len(self.events), kind, payload))
-            self.cond.notify_all()
+            events = self.events
+            events.append(Event(len(events), kind, payload))
+            if kind != protocol.CHUNK:
+                self.ended = True
+        finally:
+            if lock is not None:
+                lock.release()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.set()
+
+    def wait_for(self, count: int, timeout: float | None = None) -> bool:
+        """Block until more than ``count`` events exist (or timeout); True if they do.
+
+        Returns at once when the run has ended, whatever the count.
+        """
+        if len(self.events) > count or self.ended:
+            return len(self.events) > count
+        waiter = threading.Event()
+        self._waiters.append(waiter)
+        if len(self.events) > count or self.ended:  # emitted while we registered
+            return len(self.events) > count
+        waiter.wait(timeout)
+        return len(self.events) > count
 
     def emit_chunk(self, payload: str) -> None:
         self._emit(protocol.CHUNK, payload)
@@ -78,12 +112,9 @@ class Run:
         """Everything after ``after`` as it arrives: all that is ready at once, never held back."""
         cursor = after + 1
         while True:
-            with self.cond:
-                while len(self.events) <= cursor:
-                    if self.finished:
-                        return
-                    self.cond.wait()
-                batch = self.events[cursor:]
+            if not self.wait_for(cursor, None):
+                return  # ended, and the caller already has the terminal event
+            batch = self.events[cursor:]
             cursor += len(batch)
             yield batch
             if batch[-1].terminal:
@@ -92,13 +123,12 @@ class Run:
     def wait(self, timeout: float | None = None) -> Event | None:
         """Block until the terminal event (or timeout); return it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            while not self.finished:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self.cond.wait(remaining)
-            return self.events[-1]
+        while not self.ended:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self.wait_for(len(self.events), remaining)
+        return self.events[-1]
 
 
 class Runner:
@@ -195,10 +225,8 @@ class Runner:
         last_beat = time.monotonic()
         try:
             while True:
-                with run.cond:
-                    if len(run.events) <= writer.next_seq:
-                        run.cond.wait(interval)
-                    batch = run.events[writer.next_seq :]
+                run.wait_for(writer.next_seq, interval)
+                batch = run.events[writer.next_seq :]
                 if batch and not self._append(run, writer, batch):
                     return
                 if batch and batch[-1].terminal:

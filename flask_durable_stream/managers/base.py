@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import protocol
 from ..exceptions import StreamClosed
@@ -49,9 +49,11 @@ class StreamStatus(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One stored event. ``payload`` is compact JSON text."""
+class Event(NamedTuple):
+    """One stored event. ``payload`` is compact JSON text.
+
+    A tuple, because a long stream creates many of them on the hot path.
+    """
 
     seq: int
     kind: str  # protocol.CHUNK | protocol.DONE | protocol.ERROR

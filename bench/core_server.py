@@ -1,0 +1,71 @@
+"""The server side of bench_core.py: gevent WSGIServer with a durable and a plain endpoint."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+from flask import Flask, Response, request  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+from flask_durable_stream import DurableStream, protocol  # noqa: E402
+
+CHUNK = "x" * 14  # 16 bytes of JSON
+
+
+def blast(data):  # type: ignore[no-untyped-def]
+    for _ in range(int(data["chunks"])):
+        yield CHUNK
+    return "end"
+
+
+def llm(data, ctx):  # type: ignore[no-untyped-def]
+    for _ in range(int(data["chunks"])):
+        time.sleep(float(data["delay"]))
+        ctx.send_chunk(time.time())
+    return "end"
+
+
+def create_app() -> Flask:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_TTL"] = 600.0
+    DurableStream(app, flows={"blast": blast, "llm": llm})
+
+    @app.post("/plain")
+    def plain() -> Response:
+        n = int(request.get_json()["data"]["chunks"])
+        frame = protocol.frame(protocol.CHUNK, protocol.encode(CHUNK)).encode()
+
+        def generate():  # type: ignore[no-untyped-def]
+            for _ in range(n):
+                yield frame
+            yield protocol.frame(protocol.DONE, '"end"').encode()
+
+        return Response(generate(), mimetype="text/event-stream")
+
+    @app.get("/rss")
+    def rss() -> dict[str, int]:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = WSGIServer(("127.0.0.1", args.port), create_app(), log=None, spawn=Pool(10_000),
+                        backlog=4096)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
