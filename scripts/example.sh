@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up and runs the example app on the embedded default backend:
+#   bash scripts/example.sh            -> http://127.0.0.1:5000/
+# PORT=8000 bash scripts/example.sh to use another port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[gunicorn]' 2>&1 | grep -v '^WARNING: Location' || true
+exec .venv/bin/python -m example_app --port "${PORT:-5000}"
