@@ -57,8 +57,11 @@ FLOWS = {"story": story, "throwy": throwy, "echo": echo}
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
-    app.config.from_mapping(DURABLE_STREAM_BACKEND="memory")
-    app.config.from_prefixed_env("DURABLE_STREAM_APP")
+    # The embedded default: a SQLite file in the instance folder, shared by every
+    # worker process (gunicorn -w 4) and kept across restarts.
+    app.config.from_mapping(DURABLE_STREAM_BACKEND="sqlite")
+    # Any setting from the environment, e.g. FLASK_DURABLE_STREAM_SQLITE_PATH=/tmp/s.db
+    app.config.from_prefixed_env()
     if config:
         app.config.update(config)
     DurableStream(app, flows=FLOWS)

@@ -6,10 +6,13 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 
+import gevent  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from example_app import create_app  # noqa: E402
+from flask_durable_stream.runner import shutdown_all  # noqa: E402
 
 
 def main() -> None:
@@ -20,6 +23,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app()
     server = WSGIServer((args.host, args.port), app, log=None)
+    grace = float(app.config["DURABLE_STREAM_SHUTDOWN_GRACE"])
+
+    def stop() -> None:
+        # Stop accepting, give running flows the grace period, store UNAVAILABLE for the rest.
+        server.close()
+        shutdown_all(grace)
+        server.stop(timeout=1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        gevent.signal_handler(sig, lambda: gevent.spawn(stop))
     print(f"example app on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
     server.serve_forever()
 

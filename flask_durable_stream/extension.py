@@ -102,23 +102,21 @@ def build_manager(app: Flask) -> StreamManager:
     """The manager ``DURABLE_STREAM_BACKEND`` names, built from config."""
     config = app.config
     backend = str(config["DURABLE_STREAM_BACKEND"]).lower()
-    common = {
-        "ttl_seconds": float(config["DURABLE_STREAM_TTL"]),
-        "timeout": float(config["DURABLE_STREAM_TIMEOUT"]),
-        "lease_seconds": float(config["DURABLE_STREAM_LEASE"]),
-    }
+    ttl = float(config["DURABLE_STREAM_TTL"])
+    timeout = float(config["DURABLE_STREAM_TIMEOUT"])
+    lease = float(config["DURABLE_STREAM_LEASE"])
     if backend == "memory":
         from .managers.memory import InMemoryStreamManager
 
-        return InMemoryStreamManager(**common)  # type: ignore[arg-type]
+        return InMemoryStreamManager(ttl, timeout=timeout, lease_seconds=lease)
     if backend == "sqlite":
-        from .managers.sqlite import SQLiteStreamManager  # type: ignore[import-not-found]
+        from .managers.sqlite import SQLiteStreamManager
 
         path = config["DURABLE_STREAM_SQLITE_PATH"] or os.path.join(
             app.instance_path, "durable-streams.sqlite3"
         )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return SQLiteStreamManager(path, **common)  # type: ignore[no-any-return]
+        return SQLiteStreamManager(path, ttl_seconds=ttl, timeout=timeout, lease_seconds=lease)
     raise ValueError(
         f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory' or 'sqlite', or pass stream_manager="
         " (FirestoreStreamManager, RtdbStreamManager, ...) to DurableStream()"

@@ -11,10 +11,12 @@ therefore never delays live frames, and a client that goes away stops nothing.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +32,33 @@ SHUTDOWN_ERROR = {
     "status": "UNAVAILABLE",
     "message": "Server shutting down: the flow did not finish within the grace period.",
 }
+
+
+_RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
+_ATEXIT_REGISTERED = False
+
+
+def shutdown_all(grace: float | None = None) -> None:
+    """Graceful stop of every runner in this process (see :meth:`Runner.shutdown`).
+
+    Runs at interpreter exit (which is how a gunicorn worker ends after SIGTERM,
+    SIGINT or SIGQUIT), and may be called from a server's own signal handler.
+    Runners shut down concurrently, so the grace period is not multiplied.
+    """
+    runners = [r for r in list(_RUNNERS) if not r.closed]
+    if not runners:
+        return
+    group = TaskGroup()
+    for runner in runners:
+        group.spawn(runner.shutdown, grace, name="durable-stream-shutdown")
+    group.join()
+
+
+def _register_atexit() -> None:
+    global _ATEXIT_REGISTERED
+    if not _ATEXIT_REGISTERED:
+        _ATEXIT_REGISTERED = True
+        atexit.register(shutdown_all)
 
 
 def new_stream_id() -> str:
@@ -148,6 +177,8 @@ class Runner:
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
         self.closed = False
+        _RUNNERS.add(self)
+        _register_atexit()
 
     # -- starting ------------------------------------------------------------
     def start(
@@ -295,14 +326,23 @@ class Runner:
 
     # -- stopping ------------------------------------------------------------
     def shutdown(self, grace: float | None = None) -> None:
-        """Stop accepting flows; give running ones ``grace`` seconds, then end them UNAVAILABLE."""
+        """Stop accepting flows; give running ones ``grace`` seconds, then end them UNAVAILABLE.
+
+        The UNAVAILABLE terminal event is stored, so a client that reconnects
+        (to another worker, or after a restart) ends cleanly instead of waiting
+        for the producer lease to expire.
+        """
         self.closed = True
         grace = self.shutdown_grace if grace is None else grace
+        if self.active():
+            log.info("waiting up to %.1fs for %d running flow(s)", grace, len(self.active()))
         deadline = time.monotonic() + grace
         for run in self.active():
             run.wait(max(0.0, deadline - time.monotonic()))
         for run in self.active():
             if not run.finished:
+                log.warning("stream %s did not finish within the grace period; ending it UNAVAILABLE",
+                            run.stream_id)
                 run.ctx._cancel.set()
                 try:
                     run.fail(SHUTDOWN_ERROR)

@@ -16,8 +16,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[servers.Server]:
-    server = servers.example_app()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    server = servers.example_app(servers.sqlite_env(tmp_path_factory))
     yield server
     server.stop()
 

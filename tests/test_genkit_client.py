@@ -25,9 +25,11 @@ def node_client() -> Path:
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent"])
-def server(request: pytest.FixtureRequest) -> Iterator[servers.Server]:
-    server = (servers.example_app() if request.param == "pywsgi"
-              else servers.gunicorn("example_app:create_app()"))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[servers.Server]:
+    env = servers.sqlite_env(tmp_path_factory)
+    server = (servers.example_app(env) if request.param == "pywsgi"
+              else servers.gunicorn("example_app:create_app()", env=env))
     yield server
     server.stop()
 

@@ -21,15 +21,17 @@ STORY = {"data": {"chunks": N, "delay": 0.01}}
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent", "flask-run"])
-def server(request: pytest.FixtureRequest) -> Iterator[servers.Server]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[servers.Server]:
+    env = servers.sqlite_env(tmp_path_factory)
     if request.param == "pywsgi":
-        server = servers.example_app()
+        server = servers.example_app(env)
     elif request.param == "gunicorn-gevent":
-        server = servers.gunicorn("example_app:create_app()", workers=1)
+        server = servers.gunicorn("example_app:create_app()", workers=1, env=env)
     else:
         port = servers.free_port()
         server = servers.Server(
-            [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)], port)
+            [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)], port, env)
     yield server
     output = server.stop()
     # The only traceback a server may log is the one the throwy flow raises on purpose.

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -62,6 +63,12 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             out, _ = self.proc.communicate()
         return out.decode(errors="replace") if out else ""
+
+
+def sqlite_env(tmp_path_factory: Any, name: str = "streams") -> dict[str, str]:
+    """Environment that points the example app's SQLite default at a fresh file."""
+    path = tmp_path_factory.mktemp(name) / "durable-streams.sqlite3"
+    return {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(path)}
 
 
 def example_app(env: dict[str, str] | None = None) -> Server:
