@@ -120,7 +120,7 @@ def main() -> None:
     try:
         print("RTDB protocol test server (not a database), separate process, 127.0.0.1")
         print(f"1. writes per chunk, {args.seconds:.0f}s at {args.rate:.0f} chunks/s")
-        for linger in (0.1, 0.2, 0.3):
+        for linger in (0.1, 0.25, 0.3):
             steady(app, server.url, args.seconds, args.rate, linger)
         print(f"2. replay of a {args.replay}-chunk stream")
         replay(app, args.replay)

@@ -145,7 +145,7 @@ class RtdbStreamManager(StreamManager):
         ttl_seconds: float = 300.0,
         lease_seconds: float = 10.0,
         heartbeat_interval: float | None = None,
-        linger: float = 0.1,
+        linger: float = 0.25,
         page_size: int = 1000,
         read_timeout: float = 75.0,
         sweep_interval: float | None = None,
