@@ -1,4 +1,4 @@
-"""Core benchmark: durable (in-memory manager) vs plain Flask streaming, and 2,000 LLM-paced streams.
+"""Core benchmark: durable (in-memory) vs plain Flask streaming; 2,000 LLM-paced streams.
 
     python bench/bench_core.py [--chunks 20000] [--streams 2000] [--repeat 5]
 
@@ -37,7 +37,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def request(port: int, path: str, body: dict, headers: dict | None = None) -> tuple[float, bytes, dict]:
+def request(
+    port: int, path: str, body: dict, headers: dict | None = None
+) -> tuple[float, bytes, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
     conn.request("POST", path, body=json.dumps(body), headers={**SSE, **(headers or {})})
@@ -88,8 +90,12 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float) -> Non
 
     def one() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        conn.request("POST", "/flows/llm", body=json.dumps({"data": {"chunks": chunks, "delay": delay}}),
-                      headers=SSE)
+        conn.request(
+            "POST",
+            "/flows/llm",
+            body=json.dumps({"data": {"chunks": chunks, "delay": delay}}),
+            headers=SSE,
+        )
         response = conn.getresponse()
         buffer = b""
         while True:
@@ -101,7 +107,7 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float) -> Non
             *frames, buffer = buffer.split(b"\n\n")
             for frame in frames:
                 if frame.startswith(b'data: {"message":'):
-                    delays.append(now - float(frame[len(b'data: {"message":'):-1]))
+                    delays.append(now - float(frame[len(b'data: {"message":') : -1]))
                 elif frame.startswith(b'data: {"result"'):
                     done[0] += 1
         conn.close()
@@ -119,16 +125,23 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float) -> Non
     sampler.join()
     delays.sort()
     per_stream = (peak[0] - base) / streams
-    print(f"(b) {streams} concurrent streams x {chunks} chunks at {delay * 1000:.0f} ms, one gevent process")
+    print(
+        f"(b) {streams} concurrent streams x {chunks} chunks at {delay * 1000:.0f} ms,"
+        " one gevent process"
+    )
     print(f"    completed             : {done[0]} / {streams} in {elapsed:.1f} s")
     print(f"    server RSS            : base {base / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB")
     print(f"    peak RSS per stream   : {per_stream:.1f} KiB  (target <= 30 KiB)")
-    print(f"    chunk delay           : p50 {delays[len(delays) // 2] * 1000:.1f} ms, "
-          f"p99 {delays[int(len(delays) * 0.99)] * 1000:.1f} ms over {len(delays)} chunks")
+    print(
+        f"    chunk delay           : p50 {delays[len(delays) // 2] * 1000:.1f} ms, "
+        f"p99 {delays[int(len(delays) * 0.99)] * 1000:.1f} ms over {len(delays)} chunks"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--streams", type=int, default=2000)
@@ -136,8 +149,10 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "core_server.py"),
-                               "--port", str(port)], cwd=ROOT)
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "bench", "core_server.py"), "--port", str(port)],
+        cwd=ROOT,
+    )
     try:
         for _ in range(200):
             try:

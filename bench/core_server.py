@@ -62,8 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    server = WSGIServer(("127.0.0.1", args.port), create_app(), log=None, spawn=Pool(10_000),
-                        backlog=4096)
+    server = WSGIServer(
+        ("127.0.0.1", args.port), create_app(), log=None, spawn=Pool(10_000), backlog=4096
+    )
     server.serve_forever()
 
 

@@ -9,14 +9,17 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .managers.base import StreamManager
+
 durable_stream_cli = AppGroup("durable-stream", help="Inspect and clean up durable streams.")
 
 
-def _manager():  # type: ignore[no-untyped-def]
+def _manager() -> StreamManager:
     state = current_app.extensions.get("durable_stream")
     if state is None or state.manager is None:
         raise click.ClickException("This app has no durable stream manager.")
-    return state.manager
+    manager: StreamManager = state.manager
+    return manager
 
 
 def _when(ts: float | None) -> str:
@@ -56,5 +59,7 @@ def show_command(stream_id: str, events: bool) -> None:
         raise click.ClickException(f"stream {stream_id} not found (or expired)")
     click.echo(json.dumps(info.to_dict(), indent=2))
     if events:
-        for event in manager.subscribe(stream_id, timeout=0.001) if info.status.value != "open" else []:
+        for event in (
+            manager.subscribe(stream_id, timeout=0.001) if info.status.value != "open" else []
+        ):
             click.echo(f"{event.seq:>6} {event.kind:5} {event.payload}")

@@ -94,9 +94,7 @@ def takes_context(flow: Flow) -> bool:
         params = inspect.signature(flow).parameters.values()
     except (TypeError, ValueError):  # builtins and some C callables
         return False
-    positional = [
-        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
@@ -150,9 +148,9 @@ class _LoopThread:
     def __init__(self) -> None:
         from gevent import monkey
 
-        real_thread = monkey.get_original("threading", "Thread")  # type: ignore[attr-defined]
+        real_thread = monkey.get_original("threading", "Thread")
         self.loop = asyncio.new_event_loop()
-        ready = monkey.get_original("threading", "Event")()  # type: ignore[attr-defined]
+        ready = monkey.get_original("threading", "Event")()
 
         def main() -> None:
             asyncio.set_event_loop(self.loop)

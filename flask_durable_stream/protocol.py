@@ -122,4 +122,6 @@ def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
 
 def to_flow_error(body: dict[str, Any]) -> FlowError:
     """Turn an error body received from a server back into a :class:`FlowError`."""
-    return FlowError(body.get("status", "UNKNOWN"), body.get("message", ""), details=body.get("details"))
+    return FlowError(
+        body.get("status", "UNKNOWN"), body.get("message", ""), details=body.get("details")
+    )

@@ -129,7 +129,9 @@ class Run:
         try:
             payload = protocol.encode(output)
         except (TypeError, ValueError):
-            log.exception("flow %s returned an output that is not JSON-serializable", self.stream_id)
+            log.exception(
+                "flow %s returned an output that is not JSON-serializable", self.stream_id
+            )
             self.fail(protocol.INTERNAL_ERROR)
             return
         self._emit(protocol.DONE, payload)
@@ -191,7 +193,10 @@ class Runner:
         durable: bool = True,
         owner: str | None = None,
     ) -> Run:
-        """Open the stream (synchronously: an id is only handed out once storage has it) and spawn the flow."""
+        """Open the stream, then spawn the flow.
+
+        Opening is synchronous: an id is only handed out once storage has it.
+        """
         if self.closed:
             raise StreamError("Server shutting down.", status="UNAVAILABLE")
         stream_id = new_stream_id()
@@ -281,21 +286,33 @@ class Runner:
                 run.persisted = batch[-1].seq
                 return True
             except StreamClosed:
-                log.error("stream %s was ended in storage (lease expired?); %d events not stored",
-                          run.stream_id, len(batch))
+                # Another process declared this producer lost (its lease expired):
+                # nothing more can be stored, so stop spending work on the flow.
+                log.error(
+                    "stream %s was ended in storage (lease expired?); %d events not stored;"
+                    " cancelling the flow",
+                    run.stream_id,
+                    len(batch),
+                )
                 run.durable_failed = True
+                run.ctx._cancel.set()
                 return False
             except Exception as exc:
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure >= self.write_retry_timeout:
-                    log.error("giving up storing stream %s after %.1fs: %s",
-                              run.stream_id, now - first_failure, exc)
+                    log.error(
+                        "giving up storing stream %s after %.1fs: %s",
+                        run.stream_id,
+                        now - first_failure,
+                        exc,
+                    )
                     run.durable_failed = True
                     self._store_data_loss(writer)
                     return False
-                log.warning("storing stream %s failed (%s); retrying in %.2fs",
-                            run.stream_id, exc, delay)
+                log.warning(
+                    "storing stream %s failed (%s); retrying in %.2fs", run.stream_id, exc, delay
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -341,8 +358,10 @@ class Runner:
             run.wait(max(0.0, deadline - time.monotonic()))
         for run in self.active():
             if not run.finished:
-                log.warning("stream %s did not finish within the grace period; ending it UNAVAILABLE",
-                            run.stream_id)
+                log.warning(
+                    "stream %s did not finish within the grace period; ending it UNAVAILABLE",
+                    run.stream_id,
+                )
                 run.ctx._cancel.set()
                 try:
                     run.fail(SHUTDOWN_ERROR)

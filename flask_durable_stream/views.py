@@ -113,9 +113,7 @@ class FlowEndpoint:
             raise InvalidRequest('Request body must be a JSON object with a "data" field.')
         data = body["data"]
         context = self._context(data, None)
-        run = self.runner.start(
-            self.name, self.flow, data, context=context, durable=streaming
-        )
+        run = self.runner.start(self.name, self.flow, data, context=context, durable=streaming)
         if streaming:
             headers = {}
             if self.manager is not None:
@@ -237,7 +235,7 @@ def flow_view(
     """
     manager = _resolve_manager(stream_manager) if runner is None else runner.manager
     return FlowEndpoint(
-        name or getattr(flow, "__name__", "flow"),
+        name or str(getattr(flow, "__name__", "flow")),
         flow,
         runner=runner or runner_for(manager),
         context_provider=context_provider,
@@ -287,7 +285,8 @@ def durable_stream_blueprint(
     def unknown_flow(unknown: str) -> Response:
         return _json_response({"status": "NOT_FOUND", "message": "Unknown flow."}, 404)
 
-    bp.add_url_rule("/<path:unknown>", endpoint="unknown_flow", view_func=unknown_flow,
-                    methods=["POST"])
+    bp.add_url_rule(
+        "/<path:unknown>", endpoint="unknown_flow", view_func=unknown_flow, methods=["POST"]
+    )
 
     return bp

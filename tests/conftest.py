@@ -19,9 +19,7 @@ import pytest
 from flask_durable_stream import StreamManager
 from flask_durable_stream._concurrency import running_tasks
 
-BACKENDS = sorted(
-    m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")])
-)
+BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")]))
 pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]
 
 

@@ -149,7 +149,7 @@ def test_append_requires_contiguous_sequence(manager: StreamManager) -> None:
 
 
 def test_backend_append_is_idempotent_per_seq(manager: StreamManager) -> None:
-    """The runner retries a failed append with the same events; storing them twice must not duplicate."""
+    """The runner retries a failed append with the same events: no duplicates."""
     sid = new_id()
     writer = manager.open(sid)
     batch = [Event(0, "chunk", '"a"'), Event(1, "chunk", '"b"')]
@@ -221,7 +221,12 @@ def test_unicode_and_large_payloads_round_trip(manager: StreamManager) -> None:
     big = "x" * 200_000
     produce(manager.open(sid), ["héllo ✓ 🚀", {"k": big}, "\n\n data: fake\n\n"], "日本")
     payloads = [e.payload for e in manager.subscribe(sid)]
-    assert payloads == ['"héllo ✓ 🚀"', '{"k":"' + big + '"}', '"\\n\\n data: fake\\n\\n"', '"日本"']
+    assert payloads == [
+        '"héllo ✓ 🚀"',
+        '{"k":"' + big + '"}',
+        '"\\n\\n data: fake\\n\\n"',
+        '"日本"',
+    ]
 
 
 def test_info_tracks_status_and_sequence(manager: StreamManager) -> None:

@@ -82,10 +82,19 @@ def typed_flow(data: Any) -> Iterator[Any]:
         (gen_flow, [("chunk", "1"), ("chunk", "2"), ("done", '"out"')]),
         (ctx_flow, [("chunk", '{"a":7}'), ("done", "[7]")]),
         (async_flow, [("chunk", '"a"'), ("done", '{"async":true}')]),
-        (async_gen_flow, [("chunk", "0"), ("chunk", "1"), ("chunk", "2"), ("done", '"set by ctx"')]),
+        (
+            async_gen_flow,
+            [("chunk", "0"), ("chunk", "1"), ("chunk", "2"), ("done", '"set by ctx"')],
+        ),
         (lambda data: data * 2, [("done", "14")]),
-        (typed_flow, [("chunk", '{"x":1,"y":2}'), ("chunk", '{"name":"m","tags":["t"]}'),
-                      ("done", '{"x":3,"y":4}')]),
+        (
+            typed_flow,
+            [
+                ("chunk", '{"x":1,"y":2}'),
+                ("chunk", '{"name":"m","tags":["t"]}'),
+                ("done", '{"x":3,"y":4}'),
+            ],
+        ),
     ],
     ids=["generator", "context", "async", "async-generator", "plain", "dataclass-pydantic"],
 )
@@ -95,11 +104,13 @@ def test_flow_shapes(runner: Runner, flow: Any, expected: list[tuple[str, str]])
 
 def test_non_serializable_output_is_internal(runner: Runner) -> None:
     assert run_to_end(runner, lambda data: object()) == [
-        ("error", '{"status":"INTERNAL","message":"Internal Error"}')]
+        ("error", '{"status":"INTERNAL","message":"Internal Error"}')
+    ]
 
 
 def test_flow_keeps_running_without_readers(runner: Runner) -> None:
     """Nobody reads the run; the flow still completes and storage has everything."""
+
     def slow(data: Any, ctx: FlowContext) -> Any:
         for i in range(5):
             time.sleep(0.01)
@@ -125,7 +136,10 @@ def test_cancel_reaches_the_flow_through_the_manager(runner: Runner) -> None:
     assert started.wait(5)
     assert manager.request_cancel(run.stream_id)
     terminal = run.wait(5)
-    assert terminal is not None and terminal.payload == '{"status":"CANCELLED","message":"Cancelled by client."}'
+    assert (
+        terminal is not None
+        and terminal.payload == '{"status":"CANCELLED","message":"Cancelled by client."}'
+    )
     runner.tasks.join(5)
     info = manager.info(run.stream_id)
     assert info is not None and info.status.value == "cancelled"

@@ -25,23 +25,36 @@ def node_client() -> Path:
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[servers.Server]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
     env = servers.sqlite_env(tmp_path_factory)
-    server = (servers.example_app(env) if request.param == "pywsgi"
-              else servers.gunicorn("example_app:create_app()", env=env))
+    server = (
+        servers.example_app(env)
+        if request.param == "pywsgi"
+        else servers.gunicorn("example_app:create_app()", env=env)
+    )
     yield server
     server.stop()
 
 
 @pytest.mark.parametrize("abort_after", [1, 12])
-def test_genkit_stream_flow_aborts_and_resumes(node_client: Path, server: servers.Server,
-                                              abort_after: int) -> None:
+def test_genkit_stream_flow_aborts_and_resumes(
+    node_client: Path, server: servers.Server, abort_after: int
+) -> None:
     n = 25
     proc = subprocess.run(
-        ["node", str(node_client), f"{server.url}/flows/story",
-         json.dumps({"chunks": n, "delay": 0.03}), str(abort_after)],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            "node",
+            str(node_client),
+            f"{server.url}/flows/story",
+            json.dumps({"chunks": n, "delay": 0.03}),
+            str(abort_after),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     report = json.loads(proc.stdout)
     assert len(report["streamId"]) == 32 and report["resumedStreamId"] == report["streamId"]

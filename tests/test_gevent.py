@@ -9,11 +9,17 @@ from tests.support.servers import PYTHON, ROOT
 
 
 def test_all_flow_shapes_run_concurrently_without_blocking_the_hub() -> None:
-    proc = subprocess.run([PYTHON, "-m", "tests.support.gevent_flows_check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=True)
+    proc = subprocess.run(
+        [PYTHON, "-m", "tests.support.gevent_flows_check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     chunks = [str(i) for i in range(10)]
-    for n, (a, ag, sg) in enumerate(zip(*[iter(report["stored"])] * 3)):
+    for n, (a, ag, sg) in enumerate(zip(*[iter(report["stored"])] * 3, strict=True)):
         assert a == chunks + [str(n)]
         assert ag == chunks + ["null"]
         assert sg == chunks + [str(n)]

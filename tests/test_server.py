@@ -21,8 +21,9 @@ STORY = {"data": {"chunks": N, "delay": 0.01}}
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent", "flask-run"])
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[servers.Server]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
     env = servers.sqlite_env(tmp_path_factory)
     if request.param == "pywsgi":
         server = servers.example_app(env)
@@ -31,7 +32,10 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     else:
         port = servers.free_port()
         server = servers.Server(
-            [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)], port, env)
+            [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)],
+            port,
+            env,
+        )
     yield server
     output = server.stop()
     # The only traceback a server may log is the one the throwy flow raises on purpose.
@@ -56,7 +60,9 @@ def test_disconnect_then_reconnect_gets_everything_once(server: servers.Server, 
 
 
 def test_flow_finishes_with_nobody_listening(server: servers.Server) -> None:
-    first = post_stream(server.url, "/flows/story", {"data": {"chunks": 10, "delay": 0.02}}, stop_after=1)
+    first = post_stream(
+        server.url, "/flows/story", {"data": {"chunks": 10, "delay": 0.02}}, stop_after=1
+    )
     time.sleep(0.6)  # the flow ends while no client is connected
     again = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
     assert indexes(again) == list(range(10)) and again.terminal is not None
@@ -93,8 +99,12 @@ def test_headers_arrive_before_a_slow_first_chunk(server: servers.Server) -> Non
     host, port = server.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     started = time.monotonic()
-    conn.request("POST", "/flows/story", body=json.dumps({"data": {"chunks": 1, "delay": 4}}),
-                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    conn.request(
+        "POST",
+        "/flows/story",
+        body=json.dumps({"data": {"chunks": 1, "delay": 4}}),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
     response = conn.getresponse()
     waited = time.monotonic() - started
     try:
@@ -111,8 +121,12 @@ def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> N
     host, port = server.url.removeprefix("http://").split(":")
     for body, status in [(b"{oops", 400), (b"[]", 400), (b'{"x":1}', 400)]:
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
-        conn.request("POST", "/flows/story", body=body,
-                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        conn.request(
+            "POST",
+            "/flows/story",
+            body=body,
+            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        )
         response = conn.getresponse()
         assert response.status == status
         assert json.loads(response.read())["status"] == "INVALID_ARGUMENT"

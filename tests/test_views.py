@@ -45,8 +45,12 @@ def echo(data: Any) -> Any:
 
 
 FLOWS = {"story": story, "boom": boom, "public": public_error, "echo": echo}
-STATUSES = sorted(protocol_status for protocol_status in __import__(
-    "flask_durable_stream.exceptions", fromlist=["HTTP_STATUS"]).HTTP_STATUS)
+STATUSES = sorted(
+    protocol_status
+    for protocol_status in __import__(
+        "flask_durable_stream.exceptions", fromlist=["HTTP_STATUS"]
+    ).HTTP_STATUS
+)
 
 
 @pytest.fixture
@@ -66,8 +70,9 @@ def app(manager: InMemoryStreamManager) -> Flask:
 
     app = Flask(__name__)
     app.register_blueprint(
-        durable_stream_blueprint(FLOWS, stream_manager=manager, context_provider=provider,
-                                 max_content_length=64 * 1024),
+        durable_stream_blueprint(
+            FLOWS, stream_manager=manager, context_provider=provider, max_content_length=64 * 1024
+        ),
         url_prefix="/api",
     )
     return app
@@ -94,17 +99,21 @@ def test_stream_frames_and_headers(client: FlaskClient) -> None:
     assert response.headers["X-Accel-Buffering"] == "no"
     assert len(response.headers["x-genkit-stream-id"]) == 32
     assert response.data == (
-        b'data: {"message":{"i":0}}\n\n'
-        b'data: {"message":{"i":1}}\n\n'
-        b'data: {"result":{"n":2}}\n\n'
+        b'data: {"message":{"i":0}}\n\ndata: {"message":{"i":1}}\n\ndata: {"result":{"n":2}}\n\n'
     )
 
 
 @pytest.mark.parametrize(
     ("accept", "query"),
-    [("Text/Event-Stream, */*", ""), ("application/json, TEXT/EVENT-STREAM;q=0.9", ""), (None, "?stream=true")],
+    [
+        ("Text/Event-Stream, */*", ""),
+        ("application/json, TEXT/EVENT-STREAM;q=0.9", ""),
+        (None, "?stream=true"),
+    ],
 )
-def test_streaming_is_negotiated_like_genkit(client: FlaskClient, accept: str | None, query: str) -> None:
+def test_streaming_is_negotiated_like_genkit(
+    client: FlaskClient, accept: str | None, query: str
+) -> None:
     headers = {"Accept": accept} if accept else {}
     response = client.post(f"/api/story{query}", json={"data": {"n": 1}}, headers=headers)
     assert response.data.startswith(b'data: {"message":{"i":0}}\n\n')
@@ -122,7 +131,9 @@ def test_reconnect_replays_identical_bytes(client: FlaskClient) -> None:
 
 
 def test_reconnect_without_streaming_returns_the_result(client: FlaskClient) -> None:
-    sid = client.post("/api/story", json={"data": {"n": 2}}, headers=SSE).headers["x-genkit-stream-id"]
+    sid = client.post("/api/story", json={"data": {"n": 2}}, headers=SSE).headers[
+        "x-genkit-stream-id"
+    ]
     response = client.post("/api/story", json={}, headers={"x-genkit-stream-id": sid})
     assert response.status_code == 200 and response.json == {"result": {"n": 2}}
 
@@ -132,13 +143,17 @@ def test_unknown_stream_id_is_204(client: FlaskClient) -> None:
     assert response.status_code == 204 and response.data == b""
 
 
-def test_errors_are_redacted_live_and_replayed_identically(client: FlaskClient, caplog: Any) -> None:
+def test_errors_are_redacted_live_and_replayed_identically(
+    client: FlaskClient, caplog: Any
+) -> None:
     live = client.post("/api/boom", json={"data": None}, headers=SSE)
     assert frames(live.data) == [
         ("chunk", "one"),
         ("error", {"status": "INTERNAL", "message": "Internal Error"}),
     ]
-    assert live.data.endswith(b'error: {"error":{"status":"INTERNAL","message":"Internal Error"}}\n\n')
+    assert live.data.endswith(
+        b'error: {"error":{"status":"INTERNAL","message":"Internal Error"}}\n\n'
+    )
     assert b"secret-token-123" not in live.data
     assert "secret-token-123" in caplog.text  # the traceback is logged for operators
     sid = live.headers["x-genkit-stream-id"]
@@ -154,10 +169,15 @@ def test_public_errors_reach_the_client(client: FlaskClient) -> None:
     )
     plain = client.post("/api/public", json={"data": 1})
     assert plain.status_code == 400
-    assert plain.json == {"status": "INVALID_ARGUMENT", "message": "topic is required",
-                          "details": {"field": "topic"}}
+    assert plain.json == {
+        "status": "INVALID_ARGUMENT",
+        "message": "topic is required",
+        "details": {"field": "topic"},
+    }
     assert client.post("/api/boom", json={"data": 1}).json == {
-        "status": "INTERNAL", "message": "Internal Error"}
+        "status": "INTERNAL",
+        "message": "Internal Error",
+    }
 
 
 @pytest.mark.parametrize("status", STATUSES)
@@ -175,12 +195,19 @@ def test_plain_call_error_status_mapping(manager: InMemoryStreamManager, status:
 
 
 def test_context_provider_runs_on_new_and_reconnecting_requests(client: FlaskClient) -> None:
-    denied = client.post("/api/story", json={"data": {}}, headers={**SSE, "Authorization": "Bearer nope"})
+    denied = client.post(
+        "/api/story", json={"data": {}}, headers={**SSE, "Authorization": "Bearer nope"}
+    )
     assert denied.status_code == 403
     assert denied.json == {"status": "PERMISSION_DENIED", "message": "not allowed"}
-    sid = client.post("/api/story", json={"data": {"n": 1}}, headers=SSE).headers["x-genkit-stream-id"]
-    again = client.post("/api/story", json={},
-                        headers={**SSE, "x-genkit-stream-id": sid, "Authorization": "Bearer nope"})
+    sid = client.post("/api/story", json={"data": {"n": 1}}, headers=SSE).headers[
+        "x-genkit-stream-id"
+    ]
+    again = client.post(
+        "/api/story",
+        json={},
+        headers={**SSE, "x-genkit-stream-id": sid, "Authorization": "Bearer nope"},
+    )
     assert again.status_code == 403
 
 
@@ -192,14 +219,20 @@ def test_flow_sees_context_and_stream_id(manager: InMemoryStreamManager) -> None
         return None
 
     app = Flask(__name__)
-    app.register_blueprint(durable_stream_blueprint(
-        {"spy": spy}, stream_manager=manager, context_provider=lambda r: {"user": r.headers.get("x-user")}))
+    app.register_blueprint(
+        durable_stream_blueprint(
+            {"spy": spy},
+            stream_manager=manager,
+            context_provider=lambda r: {"user": r.headers.get("x-user")},
+        )
+    )
     response = app.test_client().post("/spy", json={"data": 1}, headers={**SSE, "X-User": "ada"})
     assert response.data == b'data: {"result":null}\n\n'
     assert seen == {"stream_id": response.headers["x-genkit-stream-id"], "context": {"user": "ada"}}
 
 
 # -- bad input: each has a defined answer, none is a 500 ------------------------
+
 
 @pytest.mark.parametrize(
     ("body", "content_type", "message"),
@@ -209,13 +242,18 @@ def test_flow_sees_context_and_stream_id(manager: InMemoryStreamManager) -> None
         (b"[1, 2]", "application/json", 'Request body must be a JSON object with a "data" field.'),
         (b'"data"', "application/json", 'Request body must be a JSON object with a "data" field.'),
         (b"{}", "application/json", 'Request body must be a JSON object with a "data" field.'),
-        (b'{"input": 1}', "application/json", 'Request body must be a JSON object with a "data" field.'),
+        (
+            b'{"input": 1}',
+            "application/json",
+            'Request body must be a JSON object with a "data" field.',
+        ),
         (b"", "application/json", "Request body must be valid JSON."),
     ],
 )
 @pytest.mark.parametrize("headers", [SSE, {}])
-def test_bad_bodies_are_400(client: FlaskClient, body: bytes, content_type: str, message: str,
-                            headers: dict[str, str]) -> None:
+def test_bad_bodies_are_400(
+    client: FlaskClient, body: bytes, content_type: str, message: str, headers: dict[str, str]
+) -> None:
     response = client.post("/api/story", data=body, content_type=content_type, headers=headers)
     assert response.status_code == 400
     assert response.json == {"status": "INVALID_ARGUMENT", "message": message}
@@ -225,8 +263,10 @@ def test_oversized_body_is_413(client: FlaskClient) -> None:
     big = b'{"data":"' + b"x" * (10 * 1024 * 1024) + b'"}'
     response = client.post("/api/story", data=big, content_type="application/json", headers=SSE)
     assert response.status_code == 413
-    assert response.json == {"status": "RESOURCE_EXHAUSTED",
-                             "message": f"Request body exceeds {64 * 1024} bytes."}
+    assert response.json == {
+        "status": "RESOURCE_EXHAUSTED",
+        "message": f"Request body exceeds {64 * 1024} bytes.",
+    }
 
 
 def test_unknown_flow_is_json_404(client: FlaskClient) -> None:
@@ -237,7 +277,18 @@ def test_unknown_flow_is_json_404(client: FlaskClient) -> None:
 
 @pytest.mark.parametrize(
     "stream_id",
-    ["../../etc/passwd", "a/b", "a b", "x" * 10_000, "ünïcödé", "", ".hidden", "a..b", "%2e%2e", "a\tb"],
+    [
+        "../../etc/passwd",
+        "a/b",
+        "a b",
+        "x" * 10_000,
+        "ünïcödé",
+        "",
+        ".hidden",
+        "a..b",
+        "%2e%2e",
+        "a\tb",
+    ],
 )
 def test_hostile_stream_ids_are_400(client: FlaskClient, stream_id: str) -> None:
     response = client.post("/api/story", json={}, headers={**SSE, "x-genkit-stream-id": stream_id})
@@ -248,18 +299,28 @@ def test_hostile_stream_ids_are_400(client: FlaskClient, stream_id: str) -> None
 def test_stream_id_with_crlf_is_400(app: Flask) -> None:
     # Werkzeug's test client refuses to send CR/LF in a header, so build the environ directly.
     environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/api/story", "SERVER_NAME": "x", "SERVER_PORT": "80",
-        "wsgi.url_scheme": "http", "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": "2",
-        "HTTP_ACCEPT": "text/event-stream", "HTTP_X_GENKIT_STREAM_ID": "abc\r\nSet-Cookie: x=1",
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/story",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "2",
+        "HTTP_ACCEPT": "text/event-stream",
+        "HTTP_X_GENKIT_STREAM_ID": "abc\r\nSet-Cookie: x=1",
         "wsgi.input": __import__("io").BytesIO(b"{}"),
     }
     captured: dict[str, Any] = {}
-    body = b"".join(app.wsgi_app(environ, lambda s, h, e=None: captured.update(status=s) or (lambda d: None)))
+    body = b"".join(
+        app.wsgi_app(environ, lambda s, h, e=None: captured.update(status=s) or (lambda d: None))
+    )
     assert captured["status"].startswith("400")
     assert b"INVALID_ARGUMENT" in body
 
 
-def test_non_serializable_chunk_fails_the_flow_not_the_server(manager: InMemoryStreamManager) -> None:
+def test_non_serializable_chunk_fails_the_flow_not_the_server(
+    manager: InMemoryStreamManager,
+) -> None:
     def bad(data: Any) -> Iterator[Any]:
         yield {"ok": 1}
         yield object()
@@ -267,11 +328,14 @@ def test_non_serializable_chunk_fails_the_flow_not_the_server(manager: InMemoryS
     app = Flask(__name__)
     app.register_blueprint(durable_stream_blueprint({"bad": bad}, stream_manager=manager))
     response = app.test_client().post("/bad", json={"data": 1}, headers=SSE)
-    assert frames(response.data) == [("chunk", {"ok": 1}),
-                                     ("error", {"status": "INTERNAL", "message": "Internal Error"})]
+    assert frames(response.data) == [
+        ("chunk", {"ok": 1}),
+        ("error", {"status": "INTERNAL", "message": "Internal Error"}),
+    ]
 
 
 # -- the extension -------------------------------------------------------------
+
 
 def test_extension_registers_flows_with_config(manager: InMemoryStreamManager) -> None:
     ext = DurableStream(stream_manager=manager)
@@ -312,7 +376,9 @@ def test_durability_can_be_turned_off() -> None:
     live = client.post("/s", json={"data": {"n": 1}}, headers=SSE)
     assert "x-genkit-stream-id" not in live.headers
     assert frames(live.data)[-1] == ("done", {"n": 1})
-    assert client.post("/s", json={}, headers={**SSE, "x-genkit-stream-id": "abc"}).status_code == 204
+    assert (
+        client.post("/s", json={}, headers={**SSE, "x-genkit-stream-id": "abc"}).status_code == 204
+    )
 
 
 def test_slow_first_chunk_still_sends_headers_first(manager: InMemoryStreamManager) -> None:
@@ -332,8 +398,11 @@ def test_slow_first_chunk_still_sends_headers_first(manager: InMemoryStreamManag
         started.append(status)
         return lambda data: started.append(f"write:{data!r}")
 
-    environ = __import__("werkzeug.test", fromlist=["EnvironBuilder"]).EnvironBuilder(
-        method="POST", path="/slow", json={"data": 1}, headers=SSE).get_environ()
+    environ = (
+        __import__("werkzeug.test", fromlist=["EnvironBuilder"])
+        .EnvironBuilder(method="POST", path="/slow", json={"data": 1}, headers=SSE)
+        .get_environ()
+    )
     body = app.wsgi_app(environ, start_response)
     assert started == ["200 OK", "write:b''"]  # headers flushed, no chunk yet
     gate.set()

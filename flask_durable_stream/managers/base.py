@@ -23,17 +23,20 @@ other reader sees the same thing.
 from __future__ import annotations
 
 import enum
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .. import protocol
 from ..exceptions import StreamClosed
 
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+_M = TypeVar("_M", bound="StreamManager")
 
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
@@ -65,7 +68,7 @@ class Event(NamedTuple):
 
     @property
     def value(self) -> Any:
-        return protocol.json.loads(self.payload)
+        return json.loads(self.payload)
 
     def frame(self) -> str:
         return protocol.frame(self.kind, self.payload)
@@ -254,7 +257,7 @@ class StreamManager:
     def expiry(self, now: float | None = None) -> float:
         return (self.now() if now is None else now) + self.ttl_seconds
 
-    def __enter__(self) -> StreamManager:
+    def __enter__(self: _M) -> _M:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -72,9 +72,7 @@ class InMemoryStreamManager(StreamManager):
             existing = self._streams.get(stream_id)
             if existing is not None and not self._expired(existing, now):
                 raise StreamExists(f"stream {stream_id} already exists")
-            info = StreamInfo(
-                stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now
-            )
+            info = StreamInfo(stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now)
             stream = self._streams[stream_id] = _Stream(info)
             self._ensure_sweeper()
         return _MemoryWriter(self, stream)
@@ -82,9 +80,7 @@ class InMemoryStreamManager(StreamManager):
     def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
         with stream.cond:
             stored = len(stream.events)
-            if events[-1].seq < stored and all(
-                stream.events[e.seq] == e for e in events
-            ):
+            if events[-1].seq < stored and all(stream.events[e.seq] == e for e in events):
                 return  # a retry of events that did reach storage
             if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
                 raise StreamClosed(f"stream {stream.info.stream_id} already ended")
@@ -169,8 +165,15 @@ class InMemoryStreamManager(StreamManager):
         with stream.cond:
             i = stream.info
             return StreamInfo(
-                i.stream_id, i.status, i.created_at, i.updated_at, i.last_seq, i.owner,
-                i.cancel_requested, i.heartbeat_at, i.expires_at,
+                i.stream_id,
+                i.status,
+                i.created_at,
+                i.updated_at,
+                i.last_seq,
+                i.owner,
+                i.cancel_requested,
+                i.heartbeat_at,
+                i.expires_at,
             )
 
     def request_cancel(self, stream_id: str) -> bool:

@@ -40,10 +40,14 @@ def post_stream(
     timeout: float = 30,
     headers: dict[str, str] | None = None,
 ) -> StreamCall:
-    """POST with ``Accept: text/event-stream``; with ``stop_after=k`` drop the socket after k chunks."""
+    """POST with ``Accept: text/event-stream``; ``stop_after=k`` drops the socket after k chunks."""
     host, port = base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    all_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
+    all_headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        **(headers or {}),
+    }
     if stream_id is not None:
         all_headers[protocol.STREAM_ID_HEADER] = stream_id
     conn.request("POST", path, body=json.dumps(body).encode(), headers=all_headers)

@@ -54,7 +54,9 @@ def main() -> None:
 
     tick = gevent.spawn(ticker)
     started = time.perf_counter()
-    runs = [runner.start("f", flow, n) for n in range(30) for flow in (async_flow, async_gen, sync_gen)]
+    runs = [
+        runner.start("f", flow, n) for n in range(30) for flow in (async_flow, async_gen, sync_gen)
+    ]
     for run in runs:
         run.wait(30)
     elapsed = time.perf_counter() - started
@@ -63,12 +65,16 @@ def main() -> None:
     tick.join()
     stored = [[e.payload for e in manager.subscribe(r.stream_id)] for r in runs]
     manager.close()
-    print(json.dumps({
-        "elapsed": elapsed,
-        "max_gap": max(gaps),
-        "stored": stored,
-        "leftover_tasks": [t.name for t in running_tasks()],
-    }))
+    print(
+        json.dumps(
+            {
+                "elapsed": elapsed,
+                "max_gap": max(gaps),
+                "stored": stored,
+                "leftover_tasks": [t.name for t in running_tasks()],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

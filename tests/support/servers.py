@@ -23,7 +23,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -45,7 +47,11 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            list(args),
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_for_port(port, self.proc)
@@ -76,11 +82,21 @@ def example_app(env: dict[str, str] | None = None) -> Server:
     return Server([PYTHON, "-m", "example_app", "--port", str(port)], port, env)
 
 
-def gunicorn(app: str, *, workers: int = 1, env: dict[str, str] | None = None,
-             extra: Sequence[str] = ()) -> Server:
+def gunicorn(
+    app: str, *, workers: int = 1, env: dict[str, str] | None = None, extra: Sequence[str] = ()
+) -> Server:
     port = free_port()
     args = [
-        str(BIN / "gunicorn"), "-k", "gevent", "-w", str(workers), "-b", f"127.0.0.1:{port}",
-        "--graceful-timeout", "10", *extra, app,
+        str(BIN / "gunicorn"),
+        "-k",
+        "gevent",
+        "-w",
+        str(workers),
+        "-b",
+        f"127.0.0.1:{port}",
+        "--graceful-timeout",
+        "10",
+        *extra,
+        app,
     ]
     return Server(args, port, env)
