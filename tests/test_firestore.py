@@ -184,21 +184,30 @@ def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManag
 
 
 def test_closing_a_subscription_stops_its_listeners(make: MakeManager) -> None:
+    from google.api_core.bidi import _BIDIRECTIONAL_CONSUMER_NAME as CONSUMER
+
+    def listener_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == CONSUMER and t.is_alive()}
+
     manager = make()
     sid = new_id()
     writer = manager.open(sid)
-    writer.write(1)
-    before = threading.active_count()
+    writer.write(0)
+    writer.close()  # flushed: the first event comes from the replay query
+    before = listener_threads()
     subscriptions = [manager.subscribe(sid) for _ in range(3)]
     for sub in subscriptions:
         assert next(sub).seq == 0
-    assert threading.active_count() > before  # listener threads are running
+    writer.write(1)
+    for sub in subscriptions:
+        assert next(sub).seq == 1  # from the batch listener
+    ours = listener_threads() - before
+    assert len(ours) == 6  # a batch listener and a metadata listener each
     for sub in subscriptions:
         sub.close()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() <= before
+    for thread in ours:
+        thread.join(10)
+    assert not [t for t in ours if t.is_alive()]
     writer.done(None)
 
 
@@ -393,6 +402,47 @@ def test_gevent_patched_process_uses_the_manager_without_hanging(
     assert report["late"] == list(range(41))
     assert report["grpc_gevent"] is True
     assert report["ticks"] > 10  # other greenlets ran while Firestore calls were in flight
+
+
+FORK_SCRIPT = r"""
+import os, sys
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import firestore
+from flask_durable_stream import FirestoreStreamManager
+
+host, project = sys.argv[1:3]
+os.environ["FIRESTORE_EMULATOR_HOST"] = host
+def make():
+    return firestore.Client(project=project, credentials=AnonymousCredentials())
+used = FirestoreStreamManager(client=make(), collection="fork")
+used.info("x")  # gRPC channel created before the fork
+unused = FirestoreStreamManager(client=make(), collection="fork")
+factory = FirestoreStreamManager(client=make, collection="fork")
+factory.info("x")
+pid = os.fork()
+if pid == 0:
+    try:
+        used.info("x")
+        os._exit(3)
+    except RuntimeError as exc:
+        ok = "client=<a function returning a Client>" in str(exc)
+    os._exit(0 if ok and unused.info("x") is None and factory.info("x") is None else 4)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_client_used_before_fork_fails_fast_in_the_child(
+    firestore_emulator: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "fork_firestore.py"
+    script.write_text(FORK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), firestore_emulator.host, firestore_emulator.project],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "0"  # the child's verdict
 
 
 def test_missing_google_cloud_firestore_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

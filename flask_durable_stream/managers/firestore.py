@@ -50,6 +50,8 @@ __all__ = ["FirestoreStreamManager", "FirestoreStreamWriter"]
 #: One commit stays under Firestore's 10 MiB request and 500 writes limits.
 _COMMIT_BYTES = 8 * 1024 * 1024
 _COMMIT_DOCS = 400
+#: Events per batch document: keeps index entries far below Firestore's 40,000 per document.
+_DOC_EVENTS = 1000
 
 
 class FirestoreStreamManager(StreamManager):
@@ -235,7 +237,7 @@ class FirestoreStreamManager(StreamManager):
         size = 0
         for event in events:
             n = event_bytes(event)
-            if current and size + n > self.batch_bytes:
+            if current and (size + n > self.batch_bytes or len(current) >= _DOC_EVENTS):
                 docs.append((current, size))
                 current, size = [], 0
             current.append(event)

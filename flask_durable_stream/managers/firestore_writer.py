@@ -42,7 +42,6 @@ class FirestoreStreamWriter(StreamWriter):
         self._stored = -1  # highest seq known to be committed
         self._failed: StreamError | None = None
         self._ended: str | None = None  # why this writer may no longer write
-        self._closing = False
         self._flusher: Task | None = None
         self._alive_at = time.time()  # last heartbeat or commit: what subscribers' lease sees
 
@@ -113,12 +112,12 @@ class FirestoreStreamWriter(StreamWriter):
     def _linger_then_flush(self) -> None:
         while True:
             with self._state:
-                if not self._buffer or self._failed is not None or self._ended or self._closing:
+                if not self._buffer or self._failed is not None or self._ended:
                     self._flusher = None
                     return
                 wait = self._oldest_at + self._manager.linger - time.monotonic()
             if wait > 0:
-                time.sleep(wait)  # cooperative under gevent; close() flushes without waiting
+                time.sleep(wait)  # cooperative under gevent
                 continue
             try:
                 self._flush()
@@ -170,9 +169,8 @@ class FirestoreStreamWriter(StreamWriter):
         return self._stored
 
     def close(self) -> None:
-        """Flush what is buffered (raising StorageUnavailable if that fails) and stop."""
+        """Flush what is buffered (raising StorageUnavailable if that fails)."""
         with self._state:
-            self._closing = True
             pending = bool(self._buffer) and self._ended is None
             flusher = self._flusher
         try:
