@@ -37,7 +37,10 @@ class Task:
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the task; return True when it has finished."""
-        self._impl.join(timeout)
+        try:
+            self._impl.join(timeout)
+        except RuntimeError:  # a thread whose spawn() has not called start() yet
+            time.sleep(0.001)
         return not self.alive
 
     @property
@@ -99,12 +102,20 @@ class TaskGroup:
             return list(self._tasks)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until every task has finished or ``timeout`` passed; True if all finished."""
+        """Wait until every task (including ones spawned meanwhile) has finished.
+
+        Returns True if all did within ``timeout``.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for task in self.tasks():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            task.join(remaining)
-        return len(self) == 0
+        while True:
+            tasks = self.tasks()
+            if not tasks:
+                return True
+            for task in tasks:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                task.join(remaining)
+            if deadline is not None and time.monotonic() >= deadline:
+                return len(self) == 0
 
 
 def sleep(seconds: float) -> None:

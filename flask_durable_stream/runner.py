@@ -45,7 +45,7 @@ def shutdown_all(grace: float | None = None) -> None:
     SIGINT or SIGQUIT), and may be called from a server's own signal handler.
     Runners shut down concurrently, so the grace period is not multiplied.
     """
-    runners = [r for r in list(_RUNNERS) if not r.closed]
+    runners = [r for r in list(_RUNNERS) if not r.stopped]
     if not runners:
         return
     group = TaskGroup()
@@ -79,8 +79,11 @@ class Run:
         self.ctx = ctx
         self.events: list[Event] = []
         self.ended = False
-        self.persisted = -1  # highest seq stored by the manager
         self.durable_failed = False
+        self.writer: StreamWriter | None = None
+        self.flushing = False  # a flush task is running for this run
+        self.heartbeat_due = False
+        self.on_emit: Any = None  # called after every event, by the runner
         self._waiters: list[threading.Event] = []
         self._lock = None if gevent_patched() else threading.Lock()
         ctx._emit = self.emit_chunk
@@ -107,6 +110,8 @@ class Run:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.set()
+        if self.on_emit is not None:
+            self.on_emit(self)
 
     def wait_for(self, count: int, timeout: float | None = None) -> bool:
         """Block until more than ``count`` events exist (or timeout); True if they do.
@@ -163,7 +168,13 @@ class Run:
 
 
 class Runner:
-    """Starts flows and owns every task they need. One per stream manager per process."""
+    """Starts flows and owns every task they need. One per stream manager per process.
+
+    Storage writes happen in short-lived *flush* tasks: at most one per run at a
+    time (so writes stay in order), started when events arrive and ended when
+    storage has caught up. One *ticker* task per runner marks heartbeats due.
+    An idle stream therefore costs no task of its own besides its flow.
+    """
 
     def __init__(
         self,
@@ -178,7 +189,10 @@ class Runner:
         self.tasks = TaskGroup()
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
+        self._ticker: Any = None
+        self._idle = threading.Event()  # wakes the ticker when the last stored run ends
         self.closed = False
+        self._stopped: threading.Event | None = None  # created by shutdown(), set when it ends
         _RUNNERS.add(self)
         _register_atexit()
 
@@ -204,13 +218,13 @@ class Runner:
         if durable and self.manager is not None:
             writer = self.manager.open(stream_id, owner=owner)
         run = Run(stream_id, FlowContext(stream_id if writer else None, context or {}))
+        run.writer = writer
+        run.on_emit = self._on_emit
         with self._lock:
             self._runs[stream_id] = run
+            if writer is not None and self._ticker is None:
+                self._ticker = self.tasks.spawn(self._tick, name="durable-stream-heartbeat")
         self.tasks.spawn(self._execute, name, run, flow, data, name=f"flow:{name}")
-        if writer is not None:
-            self.tasks.spawn(self._persist, run, writer, name=f"persist:{name}")
-        else:
-            self.tasks.spawn(self._forget_when_done, run, name=f"forget:{name}")
         return run
 
     def get(self, stream_id: str) -> Run | None:
@@ -254,28 +268,72 @@ class Runner:
         except StreamClosed:
             pass  # already ended by shutdown; the flow's late result is dropped
 
-    def _persist(self, run: Run, writer: StreamWriter) -> None:
-        manager = self.manager
-        assert manager is not None
-        interval = manager.heartbeat_interval
-        last_beat = time.monotonic()
+    def _on_emit(self, run: Run) -> None:
+        if run.writer is None:
+            if run.ended:
+                self._forget(run)
+            return
+        self._schedule_flush(run)
+
+    def _schedule_flush(self, run: Run) -> None:
+        lock = run._lock
+        if lock is not None:
+            with lock:
+                if run.flushing:
+                    return
+                run.flushing = True
+        else:
+            if run.flushing:
+                return
+            run.flushing = True
+        self.tasks.spawn(self._flush, run, name="durable-stream-flush")
+
+    def _flush(self, run: Run) -> None:
+        """Copy the run's new events to storage, in order, then heartbeat if due."""
+        writer = run.writer
+        assert writer is not None
+        finished = False
         try:
-            while True:
-                run.wait_for(writer.next_seq, interval)
+            while not finished:
                 batch = run.events[writer.next_seq :]
-                if batch and not self._append(run, writer, batch):
-                    return
-                if batch and batch[-1].terminal:
-                    return
-                if time.monotonic() - last_beat >= interval:
-                    last_beat = time.monotonic()
+                if batch:
+                    stored = self._append(run, writer, batch)
+                    finished = not stored or batch[-1].terminal
+                if not finished and run.heartbeat_due:
+                    run.heartbeat_due = False
                     self._heartbeat(run, writer)
+                if not finished and len(run.events) <= writer.next_seq:
+                    break
         finally:
-            try:
-                writer.close()
-            except Exception:  # pragma: no cover - close must not mask the outcome
-                log.exception("closing the writer of stream %s failed", run.stream_id)
-            self._forget(run)
+            if finished:
+                self._close(run, writer)
+        run.flushing = False
+        # An event emitted between the last look and clearing the flag needs a flush.
+        if not finished and len(run.events) > writer.next_seq:
+            self._schedule_flush(run)
+
+    def _close(self, run: Run, writer: StreamWriter) -> None:
+        try:
+            writer.close()
+        except Exception:  # pragma: no cover - close must not mask the outcome
+            log.exception("closing the writer of stream %s failed", run.stream_id)
+        self._forget(run)
+
+    def _tick(self) -> None:
+        """Mark heartbeats due for every stored run; ends when none is left."""
+        assert self.manager is not None
+        interval = self.manager.heartbeat_interval
+        while True:
+            self._idle.wait(interval)
+            with self._lock:
+                self._idle.clear()
+                runs = [r for r in self._runs.values() if r.writer is not None]
+                if not runs:
+                    self._ticker = None
+                    return
+            for run in runs:
+                run.heartbeat_due = True
+                self._schedule_flush(run)
 
     def _append(self, run: Run, writer: StreamWriter, batch: list[Event]) -> bool:
         """Store ``batch``, retrying with backoff. False when storage stayed down."""
@@ -283,7 +341,6 @@ class Runner:
         while True:
             try:
                 writer.append(batch)
-                run.persisted = batch[-1].seq
                 return True
             except StreamClosed:
                 # Another process declared this producer lost (its lease expired):
@@ -333,13 +390,13 @@ class Runner:
         except Exception as exc:
             log.warning("heartbeat of stream %s failed: %s", run.stream_id, exc)
 
-    def _forget_when_done(self, run: Run) -> None:
-        run.wait()
-        self._forget(run)
-
     def _forget(self, run: Run) -> None:
         with self._lock:
             self._runs.pop(run.stream_id, None)
+            if self._ticker is not None and not any(
+                r.writer is not None for r in self._runs.values()
+            ):
+                self._idle.set()
 
     # -- stopping ------------------------------------------------------------
     def shutdown(self, grace: float | None = None) -> None:
@@ -347,9 +404,30 @@ class Runner:
 
         The UNAVAILABLE terminal event is stored, so a client that reconnects
         (to another worker, or after a restart) ends cleanly instead of waiting
-        for the producer lease to expire.
+        for the producer lease to expire. A second call waits for the first to
+        finish: a signal handler may start the shutdown and the server's loop then
+        return to interpreter exit, which must not end the process halfway.
         """
-        self.closed = True
+        with self._lock:
+            stopped, first = self._stopped, self._stopped is None
+            if first:
+                stopped = self._stopped = threading.Event()
+                self.closed = True
+        assert stopped is not None
+        if not first:
+            stopped.wait()
+            return
+        try:
+            self._shutdown(grace)
+        finally:
+            stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`shutdown` has finished."""
+        return self._stopped is not None and self._stopped.is_set()
+
+    def _shutdown(self, grace: float | None) -> None:
         grace = self.shutdown_grace if grace is None else grace
         if self.active():
             log.info("waiting up to %.1fs for %d running flow(s)", grace, len(self.active()))
