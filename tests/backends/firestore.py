@@ -34,12 +34,22 @@ def _missing() -> str | None:
     return None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def _warning() -> str | None:
     missing = _missing()
     if missing is None:
         return None
     action = "SKIPPED" if os.environ.get(SKIP_ENV) == "1" else f"FAIL (set {SKIP_ENV}=1 to skip)"
     return f"!!! Firestore emulator unavailable: {missing}. Firestore tests will {action} !!!"
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return _warning() if config.get_verbosity() >= 0 else None
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    warning = _warning() if config.get_verbosity() < 0 else None  # -q hides the header
+    if warning:
+        terminalreporter.write_line(warning, red=True, bold=True)
 
 
 class _SessionEmulator:
