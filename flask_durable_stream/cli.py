@@ -9,6 +9,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .exceptions import StreamNotFound, StreamTimeout
 from .managers.base import StreamManager
 
 durable_stream_cli = AppGroup("durable-stream", help="Inspect and clean up durable streams.")
@@ -58,8 +59,16 @@ def show_command(stream_id: str, events: bool) -> None:
     if info is None:
         raise click.ClickException(f"stream {stream_id} not found (or expired)")
     click.echo(json.dumps(info.to_dict(), indent=2))
-    if events:
-        for event in (
-            manager.subscribe(stream_id, timeout=0.001) if info.status.value != "open" else []
-        ):
+    if not events:
+        return
+    # An open stream prints what is stored so far instead of waiting for the rest
+    # (a reader that finds the producer's lease expired ends it, as any reader would).
+    count = 0
+    try:
+        for event in manager.subscribe(stream_id, timeout=0.001):
             click.echo(f"{event.seq:>6} {event.kind:5} {event.payload}")
+            count += 1
+    except StreamTimeout:
+        click.echo(f"(stream still open: {count} event(s) stored so far)")
+    except StreamNotFound:
+        raise click.ClickException(f"stream {stream_id} expired while it was read") from None

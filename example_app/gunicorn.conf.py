@@ -1,0 +1,73 @@
+"""Production gunicorn settings for the example app.
+
+    gunicorn -c example_app/gunicorn.conf.py
+    gunicorn -c example_app/gunicorn.conf.py -b 0.0.0.0:8000 -w 8   # the command line wins
+
+Every worker builds its own app, stream manager and SQLite connections after the
+fork (no ``preload_app``), and all workers share the one SQLite file, so a client
+that reconnects to any worker replays and follows the stream.
+
+Stopping, and why ``graceful_timeout`` depends on DURABLE_STREAM_SHUTDOWN_GRACE
+-----------------------------------------------------------------------------
+On SIGTERM (or SIGINT/SIGQUIT) the master tells every worker to stop and kills
+with SIGKILL any worker still alive ``graceful_timeout`` seconds later. A
+stopping worker stops accepting, gives running flows
+``DURABLE_STREAM_SHUTDOWN_GRACE`` seconds to finish, then stores the terminal
+``UNAVAILABLE`` "Server shutting down" error for the rest, so their clients end
+cleanly when they reconnect to any other or a restarted server.
+
+The worker does that at interpreter exit, which comes only after its open
+connections are gone, and a client following a long flow keeps its connection
+open until the flow ends. The hooks below therefore start the flows' shutdown as
+soon as the worker is told to stop: the flows end within the grace, their
+followers receive the terminal frame, the connections close and the worker exits.
+
+So ``graceful_timeout`` must exceed the grace plus the time to store the final
+events (usually milliseconds, at most 5 s): here grace + 5 s. A worker killed
+before that loses the clean ending: its unfinished streams end only when a
+reader finds the producer lease expired ("Producer lost", DURABLE_STREAM_LEASE
+seconds later). Both values are read from the same environment variable, which
+the app reads too (``FLASK_DURABLE_STREAM_SHUTDOWN_GRACE``, default 25).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+wsgi_app = "example_app:create_app()"
+bind = ["127.0.0.1:5000"]
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1) + 1))
+worker_connections = 1000  # concurrent connections (streams) per worker
+preload_app = False  # each worker opens its own SQLite connections and writer thread
+keepalive = 5
+
+SHUTDOWN_GRACE = float(os.environ.get("FLASK_DURABLE_STREAM_SHUTDOWN_GRACE", 25.0))
+graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5
+
+accesslog = "-"
+errorlog = "-"
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop."""
+    import gevent
+
+    from flask_durable_stream.runner import shutdown_all
+
+    def on_stop() -> None:
+        while worker.alive:  # gunicorn's own loop checks this flag once a second
+            gevent.sleep(0.1)
+        shutdown_all()
+
+    worker.durable_stream_shutdown = gevent.spawn(on_stop)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Let the shutdown started above finish before the process ends."""
+    task = getattr(worker, "durable_stream_shutdown", None)
+    if task is not None:
+        worker.alive = False  # also when the worker ends for another reason
+        task.join(SHUTDOWN_GRACE + 5.0)

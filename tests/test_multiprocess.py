@@ -1,0 +1,411 @@
+"""Several real server processes on one SQLite file: gunicorn workers, kill -9, restarts, SIGTERM.
+
+Which worker served a request is read from gunicorn's access log, written to a file
+with the worker pid (``%(p)s``) and the stream id of each request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flask_durable_stream import SQLiteStreamManager, protocol
+from tests.support import servers
+from tests.support.client import StreamCall, post_stream
+
+APP = "example_app:create_app()"
+LEASE = 3.0
+GRACE = 2.0
+ACCESS_FORMAT = "%(p)s %(s)s in=%({x-genkit-stream-id}i)s out=%({x-genkit-stream-id}o)s"
+ACCESS_LINE = re.compile(r"<(\d+)> (\d+) in=(\S+) out=(\S+)")
+NO_CONTROL_SOCKET = ["--no-control-socket"]  # gunicorn's default is one fixed path per user
+PRODUCER_LOST = (
+    "error",
+    {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."},
+)
+SHUTTING_DOWN = (
+    "error",
+    {
+        "status": "UNAVAILABLE",
+        "message": "Server shutting down: the flow did not finish within the grace period.",
+    },
+)
+
+
+@dataclass
+class Served:
+    pid: int
+    stream_id: str
+    resumed: bool  # a reconnect (x-genkit-stream-id in the request)
+
+
+def served(log: Path) -> list[Served]:
+    rows = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        match = ACCESS_LINE.match(line)
+        if match and match[4] != "-":
+            rows.append(Served(int(match[1]), match[4], match[3] != "-"))
+    return rows
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def indexes(call: StreamCall) -> list[int]:
+    return [c["index"] for c in call.chunks]
+
+
+def story(chunks: int, delay: float) -> dict[str, object]:
+    return {"data": {"chunks": chunks, "delay": delay}}
+
+
+def assert_clean(output: str) -> None:
+    """No traceback but the one the throwy flow raises on purpose."""
+    expected = output.count("RuntimeError: the flow hit an internal problem")
+    assert output.count("Traceback") == expected, output
+
+
+def in_threads(fns: list[Callable[[], StreamCall]]) -> list[StreamCall]:
+    results: list[StreamCall | BaseException | None] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except BaseException as exc:  # reported below, in the test's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in results:
+        if not isinstance(r, StreamCall):
+            raise AssertionError(f"a client failed: {r!r}")
+    return results  # type: ignore[return-value]
+
+
+def attach(base_url: str, stream_id: str) -> http.client.HTTPResponse:
+    """Reconnect and return once the headers are in: from then on the server is serving it."""
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(
+        "POST",
+        "/flows/story",
+        body=b"{}",
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            protocol.STREAM_ID_HEADER: stream_id,
+        },
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    return response
+
+
+def read_all(response: http.client.HTTPResponse) -> StreamCall:
+    call = StreamCall(response.status, {k.lower(): v for k, v in response.getheaders()})
+    try:
+        call.raw = response.read()
+    finally:
+        response.close()
+    call.events, rest = protocol.parse_frames(call.raw.decode())
+    assert rest == "", rest
+    return call
+
+
+# -- four gunicorn workers on one file ----------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    server: servers.Server
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    env = {
+        **servers.sqlite_env(tmp_path_factory, "cluster"),
+        "FLASK_DURABLE_STREAM_LEASE": str(LEASE),
+    }
+    log = tmp_path_factory.mktemp("cluster-log") / "access.log"
+    server = servers.gunicorn(
+        APP,
+        workers=4,
+        env=env,
+        extra=[
+            *NO_CONTROL_SOCKET,
+            "--access-logfile",
+            str(log),
+            "--access-logformat",
+            ACCESS_FORMAT,
+        ],
+    )
+    yield Cluster(server, log)
+    assert_clean(server.stop())
+
+
+def test_fifty_streams_reconnect_to_any_worker_losing_and_duplicating_nothing(
+    cluster: Cluster,
+) -> None:
+    n = 30
+
+    def client(i: int) -> Callable[[], StreamCall]:
+        rnd = random.Random(i)
+        k = rnd.randint(1, n - 1)
+        body = story(n, rnd.uniform(0.02, 0.03))
+
+        def run() -> StreamCall:
+            first = post_stream(cluster.server.url, "/flows/story", body, stop_after=k)
+            assert first.status == 200 and first.stream_id, first
+            assert indexes(first)[:k] == list(range(k))
+            again = post_stream(cluster.server.url, "/flows/story", {}, stream_id=first.stream_id)
+            replay = post_stream(cluster.server.url, "/flows/story", {}, stream_id=first.stream_id)
+            assert again.status == replay.status == 200
+            assert indexes(again) == list(range(n)), f"stream {first.stream_id} lost or repeated"
+            assert again.terminal is not None and again.terminal[0] == "done"
+            assert again.terminal[1]["words"] == n
+            assert replay.raw == again.raw, "two reconnects got different bytes"
+            assert again.raw.startswith(first.raw[: first.raw.rfind(b"\n\n") + 2])
+            return again
+
+        return run
+
+    calls = in_threads([client(i) for i in range(50)])
+    assert len({c.stream_id for c in calls}) == 50
+
+    ids = {c.stream_id for c in calls}
+    wait_until(lambda: len([s for s in served(cluster.log) if s.stream_id in ids]) >= 150)
+    rows = [s for s in served(cluster.log) if s.stream_id in ids]
+    pids = {s.pid for s in rows}
+    assert len(pids) > 1, f"one worker served everything: {pids}"
+    by_stream: dict[str, set[int]] = {}
+    for s in rows:
+        by_stream.setdefault(s.stream_id, set()).add(s.pid)
+    crossed = [sid for sid, p in by_stream.items() if len(p) > 1]
+    assert crossed, "no reconnect landed on another worker than the one running the flow"
+
+
+def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster) -> None:
+    n, delay = 60, 0.08  # about 5 s per flow
+    firsts = in_threads(
+        [
+            lambda: post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
+            for _ in range(6)
+        ]
+    )
+    ids = [f.stream_id for f in firsts]
+    # The starting request is logged once its client is gone (the next write fails).
+    wait_until(lambda: {s.stream_id for s in served(cluster.log) if not s.resumed} >= set(ids))
+    owner = {
+        s.stream_id: s.pid for s in served(cluster.log) if not s.resumed and s.stream_id in ids
+    }
+    victim = owner[ids[0]]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    ended_at: dict[str, float] = {}
+
+    def reconnect(sid: str) -> Callable[[], StreamCall]:
+        def run() -> StreamCall:
+            call = post_stream(cluster.server.url, "/flows/story", {}, stream_id=sid, timeout=60)
+            ended_at[sid] = time.monotonic()
+            return call
+
+        return run
+
+    calls = dict(zip(ids, in_threads([reconnect(sid) for sid in ids]), strict=True))
+    for sid, call in calls.items():
+        assert call.status == 200
+        got = indexes(call)
+        assert got == list(range(len(got))), "a gap or a duplicate"
+        if owner[sid] == victim:
+            assert call.terminal == PRODUCER_LOST
+            assert len(got) < n
+            took = ended_at[sid] - killed_at
+            assert took < LEASE + 2, f"producer loss noticed after {took:.1f}s"
+        else:  # a flow on another worker does not notice
+            assert (
+                call.terminal is not None and call.terminal[0] == "done" and got == list(range(n))
+            )
+        again = post_stream(cluster.server.url, "/flows/story", {}, stream_id=sid)
+        assert again.raw == call.raw
+    # The master replaced the worker; the server still serves new flows.
+    fresh = post_stream(cluster.server.url, "/flows/story", story(3, 0.01))
+    assert indexes(fresh) == [0, 1, 2] and fresh.terminal is not None
+
+
+# -- restarts and graceful stops on one file ---------------------------------------------------
+
+
+def gunicorn_with_config(env: dict[str, str], workers: int = 2) -> servers.Server:
+    """The example's production gunicorn config, on a free port."""
+    port = servers.free_port()
+    args = [
+        str(servers.BIN / "gunicorn"),
+        "-c",
+        "example_app/gunicorn.conf.py",
+        "-b",
+        f"127.0.0.1:{port}",
+        "-w",
+        str(workers),
+        *NO_CONTROL_SOCKET,
+    ]
+    return servers.Server(args, port, env)
+
+
+def test_restart_replays_finished_streams_byte_for_byte(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    env = servers.sqlite_env(tmp_path_factory, "restart")
+    first = servers.gunicorn(APP, workers=2, env=env, extra=NO_CONTROL_SOCKET)
+    try:
+        live = post_stream(first.url, "/flows/story", story(12, 0.005))
+        failed = post_stream(first.url, "/flows/throwy", {"data": {"count": 2}})
+        dropped = post_stream(first.url, "/flows/story", story(8, 0.02), stop_after=2)
+        finished_alone = post_stream(first.url, "/flows/story", {}, stream_id=dropped.stream_id)
+    finally:
+        assert_clean(first.stop())
+    assert live.terminal is not None and live.terminal[0] == "done" and len(live.chunks) == 12
+    assert failed.terminal == ("error", {"status": "INTERNAL", "message": "Internal Error"})
+
+    second = servers.example_app(env)  # another kind of server, same file
+    try:
+        for before in (live, failed, finished_alone):
+            after = post_stream(second.url, "/flows/story", {}, stream_id=before.stream_id)
+            assert after.status == 200
+            assert after.raw == before.raw
+    finally:
+        output = second.stop()
+    assert_clean(output)
+
+
+@pytest.mark.parametrize("kind", ["python -m example_app", "gunicorn -c gunicorn.conf.py"])
+def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
+    kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {
+        **servers.sqlite_env(tmp_path_factory, "sigterm"),
+        "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": str(GRACE),
+    }
+
+    def start() -> servers.Server:
+        return servers.example_app(env) if kind.startswith("python") else gunicorn_with_config(env)
+
+    server = start()
+    long = post_stream(server.url, "/flows/story", story(200, 0.05), stop_after=1)  # ~10 s
+    short = post_stream(server.url, "/flows/story", story(10, 0.1), stop_after=1)  # ~1 s
+    follower: list[StreamCall] = []
+    response = attach(server.url, long.stream_id)  # still connected when the server stops
+    follow = threading.Thread(target=lambda: follower.append(read_all(response)))
+    follow.start()
+
+    os.kill(server.proc.pid, signal.SIGTERM)  # the server process (gunicorn: the master) only
+    stopping = time.monotonic()
+    server.proc.wait(timeout=60)
+    took = time.monotonic() - stopping
+    output = server.stop()
+    assert server.proc.returncode == 0, output
+    assert_clean(output)
+    assert took < GRACE + 5, f"stopping took {took:.1f}s"
+    if kind.startswith("gunicorn"):  # every worker exited by itself, none was killed
+        assert output.count("Worker exiting") == 2, output
+    follow.join(30)
+    assert follower and follower[0].terminal == SHUTTING_DOWN, follower
+
+    restarted = start()
+    try:
+        done = post_stream(restarted.url, "/flows/story", {}, stream_id=short.stream_id)
+        asked = time.monotonic()
+        ended = post_stream(restarted.url, "/flows/story", {}, stream_id=long.stream_id)
+        assert time.monotonic() - asked < 5, "the long stream waited for its lease"
+    finally:
+        output = restarted.stop()
+    assert_clean(output)
+    assert indexes(done) == list(range(10))
+    assert (
+        done.terminal is not None and done.terminal[0] == "done" and done.terminal[1]["words"] == 10
+    )
+    assert ended.terminal == SHUTTING_DOWN
+    assert indexes(ended) == list(range(len(ended.chunks))) and 1 <= len(ended.chunks) < 200
+    assert ended.raw == follower[0].raw
+
+
+# -- storage that cannot be used: a clear error at startup --------------------------------------
+
+
+def start_and_wait(kind: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    port = servers.free_port()
+    if kind == "gunicorn":
+        args = [
+            str(servers.BIN / "gunicorn"),
+            "-k",
+            "gevent",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            *NO_CONTROL_SOCKET,
+            APP,
+        ]
+    else:
+        args = [servers.PYTHON, "-m", "example_app", "--port", str(port)]
+    return subprocess.run(
+        args,
+        cwd=servers.ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def read_only_db(tmp_path: Path) -> Iterator[Path]:
+    db = tmp_path / "streams.sqlite3"
+    SQLiteStreamManager(db).close()
+    db.chmod(0o444)
+    immutable = os.geteuid() == 0  # root ignores file modes: make the file immutable instead
+    if immutable:
+        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr +i: cannot make a file read-only")
+    yield db
+    if immutable:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
+def test_corrupt_database_stops_the_server_at_startup(kind: str, tmp_path: Path) -> None:
+    db = tmp_path / "streams.sqlite3"
+    db.write_bytes(b"this is not a database" * 300)
+    done = start_and_wait(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(db)})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"cannot use SQLite database '{db}': file is not a database" in output, output
+
+
+@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
+def test_read_only_database_stops_the_server_at_startup(kind: str, read_only_db: Path) -> None:
+    done = start_and_wait(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(read_only_db)})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"cannot use SQLite database '{read_only_db}'" in output, output
+    assert "readonly database" in output, output
