@@ -456,3 +456,53 @@ def test_missing_google_cloud_firestore_names_the_extra(monkeypatch: pytest.Monk
     with pytest.raises(ImportError) as info:
         importlib.import_module("flask_durable_stream.managers.firestore")
     assert "pip install flask_durable_stream[firestore]" in str(info.value)
+
+
+def test_runner_stores_a_flow_in_firestore(make: MakeManager) -> None:
+    from flask_durable_stream import FlowContext
+    from flask_durable_stream.runner import Runner
+
+    manager = make(heartbeat_interval=0.05)
+    runner = Runner(manager, write_retry_timeout=5)
+
+    def flow(data: Any, ctx: FlowContext) -> Any:
+        for i in range(30):
+            ctx.send_chunk({"n": i})
+            time.sleep(0.01)
+        return {"total": 30}
+
+    try:
+        run = runner.start("count", flow, None)
+        assert run.wait(20) is not None
+        assert runner.tasks.join(20)
+        stored = [(e.seq, e.kind, e.payload) for e in manager.subscribe(run.stream_id)]
+        assert stored == [(e.seq, e.kind, e.payload) for e in run.events]
+        assert stored[-1] == (30, "done", '{"total":30}')
+    finally:
+        runner.shutdown(5)
+
+
+def test_cancel_stored_by_another_process_reaches_the_flow(make: MakeManager) -> None:
+    from flask_durable_stream import FlowContext
+    from flask_durable_stream.runner import Runner
+
+    manager = make(heartbeat_interval=0.05)
+    elsewhere = make(collection=manager.collection)  # another worker's manager
+    runner = Runner(manager, write_retry_timeout=5)
+
+    def flow(data: Any, ctx: FlowContext) -> Any:
+        ctx.send_chunk("started")
+        ctx.wait_cancelled(20)
+        ctx.raise_if_cancelled()
+        return "not cancelled"
+
+    try:
+        run = runner.start("wait", flow, None)
+        events = elsewhere.subscribe(run.stream_id)
+        assert next(events).payload == '"started"'
+        assert elsewhere.request_cancel(run.stream_id) is True
+        terminal = next(events)
+        assert terminal.kind == "error" and '"CANCELLED"' in terminal.payload
+        assert runner.tasks.join(20)
+    finally:
+        runner.shutdown(5)
