@@ -25,6 +25,7 @@ from flask_durable_stream import (
     StreamError,
     StreamManager,
 )
+from flask_durable_stream.managers.firestore_writer import store_events
 from tests.support.firestore_emulator import FirestoreEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,10 +176,10 @@ def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManag
     sid = new_id()
     manager.open(sid)
     events = [Event(0, "chunk", '"a"'), Event(1, "chunk", '"b"')]
-    assert manager._store(sid, events) == 1
-    assert manager._store(sid, events + [Event(2, "chunk", '"c"')]) == 2  # landed + one more
+    assert store_events(manager, sid, events) == 1
+    assert store_events(manager, sid, events + [Event(2, "chunk", '"c"')]) == 2  # landed + one more
     with pytest.raises(StreamClosed):  # someone else extended the stream first
-        manager._store(sid, [Event(3, "chunk", '"mine"')] if manager._store(
+        store_events(manager, sid, [Event(3, "chunk", '"mine"')] if store_events(manager,
             sid, [Event(3, "chunk", '"theirs"')]) == 3 else [])
     assert [e.payload for e in manager._stored_events(sid, -1)] == ['"a"', '"b"', '"c"', '"theirs"']
 

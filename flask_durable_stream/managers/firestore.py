@@ -28,16 +28,16 @@ from typing import Any
 from .. import protocol
 from .._concurrency import TaskGroup
 from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
-from .base import PRODUCER_LOST, Event, StreamInfo, StreamManager, StreamStatus, status_after
+from .base import PRODUCER_LOST, Event, StreamInfo, StreamManager, StreamStatus
 from .firestore_io import (
     BATCHES,
+    COMMIT_DOCS,
     DOC_LIMIT,
     FieldFilter,
     at,
     batch_id,
     edge,
     ensure_grpc_gevent,
-    event_bytes,
     events_of,
     firestore,
     seconds,
@@ -46,12 +46,6 @@ from .firestore_reader import follow
 from .firestore_writer import FirestoreStreamWriter
 
 __all__ = ["FirestoreStreamManager", "FirestoreStreamWriter"]
-
-#: One commit stays under Firestore's 10 MiB request and 500 writes limits.
-_COMMIT_BYTES = 8 * 1024 * 1024
-_COMMIT_DOCS = 400
-#: Events per batch document: keeps index entries far below Firestore's 40,000 per document.
-_DOC_EVENTS = 1000
 
 
 class FirestoreStreamManager(StreamManager):
@@ -185,81 +179,6 @@ class FirestoreStreamManager(StreamManager):
                     self._purge(snap)  # an expired id is free again
         raise StreamExists(f"stream {stream_id} is being created concurrently")
 
-    def _store(self, stream_id: str, events: list[Event]) -> int:
-        """Commit contiguous events as new batch documents; return the last stored seq."""
-        batches = self._batches_ref(stream_id)
-        while events:
-            docs = self._split(events)
-            group: list[list[Event]] = []
-            size = 0
-            for doc in docs:
-                if group and (size + doc[1] > _COMMIT_BYTES or len(group) >= _COMMIT_DOCS):
-                    break
-                group.append(doc[0])
-                size += doc[1]
-            now = self.now()
-            expires = at(now + self.ttl_seconds + self.max_stream_seconds)
-            write = self.client.batch()
-            for part in group:
-                write.create(
-                    batches.document(batch_id(part[0].seq)),
-                    {
-                        "first_seq": part[0].seq,
-                        "last_seq": part[-1].seq,
-                        "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload}
-                                   for e in part],
-                        "expiresAt": expires,
-                    },
-                )
-            last = group[-1][-1]
-            if last.terminal:
-                write.update(self._meta_ref(stream_id), {
-                    "status": status_after(last).value,
-                    "last_seq": last.seq,
-                    "updatedAt": at(now),
-                    "heartbeatAt": at(now),
-                    "expiresAt": at(now + self.ttl_seconds),
-                })
-            try:
-                with edge(f"append to stream {stream_id}"):
-                    write.commit(retry=None, timeout=self.rpc_timeout)
-                stored = last.seq
-            except StreamExists:  # a retry of a commit that landed, or someone else wrote
-                stored = self._reconcile(stream_id, events)
-            except StreamNotFound:
-                raise StreamClosed(f"stream {stream_id} no longer exists") from None
-            events = [e for e in events if e.seq > stored]
-        return stored
-
-    def _split(self, events: list[Event]) -> list[tuple[list[Event], int]]:
-        docs: list[tuple[list[Event], int]] = []
-        current: list[Event] = []
-        size = 0
-        for event in events:
-            n = event_bytes(event)
-            if current and (size + n > self.batch_bytes or len(current) >= _DOC_EVENTS):
-                docs.append((current, size))
-                current, size = [], 0
-            current.append(event)
-            size += n
-        if current:
-            docs.append((current, size))
-        return docs
-
-    def _reconcile(self, stream_id: str, events: list[Event]) -> int:
-        """How far ``events`` are already stored, identically; StreamClosed if they differ."""
-        stored = events[0].seq - 1
-        mine = {e.seq: e for e in events}
-        for event in self._stored_events(stream_id, events[0].seq - 1):
-            if event.seq not in mine:
-                break
-            if mine[event.seq] != event:
-                raise StreamClosed(f"stream {stream_id} already ended")
-            stored = event.seq
-        if stored < events[0].seq:
-            raise StreamClosed(f"stream {stream_id} already ended")
-        return stored
-
     def _write_heartbeat(self, writer: FirestoreStreamWriter) -> bool | None:
         """Refresh the producer's heartbeat; the cancel flag, or None if the stream ended."""
         ref = self._meta_ref(writer.stream_id)
@@ -273,7 +192,7 @@ class FirestoreStreamManager(StreamManager):
             if writer.stored_seq > int(data.get("last_seq", -1)):
                 update["last_seq"] = writer.stored_seq
             try:
-                with edge(f"heartbeat of stream {writer.stream_id}"):
+                with edge(f"heartbeat of stream {writer.stream_id}", conditional=True):
                     ref.update(update, option=self.client.write_option(
                         last_update_time=snap.update_time), retry=None, timeout=self.rpc_timeout)
             except StreamClosed:
@@ -335,7 +254,7 @@ class FirestoreStreamManager(StreamManager):
             "expiresAt": at(now + self.ttl_seconds),
         }, option=self.client.write_option(last_update_time=snap.update_time))
         try:
-            with edge(f"lease of stream {stream_id}"):
+            with edge(f"lease of stream {stream_id}", conditional=True):
                 write.commit(retry=None, timeout=self.rpc_timeout)
         except (StreamExists, StreamClosed):
             pass  # the producer (or another subscriber) moved first: look again later
@@ -382,7 +301,7 @@ class FirestoreStreamManager(StreamManager):
             if data.get("status") != StreamStatus.OPEN.value:
                 return False
             try:
-                with edge(f"cancel stream {stream_id}"):
+                with edge(f"cancel stream {stream_id}", conditional=True):
                     ref.update(
                         {"cancel_requested": True, "updatedAt": at(self.now())},
                         option=self.client.write_option(last_update_time=snap.update_time),
@@ -438,12 +357,12 @@ class FirestoreStreamManager(StreamManager):
             batches = list(ref.collection(BATCHES).select(["last_seq"]).stream(
                 retry=None, timeout=self.rpc_timeout))
         refs = [(b.reference, b.update_time) for b in batches] + [(ref, meta.update_time)]
-        for start in range(0, len(refs), _COMMIT_DOCS):
+        for start in range(0, len(refs), COMMIT_DOCS):
             write = self.client.batch()
-            for doc, updated in refs[start:start + _COMMIT_DOCS]:
+            for doc, updated in refs[start:start + COMMIT_DOCS]:
                 write.delete(doc, option=self.client.write_option(last_update_time=updated))
             try:
-                with edge(f"gc of stream {ref.id}"):
+                with edge(f"gc of stream {ref.id}", conditional=True):
                     write.commit(retry=None, timeout=self.rpc_timeout)
             except (StreamClosed, StreamNotFound):
                 return False  # written (re-opened) or deleted meanwhile

@@ -37,7 +37,11 @@ from .base import Event
 
 __all__ = [
     "BATCHES",
+    "COMMIT_BYTES",
+    "COMMIT_DOCS",
+    "DOC_EVENTS",
     "DOC_LIMIT",
+    "MAX_EVENT_BYTES",
     "FieldFilter",
     "at",
     "batch_id",
@@ -70,6 +74,11 @@ def event_bytes(event: Event) -> int:
 
 #: The largest single event a batch document can hold.
 MAX_EVENT_BYTES = DOC_LIMIT - _DOC_OVERHEAD
+#: One commit stays under Firestore's 10 MiB request and 500 writes limits.
+COMMIT_BYTES = 8 * 1024 * 1024
+COMMIT_DOCS = 400
+#: Events per batch document: keeps index entries far below Firestore's 40,000 per document.
+DOC_EVENTS = 1000
 
 
 def events_of(data: dict[str, Any]) -> list[Event]:
@@ -102,8 +111,13 @@ _UNAVAILABLE = (
 
 
 @contextlib.contextmanager
-def edge(what: str) -> Iterator[None]:
-    """Map Firestore's errors to ours, once, where they leave the client library."""
+def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
+    """Map Firestore's errors to ours, once, where they leave the client library.
+
+    ``conditional``: the call carries a precondition (``last_update_time``), so
+    FAILED_PRECONDITION means "changed meanwhile" (:class:`StreamClosed`) rather
+    than a deployment problem such as a missing index.
+    """
     try:
         yield
     except StreamError:
@@ -113,7 +127,9 @@ def edge(what: str) -> Iterator[None]:
     except gexc.NotFound as exc:
         raise StreamNotFound(f"{what}: not found") from exc
     except gexc.FailedPrecondition as exc:
-        raise StreamClosed(f"{what}: changed concurrently ({exc.message})") from exc
+        if conditional:
+            raise StreamClosed(f"{what}: changed concurrently ({exc.message})") from exc
+        raise StreamError(f"{what}: {exc.message}", status="FAILED_PRECONDITION") from exc
     except _UNAVAILABLE as exc:
         raise StorageUnavailable(f"{what}: Firestore unavailable ({exc.message})") from exc
     except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:

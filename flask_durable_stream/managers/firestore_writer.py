@@ -21,9 +21,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .._concurrency import Task
-from ..exceptions import StreamClosed, StreamError
-from .base import Event, StreamWriter
-from .firestore_io import MAX_EVENT_BYTES, event_bytes
+from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
+from .base import Event, StreamWriter, status_after
+from .firestore_io import (
+    COMMIT_BYTES,
+    COMMIT_DOCS,
+    DOC_EVENTS,
+    MAX_EVENT_BYTES,
+    at,
+    batch_id,
+    edge,
+    event_bytes,
+)
 
 if TYPE_CHECKING:
     from .firestore import FirestoreStreamManager
@@ -133,7 +142,7 @@ class FirestoreStreamWriter(StreamWriter):
                 return
             started = time.monotonic()
             try:
-                stored = self._manager._store(self.stream_id, pending)
+                stored = store_events(self._manager, self.stream_id, pending)
             except StreamClosed as exc:
                 with self._state:
                     self._ended = exc.message
@@ -179,3 +188,82 @@ class FirestoreStreamWriter(StreamWriter):
         finally:
             if flusher is not None:
                 flusher.join(self._manager.linger + self._manager.rpc_timeout)
+
+
+# -- storage ------------------------------------------------------------------
+def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
+    """Commit contiguous events as new batch documents; return the last stored seq."""
+    batches = manager._batches_ref(stream_id)
+    stored = events[0].seq - 1 if events else -1
+    while events:
+        docs = split(events, manager.batch_bytes)
+        group: list[list[Event]] = []
+        size = 0
+        for doc in docs:
+            if group and (size + doc[1] > COMMIT_BYTES or len(group) >= COMMIT_DOCS):
+                break
+            group.append(doc[0])
+            size += doc[1]
+        now = manager.now()
+        expires = at(now + manager.ttl_seconds + manager.max_stream_seconds)
+        write = manager.client.batch()
+        for part in group:
+            write.create(
+                batches.document(batch_id(part[0].seq)),
+                {
+                    "first_seq": part[0].seq,
+                    "last_seq": part[-1].seq,
+                    "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload}
+                               for e in part],
+                    "expiresAt": expires,
+                },
+            )
+        last = group[-1][-1]
+        if last.terminal:
+            write.update(manager._meta_ref(stream_id), {
+                "status": status_after(last).value,
+                "last_seq": last.seq,
+                "updatedAt": at(now),
+                "heartbeatAt": at(now),
+                "expiresAt": at(now + manager.ttl_seconds),
+            })
+        try:
+            with edge(f"append to stream {stream_id}"):
+                write.commit(retry=None, timeout=manager.rpc_timeout)
+            stored = last.seq
+        except StreamExists:  # a retry of a commit that landed, or someone else wrote
+            stored = _reconcile(manager, stream_id, events)
+        except StreamNotFound:
+            raise StreamClosed(f"stream {stream_id} no longer exists") from None
+        events = [e for e in events if e.seq > stored]
+    return stored
+
+def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]]:
+    """Events per batch document, with each document's size."""
+    docs: list[tuple[list[Event], int]] = []
+    current: list[Event] = []
+    size = 0
+    for event in events:
+        n = event_bytes(event)
+        if current and (size + n > batch_bytes or len(current) >= DOC_EVENTS):
+            docs.append((current, size))
+            current, size = [], 0
+        current.append(event)
+        size += n
+    if current:
+        docs.append((current, size))
+    return docs
+
+def _reconcile(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
+    """How far ``events`` are already stored, identically; StreamClosed if they differ."""
+    stored = events[0].seq - 1
+    mine = {e.seq: e for e in events}
+    for event in manager._stored_events(stream_id, events[0].seq - 1):
+        if event.seq not in mine:
+            break
+        if mine[event.seq] != event:
+            raise StreamClosed(f"stream {stream_id} already ended")
+        stored = event.seq
+    if stored < events[0].seq:
+        raise StreamClosed(f"stream {stream_id} already ended")
+    return stored
