@@ -15,6 +15,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -24,6 +25,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -81,7 +83,7 @@ def bench_throughput(port: int, chunks: int, repeat: int) -> None:
     print(f"    replay of finished    : {r * 1000:8.1f} ms   ratio {r / p:.3f}  (target <= 0.2)")
 
 
-def bench_concurrency(port: int, streams: int, chunks: int, delay: float) -> None:
+def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: str) -> None:
     base = get_json(port, "/rss")["VmRSS"]
     delays: list[float] = []
     done = [0]
@@ -125,9 +127,10 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float) -> Non
     sampler.join()
     delays.sort()
     per_stream = (peak[0] - base) / streams
+    label = "durable, in-memory" if path.startswith("/flows") else "plain Flask streaming"
     print(
         f"(b) {streams} concurrent streams x {chunks} chunks at {delay * 1000:.0f} ms,"
-        " one gevent process"
+        f" one gevent process: {label}"
     )
     print(f"    completed             : {done[0]} / {streams} in {elapsed:.1f} s")
     print(f"    server RSS            : base {base / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB")
@@ -145,9 +148,26 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--streams", type=int, default=2000)
+    parser.add_argument(
+        "--plain-baseline",
+        action="store_true",
+        help="also run (b) on a plain Flask generator, for comparison",
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with serve() as port:
+        bench_throughput(port, args.chunks, args.repeat)
+    # (b) in fresh server processes, so that one measurement's memory is not the next one's base
+    with serve() as port:
+        bench_concurrency(port, args.streams, 50, 0.02, "/flows/llm")
+    if args.plain_baseline:
+        with serve() as port:
+            bench_concurrency(port, args.streams, 50, 0.02, "/plain_llm")
+
+
+@contextlib.contextmanager
+def serve() -> Iterator[int]:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "bench", "core_server.py"), "--port", str(port)],
@@ -160,8 +180,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.05)
-        bench_throughput(port, args.chunks, args.repeat)
-        bench_concurrency(port, args.streams, 50, 0.02)
+        yield port
     finally:
         server.terminate()
         server.wait(10)

@@ -47,6 +47,18 @@ def create_app() -> Flask:
 
         return Response(generate(), mimetype="text/event-stream")
 
+    @app.post("/plain_llm")
+    def plain_llm() -> Response:
+        data = request.get_json()["data"]
+
+        def generate():  # type: ignore[no-untyped-def]
+            for _ in range(int(data["chunks"])):
+                time.sleep(float(data["delay"]))
+                yield protocol.frame(protocol.CHUNK, protocol.encode(time.time())).encode()
+            yield protocol.frame(protocol.DONE, '"end"').encode()
+
+        return Response(generate(), mimetype="text/event-stream")
+
     @app.get("/rss")
     def rss() -> dict[str, int]:
         with open("/proc/self/status") as f:

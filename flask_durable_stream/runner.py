@@ -190,6 +190,7 @@ class Runner:
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()
         self._ticker: Any = None
+        self._inline = bool(manager is not None and manager.append_never_blocks)
         self._idle = threading.Event()  # wakes the ticker when the last stored run ends
         self.closed = False
         self._stopped: threading.Event | None = None  # created by shutdown(), set when it ends
@@ -269,11 +270,40 @@ class Runner:
             pass  # already ended by shutdown; the flow's late result is dropped
 
     def _on_emit(self, run: Run) -> None:
-        if run.writer is None:
+        writer = run.writer
+        if writer is None:
             if run.ended:
                 self._forget(run)
             return
+        if self._inline:
+            # The manager's append never blocks (in-process storage): no task is
+            # needed. Under gevent a hub callback stores everything emitted until
+            # the flow yields, in one append; with threads it happens right here.
+            if not run.flushing:
+                run.flushing = True
+                if gevent_patched():
+                    import gevent
+
+                    gevent.get_hub().loop.run_callback(self._store_inline, run)
+                else:
+                    self._store_inline(run)
+            return
         self._schedule_flush(run)
+
+    def _store_inline(self, run: Run) -> None:
+        writer = run.writer
+        assert writer is not None
+        run.flushing = False
+        batch = run.events[writer.next_seq :]
+        if not batch:
+            return
+        try:
+            writer.append(batch)
+        except Exception:
+            self._schedule_flush(run)  # a flush task retries with backoff, away from the flow
+        else:
+            if batch[-1].terminal:
+                self._close(run, writer)
 
     def _schedule_flush(self, run: Run) -> None:
         lock = run._lock

@@ -184,6 +184,10 @@ class StreamManager:
     ttl_seconds: float = 300.0
     lease_seconds: float = 10.0
     heartbeat_interval: float = 2.0
+    #: True for in-process storage whose ``append`` returns in microseconds and
+    #: never waits on I/O: the runner then stores events from the emitting task
+    #: instead of starting a flush task per batch.
+    append_never_blocks: bool = False
 
     def __init__(
         self,

@@ -41,6 +41,8 @@ class _Stream:
 class InMemoryStreamManager(StreamManager):
     """Keeps streams in this process's memory. Greenlet- and thread-safe."""
 
+    append_never_blocks = True
+
     def __init__(
         self,
         ttl_seconds: float = 300.0,
