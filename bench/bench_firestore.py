@@ -124,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=50.0)
-    parser.add_argument("--lingers", default="0.05,0.1,0.2,0.5")
+    parser.add_argument("--lingers", default="0.05,0.1,0.25,0.5")
     args = parser.parse_args()
     with FirestoreEmulator() as emulator:
         client = emulator.client()

@@ -73,7 +73,7 @@ class FirestoreStreamManager(StreamManager):
         ttl_seconds: float = 300.0,
         lease_seconds: float = 10.0,
         heartbeat_interval: float | None = None,
-        linger: float = 0.1,
+        linger: float = 0.25,
         batch_bytes: int = 512 * 1024,
         rpc_timeout: float = 10.0,
         max_stream_seconds: float = 24 * 3600.0,
