@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_URL_PREFIX": "/flows",
     "DURABLE_STREAM_BACKEND": "memory",
     "DURABLE_STREAM_SQLITE_PATH": None,
+    "DURABLE_STREAM_FIRESTORE_PROJECT": None,
+    "DURABLE_STREAM_FIRESTORE_COLLECTION": "durable-streams",
+    "DURABLE_STREAM_RTDB_URL": None,
+    "DURABLE_STREAM_RTDB_PREFIX": "durable-streams",
     "DURABLE_STREAM_TTL": 300.0,
     "DURABLE_STREAM_TIMEOUT": 60.0,
     "DURABLE_STREAM_LEASE": 10.0,
@@ -117,7 +121,38 @@ def build_manager(app: Flask) -> StreamManager:
         )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return SQLiteStreamManager(path, ttl_seconds=ttl, timeout=timeout, lease_seconds=lease)
+    if backend == "firestore":
+        from .managers.firestore import FirestoreStreamManager
+
+        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"]
+
+        def client() -> Any:
+            # Created lazily in each worker process (safe with gunicorn --preload).
+            from google.cloud import firestore
+
+            return firestore.Client(project=project)
+
+        return FirestoreStreamManager(
+            client=client,
+            collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
+            ttl_seconds=ttl,
+            timeout=timeout,
+            lease_seconds=lease,
+        )
+    if backend == "rtdb":
+        from .managers.rtdb import RtdbStreamManager, firebase_app_for
+
+        url = config["DURABLE_STREAM_RTDB_URL"]
+        if not url:
+            raise ValueError("DURABLE_STREAM_BACKEND='rtdb' needs DURABLE_STREAM_RTDB_URL")
+        return RtdbStreamManager(
+            firebase_app=firebase_app_for(url),
+            ref_prefix=config["DURABLE_STREAM_RTDB_PREFIX"],
+            ttl_seconds=ttl,
+            timeout=timeout,
+            lease_seconds=lease,
+        )
     raise ValueError(
-        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory' or 'sqlite', or pass stream_manager="
-        " (FirestoreStreamManager, RtdbStreamManager, ...) to DurableStream()"
+        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore' or 'rtdb',"
+        " or pass stream_manager= to DurableStream()"
     )

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
 try:
-    import firebase_admin  # noqa: F401
+    import firebase_admin
     from firebase_admin import db
     from firebase_admin import exceptions as fb_exceptions
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -123,6 +123,19 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise StreamError(f"Realtime Database error: {exc}", status="INTERNAL") from exc
     except OSError as exc:
         raise StorageUnavailable(f"Realtime Database unreachable: {exc}") from exc
+
+
+def firebase_app_for(database_url: str) -> Any:
+    """The firebase_admin App this package uses for ``database_url`` (created once per process).
+
+    Credentials come from the environment as usual (Application Default
+    Credentials; emulator credentials when FIREBASE_DATABASE_EMULATOR_HOST is set).
+    """
+    name = "flask-durable-stream:" + database_url
+    try:
+        return firebase_admin.get_app(name)
+    except ValueError:
+        return firebase_admin.initialize_app(options={"databaseURL": database_url}, name=name)
 
 
 class RtdbStreamManager(StreamManager):
