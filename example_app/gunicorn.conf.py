@@ -39,7 +39,9 @@ from typing import Any
 wsgi_app = "example_app:create_app()"
 bind = ["127.0.0.1:5000"]
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY", 2 * (os.cpu_count() or 1) + 1))
+# One gevent worker per core serves many streams; more processes only add contention for
+# the SQLite file's single write lock. WEB_CONCURRENCY is gunicorn's own default knob.
+workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 worker_connections = 1000  # concurrent connections (streams) per worker
 preload_app = False  # each worker opens its own SQLite connections and writer thread
 keepalive = 5
