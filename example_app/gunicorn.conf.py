@@ -21,6 +21,7 @@ connections are gone, and a client following a long flow keeps its connection
 open until the flow ends. The hooks below therefore start the flows' shutdown as
 soon as the worker is told to stop: the flows end within the grace, their
 followers receive the terminal frame, the connections close and the worker exits.
+The hooks come from ``flask_durable_stream.gunicorn``.
 
 So ``graceful_timeout`` must exceed the grace plus the time to store the final
 events (usually milliseconds, at most 5 s): here grace + 5 s. A worker killed
@@ -34,7 +35,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+
+from flask_durable_stream.gunicorn import post_worker_init, worker_exit  # noqa: F401
 
 wsgi_app = "example_app:create_app()"
 bind = ["127.0.0.1:5000"]
@@ -51,25 +53,3 @@ graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5
 
 accesslog = "-"
 errorlog = "-"
-
-
-def post_worker_init(worker: Any) -> None:
-    """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop."""
-    import gevent
-
-    from flask_durable_stream.runner import shutdown_all
-
-    def on_stop() -> None:
-        while worker.alive:  # gunicorn's own loop checks this flag once a second
-            gevent.sleep(0.1)
-        shutdown_all()
-
-    worker.durable_stream_shutdown = gevent.spawn(on_stop)
-
-
-def worker_exit(server: Any, worker: Any) -> None:
-    """Let the shutdown started above finish before the process ends."""
-    task = getattr(worker, "durable_stream_shutdown", None)
-    if task is not None:
-        worker.alive = False  # also when the worker ends for another reason
-        task.join(SHUTDOWN_GRACE + 5.0)

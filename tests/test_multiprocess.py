@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flask_durable_stream import Event, SQLiteStreamManager, protocol
+from flask_durable_stream import SQLiteStreamManager, protocol
 from tests.support import servers
 from tests.support.client import StreamCall, post_stream
 
@@ -347,24 +347,6 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
     assert ended.terminal == SHUTTING_DOWN
     assert indexes(ended) == list(range(len(ended.chunks))) and 1 <= len(ended.chunks) < 200
     assert ended.raw == follower[0].raw
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLiteStreamManager has no subscribe_batches: a replay is read in pages of 256"
-    " but handed to the HTTP layer one event at a time, one write per frame",
-)
-def test_sqlite_replay_reaches_the_http_layer_in_pages(tmp_path: Path) -> None:
-    # The HTTP layer writes each batch of subscribe_batches() in one go; the base class's
-    # default yields one event per batch, which makes a 20,000-chunk replay about 25 times
-    # slower than the in-memory manager's (bench/bench_sqlite_server.py, part a).
-    with SQLiteStreamManager(tmp_path / "streams.sqlite3") as manager:
-        writer = manager.open("long")
-        writer.append([Event(i, protocol.CHUNK, '"x"') for i in range(1000)])
-        writer.done("end")
-        batches = list(manager.subscribe_batches("long"))
-    assert [e.seq for batch in batches for e in batch] == list(range(1001))
-    assert len(batches) <= 10
 
 
 # -- storage that cannot be used: a clear error at startup --------------------------------------

@@ -21,6 +21,7 @@ from flask_durable_stream import (
     StreamClosed,
     StreamNotFound,
     StreamStatus,
+    protocol,
 )
 from flask_durable_stream.managers.sqlite import SQLiteStreamManager
 
@@ -356,3 +357,16 @@ def test_works_under_gevent_monkey_patching(db: Path) -> None:
     assert result.returncode == 0, result.stderr
     word, transactions, operations = result.stdout.split()
     assert word == "ok" and 0 < int(transactions) <= int(operations)
+
+
+def test_replay_reaches_the_http_layer_in_pages(tmp_path: Path) -> None:
+    # The HTTP layer writes each batch of subscribe_batches() in one go; the base class's
+    # default yields one event per batch, which makes a 20,000-chunk replay about 25 times
+    # slower than the in-memory manager's (bench/bench_sqlite_server.py, part a).
+    with SQLiteStreamManager(tmp_path / "streams.sqlite3") as manager:
+        writer = manager.open("long")
+        writer.append([Event(i, protocol.CHUNK, '"x"') for i in range(1000)])
+        writer.done("end")
+        batches = list(manager.subscribe_batches("long"))
+    assert [e.seq for batch in batches for e in batch] == list(range(1001))
+    assert len(batches) <= 10

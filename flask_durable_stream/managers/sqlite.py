@@ -508,6 +508,12 @@ class SQLiteStreamManager(StreamManager):
     def subscribe(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[Event]:
+        batches = self.subscribe_batches(stream_id, after, timeout=timeout)
+        return (event for batch in batches for event in batch)
+
+    def subscribe_batches(
+        self, stream_id: str, after: int = -1, *, timeout: float | None = None
+    ) -> Iterator[list[Event]]:
         row = self._row(stream_id)
         if row is None:
             raise StreamNotFound(f"stream {stream_id} not found")
@@ -515,7 +521,9 @@ class SQLiteStreamManager(StreamManager):
             stream_id, row[9], max(after + 1, 0), self.timeout if timeout is None else timeout
         )
 
-    def _follow(self, stream_id: str, token: int, cursor: int, timeout: float) -> Iterator[Event]:
+    def _follow(
+        self, stream_id: str, token: int, cursor: int, timeout: float
+    ) -> Iterator[list[Event]]:
         signal = _Signal()
         with self._lock:
             self._watchers.setdefault(stream_id, set()).add(signal)
@@ -532,11 +540,10 @@ class SQLiteStreamManager(StreamManager):
                     (stream_id, cursor, _READ_BATCH),
                 )
                 if rows:
-                    for row in rows:
-                        event = Event(*row)
-                        yield event
-                        if event.terminal:
-                            return
+                    batch = [Event(*row) for row in rows]
+                    yield batch  # a page at a time: the HTTP layer sends it in one write
+                    if batch[-1].terminal:
+                        return
                     cursor = rows[-1][0] + 1
                     last_activity, poll = time.monotonic(), first_poll
                     continue

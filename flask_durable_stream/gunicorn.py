@@ -1,0 +1,45 @@
+"""Gunicorn server hooks for a graceful stop of running flows.
+
+In your ``gunicorn.conf.py``::
+
+    from flask_durable_stream.gunicorn import post_worker_init, worker_exit
+
+A gunicorn worker told to stop (SIGTERM, SIGINT, SIGQUIT) first waits for its
+open connections to close, up to ``graceful_timeout``; a client following a long
+flow keeps its connection open, so without these hooks the worker is killed
+before the library's exit handler runs. ``post_worker_init`` starts the flows'
+graceful shutdown (``DURABLE_STREAM_SHUTDOWN_GRACE``) as soon as the worker is
+told to stop: flows get the grace, the rest end ``UNAVAILABLE``, their followers
+receive the terminal frame and the connections close. ``worker_exit`` lets that
+finish before the process ends. Keep ``graceful_timeout`` above the grace plus a
+few seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .runner import shutdown_all
+
+#: How long worker_exit waits for a started shutdown beyond its grace.
+EXIT_MARGIN = 5.0
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop."""
+    import gevent
+
+    def on_stop() -> None:
+        while worker.alive:  # gunicorn's own loop checks this flag once a second
+            gevent.sleep(0.1)
+        shutdown_all()
+
+    worker.durable_stream_shutdown = gevent.spawn(on_stop)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Let the shutdown started by :func:`post_worker_init` finish before the process ends."""
+    task = getattr(worker, "durable_stream_shutdown", None)
+    if task is not None:
+        worker.alive = False  # also when the worker ends for another reason
+        task.join(float(getattr(worker.cfg, "graceful_timeout", 30)) + EXIT_MARGIN)
