@@ -96,6 +96,7 @@ def gunicorn(
         f"127.0.0.1:{port}",
         "--graceful-timeout",
         "10",
+        "--no-control-socket",  # gunicorn 27's default socket path is shared by every instance
         *extra,
         app,
     ]
