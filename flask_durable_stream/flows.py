@@ -33,7 +33,7 @@ log = logging.getLogger("flask_durable_stream")
 Flow = Callable[..., Any]
 
 #: A CPU-bound flow yields the hub this often, so other streams keep flowing.
-COOPERATIVE_EVERY = 64
+COOPERATIVE_EVERY = 256
 
 
 @dataclass

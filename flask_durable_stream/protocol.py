@@ -18,7 +18,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .exceptions import DurableStreamError, FlowError
@@ -64,15 +64,21 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     return dict(INTERNAL_ERROR)
 
 
+_PREFIX = {CHUNK: 'data: {"message":', DONE: 'data: {"result":', ERROR: 'error: {"error":'}
+
+
 def frame(kind: str, payload: str) -> str:
     """One wire frame for an event whose payload is already JSON text."""
-    if kind == CHUNK:
-        return 'data: {"message":' + payload + "}\n\n"
-    if kind == DONE:
-        return 'data: {"result":' + payload + "}\n\n"
-    if kind == ERROR:
-        return 'error: {"error":' + payload + "}\n\n"
-    raise ValueError(f"unknown event kind {kind!r}")
+    try:
+        return _PREFIX[kind] + payload + "}\n\n"
+    except KeyError:
+        raise ValueError(f"unknown event kind {kind!r}") from None
+
+
+def frames(events: Iterable[tuple[int, str, str]]) -> bytes:
+    """The wire bytes of ``(seq, kind, payload)`` events, for one write."""
+    prefix = _PREFIX
+    return "".join([prefix[kind] + payload + "}\n\n" for _, kind, payload in events]).encode()
 
 
 def error_frame(body: dict[str, Any]) -> str:

@@ -190,7 +190,7 @@ class FlowEndpoint:
         def generate() -> Iterator[bytes]:
             try:
                 for batch in batches:
-                    yield "".join([e.frame() for e in batch]).encode()
+                    yield protocol.frames(batch)
             except DurableStreamError as exc:
                 yield protocol.error_frame(exc.to_dict()).encode()
             except Exception:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,8 @@ from ..exceptions import StreamClosed
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 _M = TypeVar("_M", bound="StreamManager")
+_seq_of = operator.itemgetter(0)
+_kind_of = operator.itemgetter(1)
 
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
@@ -131,13 +134,12 @@ class StreamWriter:
             return
         if self.closed:
             raise StreamClosed(f"stream {self.stream_id} already ended")
-        for offset, event in enumerate(events):
-            if event.seq != self.next_seq + offset:
-                raise ValueError(
-                    f"events must be contiguous from seq {self.next_seq}, got {event.seq}"
-                )
-            if event.terminal and offset != len(events) - 1:
-                raise StreamClosed("no event may follow a terminal event")
+        first = self.next_seq
+        # Checked with C-level loops: this runs for every batch of a long stream.
+        if list(map(_seq_of, events)) != list(range(first, first + len(events))):
+            raise ValueError(f"events must be contiguous from seq {first}")
+        if len(events) > 1 and set(map(_kind_of, events[:-1])) != {protocol.CHUNK}:
+            raise StreamClosed("no event may follow a terminal event")
         self._append(events)
         self.next_seq = events[-1].seq + 1
         self.closed = events[-1].terminal

@@ -86,7 +86,10 @@ class InMemoryStreamManager(StreamManager):
                 return  # a retry of events that did reach storage
             if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
                 raise StreamClosed(f"stream {stream.info.stream_id} already ended")
-            stream.events.extend(e for e in events if e.seq >= stored)
+            if events[0].seq == stored:
+                stream.events.extend(events)
+            else:  # a retry that partly reached storage
+                stream.events.extend(e for e in events if e.seq >= stored)
             info = stream.info
             now = self.now()
             info.updated_at = info.heartbeat_at = now
