@@ -84,7 +84,9 @@ def bench_throughput(port: int, chunks: int, repeat: int) -> None:
 
 
 def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: str) -> None:
-    base = get_json(port, "/rss")["VmRSS"]
+    before = get_json(port, "/rss")
+    base = before["VmRSS"]
+    client_cpu = resource.getrusage(resource.RUSAGE_SELF)
     delays: list[float] = []
     done = [0]
     peak = [base]
@@ -125,6 +127,9 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: 
     elapsed = time.perf_counter() - started
     stop[0] = True
     sampler.join()
+    server_cpu = get_json(port, "/rss")["cpu"] - before["cpu"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu_s = (usage.ru_utime + usage.ru_stime) - (client_cpu.ru_utime + client_cpu.ru_stime)
     delays.sort()
     per_stream = (peak[0] - base) / streams
     label = "durable, in-memory" if path.startswith("/flows") else "plain Flask streaming"
@@ -133,6 +138,10 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: 
         f" one gevent process: {label}"
     )
     print(f"    completed             : {done[0]} / {streams} in {elapsed:.1f} s")
+    print(
+        f"    CPU seconds           : server {server_cpu:.1f}, client {client_cpu_s:.1f}"
+        f" (2 cores shared; the streams themselves last {chunks * delay:.1f} s)"
+    )
     print(f"    server RSS            : base {base / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB")
     print(f"    peak RSS per stream   : {per_stream:.1f} KiB  (target <= 30 KiB)")
     print(

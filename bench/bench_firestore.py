@@ -111,12 +111,16 @@ def replay(client: Any, counter: CommitCounter) -> None:
         events = list(manager.subscribe(sid))
         times.append(time.monotonic() - started)
         assert [e.payload for e in events[:-1]] == payloads
-    print(f"  replay from the start: best {min(times):.2f} s, "
-          f"median {statistics.median(times):.2f} s ({len(events)} events)")
+    print(
+        f"  replay from the start: best {min(times):.2f} s, "
+        f"median {statistics.median(times):.2f} s ({len(events)} events)"
+    )
     started = time.monotonic()
     tail = list(manager.subscribe(sid, after=9_899))
-    print(f"  replay the last 100 (after=9899): {time.monotonic() - started:.3f} s"
-          f" ({len(tail)} events)")
+    print(
+        f"  replay the last 100 (after=9899): {time.monotonic() - started:.3f} s"
+        f" ({len(tail)} events)"
+    )
     manager.close()
 
 

@@ -36,8 +36,9 @@ def stats(base: str) -> dict[str, int]:
 
 
 def steady(app: object, base: str, seconds: float, rate: float, linger: float) -> None:
-    manager = RtdbStreamManager(firebase_app=app, ref_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-                                linger=linger)
+    manager = RtdbStreamManager(
+        firebase_app=app, ref_prefix=f"bench-{uuid.uuid4().hex[:8]}", linger=linger
+    )
     sid = uuid.uuid4().hex
     writer = manager.open(sid)
     emitted: list[float] = []
@@ -80,15 +81,18 @@ def steady(app: object, base: str, seconds: float, rate: float, linger: float) -
     reader.join(30)
     delays = sorted(received[i] - emitted[i] for i in range(total) if i in received)
     p95 = delays[int(len(delays) * 0.95)] if delays else float("nan")
-    print(f"  linger {linger:.2f}s: {total} chunks at {rate:.0f}/s -> {writes} writes = "
-          f"{writes / total:.3f} writes/chunk (Genkit: 2.0); emit->subscriber "
-          f"median {statistics.median(delays) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+    print(
+        f"  linger {linger:.2f}s: {total} chunks at {rate:.0f}/s -> {writes} writes = "
+        f"{writes / total:.3f} writes/chunk (Genkit: 2.0); emit->subscriber "
+        f"median {statistics.median(delays) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms"
+    )
     manager.close()
 
 
 def replay(app: object, n: int) -> None:
-    manager = RtdbStreamManager(firebase_app=app, ref_prefix=f"bench-{uuid.uuid4().hex[:8]}",
-                                linger=0.0)
+    manager = RtdbStreamManager(
+        firebase_app=app, ref_prefix=f"bench-{uuid.uuid4().hex[:8]}", linger=0.0
+    )
     sid = uuid.uuid4().hex
     writer = manager.open(sid)
     payload = '"' + "token " * 5 + '"'
@@ -102,8 +106,10 @@ def replay(app: object, n: int) -> None:
         events = list(manager.subscribe(sid, after=after))
         elapsed = time.perf_counter() - started
         assert [e.seq for e in events] == list(range(after + 1, n + 1))
-        print(f"  replay after={after}: {len(events)} events in {elapsed * 1000:.0f} ms "
-              f"({len(events) / elapsed:,.0f} events/s)")
+        print(
+            f"  replay after={after}: {len(events)} events in {elapsed * 1000:.0f} ms "
+            f"({len(events) / elapsed:,.0f} events/s)"
+        )
     manager.close()
 
 
@@ -114,8 +120,18 @@ def main() -> None:
     parser.add_argument("--replay", type=int, default=10_000)
     args = parser.parse_args()
     port = free_port()
-    server = Server([sys.executable, "-m", "tests.support.rtdb_server", "--port", str(port),
-                     "--namespace", "bench"], port)
+    server = Server(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.rtdb_server",
+            "--port",
+            str(port),
+            "--namespace",
+            "bench",
+        ],
+        port,
+    )
     app = firebase_admin.initialize_app(options={"databaseURL": f"{server.url}?ns=bench"})
     try:
         print("RTDB protocol test server (not a database), separate process, 127.0.0.1")

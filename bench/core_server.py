@@ -63,7 +63,11 @@ def create_app() -> Flask:
     def rss() -> dict[str, int]:
         with open("/proc/self/status") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            **{k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")},
+            "cpu": usage.ru_utime + usage.ru_stime,  # type: ignore[dict-item]
+        }
 
     return app
 
