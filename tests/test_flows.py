@@ -231,3 +231,21 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
         gate.set()
         runner.tasks.join(5)
         manager.close()
+
+
+def test_quiet_flow_is_kept_alive_by_the_runners_heartbeats() -> None:
+    """Silent for longer than the subscriber timeout, yet alive: readers must not time out."""
+    manager = InMemoryStreamManager(timeout=0.5, heartbeat_interval=0.1)
+    runner = Runner(manager)
+    try:
+
+        def quiet(data: Any) -> Any:
+            time.sleep(1.5)
+            return "still here"
+
+        run = runner.start("quiet", quiet, None)
+        events = list(manager.subscribe(run.stream_id))
+        assert [(e.kind, e.payload) for e in events] == [("done", '"still here"')]
+    finally:
+        runner.shutdown(5)
+        manager.close()

@@ -219,8 +219,11 @@ class StreamManager:
 
         Raises :class:`StreamNotFound` (before yielding anything) for an
         unknown or expired id, :class:`StreamTimeout` on inactivity.
+        A backend implements this or :meth:`subscribe_batches` (better); each
+        has a default in terms of the other.
         """
-        raise NotImplementedError
+        batches = self.subscribe_batches(stream_id, after, timeout=timeout)
+        return (event for batch in batches for event in batch)
 
     def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
@@ -228,9 +231,11 @@ class StreamManager:
         """:meth:`subscribe`, grouped: each list is everything available at that moment.
 
         The HTTP layer sends a batch in one write, which is what makes replays
-        fast. Backends that read in pages should override this; the default
-        wraps :meth:`subscribe` one event at a time.
+        fast. Backends that read in pages implement this; the default wraps
+        :meth:`subscribe` one event at a time.
         """
+        if type(self).subscribe is StreamManager.subscribe:
+            raise NotImplementedError("a StreamManager implements subscribe_batches or subscribe")
         events = self.subscribe(stream_id, after, timeout=timeout)
         return ([event] for event in events)
 

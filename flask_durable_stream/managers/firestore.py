@@ -203,9 +203,9 @@ class FirestoreStreamManager(StreamManager):
                           status="UNAVAILABLE")
 
     # -- consumer --------------------------------------------------------------
-    def subscribe(
+    def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
-    ) -> Iterator[Event]:
+    ) -> Iterator[list[Event]]:
         data = self._live_meta(stream_id)
         return follow(self, stream_id, data, after, self.timeout if timeout is None else timeout)
 

@@ -71,17 +71,32 @@ class Inbox:
             self._async = None
 
 
+#: Stored events handed to a reader at once (one HTTP write).
+PAGE = 1000
+
+
+def _pages(events: Iterator[Event]) -> Iterator[list[Event]]:
+    """Stored events in lists of up to PAGE, ending at the terminal event."""
+    page: list[Event] = []
+    for event in events:
+        page.append(event)
+        if event.terminal or len(page) >= PAGE:
+            yield page
+            if event.terminal:
+                return
+            page = []
+    if page:
+        yield page
+
+
 def follow(
     manager: FirestoreStreamManager, stream_id: str, meta: Any, after: int, timeout: float
-) -> Iterator[Event]:
+) -> Iterator[list[Event]]:
     meta_ref = manager._meta_ref(stream_id)
     cursor = after
     if meta.get("status") != StreamStatus.OPEN.value:
         # Finished: everything is stored, no listener needed.
-        for event in manager._stored_events(stream_id, cursor):
-            yield event
-            if event.terminal:
-                return
+        yield from _pages(manager._stored_events(stream_id, cursor))
         return
 
     inbox = Inbox()
@@ -94,10 +109,10 @@ def follow(
         watches.append(
             meta_ref.on_snapshot(lambda docs, changes, read_time: inbox.put(("meta", docs)))
         )
-        for event in manager._stored_events(stream_id, cursor):
-            yield event
-            cursor = event.seq
-            if event.terminal:
+        for page in _pages(manager._stored_events(stream_id, cursor)):
+            yield page
+            cursor = page[-1].seq
+            if page[-1].terminal:
                 return
         watches.append(_listen(manager, stream_id, cursor, inbox))
         last_activity = time.monotonic()
@@ -126,13 +141,15 @@ def follow(
                         for event in events_of(doc.to_dict()):
                             if event.seq > cursor:
                                 pending[event.seq] = event
-                if cursor + 1 in pending:
-                    last_activity = time.monotonic()
+                ready: list[Event] = []
                 while cursor + 1 in pending:
                     event = pending.pop(cursor + 1)
                     cursor = event.seq
-                    yield event
-                    if event.terminal:
+                    ready.append(event)
+                if ready:
+                    last_activity = time.monotonic()
+                    yield ready
+                    if ready[-1].terminal:
                         return
                 if anchored_docs >= REANCHOR_DOCS:
                     watches.pop().unsubscribe()

@@ -107,12 +107,6 @@ class InMemoryStreamManager(StreamManager):
             return stream.info.cancel_requested
 
     # -- consumer ------------------------------------------------------------
-    def subscribe(
-        self, stream_id: str, after: int = -1, *, timeout: float | None = None
-    ) -> Iterator[Event]:
-        batches = self.subscribe_batches(stream_id, after, timeout=timeout)
-        return (event for batch in batches for event in batch)
-
     def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[list[Event]]:

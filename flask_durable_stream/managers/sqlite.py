@@ -505,12 +505,6 @@ class SQLiteStreamManager(StreamManager):
             return None
         return rows[0]
 
-    def subscribe(
-        self, stream_id: str, after: int = -1, *, timeout: float | None = None
-    ) -> Iterator[Event]:
-        batches = self.subscribe_batches(stream_id, after, timeout=timeout)
-        return (event for batch in batches for event in batch)
-
     def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[list[Event]]:
