@@ -83,7 +83,9 @@ def bench_throughput(port: int, chunks: int, repeat: int) -> None:
     print(f"    replay of finished    : {r * 1000:8.1f} ms   ratio {r / p:.3f}  (target <= 0.2)")
 
 
-def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: str) -> None:
+def bench_concurrency(
+    port: int, streams: int, chunks: int, delay: float, path: str, server: str = "WSGIServer"
+) -> None:
     before = get_json(port, "/rss")
     base = before["VmRSS"]
     client_cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -133,6 +135,7 @@ def bench_concurrency(port: int, streams: int, chunks: int, delay: float, path: 
     delays.sort()
     per_stream = (peak[0] - base) / streams
     label = "durable, in-memory" if path.startswith("/flows") else "plain Flask streaming"
+    label += f", gevent {server}" if server == "WSGIServer" else f", {server}"
     print(
         f"(b) {streams} concurrent streams x {chunks} chunks at {delay * 1000:.0f} ms,"
         f" one gevent process: {label}"
@@ -162,6 +165,9 @@ def main() -> None:
         action="store_true",
         help="also run (b) on a plain Flask generator, for comparison",
     )
+    parser.add_argument(
+        "--gunicorn", action="store_true", help="also run (b) under one gunicorn gevent worker"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -173,15 +179,24 @@ def main() -> None:
     if args.plain_baseline:
         with serve() as port:
             bench_concurrency(port, args.streams, 50, 0.02, "/plain_llm")
+    if args.gunicorn:
+        with serve(gunicorn=True) as port:
+            bench_concurrency(port, args.streams, 50, 0.02, "/flows/llm", "gunicorn gevent worker")
 
 
 @contextlib.contextmanager
-def serve() -> Iterator[int]:
+def serve(gunicorn: bool = False) -> Iterator[int]:
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "bench", "core_server.py"), "--port", str(port)],
-        cwd=ROOT,
-    )
+    if gunicorn:
+        # One gunicorn gevent worker: the production recipe, same app.
+        args = [
+            os.path.join(os.path.dirname(sys.executable), "gunicorn"),
+            "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
+            "--no-control-socket", "-b", f"127.0.0.1:{port}", "bench.core_server:create_app()",
+        ]  # fmt: skip
+    else:
+        args = [sys.executable, os.path.join(ROOT, "bench", "core_server.py"), "--port", str(port)]
+    server = subprocess.Popen(args, cwd=ROOT)
     try:
         for _ in range(200):
             try:
