@@ -2,11 +2,12 @@
 
 Each started flow gets a :class:`Run`: an append-only list of events that the
 flow fills and any number of live readers follow with their own cursor (the
-HTTP response that started it is just one of them). A second task per run, the
-*persister*, is the stream's one ordered writer: it copies new events to the
-StreamManager in batches, retries failed writes with backoff, and refreshes the
-producer heartbeat (which also carries the cancel flag back). Storage latency
-therefore never delays live frames, and a client that goes away stops nothing.
+HTTP response that started it is just one of them). Events reach the
+StreamManager through one ordered writer per run: a short-lived *flush* task
+(never two at once for a run) that copies new events in batches, retries failed
+writes with backoff and refreshes the producer heartbeat, which carries the
+cancel flag back. Storage latency therefore never delays live frames, and a
+client that goes away stops nothing.
 """
 
 from __future__ import annotations

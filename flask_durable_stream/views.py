@@ -43,10 +43,6 @@ def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
     return runner
 
 
-def all_runners() -> list[Runner]:
-    return list(_RUNNERS.values())
-
-
 class _StreamResponse(Response):
     """Sends status and headers before the first frame, so the client learns the
     stream id at once even when the first chunk takes a minute."""
