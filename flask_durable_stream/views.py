@@ -18,7 +18,7 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import protocol
-from .exceptions import DurableStreamError, InvalidRequest, StreamNotFound
+from .exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
 from .flows import Flow, RequestData
 from .managers.base import Event, StreamManager, valid_stream_id
 from .managers.memory import InMemoryStreamManager
@@ -93,6 +93,9 @@ class FlowEndpoint:
             return self._handle()
         except DurableStreamError as exc:
             return error_response(exc)
+        except Exception:  # a bug in a context provider or a backend: logged, redacted
+            log.exception("flow %r: request failed", self.name)
+            return _json_response(protocol.INTERNAL_ERROR, 500)
 
     def _handle(self) -> Response:
         stream_id = request.headers.get(protocol.STREAM_ID_HEADER)
@@ -179,7 +182,7 @@ class FlowEndpoint:
                 '{"result":' + terminal.payload + "}", status=200, mimetype="application/json"
             )
         body = terminal.value
-        return _json_response(body, DurableStreamError("", status=body["status"]).http_status)
+        return _json_response(body, HTTP_STATUS.get(body.get("status"), 500))
 
     @staticmethod
     def _stream(batches: Iterator[list[Event]], headers: dict[str, str]) -> Response:

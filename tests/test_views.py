@@ -408,3 +408,19 @@ def test_slow_first_chunk_still_sends_headers_first(manager: InMemoryStreamManag
     gate.set()
     assert b"".join(body).endswith(b'data: {"result":"end"}\n\n')
     time.sleep(0)
+
+
+def test_a_failing_context_provider_is_a_redacted_json_500(
+    manager: InMemoryStreamManager, caplog: Any
+) -> None:
+    def broken(req: RequestData) -> dict[str, Any]:
+        raise RuntimeError("db password=hunter2")
+
+    app = Flask(__name__)
+    app.register_blueprint(
+        durable_stream_blueprint({"echo": echo}, stream_manager=manager, context_provider=broken)
+    )
+    response = app.test_client().post("/echo", json={"data": 1}, headers=SSE)
+    assert response.status_code == 500
+    assert response.json == {"status": "INTERNAL", "message": "Internal Error"}
+    assert "hunter2" in caplog.text and b"hunter2" not in response.data
