@@ -245,10 +245,15 @@ class Runner:
         run.ctx._cancel.set()
         return True
 
-    # -- the two tasks of a run ---------------------------------------------
+    # -- the flow's task -----------------------------------------------------
     def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
         try:
             output = call_flow(flow, data, run.ctx)
+        except StreamClosed:
+            if not run.ended:
+                raise
+            # The stream was ended for the flow (shutdown): its next chunk stopped it.
+            log.info("flow %r stopped: stream %s had already ended", name, run.stream_id)
         except FlowError as exc:
             body = exc.to_dict()
             if exc.details is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -248,4 +249,32 @@ def test_quiet_flow_is_kept_alive_by_the_runners_heartbeats() -> None:
         assert [(e.kind, e.payload) for e in events] == [("done", '"still here"')]
     finally:
         runner.shutdown(5)
+        manager.close()
+
+
+def test_a_flow_still_emitting_after_shutdown_stops_quietly(caplog: Any) -> None:
+    caplog.set_level(logging.INFO, "flask_durable_stream")
+    manager = InMemoryStreamManager()
+    runner = Runner(manager)
+    emitted_after_end = threading.Event()
+
+    def stubborn(data: Any, ctx: FlowContext) -> Any:
+        while not ctx.cancelled:
+            ctx.send_chunk("tick")
+            time.sleep(0.01)
+        emitted_after_end.set()
+        ctx.send_chunk("one more, after the end")  # raises StreamClosed inside the flow
+        return "never stored"
+
+    try:
+        run = runner.start("stubborn", stubborn, None)
+        time.sleep(0.05)
+        runner.shutdown(0.1)
+        assert emitted_after_end.wait(5)
+        assert runner.tasks.join(5)
+        events = list(manager.subscribe(run.stream_id))
+        assert events[-1].value["status"] == "UNAVAILABLE"
+        assert "Traceback" not in caplog.text and "failed" not in caplog.text
+        assert "had already ended" in caplog.text
+    finally:
         manager.close()
