@@ -15,13 +15,12 @@ the live stream.
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-from .exceptions import DurableStreamError, FlowError
+from .exceptions import DurableStreamError
 
 CHUNK = "chunk"
 DONE = "done"
@@ -114,20 +113,3 @@ def parse_frames(buffer: str) -> tuple[list[tuple[str, Any]], str]:
             events.append((CHUNK, body["message"]))
         elif "result" in body or field == "data":
             events.append((DONE, body.get("result")))
-
-
-def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[str, Any]]:
-    """Decode a byte stream (e.g. ``response.iter_content()``) into events."""
-    buffer = ""
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    for data in chunks:
-        buffer += utf8.decode(data)
-        events, buffer = parse_frames(buffer)
-        yield from events
-
-
-def to_flow_error(body: dict[str, Any]) -> FlowError:
-    """Turn an error body received from a server back into a :class:`FlowError`."""
-    return FlowError(
-        body.get("status", "UNKNOWN"), body.get("message", ""), details=body.get("details")
-    )

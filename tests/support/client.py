@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import http.client
 import json
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ def post_stream(
     response = conn.getresponse()
     call = StreamCall(response.status, {k.lower(): v for k, v in response.getheaders()})
     buffer = ""
+    utf8 = codecs.getincrementaldecoder("utf-8")()  # a read may end inside a character
     raw = bytearray()
     try:
         while True:
@@ -61,7 +63,7 @@ def post_stream(
             if not data:
                 break
             raw += data
-            buffer += data.decode()
+            buffer += utf8.decode(data)
             events, buffer = protocol.parse_frames(buffer)
             call.events.extend(events)
             if stop_after is not None and len(call.chunks) >= stop_after:
