@@ -105,6 +105,7 @@ _UNAVAILABLE = (
     gexc.InternalServerError,
     gexc.TooManyRequests,
     gexc.Aborted,
+    gexc.Cancelled,  # the emulator cancels a call now and then under load; transient
     gexc.Unknown,
     gexc.GatewayTimeout,
 )

@@ -18,10 +18,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._concurrency import Task
-from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
+from ..exceptions import (
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+    StreamExists,
+    StreamNotFound,
+)
 from .base import Event, StreamWriter, status_after
 from .firestore_io import (
     COMMIT_BYTES,
@@ -228,8 +234,7 @@ def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[E
                 "expiresAt": at(now + manager.ttl_seconds),
             })
         try:
-            with edge(f"append to stream {stream_id}"):
-                write.commit(retry=None, timeout=manager.rpc_timeout)
+            _commit(manager, write, f"append to stream {stream_id}")
             stored = last.seq
         except StreamExists:  # a retry of a commit that landed, or someone else wrote
             stored = _reconcile(manager, stream_id, events)
@@ -237,6 +242,24 @@ def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[E
             raise StreamClosed(f"stream {stream_id} no longer exists") from None
         events = [e for e in events if e.seq > stored]
     return stored
+
+#: Quick retries of a commit that failed transiently (the runner retries longer).
+COMMIT_ATTEMPTS = 3
+
+
+def _commit(manager: FirestoreStreamManager, write: Any, what: str) -> None:
+    """Commit, retrying a transient failure a few times: creates are idempotent
+    (a retry of a commit that did land gets ALREADY_EXISTS and is reconciled)."""
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            with edge(what):
+                write.commit(retry=None, timeout=manager.rpc_timeout)
+            return
+        except StorageUnavailable:
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+
 
 def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]]:
     """Events per batch document, with each document's size."""
