@@ -180,8 +180,12 @@ def main() -> None:
         with serve() as port:
             bench_concurrency(port, args.streams, 50, 0.02, "/plain_llm")
     if args.gunicorn:
+        worker = "gunicorn gevent worker"
         with serve(gunicorn=True) as port:
-            bench_concurrency(port, args.streams, 50, 0.02, "/flows/llm", "gunicorn gevent worker")
+            bench_concurrency(port, args.streams, 50, 0.02, "/flows/llm", worker)
+        if args.plain_baseline:
+            with serve(gunicorn=True) as port:
+                bench_concurrency(port, args.streams, 50, 0.02, "/plain_llm", worker)
 
 
 @contextlib.contextmanager
