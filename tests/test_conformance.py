@@ -348,3 +348,21 @@ def test_dead_producer_lease_ends_stream_for_everyone(make_manager: MakeManager)
     assert info is not None and info.status is StreamStatus.ERROR
     with pytest.raises(StreamClosed):  # a producer that comes back cannot append
         writer.write("after the lease")
+
+
+def test_abandoned_open_streams_go_away(make_manager: MakeManager) -> None:
+    """A producer that died with nobody reading must not leave its stream behind forever."""
+    manager = make_manager(lease_seconds=0.3, ttl_seconds=0.3)
+    abandoned, alive = new_id(), new_id()
+    manager.open(abandoned).write("last words")
+    writer = manager.open(alive)
+    deadline = time.monotonic() + 10
+    while manager.info(abandoned) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        writer.heartbeat()
+        manager.gc()
+    assert manager.info(abandoned) is None
+    with pytest.raises(StreamNotFound):
+        manager.subscribe(abandoned)
+    info = manager.info(alive)  # a producer that keeps beating keeps its stream
+    assert info is not None and info.status is StreamStatus.OPEN

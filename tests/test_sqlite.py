@@ -370,3 +370,25 @@ def test_replay_reaches_the_http_layer_in_pages(tmp_path: Path) -> None:
         batches = list(manager.subscribe_batches("long"))
     assert [e.seq for batch in batches for e in batch] == list(range(1001))
     assert len(batches) <= 10
+
+
+def test_gc_ends_abandoned_open_streams_so_they_expire(tmp_path: Path) -> None:
+    with SQLiteStreamManager(
+        tmp_path / "s.sqlite3", lease_seconds=0.3, ttl_seconds=0.3, sweep_interval=60
+    ) as manager:
+        writer = manager.open("abandoned")
+        writer.write("last words")  # then the producer's process dies: no heartbeat, no reader
+        alive = manager.open("alive")
+        time.sleep(0.5)
+        alive.heartbeat()
+        assert manager.gc() == 0  # ended, not yet expired
+        info = manager.info("abandoned")
+        assert info is not None and info.status is StreamStatus.ERROR
+        assert [e.kind for e in manager.subscribe("abandoned")] == ["chunk", "error"]
+        alive_info = manager.info("alive")
+        assert alive_info is not None and alive_info.status is StreamStatus.OPEN
+        time.sleep(0.4)
+        alive.heartbeat()
+        assert manager.gc() == 1
+        assert manager.info("abandoned") is None
+        assert manager.info("alive") is not None

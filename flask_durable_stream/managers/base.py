@@ -256,7 +256,11 @@ class StreamManager:
         raise NotImplementedError
 
     def gc(self, now: float | None = None) -> int:
-        """Delete finished streams whose TTL has passed; return how many."""
+        """Delete finished streams whose TTL has passed; return how many.
+
+        Open streams whose producer lease has expired (the producer died and
+        nobody was reading) are ended or expired too, so they cannot pile up.
+        """
         raise NotImplementedError
 
     def close(self) -> None:

@@ -208,6 +208,17 @@ class InMemoryStreamManager(StreamManager):
     def gc(self, now: float | None = None) -> int:
         now = self.now() if now is None else now
         with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:  # producers gone with nobody reading: end them, to expire later
+            with stream.cond:
+                info = stream.info
+                if (
+                    info.status is StreamStatus.OPEN
+                    and info.heartbeat_at is not None
+                    and now - info.heartbeat_at > self.lease_seconds
+                ):
+                    self._mark_lost(stream)
+        with self._lock:
             dead = [sid for sid, s in self._streams.items() if self._expired(s, now)]
             for sid in dead:
                 del self._streams[sid]

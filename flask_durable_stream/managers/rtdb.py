@@ -247,9 +247,20 @@ class RtdbStreamManager(StreamManager):
             return {k: v for k, v in meta.items() if v is not None}
 
         self._cas(key, claim)
-        # Events of an expired stream that had this id go; the index learns the new one.
-        call(self.root.update, {f"{key}/events": None, f"{INDEX}/{key}": {"createdAt": now}})
-        return _RtdbWriter(self, key, stream_id, started)
+        # Events of an expired stream that had this id go; the index learns the new one,
+        # with an expiry that the producer's heartbeats push forward (so that a stream
+        # whose producer died with nobody reading is collected by gc).
+        index_expires = self._open_expiry(now)
+        call(self.root.update, {
+            f"{key}/events": None,
+            f"{INDEX}/{key}": {"createdAt": now, "expiresAt": index_expires},
+        })
+        return _RtdbWriter(self, key, stream_id, started, index_expires)
+
+    def _open_expiry(self, now: float) -> float:
+        """Index expiry of an open stream: past lease and TTL, with slack so that
+        heartbeats need to refresh it only about every ``slack / 2`` seconds."""
+        return now + self.lease_seconds + self.ttl_seconds + min(60.0, self.ttl_seconds)
 
     # -- consumer ------------------------------------------------------------
     def subscribe_batches(
@@ -506,11 +517,17 @@ class _Follower:
 
 class _RtdbWriter(StreamWriter):
     def __init__(
-        self, manager: RtdbStreamManager, key: str, stream_id: str, confirmed: float
+        self,
+        manager: RtdbStreamManager,
+        key: str,
+        stream_id: str,
+        confirmed: float,
+        index_expires: float,
     ) -> None:
         super().__init__(stream_id)
         self._m = manager
         self._key = key
+        self._index_expires = index_expires
         # monotonic start of the last conditional write that found the stream open
         self._confirmed = confirmed
         self._last_write = 0.0
@@ -554,4 +571,9 @@ class _RtdbWriter(StreamWriter):
         meta = self._confirm()
         if not isinstance(meta, dict) or meta.get("status") != OPEN:
             return True  # ended elsewhere (lease): the flow should stop
+        m, now = self._m, self._m.now()
+        slack = min(60.0, m.ttl_seconds)
+        if self._index_expires - now < m.lease_seconds + m.ttl_seconds + slack / 2:
+            self._index_expires = m._open_expiry(now)
+            call(m._ref(f"{INDEX}/{self._key}/expiresAt").set, self._index_expires)
         return bool(meta.get("cancel"))

@@ -488,6 +488,15 @@ class SQLiteStreamManager(StreamManager):
         return True
 
     def _op_gc(self, conn: sqlite3.Connection, now: float) -> int:
+        # Open streams whose producer died with nobody reading them: end them as a
+        # reader would (PRODUCER_LOST), so that they expire like any finished stream.
+        abandoned = conn.execute(
+            "SELECT stream_id, token, last_seq FROM ds_streams"
+            " WHERE status = 'open' AND heartbeat_at < ?",
+            (now - self.lease_seconds,),
+        ).fetchall()
+        for stream_id, token, last_seq in abandoned:
+            self._op_mark_lost(conn, stream_id, token, last_seq)
         dead = "SELECT stream_id FROM ds_streams WHERE expires_at <= ?"
         conn.execute(f"DELETE FROM ds_events WHERE stream_id IN ({dead})", (now,))
         return conn.execute("DELETE FROM ds_streams WHERE expires_at <= ?", (now,)).rowcount
