@@ -196,7 +196,8 @@ def serve(gunicorn: bool = False) -> Iterator[int]:
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
             "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
-            "--no-control-socket", "-b", f"127.0.0.1:{port}", "bench.core_server:create_app()",
+            "--no-control-socket", "-b", f"127.0.0.1:{port}",
+            "--chdir", os.path.join(ROOT, "bench"), "core_server:create_app()",
         ]  # fmt: skip
     else:
         args = [sys.executable, os.path.join(ROOT, "bench", "core_server.py"), "--port", str(port)]

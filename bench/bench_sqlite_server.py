@@ -40,10 +40,10 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
+from bench_flows import blast, llm  # noqa: E402
 from flask import Flask, Response  # noqa: E402
 
 from flask_durable_stream import (  # noqa: E402
-    FlowContext,
     InMemoryStreamManager,
     SQLiteStreamManager,
     durable_stream_blueprint,
@@ -52,24 +52,10 @@ from flask_durable_stream import (  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-CHUNK = "x" * 14  # 16 bytes of JSON
 TTL = 600.0
 
 
 # -- the server ----------------------------------------------------------------------------------
-def blast(data: Any) -> Any:
-    for _ in range(int(data["chunks"])):
-        yield CHUNK
-    return "end"
-
-
-def llm(data: Any, ctx: FlowContext) -> str:
-    for _ in range(int(data["chunks"])):
-        time.sleep(float(data["delay"]))
-        ctx.send_chunk(time.time())
-    return "end"
-
-
 def create_app() -> Flask:
     """``/sqlite/<flow>`` and ``/memory/<flow>``: the same flows on both managers."""
     app = Flask(__name__)

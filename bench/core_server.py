@@ -8,26 +8,12 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
+from bench_flows import CHUNK, blast, llm  # noqa: E402
 from flask import Flask, Response, request  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from flask_durable_stream import DurableStream, protocol  # noqa: E402
-
-CHUNK = "x" * 14  # 16 bytes of JSON
-
-
-def blast(data):  # type: ignore[no-untyped-def]
-    for _ in range(int(data["chunks"])):
-        yield CHUNK
-    return "end"
-
-
-def llm(data, ctx):  # type: ignore[no-untyped-def]
-    for _ in range(int(data["chunks"])):
-        time.sleep(float(data["delay"]))
-        ctx.send_chunk(time.time())
-    return "end"
 
 
 def create_app() -> Flask:

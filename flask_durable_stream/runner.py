@@ -62,6 +62,19 @@ def _register_atexit() -> None:
         atexit.register(shutdown_all)
 
 
+_BY_MANAGER: weakref.WeakKeyDictionary[StreamManager, Runner] = weakref.WeakKeyDictionary()
+
+
+def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
+    """The process's one runner for ``manager`` (a private one when there is no manager)."""
+    if manager is None:
+        return Runner(None, **options)
+    runner = _BY_MANAGER.get(manager)
+    if runner is None or runner.closed:
+        runner = _BY_MANAGER[manager] = Runner(manager, **options)
+    return runner
+
+
 def new_stream_id() -> str:
     return uuid.uuid4().hex
 
@@ -86,12 +99,10 @@ class Run:
         self.heartbeat_due = False
         self.on_emit: Any = None  # called after every event, by the runner
         self._waiters: list[threading.Event] = []
-        self._lock = None if gevent_patched() else threading.Lock()
+        # Greenlets of one hub (no preemption), or real threads: decided once per run.
+        self.cooperative = gevent_patched()
+        self._lock = None if self.cooperative else threading.Lock()
         ctx._emit = self.emit_chunk
-
-    @property
-    def finished(self) -> bool:
-        return self.ended
 
     def _emit(self, kind: str, payload: str) -> None:
         lock = self._lock
@@ -240,7 +251,7 @@ class Runner:
     def request_cancel(self, stream_id: str) -> bool:
         """Cancel a run of this process at once (others learn it on their next heartbeat)."""
         run = self.get(stream_id)
-        if run is None or run.finished:
+        if run is None or run.ended:
             return False
         run.ctx._cancel.set()
         return True
@@ -287,7 +298,7 @@ class Runner:
             # the flow yields, in one append; with threads it happens right here.
             if not run.flushing:
                 run.flushing = True
-                if gevent_patched():
+                if run.cooperative:
                     import gevent
 
                     gevent.get_hub().loop.run_callback(self._store_inline, run)
@@ -471,7 +482,7 @@ class Runner:
         for run in self.active():
             run.wait(max(0.0, deadline - time.monotonic()))
         for run in self.active():
-            if not run.finished:
+            if not run.ended:
                 log.warning(
                     "stream %s did not finish within the grace period; ending it UNAVAILABLE",
                     run.stream_id,

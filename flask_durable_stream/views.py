@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,25 +21,13 @@ from .exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamN
 from .flows import Flow, RequestData
 from .managers.base import Event, StreamManager, valid_stream_id
 from .managers.memory import InMemoryStreamManager
-from .runner import Runner
+from .runner import Runner, runner_for
 
 log = logging.getLogger("flask_durable_stream")
 
 ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
-
-_RUNNERS: weakref.WeakKeyDictionary[StreamManager, Runner] = weakref.WeakKeyDictionary()
-
-
-def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
-    """The process's one runner for ``manager`` (a private one when there is no manager)."""
-    if manager is None:
-        return Runner(None, **options)
-    runner = _RUNNERS.get(manager)
-    if runner is None or runner.closed:
-        runner = _RUNNERS[manager] = Runner(manager, **options)
-    return runner
 
 
 class _StreamResponse(Response):

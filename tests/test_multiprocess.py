@@ -152,7 +152,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         workers=4,
         env=env,
         extra=[
-            *NO_CONTROL_SOCKET,
             "--access-logfile",
             str(log),
             "--access-logformat",
@@ -276,7 +275,7 @@ def test_restart_replays_finished_streams_byte_for_byte(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     env = servers.sqlite_env(tmp_path_factory, "restart")
-    first = servers.gunicorn(APP, workers=2, env=env, extra=NO_CONTROL_SOCKET)
+    first = servers.gunicorn(APP, workers=2, env=env)
     try:
         live = post_stream(first.url, "/flows/story", story(12, 0.005))
         failed = post_stream(first.url, "/flows/throwy", {"data": {"count": 2}})
@@ -355,17 +354,7 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
 def start_and_wait(kind: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     port = servers.free_port()
     if kind == "gunicorn":
-        args = [
-            str(servers.BIN / "gunicorn"),
-            "-k",
-            "gevent",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-            *NO_CONTROL_SOCKET,
-            APP,
-        ]
+        args = servers.gunicorn_args(APP, port, workers=2)
     else:
         args = [servers.PYTHON, "-m", "example_app", "--port", str(port)]
     return subprocess.run(

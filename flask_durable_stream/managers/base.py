@@ -28,7 +28,7 @@ import operator
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from .. import protocol
@@ -73,9 +73,6 @@ class Event(NamedTuple):
     def value(self) -> Any:
         return json.loads(self.payload)
 
-    def frame(self) -> str:
-        return protocol.frame(self.kind, self.payload)
-
 
 def status_after(event: Event) -> StreamStatus:
     """The stream status a terminal event leads to."""
@@ -99,7 +96,6 @@ class StreamInfo:
     cancel_requested: bool = False
     heartbeat_at: float | None = None
     expires_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {

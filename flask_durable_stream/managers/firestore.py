@@ -193,14 +193,19 @@ class FirestoreStreamManager(StreamManager):
                 update["last_seq"] = writer.stored_seq
             try:
                 with edge(f"heartbeat of stream {writer.stream_id}", conditional=True):
-                    ref.update(update, option=self.client.write_option(
-                        last_update_time=snap.update_time), retry=None, timeout=self.rpc_timeout)
+                    ref.update(
+                        update,
+                        option=self.client.write_option(last_update_time=snap.update_time),
+                        retry=None,
+                        timeout=self.rpc_timeout,
+                    )
             except StreamClosed:
                 continue  # changed meanwhile (a cancel, a lease check): read again
             writer._alive_at = now
             return bool(data.get("cancel_requested"))
-        raise StreamError(f"heartbeat of stream {writer.stream_id}: too much contention",
-                          status="UNAVAILABLE")
+        raise StreamError(
+            f"heartbeat of stream {writer.stream_id}: too much contention", status="UNAVAILABLE"
+        )
 
     # -- consumer --------------------------------------------------------------
     def subscribe_batches(
@@ -231,28 +236,39 @@ class FirestoreStreamManager(StreamManager):
         data = snap.to_dict() if snap.exists else None
         if data is None or data.get("status") != StreamStatus.OPEN.value:
             return
-        newest = (
-            self._batches_ref(stream_id).order_by("last_seq", direction="DESCENDING").limit(1)
-        )
+        newest = self._batches_ref(stream_id).order_by("last_seq", direction="DESCENDING").limit(1)
         with edge(f"lease of stream {stream_id}"):
             docs = list(newest.stream(retry=None, timeout=self.rpc_timeout))
         last_seq = docs[0].get("last_seq") if docs else -1
-        alive_at = max(seconds(data.get("heartbeatAt")) or 0.0,
-                       docs[0].update_time.timestamp() if docs else 0.0)
+        alive_at = max(
+            seconds(data.get("heartbeatAt")) or 0.0,
+            docs[0].update_time.timestamp() if docs else 0.0,
+        )
         now = self.now()
         if now - alive_at <= self.lease_seconds:
             return
         seq = last_seq + 1
         error = {"seq": seq, "kind": protocol.ERROR, "payload": protocol.encode(PRODUCER_LOST)}
         write = self.client.batch()
-        write.create(self._batches_ref(stream_id).document(batch_id(seq)), {
-            "first_seq": seq, "last_seq": seq, "events": [error],
-            "expiresAt": at(now + self.ttl_seconds + self.max_stream_seconds),
-        })
-        write.update(ref, {
-            "status": StreamStatus.ERROR.value, "last_seq": seq, "updatedAt": at(now),
-            "expiresAt": at(now + self.ttl_seconds),
-        }, option=self.client.write_option(last_update_time=snap.update_time))
+        write.create(
+            self._batches_ref(stream_id).document(batch_id(seq)),
+            {
+                "first_seq": seq,
+                "last_seq": seq,
+                "events": [error],
+                "expiresAt": at(now + self.ttl_seconds + self.max_stream_seconds),
+            },
+        )
+        write.update(
+            ref,
+            {
+                "status": StreamStatus.ERROR.value,
+                "last_seq": seq,
+                "updatedAt": at(now),
+                "expiresAt": at(now + self.ttl_seconds),
+            },
+            option=self.client.write_option(last_update_time=snap.update_time),
+        )
         try:
             with edge(f"lease of stream {stream_id}", conditional=True):
                 write.commit(retry=None, timeout=self.rpc_timeout)
@@ -305,7 +321,8 @@ class FirestoreStreamManager(StreamManager):
                     ref.update(
                         {"cancel_requested": True, "updatedAt": at(self.now())},
                         option=self.client.write_option(last_update_time=snap.update_time),
-                        retry=None, timeout=self.rpc_timeout,
+                        retry=None,
+                        timeout=self.rpc_timeout,
                     )
                 return True
             except StreamClosed:
@@ -354,12 +371,15 @@ class FirestoreStreamManager(StreamManager):
         """Delete one stream's batches and metadata unless either changed since read."""
         ref = meta.reference
         with edge(f"gc of stream {ref.id}"):
-            batches = list(ref.collection(BATCHES).select(["last_seq"]).stream(
-                retry=None, timeout=self.rpc_timeout))
+            batches = list(
+                ref.collection(BATCHES)
+                .select(["last_seq"])
+                .stream(retry=None, timeout=self.rpc_timeout)
+            )
         refs = [(b.reference, b.update_time) for b in batches] + [(ref, meta.update_time)]
         for start in range(0, len(refs), COMMIT_DOCS):
             write = self.client.batch()
-            for doc, updated in refs[start:start + COMMIT_DOCS]:
+            for doc, updated in refs[start : start + COMMIT_DOCS]:
                 write.delete(doc, option=self.client.write_option(last_update_time=updated))
             try:
                 with edge(f"gc of stream {ref.id}", conditional=True):

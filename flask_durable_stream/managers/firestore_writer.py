@@ -219,20 +219,22 @@ def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[E
                 {
                     "first_seq": part[0].seq,
                     "last_seq": part[-1].seq,
-                    "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload}
-                               for e in part],
+                    "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload} for e in part],
                     "expiresAt": expires,
                 },
             )
         last = group[-1][-1]
         if last.terminal:
-            write.update(manager._meta_ref(stream_id), {
-                "status": status_after(last).value,
-                "last_seq": last.seq,
-                "updatedAt": at(now),
-                "heartbeatAt": at(now),
-                "expiresAt": at(now + manager.ttl_seconds),
-            })
+            write.update(
+                manager._meta_ref(stream_id),
+                {
+                    "status": status_after(last).value,
+                    "last_seq": last.seq,
+                    "updatedAt": at(now),
+                    "heartbeatAt": at(now),
+                    "expiresAt": at(now + manager.ttl_seconds),
+                },
+            )
         try:
             _commit(manager, write, f"append to stream {stream_id}")
             stored = last.seq
@@ -242,6 +244,7 @@ def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[E
             raise StreamClosed(f"stream {stream_id} no longer exists") from None
         events = [e for e in events if e.seq > stored]
     return stored
+
 
 #: Quick retries of a commit that failed transiently (the runner retries longer).
 COMMIT_ATTEMPTS = 3
@@ -276,6 +279,7 @@ def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]
     if current:
         docs.append((current, size))
     return docs
+
 
 def _reconcile(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
     """How far ``events`` are already stored, identically; StreamClosed if they differ."""

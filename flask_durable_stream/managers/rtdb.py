@@ -164,7 +164,9 @@ class RtdbStreamManager(StreamManager):
         sweep_interval: float | None = None,
     ) -> None:
         super().__init__(
-            timeout=timeout, ttl_seconds=ttl_seconds, lease_seconds=lease_seconds,
+            timeout=timeout,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
             heartbeat_interval=heartbeat_interval,
         )
         base = reference if reference is not None else db.reference("/", app=firebase_app)
@@ -208,13 +210,15 @@ class RtdbStreamManager(StreamManager):
         last = events[-1]
         if last.terminal:
             now = self.now()
-            update.update({
-                f"{key}/meta/status": status_after(last).value,
-                f"{key}/meta/lastSeq": last.seq,
-                f"{key}/meta/updatedAt": now,
-                f"{key}/meta/expiresAt": now + self.ttl_seconds,
-                f"{INDEX}/{key}/expiresAt": now + self.ttl_seconds,
-            })
+            update.update(
+                {
+                    f"{key}/meta/status": status_after(last).value,
+                    f"{key}/meta/lastSeq": last.seq,
+                    f"{key}/meta/updatedAt": now,
+                    f"{key}/meta/expiresAt": now + self.ttl_seconds,
+                    f"{INDEX}/{key}/expiresAt": now + self.ttl_seconds,
+                }
+            )
         call(self.root.update, update)
 
     def _cas(
@@ -238,8 +242,15 @@ class RtdbStreamManager(StreamManager):
             raise InvalidRequest(f"invalid stream id {stream_id!r}")
         key = node_key(stream_id)
         started, now = time.monotonic(), self.now()
-        meta = {"status": OPEN, "createdAt": now, "updatedAt": now, "heartbeatAt": now,
-                "lastSeq": -1, "cancel": False, "owner": owner}
+        meta = {
+            "status": OPEN,
+            "createdAt": now,
+            "updatedAt": now,
+            "heartbeatAt": now,
+            "lastSeq": -1,
+            "cancel": False,
+            "owner": owner,
+        }
 
         def claim(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if isinstance(current, dict) and not self._expired(current, now):
@@ -251,10 +262,13 @@ class RtdbStreamManager(StreamManager):
         # with an expiry that the producer's heartbeats push forward (so that a stream
         # whose producer died with nobody reading is collected by gc).
         index_expires = self._open_expiry(now)
-        call(self.root.update, {
-            f"{key}/events": None,
-            f"{INDEX}/{key}": {"createdAt": now, "expiresAt": index_expires},
-        })
+        call(
+            self.root.update,
+            {
+                f"{key}/events": None,
+                f"{INDEX}/{key}": {"createdAt": now, "expiresAt": index_expires},
+            },
+        )
         return _RtdbWriter(self, key, stream_id, started, index_expires)
 
     def _open_expiry(self, now: float) -> float:
@@ -304,12 +318,16 @@ class RtdbStreamManager(StreamManager):
             credential.refresh(google.auth.transport.requests.Request())
         return {"Authorization": f"Bearer {credential.token}"}
 
-    def _watch(self, path: str, query: Callable[[], dict[str, str]], inbox: queue.Queue[Any],
-               source: str) -> Watch:
+    def _watch(
+        self, path: str, query: Callable[[], dict[str, str]], inbox: queue.Queue[Any], source: str
+    ) -> Watch:
         watch = Watch(
-            self._tasks, lambda: self._stream_url(path, query()), self._stream_headers,
+            self._tasks,
+            lambda: self._stream_url(path, query()),
+            self._stream_headers,
             lambda event, data: inbox.put((source, event, data)),
-            read_timeout=self.read_timeout, name=f"rtdb-watch:{source}",
+            read_timeout=self.read_timeout,
+            name=f"rtdb-watch:{source}",
         )
         with self._lock:
             self._watches.add(watch)
@@ -329,9 +347,14 @@ class RtdbStreamManager(StreamManager):
             if self.now() - current.get("heartbeatAt", 0) <= self.lease_seconds:
                 return None
             now = self.now()
-            return {**current, "status": StreamStatus.ERROR.value, "lost": True,
-                    "lastSeq": self._last_seq(key) + 1, "updatedAt": now,
-                    "expiresAt": now + self.ttl_seconds}
+            return {
+                **current,
+                "status": StreamStatus.ERROR.value,
+                "lost": True,
+                "lastSeq": self._last_seq(key) + 1,
+                "updatedAt": now,
+                "expiresAt": now + self.ttl_seconds,
+            }
 
         meta, changed = self._cas(key, lose)
         if changed and meta is not None:
@@ -340,8 +363,13 @@ class RtdbStreamManager(StreamManager):
     def _write_lost_event(self, key: str, meta: dict[str, Any]) -> None:
         # Deterministic content: a reader that repairs a half-done marking writes the same bytes.
         event = Event(meta["lastSeq"], protocol.ERROR, protocol.encode(PRODUCER_LOST))
-        call(self.root.update, {f"{key}/events/{event_key(event.seq)}": _node(event),
-                                f"{INDEX}/{key}/expiresAt": meta["expiresAt"]})
+        call(
+            self.root.update,
+            {
+                f"{key}/events/{event_key(event.seq)}": _node(event),
+                f"{INDEX}/{key}/expiresAt": meta["expiresAt"],
+            },
+        )
 
     # -- metadata ------------------------------------------------------------
     def _info(self, key: str) -> StreamInfo | None:
@@ -352,9 +380,15 @@ class RtdbStreamManager(StreamManager):
         if meta.get("status") == OPEN:  # lastSeq is only refreshed by heartbeats
             last_seq = max(last_seq, self._last_seq(key))
         return StreamInfo(
-            key.replace(",", "."), StreamStatus(meta.get("status", OPEN)),
-            meta.get("createdAt", 0.0), meta.get("updatedAt", 0.0), last_seq, meta.get("owner"),
-            bool(meta.get("cancel")), meta.get("heartbeatAt"), meta.get("expiresAt"),
+            key.replace(",", "."),
+            StreamStatus(meta.get("status", OPEN)),
+            meta.get("createdAt", 0.0),
+            meta.get("updatedAt", 0.0),
+            last_seq,
+            meta.get("owner"),
+            bool(meta.get("cancel")),
+            meta.get("heartbeatAt"),
+            meta.get("expiresAt"),
         )
 
     def info(self, stream_id: str) -> StreamInfo | None:
@@ -414,8 +448,14 @@ class RtdbStreamManager(StreamManager):
 class _Follower:
     """The live part of one subscription: two watched locations, one cursor."""
 
-    def __init__(self, manager: RtdbStreamManager, key: str, meta: dict[str, Any],
-                 cursor: int, timeout: float) -> None:
+    def __init__(
+        self,
+        manager: RtdbStreamManager,
+        key: str,
+        meta: dict[str, Any],
+        cursor: int,
+        timeout: float,
+    ) -> None:
         self.m = manager
         self.key = key
         self.meta = meta
@@ -428,9 +468,12 @@ class _Follower:
     def run(self) -> Iterator[list[Event]]:
         m, lease = self.m, self.m.lease_seconds
         watches = [
-            m._watch(f"{self.key}/events", lambda: {
-                "orderBy": '"$key"', "startAt": json.dumps(event_key(self.cursor))
-            }, self.inbox, "events"),
+            m._watch(
+                f"{self.key}/events",
+                lambda: {"orderBy": '"$key"', "startAt": json.dumps(event_key(self.cursor))},
+                self.inbox,
+                "events",
+            ),
             m._watch(f"{self.key}/meta", dict, self.inbox, "meta"),
         ]
         meta_mirror = Mirror()

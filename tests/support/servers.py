@@ -86,7 +86,12 @@ def gunicorn(
     app: str, *, workers: int = 1, env: dict[str, str] | None = None, extra: Sequence[str] = ()
 ) -> Server:
     port = free_port()
-    args = [
+    return Server(gunicorn_args(app, port, workers=workers, extra=extra), port, env)
+
+
+def gunicorn_args(app: str, port: int, *, workers: int = 1, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of a gevent gunicorn on 127.0.0.1:``port``."""
+    return [
         str(BIN / "gunicorn"),
         "-k",
         "gevent",
@@ -100,4 +105,3 @@ def gunicorn(
         *extra,
         app,
     ]
-    return Server(args, port, env)
