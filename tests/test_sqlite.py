@@ -359,6 +359,63 @@ def test_works_under_gevent_monkey_patching(db: Path) -> None:
     assert word == "ok" and 0 < int(transactions) <= int(operations)
 
 
+FORK_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import os, sqlite3, subprocess, sys, time
+from flask_durable_stream import SQLiteStreamManager
+
+path = sys.argv[1]
+manager = SQLiteStreamManager(path, busy_timeout=30)
+writer = manager.open("parent")
+writer.write("before")
+# Another process holds the write lock, as a busy worker would.
+other = sqlite3.connect(path, isolation_level=None)
+other.execute("BEGIN IMMEDIATE")
+# gevent's subprocess forks with os.fork(), so fork handlers run in the child.
+# The child must exec at once: touching SQLite there would wait for the lock.
+result = subprocess.run(["true"], timeout=10)
+assert result.returncode == 0
+pid = os.fork()
+if pid == 0:
+    os._exit(0)  # a child that never uses the manager does nothing with SQLite
+for _ in range(100):
+    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+        break
+    time.sleep(0.05)
+else:
+    raise AssertionError("the forked child did not exit while the database was locked")
+other.execute("COMMIT")
+other.close()
+pid = os.fork()
+if pid == 0:  # a child that does use the manager gets its own writer
+    try:
+        child = manager.open("child")
+        child.write("from the child")
+        child.done("end")
+        assert manager.info("parent").last_seq == 0  # reads work in the child too
+    except BaseException as exc:
+        print("child failed:", repr(exc), file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0
+assert [e.payload for e in manager.subscribe("child")] == ['"from the child"', '"end"']
+writer.done("end")  # the parent's writer still works after both forks
+assert [e.payload for e in manager.subscribe("parent")] == ['"before"', '"end"']
+manager.close()
+print("ok")
+"""
+
+
+def test_fork_leaves_sqlite_alone_until_the_child_uses_it(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(db)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]
+
+
 def test_replay_reaches_the_http_layer_in_pages(tmp_path: Path) -> None:
     # The HTTP layer writes each batch of subscribe_batches() in one go; the base class's
     # default yields one event per batch, which makes a 20,000-chunk replay about 25 times

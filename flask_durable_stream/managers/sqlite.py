@@ -96,6 +96,8 @@ def _original(module: str, name: str) -> Any:
 _real_lock = _original("_thread", "allocate_lock")
 _real_start_thread = _original("_thread", "start_new_thread")
 _RealQueue = _original("_queue", "SimpleQueue")
+# Connections inherited through fork(): kept referenced so the child never closes them.
+_ABANDONED: list[Any] = []
 
 
 class _Signal:
@@ -210,12 +212,15 @@ class SQLiteStreamManager(StreamManager):
         self.operations = 0
         self._in_flight = 0  # submitted, not yet answered
         self._lock = _real_lock()
+        self._start_lock = threading.Lock()  # held while connecting: greenlet-aware
         self._watchers: dict[str, set[_Signal]] = {}
         self._tasks = TaskGroup()
         self._sweeper: Task | None = None
         self._stopping = threading.Event()
         self._closed = False
-        self._start()
+        self._readers: list[sqlite3.Connection] = []
+        self._queue: Any = None  # the writer thread's; None until started in this process
+        self._start()  # at once, so a bad file is reported by the constructor
         ref = weakref.ref(self)
 
         def after_fork() -> None:
@@ -253,22 +258,29 @@ class SQLiteStreamManager(StreamManager):
         return conn
 
     def _start(self) -> None:
-        self._pid = os.getpid()
-        self._readers: list[sqlite3.Connection] = []
+        """Open the writing connection and start the writer thread (caller holds no lock)."""
         try:
             conn = self._connect(writer=True)
         except sqlite3.Error as exc:
             raise StorageUnavailable(f"cannot use SQLite database {self.path!r}: {exc}") from exc
-        self._queue: Any = _RealQueue()
+        self._queue = _RealQueue()
         _real_start_thread(self._writer_loop, (conn,))
 
     def _after_fork(self) -> None:
-        # Threads and SQLite connections do not survive fork(): abandon them, start afresh.
+        # Threads and SQLite connections do not survive fork(). The parent's
+        # connections are left untouched (even closing one in the child is unsafe)
+        # and nothing is started here: a child about to exec (``subprocess``) must
+        # not touch SQLite at all. A child that uses the manager starts its own
+        # writer on first use.
+        _ABANDONED.append(self._readers)
+        self._readers = []
         self._lock = _real_lock()
+        self._start_lock = threading.Lock()
         self._watchers = {}
+        self._tasks = TaskGroup()
         self._sweeper = None
-        if not self._closed:
-            self._start()
+        self._queue = None
+        self._in_flight = 0
 
     def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         if self._closed:
@@ -293,6 +305,10 @@ class SQLiteStreamManager(StreamManager):
     # -- the writer thread -----------------------------------------------------------
     def _submit(self, op: Callable[..., Any], *args: Any, stream_id: str | None = None) -> Any:
         request = _Request(op, args, stream_id)
+        if self._queue is None:  # first write in a forked child
+            with self._start_lock:
+                if self._queue is None and not self._closed:
+                    self._start()
         with self._lock:
             if self._closed:
                 raise StorageUnavailable("the SQLite stream manager is closed")
@@ -619,7 +635,10 @@ class SQLiteStreamManager(StreamManager):
             self._closed = True
             readers, self._readers = self._readers, []
             stop = _Request(_stop, (), None)
-            self._queue.put(stop)
+            if self._queue is not None:
+                self._queue.put(stop)
+            else:
+                stop.done.set()
         for conn in readers:
             conn.close()
         stop.done.wait(30)
