@@ -20,6 +20,7 @@ every event). See ``docs/sqlite.md`` for figures and limits.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -84,6 +85,7 @@ _INSERT_PACKED = (
 _PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _READ_BATCH = 256
+_payload_of = operator.itemgetter(2)  # Event.payload
 
 
 def _original(module: str, name: str) -> Any:
@@ -434,12 +436,12 @@ class SQLiteStreamManager(StreamManager):
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, stream_id: str, events: Sequence[Event]) -> None:
-        n = len(events)
-        if n >= 8 and [e.kind for e in events[:-1]].count(protocol.CHUNK) == n - 1:
+        if len(events) >= 8:
             # One statement for the whole batch: SQLite unpacks a JSON array of the
             # payload texts in C, about twice as fast as a row-by-row executemany.
+            # StreamWriter.append checked that only the last event may be terminal.
             # JSON text never holds a raw NUL, which would end SQLite's string early.
-            packed = _PACK.encode([e.payload for e in events])
+            packed = _PACK.encode(list(map(_payload_of, events)))
             if "\x00" not in packed:
                 conn.execute(
                     _INSERT_PACKED,
