@@ -8,6 +8,9 @@
 3. ``synchronous=NORMAL`` vs ``FULL``: cost per commit.
 4. Under gevent: writes through the writer thread vs inline SQLite commits on the
    hub, with the longest hub stall seen by a 1 ms ticker.
+5. Idle followers: one gevent process follows N open streams that another process
+   produces and heartbeats (every 2 s, as the runner does) without new events;
+   CPU of the following process over 5 s.
 Prints figures only; nothing here asserts on timing.
 """
 
@@ -24,9 +27,10 @@ import time
 from pathlib import Path
 
 from flask_durable_stream import InMemoryStreamManager, SQLiteStreamManager, StreamManager, protocol
-from flask_durable_stream.managers.base import Event
+from flask_durable_stream.managers.base import Event, StreamWriter
 
 QUICK = "--quick" in sys.argv
+COUNTS = (100, 1000)
 CHUNKS = 2_000 if QUICK else 20_000
 CHUNK = "0123456789abcd"  # 16 bytes once JSON-encoded
 
@@ -202,7 +206,7 @@ monkey.patch_all()
 import json, sqlite3, sys, time
 import gevent
 from flask_durable_stream import SQLiteStreamManager
-from flask_durable_stream.managers.base import Event
+from flask_durable_stream.managers.base import Event, StreamWriter
 
 path, mode, sync, streams, per_stream = sys.argv[1], sys.argv[2], sys.argv[3], 16, int(sys.argv[4])
 stall = [0.0]
@@ -274,6 +278,57 @@ def bench_gevent(tmp: Path) -> None:
             )
 
 
+# -- 5. idle followers -------------------------------------------------------------------------
+IDLE = """
+from gevent import monkey
+monkey.patch_all()
+import json, os, sys, time
+import gevent
+from flask_durable_stream import SQLiteStreamManager
+
+path, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+manager = SQLiteStreamManager(path, timeout=600)
+followers = [gevent.spawn(lambda i=i: list(manager.subscribe(f"idle{i}"))) for i in range(count)]
+gevent.sleep(1.0)  # every follower has read the stream and is waiting
+cpu, wall = time.process_time(), time.monotonic()
+gevent.sleep(seconds)
+cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+print(json.dumps({"cpu": cpu / wall, "waiting": sum(not g.dead for g in followers)}), flush=True)
+os._exit(0)
+"""
+
+
+def heartbeat_every(writers: list[StreamWriter], interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        for writer in writers:
+            writer.heartbeat()
+
+
+def bench_idle(tmp: Path) -> None:
+    seconds = 2.0 if QUICK else 5.0
+    print(f"5. idle followers in another process, CPU of the following process over {seconds:.0f}s")
+    for count in COUNTS:
+        path = tmp / f"idle-{count}.db"
+        with SQLiteStreamManager(path) as manager:
+            writers = [manager.open(f"idle{i}") for i in range(count)]
+            stop = threading.Event()
+            thread = threading.Thread(target=heartbeat_every, args=(writers, 2.0, stop))
+            thread.start()
+            try:
+                out = subprocess.run(
+                    [sys.executable, "-c", IDLE, str(path), str(count), str(seconds)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            finally:
+                stop.set()
+                thread.join()
+            r = json.loads(out)
+            cpu = r["cpu"] * 100
+            print(f"   {count:>5} followers ({r['waiting']} waiting): {cpu:5.1f} % of a core")
+
+
 def main() -> None:
     print(
         f"python {sys.version.split()[0]}, SQLite {__import__('sqlite3').sqlite_version},"
@@ -284,6 +339,7 @@ def main() -> None:
         bench_latency(Path(tmp))
         bench_synchronous(Path(tmp))
         bench_gevent(Path(tmp))
+        bench_idle(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The SQLite manager behind real servers. Run: ``.venv/bin/python bench/bench_sqlite_server.py``.
 
-    .venv/bin/python bench/bench_sqlite_server.py [--chunks 20000] [--repeat 11]
+    .venv/bin/python bench/bench_sqlite_server.py [--chunks 20000] [--repeat 21]
                                                   [--follow-chunks 500] [--follow-delay 0.01]
 
 (a) One stream of 20,000 chunks x 16 bytes through one gevent WSGIServer process that
     serves the same flow twice: durable on SQLite and on the in-memory manager. Time to
     the last byte of the live stream and of the replay of the finished stream, median and
     best of ``--repeat`` alternating runs (a shared machine is noisy); throughput ratio
-    SQLite / in-memory (target >= 0.7 for the live stream).
+    SQLite / in-memory (target >= 0.7 for the live stream). Before each timed run the
+    server runs a full garbage collection (untimed), so neither manager pays at random
+    for collecting the events of earlier runs.
 (b) Follow latency through HTTP with ``gunicorn -k gevent -w 2`` on one SQLite file: a
     flow emits ``time.time()`` every 10 ms; three clients read it at the same time: the
     starting request (live, from the producing process), a reconnect that landed on the
@@ -27,6 +29,7 @@ if __name__ == "__main__" and "--serve" in sys.argv:
     monkey.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -65,6 +68,13 @@ def create_app() -> Flask:
     for name, manager in (("sqlite", sqlite), ("memory", memory)):
         bp = durable_stream_blueprint(flows, stream_manager=manager, name=name)
         app.register_blueprint(bp, url_prefix=f"/{name}")
+
+    @app.post("/_collect")
+    def collect() -> str:
+        # Between timed runs, untimed: both managers then start from the same clean heap
+        # instead of paying a full collection of earlier runs' events at random.
+        gc.collect()
+        return ""
 
     @app.after_request
     def worker_pid(response: Response) -> Response:
@@ -141,6 +151,14 @@ def timed(
     return elapsed, data, sid
 
 
+def collect(port: int) -> None:
+    """Run a full garbage collection in the server, between timed runs."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/_collect")
+    conn.getresponse().read()
+    conn.close()
+
+
 def bench_throughput(chunks: int, repeat: int, tmp: str) -> None:
     port = free_port()
     env = {"BENCH_SQLITE_PATH": os.path.join(tmp, "throughput.sqlite3")}
@@ -158,6 +176,7 @@ def bench_throughput(chunks: int, repeat: int, tmp: str) -> None:
         reference = None
         for _ in range(repeat):
             for manager in ("memory", "sqlite"):
+                collect(port)
                 t, live, sid = timed(port, f"/{manager}/blast", body)
                 times[manager]["live"].append(t)
                 t, again, _ = timed(port, f"/{manager}/blast", {}, sid)
@@ -291,7 +310,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help="run the gevent server")
     parser.add_argument("--port", type=int)
     parser.add_argument("--chunks", type=int, default=20_000)
-    parser.add_argument("--repeat", type=int, default=11)
+    parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--follow-chunks", type=int, default=500)
     parser.add_argument("--follow-delay", type=float, default=0.01)
     args = parser.parse_args()

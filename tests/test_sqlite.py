@@ -253,6 +253,49 @@ def test_two_managers_on_one_file_share_streams_and_leases(db: Path) -> None:
         assert a.request_cancel("shared") is False
 
 
+def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(db: Path) -> None:
+    # Two managers on one file stand for two worker processes: b learns of a's
+    # commits only through the file.
+    with SQLiteStreamManager(db) as a, SQLiteStreamManager(db, timeout=30) as b:
+        writers = [a.open(f"s{i}") for i in range(20)]
+        results: dict[int, list[str]] = {}
+        reads = [0]
+        original_read = b._read
+
+        def counting_read(sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+            reads[0] += 1
+            return original_read(sql, args)
+
+        b._read = counting_read  # type: ignore[method-assign]
+
+        def follow(i: int) -> None:
+            results[i] = [e.payload for e in b.subscribe(f"s{i}")]
+
+        threads = [threading.Thread(target=follow, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        while len(b._watchers) < 20:  # every follower has read and waits
+            time.sleep(0.01)
+        time.sleep(0.2)
+        before = reads[0]
+        time.sleep(1.0)
+        # Waiting followers do not poll on their own (one poll each per 100 ms would
+        # be 200 reads here); only the shared poller looks at the file.
+        assert reads[0] - before < 20
+        assert b._poller is not None
+        for round_ in range(3):
+            for i, writer in enumerate(writers):
+                writer.write([i, round_])
+            time.sleep(0.05)
+        for i, writer in enumerate(writers):
+            writer.done(i)
+        for thread in threads:
+            thread.join(10)
+        assert results == {i: [f"[{i},{r}]" for r in range(3)] + [str(i)] for i in range(20)}
+    # The poller ended with its last follower (the leak check also holds it to that).
+    assert b._poller is None
+
+
 def test_expired_stream_is_not_found_before_gc_then_gc_deletes_rows(db: Path) -> None:
     with SQLiteStreamManager(db, ttl_seconds=0.2, sweep_interval=3600) as manager:
         writer = manager.open("old")

@@ -11,15 +11,20 @@ commits, fsyncs and lock waits off the hub; a caller waits cooperatively and is
 woken through the hub's thread-safe callback. Reads are short indexed queries
 on pooled connections, run in place.
 
-Subscribers in the writing process are woken as soon as a commit lands; events
-written by other processes are found by an adaptive poll (``poll_interval``
-grows from its first to its second value while a stream is quiet and resets on
-every event). See ``docs/sqlite.md`` for figures and limits.
+Subscribers in the writing process are woken as soon as a commit lands. Events
+written by other processes are found by one *change poller* per process: while
+anybody follows a stream, it checks ``PRAGMA data_version`` (which moves when
+another connection commits) and, only when it moved, reads the watched streams'
+``last_seq`` in one query and wakes the followers of those that advanced. It
+polls every ``poll_interval[0]`` seconds until watched streams have been quiet for
+a quarter second, then less often, up to ``poll_interval[1]``. Idle followers
+cost nothing of their own. See ``docs/sqlite.md`` for figures and limits.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 import sqlite3
@@ -48,6 +53,8 @@ from .base import (
     StreamWriter,
     status_after,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -85,6 +92,8 @@ _INSERT_PACKED = (
 _PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _READ_BATCH = 256
+_HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
+_RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
 _payload_of = operator.itemgetter(2)  # Event.payload
 
 
@@ -218,6 +227,7 @@ class SQLiteStreamManager(StreamManager):
         self._watchers: dict[str, set[_Signal]] = {}
         self._tasks = TaskGroup()
         self._sweeper: Task | None = None
+        self._poller: Task | None = None
         self._stopping = threading.Event()
         self._closed = False
         self._readers: list[sqlite3.Connection] = []
@@ -281,6 +291,7 @@ class SQLiteStreamManager(StreamManager):
         self._watchers = {}
         self._tasks = TaskGroup()
         self._sweeper = None
+        self._poller = None
         self._queue = None
         self._in_flight = 0
 
@@ -548,8 +559,6 @@ class SQLiteStreamManager(StreamManager):
         signal = _Signal()
         with self._lock:
             self._watchers.setdefault(stream_id, set()).add(signal)
-        first_poll, max_poll = self.poll_interval
-        poll = first_poll
         last_activity = time.monotonic()
         seen_heartbeat = None
         try:
@@ -566,7 +575,7 @@ class SQLiteStreamManager(StreamManager):
                     if batch[-1].terminal:
                         return
                     cursor = rows[-1][0] + 1
-                    last_activity, poll = time.monotonic(), first_poll
+                    last_activity = time.monotonic()
                     continue
                 info = self._row(stream_id)
                 if info is None or info[9] != token:
@@ -585,8 +594,9 @@ class SQLiteStreamManager(StreamManager):
                 remaining = timeout - (time.monotonic() - last_activity)
                 if remaining <= 0:
                     raise StreamTimeout("Stream timed out.")
-                signal.wait(min(poll, remaining, lease_left + 0.001))
-                poll = min(poll * 1.5, max_poll)
+                if self._poller is None:
+                    self._ensure_poller()
+                signal.wait(min(_RECHECK, remaining, lease_left + 0.001))
         finally:
             with self._lock:
                 watchers = self._watchers.get(stream_id)
@@ -594,6 +604,86 @@ class SQLiteStreamManager(StreamManager):
                     watchers.discard(signal)
                     if not watchers:
                         del self._watchers[stream_id]
+
+    def _ensure_poller(self) -> None:
+        with self._lock:
+            if self._poller is None and not self._stopping.is_set():
+                self._poller = self._tasks.spawn(
+                    self._poll_changes, name="durable-stream-sqlite-poller"
+                )
+
+    def _poll_changes(self) -> None:
+        """Wake the followers of streams that another connection advanced; ends when none is left.
+
+        One cheap ``PRAGMA data_version`` per interval while the file is quiet; one
+        indexed query over the watched streams when it moved. The writer thread
+        wakes this process's own followers directly; they may be woken twice.
+        """
+        first, longest = self.poll_interval
+        interval, moved_at = first, 0.0
+        conn: sqlite3.Connection | None = None
+        version = None
+        seen: dict[str, tuple[int, str]] = {}
+        try:
+            while True:
+                with self._lock:
+                    if not self._watchers or self._closed:
+                        self._poller = None
+                        return
+                    if conn is None and self._readers:
+                        conn = self._readers.pop()
+                try:
+                    if conn is None:
+                        conn = self._connect(writer=False)
+                    now = conn.execute("PRAGMA data_version").fetchone()[0]
+                    advanced = False
+                    if now != version:
+                        version = now
+                        seen, advanced = self._wake_advanced(conn, seen)
+                    # Quick while streams move (a token stream pauses between chunks);
+                    # a timed wake-up costs CPU, so back off once they have been quiet.
+                    if advanced:
+                        moved_at = time.monotonic()
+                    if time.monotonic() - moved_at < _HOLD:
+                        interval = first
+                    else:
+                        interval = min(interval * 1.5, longest)
+                except sqlite3.Error as exc:  # followers see the trouble on their own reads
+                    log.debug("SQLite change poll failed on %r: %s", self.path, exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                self._stopping.wait(interval)
+        finally:
+            if conn is not None:
+                with self._lock:
+                    if len(self._readers) < self.read_pool_size and not self._closed:
+                        self._readers.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+
+    def _wake_advanced(
+        self, conn: sqlite3.Connection, seen: dict[str, tuple[int, str]]
+    ) -> tuple[dict[str, tuple[int, str]], bool]:
+        with self._lock:
+            ids = list(self._watchers)  # read after data_version: covers every later commit
+        state: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for sid, last_seq, status in conn.execute(
+                f"SELECT stream_id, last_seq, status FROM ds_streams WHERE stream_id IN ({marks})",
+                part,
+            ):
+                state[sid] = (last_seq, status)
+        # A stream seen for the first time, advanced, ended or gone: its followers look.
+        woken = [sid for sid in ids if sid not in seen or state.get(sid) != seen[sid]]
+        with self._lock:
+            signals = [s for sid in woken for s in self._watchers.get(sid, ())]
+        for signal in signals:
+            signal.set()
+        return state, bool(woken)
 
     # -- metadata ----------------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:
