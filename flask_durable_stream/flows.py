@@ -61,7 +61,14 @@ class FlowContext:
     _cooperative: bool = field(default=True, repr=False)
 
     def send_chunk(self, chunk: Any) -> None:
-        """Stream one chunk to every subscriber (and to storage). Must be JSON-serializable."""
+        """Stream one chunk to every subscriber (and to storage). Must be JSON-serializable.
+
+        Once the stream was cancelled this raises ``FlowError("CANCELLED")`` instead,
+        so a flow that never looks at :attr:`cancelled` still stops at its next chunk
+        (and stops paying for the tokens nobody will read).
+        """
+        if self._cancel.is_set():
+            raise FlowError("CANCELLED", "Cancelled by client.")
         payload = protocol.encode(chunk)
         if self._emit is not None:
             self._emit(payload)
@@ -112,26 +119,30 @@ def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
 
 
 def _drain(gen: Any, ctx: FlowContext) -> Any:
-    while True:
-        try:
-            chunk = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        ctx.send_chunk(chunk)
-        if ctx.cancelled:
-            gen.close()
-            raise FlowError("CANCELLED", "Cancelled by client.")
+    try:
+        while True:
+            try:
+                chunk = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            ctx.send_chunk(chunk)  # raises CANCELLED once cancelled
+            if ctx.cancelled:  # do not ask the generator for more work
+                raise FlowError("CANCELLED", "Cancelled by client.")
+    finally:
+        gen.close()  # runs the generator's cleanup now; a no-op once it returned or raised
 
 
 async def _consume(flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
     ctx._cooperative = False  # the event loop schedules; never sleep the thread
     result = flow(*args)
     if inspect.isasyncgen(result):
-        async for chunk in result:
-            ctx.send_chunk(chunk)
-            if ctx.cancelled:
-                await result.aclose()
-                raise FlowError("CANCELLED", "Cancelled by client.")
+        try:
+            async for chunk in result:
+                ctx.send_chunk(chunk)  # raises CANCELLED once cancelled
+                if ctx.cancelled:
+                    raise FlowError("CANCELLED", "Cancelled by client.")
+        finally:
+            await result.aclose()
         return ctx.output
     return await result
 

@@ -260,12 +260,14 @@ class Runner:
     def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
         try:
             output = call_flow(flow, data, run.ctx)
-        except StreamClosed:
-            if not run.ended:
+        except (StreamClosed, FlowError) as exc:
+            if run.ended:
+                # The stream was ended for the flow (shutdown): its next chunk stopped it.
+                log.info("flow %r stopped: stream %s had already ended", name, run.stream_id)
+                return
+            if isinstance(exc, StreamClosed):
                 raise
-            # The stream was ended for the flow (shutdown): its next chunk stopped it.
-            log.info("flow %r stopped: stream %s had already ended", name, run.stream_id)
-        except FlowError as exc:
+            assert isinstance(exc, FlowError)
             body = exc.to_dict()
             if exc.details is not None:
                 try:
