@@ -3,7 +3,9 @@
 One POST endpoint per flow speaks Genkit's protocol (see :mod:`.protocol`):
 a new call starts the flow in the runner and streams it; the same POST with an
 ``x-genkit-stream-id`` header reattaches to a stream through the manager and
-replays it from the start. Every bad input gets a JSON error with a 4xx status.
+replays it from the start. ``POST <flow>/cancel`` with that header asks the
+stream's flow to stop, wherever it runs. Every bad input gets a JSON error with
+a 4xx status.
 """
 
 from __future__ import annotations
@@ -76,21 +78,76 @@ class FlowEndpoint:
         return self.runner.manager
 
     def __call__(self) -> Response:
+        return self._guarded(self._handle)
+
+    def cancel(self) -> Response:
+        """The view of ``POST <flow>/cancel``: ask a stream's flow to stop.
+
+        202 ``{"streamId": ..., "status": "cancelling"}`` when the stream was open:
+        a flow in this process sees the request at once, one in another process at
+        its next heartbeat. 409 ``FAILED_PRECONDITION`` with ``streamStatus`` when
+        it had already ended, 404 for an unknown or expired id, 400 without a valid
+        ``x-genkit-stream-id``. The context provider sees the request first (with
+        ``stream_id`` set), so it can refuse it.
+        """
+        return self._guarded(self._cancel)
+
+    def _guarded(self, handle: Callable[[], Response]) -> Response:
         try:
-            return self._handle()
+            return handle()
         except DurableStreamError as exc:
             return error_response(exc)
         except Exception:  # a bug in a context provider or a backend: logged, redacted
             log.exception("flow %r: request failed", self.name)
             return _json_response(protocol.INTERNAL_ERROR, 500)
 
-    def _handle(self) -> Response:
+    @staticmethod
+    def _stream_id(*, required: bool) -> str | None:
         stream_id = request.headers.get(protocol.STREAM_ID_HEADER)
-        streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
+        if stream_id is None and required:
+            raise InvalidRequest(f"Missing {protocol.STREAM_ID_HEADER} header.")
         if stream_id is not None and not valid_stream_id(stream_id):
             raise InvalidRequest(
                 f"Invalid {protocol.STREAM_ID_HEADER}: expected 1-128 characters of [A-Za-z0-9_.-]."
             )
+        return stream_id
+
+    def _cancel(self) -> Response:
+        stream_id = self._stream_id(required=True)
+        assert stream_id is not None
+        self._read_body(allow_empty=True)  # a body, if any, must still be sane
+        self._context(None, stream_id)
+        local = self.runner.request_cancel(stream_id)  # a flow of this process stops at once
+        manager = self.manager
+        if manager is not None:
+            try:
+                # Stored too, so every process (and a reader of the stream) sees it.
+                if manager.request_cancel(stream_id) or local:
+                    return self._cancelling(stream_id)
+            except StreamNotFound:
+                if local:
+                    return self._cancelling(stream_id)
+                raise StreamNotFound("Stream not found.") from None
+            info = manager.info(stream_id)
+            if info is None:  # expired between the two calls
+                raise StreamNotFound("Stream not found.")
+            body = {
+                "status": "FAILED_PRECONDITION",
+                "message": "Stream already ended.",
+                "streamStatus": info.status.value,
+            }
+            return _json_response(body, 409)
+        if local:
+            return self._cancelling(stream_id)
+        raise StreamNotFound("Stream not found.")
+
+    @staticmethod
+    def _cancelling(stream_id: str) -> Response:
+        return _json_response({"streamId": stream_id, "status": "cancelling"}, 202)
+
+    def _handle(self) -> Response:
+        stream_id = self._stream_id(required=False)
+        streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
         body = self._read_body(allow_empty=stream_id is not None)
         if stream_id is not None:
             self._context(body.get("data"), stream_id)
@@ -242,7 +299,7 @@ def durable_stream_blueprint(
     write_retry_timeout: float = 30.0,
     shutdown_grace: float = 25.0,
 ) -> Blueprint:
-    """A blueprint with ``POST /<flow name>`` for each entry of ``flows``.
+    """A blueprint with ``POST /<flow name>`` and ``POST /<flow name>/cancel`` for each flow.
 
     All flows share one stream manager and one runner. Register it with any
     ``url_prefix``. Unknown flow names get Flask's JSON-less 404; use the
@@ -267,6 +324,12 @@ def durable_stream_blueprint(
             subscribe_timeout=subscribe_timeout,
         )
         bp.add_url_rule(f"/{flow_name}", endpoint=flow_name, view_func=endpoint, methods=["POST"])
+        bp.add_url_rule(
+            f"/{flow_name}/cancel",
+            endpoint=f"{flow_name}:cancel",
+            view_func=endpoint.cancel,
+            methods=["POST"],
+        )
 
     def unknown_flow(unknown: str) -> Response:
         return _json_response({"status": "NOT_FOUND", "message": "Unknown flow."}, 404)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from flask_durable_stream import StreamManager
+from flask_durable_stream import InMemoryStreamManager, StreamManager
 from flask_durable_stream._concurrency import running_tasks
+from flask_durable_stream.runner import runner_for
 
 BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")]))
 pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]
@@ -40,3 +41,12 @@ def make_manager(request: pytest.FixtureRequest) -> Callable[..., StreamManager]
 @pytest.fixture
 def manager(make_manager: Callable[..., StreamManager]) -> StreamManager:
     return make_manager()
+
+
+@pytest.fixture
+def memory_manager() -> Iterator[InMemoryStreamManager]:
+    """An in-memory manager whose runner is shut down after the test."""
+    manager = InMemoryStreamManager()
+    yield manager
+    runner_for(manager).shutdown(5)
+    manager.close()

@@ -59,3 +59,22 @@ def test_reload_mid_stream_shows_the_whole_story(
     assert stream_id in status
     page.screenshot(path=str(shot_dir / "example-page.png"))
     assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None
+
+
+def test_stop_button_cancels_the_flow_on_the_server(
+    server: servers.Server, browser: object
+) -> None:
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.goto(server.url + "/")
+    page.click("#start")
+    page.wait_for_function("document.getElementById('story').textContent.split(' ').length > 5")
+    page.click("#stop")
+    page.wait_for_function(
+        "document.getElementById('status').textContent.includes('CANCELLED')", timeout=20_000
+    )
+    assert page.text_content("#status") == "error: CANCELLED: Cancelled by client."
+    words = len((page.text_content("#story") or "").split())
+    assert 5 <= words < 40
+    assert page.is_disabled("#stop")
+    assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None
+    page.close()

@@ -19,7 +19,6 @@ from flask_durable_stream import (
     flow_view,
     protocol,
 )
-from flask_durable_stream.runner import runner_for
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -53,11 +52,8 @@ STATUSES = sorted(
 
 
 @pytest.fixture
-def manager() -> Iterator[InMemoryStreamManager]:
-    manager = InMemoryStreamManager()
-    yield manager
-    runner_for(manager).shutdown(5)
-    manager.close()
+def manager(memory_manager: InMemoryStreamManager) -> InMemoryStreamManager:
+    return memory_manager
 
 
 @pytest.fixture
