@@ -43,6 +43,12 @@ class Task:
             time.sleep(0.001)
         return not self.alive
 
+    def kill(self, timeout: float | None = None) -> None:
+        """Stop a greenlet (``GreenletExit`` at its wait); a thread cannot be stopped."""
+        kill = getattr(self._impl, "kill", None)
+        if kill is not None:
+            kill(block=True, timeout=timeout)
+
     @property
     def alive(self) -> bool:
         impl = self._impl

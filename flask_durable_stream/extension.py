@@ -17,7 +17,12 @@ from flask import Flask
 from .flows import Flow
 from .managers.base import StreamManager
 from .runner import Runner
-from .views import DEFAULT_MAX_CONTENT_LENGTH, ContextProvider, durable_stream_blueprint
+from .views import (
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_MAX_CONTENT_LENGTH,
+    ContextProvider,
+    durable_stream_blueprint,
+)
 
 EXTENSION_KEY = "durable_stream"
 
@@ -35,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_MAX_CONTENT_LENGTH": DEFAULT_MAX_CONTENT_LENGTH,
     "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": 30.0,
     "DURABLE_STREAM_SHUTDOWN_GRACE": 25.0,
+    "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
+    "DURABLE_STREAM_SSE_LIFETIME": None,
 }
 
 
@@ -94,6 +101,8 @@ class DurableStream:
             max_content_length=int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
             write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
             shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
+            keepalive_interval=float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
+            sse_lifetime=_optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
         )
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
         app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
@@ -156,3 +165,7 @@ def build_manager(app: Flask) -> StreamManager:
         f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore' or 'rtdb',"
         " or pass stream_manager= to DurableStream()"
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)

@@ -84,6 +84,28 @@ def error_frame(body: dict[str, Any]) -> str:
     return frame(ERROR, encode(body))
 
 
+# -- standard Server-Sent Events (the GET endpoint, for EventSource) ---------------------------
+#: SSE event names: chunks use the default ``message`` (so ``onmessage`` sees them); the
+#: error is not called ``error``, which EventSource also fires for connection failures.
+SSE_EVENT = {CHUNK: "", DONE: "event: result\n", ERROR: "event: failure\n"}
+SSE_KEEPALIVE = b": keep-alive\n\n"
+#: First bytes of every SSE response: reconnect after 1 s, not the browser's default 3 s.
+SSE_RETRY = b"retry: 1000\n\n"
+
+
+def sse_events(events: Iterable[tuple[int, str, str]]) -> bytes:
+    """Events as SSE messages whose ``id`` is the seq, so ``Last-Event-ID`` resumes after it."""
+    names = SSE_EVENT
+    return "".join(
+        [f"id: {seq}\n{names[kind]}data: {payload}\n\n" for seq, kind, payload in events]
+    ).encode()
+
+
+def sse_failure(body: dict[str, Any]) -> bytes:
+    """A failure of this connection (not a stored event): no ``id``, so a resume is unaffected."""
+    return f"event: failure\ndata: {encode(body)}\n\n".encode()
+
+
 def wants_stream(accept: str | None, stream_arg: str | None) -> bool:
     """Genkit streams when ``Accept`` mentions text/event-stream (any case) or ``?stream=true``."""
     if stream_arg is not None and stream_arg.lower() == "true":

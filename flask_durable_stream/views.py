@@ -4,14 +4,17 @@ One POST endpoint per flow speaks Genkit's protocol (see :mod:`.protocol`):
 a new call starts the flow in the runner and streams it; the same POST with an
 ``x-genkit-stream-id`` header reattaches to a stream through the manager and
 replays it from the start. ``POST <flow>/cancel`` with that header asks the
-stream's flow to stop, wherever it runs. Every bad input gets a JSON error with
-a 4xx status.
+stream's flow to stop, wherever it runs. ``GET <flow>/events?streamId=<id>`` is
+the same stream as standard Server-Sent Events for ``EventSource``: ids are
+sequence numbers, so ``Last-Event-ID`` (or ``?after=<seq>``) resumes after the
+last event received. Every bad input gets a JSON error with a 4xx status.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,9 +22,10 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import protocol
+from ._concurrency import gevent_patched
 from .exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
 from .flows import Flow, RequestData
-from .managers.base import Event, StreamManager, valid_stream_id
+from .managers.base import Event, StreamManager, StreamStatus, valid_stream_id
 from .managers.memory import InMemoryStreamManager
 from .runner import Runner, runner_for
 
@@ -30,6 +34,8 @@ log = logging.getLogger("flask_durable_stream")
 ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+_END = object()
 
 
 class _StreamResponse(Response):
@@ -41,6 +47,21 @@ class _StreamResponse(Response):
         write = start_response(status, headers)
         write(b"")
         return app_iter
+
+
+def _after_seq(last_event_id: str | None, after: str | None) -> int:
+    """The seq to resume after: ``Last-Event-ID`` (newer, sent on reconnect) over ``?after=``."""
+    raw = last_event_id if last_event_id not in (None, "") else after
+    if raw in (None, ""):
+        return -1
+    assert raw is not None
+    try:
+        seq = int(raw)
+    except ValueError:
+        seq = -2
+    if seq < -1 or len(raw) > 20:
+        raise InvalidRequest("Last-Event-ID and after must be an event id (an integer >= -1).")
+    return seq
 
 
 def _json_response(body: Any, status: int) -> Response:
@@ -63,6 +84,8 @@ class FlowEndpoint:
         context_provider: ContextProvider | None = None,
         max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
         subscribe_timeout: float | None = None,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        sse_lifetime: float | None = None,
     ) -> None:
         if not callable(flow):
             raise TypeError(f"flow {name!r} is not callable")
@@ -72,6 +95,8 @@ class FlowEndpoint:
         self.context_provider = context_provider
         self.max_content_length = max_content_length
         self.subscribe_timeout = subscribe_timeout
+        self.keepalive_interval = keepalive_interval
+        self.sse_lifetime = sse_lifetime
 
     @property
     def manager(self) -> StreamManager | None:
@@ -91,6 +116,20 @@ class FlowEndpoint:
         ``stream_id`` set), so it can refuse it.
         """
         return self._guarded(self._cancel)
+
+    def events(self) -> Response:
+        """The view of ``GET <flow>/events?streamId=<id>[&after=<seq>]``: standard SSE.
+
+        Each event is ``id: <seq>`` plus ``data: <JSON>``: chunks as default
+        ``message`` events, then ``event: result`` (the output) or ``event: failure``
+        (``{"status", "message"}``), after which the connection closes. A reconnect
+        with ``Last-Event-ID`` (EventSource sends it by itself) or ``?after=`` gets
+        the events after that seq; once nothing follows an ended stream, 204 (which
+        stops EventSource). Under gevent a ``: keep-alive`` comment goes out after
+        ``keepalive_interval`` seconds of silence, and with ``sse_lifetime`` the
+        connection is closed after that many seconds for the client to resume.
+        """
+        return self._guarded(self._events)
 
     def _guarded(self, handle: Callable[[], Response]) -> Response:
         try:
@@ -140,6 +179,93 @@ class FlowEndpoint:
         if local:
             return self._cancelling(stream_id)
         raise StreamNotFound("Stream not found.")
+
+    def _events(self) -> Response:
+        stream_id = request.args.get("streamId") or request.headers.get(protocol.STREAM_ID_HEADER)
+        if stream_id is None:
+            raise InvalidRequest("Missing streamId query parameter.")
+        if not valid_stream_id(stream_id):
+            raise InvalidRequest("Invalid streamId: expected 1-128 characters of [A-Za-z0-9_.-].")
+        after = _after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
+        self._context(None, stream_id)
+        manager = self.manager
+        info = manager.info(stream_id) if manager is not None else None
+        if manager is None or info is None:
+            raise StreamNotFound("Stream not found.")
+        if info.status is not StreamStatus.OPEN and after >= info.last_seq:
+            return Response(status=204)  # nothing follows: EventSource stops reconnecting
+        try:
+            batches = manager.subscribe_batches(
+                stream_id, after=after, timeout=self.subscribe_timeout
+            )
+        except StreamNotFound:
+            raise StreamNotFound("Stream not found.") from None
+        response = _StreamResponse(self._sse(batches), status=200, mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        return response
+
+    def _sse(self, batches: Iterator[list[Event]]) -> Iterator[bytes]:
+        deadline = None if self.sse_lifetime is None else time.monotonic() + self.sse_lifetime
+        source: Iterator[list[Event] | None] = (
+            self._with_keepalives(batches) if gevent_patched() else iter(batches)
+        )
+        try:
+            yield protocol.SSE_RETRY
+            for batch in source:
+                if batch is None:
+                    yield protocol.SSE_KEEPALIVE
+                else:
+                    yield protocol.sse_events(batch)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return  # the client resumes with Last-Event-ID
+        except DurableStreamError as exc:
+            yield protocol.sse_failure(exc.to_dict())
+        except Exception:
+            log.exception("reading a stream failed")
+            yield protocol.sse_failure(protocol.INTERNAL_ERROR)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _with_keepalives(self, batches: Iterator[list[Event]]) -> Iterator[list[Event] | None]:
+        """``batches``, with ``None`` after every ``keepalive_interval`` of silence (gevent).
+
+        The subscription runs in its own greenlet, killed when the client goes away,
+        so a silent stream does not keep a reader waiting for its timeout.
+        """
+        import gevent.queue
+
+        queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+
+        def pump() -> None:
+            try:
+                for batch in batches:
+                    queue.put(batch)
+                queue.put(_END)
+            except Exception as exc:
+                queue.put(exc)
+
+        task = self.runner.tasks.spawn(pump, name="durable-stream-sse")
+        deadline = None if self.sse_lifetime is None else time.monotonic() + self.sse_lifetime
+        try:
+            while True:
+                wait = self.keepalive_interval
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic()))
+                try:
+                    item = queue.get(timeout=wait)
+                except gevent.queue.Empty:
+                    yield None
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            task.kill(timeout=5)
 
     @staticmethod
     def _cancelling(stream_id: str) -> Response:
@@ -270,6 +396,8 @@ def flow_view(
     max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
     subscribe_timeout: float | None = None,
     runner: Runner | None = None,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    sse_lifetime: float | None = None,
 ) -> FlowEndpoint:
     """A view for one flow, for ``app.add_url_rule(path, view_func=..., methods=["POST"])``.
 
@@ -284,6 +412,8 @@ def flow_view(
         context_provider=context_provider,
         max_content_length=max_content_length,
         subscribe_timeout=subscribe_timeout,
+        keepalive_interval=keepalive_interval,
+        sse_lifetime=sse_lifetime,
     )
 
 
@@ -298,8 +428,11 @@ def durable_stream_blueprint(
     subscribe_timeout: float | None = None,
     write_retry_timeout: float = 30.0,
     shutdown_grace: float = 25.0,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    sse_lifetime: float | None = None,
 ) -> Blueprint:
-    """A blueprint with ``POST /<flow name>`` and ``POST /<flow name>/cancel`` for each flow.
+    """A blueprint with ``POST /<flow name>``, ``POST /<flow name>/cancel`` and
+    ``GET /<flow name>/events`` (SSE) for each flow.
 
     All flows share one stream manager and one runner. Register it with any
     ``url_prefix``. Unknown flow names get Flask's JSON-less 404; use the
@@ -322,8 +455,16 @@ def durable_stream_blueprint(
             context_provider=context_provider,
             max_content_length=max_content_length,
             subscribe_timeout=subscribe_timeout,
+            keepalive_interval=keepalive_interval,
+            sse_lifetime=sse_lifetime,
         )
         bp.add_url_rule(f"/{flow_name}", endpoint=flow_name, view_func=endpoint, methods=["POST"])
+        bp.add_url_rule(
+            f"/{flow_name}/events",
+            endpoint=f"{flow_name}:events",
+            view_func=endpoint.events,
+            methods=["GET"],
+        )
         bp.add_url_rule(
             f"/{flow_name}/cancel",
             endpoint=f"{flow_name}:cancel",

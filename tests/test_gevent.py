@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 from tests.support.servers import PYTHON, ROOT
 
 
-def test_all_flow_shapes_run_concurrently_without_blocking_the_hub() -> None:
+def run_check(module: str) -> Any:
+    """Run ``tests.support.<module>`` in a patched subprocess; its last line is a JSON report."""
     proc = subprocess.run(
-        [PYTHON, "-m", "tests.support.gevent_flows_check"],
+        [PYTHON, "-m", f"tests.support.{module}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_all_flow_shapes_run_concurrently_without_blocking_the_hub() -> None:
+    report = run_check("gevent_flows_check")
     chunks = [str(i) for i in range(10)]
     for n, (a, ag, sg) in enumerate(zip(*[iter(report["stored"])] * 3, strict=True)):
         assert a == chunks + [str(n)]
@@ -39,3 +45,11 @@ def test_all_flow_shapes_run_concurrently_without_blocking_the_hub() -> None:
     ]
     assert async_span.count("tick") >= 5
     assert report["leftover_tasks"] == []
+
+
+def test_an_sse_reader_that_leaves_releases_its_subscription() -> None:
+    report = run_check("gevent_sse_check")
+    assert report["keepalives"] >= 3  # a silent stream still sends comments
+    assert report["connected"] == 1  # one subscription task while the reader is there
+    assert report["after"] == 0  # and none once it left, though the stream stays silent
+    assert report["terminal"] == '"cancelled"'

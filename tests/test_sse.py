@@ -1,0 +1,223 @@
+"""``GET <flow>/events``: the stream as standard Server-Sent Events, resumable by event id."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_durable_stream import (
+    FlowContext,
+    FlowError,
+    InMemoryStreamManager,
+    RequestData,
+    durable_stream_blueprint,
+)
+from tests.support import servers
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """SSE messages as dicts: ``id``, ``event`` (default ``message``), ``data`` (JSON); comments
+    as ``{"comment": ...}``. Every message must be complete."""
+    messages = []
+    assert text == "" or text.endswith("\n\n"), repr(text[-40:])
+    for block in text.split("\n\n")[:-1]:
+        message: dict[str, Any] = {"event": "message"}
+        for line in block.split("\n"):
+            field, _, value = line.partition(": ")
+            if field == "":
+                message = {"comment": value}
+            elif field == "retry":
+                message = {"retry": int(value)}
+            elif field == "data":
+                message["data"] = json.loads(value)
+            else:
+                message[field] = int(value) if field == "id" else value
+        messages.append(message)
+    return messages
+
+
+def story(data: Any, ctx: FlowContext) -> Any:
+    for i in range(int(data.get("n", 3))):
+        ctx.send_chunk({"i": i})
+        time.sleep(float(data.get("delay", 0)))
+    return {"n": data.get("n", 3)}
+
+
+def boom(data: Any) -> Iterator[Any]:
+    yield "one"
+    raise KeyError("secret-token-123")
+
+
+def provider(req: RequestData) -> dict[str, Any]:
+    if req.headers.get("authorization") == "Bearer nope":
+        raise FlowError("PERMISSION_DENIED", "not allowed")
+    return {}
+
+
+@pytest.fixture
+def manager(memory_manager: InMemoryStreamManager) -> InMemoryStreamManager:
+    return memory_manager
+
+
+@pytest.fixture
+def app(manager: InMemoryStreamManager) -> Flask:
+    app = Flask(__name__)
+    bp = durable_stream_blueprint(
+        {"story": story, "boom": boom}, stream_manager=manager, context_provider=provider
+    )
+    app.register_blueprint(bp, url_prefix="/api")
+    return app
+
+
+def start(client: FlaskClient, flow: str = "story", **data: Any) -> str:
+    response = client.post(f"/api/{flow}", json={"data": data}, headers=SSE)
+    response.close()
+    return str(response.headers["x-genkit-stream-id"])
+
+
+def ids(body: bytes) -> list[int]:
+    return [m["id"] for m in parse_sse(body.decode()) if "id" in m]
+
+
+def events(client: FlaskClient, sid: str, **kwargs: Any) -> Any:
+    return client.get(f"/api/story/events?streamId={sid}", **kwargs)
+
+
+def test_a_stream_as_server_sent_events(client: FlaskClient) -> None:
+    sid = start(client, n=3, delay=0.01)  # followed while it runs, then the end
+    response = events(client, sid)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.data.decode() == (
+        "retry: 1000\n\n"
+        'id: 0\ndata: {"i":0}\n\n'
+        'id: 1\ndata: {"i":1}\n\n'
+        'id: 2\ndata: {"i":2}\n\n'
+        'id: 3\nevent: result\ndata: {"n":3}\n\n'
+    )
+
+
+def test_resume_after_an_id_from_the_query_or_last_event_id(client: FlaskClient) -> None:
+    sid = start(client, n=4)
+    assert ids(events(client, sid).data) == [0, 1, 2, 3, 4]
+    assert ids(client.get(f"/api/story/events?streamId={sid}&after=1").data) == [2, 3, 4]
+    # EventSource keeps its first URL and adds the header: the header is newer and wins.
+    resumed = client.get(
+        f"/api/story/events?streamId={sid}&after=0", headers={"Last-Event-ID": "3"}
+    )
+    assert parse_sse(resumed.data.decode()) == [
+        {"retry": 1000},
+        {"id": 4, "event": "result", "data": {"n": 4}},
+    ]
+
+
+def test_nothing_after_the_end_is_204_which_stops_eventsource(client: FlaskClient) -> None:
+    sid = start(client, n=2)
+    assert parse_sse(events(client, sid).data.decode())[-1]["event"] == "result"
+    done = events(client, sid, headers={"Last-Event-ID": "2"})
+    assert done.status_code == 204 and done.data == b""
+
+
+def test_errors_are_failure_events_redacted_like_the_post_endpoint(client: FlaskClient) -> None:
+    sid = start(client, "boom")
+    messages = parse_sse(client.get(f"/api/boom/events?streamId={sid}").data.decode())
+    assert messages == [
+        {"retry": 1000},
+        {"id": 0, "event": "message", "data": "one"},
+        {
+            "id": 1,
+            "event": "failure",
+            "data": {"status": "INTERNAL", "message": "Internal Error"},
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "status", "code"),
+    [
+        ("", {}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=..%2Fetc", {}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=" + "a" * 129, {}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=unknown", {}, 404, "NOT_FOUND"),
+        ("?streamId=unknown&after=abc", {}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=unknown&after=-2", {}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=unknown", {"Last-Event-ID": "1e3"}, 400, "INVALID_ARGUMENT"),
+        ("?streamId=unknown", {"Authorization": "Bearer nope"}, 403, "PERMISSION_DENIED"),
+    ],
+)
+def test_bad_requests_get_json_errors(
+    client: FlaskClient, query: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    response = client.get(f"/api/story/events{query}", headers=headers)
+    assert response.status_code == status
+    assert response.get_json()["status"] == code
+
+
+# -- a real gevent server: keep-alives, connection lifetime, resume ------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
+    env = {
+        **servers.sqlite_env(tmp_path_factory, "sse"),
+        "FLASK_DURABLE_STREAM_KEEPALIVE_INTERVAL": "0.1",
+        "FLASK_DURABLE_STREAM_SSE_LIFETIME": "0.5",
+    }
+    server = servers.example_app(env)
+    yield server
+    server.stop()
+
+
+def read_until_closed(server: servers.Server, path: str, headers: dict[str, str]) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body.decode()
+
+
+def test_keepalives_lifetime_and_resume_on_a_real_server(server: servers.Server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(
+        "POST",
+        "/flows/story",
+        body=json.dumps({"data": {"chunks": 8, "delay": 0.25}}),
+        headers={"Content-Type": "application/json", **SSE},
+    )
+    live = conn.getresponse()
+    sid = live.getheader("x-genkit-stream-id")
+    path = f"/flows/story/events?streamId={sid}"
+    received: list[dict[str, Any]] = []
+    connections, keepalives, last_id = 0, 0, None
+    while not received or received[-1]["event"] == "message":
+        headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
+        status, text = read_until_closed(server, path, headers)
+        assert status == 200
+        connections += 1
+        for message in parse_sse(text):
+            if "comment" in message:
+                keepalives += 1
+            elif "id" in message:
+                received.append(message)
+                last_id = message["id"]
+    live_frames = live.read()
+    conn.close()
+    # Each connection lived about half a second of a two-second flow: the client
+    # resumed several times, and got every event exactly once, in order.
+    assert connections >= 3
+    assert keepalives >= 1
+    assert [m["id"] for m in received] == list(range(9))
+    assert [m["data"]["index"] for m in received[:-1]] == list(range(8))
+    assert received[-1]["event"] == "result" and received[-1]["data"]["words"] == 8
+    assert live_frames.count(b'data: {"message":') == 8
+    status, text = read_until_closed(server, path, {"Last-Event-ID": "8"})
+    assert (status, text) == (204, "")
