@@ -27,6 +27,7 @@ _LAZY = {
     "SQLiteStreamManager": ".managers.sqlite",
     "FirestoreStreamManager": ".managers.firestore",
     "RtdbStreamManager": ".managers.rtdb",
+    "DurableStreamClient": ".client",
 }
 
 
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DurableStream",
+    "DurableStreamClient",
     "DurableStreamError",
     "Event",
     "FirestoreStreamManager",
