@@ -49,6 +49,22 @@ class _StreamResponse(Response):
         return app_iter
 
 
+def _owner_of(context: Mapping[str, Any]) -> str | None:
+    """The owner a context provider assigned to the request (``"owner"``), if any."""
+    owner = context.get("owner")
+    if owner is None:
+        return None
+    if not isinstance(owner, str) or not owner:
+        raise TypeError("the context provider's 'owner' must be a non-empty string")
+    return owner
+
+
+def _check_owner(owner: str | None, context: Mapping[str, Any]) -> None:
+    """An owned stream is for its owner only: reading, following and cancelling it."""
+    if owner is not None and _owner_of(context) != owner:
+        raise InvalidRequest("This stream belongs to another user.", status="PERMISSION_DENIED")
+
+
 def _after_seq(last_event_id: str | None, after: str | None) -> int:
     """The seq to resume after: ``Last-Event-ID`` (newer, sent on reconnect) over ``?after=``."""
     raw = last_event_id if last_event_id not in (None, "") else after
@@ -155,7 +171,9 @@ class FlowEndpoint:
         stream_id = self._stream_id(required=True)
         assert stream_id is not None
         self._read_body(allow_empty=True)  # a body, if any, must still be sane
-        self._context(None, stream_id)
+        context = self._context(None, stream_id)
+        if self.manager is not None:
+            self._check_owner_of(stream_id, context)
         local = self.runner.request_cancel(stream_id)  # a flow of this process stops at once
         manager = self.manager
         if manager is not None:
@@ -187,11 +205,12 @@ class FlowEndpoint:
         if not valid_stream_id(stream_id):
             raise InvalidRequest("Invalid streamId: expected 1-128 characters of [A-Za-z0-9_.-].")
         after = _after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
-        self._context(None, stream_id)
+        context = self._context(None, stream_id)
         manager = self.manager
         info = manager.info(stream_id) if manager is not None else None
         if manager is None or info is None:
             raise StreamNotFound("Stream not found.")
+        _check_owner(info.owner, context)
         if info.status is not StreamStatus.OPEN and after >= info.last_seq:
             return Response(status=204)  # nothing follows: EventSource stops reconnecting
         try:
@@ -267,6 +286,12 @@ class FlowEndpoint:
         finally:
             task.kill(timeout=5)
 
+    def _check_owner_of(self, stream_id: str, context: Mapping[str, Any]) -> None:
+        assert self.manager is not None
+        info = self.manager.info(stream_id)
+        if info is not None:
+            _check_owner(info.owner, context)
+
     @staticmethod
     def _cancelling(stream_id: str) -> Response:
         return _json_response({"streamId": stream_id, "status": "cancelling"}, 202)
@@ -276,13 +301,22 @@ class FlowEndpoint:
         streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
         body = self._read_body(allow_empty=stream_id is not None)
         if stream_id is not None:
-            self._context(body.get("data"), stream_id)
+            context = self._context(body.get("data"), stream_id)
+            if self.manager is not None:
+                self._check_owner_of(stream_id, context)
             return self._resume(stream_id, streaming)
         if "data" not in body:
             raise InvalidRequest('Request body must be a JSON object with a "data" field.')
         data = body["data"]
         context = self._context(data, None)
-        run = self.runner.start(self.name, self.flow, data, context=context, durable=streaming)
+        run = self.runner.start(
+            self.name,
+            self.flow,
+            data,
+            context=context,
+            durable=streaming,
+            owner=_owner_of(context),
+        )
         if streaming:
             headers = {}
             if self.manager is not None:
