@@ -27,6 +27,7 @@ _LAZY = {
     "SQLiteStreamManager": ".managers.sqlite",
     "FirestoreStreamManager": ".managers.firestore",
     "RtdbStreamManager": ".managers.rtdb",
+    "RedisStreamManager": ".managers.redis",
     "DurableStreamClient": ".client",
 }
 
@@ -50,6 +51,7 @@ __all__ = [
     "FlowEndpoint",
     "FlowError",
     "InMemoryStreamManager",
+    "RedisStreamManager",
     "RequestData",
     "RtdbStreamManager",
     "SQLiteStreamManager",

@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_FIRESTORE_COLLECTION": "durable-streams",
     "DURABLE_STREAM_RTDB_URL": None,
     "DURABLE_STREAM_RTDB_PREFIX": "durable-streams",
+    "DURABLE_STREAM_REDIS_URL": None,
+    "DURABLE_STREAM_REDIS_PREFIX": "durable-streams",
     "DURABLE_STREAM_TTL": 300.0,
     "DURABLE_STREAM_TIMEOUT": 60.0,
     "DURABLE_STREAM_LEASE": 10.0,
@@ -161,9 +163,22 @@ def build_manager(app: Flask) -> StreamManager:
             timeout=timeout,
             lease_seconds=lease,
         )
+    if backend == "redis":
+        from .managers.redis import RedisStreamManager
+
+        redis_url = config["DURABLE_STREAM_REDIS_URL"]
+        if not redis_url:
+            raise ValueError("DURABLE_STREAM_BACKEND='redis' needs DURABLE_STREAM_REDIS_URL")
+        return RedisStreamManager(
+            url=redis_url,
+            prefix=config["DURABLE_STREAM_REDIS_PREFIX"],
+            ttl_seconds=ttl,
+            timeout=timeout,
+            lease_seconds=lease,
+        )
     raise ValueError(
-        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore' or 'rtdb',"
-        " or pass stream_manager= to DurableStream()"
+        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore', 'rtdb'"
+        " or 'redis', or pass stream_manager= to DurableStream()"
     )
 
 

@@ -1,6 +1,6 @@
 """Every shared backend behind a real `gunicorn -k gevent -w 2`: a client drops mid-stream and
 reconnects, possibly to the other worker. The process runs monkey-patched, so this also proves
-the Firestore client (grpc) and the RTDB reader cooperate with gevent."""
+the Firestore client (grpc), the RTDB reader and redis-py cooperate with gevent."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.support.client import post_stream
 N = 25
 
 
-@pytest.fixture(scope="module", params=["sqlite", "firestore", "rtdb"])
+@pytest.fixture(scope="module", params=["sqlite", "firestore", "rtdb", "redis"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[servers.Server]:
@@ -30,6 +30,12 @@ def server(
             FIRESTORE_EMULATOR_HOST=emulator.host,
             FLASK_DURABLE_STREAM_FIRESTORE_PROJECT=emulator.project,
             FLASK_DURABLE_STREAM_FIRESTORE_COLLECTION=f"server-{uuid.uuid4().hex[:8]}",
+        )
+    elif backend == "redis":
+        redis: Any = request.getfixturevalue("redis_server")
+        env.update(
+            FLASK_DURABLE_STREAM_REDIS_URL=redis.url,
+            FLASK_DURABLE_STREAM_REDIS_PREFIX=f"server-{uuid.uuid4().hex[:8]}",
         )
     else:
         rtdb: Any = request.getfixturevalue("rtdb_server")

@@ -1,0 +1,119 @@
+"""Redis beyond the conformance suite: key TTLs, cross-manager follow, outages, config."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_durable_stream import DurableStream, StorageUnavailable, StreamStatus
+from flask_durable_stream.managers.redis import RedisStreamManager
+from tests.support import servers
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def manager(redis_server: RedisServer) -> Any:
+    manager = RedisStreamManager(url=redis_server.url, prefix=f"t-{uuid.uuid4().hex[:8]}")
+    yield manager
+    manager.close()
+
+
+def test_finished_streams_get_a_redis_ttl_open_ones_none(manager: RedisStreamManager) -> None:
+    finished = manager.open("finished")
+    finished.write("a")
+    finished.done("b")
+    still_open = manager.open("open")
+    still_open.write("a")
+    for key in manager._keys("finished"):
+        assert 0 < manager.client.pttl(key) <= manager.ttl_seconds * 1000
+    for key in manager._keys("open"):
+        assert manager.client.pttl(key) == -1  # no expiry while the producer lives
+
+
+def test_a_follower_of_another_manager_is_woken_by_new_entries(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    producer = RedisStreamManager(url=redis_server.url, prefix=prefix)
+    follower = RedisStreamManager(url=redis_server.url, prefix=prefix)
+    try:
+        writer = producer.open("s")
+        received: list[str] = []
+        waiting = threading.Event()
+
+        def follow() -> None:
+            for event in follower.subscribe("s"):
+                received.append(event.payload)
+                waiting.set()
+
+        thread = threading.Thread(target=follow)
+        thread.start()
+        writer.write(0)
+        assert waiting.wait(5)
+        for i in range(1, 50):
+            writer.write(i)
+        writer.done("end")
+        thread.join(10)
+        assert received == [str(i) for i in range(50)] + ['"end"']
+        info = follower.info("s")
+        assert info is not None and info.status is StreamStatus.DONE
+    finally:
+        producer.close()
+        follower.close()
+
+
+def test_an_unreachable_server_is_storage_unavailable() -> None:
+    manager = RedisStreamManager(url=f"redis://127.0.0.1:{servers.free_port()}/0")
+    with pytest.raises(StorageUnavailable) as info:
+        manager.open("x")
+    assert info.value.status == "UNAVAILABLE"
+    manager.close()
+
+
+def test_the_extension_builds_it_from_config(redis_server: RedisServer) -> None:
+    app = Flask(__name__)
+    app.config.update(
+        DURABLE_STREAM_BACKEND="redis",
+        DURABLE_STREAM_REDIS_URL=redis_server.url,
+        DURABLE_STREAM_REDIS_PREFIX="from-config",
+    )
+    DurableStream(app, flows={"echo": lambda data: data})
+    manager = app.extensions["durable_stream"].manager
+    assert isinstance(manager, RedisStreamManager) and manager.prefix == "from-config"
+    manager.close()
+    without_url = Flask(__name__)
+    without_url.config["DURABLE_STREAM_BACKEND"] = "redis"
+    with pytest.raises(ValueError, match="DURABLE_STREAM_REDIS_URL"):
+        DurableStream(without_url, flows={})
+
+
+def test_a_long_batch_that_fails_part_way_is_retried_without_duplicates(
+    manager: RedisStreamManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flask_durable_stream import Event
+
+    writer = manager.open("long")
+    events = [Event(seq, "chunk", str(seq)) for seq in range(2500)]  # three append pages
+    real_script = manager._script
+    calls = []
+
+    def failing_second_page(name: str, keys: list[str], args: list[Any]) -> Any:
+        calls.append(name)
+        if name == "append" and calls.count("append") == 2:
+            raise StorageUnavailable("Redis unavailable: connection reset")
+        return real_script(name, keys, args)
+
+    monkeypatch.setattr(manager, "_script", failing_second_page)
+    with pytest.raises(StorageUnavailable):
+        writer.append(events)
+    assert writer.next_seq == 0  # the writer's state did not move
+    info = manager.info("long")
+    assert info is not None and info.last_seq == 999  # the first page was stored
+    writer.append(events)  # the runner's retry: the same batch
+    writer.done("end")
+    stored = [e.payload for e in manager.subscribe("long")]
+    assert stored == [str(seq) for seq in range(2500)] + ['"end"']
