@@ -120,8 +120,10 @@ def test_batch_documents_hold_contiguous_ranges_with_sortable_ids(make: MakeMana
     assert [d["id"] for d in docs] == sorted(d["id"] for d in docs)
     assert all(d["id"] == f"{d['first_seq']:012d}" for d in docs)
     assert [d["first_seq"] for d in docs[1:]] == [d["last_seq"] + 1 for d in docs[:-1]]
-    assert all([e["seq"] for e in d["events"]] == list(range(d["first_seq"], d["last_seq"] + 1))
-               for d in docs)
+    assert all(
+        [e["seq"] for e in d["events"]] == list(range(d["first_seq"], d["last_seq"] + 1))
+        for d in docs
+    )
     assert all("expiresAt" in d for d in docs)
 
 
@@ -179,8 +181,13 @@ def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManag
     assert store_events(manager, sid, events) == 1
     assert store_events(manager, sid, events + [Event(2, "chunk", '"c"')]) == 2  # landed + one more
     with pytest.raises(StreamClosed):  # someone else extended the stream first
-        store_events(manager, sid, [Event(3, "chunk", '"mine"')] if store_events(manager,
-            sid, [Event(3, "chunk", '"theirs"')]) == 3 else [])
+        store_events(
+            manager,
+            sid,
+            [Event(3, "chunk", '"mine"')]
+            if store_events(manager, sid, [Event(3, "chunk", '"theirs"')]) == 3
+            else [],
+        )
     assert [e.payload for e in manager._stored_events(sid, -1)] == ['"a"', '"b"', '"c"', '"theirs"']
 
 
@@ -295,7 +302,12 @@ def test_emulator_paused_then_back_nothing_lost(private_emulator: FirestoreEmula
             time.sleep(0.2)
     writer.close()
     assert [(e.seq, e.payload) for e in manager.subscribe(sid)] == [
-        (0, "0"), (1, "1"), (2, "2"), (3, "3"), (4, "4"), (5, '"end"')
+        (0, "0"),
+        (1, "1"),
+        (2, "2"),
+        (3, "3"),
+        (4, "4"),
+        (5, '"end"'),
     ]
     manager.close()
 
@@ -395,7 +407,11 @@ def test_gevent_patched_process_uses_the_manager_without_hanging(
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, str(script), firestore_emulator.host, firestore_emulator.project],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -439,7 +455,10 @@ def test_client_used_before_fork_fails_fast_in_the_child(
     script.write_text(FORK_SCRIPT)
     result = subprocess.run(
         [sys.executable, str(script), firestore_emulator.host, firestore_emulator.project],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -315,8 +315,11 @@ def test_under_gevent_monkey_patching(rtdb_server: RtdbServer, tmp_path: Path) -
     script = tmp_path / "gevent_rtdb.py"
     script.write_text(GEVENT_SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), rtdb_server.database_url], cwd=ROOT,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, str(script), rtdb_server.database_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])

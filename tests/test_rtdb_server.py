@@ -36,8 +36,9 @@ class Sse:
     """A streaming GET read with requests, independent of the library's reader."""
 
     def __init__(self, target: str) -> None:
-        self.response = requests.get(target, headers={"Accept": "text/event-stream"},
-                                     stream=True, timeout=5)
+        self.response = requests.get(
+            target, headers={"Accept": "text/event-stream"}, stream=True, timeout=5
+        )
         self.lines = self.response.iter_lines(decode_unicode=True)
 
     def next(self) -> tuple[str, Any]:
@@ -97,10 +98,17 @@ def test_shallow_lists_keys_only(base: str) -> None:
 
 
 def test_queries_order_filter_and_limit(base: str) -> None:
-    requests.put(url(base), json={
-        "s3": {"n": 3, "v": "c"}, "s1": {"n": 1, "v": "a"}, "s2": {"n": 2, "v": "b"},
-        "s4": {"n": 4, "v": "d"}, "10": {"n": 0}, "9": {"n": 5},
-    })
+    requests.put(
+        url(base),
+        json={
+            "s3": {"n": 3, "v": "c"},
+            "s1": {"n": 1, "v": "a"},
+            "s2": {"n": 2, "v": "b"},
+            "s4": {"n": 4, "v": "d"},
+            "10": {"n": 0},
+            "9": {"n": 5},
+        },
+    )
 
     def get(**params: Any) -> Any:
         return requests.get(url(base, **params)).json()

@@ -48,7 +48,10 @@ def find_jar() -> str:
     try:
         listing = subprocess.run(
             ["dpkg", "-L", "google-cloud-cli-firestore-emulator"],
-            capture_output=True, text=True, check=False, timeout=10,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         listing = ""
@@ -111,8 +114,7 @@ class FirestoreEmulator:
     def reset(self) -> None:
         """Delete every document of the project."""
         request = urllib.request.Request(
-            f"http://{self.host}/emulator/v1/projects/{self.project}"
-            "/databases/(default)/documents",
+            f"http://{self.host}/emulator/v1/projects/{self.project}/databases/(default)/documents",
             method="DELETE",
         )
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -59,8 +59,10 @@ def _segments(path: str) -> list[str]:
 
 def _int_key(key: str) -> int | None:
     """Keys that parse as 32-bit integers sort first, numerically (as RTDB does)."""
-    if key == "0" or (key[:1] in "123456789" and key.isdigit()) or (
-        key[:1] == "-" and key[1:2] in "123456789" and key[1:].isdigit()
+    if (
+        key == "0"
+        or (key[:1] in "123456789" and key.isdigit())
+        or (key[:1] == "-" and key[1:2] in "123456789" and key[1:].isdigit())
     ):
         number = int(key)
         if -(2**31) <= number < 2**31:
@@ -204,8 +206,13 @@ class Query:
                 if not isinstance(parsed[name], str):
                     raise ApiError(400, "orderBy $key needs string startAt/endAt/equalTo")
         return cls(
-            order_by, parsed.get("startAt"), parsed.get("endAt"), parsed.get("equalTo"),
-            parsed.get("limitToFirst"), parsed.get("limitToLast"), given,
+            order_by,
+            parsed.get("startAt"),
+            parsed.get("endAt"),
+            parsed.get("equalTo"),
+            parsed.get("limitToFirst"),
+            parsed.get("limitToLast"),
+            given,
         )
 
     @property
@@ -271,7 +278,11 @@ class RtdbProtocolServer:
     """The protocol server. ``start()`` serves in a thread; ``stop()`` ends it and every stream."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, namespace: str = "test",
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        namespace: str = "test",
         keepalive: float = 30.0,
     ) -> None:
         self.namespace = namespace
@@ -304,8 +315,10 @@ class RtdbProtocolServer:
 
     def start(self) -> RtdbProtocolServer:
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-            name="rtdb-protocol-server", daemon=True,
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="rtdb-protocol-server",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -436,9 +449,7 @@ class RtdbProtocolServer:
         else:
             changed = {t[w] for t in related}
             view = {
-                k: children[k]
-                for k in changed
-                if k in children and query.matches(k, children[k])
+                k: children[k] for k in changed if k in children and query.matches(k, children[k])
             }
         for key in sorted(changed, key=key_order):
             if key in view:
@@ -607,8 +618,9 @@ class _Handler(BaseHTTPRequestHandler):
             methods: dict[str, int] = {}
             for method, _, _ in rtdb.requests():
                 methods[method] = methods.get(method, 0) + 1
-            return self._reply(200, {"writes": rtdb.writes(), "methods": methods,
-                                     "streams": rtdb.stream_count()})
+            return self._reply(
+                200, {"writes": rtdb.writes(), "methods": methods, "streams": rtdb.stream_count()}
+            )
         if action == "reset-log":
             rtdb.reset_log()
             return self._reply(200, {"ok": True})
@@ -622,8 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--namespace", default="test")
     parser.add_argument("--keepalive", type=float, default=30.0)
     args = parser.parse_args(argv)
-    server = RtdbProtocolServer(args.host, args.port, namespace=args.namespace,
-                                keepalive=args.keepalive)
+    server = RtdbProtocolServer(
+        args.host, args.port, namespace=args.namespace, keepalive=args.keepalive
+    )
     print(f"RTDB protocol test server (not a database) on {server.url}", flush=True)
     try:
         server.httpd.serve_forever(poll_interval=0.2)
