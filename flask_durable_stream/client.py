@@ -225,11 +225,13 @@ class FlowStream:
         self._conn = conn
         if response.status == 204:
             raise StreamNotFound("The stream ended and nothing follows the last event received.")
+        if response.status in (502, 503, 504):  # a proxy or a restarting server: try again
+            raise _Dropped(f"HTTP {response.status}")
         if response.status != 200:
             raise self.client._error(response)
         for seq, kind, value in _read_sse(response):
-            if seq is None:  # a failure of that connection, not of the stream
-                raise _Dropped(f"{value.get('status')}: {value.get('message')}")
+            if seq is None:  # not a stored event: skip it, the connection decides
+                continue
             if seq <= self.last_seq:
                 continue  # never yield an event twice
             self.last_seq = seq

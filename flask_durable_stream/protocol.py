@@ -101,9 +101,9 @@ def sse_events(events: Iterable[tuple[int, str, str]]) -> bytes:
     ).encode()
 
 
-def sse_failure(body: dict[str, Any]) -> bytes:
-    """A failure of this connection (not a stored event): no ``id``, so a resume is unaffected."""
-    return f"event: failure\ndata: {encode(body)}\n\n".encode()
+def sse_comment(text: str) -> bytes:
+    """A comment line: ignored by EventSource, kept for anyone reading the raw stream."""
+    return f": {text.replace(chr(10), ' ').replace(chr(13), ' ')}\n\n".encode()
 
 
 def wants_stream(accept: str | None, stream_arg: str | None) -> bool:

@@ -239,10 +239,13 @@ class FlowEndpoint:
                 if deadline is not None and time.monotonic() >= deadline:
                     return  # the client resumes with Last-Event-ID
         except DurableStreamError as exc:
-            yield protocol.sse_failure(exc.to_dict())
+            # Not the stream's end: the connection closes and the client resumes, and a
+            # stream that is gone then gets its 404. A comment says why, for logs only.
+            log.info("SSE connection ended: %s", exc)
+            yield protocol.sse_comment("failure " + protocol.encode(exc.to_dict()))
         except Exception:
             log.exception("reading a stream failed")
-            yield protocol.sse_failure(protocol.INTERNAL_ERROR)
+            yield protocol.sse_comment("failure " + protocol.encode(protocol.INTERNAL_ERROR))
         finally:
             close = getattr(source, "close", None)
             if close is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -122,3 +123,30 @@ def test_leaving_the_loop_early_closes_the_connection(client: DurableStreamClien
     assert stream.stream_id is not None
     rest = client.resume("story", stream.stream_id, after=stream.last_seq)
     assert [c["index"] for c in rest] == list(range(3, 50))  # it goes on where we left
+
+
+def test_a_503_on_reconnect_is_retried(client: DurableStreamClient, monkeypatch: Any) -> None:
+    first = client.stream("story", story(4))
+    assert len(list(first)) == 4 and first.stream_id is not None
+    real_request = client._request
+    answered: list[int] = []
+
+    class Unavailable:
+        status = 503
+
+        def read(self) -> bytes:
+            return b""
+
+    def flaky(method: str, path: str, **kwargs: Any) -> Any:
+        if method == "GET" and not answered:  # a restarting server behind a proxy, once
+            answered.append(503)
+            conn, _ = real_request("GET", "/no-such-flow/events")
+            return conn, Unavailable()
+        conn, response = real_request(method, path, **kwargs)
+        answered.append(response.status)
+        return conn, response
+
+    monkeypatch.setattr(client, "_request", flaky)
+    again = client.resume("story", first.stream_id)
+    assert [c["index"] for c in again] == list(range(4))
+    assert answered == [503, 200] and again.reconnects == 1

@@ -78,10 +78,14 @@ def app(manager: InMemoryStreamManager) -> Flask:
     return app
 
 
-def start(client: FlaskClient, flow: str = "story", **data: Any) -> str:
-    response = client.post(f"/api/{flow}", json={"data": data}, headers=SSE)
+def start_flow(client: FlaskClient, path: str, **data: Any) -> str:
+    response = client.post(path, json={"data": data}, headers=SSE)
     response.close()
     return str(response.headers["x-genkit-stream-id"])
+
+
+def start(client: FlaskClient, flow: str = "story", **data: Any) -> str:
+    return start_flow(client, f"/api/{flow}", **data)
 
 
 def ids(body: bytes) -> list[int]:
@@ -221,3 +225,26 @@ def test_keepalives_lifetime_and_resume_on_a_real_server(server: servers.Server)
     assert live_frames.count(b'data: {"message":') == 8
     status, text = read_until_closed(server, path, {"Last-Event-ID": "8"})
     assert (status, text) == (204, "")
+
+
+def test_a_failed_connection_is_a_comment_then_close_not_the_streams_end(
+    manager: InMemoryStreamManager,
+) -> None:
+    def silent(data: Any, ctx: FlowContext) -> str:
+        ctx.send_chunk("hello")
+        ctx.wait_cancelled(30)
+        return "bye"
+
+    app = Flask(__name__)
+    bp = durable_stream_blueprint({"silent": silent}, stream_manager=manager, subscribe_timeout=0.3)
+    app.register_blueprint(bp)
+    client = app.test_client()
+    sid = start_flow(client, "/silent")
+    text = client.get(f"/silent/events?streamId={sid}").data.decode()
+    messages = parse_sse(text)
+    assert messages[:2] == [{"retry": 1000}, {"id": 0, "event": "message", "data": "hello"}]
+    assert messages[2:] == [
+        {"comment": 'failure {"status":"DEADLINE_EXCEEDED","message":"Stream timed out."}'}
+    ]
+    assert "event:" not in text  # no result or failure: a client resumes after seq 0
+    assert bp.runner.request_cancel(sid)  # type: ignore[attr-defined]
