@@ -252,6 +252,45 @@ def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster
     assert indexes(fresh) == [0, 1, 2] and fresh.terminal is not None
 
 
+def started_by(log: Path, stream_id: str) -> int | None:
+    """The pid of the worker that started ``stream_id``, once its request is logged."""
+    return next((s.pid for s in served(log) if s.stream_id == stream_id and not s.resumed), None)
+
+
+def cancelled_by(log: Path, stream_id: str) -> int | None:
+    """The pid of the worker that answered 202 to a cancel of ``stream_id``, once logged."""
+    for line in log.read_text().splitlines() if log.exists() else []:
+        match = ACCESS_LINE.match(line)
+        if match and match[2] == "202" and match[3] == stream_id:
+            return int(match[1])
+    return None
+
+
+def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) -> None:
+    n, delay = 150, 0.04  # about 6 s per flow
+    host, port = cluster.server.url.removeprefix("http://").split(":")
+    for _ in range(10):  # until a cancel is answered by a worker that does not run the flow
+        first = post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
+        sid = first.stream_id
+        assert sid is not None
+        wait_until(lambda sid=sid: started_by(cluster.log, sid) is not None)
+        producer = started_by(cluster.log, sid)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/flows/story/cancel", headers={protocol.STREAM_ID_HEADER: sid})
+        assert conn.getresponse().status == 202
+        conn.close()
+        wait_until(lambda sid=sid: cancelled_by(cluster.log, sid) is not None)
+        if cancelled_by(cluster.log, sid) != producer:
+            break
+    else:
+        pytest.fail("no cancel was answered by another worker than the flow's in 10 tries")
+    # The flag went through SQLite; the producing worker saw it at its next heartbeat.
+    call = post_stream(cluster.server.url, "/flows/story", {}, stream_id=sid, timeout=60)
+    assert call.terminal == ("error", {"status": "CANCELLED", "message": "Cancelled by client."})
+    got = indexes(call)
+    assert got == list(range(len(got))) and len(got) < n
+
+
 # -- restarts and graceful stops on one file ---------------------------------------------------
 
 
