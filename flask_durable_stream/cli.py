@@ -41,11 +41,14 @@ def gc_command() -> None:
 def list_command(limit: int) -> None:
     """Newest streams first."""
     infos = _manager().list_streams(limit=limit)
-    click.echo(f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED (UTC)':19}  UPDATED (UTC)")
+    click.echo(
+        f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED (UTC)':19}  "
+        f"{'UPDATED (UTC)':19}  OWNER"
+    )
     for i in infos:
         click.echo(
             f"{i.stream_id:34} {i.status.value:9} {i.last_seq + 1:>7}  "
-            f"{_when(i.created_at):19}  {_when(i.updated_at)}"
+            f"{_when(i.created_at):19}  {_when(i.updated_at):19}  {i.owner or '-'}"
         )
 
 

@@ -109,6 +109,21 @@ def test_list_shows_ids_status_and_event_counts(setup: Setup) -> None:
     assert code == 0 and [line.split()[0] for line in output.splitlines()[1:]] == ["open-3"]
 
 
+def test_list_shows_the_owner(setup: Setup) -> None:
+    manager = setup.writer(300)
+    manager.open("anyone").done(None)
+    time.sleep(0.01)
+    manager.open("alices", owner="alice").done(None)
+    code, output = invoke(setup, "list")
+    assert code == 0, output
+    lines = output.splitlines()
+    assert lines[0].split()[-1] == "OWNER"
+    assert [(line.split()[0], line.split()[-1]) for line in lines[1:]] == [
+        ("alices", "alice"),
+        ("anyone", "-"),
+    ]
+
+
 def test_show_prints_the_metadata_as_json(setup: Setup) -> None:
     write_stream(setup.writer(300), "kept", 4, "done")
     code, output = invoke(setup, "show", "kept")
