@@ -14,9 +14,10 @@ Every write is one Lua script, so its checks (token, status, contiguous seq, a
 retried batch identical to what is stored) and its effects are atomic. A
 finished stream's keys get a Redis TTL, so Redis itself deletes them; ``gc()``
 tidies the index and ends abandoned open streams. Subscribers read stored events
-with ``XRANGE`` and wait for new ones with a blocking ``XREAD`` (so a follower in
-any process is woken at once), waking at least every second to check the
-producer's heartbeat. Each waiting follower holds one connection of the pool.
+with ``XRANGE``, then wait in a blocking ``XREAD`` that returns the new entries
+themselves (one round trip per live chunk, from a producer in any process); when
+nothing came for a second they check the producer's heartbeat and the lease.
+Each waiting follower holds one connection of the pool.
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _expired(meta: dict[str, str], now: float) -> bool:
+    return bool(meta.get("expires_at")) and float(meta["expires_at"]) <= now
+
+
 def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
     """An event from a stream entry (``0-<seq + 1>``, fields k and p), str or bytes alike."""
     kind = fields["k"] if "k" in fields else fields[b"k"]
@@ -209,13 +218,9 @@ class RedisStreamManager(StreamManager):
         return max(1, int(self.ttl_seconds * 1000)), repr(now + self.ttl_seconds)
 
     def _meta(self, stream_id: str) -> dict[str, str] | None:
-        raw = self._call(self.client.hgetall, self._keys(stream_id)[0])
-        if not raw:
-            return None
-        meta = {_text(k): _text(v) for k, v in raw.items()}
-        if meta.get("expires_at") and float(meta["expires_at"]) <= self.now():
-            return None
-        return meta
+        """The stream's metadata; None when it does not exist or has expired."""
+        meta = _decode(self._call(self.client.hgetall, self._keys(stream_id)[0]))
+        return None if not meta or _expired(meta, self.now()) else meta
 
     @staticmethod
     def _info(stream_id: str, meta: dict[str, str]) -> StreamInfo:
@@ -259,58 +264,69 @@ class RedisStreamManager(StreamManager):
         meta_key, events_key = self._keys(stream_id)
         last_activity = time.monotonic()
         seen_heartbeat = None
+        # Stored events first; from then on one blocking XREAD per wake-up delivers the
+        # new entries themselves, so a live chunk costs a follower one round trip.
+        entries = self._call(self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE)
         while True:
-            entries = self._call(
-                self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE
-            )
+            wait = _LONGEST_WAIT
             if entries:
                 batch = [_event(entry_id, fields) for entry_id, fields in entries]
-                yield batch
+                yield batch  # a page at a time: the HTTP layer sends it in one write
                 if batch[-1].terminal:
                     return
                 cursor = batch[-1].seq
                 last_activity = time.monotonic()
-                continue
-            meta = self._meta(stream_id)
-            if meta is None or meta["token"] != token:
-                raise StreamNotFound(f"stream {stream_id} not found")
-            last_seq = int(meta["last_seq"])
-            if last_seq > cursor:
-                continue  # appended between our two reads
-            if meta["status"] != StreamStatus.OPEN.value:
-                return  # the caller already has the terminal event
-            heartbeat = float(meta["heartbeat_at"])
-            if heartbeat != seen_heartbeat:
-                seen_heartbeat, last_activity = heartbeat, time.monotonic()
-            now = self.now()
-            lease_left = heartbeat + self.lease_seconds - now
-            if lease_left < 0:
-                ttl_ms, expires = self._ttl_args(now)
-                self._script(
-                    "mark_lost",
-                    [meta_key, events_key],
-                    [
-                        token,
-                        str(last_seq),
-                        repr(now),
-                        repr(self.lease_seconds),
-                        protocol.encode(PRODUCER_LOST),
-                        ttl_ms,
-                        expires,
-                    ],
-                )
-                continue
-            remaining = timeout - (time.monotonic() - last_activity)
-            if remaining <= 0:
-                raise StreamTimeout("Stream timed out.")
-            wait = min(_LONGEST_WAIT, remaining, lease_left + 0.001)
-            # Blocks until an entry after the cursor arrives (from any process) or the wait ends.
-            self._call(
+                if len(entries) == _PAGE:  # more may be stored: read on without waiting
+                    entries = self._call(
+                        self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE
+                    )
+                    continue
+                # The producer just wrote, so its lease is fresh; it is checked when quiet.
+            else:
+                meta = self._meta(stream_id)
+                if meta is None or meta["token"] != token:
+                    raise StreamNotFound(f"stream {stream_id} not found")
+                last_seq = int(meta["last_seq"])
+                if meta["status"] != StreamStatus.OPEN.value and last_seq <= cursor:
+                    return  # the caller already has the terminal event
+                heartbeat = float(meta["heartbeat_at"])
+                if heartbeat != seen_heartbeat:
+                    seen_heartbeat, last_activity = heartbeat, time.monotonic()
+                now = self.now()
+                lease_left = heartbeat + self.lease_seconds - now
+                if lease_left < 0 and last_seq <= cursor:
+                    self._mark_lost(stream_id, meta, now)  # then the XREAD gets its event
+                    lease_left = 0.0
+                remaining = timeout - (time.monotonic() - last_activity)
+                if remaining <= 0:
+                    raise StreamTimeout("Stream timed out.")
+                wait = min(wait, remaining, lease_left + 0.001)
+            # Returns at once with the entries after the cursor, from any process, or
+            # with nothing once the wait is over.
+            reply = self._call(
                 self.client.xread,
                 {events_key: f"0-{cursor + 1}"},
-                count=1,
+                count=_PAGE,
                 block=max(1, int(wait * 1000)),
             )
+            entries = reply[0][1] if reply else []
+
+    def _mark_lost(self, stream_id: str, meta: dict[str, str], now: float) -> None:
+        """End an open stream whose producer stopped beating (only if still so, atomically)."""
+        ttl_ms, expires = self._ttl_args(now)
+        self._script(
+            "mark_lost",
+            self._keys(stream_id),
+            [
+                meta["token"],
+                meta["last_seq"],
+                repr(now),
+                repr(self.lease_seconds),
+                protocol.encode(PRODUCER_LOST),
+                ttl_ms,
+                expires,
+            ],
+        )
 
     # -- metadata ----------------------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:
@@ -345,31 +361,15 @@ class RedisStreamManager(StreamManager):
         removed = 0
         for raw in self._call(self.client.zrange, self._index, 0, -1):
             stream_id = _text(raw)
-            meta_key, events_key = self._keys(stream_id)
-            meta = self._call(self.client.hgetall, meta_key)
-            meta = {_text(k): _text(v) for k, v in meta.items()}
-            expired = bool(meta.get("expires_at")) and float(meta["expires_at"]) <= now
-            if not meta or expired:
-                if expired:
-                    self._call(self.client.delete, meta_key, events_key)
+            meta = _decode(self._call(self.client.hgetall, self._keys(stream_id)[0]))
+            if not meta or _expired(meta, now):
+                if meta:  # Redis has not deleted it yet
+                    self._call(self.client.delete, *self._keys(stream_id))
                 removed += int(self._call(self.client.zrem, self._index, stream_id))
                 continue
             stale = float(meta["heartbeat_at"]) + self.lease_seconds < now
             if meta["status"] == StreamStatus.OPEN.value and stale:
-                ttl_ms, expires = self._ttl_args(now)
-                self._script(
-                    "mark_lost",
-                    [meta_key, events_key],
-                    [
-                        meta["token"],
-                        meta["last_seq"],
-                        repr(now),
-                        repr(self.lease_seconds),
-                        protocol.encode(PRODUCER_LOST),
-                        ttl_ms,
-                        expires,
-                    ],
-                )
+                self._mark_lost(stream_id, meta, now)
         return removed
 
     def close(self) -> None:
