@@ -49,6 +49,19 @@ class _StreamResponse(Response):
         return app_iter
 
 
+def _checked_stream_id(
+    stream_id: str | None, name: str, where: str, *, required: bool
+) -> str | None:
+    """A stream id from the request, or a 400 naming the field it came from."""
+    if stream_id is None:
+        if required:
+            raise InvalidRequest(f"Missing {name} {where}.")
+        return None
+    if not valid_stream_id(stream_id):
+        raise InvalidRequest(f"Invalid {name}: expected 1-128 characters of [A-Za-z0-9_.-].")
+    return stream_id
+
+
 def _owner_of(context: Mapping[str, Any]) -> str | None:
     """The owner a context provider assigned to the request (``"owner"``), if any."""
     owner = context.get("owner")
@@ -158,52 +171,53 @@ class FlowEndpoint:
 
     @staticmethod
     def _stream_id(*, required: bool) -> str | None:
-        stream_id = request.headers.get(protocol.STREAM_ID_HEADER)
-        if stream_id is None and required:
-            raise InvalidRequest(f"Missing {protocol.STREAM_ID_HEADER} header.")
-        if stream_id is not None and not valid_stream_id(stream_id):
-            raise InvalidRequest(
-                f"Invalid {protocol.STREAM_ID_HEADER}: expected 1-128 characters of [A-Za-z0-9_.-]."
-            )
-        return stream_id
+        return _checked_stream_id(
+            request.headers.get(protocol.STREAM_ID_HEADER),
+            protocol.STREAM_ID_HEADER,
+            "header",
+            required=required,
+        )
 
     def _cancel(self) -> Response:
         stream_id = self._stream_id(required=True)
         assert stream_id is not None
         self._read_body(allow_empty=True)  # a body, if any, must still be sane
         context = self._context(None, stream_id)
-        if self.manager is not None:
-            self._check_owner_of(stream_id, context)
-        local = self.runner.request_cancel(stream_id)  # a flow of this process stops at once
         manager = self.manager
-        if manager is not None:
-            try:
-                # Stored too, so every process (and a reader of the stream) sees it.
-                if manager.request_cancel(stream_id) or local:
-                    return self._cancelling(stream_id)
-            except StreamNotFound:
-                if local:
-                    return self._cancelling(stream_id)
-                raise StreamNotFound("Stream not found.") from None
-            info = manager.info(stream_id)
-            if info is None:  # expired between the two calls
-                raise StreamNotFound("Stream not found.")
-            body = {
-                "status": "FAILED_PRECONDITION",
-                "message": "Stream already ended.",
-                "streamStatus": info.status.value,
-            }
-            return _json_response(body, 409)
-        if local:
-            return self._cancelling(stream_id)
-        raise StreamNotFound("Stream not found.")
+        info = manager.info(stream_id) if manager is not None else None
+        if info is not None:
+            _check_owner(info.owner, context)
+        local = self.runner.request_cancel(stream_id)  # a flow of this process stops at once
+        if manager is None or info is None:
+            if local:
+                return self._cancelling(stream_id)
+            raise StreamNotFound("Stream not found.")
+        try:
+            # Stored too, so every process (and a reader of the stream) sees it.
+            if manager.request_cancel(stream_id) or local:
+                return self._cancelling(stream_id)
+        except StreamNotFound:
+            if local:
+                return self._cancelling(stream_id)
+            raise StreamNotFound("Stream not found.") from None
+        ended = manager.info(stream_id)  # it ended before the flag landed: say how
+        if ended is None:  # and expired meanwhile
+            raise StreamNotFound("Stream not found.")
+        body = {
+            "status": "FAILED_PRECONDITION",
+            "message": "Stream already ended.",
+            "streamStatus": ended.status.value,
+        }
+        return _json_response(body, 409)
 
     def _events(self) -> Response:
-        stream_id = request.args.get("streamId") or request.headers.get(protocol.STREAM_ID_HEADER)
-        if stream_id is None:
-            raise InvalidRequest("Missing streamId query parameter.")
-        if not valid_stream_id(stream_id):
-            raise InvalidRequest("Invalid streamId: expected 1-128 characters of [A-Za-z0-9_.-].")
+        stream_id = _checked_stream_id(
+            request.args.get("streamId") or request.headers.get(protocol.STREAM_ID_HEADER),
+            "streamId",
+            "query parameter",
+            required=True,
+        )
+        assert stream_id is not None
         after = _after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
         context = self._context(None, stream_id)
         manager = self.manager
@@ -227,7 +241,7 @@ class FlowEndpoint:
     def _sse(self, batches: Iterator[list[Event]]) -> Iterator[bytes]:
         deadline = None if self.sse_lifetime is None else time.monotonic() + self.sse_lifetime
         source: Iterator[list[Event] | None] = (
-            self._with_keepalives(batches) if gevent_patched() else iter(batches)
+            self._with_keepalives(batches, deadline) if gevent_patched() else iter(batches)
         )
         try:
             yield protocol.SSE_RETRY
@@ -251,8 +265,11 @@ class FlowEndpoint:
             if close is not None:
                 close()
 
-    def _with_keepalives(self, batches: Iterator[list[Event]]) -> Iterator[list[Event] | None]:
-        """``batches``, with ``None`` after every ``keepalive_interval`` of silence (gevent).
+    def _with_keepalives(
+        self, batches: Iterator[list[Event]], deadline: float | None
+    ) -> Iterator[list[Event] | None]:
+        """``batches``, with ``None`` after every ``keepalive_interval`` of silence and at
+        the ``deadline`` (gevent).
 
         The subscription runs in its own greenlet, killed when the client goes away,
         so a silent stream does not keep a reader waiting for its timeout.
@@ -270,7 +287,6 @@ class FlowEndpoint:
                 queue.put(exc)
 
         task = self.runner.tasks.spawn(pump, name="durable-stream-sse")
-        deadline = None if self.sse_lifetime is None else time.monotonic() + self.sse_lifetime
         try:
             while True:
                 wait = self.keepalive_interval
@@ -290,6 +306,7 @@ class FlowEndpoint:
             task.kill(timeout=5)
 
     def _check_owner_of(self, stream_id: str, context: Mapping[str, Any]) -> None:
+        """For a reconnect: an owned stream is its owner's only (an unknown id passes)."""
         assert self.manager is not None
         info = self.manager.info(stream_id)
         if info is not None:
