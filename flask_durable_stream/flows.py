@@ -56,7 +56,8 @@ class FlowContext:
     context: dict[str, Any] = field(default_factory=dict)
     output: Any = None
     _emit: Callable[[str], None] | None = field(default=None, repr=False)
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)  # to wait on
+    _cancelled: bool = field(default=False, repr=False)  # to test: read once per chunk
     _sent: int = field(default=0, repr=False)
     _cooperative: bool = field(default=True, repr=False)
 
@@ -67,7 +68,7 @@ class FlowContext:
         so a flow that never looks at :attr:`cancelled` still stops at its next chunk
         (and stops paying for the tokens nobody will read).
         """
-        if self._cancel.is_set():
+        if self._cancelled:
             raise FlowError("CANCELLED", "Cancelled by client.")
         payload = protocol.encode(chunk)
         if self._emit is not None:
@@ -79,11 +80,16 @@ class FlowContext:
     @property
     def cancelled(self) -> bool:
         """True once a client asked to cancel this stream. Check it in long loops."""
-        return self._cancel.is_set()
+        return self._cancelled
 
     def raise_if_cancelled(self) -> None:
-        if self._cancel.is_set():
+        if self._cancelled:
             raise FlowError("CANCELLED", "Cancelled by client.")
+
+    def _request_cancel(self) -> None:
+        """Ask the flow to stop: the flag its chunks test, and the event its waits wake on."""
+        self._cancelled = True
+        self._cancel.set()
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on cancel. Returns ``cancelled``."""
@@ -126,7 +132,7 @@ def _drain(gen: Any, ctx: FlowContext) -> Any:
             except StopIteration as stop:
                 return stop.value
             ctx.send_chunk(chunk)  # raises CANCELLED once cancelled
-            if ctx.cancelled:  # do not ask the generator for more work
+            if ctx._cancelled:  # do not ask the generator for more work
                 raise FlowError("CANCELLED", "Cancelled by client.")
     finally:
         gen.close()  # runs the generator's cleanup now; a no-op once it returned or raised

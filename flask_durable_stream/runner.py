@@ -253,7 +253,7 @@ class Runner:
         run = self.get(stream_id)
         if run is None or run.ended:
             return False
-        run.ctx._cancel.set()
+        run.ctx._request_cancel()
         return True
 
     # -- the flow's task -----------------------------------------------------
@@ -401,7 +401,7 @@ class Runner:
                     len(batch),
                 )
                 run.durable_failed = True
-                run.ctx._cancel.set()
+                run.ctx._request_cancel()
                 return False
             except Exception as exc:
                 now = time.monotonic()
@@ -435,7 +435,7 @@ class Runner:
     def _heartbeat(self, run: Run, writer: StreamWriter) -> None:
         try:
             if writer.heartbeat():
-                run.ctx._cancel.set()
+                run.ctx._request_cancel()
         except Exception as exc:
             log.warning("heartbeat of stream %s failed: %s", run.stream_id, exc)
 
@@ -489,7 +489,7 @@ class Runner:
                     "stream %s did not finish within the grace period; ending it UNAVAILABLE",
                     run.stream_id,
                 )
-                run.ctx._cancel.set()
+                run.ctx._request_cancel()
                 try:
                     run.fail(SHUTDOWN_ERROR)
                 except StreamClosed:

@@ -35,7 +35,6 @@ class Probe:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.cleaned_up = threading.Event()
-        self.chunks_after_cancel = 0
 
 
 def make_flows(probe: Probe) -> dict[str, Any]:
