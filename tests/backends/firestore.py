@@ -23,6 +23,7 @@ from tests.support.firestore_emulator import (
     find_jar,
     find_java,
 )
+from tests.support.loud import missing_server_hooks
 
 
 def _missing() -> str | None:
@@ -34,22 +35,9 @@ def _missing() -> str | None:
     return None
 
 
-def _warning() -> str | None:
-    missing = _missing()
-    if missing is None:
-        return None
-    action = "SKIPPED" if os.environ.get(SKIP_ENV) == "1" else f"FAIL (set {SKIP_ENV}=1 to skip)"
-    return f"!!! Firestore emulator unavailable: {missing}. Firestore tests will {action} !!!"
-
-
-def pytest_report_header(config: pytest.Config) -> str | None:
-    return _warning() if config.get_verbosity() >= 0 else None
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    warning = _warning() if config.get_verbosity() < 0 else None  # -q hides the header
-    if warning:
-        terminalreporter.write_line(warning, red=True, bold=True)
+pytest_report_header, pytest_terminal_summary = missing_server_hooks(
+    "Firestore emulator", "Firestore", _missing, SKIP_ENV
+)
 
 
 class _SessionEmulator:

@@ -15,28 +15,21 @@ from typing import Any
 import pytest
 
 from flask_durable_stream import StreamManager
+from tests.support.loud import missing_server_hooks
 from tests.support.redis_server import SKIP_ENV, RedisServer, RedisUnavailable, find_redis_server
 
 
-def _warning() -> str | None:
+def _missing() -> str | None:
     try:
         find_redis_server()
     except RedisUnavailable as exc:
-        action = (
-            "SKIPPED" if os.environ.get(SKIP_ENV) == "1" else f"FAIL (set {SKIP_ENV}=1 to skip)"
-        )
-        return f"!!! Redis unavailable: {exc}. Redis tests will {action} !!!"
+        return str(exc)
     return None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    return _warning() if config.get_verbosity() >= 0 else None
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    warning = _warning() if config.get_verbosity() < 0 else None  # -q hides the header
-    if warning:
-        terminalreporter.write_line(warning, red=True, bold=True)
+pytest_report_header, pytest_terminal_summary = missing_server_hooks(
+    "Redis", "Redis", _missing, SKIP_ENV
+)
 
 
 @pytest.fixture(scope="session")
