@@ -28,6 +28,7 @@ import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import gevent  # noqa: E402
+from bench_flows import read_lags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SSE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -102,20 +103,8 @@ def bench_concurrency(
             body=json.dumps({"data": {"chunks": chunks, "delay": delay}}),
             headers=SSE,
         )
-        response = conn.getresponse()
-        buffer = b""
-        while True:
-            data = response.read1(65536)
-            if not data:
-                break
-            now = time.time()
-            buffer += data
-            *frames, buffer = buffer.split(b"\n\n")
-            for frame in frames:
-                if frame.startswith(b'data: {"message":'):
-                    delays.append(now - float(frame[len(b'data: {"message":') : -1]))
-                elif frame.startswith(b'data: {"result"'):
-                    done[0] += 1
+        if read_lags(conn.getresponse(), delays):
+            done[0] += 1
         conn.close()
 
     def sample() -> None:

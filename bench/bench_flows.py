@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,3 +25,31 @@ def llm(data: Any, ctx: FlowContext) -> str:
         time.sleep(float(data["delay"]))
         ctx.send_chunk(time.time())
     return "end"
+
+
+CHUNK_PREFIX = b'data: {"message":'
+
+
+def read_lags(
+    response: http.client.HTTPResponse, lags: list[float], since: float | None = None
+) -> bool:
+    """Read an ``llm`` stream to its end, appending receive - emit (seconds) for each chunk.
+
+    Chunks emitted before ``since`` (a replay) are not a latency and are skipped.
+    Returns True if the stream ended with its result.
+    """
+    buffer, finished = b"", False
+    while True:
+        data = response.read1(65536)
+        if not data:
+            return finished
+        now = time.time()
+        buffer += data
+        *frames, buffer = buffer.split(b"\n\n")
+        for frame in frames:
+            if frame.startswith(CHUNK_PREFIX):
+                emitted = float(frame[len(CHUNK_PREFIX) : -1])
+                if since is None or emitted > since:
+                    lags.append(now - emitted)
+            elif frame.startswith(b'data: {"result"'):
+                finished = True

@@ -43,7 +43,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench_flows import blast, llm  # noqa: E402
+from bench_flows import blast, llm, read_lags  # noqa: E402
 from flask import Flask, Response  # noqa: E402
 
 from flask_durable_stream import (  # noqa: E402
@@ -211,25 +211,6 @@ def bench_throughput(chunks: int, repeat: int, tmp: str) -> None:
         )
 
 
-def follow(response: http.client.HTTPResponse, lags: list[float]) -> None:
-    """Collect receive - emit for every chunk, until the end of the stream."""
-    connected = time.time()
-    buffer = b""
-    prefix = b'data: {"message":'
-    while True:
-        data = response.read1(65536)
-        if not data:
-            return
-        now = time.time()
-        buffer += data
-        *frames, buffer = buffer.split(b"\n\n")
-        for frame in frames:
-            if frame.startswith(prefix):
-                emitted = float(frame[len(prefix) : -1])
-                if emitted > connected:  # replayed chunks are old, not a latency
-                    lags.append(now - emitted)
-
-
 def reconnect_on(
     port: int, sid: str, want_other_than: str | None, want_pid: str | None
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
@@ -282,9 +263,9 @@ def bench_follow(chunks: int, delay: float, tmp: str) -> None:
         same = reconnect_on(port, sid, want_other_than=None, want_pid=producer)
         lags: dict[str, list[float]] = {"live": [], "same": [], "other": []}
         readers = [
-            threading.Thread(target=follow, args=(response, lags["live"])),
-            threading.Thread(target=follow, args=(same[1], lags["same"])),
-            threading.Thread(target=follow, args=(other[1], lags["other"])),
+            threading.Thread(target=read_lags, args=(response, lags["live"], time.time())),
+            threading.Thread(target=read_lags, args=(same[1], lags["same"], time.time())),
+            threading.Thread(target=read_lags, args=(other[1], lags["other"], time.time())),
         ]
         for r in readers:
             r.start()
