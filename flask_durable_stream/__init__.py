@@ -2,7 +2,10 @@
 
 from .exceptions import (
     DurableStreamError,
+    EventTooLarge,
     FlowError,
+    StorageError,
+    StoragePermanentError,
     StorageUnavailable,
     StreamClosed,
     StreamError,
@@ -46,6 +49,7 @@ __all__ = [
     "DurableStreamClient",
     "DurableStreamError",
     "Event",
+    "EventTooLarge",
     "FirestoreStreamManager",
     "FlowContext",
     "FlowEndpoint",
@@ -55,6 +59,8 @@ __all__ = [
     "RequestData",
     "RtdbStreamManager",
     "SQLiteStreamManager",
+    "StorageError",
+    "StoragePermanentError",
     "StorageUnavailable",
     "StreamClosed",
     "StreamError",

@@ -108,10 +108,45 @@ class StreamTimeout(StreamError):
     status = "DEADLINE_EXCEEDED"
 
 
-class StorageUnavailable(StreamError):
-    """The backing store could not be reached (after retries, where retried)."""
+class StorageError(StreamError):
+    """A storage operation failed. Backends raise one of the two subclasses below.
+
+    The split is the storage fault model: the runner retries a
+    :class:`StorageUnavailable` (transient) with backoff and keeps the producer
+    alive meanwhile; a :class:`StoragePermanentError` is never retried: the
+    stream ends at once with that error, stored for every reader.
+    """
 
     status = "UNAVAILABLE"
+
+
+class StorageUnavailable(StorageError):
+    """Transient: unreachable, timed out, locked, throttled, pool exhausted.
+
+    The same call may succeed later, so the runner retries it with backoff.
+    """
+
+    status = "UNAVAILABLE"
+
+
+class StoragePermanentError(StorageError):
+    """Permanent: this write can never succeed (invalid data, over a backend limit).
+
+    Its message reaches clients, so it names the limit, never a file path or host.
+    """
+
+    status = "FAILED_PRECONDITION"
+
+
+class EventTooLarge(StoragePermanentError):
+    """One event (a chunk, the output or an error) is larger than the backend can store."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class InvalidRequest(StreamError):

@@ -125,6 +125,11 @@ class StreamWriter:
 
         On failure nothing of the writer's state changes, so the caller may
         retry with the same events; backends make that retry idempotent.
+
+        Failures follow the storage fault model (:mod:`..exceptions`):
+        :class:`~.StorageUnavailable` when the same call may succeed later
+        (retried), :class:`~.StoragePermanentError` (e.g. :class:`~.EventTooLarge`)
+        when it never can (the stream ends with that error).
         """
         if not events:
             return
@@ -186,6 +191,12 @@ class StreamManager:
     #: never waits on I/O: the runner then stores events from the emitting task
     #: instead of starting a flush task per batch.
     append_never_blocks: bool = False
+    #: The largest event (its JSON payload, in UTF-8 bytes) this backend can
+    #: store, or None for no limit. The flow's ``send_chunk`` checks it, so a
+    #: chunk that could never be stored raises :class:`~.EventTooLarge` at the
+    #: line that emitted it; ``append`` raises the same error for any event
+    #: over it (the output, an error body), never a transient one.
+    max_event_bytes: int | None = None
 
     def __init__(
         self,
