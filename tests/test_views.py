@@ -418,3 +418,58 @@ def test_a_failing_context_provider_is_a_redacted_json_500(
     assert response.status_code == 500
     assert response.json == {"status": "INTERNAL", "message": "Internal Error"}
     assert "hunter2" in caplog.text and b"hunter2" not in response.data
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/nope/events?streamId=abc"),
+        ("POST", "/api/nope/events"),
+        ("POST", "/api/nope/cancel"),
+        ("GET", "/api/nope/cancel"),
+        ("GET", "/api/nope"),
+        ("DELETE", "/api/nope"),
+        ("PUT", "/api/nope"),
+    ],
+)
+def test_an_unknown_flow_is_json_404_on_every_method_and_path(
+    client: FlaskClient, method: str, path: str
+) -> None:
+    response = client.open(path, method=method, headers=SSE)
+    assert response.status_code == 404
+    assert response.json == {"status": "NOT_FOUND", "message": "Unknown flow."}
+
+
+def test_a_known_flow_with_the_wrong_method_is_405(client: FlaskClient) -> None:
+    for method, path, allowed in [
+        ("GET", "/api/story", "POST"),
+        ("POST", "/api/story/events", "GET"),
+        ("GET", "/api/story/cancel", "POST"),
+    ]:
+        response = client.open(path, method=method)
+        assert response.status_code == 405, (method, path)
+        assert allowed in response.headers["Allow"]
+
+
+def test_without_a_prefix_the_app_routes_keep_their_405(manager: InMemoryStreamManager) -> None:
+    app = Flask(__name__)
+
+    @app.get("/login")
+    def login() -> str:
+        return "login page"
+
+    @app.get("/reports/<name>/events")
+    def report_events(name: str) -> str:
+        return name
+
+    app.register_blueprint(durable_stream_blueprint(FLOWS, stream_manager=manager))
+    client = app.test_client()
+    assert client.get("/login").data == b"login page"
+    refused = client.post("/login", json={"data": 1})
+    assert refused.status_code == 405 and "GET" in refused.headers["Allow"]
+    assert client.post("/reports/x/events").status_code == 405
+    assert client.get("/reports/x/events").data == b"x"
+    unknown = client.post("/nope", json={"data": 1})
+    assert (unknown.status_code, unknown.json["message"]) == (404, "Unknown flow.")
+    known = client.post("/echo", json={"data": 7})
+    assert known.json == {"result": 7}
