@@ -473,3 +473,34 @@ def test_without_a_prefix_the_app_routes_keep_their_405(manager: InMemoryStreamM
     assert (unknown.status_code, unknown.json["message"]) == (404, "Unknown flow.")
     known = client.post("/echo", json={"data": 7})
     assert known.json == {"result": 7}
+
+
+def test_a_flow_decorated_after_init_app_is_routed(manager: InMemoryStreamManager) -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_URL_PREFIX"] = "/v1/"
+    ext = DurableStream(app, flows={"echo": echo}, stream_manager=manager)
+
+    @ext.flow()
+    def late(data: Any, ctx: FlowContext) -> Any:
+        ctx.send_chunk({"got": data})
+        return "late"
+
+    client = app.test_client()
+    live = client.post("/v1/late", json={"data": 1}, headers=SSE)
+    assert frames(live.data) == [("chunk", {"got": 1}), ("done", "late")]
+    sid = live.headers["x-genkit-stream-id"]
+    events = client.get(f"/v1/late/events?streamId={sid}")
+    assert events.status_code == 200 and b"event: result" in events.data
+    ended = client.post("/v1/late/cancel", headers={"x-genkit-stream-id": sid})
+    assert ended.status_code == 409
+    assert client.get("/v1/late").status_code == 405
+    assert app.extensions["durable_stream"].flows.keys() == {"echo", "late"}
+    from flask import url_for
+
+    with app.test_request_context():
+        assert url_for("durable_stream.late") == "/v1/late"
+    with pytest.raises(ValueError, match="already registered"):
+        ext.flow("late")(echo)
+    # Like @app.route: once the app served a request, its routes are fixed, and it says so.
+    with pytest.raises(AssertionError, match="first request"):
+        ext.flow("later")(echo)
