@@ -462,7 +462,7 @@ def _unknown_flow(unknown: str) -> Response:
             allowed.append(method)
     if allowed:
         raise MethodNotAllowed(valid_methods=allowed)
-    return _json_response({"status": "NOT_FOUND", "message": "Unknown flow."}, 404)
+    return _json_response(protocol.UNKNOWN_FLOW, 404)
 
 
 def _resolve_manager(stream_manager: Any) -> StreamManager | None:
