@@ -135,16 +135,10 @@ def build_manager(app: Flask) -> StreamManager:
     if backend == "firestore":
         from .managers.firestore import FirestoreStreamManager
 
-        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"]
-
-        def client() -> Any:
-            # Created lazily in each worker process (safe with gunicorn --preload).
-            from google.cloud import firestore
-
-            return firestore.Client(project=project)
-
+        # The client is created lazily in each worker process (safe with
+        # gunicorn --preload); credentials and project are checked now.
         return FirestoreStreamManager(
-            client=client,
+            project=config["DURABLE_STREAM_FIRESTORE_PROJECT"] or None,
             collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
             ttl_seconds=ttl,
             timeout=timeout,
