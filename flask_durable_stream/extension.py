@@ -127,10 +127,10 @@ def build_manager(app: Flask) -> StreamManager:
     if backend == "sqlite":
         from .managers.sqlite import SQLiteStreamManager
 
-        path = config["DURABLE_STREAM_SQLITE_PATH"] or os.path.join(
-            app.instance_path, "durable-streams.sqlite3"
-        )
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = config["DURABLE_STREAM_SQLITE_PATH"]
+        if not path:  # the default lives in the app's instance folder, created if needed
+            path = os.path.join(app.instance_path, "durable-streams.sqlite3")
+            os.makedirs(app.instance_path, exist_ok=True)
         return SQLiteStreamManager(path, ttl_seconds=ttl, timeout=timeout, lease_seconds=lease)
     if backend == "firestore":
         from .managers.firestore import FirestoreStreamManager
