@@ -553,3 +553,43 @@ def test_wal_made_unwritable_mid_stream_is_transient_then_recovers(db: Path) -> 
     assert [e.seq for e in replay] == list(range(failed_at + 2))
     assert replay[0].payload == '"before"' and replay[failed_at].payload == '"after"'
     assert replay[-1].payload == '"end"'
+
+
+def test_declaring_a_producer_lost_never_waits_for_the_write_lock(db: Path) -> None:
+    """The follower gives up at once while another connection writes, and looks again.
+
+    Before, it queued the marking on its process's writer thread, which then
+    waited up to the busy timeout for the lock: every write of that process
+    (other producers' events and heartbeats) stalled behind it.
+    """
+    with (
+        SQLiteStreamManager(db, lease_seconds=0.2) as producer_side,
+        SQLiteStreamManager(db, lease_seconds=0.2, busy_timeout=60) as reader_side,
+    ):
+        producer_side.open("quiet").write("one")  # then its producer goes silent
+        attempts: list[bool] = []
+        original = reader_side._mark_lost
+
+        def counted(*args: object) -> bool:
+            result = original(*args)  # type: ignore[arg-type]
+            attempts.append(result)
+            return result
+
+        reader_side._mark_lost = counted  # type: ignore[method-assign]
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # a writer elsewhere holds the lock
+        sub = reader_side.subscribe("quiet")
+        assert next(sub).payload == '"one"'
+        got: list[Event] = []
+        follower = threading.Thread(target=lambda: got.extend(sub), daemon=True)
+        follower.start()
+        deadline = time.monotonic() + 30
+        while attempts.count(False) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert attempts.count(False) >= 3  # tried, found the lock taken, came back
+        assert reader_side._in_flight == 0  # nothing of it waits in the writer thread
+        blocker.execute("COMMIT")
+        blocker.close()
+        follower.join(30)
+    assert [(e.seq, e.kind) for e in got] == [(1, "error")]
+    assert got[0].value["status"] == "UNAVAILABLE"
