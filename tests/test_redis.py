@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -197,3 +198,21 @@ def test_unreachable_message_names_no_host() -> None:
         manager.open("x")
     assert "127.0.0.1" not in info.value.message and str(port) not in info.value.message
     manager.close()
+
+
+def test_redis_down_at_startup_then_up_needs_no_restart(tmp_path: Path) -> None:
+    port = servers.free_port()
+    manager = RedisStreamManager(url=f"redis://127.0.0.1:{port}/0", pool_timeout=1)
+    try:
+        with pytest.raises(StorageUnavailable):  # constructed fine; calls fail meanwhile
+            manager.open("s")
+        server = RedisServer(tmp_path, port=port)
+        try:
+            writer = manager.open("s")
+            writer.write("back")
+            writer.done(None)
+            assert [e.payload for e in manager.subscribe("s")] == ['"back"', "null"]
+        finally:
+            server.stop()
+    finally:
+        manager.close()
