@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import heapq
 import json
 import queue
 import random
@@ -280,15 +281,33 @@ class Query:
         return not ("endAt" in self.has and index > self._bound(self.end))
 
     def apply(self, node: Any) -> Any:
+        """The children the query selects, in its order (indexes computed once per child)."""
         if not isinstance(node, dict):
             return node
-        keys = [k for k in node if self.matches(k, node[k])]
-        keys.sort(key=lambda k: (self._index(k, node[k]), key_order(k)))
+        bounds = {
+            name: self._bound(getattr(self, attr)) for name, attr in _BOUNDS if name in self.has
+        }
+        by_key = self.order_by == "$key"
+        selected = []
+        for key, child in node.items():
+            index = self._index(key, child)
+            if "equalTo" in bounds and index != bounds["equalTo"]:
+                continue
+            if "startAt" in bounds and index < bounds["startAt"]:
+                continue
+            if "endAt" in bounds and index > bounds["endAt"]:
+                continue
+            selected.append(((index, ()) if by_key else (index, key_order(key)), key))
         if self.first is not None:
-            keys = keys[: self.first]
-        if self.last is not None:
-            keys = keys[len(keys) - self.last :] if self.last else []
-        return {k: node[k] for k in keys}
+            chosen = heapq.nsmallest(self.first, selected)
+        elif self.last is not None:
+            chosen = sorted(heapq.nlargest(self.last, selected)) if self.last else []
+        else:
+            chosen = sorted(selected)
+        return {key: node[key] for _, key in chosen}
+
+
+_BOUNDS = (("startAt", "start"), ("endAt", "end"), ("equalTo", "equal"))
 
 
 @dataclass(eq=False)
@@ -591,7 +610,8 @@ class _Handler(BaseHTTPRequestHandler):
             query = Query.parse(params)
             if want_etag and (query is not None or params.get("shallow") == "true"):
                 raise ApiError(400, "ETag is not supported with queries or shallow reads")
-            if self.headers.get("if-none-match") == etag_of(current):
+            none_match = self.headers.get("if-none-match")
+            if none_match is not None and none_match == etag_of(current):
                 return 304, None, {"ETag": etag_of(current)}
             value = query.apply(current) if query is not None else current
             if params.get("shallow") == "true" and isinstance(value, dict):
