@@ -22,7 +22,7 @@ def test_a_reader_that_stops_reading_is_dropped_and_its_events_released() -> Non
     run.emit_chunk('"first"')
     assert next(stuck)[0].seq == 0  # then its client stops reading
     chunk = '"' + "x" * 1022 + '"'  # 1 KiB
-    for i in range(4096):  # 4 MiB, stored as it goes; the reader never asks for more
+    for _ in range(4096):  # 4 MiB, stored as it goes; the reader never asks for more
         run.emit_chunk(chunk)
         run.mark_stored(run.count)
     assert dropped == [True]  # its connection is closed once, past the bound

@@ -22,7 +22,7 @@ from flask_durable_stream.writer import RunWriter
 
 
 class FakeTime:
-    """A clock that only moves when the writer sleeps; ``at(t, fn)`` runs ``fn`` once t is reached."""
+    """A clock that moves only when the writer sleeps; ``at(t, fn)`` runs ``fn`` at t."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -207,8 +207,8 @@ def test_retries_use_the_jittered_backoff_helper(harness: Harness) -> None:
     harness.run_tasks()
     sleeps = harness.time.sleeps
     caps = [harness.writer.backoff.cap(i) for i in range(len(sleeps))]
-    assert all(0 <= s <= c for s, c in zip(sleeps, caps))
-    assert any(s != c for s, c in zip(sleeps, caps))  # drawn below the cap, not the cap itself
+    assert all(0 <= s <= c for s, c in zip(sleeps, caps, strict=True))
+    assert any(s != c for s, c in zip(sleeps, caps, strict=True))  # drawn below the cap
 
 
 def test_a_batch_with_one_refused_event_stores_the_events_before_it(harness: Harness) -> None:
