@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_input_stream
 
 from . import protocol
@@ -438,10 +438,12 @@ class FlowEndpoint:
         too_large = InvalidRequest(
             f"Request body exceeds {limit} bytes.", status="RESOURCE_EXHAUSTED", http_status=413
         )
-        try:
-            stream = get_input_stream(request.environ, max_content_length=limit)
-        except RequestEntityTooLarge:  # Content-Length says so
-            raise too_large from None
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large
+        # Bounded by Content-Length, or by a server that decodes chunked bodies and says
+        # so (wsgi.input_terminated); empty otherwise. The limit is enforced below.
+        stream = get_input_stream(request.environ)
         parts: list[bytes] = []
         size = 0
         try:
@@ -451,8 +453,6 @@ class FlowEndpoint:
                     break
                 parts.append(part)
                 size += len(part)
-        except RequestEntityTooLarge:
-            raise too_large from None
         except ClientDisconnected:
             raise InvalidRequest("Request body ended early.") from None
         if size > limit:
