@@ -148,12 +148,16 @@ def _closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
     down wakes it with an error, which ends the response.
     """
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if not isinstance(sock, socket.socket):
+    # gevent's socket wraps the OS one as ``_sock``. Shutting that one down lets the
+    # blocked send fail as a client disconnect (EPIPE, which servers ignore) rather
+    # than gevent cancelling the wait with an error that servers log as a crash.
+    raw: Any = getattr(sock, "_sock", sock)
+    if not callable(getattr(raw, "shutdown", None)):
         return None
 
     def close() -> None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # already gone
 

@@ -210,6 +210,7 @@ class RunWriter:
                 self._rejected = exc
                 return Outcome.PERMANENT
             except Exception as exc:  # transient, known or not: retried
+                self.run.storage_failing = True
                 now = self._clock()
                 if self._failing_since is None:
                     self._failing_since = now
@@ -243,6 +244,7 @@ class RunWriter:
                 self._heartbeat_if_due()
                 continue
             self._failing_since = None
+            self.run.storage_failing = False
             return Outcome.STORED
 
     # -- heartbeats ------------------------------------------------------------

@@ -15,7 +15,7 @@ KIB = 1024
 
 
 def test_a_reader_that_stops_reading_is_dropped_and_its_events_released() -> None:
-    run = Run("s", FlowContext("s"), buffer_limit=256 * KIB)
+    run = Run("s", FlowContext("s"), buffer_limit=256 * KIB, reader_grace=0.05)
     run.expect_storage()
     dropped: list[bool] = []
     stuck = run.batches(on_drop=lambda: dropped.append(True))
