@@ -26,7 +26,7 @@ from typing import Any
 from . import protocol
 from ._concurrency import gevent_patched
 from .exceptions import StreamClosed
-from .flows import FlowContext, size_error
+from .flows import FlowContext, fit_error, size_error
 from .managers.base import Event
 
 log = logging.getLogger("flask_durable_stream")
@@ -411,44 +411,4 @@ def _may_block(cooperative: bool) -> bool:
     return gevent.getcurrent() is not gevent.get_hub()
 
 
-_malloc_trim: Any = None
-
-
-def release_memory() -> None:
-    """Ask glibc to give freed heap memory back to the OS (a no-op elsewhere).
-
-    CPython frees a long stream's events, but glibc keeps the freed pages of
-    its arenas for reuse, so the worker's RSS would stay at its peak after one
-    large run. ``malloc_trim(0)`` returns them; it costs a few milliseconds on
-    a large heap, so the runner calls it only after a run of several MiB ends.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            import ctypes
-            import ctypes.util
-
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _malloc_trim = libc.malloc_trim
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:
-    """``body``, made small enough to store: without ``details``, then with a shorter message."""
-    if limit is None or len(protocol.encode(body).encode()) <= limit:
-        return body
-    body = {k: v for k, v in body.items() if k != "details"}
-    message = str(body.get("message", ""))
-    while len(protocol.encode(body).encode()) > limit and message:
-        excess = len(protocol.encode(body).encode()) - limit
-        message = message[: max(0, len(message) - max(excess, 16) - 1)]
-        body["message"] = message + "…" if message else ""
-    return body
-
-
-__all__ = ["DEFAULT_BUFFER_LIMIT", "LiveReader", "Run", "fit_error", "release_memory"]
+__all__ = ["DEFAULT_BUFFER_LIMIT", "LiveReader", "Run"]

@@ -33,8 +33,9 @@ from typing import Any
 from . import protocol
 from ._retry import Backoff
 from .exceptions import StoragePermanentError, StreamClosed
+from .flows import fit_error
 from .managers.base import Event, StreamWriter
-from .run import Run, fit_error
+from .run import Run
 
 log = logging.getLogger("flask_durable_stream")
 

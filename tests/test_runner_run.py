@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from flask_durable_stream import EventTooLarge, FlowContext, FlowError, InMemoryStreamManager
-from flask_durable_stream.run import Run, fit_error
+from flask_durable_stream.flows import fit_error
+from flask_durable_stream.run import Run
 from flask_durable_stream.runner import Runner, runner_for
 
 KIB = 1024
