@@ -143,9 +143,13 @@ def test_storage_down_is_503_without_detail_and_recovers_by_itself(
 def test_misconfiguration_fails_at_init_app_naming_the_setting(monkeypatch: Any) -> None:
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     monkeypatch.delenv("GCLOUD_PROJECT", raising=False)
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
     for config, setting in (
         ({"DURABLE_STREAM_BACKEND": "carrier-pigeon"}, "DURABLE_STREAM_BACKEND"),
-        ({"DURABLE_STREAM_BACKEND": "firestore"}, "DURABLE_STREAM_FIRESTORE_PROJECT"),
+        (  # no project and, here, no credentials: either is named
+            {"DURABLE_STREAM_BACKEND": "firestore"},
+            "DURABLE_STREAM_FIRESTORE_PROJECT|GOOGLE_APPLICATION_CREDENTIALS",
+        ),
         ({"DURABLE_STREAM_BACKEND": "redis"}, "DURABLE_STREAM_REDIS_URL"),
     ):
         app = Flask(__name__)
