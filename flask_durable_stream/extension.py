@@ -17,7 +17,8 @@ from flask import Flask
 
 from .flows import Flow
 from .managers.base import StreamManager
-from .runner import Runner
+from .run import DEFAULT_BUFFER_LIMIT
+from .runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
 from .views import (
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
@@ -43,8 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_TIMEOUT": 60.0,
     "DURABLE_STREAM_LEASE": 10.0,
     "DURABLE_STREAM_MAX_CONTENT_LENGTH": DEFAULT_MAX_CONTENT_LENGTH,
-    "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": 30.0,
-    "DURABLE_STREAM_SHUTDOWN_GRACE": 25.0,
+    "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": DEFAULT_WRITE_RETRY_TIMEOUT,
+    "DURABLE_STREAM_SHUTDOWN_GRACE": DEFAULT_SHUTDOWN_GRACE,
+    "DURABLE_STREAM_LIVE_BUFFER_BYTES": DEFAULT_BUFFER_LIMIT,
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
 }
@@ -116,6 +118,7 @@ class DurableStream:
             name=EXTENSION_KEY,
             write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
             shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
+            live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
             **_view_options(app),
         )
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
@@ -148,7 +151,13 @@ class DurableStream:
 
 
 def build_manager(app: Flask) -> StreamManager:
-    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config."""
+    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config.
+
+    A configuration that can never work raises ``ValueError`` here, at
+    ``init_app``, naming the setting to fix. Storage that is only unreachable
+    for now does not: requests that need it get ``503 UNAVAILABLE`` until it
+    comes back.
+    """
     config = app.config
     backend = str(config["DURABLE_STREAM_BACKEND"]).lower()
     ttl = float(config["DURABLE_STREAM_TTL"])
@@ -222,3 +231,7 @@ def _view_options(app: Flask) -> dict[str, Any]:
 
 def _optional_float(value: Any) -> float | None:
     return None if value in (None, "") else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
