@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from flask_durable_stream import InMemoryStreamManager, StreamManager
-from flask_durable_stream._concurrency import running_tasks
-from flask_durable_stream.runner import runner_for
+pytest.register_assert_rewrite("flask_durable_stream.testing")  # before the kit is imported
+
+from flask_durable_stream import InMemoryStreamManager, StreamManager  # noqa: E402
+from flask_durable_stream._concurrency import running_tasks  # noqa: E402
+from flask_durable_stream.runner import runner_for  # noqa: E402
 
 BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")]))
 pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]

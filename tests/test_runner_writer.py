@@ -227,7 +227,7 @@ def test_a_stream_ended_elsewhere_stops_the_flow(harness: Harness) -> None:
     def closed_append(events: Any) -> None:
         raise StreamClosed("stream s1 already ended")
 
-    harness.writer.writer._append = closed_append  # type: ignore[method-assign]
+    harness.writer.writer.store = closed_append  # type: ignore[method-assign]
     harness.emit('"a"')
     harness.run_tasks()
     assert harness.run.durable_failed and harness.run.ctx.cancelled

@@ -254,11 +254,11 @@ def test_large_batches_round_trip_byte_for_byte_and_retry_idempotently(db: Path)
     batch = [Event(i, "chunk", tricky[i % 4]) for i in range(40)] + [Event(40, "done", "null")]
     with SQLiteStreamManager(db) as manager:
         writer = manager.open("packed")
-        writer._append(batch)  # reached storage, reported failure
+        writer.store(batch)  # reached storage, reported failure
         writer.append(batch)  # the retry
         assert list(manager.subscribe("packed")) == batch
         with pytest.raises(StreamClosed, match="conflicting"):
-            writer._append(batch[:20] + [Event(20, "chunk", '"x"')])
+            writer.store(batch[:20] + [Event(20, "chunk", '"x"')])
 
 
 def test_conflicting_payload_at_an_existing_seq_is_refused(db: Path) -> None:
@@ -266,7 +266,7 @@ def test_conflicting_payload_at_an_existing_seq_is_refused(db: Path) -> None:
         writer = manager.open("c")
         writer.write("original")
         with pytest.raises(StreamClosed, match="conflicting"):
-            writer._append([Event(0, "chunk", '"forged"')])
+            writer.store([Event(0, "chunk", '"forged"')])
         assert next(manager.subscribe("c")).payload == '"original"'
         writer.done("end")  # the writer itself is unaffected
         assert [e.seq for e in manager.subscribe("c")] == [0, 1]

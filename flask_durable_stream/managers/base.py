@@ -6,9 +6,10 @@ number of ``chunk`` events followed by exactly one terminal event (``done`` or
 once by the producer, so every backend stores and replays the same bytes.
 
 Producer side: :meth:`StreamManager.open` returns a :class:`StreamWriter`.
-Its :meth:`~StreamWriter.append` is the one primitive a backend implements
-(``_append``); it must be idempotent per sequence number, because the runner
-retries a failed append with the same events. ``write``/``done``/``error`` are
+Its :meth:`~StreamWriter.append` checks the batch and hands it to
+:meth:`~StreamWriter.store`, the one write a backend implements; ``store``
+must be idempotent per sequence number, because the runner retries a failed
+append with the same events. ``write``/``done``/``error`` are
 conveniences on top of it.
 
 Consumer side: :meth:`StreamManager.subscribe` yields the stored events with
@@ -233,11 +234,16 @@ class StreamWriter:
             raise ValueError(f"events must be contiguous from seq {first}")
         if len(events) > 1 and set(map(_kind_of, events[:-1])) != {protocol.CHUNK}:
             raise StreamClosed("no event may follow a terminal event")
-        self._append(events)
+        self.store(events)
         self.next_seq = events[-1].seq + 1
         self.closed = events[-1].terminal
 
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
+        """The backend's write: persist ``events``, already checked by :meth:`append`.
+
+        Storing the same events again (a retry after a failure that reached
+        storage) must leave exactly one copy of each sequence number.
+        """
         raise NotImplementedError
 
     def heartbeat(self) -> bool:
@@ -293,6 +299,10 @@ class StreamManager:
     #: most ..."). Never a path or host. Defaults to the class name without
     #: ``StreamManager``.
     backend_name: str = ""
+    #: The storage clock (epoch seconds) behind :meth:`now`: heartbeats, expiry and
+    #: ``gc`` all read it, so tests replace it on one manager to move time on
+    #: without sleeping (``flask_durable_stream.testing.ManualClock``).
+    clock: Callable[[], float] = time.time
 
     def __init__(
         self,
@@ -375,7 +385,7 @@ class StreamManager:
         """Stop background work and release connections."""
 
     def now(self) -> float:
-        return time.time()
+        return self.clock()
 
     def expiry(self, now: float | None = None) -> float:
         return (self.now() if now is None else now) + self.ttl_seconds

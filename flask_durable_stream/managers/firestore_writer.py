@@ -63,7 +63,7 @@ class FirestoreStreamWriter(StreamWriter):
         self._alive_at = time.time()  # last heartbeat or commit: what subscribers' lease sees
 
     # -- producing -----------------------------------------------------------
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
         # Before anything is buffered: an event no document can hold is a permanent
         # error for this call, and the stream stays writable at the same seq.
         check_event_sizes(events, self._manager.max_event_bytes, "Firestore")

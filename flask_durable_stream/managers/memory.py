@@ -248,7 +248,7 @@ class _MemoryWriter(StreamWriter):
         self._manager = manager
         self._stream = stream
 
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
         check_event_sizes(events, self._manager.max_event_bytes, "in-memory")
         self._manager._append(self._stream, events)
 

@@ -369,7 +369,7 @@ class _RedisWriter(StreamWriter):
         self._manager = manager
         self._token = token
 
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
         # A script blocks Redis while it runs: long batches go in pages. A failure
         # part-way leaves a stored prefix, which the retry of the batch finds identical.
         check_event_sizes(events, self._manager.max_event_bytes, "Redis")

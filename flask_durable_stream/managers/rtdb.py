@@ -616,7 +616,7 @@ class _RtdbWriter(StreamWriter):
         self._confirmed = confirmed
         self._last_write = 0.0
 
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
         m = self._m
         check_event_sizes(events, m.max_event_bytes, "Realtime Database")
         if not events[-1].terminal and m.linger > 0:

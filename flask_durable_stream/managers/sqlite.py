@@ -884,7 +884,7 @@ class _SQLiteWriter(StreamWriter):
         self._manager = manager
         self._token = token
 
-    def _append(self, events: Sequence[Event]) -> None:
+    def store(self, events: Sequence[Event]) -> None:
         manager = self._manager
         check_event_sizes(events, manager.max_event_bytes, "SQLite")
         manager._submit(

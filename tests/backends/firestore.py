@@ -1,9 +1,10 @@
 """Backend plugin for the conformance suite: Firestore, on Google's own emulator.
 
 Starts one emulator JVM for the session (``firestore_emulator`` fixture, also
-used by other test modules). Each manager gets its own collection, so tests
-never see each other's streams. Without java or the emulator JAR the Firestore
-tests fail loudly, unless ``DURABLE_STREAM_SKIP_FIRESTORE=1`` opts out.
+used by other test modules). Each test gets its own collection (shared by the
+managers it makes, like two processes), so tests never see each other's streams.
+Without java or the emulator JAR the Firestore tests fail loudly, unless
+``DURABLE_STREAM_SKIP_FIRESTORE=1`` opts out.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def backend_firestore(
     from flask_durable_stream import FirestoreStreamManager
 
     made: list[StreamManager] = []
+    collection = f"streams-{uuid.uuid4().hex[:12]}"
 
     def make(**options: Any) -> StreamManager:
-        options.setdefault("collection", f"streams-{uuid.uuid4().hex[:12]}")
+        options.setdefault("collection", collection)
         options.setdefault("client", firestore_emulator.client())
         manager = FirestoreStreamManager(**options)
         made.append(manager)

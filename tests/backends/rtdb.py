@@ -3,9 +3,10 @@
 Runs against the RTDB protocol test server (``tests/support/rtdb_server.py``),
 started once per session on a free port; or, when
 ``FIREBASE_DATABASE_EMULATOR_HOST`` is set, against that real emulator. Each
-manager gets its own ``ref_prefix`` so ``gc()`` and ``list_streams()`` only see
-its own streams. ``linger`` defaults to 0 here because the suite writes one
-event per call; ``tests/test_rtdb.py`` covers batching with the real default.
+test gets its own ``ref_prefix`` (shared by the managers it makes, like two
+processes) so ``gc()`` and ``list_streams()`` only see its own streams.
+``linger`` defaults to 0 here because the suite writes one event per call;
+``tests/test_rtdb.py`` covers batching with the real default.
 """
 
 from __future__ import annotations
@@ -92,12 +93,11 @@ def backend_rtdb(rtdb_app: Any) -> Iterator[Callable[..., StreamManager]]:
     from flask_durable_stream import RtdbStreamManager
 
     made: list[StreamManager] = []
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
 
     def make(**options: Any) -> StreamManager:
         options.setdefault("linger", 0.0)
-        manager = RtdbStreamManager(
-            firebase_app=rtdb_app, ref_prefix=f"t-{uuid.uuid4().hex[:12]}", **options
-        )
+        manager = RtdbStreamManager(firebase_app=rtdb_app, ref_prefix=prefix, **options)
         made.append(manager)
         return manager
 

@@ -1,0 +1,264 @@
+"""Contract cases: expiry, heartbeats, producer loss, the storage fault model, shared storage.
+
+TTL and abandoned-stream cases run on a :class:`ManualClock`; the cases about
+a reader's own patience (timeouts, the producer lease a reader measures
+itself) wait on real time, bounded by a short lease or timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, ClassVar
+
+import pytest
+
+from ..exceptions import (
+    EventTooLarge,
+    StorageUnavailable,
+    StreamClosed,
+    StreamNotFound,
+    StreamTimeout,
+)
+from ..managers.base import Event, StreamManager, StreamStatus
+from ._support import (
+    MakeManager,
+    ManualClock,
+    collect,
+    in_thread,
+    new_id,
+    produce,
+    runner_like_batches,
+)
+
+
+class LifecycleCases:
+    shares_storage: ClassVar[bool]
+
+    def use_clock(self, manager: StreamManager, clock: ManualClock) -> None:
+        raise NotImplementedError  # StreamManagerContract defines it
+
+    # -- expiry, on the clock ---------------------------------------------------------------------
+
+    def test_finished_streams_expire_open_ones_do_not(
+        self, make_manager: MakeManager, clock: ManualClock
+    ) -> None:
+        manager = make_manager(ttl_seconds=30, lease_seconds=120)
+        self.use_clock(manager, clock)
+        finished, still_open = new_id(), new_id()
+        produce(manager.open(finished), ["a"], "b")
+        writer = manager.open(still_open)
+        writer.write("a")
+        clock.advance(31)
+        writer.heartbeat()
+        manager.gc()
+        with pytest.raises(StreamNotFound):
+            manager.subscribe(finished)
+        assert manager.info(finished) is None
+        info = manager.info(still_open)
+        assert info is not None and info.status is StreamStatus.OPEN
+        writer.done("late")
+        assert [e.seq for e in manager.subscribe(still_open)] == [0, 1]
+        manager.open(finished)  # an expired id is free again
+
+    def test_a_finished_stream_stays_until_its_ttl(
+        self, make_manager: MakeManager, clock: ManualClock
+    ) -> None:
+        manager = make_manager(ttl_seconds=30, lease_seconds=120)
+        self.use_clock(manager, clock)
+        sid = new_id()
+        produce(manager.open(sid), ["a"], "b")
+        clock.advance(29)
+        assert manager.gc() == 0
+        assert [e.seq for e in manager.subscribe(sid)] == [0, 1]
+
+    def test_gc_removes_expired_streams(
+        self, make_manager: MakeManager, clock: ManualClock
+    ) -> None:
+        manager = make_manager(ttl_seconds=30, lease_seconds=120)
+        self.use_clock(manager, clock)
+        finished = [new_id() for _ in range(3)]
+        for sid in finished:
+            produce(manager.open(sid), [], None)
+        still_open = new_id()
+        writer = manager.open(still_open)
+        clock.advance(31)
+        writer.heartbeat()
+        manager.gc()
+        listed = {i.stream_id for i in manager.list_streams(limit=1000)}
+        assert not listed & set(finished)
+        assert still_open in listed
+        assert manager.gc() == 0
+
+    def test_gc_takes_the_time_to_expire_at(self, make_manager: MakeManager) -> None:
+        manager = make_manager(ttl_seconds=30, lease_seconds=3600)
+        sid = new_id()
+        produce(manager.open(sid), [], None)
+        assert manager.gc(now=manager.now() + 10) == 0
+        assert manager.info(sid) is not None
+        assert manager.gc(now=manager.now() + 31) == 1
+        assert manager.info(sid) is None
+
+    def test_abandoned_open_streams_go_away(
+        self, make_manager: MakeManager, clock: ManualClock
+    ) -> None:
+        """A producer that died with nobody reading must not leave its stream behind forever."""
+        manager = make_manager(lease_seconds=5, ttl_seconds=5)
+        self.use_clock(manager, clock)
+        abandoned, alive = new_id(), new_id()
+        manager.open(abandoned).write("last words")
+        writer = manager.open(alive)
+        for _ in range(6):  # ended once its lease is over, removed once its TTL is too
+            if manager.info(abandoned) is None:
+                break
+            clock.advance(3)
+            writer.heartbeat()
+            manager.gc()
+        assert manager.info(abandoned) is None
+        with pytest.raises(StreamNotFound):
+            manager.subscribe(abandoned)
+        info = manager.info(alive)  # a producer that keeps beating keeps its stream
+        assert info is not None and info.status is StreamStatus.OPEN
+
+    # -- a reader's own patience, in real time ----------------------------------------------------
+
+    def test_subscriber_times_out_without_events_or_heartbeats(
+        self, make_manager: MakeManager
+    ) -> None:
+        manager = make_manager(timeout=0.5, lease_seconds=30)
+        sid = new_id()
+        manager.open(sid).write("only")
+        sub = manager.subscribe(sid)
+        assert next(sub).seq == 0
+        started = time.monotonic()
+        with pytest.raises(StreamTimeout) as info:
+            next(sub)
+        assert info.value.status == "DEADLINE_EXCEEDED"
+        assert 0.4 <= time.monotonic() - started
+
+    def test_heartbeats_keep_a_quiet_stream_alive(self, make_manager: MakeManager) -> None:
+        manager = make_manager(timeout=0.6, lease_seconds=30)
+        sid = new_id()
+        writer = manager.open(sid)
+        stop = threading.Event()
+
+        def beat() -> None:
+            for _ in range(15):  # 1.5 s of silence, heartbeats only
+                if stop.wait(0.1):
+                    return
+                writer.heartbeat()
+            writer.done("finally")
+
+        thread = in_thread(beat)
+        events = collect(manager.subscribe(sid))
+        stop.set()
+        thread.join(5)
+        assert events == [(0, "done", '"finally"')]
+
+    def test_dead_producer_lease_ends_stream_for_everyone(self, make_manager: MakeManager) -> None:
+        manager = make_manager(timeout=30, lease_seconds=0.6, heartbeat_interval=0.1)
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("before the crash")  # then the producer vanishes without a terminal event
+        events = collect(manager.subscribe(sid))  # ends within the lease, not the 30 s timeout
+        assert events[0] == (0, "chunk", '"before the crash"')
+        assert events[1][:2] == (1, "error")
+        assert '"UNAVAILABLE"' in events[1][2]
+        assert collect(manager.subscribe(sid)) == events
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.ERROR
+        with pytest.raises(StreamClosed):  # a producer that comes back cannot append
+            writer.write("after the lease")
+
+    # -- the storage fault model ------------------------------------------------------------------
+
+    def test_an_event_over_max_event_bytes_is_too_large_and_the_stream_goes_on(
+        self, manager: StreamManager
+    ) -> None:
+        """Checked by append itself, whatever the limit (lowered here to keep the test small)."""
+        manager.max_event_bytes = 4096
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("before")
+        with pytest.raises(EventTooLarge) as info:
+            writer.append([Event(1, "chunk", '"ok"'), Event(2, "chunk", '"' + "é" * 2048 + '"')])
+        assert info.value.status == "RESOURCE_EXHAUSTED"
+        assert (info.value.size, info.value.limit) == (4098, 4096)  # UTF-8 bytes, not characters
+        assert info.value.message.startswith("Chunk 2 is 4,098 bytes; the ")
+        assert info.value.message.endswith(" backend stores at most 4,096")
+        assert writer.next_seq == 1  # nothing of the batch was taken: the same seq is free
+        writer.write("x" * 4094)  # exactly the limit is fine
+        with pytest.raises(EventTooLarge, match="^The output is "):
+            writer.done("y" * 4095)
+        writer.done("end")
+        assert collect(manager.subscribe(sid)) == [
+            (0, "chunk", '"before"'),
+            (1, "chunk", '"' + "x" * 4094 + '"'),
+            (2, "done", '"end"'),
+        ]
+
+    @pytest.mark.parametrize(("chunks", "size"), [(10_000, 1024), (100_000, 16)])
+    def test_a_large_fast_stream_replays_byte_for_byte(
+        self, manager: StreamManager, chunks: int, size: int
+    ) -> None:
+        sid = new_id()
+        writer = manager.open(sid)
+        events = [Event(seq, "chunk", f'"{seq:0{size - 2}d}"') for seq in range(chunks)]
+        events.append(Event(chunks, "done", f'{{"chunks":{chunks}}}'))
+        for batch in runner_like_batches(events):
+            writer.append(batch)
+        writer.close()
+        assert list(manager.subscribe(sid)) == events
+        assert list(manager.subscribe(sid, after=chunks - 2)) == events[-2:]
+
+    def test_a_retried_append_after_a_transient_failure_is_idempotent(
+        self, manager: StreamManager
+    ) -> None:
+        """The append reached storage but the caller saw an error: the retry stores it once."""
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("first")
+        original = writer.store
+        failures: list[int] = []
+
+        def lands_then_fails(events: Any) -> None:
+            original(events)
+            if not failures:
+                failures.append(len(events))
+                raise StorageUnavailable("connection reset after the write")
+
+        writer.store = lands_then_fails  # type: ignore[method-assign]
+        batch = [Event(seq, "chunk", f'"b{seq}"') for seq in range(1, 6)]
+        with pytest.raises(StorageUnavailable):
+            writer.append(batch)
+        assert writer.next_seq == 1  # nothing of the writer's state moved
+        writer.append(batch)  # the runner's retry, the same events
+        writer.append([Event(6, "chunk", '"after"')])
+        writer.done("end")
+        writer.close()
+        assert collect(manager.subscribe(sid)) == [
+            (0, "chunk", '"first"'),
+            *[(seq, "chunk", f'"b{seq}"') for seq in range(1, 6)],
+            (6, "chunk", '"after"'),
+            (7, "done", '"end"'),
+        ]
+
+    # -- two managers on the same storage (two processes) -----------------------------------------
+
+    def test_a_second_manager_follows_cancels_and_replays(self, make_manager: MakeManager) -> None:
+        if not self.shares_storage:
+            pytest.skip("this backend's managers do not share storage (shares_storage = False)")
+        producer, reader = make_manager(), make_manager()
+        sid = new_id()
+        writer = producer.open(sid, owner="u")
+        writer.write("one")
+        live = reader.subscribe(sid)
+        assert next(live).payload == '"one"'
+        assert reader.request_cancel(sid) is True
+        assert writer.heartbeat() is True
+        thread = in_thread(produce, writer, ["two"], "end", 0.02)
+        assert [e.seq for e in live] == [1, 2]
+        thread.join(5)
+        assert collect(reader.subscribe(sid)) == collect(producer.subscribe(sid))
+        info = reader.info(sid)
+        assert info is not None and info.status is StreamStatus.DONE and info.owner == "u"
