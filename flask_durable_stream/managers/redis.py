@@ -108,6 +108,7 @@ class RedisStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "Redis"
 
     def __init__(
         self,
@@ -372,7 +373,7 @@ class _RedisWriter(StreamWriter):
     def _append(self, events: Sequence[Event]) -> None:
         # A script blocks Redis while it runs: long batches go in pages. A failure
         # part-way leaves a stored prefix, which the retry of the batch finds identical.
-        check_event_sizes(events, self._manager.max_event_bytes, "Redis")
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
         start = 0
         while start < len(events):
             end, size = start, 0

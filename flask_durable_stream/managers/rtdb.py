@@ -172,6 +172,7 @@ class RtdbStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_STRING_BYTES
+    backend_name = "Realtime Database"
 
     def __init__(
         self,
@@ -618,7 +619,7 @@ class _RtdbWriter(StreamWriter):
 
     def _append(self, events: Sequence[Event]) -> None:
         m = self._m
-        check_event_sizes(events, m.max_event_bytes, "Realtime Database")
+        check_event_sizes(events, m.max_event_bytes, m.display_name)
         if not events[-1].terminal and m.linger > 0:
             wait = self._last_write + m.linger - time.monotonic()
             if wait > 0:

@@ -235,6 +235,7 @@ class SQLiteStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "SQLite"
 
     def __init__(
         self,
@@ -886,7 +887,7 @@ class _SQLiteWriter(StreamWriter):
 
     def _append(self, events: Sequence[Event]) -> None:
         manager = self._manager
-        check_event_sizes(events, manager.max_event_bytes, "SQLite")
+        check_event_sizes(events, manager.max_event_bytes, manager.display_name)
         manager._submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )
