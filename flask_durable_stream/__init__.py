@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
+from . import backends as _backends
 from .exceptions import (
     DurableStreamError,
     EventTooLarge,
@@ -41,14 +42,10 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
     from .managers.rtdb import RtdbStreamManager
     from .managers.sqlite import SQLiteStreamManager
 
-_LAZY = {
-    # Optional backends: imported on first use so their dependencies stay optional.
-    "SQLiteStreamManager": ".managers.sqlite",
-    "FirestoreStreamManager": ".managers.firestore",
-    "RtdbStreamManager": ".managers.rtdb",
-    "RedisStreamManager": ".managers.redis",
-    "DurableStreamClient": ".client",
-}
+# Optional backends (and the client) are imported on first use, so their
+# dependencies stay optional; the backend classes come from the registry.
+_LAZY = {cls: module for module, cls in _backends.BUILTIN.values()}
+_LAZY["DurableStreamClient"] = "flask_durable_stream.client"
 
 
 def __getattr__(name: str) -> object:
@@ -57,7 +54,7 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module, __name__), name)
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

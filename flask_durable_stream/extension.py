@@ -7,7 +7,6 @@ Follows Flask's extension rules: no app is kept on the object; per-app state is
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 from flask import Flask
 
+from .backends import build_manager
 from .flows import Flow
 from .managers.base import StreamManager
 from .run import DEFAULT_BUFFER_LIMIT
@@ -30,16 +30,10 @@ from .views import (
 
 EXTENSION_KEY = "durable_stream"
 
+#: The settings of every app; the selected backend adds its own (``config_defaults``).
 DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_URL_PREFIX": "/flows",
     "DURABLE_STREAM_BACKEND": "memory",
-    "DURABLE_STREAM_SQLITE_PATH": None,
-    "DURABLE_STREAM_FIRESTORE_PROJECT": None,
-    "DURABLE_STREAM_FIRESTORE_COLLECTION": "durable-streams",
-    "DURABLE_STREAM_RTDB_URL": None,
-    "DURABLE_STREAM_RTDB_PREFIX": "durable-streams",
-    "DURABLE_STREAM_REDIS_URL": None,
-    "DURABLE_STREAM_REDIS_PREFIX": "durable-streams",
     "DURABLE_STREAM_TTL": 300.0,
     "DURABLE_STREAM_TIMEOUT": 60.0,
     "DURABLE_STREAM_LEASE": 10.0,
@@ -148,75 +142,6 @@ class DurableStream:
 
         add_flow_rules(add_url_rule, view)
         state.flows[flow_name] = fn
-
-
-def build_manager(app: Flask) -> StreamManager:
-    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config.
-
-    A configuration that can never work raises ``ValueError`` here, at
-    ``init_app``, naming the setting to fix. Storage that is only unreachable
-    for now does not: requests that need it get ``503 UNAVAILABLE`` until it
-    comes back.
-    """
-    config = app.config
-    backend = str(config["DURABLE_STREAM_BACKEND"]).lower()
-    ttl = float(config["DURABLE_STREAM_TTL"])
-    timeout = float(config["DURABLE_STREAM_TIMEOUT"])
-    lease = float(config["DURABLE_STREAM_LEASE"])
-    if backend == "memory":
-        from .managers.memory import InMemoryStreamManager
-
-        return InMemoryStreamManager(ttl, timeout=timeout, lease_seconds=lease)
-    if backend == "sqlite":
-        from .managers.sqlite import SQLiteStreamManager
-
-        path = config["DURABLE_STREAM_SQLITE_PATH"]
-        if not path:  # the default lives in the app's instance folder, created if needed
-            path = os.path.join(app.instance_path, "durable-streams.sqlite3")
-            os.makedirs(app.instance_path, exist_ok=True)
-        return SQLiteStreamManager(path, ttl_seconds=ttl, timeout=timeout, lease_seconds=lease)
-    if backend == "firestore":
-        from .managers.firestore import FirestoreStreamManager
-
-        # The client is created lazily in each worker process (safe with
-        # gunicorn --preload); credentials and project are checked now.
-        return FirestoreStreamManager(
-            project=config["DURABLE_STREAM_FIRESTORE_PROJECT"] or None,
-            collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
-            ttl_seconds=ttl,
-            timeout=timeout,
-            lease_seconds=lease,
-        )
-    if backend == "rtdb":
-        from .managers.rtdb import RtdbStreamManager, firebase_app_for
-
-        url = config["DURABLE_STREAM_RTDB_URL"]
-        if not url:
-            raise ValueError("DURABLE_STREAM_BACKEND='rtdb' needs DURABLE_STREAM_RTDB_URL")
-        return RtdbStreamManager(
-            firebase_app=firebase_app_for(url),
-            ref_prefix=config["DURABLE_STREAM_RTDB_PREFIX"],
-            ttl_seconds=ttl,
-            timeout=timeout,
-            lease_seconds=lease,
-        )
-    if backend == "redis":
-        from .managers.redis import RedisStreamManager
-
-        redis_url = config["DURABLE_STREAM_REDIS_URL"]
-        if not redis_url:
-            raise ValueError("DURABLE_STREAM_BACKEND='redis' needs DURABLE_STREAM_REDIS_URL")
-        return RedisStreamManager(
-            url=redis_url,
-            prefix=config["DURABLE_STREAM_REDIS_PREFIX"],
-            ttl_seconds=ttl,
-            timeout=timeout,
-            lease_seconds=lease,
-        )
-    raise ValueError(
-        f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore', 'rtdb'"
-        " or 'redis', or pass stream_manager= to DurableStream()"
-    )
 
 
 def _view_options(app: Flask) -> dict[str, Any]:

@@ -613,6 +613,6 @@ def test_without_credentials_or_project_construction_names_the_settings(
     with pytest.raises(ValueError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         FirestoreStreamManager()
     app = Flask(__name__)
-    app.config["DURABLE_STREAM_BACKEND"] = "firestore"
-    with pytest.raises(ValueError, match="FIRESTORE_EMULATOR_HOST"):
+    app.config.update(DURABLE_STREAM_BACKEND="firestore", DURABLE_STREAM_FIRESTORE_PROJECT="p")
+    with pytest.raises(ValueError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         DurableStream(app, flows={})

@@ -32,12 +32,15 @@ import json
 import operator
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict, TypeVar
 
 from .. import protocol
 from ..exceptions import EventTooLarge, StreamClosed
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -49,11 +52,11 @@ _kind_of = operator.itemgetter(1)
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
 
-_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "The output", protocol.ERROR: "The error"}
+_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "Output", protocol.ERROR: "Error"}
 
 
 def payload_bytes(payload: str) -> int:
-    return len(payload.encode("utf-8"))
+    return len(payload.encode("utf-8", "surrogatepass"))
 
 
 def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) -> None:
@@ -76,6 +79,21 @@ def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) 
                 size=size,
                 limit=limit,
             )
+
+
+class CommonOptions(TypedDict):
+    ttl_seconds: float
+    timeout: float
+    lease_seconds: float
+
+
+def common_options(config: Mapping[str, Any]) -> CommonOptions:
+    """The options every backend takes, from ``DURABLE_STREAM_TTL``, ``_TIMEOUT`` and ``_LEASE``."""
+    return {
+        "ttl_seconds": float(config.get("DURABLE_STREAM_TTL", 300.0)),
+        "timeout": float(config.get("DURABLE_STREAM_TIMEOUT", 60.0)),
+        "lease_seconds": float(config.get("DURABLE_STREAM_LEASE", 10.0)),
+    }
 
 
 def valid_stream_id(stream_id: str) -> bool:
@@ -303,6 +321,20 @@ class StreamManager:
     #: ``gc`` all read it, so tests replace it on one manager to move time on
     #: without sleeping (``flask_durable_stream.testing.ManualClock``).
     clock: Callable[[], float] = time.time
+    #: The app config keys this backend reads, with their defaults; the extension
+    #: sets them on the app (``setdefault``) before it calls :meth:`from_config`.
+    config_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def from_config(cls: type[_M], config: Mapping[str, Any], app: Flask) -> _M:
+        """The manager ``DURABLE_STREAM_BACKEND`` selects, built from the app's config.
+
+        A configuration that can never work raises ``ValueError`` naming the
+        setting to fix; storage that is only unreachable for now must not
+        raise (requests get 503 until it is back). The default passes
+        :func:`common_options`.
+        """
+        return cls(**common_options(config))
 
     def __init__(
         self,

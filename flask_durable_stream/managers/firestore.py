@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
 from .._concurrency import TaskGroup
 from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
-from .base import PRODUCER_LOST, Event, StreamInfo, StreamManager, StreamStatus
+from .base import (
+    PRODUCER_LOST,
+    Event,
+    StreamInfo,
+    StreamManager,
+    StreamStatus,
+    common_options,
+)
 from .firestore_io import (
     BATCHES,
     COMMIT_DOCS,
@@ -45,6 +52,9 @@ from .firestore_io import (
 )
 from .firestore_reader import follow
 from .firestore_writer import FirestoreStreamWriter
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 __all__ = ["FirestoreStreamManager", "FirestoreStreamWriter"]
 
@@ -75,6 +85,11 @@ def check_default_credentials(project: str | None) -> None:
         )
 
 
+def _env_project() -> str | None:
+    """The project Google's client libraries would pick from the environment."""
+    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCLOUD_PROJECT")
+
+
 class FirestoreStreamManager(StreamManager):
     """Durable streams in Firestore, shared by every worker and host of an app.
 
@@ -95,6 +110,30 @@ class FirestoreStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "Firestore"
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "DURABLE_STREAM_FIRESTORE_PROJECT": None,
+        "DURABLE_STREAM_FIRESTORE_COLLECTION": "durable-streams",
+    }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], app: Flask) -> FirestoreStreamManager:
+        """``DURABLE_STREAM_FIRESTORE_PROJECT`` (or the environment's) and ``_COLLECTION``.
+
+        The client is created lazily in each worker process (safe with gunicorn
+        ``--preload``); the project and credentials are checked now.
+        """
+        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"] or _env_project()
+        if not project:
+            raise ValueError(
+                "DURABLE_STREAM_BACKEND='firestore' needs a Google Cloud project: set"
+                " DURABLE_STREAM_FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT in the environment)"
+            )
+        return cls(
+            project=project,
+            collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
+            **common_options(config),
+        )
 
     def __init__(
         self,

@@ -249,7 +249,7 @@ class _MemoryWriter(StreamWriter):
         self._stream = stream
 
     def store(self, events: Sequence[Event]) -> None:
-        check_event_sizes(events, self._manager.max_event_bytes, "in-memory")
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
         self._manager._append(self._stream, events)
 
     def heartbeat(self) -> bool:

@@ -36,8 +36,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
 from ..exceptions import (
@@ -56,12 +56,16 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    common_options,
     payload_bytes,
     status_after,
 )
 from .redis_reader import PAGE as _PAGE
 from .redis_reader import SharedReader, poke_key
 from .redis_scripts import _APPEND, _CANCEL, _HEARTBEAT, _MARK_LOST, _OPEN
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,19 @@ class RedisStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "Redis"
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "DURABLE_STREAM_REDIS_URL": None,
+        "DURABLE_STREAM_REDIS_PREFIX": "durable-streams",
+    }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], app: Flask) -> RedisStreamManager:
+        """``DURABLE_STREAM_REDIS_URL`` (required) and ``DURABLE_STREAM_REDIS_PREFIX``."""
+        url = config["DURABLE_STREAM_REDIS_URL"]
+        if not url:
+            raise ValueError("DURABLE_STREAM_BACKEND='redis' needs DURABLE_STREAM_REDIS_URL")
+        return cls(url=url, prefix=config["DURABLE_STREAM_REDIS_PREFIX"], **common_options(config))
 
     def __init__(
         self,
@@ -372,7 +389,7 @@ class _RedisWriter(StreamWriter):
     def store(self, events: Sequence[Event]) -> None:
         # A script blocks Redis while it runs: long batches go in pages. A failure
         # part-way leaves a stored prefix, which the retry of the batch finds identical.
-        check_event_sizes(events, self._manager.max_event_bytes, "Redis")
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
         start = 0
         while start < len(events):
             end, size = start, 0

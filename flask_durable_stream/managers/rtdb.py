@@ -34,8 +34,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import quote, urlencode
 
 try:
@@ -67,10 +67,14 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    common_options,
     status_after,
     valid_stream_id,
 )
 from .rtdb_stream import Mirror, Watch
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,23 @@ class RtdbStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_STRING_BYTES
+    backend_name = "Realtime Database"
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "DURABLE_STREAM_RTDB_URL": None,
+        "DURABLE_STREAM_RTDB_PREFIX": "durable-streams",
+    }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], app: Flask) -> RtdbStreamManager:
+        """``DURABLE_STREAM_RTDB_URL`` (required) and ``DURABLE_STREAM_RTDB_PREFIX``."""
+        url = config["DURABLE_STREAM_RTDB_URL"]
+        if not url:
+            raise ValueError("DURABLE_STREAM_BACKEND='rtdb' needs DURABLE_STREAM_RTDB_URL")
+        return cls(
+            firebase_app=firebase_app_for(url),
+            ref_prefix=config["DURABLE_STREAM_RTDB_PREFIX"],
+            **common_options(config),
+        )
 
     def __init__(
         self,
@@ -618,7 +639,7 @@ class _RtdbWriter(StreamWriter):
 
     def store(self, events: Sequence[Event]) -> None:
         m = self._m
-        check_event_sizes(events, m.max_event_bytes, "Realtime Database")
+        check_event_sizes(events, m.max_event_bytes, m.display_name)
         if not events[-1].terminal and m.linger > 0:
             wait = self._last_write + m.linger - time.monotonic()
             if wait > 0:

@@ -31,8 +31,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
 from .._concurrency import Task, TaskGroup, gevent_patched
@@ -53,8 +53,12 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    common_options,
     status_after,
 )
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +239,17 @@ class SQLiteStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "SQLite"
+    config_defaults: ClassVar[Mapping[str, Any]] = {"DURABLE_STREAM_SQLITE_PATH": None}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], app: Flask) -> SQLiteStreamManager:
+        """``DURABLE_STREAM_SQLITE_PATH``, by default a file in the app's instance folder."""
+        path = config["DURABLE_STREAM_SQLITE_PATH"]
+        if not path:  # the default lives in the app's instance folder, created if needed
+            path = os.path.join(app.instance_path, "durable-streams.sqlite3")
+            os.makedirs(app.instance_path, exist_ok=True)
+        return cls(path, **common_options(config))
 
     def __init__(
         self,
@@ -357,7 +372,9 @@ class SQLiteStreamManager(StreamManager):
         self._queue = None
         self._in_flight = 0
 
-    def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _read(
+        self, sql: str, args: tuple[Any, ...], *, schema_made: bool = False
+    ) -> list[tuple[Any, ...]]:
         if self._closed:
             raise StorageUnavailable("the SQLite stream manager is closed")
         with self._lock:
@@ -369,6 +386,12 @@ class SQLiteStreamManager(StreamManager):
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
+            if "no such table" in str(exc) and not schema_made:
+                # A new file nobody has written yet: the writer creates the schema (the
+                # start is lazy), then read again. A read-only database with its schema
+                # never gets here, so finished streams stay readable from it.
+                self._submit(_noop)
+                return self._read(sql, args, schema_made=True)
             log.warning("SQLite read failed on %r: %s", self.path, exc)
             raise StorageUnavailable(f"SQLite read failed ({exc})") from exc
         with self._lock:
@@ -878,6 +901,10 @@ def _stop(conn: sqlite3.Connection) -> None:
     """The writer thread's last request."""
 
 
+def _noop(conn: sqlite3.Connection) -> None:
+    """A request that only makes the writer connect (and create the schema)."""
+
+
 class _SQLiteWriter(StreamWriter):
     def __init__(self, manager: SQLiteStreamManager, stream_id: str, token: int) -> None:
         super().__init__(stream_id)
@@ -886,7 +913,7 @@ class _SQLiteWriter(StreamWriter):
 
     def store(self, events: Sequence[Event]) -> None:
         manager = self._manager
-        check_event_sizes(events, manager.max_event_bytes, "SQLite")
+        check_event_sizes(events, manager.max_event_bytes, manager.display_name)
         manager._submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )

@@ -188,7 +188,7 @@ class LifecycleCases:
         assert info.value.message.endswith(" backend stores at most 4,096")
         assert writer.next_seq == 1  # nothing of the batch was taken: the same seq is free
         writer.write("x" * 4094)  # exactly the limit is fine
-        with pytest.raises(EventTooLarge, match="^The output is "):
+        with pytest.raises(EventTooLarge, match="^Output is "):
             writer.done("y" * 4095)
         writer.done("end")
         assert collect(manager.subscribe(sid)) == [
