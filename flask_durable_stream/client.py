@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-from . import protocol
+from . import protocol, sse
 from .exceptions import DurableStreamError, FlowError, StreamError, StreamNotFound
 
 __all__ = ["DurableStreamClient", "FlowStream"]
@@ -285,21 +285,8 @@ def _read_frames(response: http.client.HTTPResponse) -> Iterator[tuple[str, Any]
 
 
 def _read_sse(response: http.client.HTTPResponse) -> Iterator[tuple[int | None, str, Any]]:
-    """``(id, kind, value)`` per SSE message; comments and ``retry`` skipped."""
+    """``(id, kind, value)`` per SSE message; ``id`` None for one that is not a stored event."""
     kinds = {"message": protocol.CHUNK, "result": protocol.DONE, "failure": protocol.ERROR}
-    buffer = ""
-    for text in _chunks(response):
-        buffer += text
-        while (end := buffer.find("\n\n")) >= 0:
-            block, buffer = buffer[:end], buffer[end + 2 :]
-            seq, event, data = None, "message", None
-            for line in block.split("\n"):
-                field, _, value = line.partition(": ")
-                if field == "id":
-                    seq = int(value)
-                elif field == "event":
-                    event = value
-                elif field == "data":
-                    data = value
-            if data is not None:
-                yield seq, kinds.get(event, protocol.CHUNK), json.loads(data)
+    for message in sse.read_events(response):
+        seq = int(message.id) if message.id.isascii() and message.id.isdigit() else None
+        yield seq, kinds.get(message.event, protocol.CHUNK), message.json()

@@ -19,6 +19,7 @@ from flask_durable_stream import (
     RequestData,
     durable_stream_blueprint,
 )
+from flask_durable_stream.sse import SSEDecoder
 from tests.support import servers
 
 SSE = {"Accept": "text/event-stream"}
@@ -26,21 +27,18 @@ SSE = {"Accept": "text/event-stream"}
 
 def parse_sse(text: str) -> list[dict[str, Any]]:
     """SSE messages as dicts: ``id``, ``event`` (default ``message``), ``data`` (JSON); comments
-    as ``{"comment": ...}``. Every message must be complete."""
-    messages = []
+    as ``{"comment": ...}``, ``retry`` as ``{"retry": ms}``, in stream order, through the
+    package's own decoder. Every message must be complete."""
     assert text == "" or text.endswith("\n\n"), repr(text[-40:])
-    for block in text.split("\n\n")[:-1]:
-        message: dict[str, Any] = {"event": "message"}
-        for line in block.split("\n"):
-            field, _, value = line.partition(": ")
-            if field == "":
-                message = {"comment": value}
-            elif field == "retry":
-                message = {"retry": int(value)}
-            elif field == "data":
-                message["data"] = json.loads(value)
-            else:
-                message[field] = int(value) if field == "id" else value
+    messages: list[dict[str, Any]] = []
+    decoder = SSEDecoder(
+        on_comment=lambda comment: messages.append({"comment": comment}),
+        on_retry=lambda ms: messages.append({"retry": ms}),
+    )
+    for event in decoder.feed(text):
+        message: dict[str, Any] = {"event": event.event, "data": event.json()}
+        if event.id:
+            message["id"] = int(event.id)
         messages.append(message)
     return messages
 

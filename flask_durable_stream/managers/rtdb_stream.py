@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from .. import sse
 from .._concurrency import TaskGroup
 
 
@@ -78,19 +79,9 @@ class EventSource:
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         try:
             response = self._connect()
-            event, data = "", []
-            while True:
-                line = response.readline()
-                if not line:
-                    return  # the server (or close()) ended the stream
-                text = line.decode("utf-8").rstrip("\r\n")
-                if text.startswith("event:"):
-                    event = text[6:].strip()
-                elif text.startswith("data:"):
-                    data.append(text[5:].lstrip(" "))
-                elif not text and event:
-                    yield event, json.loads("\n".join(data) or "null")
-                    event, data = "", []
+            # Ends when the server (or close()) ends the stream.
+            for message in sse.read_events(response):
+                yield message.event, json.loads(message.data or "null")
         except Exception:
             if self.closed:
                 return  # whatever the shut-down socket raised
