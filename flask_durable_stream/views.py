@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -24,14 +24,16 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import protocol
 from ._concurrency import gevent_patched
 from .exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
-from .flows import Flow, RequestData
+from .flows import Flow, RequestData, adapt, public_error, resolve
 from .managers.base import Event, StreamManager, StreamStatus, valid_stream_id
 from .managers.memory import InMemoryStreamManager
 from .runner import Runner, runner_for
 
 log = logging.getLogger("flask_durable_stream")
 
-ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
+#: Returns the flow's context (``"owner"`` binds the stream to a user); may be async,
+#: as Genkit's context providers may be.
+ContextProvider = Callable[[RequestData], Mapping[str, Any] | None | Awaitable[Any]]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
@@ -165,7 +167,10 @@ class FlowEndpoint:
             return handle()
         except DurableStreamError as exc:
             return error_response(exc)
-        except Exception:  # a bug in a context provider or a backend: logged, redacted
+        except Exception as exc:  # a bug in a context provider or a backend: logged, redacted
+            public = public_error(exc)  # unless deliberate (a Genkit PublicError)
+            if public is not None:
+                return error_response(public)
             log.exception("flow %r: request failed", self.name)
             return _json_response(protocol.INTERNAL_ERROR, 500)
 
@@ -377,7 +382,7 @@ class FlowEndpoint:
             flow=self.name,
             stream_id=stream_id,
         )
-        context = self.context_provider(request_data)
+        context = resolve(self.context_provider(request_data))
         return dict(context or {})
 
     def _resume(self, stream_id: str, streaming: bool) -> Response:
@@ -459,6 +464,7 @@ def flow_view(
     ``False`` turns durability off (no stream id, reconnects get 204).
     """
     manager = _resolve_manager(stream_manager) if runner is None else runner.manager
+    flow = adapt(flow)
     return FlowEndpoint(
         name or str(getattr(flow, "__name__", "flow")),
         flow,
