@@ -12,6 +12,7 @@ Serve with ``gunicorn -k gevent 'tests.support.genkit_app:create_app()'``;
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from typing import Any
@@ -116,11 +117,29 @@ async def crash(data: Any, ctx: ActionRunContext) -> None:
 
 
 @ai.flow()
+async def relay(data: dict[str, Any], ctx: ActionRunContext) -> Any:
+    """Calls this very server from inside a flow: a host name to resolve (asyncio's
+    executor), a socket, and a request the server must serve while the flow waits."""
+    reader, writer = await asyncio.open_connection("localhost", int(data["port"]))
+    body = json.dumps({"data": data.get("payload")}).encode()
+    writer.write(
+        b"POST /flows/echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    raw = await reader.read()
+    writer.close()
+    reply = json.loads(raw.partition(b"\r\n\r\n")[2])
+    ctx.send_chunk({"relayed": True})
+    return reply
+
+
+@ai.flow()
 async def echo(data: Any) -> dict[str, Any]:
     return {"echo": data}
 
 
-FLOWS = {f.name: f for f in (joke, tell, gather, refuse, crash, echo)}
+FLOWS = {f.name: f for f in (joke, tell, gather, refuse, crash, relay, echo)}
 
 
 def create_app() -> Flask:
