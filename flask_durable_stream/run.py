@@ -1,0 +1,414 @@
+"""A run: one execution of a flow, as seen by the process that runs it.
+
+The flow appends events; live readers (the HTTP response that started the run)
+follow them with their own cursor, and the run's writer copies them to storage.
+Memory is bounded by what still has a use: an event is dropped once storage
+has it and every attached live reader has passed it. A live reader that falls
+more than ``buffer_limit`` bytes behind (a client that stopped reading) is
+detached and its connection closed, so one silent client cannot make the
+process hold a whole long stream; it can reconnect and replay from storage.
+Events not yet stored are kept: storage that is down is retried for
+``write_retry_timeout`` with the events in memory. Storage that works but is
+slower than the flow makes the flow wait once it is ``STORAGE_BACKLOG_BYTES``
+ahead, so a fast flow cannot pile up a long stream in memory either.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import protocol
+from ._concurrency import gevent_patched
+from .exceptions import StreamClosed
+from .flows import FlowContext, fit_error, size_error
+from .managers.base import Event
+
+log = logging.getLogger("flask_durable_stream")
+
+#: Default bound on how far (bytes of event payloads) a live reader may lag behind.
+DEFAULT_BUFFER_LIMIT = 2 * 1024 * 1024
+#: A reader takes at most this many payload bytes in one batch (one socket write).
+READ_BATCH_BYTES = 256 * 1024
+#: Seconds a live reader past the buffer bound may go without taking events before it is
+#: dropped (a reader that keeps taking them makes the flow wait instead).
+READER_GRACE = 2.0
+#: A flow this far ahead of working storage waits for it (not while storage is failing).
+STORAGE_BACKLOG_BYTES = 8 * 1024 * 1024
+#: Events are released in steps of at least this many payload bytes.
+RELEASE_MIN_BYTES = 64 * 1024
+#: Sequence numbers below this are "stored" for a run that has no storage.
+_EVERYTHING = sys.maxsize
+
+
+class LiveReader:
+    """A live reader's cursor. ``dropped`` once it fell too far behind."""
+
+    __slots__ = ("cursor", "dropped", "on_drop", "moved_at")
+
+    def __init__(self, cursor: int, on_drop: Callable[[], None] | None) -> None:
+        self.cursor = cursor
+        self.dropped = False
+        self.on_drop = on_drop
+        self.moved_at = time.monotonic()
+
+
+class Run:
+    """The events of one run, in a window that starts at the oldest one still needed.
+
+    Emitting is the hot path (once per chunk): an append and, only when somebody
+    is waiting, a wake-up. Under gevent greenlets never preempt each other, so no
+    lock is needed; with real threads (``flask run``) a plain lock keeps sequence
+    numbers unique.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        ctx: FlowContext,
+        *,
+        buffer_limit: int | None = DEFAULT_BUFFER_LIMIT,
+        max_event_bytes: int | None = None,
+        backend: str = "storage",
+        reader_grace: float = READER_GRACE,
+    ) -> None:
+        self.stream_id = stream_id
+        self.ctx = ctx
+        self.ended = False
+        self.durable_failed = False
+        self.terminal: Event | None = None
+        self.on_emit: Callable[[Run], None] | None = None  # called after every event
+        self.live: LiveReader | None = None  # the reader attached when the run started
+        self.buffer_limit = buffer_limit
+        self.reader_grace = reader_grace
+        self._reader_progress = threading.Event()  # a reader took a batch (wakes a pacing flow)
+        self._pacing = False
+        self.max_event_bytes = max_event_bytes
+        self.backend = backend
+        self._events: list[Event] = []
+        self._ends: list[int] = []  # cumulative payload bytes at the end of each event
+        self._base = 0  # seq of _events[0]
+        self._count = 0  # events emitted
+        self._total = 0  # payload bytes emitted
+        self._trimmed_bytes = 0  # payload bytes before _base
+        self._stored = _EVERYTHING  # events below this seq are in storage (or need none)
+        self.storage_failing = False  # set by the writer while it retries
+        self._progress = threading.Event()  # storage took more events (wakes a waiting flow)
+        self._readers: list[LiveReader] = []
+        self._waiters: list[threading.Event] = []
+        self._check_at = self._check_step()
+        # Greenlets of one hub (no preemption), or real threads: decided once per run.
+        self.cooperative = gevent_patched()
+        self._lock = None if self.cooperative else threading.Lock()
+        ctx._emit = self.emit_chunk
+        ctx._max_event_bytes = max_event_bytes
+        ctx._backend = backend
+
+    # -- the producer side -----------------------------------------------------
+    @property
+    def count(self) -> int:
+        """Events emitted so far (the next event's seq)."""
+        return self._count
+
+    @property
+    def events(self) -> list[Event]:
+        """The events held now: all of them until storage and readers let some go."""
+        return list(self._events)
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload bytes emitted so far."""
+        return self._total
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes this run keeps in memory now."""
+        return self._total - self._trimmed_bytes
+
+    def _emit(self, kind: str, payload: str) -> None:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self.ended:
+                raise StreamClosed(f"stream {self.stream_id} already ended")
+            seq = self._count
+            event = Event(seq, kind, payload)
+            self._events.append(event)
+            self._total += len(payload)
+            self._ends.append(self._total)
+            self._count = seq + 1
+            if kind != protocol.CHUNK:
+                self.ended = True
+                self.terminal = event
+        finally:
+            if lock is not None:
+                lock.release()
+        if self._total >= self._check_at:
+            self._check_memory()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.set()
+        if self.on_emit is not None:
+            self.on_emit(self)
+
+    def emit_chunk(self, payload: str) -> None:
+        self._emit(protocol.CHUNK, payload)
+
+    def finish(self, output: Any) -> None:
+        try:
+            payload = protocol.encode(output)
+        except (TypeError, ValueError):
+            log.exception(
+                "flow %s returned an output that is not JSON-serializable", self.stream_id
+            )
+            self.fail(protocol.INTERNAL_ERROR)
+            return
+        too_large = size_error("Output", payload, self.max_event_bytes, self.backend)
+        if too_large is not None:
+            log.error("stream %s: %s", self.stream_id, too_large.message)
+            self.fail(too_large.to_dict())
+            return
+        self._emit(protocol.DONE, payload)
+
+    def fail(self, body: dict[str, Any]) -> None:
+        self._emit(protocol.ERROR, protocol.encode(fit_error(body, self.max_event_bytes)))
+
+    def abort(self, body: dict[str, Any]) -> bool:
+        """End the run with ``body`` (storage refused an event) and stop the flow.
+
+        False if the run had already ended.
+        """
+        self.ctx._request_cancel()
+        try:
+            self.fail(body)
+        except StreamClosed:
+            return False
+        return True
+
+    # -- storage ---------------------------------------------------------------
+    def expect_storage(self) -> None:
+        """Keep every event until :meth:`mark_stored` says storage has it."""
+        self._stored = 0
+
+    def mark_stored(self, next_seq: int) -> None:
+        """Storage has every event below ``next_seq`` (``sys.maxsize``: needs none)."""
+        self._stored = next_seq
+        self._progress.set()
+
+    def storage_backlog(self) -> int:
+        """Payload bytes emitted but not yet stored."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self._stored == _EVERYTHING:
+                return 0
+            return self._total - self._bytes_before(min(self._stored, self._count))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _wait_for_storage(self) -> None:
+        """Make the flow wait while it is far ahead of storage that is working.
+
+        While storage is failing the events wait in memory instead (the live
+        readers keep getting them); the writer gives up after its retry timeout.
+        """
+        waited = False
+        while not self.storage_failing and self.storage_backlog() > STORAGE_BACKLOG_BYTES:
+            self._progress.clear()
+            if self.storage_backlog() <= STORAGE_BACKLOG_BYTES:
+                break
+            self._progress.wait(1.0)  # re-checks storage_failing at least once a second
+            waited = True
+        if waited:
+            self.release()
+
+    def release_storage(self) -> None:
+        """Storage will take no more events of this run: keep none for it."""
+        self.mark_stored(_EVERYTHING)
+        self.release()
+
+    def since(self, seq: int, max_bytes: int | None = None) -> list[Event]:
+        """Events from ``seq`` on, at most ``max_bytes`` of payload (at least one event)."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            start = seq - self._base
+            if start < 0:
+                raise LookupError(f"event {seq} of stream {self.stream_id} was released")
+            if max_bytes is None or start >= len(self._ends):
+                return self._events[start:]
+            floor = self._ends[start - 1] if start else self._trimmed_bytes
+            stop = bisect.bisect_right(self._ends, floor + max_bytes, lo=start)
+            return self._events[start : max(stop, start + 1)]
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # -- memory ----------------------------------------------------------------
+    def _check_step(self) -> int:
+        limit = self.buffer_limit or DEFAULT_BUFFER_LIMIT
+        return self._total + max(limit // 4, 64 * 1024)
+
+    def _check_memory(self) -> None:
+        """Every few hundred KiB emitted: release, pace or drop readers, wait for storage."""
+        can_wait = _may_block(self.cooperative)
+        self.release()
+        if self._readers and self.buffer_limit is not None:
+            self._keep_pace(self.buffer_limit, can_wait)
+        if can_wait:
+            self._wait_for_storage()
+
+    def release(self) -> None:
+        """Drop the events that storage has and every live reader has passed."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            self._check_at = self._check_step()
+            low = min([self._stored, self._count, *(r.cursor for r in self._readers)])
+            cut = low - self._base
+            # Small releases are not worth a list copy: a short run keeps its events.
+            if cut > 0 and self._ends[cut - 1] - self._trimmed_bytes >= RELEASE_MIN_BYTES:
+                self._trimmed_bytes = self._ends[cut - 1]
+                del self._events[:cut]
+                del self._ends[:cut]
+                self._base = low
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _keep_pace(self, limit: int, can_wait: bool) -> None:
+        """Readers more than ``limit`` behind get ``reader_grace`` seconds to move; else dropped.
+
+        A reader that moves (a client that reads, just slower than the flow) makes
+        the flow wait for it; one that does not (a client that stopped reading,
+        its task blocked on a full socket) is detached and its connection closed.
+        """
+        while True:
+            now = time.monotonic()
+            slow = [r for r in self._readers if self._total - self._bytes_before(r.cursor) > limit]
+            if not slow:
+                return
+            stuck = [r for r in slow if now - r.moved_at >= self.reader_grace]
+            if stuck:
+                self._drop(stuck, limit)
+                continue
+            if not can_wait:
+                return
+            self._pacing = True
+            self._reader_progress.clear()
+            self._reader_progress.wait(min(r.moved_at for r in slow) + self.reader_grace - now)
+            self._pacing = False
+
+    def _drop(self, readers: list[LiveReader], limit: int) -> None:
+        for reader in readers:
+            reader.dropped = True
+            self._readers.remove(reader)
+            log.warning(
+                "stream %s: a live client stopped reading %d bytes behind; closing its"
+                " connection (it can resume from storage)",
+                self.stream_id,
+                limit,
+            )
+            if reader.on_drop is not None:
+                try:
+                    reader.on_drop()
+                except Exception:  # pragma: no cover - closing must not hurt the flow
+                    log.exception("closing a slow reader's connection failed")
+        self.release()
+
+    def _bytes_before(self, seq: int) -> int:
+        index = seq - self._base
+        if index <= 0:
+            return self._trimmed_bytes
+        return self._ends[min(index, len(self._ends)) - 1]
+
+    # -- the reader side -------------------------------------------------------
+    def wait_for(self, count: int, timeout: float | None = None) -> bool:
+        """Block until more than ``count`` events exist (or timeout); True if they do.
+
+        Returns at once when the run has ended, whatever the count.
+        """
+        if self._count > count or self.ended:
+            return self._count > count
+        waiter = threading.Event()
+        self._waiters.append(waiter)
+        if self._count > count or self.ended:  # emitted while we registered
+            return self._count > count
+        waiter.wait(timeout)
+        return self._count > count
+
+    def attach(self, after: int = -1) -> LiveReader:
+        """A live reader from ``after + 1`` on: events it has not read are kept for it."""
+        reader = LiveReader(after + 1, None)
+        if reader.cursor < self._base:
+            raise LookupError(f"events of stream {self.stream_id} were released")
+        self._readers.append(reader)
+        return reader
+
+    def batches(
+        self,
+        after: int = -1,
+        *,
+        reader: LiveReader | None = None,
+        on_drop: Callable[[], None] | None = None,
+    ) -> Iterator[list[Event]]:
+        """Everything after ``after`` as it arrives: all that is ready, in bounded batches.
+
+        ``reader`` is one from :meth:`attach` (taken when the run started, so no
+        event can be released before the reader arrives). Ends without a terminal
+        event when the reader fell too far behind, after ``on_drop`` was called to
+        close its connection.
+        """
+        if reader is None:
+            reader = self.attach(after)
+        reader.on_drop = on_drop
+        try:
+            while not reader.dropped:
+                if not self.wait_for(reader.cursor, None):
+                    return  # ended, and the caller already has the terminal event
+                if reader.dropped:
+                    return
+                batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                reader.cursor += len(batch)
+                reader.moved_at = time.monotonic()
+                if self._pacing:
+                    self._reader_progress.set()
+                yield batch
+                if batch[-1].terminal:
+                    return
+        finally:
+            if reader in self._readers:
+                self._readers.remove(reader)
+
+    def wait(self, timeout: float | None = None) -> Event | None:
+        """Block until the terminal event (or timeout); return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ended:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            self.wait_for(self._count, remaining)
+        return self.terminal
+
+
+def _may_block(cooperative: bool) -> bool:
+    """False in gevent's hub (an async flow's chunks arrive in hub callbacks): no waiting there."""
+    if not cooperative:
+        return True
+    import gevent
+
+    return gevent.getcurrent() is not gevent.get_hub()
+
+
+__all__ = ["DEFAULT_BUFFER_LIMIT", "LiveReader", "Run"]
