@@ -24,7 +24,7 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_input_stream
 
-from . import protocol
+from . import _logging, protocol
 from ._concurrency import gevent_patched
 from .exceptions import (
     HTTP_STATUS,
@@ -231,6 +231,7 @@ class FlowEndpoint:
         return self._guarded(self._events)
 
     def _guarded(self, handle: Callable[[], Response]) -> Response:
+        _logging.bind(None, self.name)  # log lines name the flow (and the stream, once known)
         try:
             return handle()
         except DurableStreamError as exc:
@@ -254,6 +255,7 @@ class FlowEndpoint:
     def _cancel(self) -> Response:
         stream_id = self._stream_id(required=True)
         assert stream_id is not None
+        _logging.bind(stream_id, self.name)
         self._read_body(allow_empty=True)  # a body, if any, must still be sane
         context = self._context(None, stream_id)
         manager = self.manager
@@ -291,6 +293,7 @@ class FlowEndpoint:
             required=True,
         )
         assert stream_id is not None
+        _logging.bind(stream_id, self.name)
         after = _after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
         context = self._context(None, stream_id)
         manager = self.manager
@@ -306,6 +309,9 @@ class FlowEndpoint:
             )
         except StreamNotFound:
             raise StreamNotFound("Stream not found.") from None
+        if request.headers.get("Last-Event-ID"):
+            self.runner.metrics.reconnect(self.name)
+        batches = self.runner.metrics.subscriber(batches, self.name, "replay")
         response = _StreamResponse(self._sse(batches), status=200, mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -395,6 +401,8 @@ class FlowEndpoint:
         streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
         body = self._read_body(allow_empty=stream_id is not None)
         if stream_id is not None:
+            _logging.bind(stream_id, self.name)
+            self.runner.metrics.reconnect(self.name)
             context = self._context(body.get("data"), stream_id)
             if self.manager is not None:
                 self._check_owner_of(stream_id, context)
@@ -412,6 +420,7 @@ class FlowEndpoint:
             owner=_owner_of(context),
             live=streaming,
         )
+        _logging.bind(run.stream_id, self.name)
         if streaming:
             headers = {}
             if self.manager is not None:
@@ -419,6 +428,7 @@ class FlowEndpoint:
             # A client that stops reading is dropped past the buffer bound: its
             # connection is closed and it can resume from storage.
             batches = run.batches(reader=run.live, on_drop=_closer(request.environ))
+            batches = self.runner.metrics.subscriber(batches, self.name, "live")
             return self._stream(batches, headers, self.backend)
         terminal = run.wait()
         assert terminal is not None
@@ -489,6 +499,7 @@ class FlowEndpoint:
             batches = self.manager.subscribe_batches(stream_id, timeout=self.subscribe_timeout)
         except StreamNotFound:
             return Response(status=204)
+        batches = self.runner.metrics.subscriber(batches, self.name, "replay")
         if streaming:
             return self._stream(batches, {protocol.STREAM_ID_HEADER: stream_id}, self.backend)
         terminal = None

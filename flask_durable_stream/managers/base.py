@@ -31,12 +31,13 @@ import json
 import operator
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from .. import protocol
-from ..exceptions import StreamClosed
+from ..exceptions import StorageUnavailable, StreamClosed
 
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -344,6 +345,24 @@ class StreamManager:
 
     def close(self) -> None:
         """Stop background work and release connections."""
+
+    def check(self) -> None:
+        """Raise unless storage is reachable and writable now: a readiness probe.
+
+        Writes a tiny probe stream (id ``_ready.<random>``, one terminal event)
+        and reads it back through :meth:`info`; the probe expires with the TTL
+        like any stream. Backends override it only where a cheaper call proves
+        the same.
+        """
+        stream_id = f"_ready.{uuid.uuid4().hex}"
+        writer = self.open(stream_id)
+        try:
+            writer.done(True)
+        finally:
+            writer.close()
+        info = self.info(stream_id)
+        if info is None or info.status is not StreamStatus.DONE:
+            raise StorageUnavailable("The readiness probe was written but not read back.")
 
     def now(self) -> float:
         return time.time()
