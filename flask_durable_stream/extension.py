@@ -138,7 +138,6 @@ class DurableStream:
 
         app.cli.add_command(durable_stream_cli)
 
-
     def ready(self, app: Flask | None = None) -> Readiness:
         """Whether this worker can take streams now: storage reachable and writable, and
         not shutting down. For a load balancer's or Kubernetes' readiness probe."""
