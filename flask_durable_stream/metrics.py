@@ -226,3 +226,12 @@ def metrics_response() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A gunicorn hook (``from flask_durable_stream.metrics import child_exit``): drops a
+    dead worker's live gauges from the multiprocess files; its counters keep counting."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
