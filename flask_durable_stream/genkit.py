@@ -27,7 +27,7 @@ from .exceptions import HTTP_STATUS, DurableStreamError, FlowError
 from .flows import FlowContext
 
 #: How often a running Genkit flow looks for a cancel request, to set its abort signal.
-CANCEL_POLL_SECONDS = 0.1
+CANCEL_POLL_SECONDS = 0.25
 
 #: The message Genkit's action runtime gives the GenkitError it wraps a flow's own failure in.
 _WRAPPER_PREFIX = "Error while running action "
