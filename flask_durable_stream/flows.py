@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -248,6 +249,7 @@ class _LoopThread:
     def __init__(self) -> None:
         self.native = AsyncioThread()
         self.loop = self.native.loop
+        self.pid = os.getpid()  # a forked child (gunicorn --preload) needs a thread of its own
 
     def run(self, flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
         import gevent
@@ -281,6 +283,6 @@ _LOOP_LOCK = threading.Lock()
 def _loop_thread() -> _LoopThread:
     global _LOOP
     with _LOOP_LOCK:
-        if _LOOP is None:
+        if _LOOP is None or _LOOP.pid != os.getpid():
             _LOOP = _LoopThread()
         return _LOOP
