@@ -10,10 +10,15 @@ cooperative, before that they are real.
 
 from __future__ import annotations
 
+import _thread
+import asyncio
+import queue
+import selectors
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 
@@ -137,3 +142,102 @@ class TaskGroup:
 
 def sleep(seconds: float) -> None:
     time.sleep(seconds)  # cooperative once gevent has patched time
+
+
+def _original(module: str, name: str, default: Any) -> Any:
+    """The object gevent's monkey patching replaced (``default`` when nothing was patched)."""
+    if not gevent_patched():
+        return default
+    from gevent import monkey
+
+    return monkey.get_original(module, name)
+
+
+def start_native_thread(fn: Callable[..., Any], *args: Any) -> None:
+    """A real OS thread even under monkey patching (``threading.Thread`` then makes a greenlet)."""
+    _original("_thread", "start_new_thread", _thread.start_new_thread)(fn, args)
+
+
+class NativeExecutor(ThreadPoolExecutor):
+    """The default executor of :class:`AsyncioThread`: jobs on native threads.
+
+    asyncio runs ``getaddrinfo`` and ``to_thread`` calls in its default
+    executor. A stock ``ThreadPoolExecutor`` would start greenlets there,
+    bound to the loop thread's hub, which never runs while the loop waits in
+    its selector: the first DNS lookup would hang forever.
+    """
+
+    def __init__(self, max_workers: int = 8) -> None:
+        super().__init__(max_workers)  # asyncio accepts ThreadPoolExecutors only; submit is ours
+        self._jobs: Any = _original("queue", "SimpleQueue", queue.SimpleQueue)()
+        self._lock = _original("_thread", "allocate_lock", _thread.allocate_lock)()
+        self._workers = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        with self._lock:
+            start = self._idle == 0 and self._workers < self._max_workers
+            if start:
+                self._workers += 1
+        if start:
+            start_native_thread(self._work)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                return
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in range(self._workers):
+            self._jobs.put(None)
+
+
+class AsyncioThread:
+    """One asyncio event loop in a native OS thread: where coroutines run under gevent.
+
+    A loop run inside a greenlet would mark itself as *the* running loop of the
+    whole OS thread, so every other greenlet would see it (``asyncio.run`` and
+    Flask's ``async def`` views then fail), and it would depend on gevent's
+    selector. In its own native thread the loop is plain asyncio: it waits in a
+    real selector, with the GIL released, and hands results back to greenlets
+    through :meth:`submit`'s future (``hub.loop.run_callback_threadsafe``).
+    """
+
+    def __init__(self, name: str = "durable-stream-asyncio") -> None:
+        selector = _original("selectors", "DefaultSelector", selectors.DefaultSelector)()
+        self.loop = asyncio.SelectorEventLoop(selector)
+        self.loop.set_default_executor(NativeExecutor())
+        self.name = name
+        self.thread_id: int | None = None
+        started = _original("_thread", "allocate_lock", _thread.allocate_lock)()
+        started.acquire()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.thread_id = threading.get_native_id()
+            self.loop.call_soon(started.release)
+            self.loop.run_forever()
+
+        start_native_thread(main)
+        started.acquire()  # a real lock: blocks this greenlet's thread only until the loop runs
+
+    def submit(self, coro: Any) -> Future[Any]:
+        """Schedule ``coro`` on the loop; the future completes in the loop thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -7,14 +7,17 @@ Follows Flask's extension rules: no app is kept on the object; per-app state is
 
 from __future__ import annotations
 
+import json
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Response, current_app
 
 from .backends import build_manager
+from .exceptions import DurableStreamError
 from .flows import Flow
 from .managers.base import StreamManager
 from .run import DEFAULT_BUFFER_LIMIT
@@ -27,6 +30,8 @@ from .views import (
     durable_stream_blueprint,
     flow_view,
 )
+
+log = logging.getLogger("flask_durable_stream")
 
 EXTENSION_KEY = "durable_stream"
 
@@ -43,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_LIVE_BUFFER_BYTES": DEFAULT_BUFFER_LIMIT,
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
+    "DURABLE_STREAM_METRICS": False,
+    "DURABLE_STREAM_METRICS_PATH": "/metrics",
+    "DURABLE_STREAM_READY_ENDPOINT": False,
 }
 
 
@@ -115,9 +123,24 @@ class DurableStream:
             live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
             **_view_options(app),
         )
+        runner: Runner = bp.runner  # type: ignore[attr-defined]
+        if config["DURABLE_STREAM_READY_ENDPOINT"]:
+            bp.add_url_rule("/_ready", "ready", lambda: self._ready_view(), methods=["GET"])
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
-        app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
+        app.extensions[EXTENSION_KEY] = State(manager, runner, dict(self.flows))
         self._apps.add(app)
+        if config["DURABLE_STREAM_METRICS"]:
+            from .metrics import PrometheusMetrics, metrics_response
+
+            runner.metrics = PrometheusMetrics()
+
+            def metrics_view() -> Response:
+                body, content_type = metrics_response()
+                return Response(body, content_type=content_type)
+
+            app.add_url_rule(
+                config["DURABLE_STREAM_METRICS_PATH"], "durable_stream_metrics", metrics_view
+            )
         from .cli import durable_stream_cli
 
         app.cli.add_command(durable_stream_cli)
@@ -142,6 +165,45 @@ class DurableStream:
 
         add_flow_rules(add_url_rule, view)
         state.flows[flow_name] = fn
+
+    def ready(self, app: Flask | None = None) -> Readiness:
+        """Whether this worker can take streams now: storage reachable and writable, and
+        not shutting down. For a load balancer's or Kubernetes' readiness probe."""
+        state: State = (app or current_app).extensions[EXTENSION_KEY]
+        manager = state.manager
+        backend = manager.display_name if manager is not None else "none"
+        if state.runner.closed:
+            return Readiness(False, backend, "SHUTTING_DOWN")
+        if manager is None:
+            return Readiness(True, backend)
+        try:
+            manager.check()
+        except Exception as exc:
+            log.warning("readiness check failed: %s storage: %r", backend, exc)
+            status = exc.status if isinstance(exc, DurableStreamError) else "UNAVAILABLE"
+            return Readiness(False, backend, status)
+        return Readiness(True, backend)
+
+    def _ready_view(self) -> Response:
+        readiness = self.ready()
+        body = {"status": "ready" if readiness else "unavailable", "backend": readiness.backend}
+        if readiness.error is not None:
+            body["error"] = readiness.error
+        return Response(json.dumps(body), 200 if readiness else 503, mimetype="application/json")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The answer of :meth:`DurableStream.ready`; true when ready. ``error`` is a status
+    name (``UNAVAILABLE``, ``SHUTTING_DOWN``...), never a host name or a path."""
+
+    ok: bool
+    backend: str
+    error: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
 
 
 def _view_options(app: Flask) -> dict[str, Any]:

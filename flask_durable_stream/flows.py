@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -25,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from ._concurrency import gevent_patched
-from .exceptions import EventTooLarge, FlowError
+from ._concurrency import AsyncioThread, gevent_patched
+from .exceptions import DurableStreamError, EventTooLarge, FlowError
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -140,6 +141,51 @@ def _yield_cpu() -> None:
     time.sleep(0)  # gevent.sleep(0) once patched; releases the GIL otherwise
 
 
+def adapt(flow: Flow) -> Flow:
+    """The flow as :func:`call_flow` runs it: a Genkit flow (``@ai.flow()``) gets wrapped.
+
+    Detected by duck typing, so ``genkit`` is imported only once one is registered.
+    """
+    if _from_genkit(flow):
+        from .genkit import genkit_flow, is_genkit_action
+
+        if is_genkit_action(flow):
+            return genkit_flow(flow)
+    return flow
+
+
+def foreign_error(exc: BaseException) -> DurableStreamError | None:
+    """A deliberate error from another framework (Genkit's ``GenkitError``) as ours, if any."""
+    if _from_genkit(exc):
+        from .genkit import flow_error
+
+        return flow_error(exc)
+    return None
+
+
+def _from_genkit(obj: object) -> bool:
+    """An instance of a class from ``genkit`` or a ``genkit_*`` plugin (or a subclass)."""
+    for cls in type(obj).__mro__[:-1]:
+        root = (cls.__module__ or "").partition(".")[0]
+        if root == "genkit" or root.startswith("genkit_"):
+            return True
+    return False
+
+
+def resolve(value: Any) -> Any:
+    """``value``, or what it resolves to when awaitable (an async context provider's result).
+
+    Awaited where async flows run, so the hub never blocks on it.
+    """
+    if not inspect.isawaitable(value):
+        return value
+
+    async def wait() -> Any:
+        return await value
+
+    return _run_async(wait, (), FlowContext(None))
+
+
 def takes_context(flow: Flow) -> bool:
     try:
         params = inspect.signature(flow).parameters.values()
@@ -198,23 +244,12 @@ def _run_async(flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
 
 
 class _LoopThread:
-    """One asyncio loop in a real OS thread, shared by every async flow of the process."""
+    """The process's asyncio loop thread, shared by every async flow of the process."""
 
     def __init__(self) -> None:
-        from gevent import monkey
-
-        real_thread = monkey.get_original("threading", "Thread")
-        self.loop = asyncio.new_event_loop()
-        ready = monkey.get_original("threading", "Event")()
-
-        def main() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.call_soon(ready.set)
-            self.loop.run_forever()
-
-        self.thread = real_thread(target=main, name="durable-stream-asyncio", daemon=True)
-        self.thread.start()
-        ready.wait()
+        self.native = AsyncioThread()
+        self.loop = self.native.loop
+        self.pid = os.getpid()  # a forked child (gunicorn --preload) needs a thread of its own
 
     def run(self, flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
         import gevent
@@ -248,6 +283,6 @@ _LOOP_LOCK = threading.Lock()
 def _loop_thread() -> _LoopThread:
     global _LOOP
     with _LOOP_LOCK:
-        if _LOOP is None:
+        if _LOOP is None or _LOOP.pid != os.getpid():
             _LOOP = _LoopThread()
         return _LOOP

@@ -379,7 +379,12 @@ class Run:
                     return  # ended, and the caller already has the terminal event
                 if reader.dropped:
                     return
-                batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                try:
+                    batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                except LookupError:  # dropped (by another thread) and released meanwhile
+                    if reader.dropped:
+                        return
+                    raise
                 reader.cursor += len(batch)
                 reader.moved_at = time.monotonic()
                 if self._pacing:

@@ -18,12 +18,19 @@ import uuid
 import weakref
 from typing import Any
 
-from . import protocol
+from . import _logging, protocol
 from ._concurrency import TaskGroup
 from ._memory import release_memory
-from .exceptions import FlowError, StoragePermanentError, StreamClosed, StreamError
+from .exceptions import (
+    FlowError,
+    StoragePermanentError,
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+)
 from .flows import Flow, FlowContext, call_flow
 from .managers.base import StreamManager
+from .metrics import NULL_OBSERVER, Observer
 from .run import DEFAULT_BUFFER_LIMIT, Run
 from .writer import RunWriter
 
@@ -127,6 +134,7 @@ class Runner:
         self.write_retry_timeout = write_retry_timeout
         self.shutdown_grace = shutdown_grace
         self.live_buffer_bytes = live_buffer_bytes
+        self.metrics: Observer = NULL_OBSERVER  # PrometheusMetrics() records them
         self.tasks = TaskGroup()
         self._runs: dict[str, Run] = {}
         self._writers: dict[str, RunWriter] = {}
@@ -166,7 +174,15 @@ class Runner:
         manager = self.manager
         stream_writer = None
         if durable and manager is not None:
-            stream_writer = manager.open(stream_id, owner=owner)
+            try:
+                stream_writer = manager.open(stream_id, owner=owner)
+            except StreamError:
+                raise
+            except Exception as exc:  # unclassified: transient, like in the writer
+                log.exception("opening stream %s failed", stream_id)
+                raise StorageUnavailable(
+                    f"The {manager.display_name} backend could not open the stream."
+                ) from exc
         run = Run(
             stream_id,
             FlowContext(stream_id if stream_writer else None, context or {}),
@@ -178,6 +194,7 @@ class Runner:
             run.live = run.attach()
         writer = None
         if stream_writer is not None and manager is not None:
+            stream_writer = self.metrics.storage(stream_writer, name, manager.display_name)
             writer = RunWriter(
                 run,
                 stream_writer,
@@ -187,9 +204,11 @@ class Runner:
                 inline=self._inline,
                 on_finished=self._writer_finished,
             )
-            run.on_emit = writer.on_emit
+            run.on_emit = self.metrics.emitting(stream_writer, writer.on_emit)
         else:
             run.on_emit = self._forget_when_ended
+        _logging.register(stream_id, name)
+        self.metrics.stream_started(name)
         with self._lock:
             self._runs[stream_id] = run
             self._drained.clear()
@@ -225,6 +244,13 @@ class Runner:
 
     # -- the flow's task -----------------------------------------------------
     def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
+        _logging.bind(run.stream_id, name)
+        try:
+            self._call(name, run, flow, data)
+        finally:
+            self.metrics.stream_ended(name, run)
+
+    def _call(self, name: str, run: Run, flow: Flow, data: Any) -> None:
         try:
             output = call_flow(flow, data, run.ctx)
         except (StreamClosed, FlowError) as exc:
@@ -286,6 +312,7 @@ class Runner:
                     writer.schedule()
 
     def _forget(self, stream_id: str) -> None:
+        _logging.forget(stream_id)
         with self._lock:
             run = self._runs.pop(stream_id, None)
             self._writers.pop(stream_id, None)

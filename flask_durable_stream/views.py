@@ -17,7 +17,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -29,7 +29,7 @@ from werkzeug.exceptions import (
 from werkzeug.routing import RoutingException
 from werkzeug.wsgi import get_input_stream
 
-from . import protocol
+from . import _logging, protocol
 from ._concurrency import gevent_patched
 from .exceptions import (
     HTTP_STATUS,
@@ -38,7 +38,7 @@ from .exceptions import (
     StorageUnavailable,
     StreamNotFound,
 )
-from .flows import Flow, RequestData
+from .flows import Flow, RequestData, adapt, foreign_error, resolve
 from .managers.base import Event, StreamManager, StreamStatus, valid_stream_id
 from .managers.memory import InMemoryStreamManager
 from .run import DEFAULT_BUFFER_LIMIT
@@ -51,7 +51,9 @@ from .runner import (
 
 log = logging.getLogger("flask_durable_stream")
 
-ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
+#: Returns the flow's context (``"owner"`` binds the stream to a user); may be async,
+#: as Genkit's context providers may be.
+ContextProvider = Callable[[RequestData], Mapping[str, Any] | None | Awaitable[Any]]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
@@ -127,15 +129,14 @@ def _json_response(body: Any, status: int) -> Response:
 def public_error(exc: DurableStreamError, backend: str = "storage") -> dict[str, Any]:
     """The body a client sees for ``exc``.
 
-    A transient storage failure gets one fixed message: backends' own messages
-    may name a file, host or driver detail, and the client can only retry.
+    Backends word a :class:`StorageUnavailable` for clients (no file path, host
+    or credentials: the contract in :mod:`.managers.base`); an empty one gets a
+    generic message naming the backend.
     """
     if isinstance(exc, StorageUnavailable):
         log.warning("storage unavailable: %s", exc.message)
-        return {
-            "status": "UNAVAILABLE",
-            "message": f"The {backend} backend is unavailable; try again shortly.",
-        }
+        message = exc.message or f"The {backend} backend is unavailable; try again shortly."
+        return {"status": "UNAVAILABLE", "message": message}
     return exc.to_dict()
 
 
@@ -234,11 +235,15 @@ class FlowEndpoint:
         return self._guarded(self._events)
 
     def _guarded(self, handle: Callable[[], Response]) -> Response:
+        _logging.bind(None, self.name)  # log lines name the flow (and the stream, once known)
         try:
             return handle()
         except DurableStreamError as exc:
             return error_response(exc, self.backend)
-        except Exception:  # a bug in a context provider or a backend: logged, redacted
+        except Exception as exc:  # a bug in a context provider or a backend: logged, redacted
+            public = foreign_error(exc)  # unless deliberate (a Genkit PublicError)
+            if public is not None:
+                return error_response(public, self.backend)
             log.exception("flow %r: request failed", self.name)
             return _json_response(protocol.INTERNAL_ERROR, 500)
 
@@ -254,6 +259,7 @@ class FlowEndpoint:
     def _cancel(self) -> Response:
         stream_id = self._stream_id(required=True)
         assert stream_id is not None
+        _logging.bind(stream_id, self.name)
         self._read_body(allow_empty=True)  # a body, if any, must still be sane
         context = self._context(None, stream_id)
         manager = self.manager
@@ -291,6 +297,7 @@ class FlowEndpoint:
             required=True,
         )
         assert stream_id is not None
+        _logging.bind(stream_id, self.name)
         after = _after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
         context = self._context(None, stream_id)
         manager = self.manager
@@ -306,6 +313,9 @@ class FlowEndpoint:
             )
         except StreamNotFound:
             raise StreamNotFound("Stream not found.") from None
+        if request.headers.get("Last-Event-ID"):
+            self.runner.metrics.reconnect(self.name)
+        batches = self.runner.metrics.subscriber(batches, self.name, "replay")
         response = _StreamResponse(self._sse(batches), status=200, mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -395,6 +405,8 @@ class FlowEndpoint:
         streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
         body = self._read_body(allow_empty=stream_id is not None)
         if stream_id is not None:
+            _logging.bind(stream_id, self.name)
+            self.runner.metrics.reconnect(self.name)
             context = self._context(body.get("data"), stream_id)
             if self.manager is not None:
                 self._check_owner_of(stream_id, context)
@@ -412,6 +424,7 @@ class FlowEndpoint:
             owner=_owner_of(context),
             live=streaming,
         )
+        _logging.bind(run.stream_id, self.name)
         if streaming:
             headers = {}
             if self.manager is not None:
@@ -419,6 +432,7 @@ class FlowEndpoint:
             # A client that stops reading is dropped past the buffer bound: its
             # connection is closed and it can resume from storage.
             batches = run.batches(reader=run.live, on_drop=_closer(request.environ))
+            batches = self.runner.metrics.subscriber(batches, self.name, "live")
             return self._stream(batches, headers, self.backend)
         terminal = run.wait()
         assert terminal is not None
@@ -479,7 +493,7 @@ class FlowEndpoint:
             flow=self.name,
             stream_id=stream_id,
         )
-        context = self.context_provider(request_data)
+        context = resolve(self.context_provider(request_data))
         return dict(context or {})
 
     def _resume(self, stream_id: str, streaming: bool) -> Response:
@@ -489,6 +503,7 @@ class FlowEndpoint:
             batches = self.manager.subscribe_batches(stream_id, timeout=self.subscribe_timeout)
         except StreamNotFound:
             return Response(status=204)
+        batches = self.runner.metrics.subscriber(batches, self.name, "replay")
         if streaming:
             return self._stream(batches, {protocol.STREAM_ID_HEADER: stream_id}, self.backend)
         terminal = None
@@ -594,6 +609,7 @@ def flow_view(
     ``False`` turns durability off (no stream id, reconnects get 204).
     """
     manager = _resolve_manager(stream_manager) if runner is None else runner.manager
+    flow = adapt(flow)
     return FlowEndpoint(
         name or str(getattr(flow, "__name__", "flow")),
         flow,

@@ -35,7 +35,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c 'import flask_durable_stream, gevent, gunicorn, playwright, google.cloud.firestore, firebase_admin, redis'
+.venv/bin/python -c 'import flask_durable_stream, gevent, gunicorn, playwright, google.cloud.firestore, firebase_admin, redis, genkit, genkit_flask, prometheus_client'
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 
 if [ -z "${DURABLE_STREAM_SKIP_FIRESTORE:-}" ]; then

@@ -32,12 +32,13 @@ import json
 import operator
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict, TypeVar
 
 from .. import protocol
-from ..exceptions import EventTooLarge, StreamClosed
+from ..exceptions import EventTooLarge, StorageUnavailable, StreamClosed
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -240,7 +241,9 @@ class StreamWriter:
         Failures follow the storage fault model (:mod:`..exceptions`):
         :class:`~.StorageUnavailable` when the same call may succeed later
         (retried), :class:`~.StoragePermanentError` (e.g. :class:`~.EventTooLarge`)
-        when it never can (the stream ends with that error).
+        when it never can (the stream ends with that error). Both messages reach
+        clients (a 503 body, a terminal error): they name the backend and the
+        problem, never a file path, host or credential.
         """
         if not events:
             return
@@ -415,6 +418,24 @@ class StreamManager:
 
     def close(self) -> None:
         """Stop background work and release connections."""
+
+    def check(self) -> None:
+        """Raise unless storage is reachable and writable now: a readiness probe.
+
+        Writes a tiny probe stream (id ``_ready.<random>``, one terminal event)
+        and reads it back through :meth:`info`; the probe expires with the TTL
+        like any stream. Backends override it only where a cheaper call proves
+        the same.
+        """
+        stream_id = f"_ready.{uuid.uuid4().hex}"
+        writer = self.open(stream_id)
+        try:
+            writer.done(True)
+        finally:
+            writer.close()
+        info = self.info(stream_id)
+        if info is None or info.status is not StreamStatus.DONE:
+            raise StorageUnavailable("The readiness probe was written but not read back.")
 
     def now(self) -> float:
         return self.clock()
