@@ -42,6 +42,7 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_pointer_key,
     status_after,
 )
 
@@ -132,6 +133,12 @@ redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return 1
 """
 
+# KEYS: pointer. ARGV: stream id. Deletes the pointer only if it still names that stream.
+_CLEAR_POINTER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -196,6 +203,7 @@ class RedisStreamManager(StreamManager):
                 ("heartbeat", _HEARTBEAT),
                 ("cancel", _CANCEL),
                 ("mark_lost", _MARK_LOST),
+                ("clear_pointer", _CLEAR_POINTER),
             )
         }
 
@@ -371,6 +379,20 @@ class RedisStreamManager(StreamManager):
             if meta["status"] == StreamStatus.OPEN.value and stale:
                 self._mark_lost(stream_id, meta, now)
         return removed
+
+    # -- pointers --------------------------------------------------------------------------
+    def _pointer_key(self, key: str) -> str:
+        return f"{self.prefix}:pointer:{check_pointer_key(key)}"
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        self._call(self.client.set, self._pointer_key(key), stream_id)
+
+    def get_pointer(self, key: str) -> str | None:
+        value = self._call(self.client.get, self._pointer_key(key))
+        return None if value is None else _text(value)
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        return bool(self._script("clear_pointer", [self._pointer_key(key)], [stream_id]))
 
     def close(self) -> None:
         pool = getattr(self.client, "connection_pool", None)

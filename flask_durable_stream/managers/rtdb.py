@@ -64,12 +64,14 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_pointer_key,
     status_after,
     valid_stream_id,
 )
 from .rtdb_stream import Mirror, Watch
 
 INDEX = "_index"
+POINTERS = "_pointers"
 OPEN = StreamStatus.OPEN.value
 T = TypeVar("T")
 _UNAVAILABLE = (
@@ -409,6 +411,30 @@ class RtdbStreamManager(StreamManager):
 
         meta, _ = self._cas(key, flag)
         return meta is not None and meta.get("status") == OPEN
+
+    # -- pointers: ``_pointers/<key>`` holds the stream id ("" once cleared) -----------
+    def _pointer_ref(self, key: str) -> Any:
+        return self._ref(f"{POINTERS}/{check_pointer_key(key).replace('.', ',')}")
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        call(self._pointer_ref(key).set, stream_id)
+
+    def get_pointer(self, key: str) -> str | None:
+        value = call(self._pointer_ref(key).get)
+        return value if isinstance(value, str) and value else None
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        # firebase_admin has no conditional delete: an empty string is the conditional
+        # "cleared" (a few bytes per key stay behind).
+        ref = self._pointer_ref(key)
+        value, etag = call(ref.get, etag=True)
+        for _ in range(25):
+            if value != stream_id:
+                return False
+            ok, value, etag = call(ref.set_if_unchanged, etag, "")
+            if ok:
+                return True
+        raise StorageUnavailable(f"pointer {key}: too much contention")
 
     def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
         query = self._ref(INDEX).order_by_child("createdAt").limit_to_last(limit)
