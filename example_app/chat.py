@@ -91,14 +91,25 @@ def _resolve(specifier: str) -> Path | None:
     return (package / target).resolve() if target else None
 
 
-def import_map() -> dict[str, Any]:
-    """Every bare specifier reachable from ``ai``, mapped to its URL under ``ASSETS``."""
+_NAMED = re.compile(r"""\bimport\s*\{([^}]*)\}\s*from\s*["']([^"']+)["']""")
+_ESM = re.compile(r"^\s*export\s", re.MULTILINE)
+STUBS = "_stub/"  # under ASSETS: stand-ins for CommonJS-only packages
+
+
+def import_map() -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """Every bare specifier reachable from ``ai``, mapped to its URL under ``ASSETS``.
+
+    A package that ships only CommonJS cannot load in a browser; the chat never
+    calls it (``@vercel/oidc``, used by the model gateway on servers), so it gets a
+    stand-in module whose named exports throw. Returns the map and those names.
+    """
     imports: dict[str, str] = {}
+    stubs: dict[str, set[str]] = {}
     seen: set[Path] = set()
     root = NODE_MODULES.resolve()
     entry = _resolve(ENTRY)
     if entry is None:
-        return {"imports": imports}
+        return {"imports": imports}, stubs
     imports[ENTRY] = ASSETS + entry.relative_to(root).as_posix()
     todo = [entry]
     while todo:
@@ -106,16 +117,35 @@ def import_map() -> dict[str, Any]:
         if file in seen or not file.is_file():
             continue
         seen.add(file)
-        for match in _IMPORT.finditer(file.read_text(errors="replace")):
+        source = file.read_text(errors="replace")
+        for match in _IMPORT.finditer(source):
             spec = match.group(1) or match.group(2)
             if spec.startswith("."):
                 todo.append((file.parent / spec).resolve())
             elif not spec.startswith(("node:", "http:", "https:")):
                 target = _resolve(spec)
-                if target is not None and target.is_file():
-                    imports[spec] = ASSETS + target.relative_to(root).as_posix()
-                    todo.append(target)
-    return {"imports": imports}
+                if target is None or not target.is_file():
+                    continue
+                if _ESM.search(target.read_text(errors="replace")) is None:
+                    stubs.setdefault(spec, set())
+                    imports[spec] = ASSETS + STUBS + spec.replace("/", "__") + ".js"
+                    continue
+                imports[spec] = ASSETS + target.relative_to(root).as_posix()
+                todo.append(target)
+        for names, spec in _NAMED.findall(source):
+            if spec in stubs:
+                stubs[spec] |= {n.split(" as ")[0].strip() for n in names.split(",") if n.strip()}
+    return {"imports": imports}, stubs
+
+
+def stub_module(spec: str, names: set[str]) -> str:
+    lines = [f"// {spec} ships only CommonJS: a stand-in, since the chat page never calls it."]
+    for name in sorted(names):
+        lines.append(
+            f"export function {name}() {{ throw new Error('{spec}.{name} is not available"
+            " in the browser'); }"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def init_chat(app: Flask) -> None:
@@ -123,6 +153,16 @@ def init_chat(app: Flask) -> None:
     manager = app.extensions["durable_stream"].manager
     app.register_blueprint(chat_blueprint(chat, stream_manager=manager), url_prefix="/api/chat")
     cache: dict[str, str] = {}
+
+    def prepare() -> None:
+        """The page with its import map, and the stand-ins: worked out once per process."""
+        if "page" in cache:
+            return
+        imports, stubs = import_map()
+        for spec, names in stubs.items():
+            cache[STUBS + spec.replace("/", "__") + ".js"] = stub_module(spec, names)
+        html = (HERE / "static" / "chat.html").read_text()
+        cache["page"] = html.replace("<!--IMPORTMAP-->", json.dumps(imports, indent=1))
 
     @app.get("/chat")
     def chat_page():  # type: ignore[no-untyped-def]
@@ -132,13 +172,14 @@ def init_chat(app: Flask) -> None:
                 503,
                 {"Content-Type": "text/plain"},
             )
-        if "page" not in cache:
-            html = (HERE / "static" / "chat.html").read_text()
-            cache["page"] = html.replace("<!--IMPORTMAP-->", json.dumps(import_map(), indent=1))
+        prepare()
         return cache["page"], 200, {"Content-Type": "text/html; charset=utf-8"}
 
     @app.get(ASSETS + "<path:path>")
     def ai_sdk_module(path: str):  # type: ignore[no-untyped-def]
-        if not path.endswith((".js", ".mjs")):
+        prepare()
+        if path in cache:
+            return cache[path], 200, {"Content-Type": "text/javascript"}
+        if not path.endswith((".js", ".mjs")) or path.startswith(STUBS):
             abort(404)
         return send_from_directory(NODE_MODULES, path, mimetype="text/javascript")
