@@ -6,9 +6,10 @@ The AI SDK's own transports against a gunicorn deployment: tests/test_ai_sdk_cli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -74,6 +75,13 @@ def app(memory_manager: InMemoryStreamManager, gate: Gate) -> Flask:
                 while not gate.release.wait(0.01):  # held: until released or stopped
                     ctx.raise_if_cancelled()
 
+    async def async_flow(data: Any) -> AsyncIterator[Any]:
+        for word in ("async ", "words"):
+            await asyncio.sleep(0)
+            yield word
+        if data.get("bad"):
+            yield 42
+
     def context(request: RequestData) -> dict[str, Any]:
         user = request.headers.get("x-user")
         return {"owner": user} if user else {}
@@ -81,6 +89,10 @@ def app(memory_manager: InMemoryStreamManager, gate: Gate) -> Flask:
     app = Flask(__name__)
     bp = chat_blueprint(flows, stream_manager=memory_manager, context_provider=context)
     app.register_blueprint(bp, url_prefix="/api/chat")
+    app.register_blueprint(
+        chat_blueprint(async_flow, stream_manager=memory_manager, name="async_chat"),
+        url_prefix="/api/async",
+    )
     return app
 
 
@@ -256,3 +268,11 @@ def test_client_helper_is_served(client: FlaskClient) -> None:
     response = client.get("/api/chat/client.js")
     assert response.mimetype == "text/javascript"
     assert b"export async function stopChat" in response.data
+
+
+def test_async_flows_and_chunks_that_are_neither_text_nor_parts(client: FlaskClient) -> None:
+    good = chunks_of(client.post("/api/async", json=body("a1")).data)
+    assert text_of(good) == "async words" and good[-2:] == [{"type": "finish"}, "[DONE]"]
+    bad = chunks_of(client.post("/api/async", json=body("a2", bad=True)).data)
+    assert text_of(bad) == "async words"
+    assert bad[-3] == {"type": "error", "errorText": "Internal Error"}

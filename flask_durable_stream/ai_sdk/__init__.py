@@ -151,7 +151,10 @@ class ChatEndpoints:
                 _check_owner(current.owner, context)  # nobody takes over another's chat
         run = self.runner.start(self.name, self.flow, body, context=context, owner=owner)
         if chat_id is not None:
-            self.manager.set_pointer(self.pointer_key(chat_id), run.stream_id)
+            try:
+                self.manager.set_pointer(self.pointer_key(chat_id), run.stream_id)
+            except Exception as exc:  # the answer is running: still send it
+                log.warning("chat %s: storing its active stream failed: %s", chat_id, exc)
         return self._respond(sse(run.batches()), run.stream_id)
 
     def _stream(self, ident: str) -> Response:

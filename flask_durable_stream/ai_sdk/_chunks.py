@@ -34,6 +34,7 @@ class _Translator:
         self.text_id: str | None = None  # the implicit text part, while open
         self.parts = 0
         self.finished = False
+        self.invalid: str | None = None
 
     def send(self, payload: str) -> None:
         if payload.startswith('"'):  # a JSON string: text, spliced without decoding
@@ -46,10 +47,13 @@ class _Translator:
         chunk = json.loads(payload) if payload.startswith("{") else None
         kind = chunk.get("type") if isinstance(chunk, dict) else None
         if not isinstance(kind, str):
-            raise TypeError(
+            # Raised here for a sync flow; an async flow's chunks arrive in a hub
+            # callback, so the flow's end raises it again (see chat_flow).
+            self.invalid = (
                 "a chat flow sends text (str) or UI message chunks (dicts with a 'type'),"
                 f" not {payload[:80]}"
             )
+            raise TypeError(self.invalid)
         if kind not in _TEXT and kind != "message-metadata":
             self.close_text()  # text after a tool call or a data part is a new part
         if kind == "finish":
@@ -97,6 +101,8 @@ def chat_flow(
                 chunks.finish("other")  # written past the cancel flag: the stop's own ending
                 return None
             ctx._emit = emit
+            if chunks.invalid is not None:
+                raise TypeError(chunks.invalid)
             chunks.finish(None)
             return output
         finally:
