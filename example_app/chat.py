@@ -151,7 +151,9 @@ def stub_module(spec: str, names: set[str]) -> str:
 def init_chat(app: Flask) -> None:
     """The chat flow on the app's stream manager, its page, and the ``ai`` modules."""
     manager = app.extensions["durable_stream"].manager
-    app.register_blueprint(chat_blueprint(chat, stream_manager=manager), url_prefix="/api/chat")
+    keepalive = float(app.config["DURABLE_STREAM_KEEPALIVE_INTERVAL"])
+    bp = chat_blueprint(chat, stream_manager=manager, keepalive_interval=keepalive)
+    app.register_blueprint(bp, url_prefix="/api/chat")
     cache: dict[str, str] = {}
 
     def prepare() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from example_app.chat import WORDS
 from tests.support import servers
@@ -36,6 +37,8 @@ def node_client() -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
     env = servers.sqlite_env(tmp_path_factory)
+    # Keep-alive comments between most chunks: the SDK's parsers must skip them.
+    env["FLASK_DURABLE_STREAM_KEEPALIVE_INTERVAL"] = "0.02"
     server = servers.gunicorn("example_app:create_app()", workers=2, env=env)
     yield server
     server.stop()
@@ -119,3 +122,16 @@ def test_stop_ends_the_answer_for_every_reader(node_client: Path, server: server
     assert answer("stop me", words).startswith(text) and len(text) < len(answer("stop me", words))
     assert report["afterStop"] is None
     assert report["stopAgain"] is False
+
+
+def test_silences_carry_keepalive_comments_that_are_not_chunks(server: servers.Server) -> None:
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    body = {"id": "keepalive-chat", "messages": [message], "words": 3, "delay": 0.1}
+    with requests.post(f"{server.url}/api/chat", json=body, stream=True, timeout=30) as response:
+        raw = response.content.decode()
+    frames = [f for f in raw.split("\n\n") if f]
+    assert frames.count(": keep-alive") >= 3  # each 0.1 s silence is longer than 0.02 s
+    data = [json.loads(f[6:]) for f in frames if f.startswith("data: {")]
+    run_id = response.headers["x-workflow-run-id"]
+    assert data == ui_chunks(run_id, "hi", 3)
+    assert frames[-1] == "data: [DONE]"

@@ -33,12 +33,14 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import protocol
+from .._concurrency import gevent_patched
 from ..exceptions import DurableStreamError, InvalidRequest, StreamNotFound
 from ..flows import Flow, RequestData
 from ..managers.base import StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..managers.memory import InMemoryStreamManager
 from ..runner import Runner, runner_for
 from ..views import (
+    DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
     ContextProvider,
     _check_owner,
@@ -55,6 +57,7 @@ log = logging.getLogger("flask_durable_stream")
 UI_STREAM_HEADER = "x-vercel-ai-ui-message-stream"
 RUN_ID_HEADER = "x-workflow-run-id"
 TAIL_INDEX_HEADER = "x-workflow-stream-tail-index"
+_END = object()
 
 
 class ChatEndpoints:
@@ -69,6 +72,7 @@ class ChatEndpoints:
         context_provider: ContextProvider | None = None,
         max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
         subscribe_timeout: float | None = None,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
     ) -> None:
         if not callable(flow):
             raise TypeError(f"chat flow {name!r} is not callable")
@@ -81,6 +85,7 @@ class ChatEndpoints:
         self.context_provider = context_provider
         self.max_content_length = max_content_length
         self.subscribe_timeout = subscribe_timeout
+        self.keepalive_interval = keepalive_interval
 
     # -- the chat -> active stream pointer -------------------------------------------
     def pointer_key(self, chat_id: str) -> str:
@@ -235,8 +240,9 @@ class ChatEndpoints:
         )
         return dict(context or {})
 
-    @staticmethod
-    def _respond(body: Iterator[bytes], stream_id: str) -> Response:
+    def _respond(self, body: Iterator[bytes], stream_id: str) -> Response:
+        if gevent_patched():
+            body = self._with_keepalives(body)
         response = _StreamResponse(body, status=200, mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -244,6 +250,41 @@ class ChatEndpoints:
         response.headers[RUN_ID_HEADER] = stream_id
         response.headers["Access-Control-Expose-Headers"] = f"{RUN_ID_HEADER}, {TAIL_INDEX_HEADER}"
         return response
+
+    def _with_keepalives(self, body: Iterator[bytes]) -> Iterator[bytes]:
+        """``body``, with an SSE comment after every ``keepalive_interval`` of silence
+        (gevent), so proxies keep a chat open while the model thinks. The AI SDK's
+        parser skips comments, and they are not chunks: indexes do not move.
+
+        The body runs in its own greenlet, killed when the client goes away.
+        """
+        import gevent.queue
+
+        queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+
+        def pump() -> None:
+            try:
+                for data in body:
+                    queue.put(data)
+                queue.put(_END)
+            except Exception as exc:
+                queue.put(exc)
+
+        task = self.runner.tasks.spawn(pump, name="durable-stream-chat-sse")
+        try:
+            while True:
+                try:
+                    item = queue.get(timeout=self.keepalive_interval)
+                except gevent.queue.Empty:
+                    yield protocol.SSE_KEEPALIVE
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            task.kill(timeout=5)
 
 
 def _chunk_count(info: StreamInfo) -> int:
@@ -290,6 +331,7 @@ def chat_blueprint(
     subscribe_timeout: float | None = None,
     write_retry_timeout: float = 30.0,
     shutdown_grace: float = 25.0,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
 ) -> Blueprint:
     """A blueprint for one chat flow; register it with ``url_prefix`` = the transport's ``api``.
 
@@ -310,6 +352,7 @@ def chat_blueprint(
         context_provider=context_provider,
         max_content_length=max_content_length,
         subscribe_timeout=subscribe_timeout,
+        keepalive_interval=keepalive_interval,
     )
     bp = Blueprint(name, import_name)
     bp.chat = chat  # type: ignore[attr-defined]

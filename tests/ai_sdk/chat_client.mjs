@@ -39,7 +39,7 @@ async function assemble(stream) {
   return message;
 }
 
-/** A fetch whose POST response body breaks off `cutAfter` SSE frames in, mid-frame. */
+/** A fetch whose POST response body breaks off after `cutAfter` UI chunks, mid-frame. */
 function droppingFetch(cutAfter, log, received) {
   return async (url, init = {}) => {
     const { pathname, search } = new URL(url);
@@ -63,8 +63,11 @@ function droppingFetch(cutAfter, log, received) {
             out.error(new TypeError('network connection lost'));
             return;
           }
-          if (frames.length - 1 >= cutAfter) {
-            const kept = frames.slice(0, cutAfter).join('\n\n') + '\n\n';
+          const complete = frames.slice(0, -1);
+          const chunkAt = complete.flatMap((f, i) => (f.startsWith('data: {') ? [i] : []));
+          if (chunkAt.length >= cutAfter) {
+            const last = chunkAt[cutAfter - 1]; // keep-alive comments are not chunks
+            const kept = complete.slice(0, last + 1).join('\n\n') + '\n\n';
             out.enqueue(new TextEncoder().encode(kept + 'data: {"type":"te')); // half a frame
             cut = true;
             return;
