@@ -91,6 +91,21 @@ def test_aborted_answer_is_reassembled_by_reconnect_to_stream(
     assert report["afterEnd"] is None  # the answer ended: 204, no active stream
 
 
+def test_use_chat_machinery_resumes_after_the_tab_went_away(
+    node_client: Path, server: servers.Server
+) -> None:
+    """The SDK's AbstractChat (what useChat runs): stop() closes the tab's connection only."""
+    words = 20
+    report = run(node_client, server, "useChatResume", words=words, delay=0.05)
+    user, assistant = report["messages"]
+    assert user["role"] == "user" and user["parts"] == [{"type": "text", "text": "hello"}]
+    assert assistant["role"] == "assistant" and len(assistant["id"]) == 32
+    assert assistant["parts"] == [{"type": "text", "text": answer("hello", words), "state": "done"}]
+    assert answer("hello", words).startswith(report["seen"])
+    assert (report["status"], report["error"]) == ("ready", None)
+    assert report["afterEnd"] == 2  # resume once the answer ended: nothing added
+
+
 @pytest.mark.parametrize("cut_after", [1, 6])
 def test_workflow_transport_resumes_from_its_index_with_nothing_repeated(
     node_client: Path, server: servers.Server, cut_after: int

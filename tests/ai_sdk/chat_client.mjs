@@ -1,7 +1,7 @@
 // The AI SDK's own transports against a chat_blueprint server, unchanged.
 //   node chat_client.mjs <api url> <scenario> <json options>
 // Prints one JSON report on stdout; tests/test_ai_sdk_client.py checks it.
-import { DefaultChatTransport, readUIMessageStream } from 'ai';
+import { AbstractChat, DefaultChatTransport, readUIMessageStream } from 'ai';
 import { WorkflowChatTransport } from '@workflow/ai';
 
 const [api, scenario, rawOptions] = process.argv.slice(2);
@@ -16,6 +16,9 @@ const send = (transport, chatId, text, abortSignal) =>
     abortSignal,
     body: { words: options.words, delay: options.delay },
   });
+
+const textOf = (message) =>
+  message.parts.filter((p) => p.type === 'text').map((p) => p.text).join('');
 
 async function take(reader, n) {
   const chunks = [];
@@ -82,7 +85,59 @@ function droppingFetch(cutAfter, log, received) {
   };
 }
 
+/** What useChat keeps in React state, as plain fields: @ai-sdk/react's Chat does the same. */
+class PlainState {
+  constructor(messages = []) {
+    this.status = 'ready';
+    this.error = undefined;
+    this.messages = messages;
+  }
+  pushMessage(message) { this.messages = [...this.messages, message]; }
+  popMessage() { this.messages = this.messages.slice(0, -1); }
+  replaceMessage(index, message) {
+    this.messages = this.messages.map((m, i) => (i === index ? message : m));
+  }
+  snapshot(thing) { return structuredClone(thing); }
+}
+
+class Chat extends AbstractChat {
+  constructor({ messages, ...init }) {
+    super({ ...init, state: new PlainState(messages) });
+  }
+}
+
 const scenarios = {
+  // useChat's machinery: a tab sends, closes mid-answer (stop() only aborts its fetch);
+  // a new tab with the same chat id and the saved messages resumes (resume: true).
+  async useChatResume() {
+    const id = `usechat-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+    const transport = new DefaultChatTransport({
+      api,
+      body: { words: options.words, delay: options.delay },
+    });
+    const first = new Chat({ id, transport });
+    const sending = first.sendMessage({ text: 'hello' });
+    while (!first.messages.some((m) => m.role === 'assistant' && textOf(m).split(' ').length > 4)) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    const seen = textOf(first.messages.at(-1));
+    await first.stop(); // the tab goes away
+    await sending;
+    const saved = first.messages.filter((m) => m.role === 'user');
+    const second = new Chat({ id, transport, messages: saved });
+    await second.resumeStream();
+    const third = new Chat({ id, transport, messages: second.messages });
+    await third.resumeStream(); // the answer ended: nothing to resume
+    return {
+      seen,
+      messages: second.messages,
+      status: second.status,
+      error: second.error?.message ?? null,
+      afterEnd: third.messages.length,
+    };
+  },
+
+
   // sendMessages, abort mid-stream, reconnectToStream({ chatId }) assembles the answer.
   async abortAndReconnect() {
     const transport = new DefaultChatTransport({ api });
