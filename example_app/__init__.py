@@ -9,33 +9,46 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Flask, send_from_directory
+from flask import Flask, Response, send_from_directory
 
 from flask_durable_stream import DurableStream, FlowContext, FlowError
 
-WORDS = (
-    "Once upon a time a small robot named Pip lived at the edge of a quiet harbour town. "
-    "Every morning it counted the boats, polished the lighthouse lens and listened to the gulls. "
-    "One stormy night the lighthouse went dark, and Pip climbed the spiral stairs with a lantern, "
-    "guiding the fishing fleet safely home."
-).split()
+STORY = (
+    "Once upon a time, a small robot named Pip wanted to know everything about {topic}. "
+    "It asked the gulls, the fishing boats and the old lighthouse keeper. "
+    "Each of them told a different tale about {topic}, and Pip wrote every one down. "
+    "That night Pip read the tales aloud, and the whole harbour town listened. The end."
+)
+DEFAULT_TOPIC = "a lighthouse robot"
+
+
+def story_words(topic: str, chunks: int | None = None) -> list[str]:
+    """The story about ``topic``, a word each; ``chunks`` words (repeating the story) if given,
+    the last one closing its sentence either way."""
+    words = STORY.format(topic=topic).split()
+    if chunks is None:
+        return words
+    picked = [words[i % len(words)] for i in range(chunks)]
+    last = picked[-1].rstrip(",;:")
+    picked[-1] = last if last.endswith((".", "!", "?")) else last + "."
+    return picked
 
 
 def story(data: Any, ctx: FlowContext) -> Any:
-    """LLM-like: about 40 chunks at about 20 per second, then a summary as the output."""
-    topic = (data or {}).get("topic", "a robot") if isinstance(data, dict) else str(data)
-    chunks = int((data or {}).get("chunks", 40)) if isinstance(data, dict) else 40
-    delay = float((data or {}).get("delay", 0.05)) if isinstance(data, dict) else 0.05
-    if not 0 < chunks <= 10_000 or not 0 <= delay <= 5:
+    """LLM-like: a story about the topic, a word per chunk at about 20 per second, then a summary
+    as the output. ``chunks`` and ``delay`` shape it for tests and benchmarks."""
+    options = data if isinstance(data, dict) else {"topic": data}
+    topic = " ".join(str(options.get("topic") or DEFAULT_TOPIC).split())[:100] or DEFAULT_TOPIC
+    chunks = options.get("chunks")
+    delay = float(options.get("delay", 0.05))
+    if (chunks is not None and not 0 < int(chunks) <= 10_000) or not 0 <= delay <= 5:
         raise FlowError("INVALID_ARGUMENT", "chunks must be 1..10000 and delay 0..5 seconds")
-    text = []
-    for i in range(chunks):
+    words = story_words(topic, None if chunks is None else int(chunks))
+    for i, word in enumerate(words):
         if ctx.wait_cancelled(delay):
             raise FlowError("CANCELLED", "Cancelled by client.")
-        word = WORDS[i % len(WORDS)]
-        text.append(word)
         ctx.send_chunk({"index": i, "text": word + " "})
-    return {"topic": topic, "words": len(text), "text": " ".join(text)}
+    return {"topic": topic, "words": len(words), "text": " ".join(words)}
 
 
 def throwy(data: Any):  # type: ignore[no-untyped-def]
@@ -51,6 +64,12 @@ def echo(data: Any) -> Any:
     """A plain call: returns its input."""
     return {"echo": data}
 
+
+FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<rect width="16" height="16" rx="3" fill="#2d6cdf"/>'
+    '<path d="M4 4h8M4 8h8M4 12h5" stroke="#fff" stroke-width="2" stroke-linecap="round"/></svg>'
+)
 
 FLOWS = {"story": story, "throwy": throwy, "echo": echo}
 
@@ -72,5 +91,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.get("/")
     def index():  # type: ignore[no-untyped-def]
         return send_from_directory(app.static_folder or "static", "index.html")
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        # Browsers ask for it on every page: an inline SVG instead of a 404 in the console.
+        return Response(FAVICON, mimetype="image/svg+xml")
 
     return app

@@ -1,5 +1,9 @@
 """Durable, resumable streaming for Flask flows, wire-compatible with Genkit."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING
+
 from .exceptions import (
     DurableStreamError,
     EventTooLarge,
@@ -24,6 +28,18 @@ from .managers import (
     StreamWriter,
 )
 from .views import FlowEndpoint, durable_stream_blueprint, flow_view
+
+try:
+    __version__ = _version("flask_durable_stream")  # one source: pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from .client import DurableStreamClient
+    from .managers.firestore import FirestoreStreamManager
+    from .managers.redis import RedisStreamManager
+    from .managers.rtdb import RtdbStreamManager
+    from .managers.sqlite import SQLiteStreamManager
 
 _LAZY = {
     # Optional backends: imported on first use so their dependencies stay optional.

@@ -24,9 +24,11 @@ def _manager() -> StreamManager:
 
 
 def _when(ts: float | None) -> str:
+    """An epoch time as ISO 8601 in UTC, the one way both commands print times."""
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    when = dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    return when.replace("+00:00", "Z")
 
 
 @durable_stream_cli.command("gc")
@@ -42,13 +44,12 @@ def list_command(limit: int) -> None:
     """Newest streams first."""
     infos = _manager().list_streams(limit=limit)
     click.echo(
-        f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED (UTC)':19}  "
-        f"{'UPDATED (UTC)':19}  OWNER"
+        f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED':20}  {'UPDATED':20}  OWNER"
     )
     for i in infos:
         click.echo(
             f"{i.stream_id:34} {i.status.value:9} {i.last_seq + 1:>7}  "
-            f"{_when(i.created_at):19}  {_when(i.updated_at):19}  {i.owner or '-'}"
+            f"{_when(i.created_at):20}  {_when(i.updated_at):20}  {i.owner or '-'}"
         )
 
 
@@ -61,7 +62,11 @@ def show_command(stream_id: str, events: bool) -> None:
     info = manager.info(stream_id)
     if info is None:
         raise click.ClickException(f"stream {stream_id} not found (or expired)")
-    click.echo(json.dumps(info.to_dict(), indent=2))
+    shown = info.to_dict()
+    for key, value in shown.items():
+        if key.endswith("_at"):
+            shown[key] = _when(value) if value is not None else None
+    click.echo(json.dumps(shown, indent=2))
     if not events:
         return
     # An open stream prints what is stored so far instead of waiting for the rest

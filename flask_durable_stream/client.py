@@ -88,8 +88,7 @@ class DurableStreamClient:
             conn.close()
             raise
 
-    @staticmethod
-    def _error(response: http.client.HTTPResponse) -> DurableStreamError:
+    def _error(self, response: http.client.HTTPResponse, flow: str) -> DurableStreamError:
         """The JSON error body of a non-2xx answer, as an exception with its status."""
         raw = response.read()
         try:
@@ -97,6 +96,12 @@ class DurableStreamClient:
             status, message = str(body["status"]), str(body["message"])
         except (ValueError, KeyError, TypeError):
             return StreamError(f"HTTP {response.status}: {raw[:200]!r}", status="UNKNOWN")
+        if status == "NOT_FOUND" and message == protocol.UNKNOWN_FLOW["message"]:
+            # Not a missing stream: nothing at this URL runs a flow of that name.
+            base = f"{self.scheme}://{self.host}{'' if self.port is None else f':{self.port}'}"
+            return FlowError(
+                "NOT_FOUND", f"unknown flow {flow!r}: {base}{self.prefix} has no flow of that name"
+            )
         if status == "NOT_FOUND":
             return StreamNotFound(message)
         try:
@@ -110,7 +115,7 @@ class DurableStreamClient:
         conn, response = self._request("POST", f"/{flow}", body={"data": data})
         try:
             if response.status != 200:
-                raise self._error(response)
+                raise self._error(response, flow)
             return json.loads(response.read())["result"]
         finally:
             conn.close()
@@ -138,7 +143,7 @@ class DurableStreamClient:
             if response.status == 409:
                 response.read()
                 return False
-            raise self._error(response)
+            raise self._error(response, flow)
         finally:
             conn.close()
 
@@ -214,7 +219,7 @@ class FlowStream:
             )
             self._conn = conn
             if response.status != 200:
-                raise self.client._error(response)
+                raise self.client._error(response, self.flow)
             self.stream_id = response.getheader(protocol.STREAM_ID_HEADER)
             for kind, value in _read_frames(response):
                 self.last_seq += 1  # frames are numbered 0, 1, 2... with no gaps
@@ -228,7 +233,7 @@ class FlowStream:
         if response.status in (502, 503, 504):  # a proxy or a restarting server: try again
             raise _Dropped(f"HTTP {response.status}")
         if response.status != 200:
-            raise self.client._error(response)
+            raise self.client._error(response, self.flow)
         for seq, kind, value in _read_sse(response):
             if seq is None:  # not a stored event: skip it, the connection decides
                 continue

@@ -8,6 +8,7 @@ Follows Flask's extension rules: no app is kept on the object; per-app state is
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ from .views import (
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
     ContextProvider,
+    add_flow_rules,
     durable_stream_blueprint,
+    flow_view,
 )
 
 EXTENSION_KEY = "durable_stream"
@@ -59,7 +62,7 @@ class State:
 class DurableStream:
     """Registers flows as durable streaming endpoints on an app.
 
-    ``flows`` may also be added with the :meth:`flow` decorator before
+    ``flows`` may also be added with the :meth:`flow` decorator, before or after
     :meth:`init_app`. ``stream_manager`` overrides ``DURABLE_STREAM_BACKEND``.
     """
 
@@ -74,14 +77,24 @@ class DurableStream:
         self.flows: dict[str, Flow] = dict(flows or {})
         self.stream_manager = stream_manager
         self.context_provider = context_provider
+        # Weak: a flow decorated after init_app is routed on these apps, which stay the
+        # caller's to keep or drop.
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
     def flow(self, name: str | None = None) -> Callable[[Flow], Flow]:
-        """Decorator: ``@ext.flow()`` registers a function as a flow under its name."""
+        """Decorator: ``@ext.flow()`` registers a function as a flow under its name.
+
+        After :meth:`init_app` the flow is routed on the app at once, like ``@app.route``
+        (so, like it, only before the app handled its first request).
+        """
 
         def register(fn: Flow) -> Flow:
-            self.flows[name or fn.__name__] = fn
+            flow_name = name or fn.__name__
+            for app in list(self._apps):
+                self._add_flow(app, flow_name, fn)
+            self.flows[flow_name] = fn
             return fn
 
         return register
@@ -100,17 +113,38 @@ class DurableStream:
             self.flows,
             stream_manager=manager,
             context_provider=self.context_provider,
-            max_content_length=int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
+            name=EXTENSION_KEY,
             write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
             shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
-            keepalive_interval=float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
-            sse_lifetime=_optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
+            **_view_options(app),
         )
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
         app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
+        self._apps.add(app)
         from .cli import durable_stream_cli
 
         app.cli.add_command(durable_stream_cli)
+
+    def _add_flow(self, app: Flask, flow_name: str, fn: Flow) -> None:
+        """Route one more flow on an app the blueprint is already registered on."""
+        state: State = app.extensions[EXTENSION_KEY]
+        if flow_name in state.flows:
+            raise ValueError(f"flow {flow_name!r} is already registered on {app.name!r}")
+        view = flow_view(
+            fn,
+            name=flow_name,
+            runner=state.runner,
+            context_provider=self.context_provider,
+            **_view_options(app),
+        )
+        prefix = str(app.config["DURABLE_STREAM_URL_PREFIX"] or "").rstrip("/")
+
+        def add_url_rule(rule: str, *, endpoint: str, **options: Any) -> None:
+            # The blueprint's endpoint names, so url_for and its handlers work as for the rest.
+            app.add_url_rule(prefix + rule, endpoint=f"{EXTENSION_KEY}.{endpoint}", **options)
+
+        add_flow_rules(add_url_rule, view)
+        state.flows[flow_name] = fn
 
 
 def build_manager(app: Flask) -> StreamManager:
@@ -180,6 +214,16 @@ def build_manager(app: Flask) -> StreamManager:
         f"DURABLE_STREAM_BACKEND={backend!r}: use 'memory', 'sqlite', 'firestore', 'rtdb'"
         " or 'redis', or pass stream_manager= to DurableStream()"
     )
+
+
+def _view_options(app: Flask) -> dict[str, Any]:
+    """The per-view options, from config: the same for the blueprint and late flows."""
+    config = app.config
+    return {
+        "max_content_length": int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
+        "keepalive_interval": float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
+        "sse_lifetime": _optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
+    }
 
 
 def _optional_float(value: Any) -> float | None:

@@ -30,6 +30,9 @@ STREAM_ID_HEADER = "x-genkit-stream-id"
 
 #: The redacted body of any error a flow did not raise deliberately.
 INTERNAL_ERROR = {"status": "INTERNAL", "message": "Internal Error"}
+# The blueprint's answer (404) for a flow name it does not have; the client tells it from a
+# missing stream by this message.
+UNKNOWN_FLOW = {"status": "NOT_FOUND", "message": "Unknown flow."}
 
 
 def _default(value: Any) -> Any:

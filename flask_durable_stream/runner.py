@@ -479,7 +479,14 @@ class Runner:
     def _shutdown(self, grace: float | None) -> None:
         grace = self.shutdown_grace if grace is None else grace
         if self.active():
-            log.info("waiting up to %.1fs for %d running flow(s)", grace, len(self.active()))
+            # A warning, so that it shows without logging set up (Ctrl-C on ``flask run``).
+            log.warning(
+                "shutting down: waiting up to %.1fs (shutdown grace) for %d running flow(s) of"
+                " stream(s) %s; any still running then ends UNAVAILABLE",
+                grace,
+                len(self.active()),
+                ", ".join(run.stream_id for run in self.active()),
+            )
         deadline = time.monotonic() + grace
         for run in self.active():
             run.wait(max(0.0, deadline - time.monotonic()))

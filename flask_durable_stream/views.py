@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from flask import Blueprint, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.routing import RoutingException
 
 from . import protocol
 from ._concurrency import gevent_patched
@@ -429,6 +430,39 @@ class FlowEndpoint:
 
 
 _DEFAULT = object()
+_ANY_METHOD = ["DELETE", "GET", "PATCH", "POST", "PUT"]
+
+
+def add_flow_rules(add_url_rule: Callable[..., None], endpoint: FlowEndpoint) -> None:
+    """The three routes of one flow, through a Blueprint's or an app's ``add_url_rule``."""
+    name = endpoint.name
+    if not name or "/" in name:
+        raise ValueError(f"invalid flow name {name!r}")
+    add_url_rule(f"/{name}", endpoint=name, view_func=endpoint, methods=["POST"])
+    add_url_rule(
+        f"/{name}/events", endpoint=f"{name}:events", view_func=endpoint.events, methods=["GET"]
+    )
+    add_url_rule(
+        f"/{name}/cancel", endpoint=f"{name}:cancel", view_func=endpoint.cancel, methods=["POST"]
+    )
+
+
+def _unknown_flow(unknown: str) -> Response:
+    """No flow of the blueprint has this name: 405 when another route serves the path with
+    other methods (the blueprint must not hide the app's routes), else the JSON 404."""
+    adapter = current_app.create_url_adapter(request)
+    assert adapter is not None
+    allowed = []
+    for method in _ANY_METHOD:
+        try:
+            endpoint, _ = adapter.match(method=method)
+        except (HTTPException, RoutingException):
+            continue
+        if current_app.view_functions.get(endpoint) is not _unknown_flow:
+            allowed.append(method)
+    if allowed:
+        raise MethodNotAllowed(valid_methods=allowed)
+    return _json_response(protocol.UNKNOWN_FLOW, 404)
 
 
 def _resolve_manager(stream_manager: Any) -> StreamManager | None:
@@ -489,8 +523,8 @@ def durable_stream_blueprint(
     ``GET /<flow name>/events`` (SSE) for each flow.
 
     All flows share one stream manager and one runner. Register it with any
-    ``url_prefix``. Unknown flow names get Flask's JSON-less 404; use the
-    :class:`~flask_durable_stream.DurableStream` extension for JSON errors everywhere.
+    ``url_prefix``. An unknown flow name gets a JSON 404 on every method and path shape
+    of a flow; a path another route of the app serves keeps its 405.
     """
     manager = _resolve_manager(stream_manager)
     runner = runner_for(
@@ -512,25 +546,15 @@ def durable_stream_blueprint(
             keepalive_interval=keepalive_interval,
             sse_lifetime=sse_lifetime,
         )
-        bp.add_url_rule(f"/{flow_name}", endpoint=flow_name, view_func=endpoint, methods=["POST"])
+        add_flow_rules(bp.add_url_rule, endpoint)
+    # Every method on every path shape of a flow, so an unknown flow always gets the JSON
+    # 404; a path some other route serves gets the 405 it would get without these.
+    for path, suffix in (
+        ("/<unknown>", ""),
+        ("/<unknown>/events", ":events"),
+        ("/<unknown>/cancel", ":cancel"),
+    ):
         bp.add_url_rule(
-            f"/{flow_name}/events",
-            endpoint=f"{flow_name}:events",
-            view_func=endpoint.events,
-            methods=["GET"],
+            path, endpoint=f"unknown_flow{suffix}", view_func=_unknown_flow, methods=_ANY_METHOD
         )
-        bp.add_url_rule(
-            f"/{flow_name}/cancel",
-            endpoint=f"{flow_name}:cancel",
-            view_func=endpoint.cancel,
-            methods=["POST"],
-        )
-
-    def unknown_flow(unknown: str) -> Response:
-        return _json_response({"status": "NOT_FOUND", "message": "Unknown flow."}, 404)
-
-    bp.add_url_rule(
-        "/<path:unknown>", endpoint="unknown_flow", view_func=unknown_flow, methods=["POST"]
-    )
-
     return bp

@@ -8,7 +8,10 @@ from collections.abc import Iterator
 import playwright.sync_api as playwright_api
 import pytest
 
+from example_app import DEFAULT_TOPIC, story_words
 from tests.support import servers
+
+TOPIC = "whales in the deep"
 
 FLAGS = [
     "--headless",
@@ -43,22 +46,34 @@ def test_reload_mid_stream_shows_the_whole_story(
 ) -> None:
     shot_dir = tmp_path_factory.mktemp("screenshots")
     page = browser.new_page()  # type: ignore[attr-defined]
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
     page.goto(server.url + "/")
+    page.fill("#topic", TOPIC)
     page.click("#start")
+    assert page.is_disabled("#start")  # one story at a time in the box
     page.wait_for_function("document.getElementById('story').textContent.split(' ').length > 8")
     stream_id = page.evaluate("sessionStorage.getItem('durable-story-stream-id')")
     assert stream_id and len(stream_id) == 32
     before = page.text_content("#story")
     page.reload()
+    assert page.input_value("#topic") == TOPIC  # kept across the reload
     page.wait_for_selector("#story[data-done='true']", timeout=20_000)
     story = page.text_content("#story") or ""
     status = page.text_content("#status") or ""
     assert before and story.startswith(before)  # the replay begins with what was shown before
-    assert len(story.split()) == 40
-    assert f"resumed {stream_id}" not in status and "done: 40 words" in status
+    expected = story_words(TOPIC)
+    assert story.split() == expected and story.rstrip().endswith("The end.")
+    assert TOPIC in story
+    assert f"resumed {stream_id}" not in status and f"done: {len(expected)} words" in status
     assert stream_id in status
+    assert page.is_enabled("#start")
     page.screenshot(path=str(shot_dir / "example-page.png"))
     assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None
+    favicon = page.request.get(server.url + "/favicon.ico")
+    assert favicon.status == 200 and favicon.headers["content-type"].startswith("image/svg+xml")
+    assert failed == []
+    page.close()
 
 
 def test_stop_button_cancels_the_flow_on_the_server(
@@ -74,8 +89,8 @@ def test_stop_button_cancels_the_flow_on_the_server(
     )
     assert page.text_content("#status") == "error: CANCELLED: Cancelled by client."
     words = len((page.text_content("#story") or "").split())
-    assert 5 <= words < 40
-    assert page.is_disabled("#stop")
+    assert 5 <= words < len(story_words(DEFAULT_TOPIC))
+    assert page.is_disabled("#stop") and page.is_enabled("#start")
     assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None
     page.close()
 

@@ -7,6 +7,7 @@ manager by the app's own manager.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -132,6 +133,12 @@ def test_show_prints_the_metadata_as_json(setup: Setup) -> None:
     assert info["stream_id"] == "kept" and info["status"] == "done"
     assert info["last_seq"] == 4 and info["owner"] == "cli-test"
     assert info["expires_at"] > info["created_at"]
+    # Times read as in `list`: ISO 8601 in UTC, not epoch floats.
+    created = dt.datetime.fromisoformat(info["created_at"].replace("Z", "+00:00"))
+    assert abs(created.timestamp() - time.time()) < 600
+    assert info["created_at"].endswith("Z") and "T" in info["created_at"]
+    code, listed = invoke(setup, "list")
+    assert listed.splitlines()[1].split()[3] == info["created_at"]
 
 
 def test_show_events_of_a_finished_stream(setup: Setup) -> None:

@@ -71,7 +71,9 @@ def test_plain_calls_return_or_raise(client: DurableStreamClient) -> None:
     with pytest.raises(FlowError) as info:
         client.call("story", {"chunks": 0})
     assert info.value.status == "INVALID_ARGUMENT"
-    with pytest.raises(StreamNotFound):
+    with pytest.raises(
+        FlowError, match=r"unknown flow 'no-such-flow': http://127\.0\.0\.1:\d+/flows"
+    ):
         client.call("no-such-flow", {})
 
 
@@ -87,6 +89,9 @@ def test_cancel_from_the_client(client: DurableStreamClient) -> None:
     assert stream.cancel() is False  # it has ended
     with pytest.raises(StreamNotFound):
         client.cancel("story", "no-such-stream")
+    with pytest.raises(FlowError, match="unknown flow 'nope'") as unknown:
+        client.cancel("nope", "no-such-stream")
+    assert unknown.value.status == "NOT_FOUND"
 
 
 def test_resume_an_existing_stream_from_an_offset(client: DurableStreamClient) -> None:
@@ -100,6 +105,10 @@ def test_resume_an_existing_stream_from_an_offset(client: DurableStreamClient) -
     assert [c["index"] for c in tail] == [6, 7]
     with pytest.raises(StreamNotFound):
         list(client.resume("story", "no-such-stream"))
+    with pytest.raises(FlowError, match="unknown flow 'nope'"):
+        list(client.stream("nope", {}))
+    with pytest.raises(FlowError, match="unknown flow 'nope'"):
+        list(client.resume("nope", "no-such-stream"))
 
 
 def test_no_server_is_a_clear_unavailable_error() -> None:

@@ -261,7 +261,8 @@ def test_firebase_admin_app_is_accepted(
 
 
 @pytest.fixture
-def private_emulator() -> Iterator[FirestoreEmulator]:
+def private_emulator(firestore_emulator: Any) -> Iterator[FirestoreEmulator]:
+    # firestore_emulator: fails (or skips, when asked to) loudly without java or the JAR
     emulator = FirestoreEmulator().start()
     try:
         warm = emulator.client().collection("warm-up").document("jvm")

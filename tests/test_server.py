@@ -146,3 +146,26 @@ def test_oversized_body_over_the_wire_is_413(server: servers.Server) -> None:
     assert response.status == 413
     assert json.loads(response.read())["status"] == "RESOURCE_EXHAUSTED"
     conn.close()
+
+
+def test_ctrl_c_on_flask_run_says_what_it_waits_for(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    import signal
+
+    port = servers.free_port()
+    env = {**servers.sqlite_env(tmp_path_factory), "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": "0.5"}
+    server = servers.Server(
+        [str(servers.BIN / "flask"), "--app", "example_app", "run", "--port", str(port)],
+        port,
+        env,
+    )
+    try:
+        running = post_stream(
+            server.url, "/flows/story", {"data": {"chunks": 200, "delay": 0.2}}, stop_after=1
+        )
+        assert running.stream_id and [c["index"] for c in running.chunks][:1] == [0]
+    finally:
+        output = server.stop(signal.SIGINT)
+    assert "waiting up to 0.5s (shutdown grace) for 1 running flow(s)" in output, output
+    assert running.stream_id in output

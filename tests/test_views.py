@@ -418,3 +418,89 @@ def test_a_failing_context_provider_is_a_redacted_json_500(
     assert response.status_code == 500
     assert response.json == {"status": "INTERNAL", "message": "Internal Error"}
     assert "hunter2" in caplog.text and b"hunter2" not in response.data
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/nope/events?streamId=abc"),
+        ("POST", "/api/nope/events"),
+        ("POST", "/api/nope/cancel"),
+        ("GET", "/api/nope/cancel"),
+        ("GET", "/api/nope"),
+        ("DELETE", "/api/nope"),
+        ("PUT", "/api/nope"),
+    ],
+)
+def test_an_unknown_flow_is_json_404_on_every_method_and_path(
+    client: FlaskClient, method: str, path: str
+) -> None:
+    response = client.open(path, method=method, headers=SSE)
+    assert response.status_code == 404
+    assert response.json == {"status": "NOT_FOUND", "message": "Unknown flow."}
+
+
+def test_a_known_flow_with_the_wrong_method_is_405(client: FlaskClient) -> None:
+    for method, path, allowed in [
+        ("GET", "/api/story", "POST"),
+        ("POST", "/api/story/events", "GET"),
+        ("GET", "/api/story/cancel", "POST"),
+    ]:
+        response = client.open(path, method=method)
+        assert response.status_code == 405, (method, path)
+        assert allowed in response.headers["Allow"]
+
+
+def test_without_a_prefix_the_app_routes_keep_their_405(manager: InMemoryStreamManager) -> None:
+    app = Flask(__name__)
+
+    @app.get("/login")
+    def login() -> str:
+        return "login page"
+
+    @app.get("/reports/<name>/events")
+    def report_events(name: str) -> str:
+        return name
+
+    app.register_blueprint(durable_stream_blueprint(FLOWS, stream_manager=manager))
+    client = app.test_client()
+    assert client.get("/login").data == b"login page"
+    refused = client.post("/login", json={"data": 1})
+    assert refused.status_code == 405 and "GET" in refused.headers["Allow"]
+    assert client.post("/reports/x/events").status_code == 405
+    assert client.get("/reports/x/events").data == b"x"
+    unknown = client.post("/nope", json={"data": 1})
+    assert (unknown.status_code, unknown.json["message"]) == (404, "Unknown flow.")
+    known = client.post("/echo", json={"data": 7})
+    assert known.json == {"result": 7}
+
+
+def test_a_flow_decorated_after_init_app_is_routed(manager: InMemoryStreamManager) -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_URL_PREFIX"] = "/v1/"
+    ext = DurableStream(app, flows={"echo": echo}, stream_manager=manager)
+
+    @ext.flow()
+    def late(data: Any, ctx: FlowContext) -> Any:
+        ctx.send_chunk({"got": data})
+        return "late"
+
+    client = app.test_client()
+    live = client.post("/v1/late", json={"data": 1}, headers=SSE)
+    assert frames(live.data) == [("chunk", {"got": 1}), ("done", "late")]
+    sid = live.headers["x-genkit-stream-id"]
+    events = client.get(f"/v1/late/events?streamId={sid}")
+    assert events.status_code == 200 and b"event: result" in events.data
+    ended = client.post("/v1/late/cancel", headers={"x-genkit-stream-id": sid})
+    assert ended.status_code == 409
+    assert client.get("/v1/late").status_code == 405
+    assert app.extensions["durable_stream"].flows.keys() == {"echo", "late"}
+    from flask import url_for
+
+    with app.test_request_context():
+        assert url_for("durable_stream.late") == "/v1/late"
+    with pytest.raises(ValueError, match="already registered"):
+        ext.flow("late")(echo)
+    # Like @app.route: once the app served a request, its routes are fixed, and it says so.
+    with pytest.raises(AssertionError, match="first request"):
+        ext.flow("later")(echo)

@@ -23,7 +23,7 @@ def missing_server_hooks(
         if problem is None:
             return None
         skip = os.environ.get(skip_env) == "1"
-        action = "SKIPPED" if skip else f"FAIL (set {skip_env}=1 to skip)"
+        action = "be SKIPPED" if skip else f"FAIL (set {skip_env}=1 to skip)"
         return f"!!! {server} unavailable: {problem}. {tests} tests will {action} !!!"
 
     def pytest_report_header(config: pytest.Config) -> str | None:
