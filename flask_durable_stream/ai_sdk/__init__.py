@@ -96,10 +96,11 @@ class ChatEndpoints:
         return self.pointer_key(chat_id) if isinstance(chat_id, str) else None
 
     def _chat_id(self, value: Any) -> str:
-        if not isinstance(value, str) or not valid_stream_id(value):
-            raise InvalidRequest("Invalid chat id: expected 1-100 characters of [A-Za-z0-9_.-].")
-        if len(self.pointer_key(value)) > 128:
-            raise InvalidRequest("Invalid chat id: expected 1-100 characters of [A-Za-z0-9_.-].")
+        longest = 127 - len(self.name)  # the pointer key "<name>.<chat id>" is a stream key
+        if not isinstance(value, str) or not valid_stream_id(value) or len(value) > longest:
+            raise InvalidRequest(
+                f"Invalid chat id: expected 1-{longest} characters of [A-Za-z0-9_.-]."
+            )
         return value
 
     def active_stream(self, chat_id: str) -> StreamInfo | None:
@@ -164,7 +165,7 @@ class ChatEndpoints:
 
     def _stream(self, ident: str) -> Response:
         start = _start_index(request.args.get("startIndex"))
-        info, by_chat = self._resolve(ident)
+        info, _ = self._resolve(ident)
         if info is None:
             return Response(status=204)
         context = self._context(None, info.stream_id)
