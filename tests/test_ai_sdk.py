@@ -9,15 +9,22 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_durable_stream import FlowContext, FlowError, InMemoryStreamManager, RequestData
+from flask_durable_stream import (
+    FlowContext,
+    FlowError,
+    InMemoryStreamManager,
+    RequestData,
+    StreamManager,
+)
 from flask_durable_stream.ai_sdk import chat_blueprint
+from flask_durable_stream.runner import runner_for
 
 
 class Gate:
@@ -276,3 +283,48 @@ def test_async_flows_and_chunks_that_are_neither_text_nor_parts(client: FlaskCli
     bad = chunks_of(client.post("/api/async", json=body("a2", bad=True)).data)
     assert text_of(bad) == "async words"
     assert bad[-3] == {"type": "error", "errorText": "Internal Error"}
+
+
+def test_the_chat_on_every_backend(make_manager: Callable[..., StreamManager]) -> None:
+    """Reconnect by chat id, resume by index and stop, with the pointer in each storage."""
+    manager = make_manager()
+    gate = Gate()
+
+    def held(data: Any, ctx: FlowContext) -> Iterator[str]:
+        gate.started.set()
+        for word in ("one ", "two ", "three "):
+            yield word
+            while not gate.release.wait(0.01):
+                ctx.raise_if_cancelled()
+
+    app = Flask(__name__)
+    app.register_blueprint(chat_blueprint(held, stream_manager=manager), url_prefix="/c")
+    client = app.test_client()
+    try:
+        live = client.post("/c", json=body("b-1"), buffered=False)
+        run_id = live.headers["x-workflow-run-id"]
+        assert gate.started.wait(10)
+        assert manager.get_pointer("ai_chat.b-1") == run_id
+        follower = client.get("/c/b-1/stream", buffered=False)
+        assert follower.status_code == 200
+        gate.release.set()
+        chunks = chunks_of(live.get_data())
+        assert chunks_of(follower.get_data()) == chunks
+        assert text_of(chunks) == "one two three "
+        assert manager.get_pointer("ai_chat.b-1") is None
+        assert client.get("/c/b-1/stream").status_code == 204
+        rest = client.get(f"/c/{run_id}/stream?startIndex=3")
+        assert chunks_of(rest.data) == chunks[3:]
+
+        gate.release.clear()
+        gate.started.clear()
+        stopping = client.post("/c", json=body("b-2"), buffered=False)
+        assert gate.started.wait(10)
+        assert client.post("/c/b-2/stop").status_code == 202
+        stopped = chunks_of(stopping.get_data())
+        assert text_of(stopped) == "one "
+        assert stopped[-2] == {"type": "finish", "finishReason": "other"}
+        assert manager.get_pointer("ai_chat.b-2") is None
+    finally:
+        gate.release.set()
+        runner_for(manager).shutdown(5)
