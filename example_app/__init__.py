@@ -84,6 +84,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if config:
         app.config.update(config)
     DurableStream(app, flows=FLOWS)
+    from .chat import init_chat
+
+    init_chat(app)  # /chat: the Vercel AI SDK chat page, its flow at /api/chat
 
     @app.get("/")
     def index():  # type: ignore[no-untyped-def]

@@ -205,7 +205,6 @@ class Readiness:
         return self.ok
 
 
-
 def _view_options(app: Flask) -> dict[str, Any]:
     """The per-view options, from config: the same for the blueprint and late flows."""
     config = app.config

@@ -37,6 +37,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import flask_durable_stream, gevent, gunicorn, playwright, google.cloud.firestore, firebase_admin, redis, genkit, genkit_flask, prometheus_client'
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+for d in tests/ai_sdk example_app; do (cd "$d" && npm ci --no-audit --no-fund --loglevel=error); done  # the AI SDK: its tests, the chat page
 
 if [ -z "${DURABLE_STREAM_SKIP_FIRESTORE:-}" ]; then
   problem=$(.venv/bin/python -c '

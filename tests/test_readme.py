@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import re
 import subprocess
@@ -38,11 +39,13 @@ def kind(snippet: str) -> str:
         return "blueprint"
     if "DurableStreamClient(" in snippet:
         return "client"
+    if "chat_blueprint(" in snippet:
+        return "chat"
     return "unknown"
 
 
 def test_every_snippet_has_a_runner() -> None:
-    assert sorted(kind(s) for s in SNIPPETS) == ["blueprint", "client", "extension"]
+    assert sorted(kind(s) for s in SNIPPETS) == ["blueprint", "chat", "client", "extension"]
 
 
 def load(snippet: str, directory: Path, name: str) -> ModuleType:
@@ -114,6 +117,28 @@ def test_the_blueprint_snippet_runs_as_is(workdir: Path) -> None:
         streamed = client.post("/api/echo", json={"data": 3}, headers=SSE)
         assert frames(streamed.data) == [("done", 3)]
         assert (workdir / "streams.sqlite3").exists()
+    finally:
+        stopped(module.manager)
+
+
+def test_the_chat_snippet_runs_as_is(workdir: Path) -> None:
+    (snippet,) = [s for s in SNIPPETS if kind(s) == "chat"]
+    module = load(snippet, workdir, "readme_chat")
+    try:
+        client = module.app.test_client()
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "why?"}]}
+        body = {"id": "chat-1", "messages": [message], "trigger": "submit-message"}
+        response = client.post("/api/chat", json=body)
+        assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+        lines = [f[len("data: ") :] for f in response.data.decode().split("\n\n") if f]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+        assert text == "You asked: why? "
+        assert {"type": "data-sources", "data": {"count": 0}} in chunks
+        assert chunks[-1] == {"type": "finish"}
+        assert client.get("/api/chat/chat-1/stream").status_code == 204  # it ended
+        assert (workdir / "chats.sqlite3").exists()
     finally:
         stopped(module.manager)
 

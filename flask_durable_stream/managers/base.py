@@ -160,6 +160,13 @@ class ProducerWatch:
         self._since = None
 
 
+def check_pointer_key(key: str) -> str:
+    """A pointer key, checked like a stream id (it ends up in keys and paths too)."""
+    if not valid_stream_id(key):
+        raise ValueError(f"invalid pointer key {key!r}: 1-128 characters of [A-Za-z0-9_.-]")
+    return key
+
+
 class StreamStatus(str, enum.Enum):
     OPEN = "open"
     DONE = "done"
@@ -413,6 +420,32 @@ class StreamManager:
 
         Open streams whose producer lease has expired (the producer died and
         nobody was reading) are ended or expired too, so they cannot pile up.
+        """
+        raise NotImplementedError
+
+    # -- pointers: a name that points at a stream (e.g. a chat's active stream) -------
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        """Point ``key`` at ``stream_id``, replacing what it pointed at.
+
+        Pointers let any worker find "the current stream" of something that
+        outlives one stream (a chat). ``key`` follows the stream id rules
+        (:func:`valid_stream_id`), so every backend can use it in a path.
+        """
+        raise NotImplementedError
+
+    def get_pointer(self, key: str) -> str | None:
+        """The stream id ``key`` points at, or None.
+
+        The stream may have ended or expired meanwhile: callers check
+        :meth:`info`, since a producer that died cannot clear its pointer.
+        """
+        raise NotImplementedError
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        """Remove ``key`` only if it still points at ``stream_id``; True if it did.
+
+        Conditional, so a stream that ends late never clears the pointer a
+        newer stream of the same key has set.
         """
         raise NotImplementedError
 

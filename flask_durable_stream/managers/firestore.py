@@ -27,13 +27,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
 from .._concurrency import TaskGroup
-from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
+from ..exceptions import (
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+    StreamExists,
+    StreamNotFound,
+)
 from .base import (
     PRODUCER_LOST,
     Event,
     StreamInfo,
     StreamManager,
     StreamStatus,
+    check_pointer_key,
     common_options,
 )
 from .firestore_io import (
@@ -463,6 +470,41 @@ class FirestoreStreamManager(StreamManager):
             except (StreamClosed, StreamNotFound):
                 return False  # written (re-opened) or deleted meanwhile
         return True
+
+    # -- pointers: one document each, in the collection ``<collection>-pointers`` -----
+    def _pointer_ref(self, key: str) -> Any:
+        return self.client.collection(f"{self.collection}-pointers").document(
+            check_pointer_key(key)
+        )
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        ref = self._pointer_ref(key)
+        with edge(f"set pointer {key}"):
+            ref.set({"stream_id": stream_id}, retry=None, timeout=self.rpc_timeout)
+
+    def get_pointer(self, key: str) -> str | None:
+        snap = self._get(self._pointer_ref(key), f"read pointer {key}")
+        data = snap.to_dict() if snap.exists else None
+        return None if not data else data.get("stream_id")
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        ref = self._pointer_ref(key)
+        for _ in range(5):
+            snap = self._get(ref, f"read pointer {key}")
+            data = snap.to_dict() if snap.exists else None
+            if not data or data.get("stream_id") != stream_id:
+                return False
+            try:
+                with edge(f"clear pointer {key}", conditional=True):
+                    ref.delete(
+                        option=self.client.write_option(last_update_time=snap.update_time),
+                        retry=None,
+                        timeout=self.rpc_timeout,
+                    )
+                return True
+            except (StreamClosed, StreamNotFound):
+                continue  # changed or removed meanwhile: look again
+        raise StorageUnavailable(f"clear pointer {key}: too much contention")
 
     def close(self) -> None:
         self._tasks.join(self.linger + self.rpc_timeout)

@@ -27,6 +27,7 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    check_pointer_key,
     status_after,
 )
 
@@ -66,6 +67,7 @@ class InMemoryStreamManager(StreamManager):
         )
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
+        self._pointers: dict[str, str] = {}
         self._tasks = TaskGroup()
         self._sweeper: Task | None = None
         self._stopping = threading.Event()
@@ -232,6 +234,21 @@ class InMemoryStreamManager(StreamManager):
     def _sweep(self) -> None:
         while not self._stopping.wait(self.sweep_interval):
             self.gc()
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        with self._lock:
+            self._pointers[check_pointer_key(key)] = stream_id
+
+    def get_pointer(self, key: str) -> str | None:
+        with self._lock:
+            return self._pointers.get(check_pointer_key(key))
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        with self._lock:
+            if self._pointers.get(check_pointer_key(key)) != stream_id:
+                return False
+            del self._pointers[key]
+            return True
 
     def close(self) -> None:
         self._stopping.set()

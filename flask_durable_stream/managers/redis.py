@@ -56,13 +56,14 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    check_pointer_key,
     common_options,
     payload_bytes,
     status_after,
 )
 from .redis_reader import PAGE as _PAGE
 from .redis_reader import SharedReader, poke_key
-from .redis_scripts import _APPEND, _CANCEL, _HEARTBEAT, _MARK_LOST, _OPEN
+from .redis_scripts import _APPEND, _CANCEL, _CLEAR_POINTER, _HEARTBEAT, _MARK_LOST, _OPEN
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -169,6 +170,7 @@ class RedisStreamManager(StreamManager):
                 ("heartbeat", _HEARTBEAT),
                 ("cancel", _CANCEL),
                 ("mark_lost", _MARK_LOST),
+                ("clear_pointer", _CLEAR_POINTER),
             )
         }
         self._reader_lock = threading.Lock()
@@ -369,6 +371,20 @@ class RedisStreamManager(StreamManager):
             if meta["status"] == StreamStatus.OPEN.value and stale:
                 self._mark_lost(stream_id, meta, now)
         return removed
+
+    # -- pointers --------------------------------------------------------------------------
+    def _pointer_key(self, key: str) -> str:
+        return f"{self.prefix}:pointer:{check_pointer_key(key)}"
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        self._call(self.client.set, self._pointer_key(key), stream_id)
+
+    def get_pointer(self, key: str) -> str | None:
+        value = self._call(self.client.get, self._pointer_key(key))
+        return None if value is None else _text(value)
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        return bool(self._script("clear_pointer", [self._pointer_key(key)], [stream_id]))
 
     def close(self) -> None:
         with self._reader_lock:

@@ -82,3 +82,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return 1
 """
+
+# KEYS: pointer. ARGV: stream id. Deletes the pointer only if it still names that stream.
+_CLEAR_POINTER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

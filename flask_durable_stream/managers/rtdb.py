@@ -67,6 +67,7 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    check_pointer_key,
     common_options,
     status_after,
     valid_stream_id,
@@ -86,6 +87,7 @@ INDEX = "_index"
 #: keeps each one quick and far from the REST limit.
 MAX_STRING_BYTES = 10 * 1024 * 1024
 MAX_WRITE_BYTES = 16 * 1024 * 1024
+POINTERS = "_pointers"
 OPEN = StreamStatus.OPEN.value
 T = TypeVar("T")
 _UNAVAILABLE = (
@@ -471,6 +473,30 @@ class RtdbStreamManager(StreamManager):
 
         meta, _ = self._cas(key, flag)
         return meta is not None and meta.get("status") == OPEN
+
+    # -- pointers: ``_pointers/<key>`` holds the stream id ("" once cleared) -----------
+    def _pointer_ref(self, key: str) -> Any:
+        return self._ref(f"{POINTERS}/{check_pointer_key(key).replace('.', ',')}")
+
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        call(self._pointer_ref(key).set, stream_id)
+
+    def get_pointer(self, key: str) -> str | None:
+        value = call(self._pointer_ref(key).get)
+        return value if isinstance(value, str) and value else None
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        # firebase_admin has no conditional delete: an empty string is the conditional
+        # "cleared" (a few bytes per key stay behind).
+        ref = self._pointer_ref(key)
+        value, etag = call(ref.get, etag=True)
+        for _ in range(25):
+            if value != stream_id:
+                return False
+            ok, value, etag = call(ref.set_if_unchanged, etag, "")
+            if ok:
+                return True
+        raise StorageUnavailable(f"pointer {key}: too much contention")
 
     def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
         query = self._ref(INDEX).order_by_child("createdAt").limit_to_last(limit)

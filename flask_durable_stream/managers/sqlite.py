@@ -53,6 +53,7 @@ from .base import (
     StreamStatus,
     StreamWriter,
     check_event_sizes,
+    check_pointer_key,
     common_options,
     status_after,
 )
@@ -85,6 +86,10 @@ CREATE TABLE IF NOT EXISTS ds_events (
     kind TEXT NOT NULL,
     payload TEXT NOT NULL,
     PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ds_pointers (
+    key TEXT PRIMARY KEY,
+    stream_id TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 _ROW = (
@@ -860,6 +865,32 @@ class SQLiteStreamManager(StreamManager):
             (self.now(), limit),
         )
         return [_row_info(row) for row in rows]
+
+    # -- pointers ----------------------------------------------------------------------
+    def set_pointer(self, key: str, stream_id: str) -> None:
+        self._submit(self._op_set_pointer, check_pointer_key(key), stream_id)
+
+    def get_pointer(self, key: str) -> str | None:
+        rows = self._read(
+            "SELECT stream_id FROM ds_pointers WHERE key = ?", (check_pointer_key(key),)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def clear_pointer(self, key: str, stream_id: str) -> bool:
+        return bool(self._submit(self._op_clear_pointer, check_pointer_key(key), stream_id))
+
+    @staticmethod
+    def _op_set_pointer(conn: sqlite3.Connection, key: str, stream_id: str) -> None:
+        conn.execute(
+            "INSERT INTO ds_pointers (key, stream_id) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET stream_id = excluded.stream_id",
+            (key, stream_id),
+        )
+
+    @staticmethod
+    def _op_clear_pointer(conn: sqlite3.Connection, key: str, stream_id: str) -> bool:
+        sql = "DELETE FROM ds_pointers WHERE key = ? AND stream_id = ?"
+        return conn.execute(sql, (key, stream_id)).rowcount > 0
 
     # -- expiry --------------------------------------------------------------------------
     def gc(self, now: float | None = None) -> int:
