@@ -38,7 +38,7 @@ from ..exceptions import DurableStreamError, InvalidRequest, StreamNotFound
 from ..flows import Flow, RequestData, resolve
 from ..managers.base import StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..managers.memory import InMemoryStreamManager
-from ..runner import Runner, runner_for
+from ..runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner, runner_for
 from ..views import (
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
@@ -332,8 +332,8 @@ def chat_blueprint(
     import_name: str = __name__,
     max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
     subscribe_timeout: float | None = None,
-    write_retry_timeout: float = 30.0,
-    shutdown_grace: float = 25.0,
+    write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
 ) -> Blueprint:
     """A blueprint for one chat flow; register it with ``url_prefix`` = the transport's ``api``.
