@@ -157,9 +157,9 @@ def test_a_client_that_stops_reading_costs_a_bounded_buffer(tmp_path: Path, endp
     """The live POST client is disconnected past its buffer; an SSE client's reads just pause."""
     server = start(tmp_path, 1)
     try:
-        pid = worker_pid(server)
         warm = post_stream(server.url, "/flows/firehose", {"data": {"count": 200, "size": 65536}})
         assert warm.terminal == ("done", "done")
+        pid = worker_pid(server)  # it answered, so it exists (the master listens first)
         base = memory_kib(pid)["VmRSS"]
 
         count, size = 1600, 65536  # 100 MiB of chunks
