@@ -41,7 +41,7 @@ log = logging.getLogger("flask_durable_stream")
 
 #: A batch carries at most this many payload bytes (backends split further if they must).
 BATCH_BYTES = 1024 * 1024
-#: While a terminal marker cannot be stored, say so at ERROR level this often.
+#: While storage fails, say so this often (at ERROR level for a terminal marker).
 LOUD_EVERY = 30.0
 
 DEFAULT_BACKOFF = Backoff(initial=0.05, maximum=2.0)
@@ -225,23 +225,26 @@ class RunWriter:
                         exc,
                     )
                     return Outcome.TIMED_OUT
-                if timeout is None and now >= loud_at:
+                if now >= loud_at:  # the first failure, then every LOUD_EVERY seconds
                     loud_at = now + LOUD_EVERY
-                    log.error(
-                        "stream %s: the terminal marker is still not stored after %.0f s (%s);"
-                        " retrying until it is or the process exits",
-                        self.run.stream_id,
-                        failing,
-                        exc,
-                    )
-                elif failing == 0.0:
-                    log.warning(
-                        "stream %s: storing %d event(s) failed (%s); retrying for up to %.0f s",
-                        self.run.stream_id,
-                        len(events),
-                        exc,
-                        self.retry_timeout,
-                    )
+                    if timeout is None:
+                        log.error(
+                            "stream %s: its terminal marker is not stored after %.0f s (%s);"
+                            " retrying until it is or the process exits",
+                            self.run.stream_id,
+                            failing,
+                            exc,
+                        )
+                    else:
+                        log.warning(
+                            "stream %s: storing %d event(s) failing for %.0f s (%s);"
+                            " retrying for up to %.0f s",
+                            self.run.stream_id,
+                            len(events),
+                            failing,
+                            exc,
+                            timeout,
+                        )
                 self._pause(next(delays))
                 if self._beat_failed:  # storage may be back: refresh the lease first
                     self._heartbeat_if_due(force=True)
