@@ -32,6 +32,7 @@ _LAZY = {
     "RtdbStreamManager": ".managers.rtdb",
     "RedisStreamManager": ".managers.redis",
     "DurableStreamClient": ".client",
+    "durable_streams_server": ".durable_streams",
 }
 
 
@@ -72,5 +73,6 @@ __all__ = [
     "StreamTimeout",
     "StreamWriter",
     "durable_stream_blueprint",
+    "durable_streams_server",
     "flow_view",
 ]

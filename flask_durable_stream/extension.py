@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_SHUTDOWN_GRACE": 25.0,
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
+    "DURABLE_STREAM_DS_URL_PREFIX": None,
+    "DURABLE_STREAM_DS_LONG_POLL_TIMEOUT": 20.0,
 }
 
 
@@ -108,6 +110,10 @@ class DurableStream:
         )
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
         app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
+        if config["DURABLE_STREAM_DS_URL_PREFIX"]:
+            from .durable_streams.flask_ext import register_durable_streams
+
+            register_durable_streams(app, bp, manager, self.context_provider)
         from .cli import durable_stream_cli
 
         app.cli.add_command(durable_stream_cli)

@@ -29,10 +29,13 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .. import protocol
 from ..exceptions import StreamClosed
+
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
 
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -272,6 +275,16 @@ class StreamManager:
 
     def close(self) -> None:
         """Stop background work and release connections."""
+
+    def durable_streams_store(self) -> DSStore:
+        """This backend's store for Durable Streams (:mod:`..durable_streams`), made once.
+
+        Backends that cannot keep byte streams raise NotImplementedError.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support Durable Streams; "
+            "use the memory, SQLite or Redis manager (see docs/durable-streams.md)"
+        )
 
     def now(self) -> float:
         return time.time()

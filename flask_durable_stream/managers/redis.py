@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..exceptions import (
@@ -150,6 +150,10 @@ def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
     kind = fields["k"] if "k" in fields else fields[b"k"]
     payload = fields["p"] if "p" in fields else fields[b"p"]
     return Event(int(_text(entry_id).split("-", 1)[1]) - 1, _text(kind), _text(payload))
+
+
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
 
 
 class RedisStreamManager(StreamManager):
@@ -376,6 +380,15 @@ class RedisStreamManager(StreamManager):
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             pool.disconnect()
+
+    def durable_streams_store(self) -> DSStore:
+        """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
+        store: DSStore | None = getattr(self, "_ds_store", None)
+        if store is None:
+            from ..durable_streams.redis import RedisDSStore
+
+            store = self._ds_store = RedisDSStore(self.client, prefix=self.prefix)
+        return store
 
 
 class _RedisWriter(StreamWriter):

@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from .._concurrency import Task, TaskGroup, gevent_patched
@@ -109,6 +109,10 @@ _real_start_thread = _original("_thread", "start_new_thread")
 _RealQueue = _original("_queue", "SimpleQueue")
 # Connections inherited through fork(): kept referenced so the child never closes them.
 _ABANDONED: list[Any] = []
+
+
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
 
 
 class _Signal:
@@ -738,6 +742,15 @@ class SQLiteStreamManager(StreamManager):
 
 def _stop(conn: sqlite3.Connection) -> None:
     """The writer thread's last request."""
+
+    def durable_streams_store(self) -> DSStore:
+        """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
+        store: DSStore | None = getattr(self, "_ds_store", None)
+        if store is None:
+            from ..durable_streams.sqlite import SQLiteDSStore
+
+            store = self._ds_store = SQLiteDSStore(self.path)
+        return store
 
 
 class _SQLiteWriter(StreamWriter):

@@ -1,0 +1,500 @@
+"""HTTP: every path under the blueprint's prefix is a Durable Stream URL.
+
+The views only parse (:mod:`.request`), call the protocol (:mod:`.engine`)
+and shape the reply: status, the protocol's headers, the browser security
+headers and CORS on every response, error or not. Flow streams of the same
+manager are served read-only by :mod:`.flow_streams`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from ..exceptions import DurableStreamError
+from ..flows import RequestData
+from ..managers.base import StreamManager
+from ..views import ContextProvider
+from . import request as rq
+from .engine import CLOSED, CURSOR, OFFSET, UP_TO_DATE, Chunk, Engine, Gone, Reply, cursor_for
+from .flow_streams import FlowStreams, Forbidden
+from .store import DSStore, Meta
+
+log = logging.getLogger("flask_durable_stream")
+
+ALLOW_METHODS = "GET, HEAD, PUT, POST, DELETE, OPTIONS"
+ALLOW_HEADERS = (
+    "Content-Type, Authorization, If-None-Match, Stream-TTL, Stream-Expires-At, Stream-Closed, "
+    "Stream-Seq, Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, "
+    "Producer-Id, Producer-Epoch, Producer-Seq"
+)
+EXPOSE_HEADERS = (
+    "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Stream-TTL, "
+    "Stream-Expires-At, Stream-SSE-Data-Encoding, ETag, Location, Content-Type, "
+    "Producer-Epoch, Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq"
+)
+CATCH_UP_CACHE = "public, max-age=60, stale-while-revalidate=300"
+PRIVATE_CACHE = "private, max-age=60, stale-while-revalidate=300"
+_BAD_PATH = re.compile(r"(^|/)\.\.?(/|$)|[\x00-\x1f]")
+
+
+class DurableStreamsView:
+    """The one view behind ``/<path:path>``; options as given to :func:`durable_streams_server`."""
+
+    def __init__(
+        self,
+        store: DSStore,
+        *,
+        flows: FlowStreams | None,
+        context_provider: ContextProvider | None,
+        name: str,
+        long_poll_timeout: float,
+        sse_lifetime: float,
+        max_body_bytes: int,
+        max_read_bytes: int,
+    ) -> None:
+        self.engine = Engine(store, max_read_bytes=max_read_bytes)
+        self.flows = flows
+        self.context_provider = context_provider
+        self.name = name
+        self.long_poll_timeout = long_poll_timeout
+        self.sse_lifetime = sse_lifetime
+        self.max_body_bytes = max_body_bytes
+        self.cache_control = PRIVATE_CACHE if context_provider is not None else CATCH_UP_CACHE
+
+    # -- dispatch -----------------------------------------------------------------------
+    def __call__(self, path: str = "") -> Response:
+        try:
+            if request.method == "OPTIONS":
+                return _reply(Reply(204))
+            if not path or _BAD_PATH.search(path):
+                return _reply(Reply(400, body=b"invalid stream path"))
+            owner = self._owner(path)
+            handler = getattr(self, "_" + request.method.lower(), None)
+            if handler is None:
+                return _reply(Reply(405, {"Allow": ALLOW_METHODS}))
+            result: Response = handler(path, owner)
+            return result
+        except rq.BadRequest as exc:
+            return _reply(Reply(400, body=str(exc).encode()))
+        except Gone:
+            return _reply(Reply(410, body=b"stream is deleted"))
+        except DurableStreamError as exc:
+            return _reply(Reply(exc.http_status, body=exc.message.encode()))
+        except Exception:  # a backend or a context provider failed: logged, never shown
+            log.exception("Durable Streams request failed")
+            return _reply(Reply(500, body=b"internal error"))
+
+    def _owner(self, path: str) -> str | None:
+        if self.context_provider is None:
+            return None
+        context = self.context_provider(
+            RequestData(
+                method=request.method,
+                path=request.path,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                input=None,
+                flow=self.name,
+                stream_id=path,
+            )
+        )
+        owner = dict(context or {}).get("owner")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise TypeError("the context provider's 'owner' must be a non-empty string")
+        return owner
+
+    @staticmethod
+    def _forbidden(meta: Meta, owner: str | None) -> bool:
+        return meta.owner is not None and meta.owner != owner
+
+    # -- PUT ----------------------------------------------------------------------------
+    def _put(self, path: str, owner: str | None) -> Response:
+        h = request.headers
+        if self.flows is not None and self.flows.exists(path):
+            return _reply(Reply(409, body=b"a flow stream lives at this path"))
+        ttl = h.get("Stream-TTL")
+        expires = h.get("Stream-Expires-At")
+        if ttl is not None and expires is not None:
+            raise rq.BadRequest("Stream-TTL and Stream-Expires-At exclude each other")
+        content_type = h.get("Content-Type")
+        if content_type is not None and not rq.valid_media_type(content_type):
+            raise rq.BadRequest("invalid Content-Type")
+        fork_of = h.get("Stream-Forked-From")
+        fork_offset_h = h.get("Stream-Fork-Offset")
+        sub_h = h.get("Stream-Fork-Sub-Offset")
+        if fork_of is None and (fork_offset_h is not None or sub_h is not None):
+            raise rq.BadRequest("fork headers need Stream-Forked-From")
+        fork_offset = None
+        if fork_offset_h is not None:
+            fork_offset = rq.parse_offset(fork_offset_h.strip())
+            if fork_offset < 0:
+                raise rq.BadRequest("Stream-Fork-Offset must be an offset")
+        sub = rq.parse_int("Stream-Fork-Sub-Offset", sub_h.strip()) if sub_h is not None else 0
+        if sub and fork_offset is None:
+            raise rq.BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
+        source = self._source_key(fork_of) if fork_of is not None else None
+        body = self._body()
+        effective_ct = content_type
+        if effective_ct is None and source is not None:
+            meta = self.engine.current(source)
+            effective_ct = meta.content_type if meta is not None else None
+        if effective_ct is not None and rq.is_json(effective_ct):
+            record = rq.json_record(body, allow_empty=True)
+        else:
+            record = body or None
+        reply = self.engine.create(
+            path,
+            content_type=content_type,
+            ttl=rq.parse_ttl(ttl.strip()) if ttl is not None else None,
+            expires_at=expires.strip() if expires is not None else None,
+            expires_ts=rq.parse_expires_at(expires) if expires is not None else None,
+            closed=rq.is_true(h.get("Stream-Closed")),
+            record=record,
+            fork_of=source,
+            fork_offset=fork_offset,
+            fork_sub=sub,
+            owner=owner,
+        )
+        if reply.status == 201:
+            reply.headers["Location"] = request.base_url
+        return _reply(reply)
+
+    def _source_key(self, value: str) -> str:
+        """``Stream-Forked-From`` is a path on this server: with or without our prefix."""
+        mount = request.path[: len(request.path) - len(request.view_args["path"])]  # type: ignore[index]
+        value = value.strip()
+        if value.startswith(mount):
+            value = value[len(mount) :]
+        value = value.lstrip("/")
+        if not value or _BAD_PATH.search(value):
+            raise rq.BadRequest("invalid Stream-Forked-From")
+        return value
+
+    def _body(self) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            from werkzeug.exceptions import RequestEntityTooLarge
+
+            raise RequestEntityTooLarge()
+        data = request.stream.read(self.max_body_bytes + 1)
+        if len(data) > self.max_body_bytes:
+            from werkzeug.exceptions import RequestEntityTooLarge
+
+            raise RequestEntityTooLarge()
+        return data
+
+    # -- POST ---------------------------------------------------------------------------
+    def _post(self, path: str, owner: str | None) -> Response:
+        h = request.headers
+        if self.flows is not None and self.flows.exists(path):
+            self.flows.check_owner(path, owner)
+            return _reply(
+                Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
+            )
+        producer = rq.parse_producer(
+            h.get("Producer-Id"), h.get("Producer-Epoch"), h.get("Producer-Seq")
+        )
+        close = rq.is_true(h.get("Stream-Closed"))
+        body = self._body()
+        content_type = h.get("Content-Type")
+        record: bytes | None = None
+        if body:
+            if content_type is None or not rq.valid_media_type(content_type):
+                raise rq.BadRequest("an append needs a valid Content-Type")
+            record = rq.json_record(body, allow_empty=False) if rq.is_json(content_type) else body
+        elif not close:
+            raise rq.BadRequest("empty body without Stream-Closed: true")
+        stream_seq = h.get("Stream-Seq")
+        reply = self.engine.append(
+            path,
+            content_type=content_type,
+            record=record,
+            close=close,
+            stream_seq=stream_seq,
+            producer=producer,
+            may_write=lambda meta: Reply(403) if self._forbidden(meta, owner) else None,
+        )
+        return _reply(reply)
+
+    # -- DELETE -------------------------------------------------------------------------
+    def _delete(self, path: str, owner: str | None) -> Response:
+        if self.flows is not None and self.flows.exists(path):
+            self.flows.check_owner(path, owner)
+            return _reply(
+                Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
+            )
+        reply = self.engine.delete(
+            path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
+        )
+        return _reply(reply)
+
+    # -- HEAD ---------------------------------------------------------------------------
+    def _head(self, path: str, owner: str | None) -> Response:
+        meta = self._readable(path, owner)
+        if meta is None:
+            return self.flows.head(path, owner) if self.flows is not None else _reply(Reply(404))
+        headers = {"Content-Type": meta.content_type, OFFSET: rq.format_offset(meta.tail)}
+        headers["Cache-Control"] = "no-store"
+        if meta.ttl is not None:
+            headers["Stream-TTL"] = str(meta.ttl)
+        if meta.expires_at is not None:
+            headers["Stream-Expires-At"] = meta.expires_at
+        if meta.closed:
+            headers[CLOSED] = "true"
+        return _reply(Reply(200, headers))
+
+    def _readable(self, path: str, owner: str | None) -> Meta | None:
+        meta = self.engine.current(path)
+        if meta is not None and self._forbidden(meta, owner):
+            raise Forbidden()
+        return meta
+
+    # -- GET ----------------------------------------------------------------------------
+    def _get(self, path: str, owner: str | None) -> Response:
+        args = request.args
+        offsets = args.getlist("offset")
+        if len(offsets) > 1:
+            raise rq.BadRequest("one offset only")
+        live = args.get("live")
+        if live not in (None, "long-poll", "sse"):
+            raise rq.BadRequest("live must be long-poll or sse")
+        if live is not None and not offsets:
+            raise rq.BadRequest("live reads need an offset")
+        offset = rq.parse_offset(offsets[0]) if offsets else rq.START
+        meta = self._readable(path, owner)
+        if meta is None:
+            if self.flows is not None and self.flows.exists(path):
+                return self.flows.get(path, owner, offset, live, args.get("cursor"), self)
+            return _reply(Reply(404, body=b"stream not found"))
+        if meta.ttl is not None:
+            self.engine.touch(path)
+        if live == "sse":
+            return self._sse(path, meta, offset)
+        chunk = self.engine.chunk(path, meta, offset)
+        if live == "long-poll":
+            return self._long_poll(path, chunk, offset)
+        return self._catch_up(chunk, offset)
+
+    def _catch_up(self, chunk: Chunk, offset: int) -> Response:
+        reply = self._chunk_reply(chunk)
+        if offset == rq.NOW:
+            reply.headers["Cache-Control"] = "no-store"
+            return _reply(reply)
+        etag = f'"{chunk.meta.gen}:{chunk.start}:{chunk.end}{":c" if chunk.closed else ""}"'
+        reply.headers["ETag"] = etag
+        reply.headers["Cache-Control"] = self.cache_control
+        if request.headers.get("If-None-Match") == etag:
+            return _reply(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
+        return _reply(reply)
+
+    @staticmethod
+    def _chunk_reply(chunk: Chunk) -> Reply:
+        headers = {"Content-Type": chunk.meta.content_type, OFFSET: rq.format_offset(chunk.end)}
+        if chunk.up_to_date:
+            headers[UP_TO_DATE] = "true"
+        if chunk.closed:
+            headers[CLOSED] = "true"
+        return Reply(200, headers, chunk.body())
+
+    def _long_poll(self, path: str, chunk: Chunk, offset: int) -> Response:
+        cursor = request.args.get("cursor")
+        deadline = time.monotonic() + self.long_poll_timeout
+        meta: Meta | None = chunk.meta
+        while not chunk.records:
+            assert meta is not None
+            if meta.closed:
+                return _reply(self.empty_poll(meta, chunk.start, None))
+            meta = self.engine.wait(path, meta, deadline)
+            if meta is None:
+                return _reply(Reply(404, body=b"stream not found"))
+            if meta.tail <= chunk.start and not meta.closed:
+                return _reply(self.empty_poll(meta, chunk.start, cursor))
+            chunk = self.engine.chunk(path, meta, chunk.start)
+        reply = self._chunk_reply(chunk)
+        reply.headers["Cache-Control"] = self.cache_control
+        if not chunk.closed:
+            reply.headers[CURSOR] = cursor_for(cursor, time.time())
+        return _reply(reply)
+
+    @staticmethod
+    def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
+        headers = {OFFSET: rq.format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
+        headers["Cache-Control"] = "no-store"
+        if meta.closed:
+            headers[CLOSED] = "true"
+        else:
+            headers[CURSOR] = cursor_for(cursor, time.time())
+        return Reply(204, headers)
+
+    # -- SSE ----------------------------------------------------------------------------
+    def _sse(self, path: str, meta: Meta, offset: int) -> Response:
+        encode = not rq.is_text(meta.content_type)
+        cursor = request.args.get("cursor")
+        start = self.engine.chunk(path, meta, offset).start
+        engine, lifetime = self.engine, self.sse_lifetime
+
+        def events() -> Iterator[bytes]:
+            deadline = time.monotonic() + lifetime
+            current: Meta | None = meta
+            position = start
+            first = True
+            while current is not None:
+                chunk = engine.chunk(path, current, position)
+                if chunk.records:
+                    yield sse_data(chunk.body(), encode)
+                if chunk.records or first:
+                    yield sse_control(chunk, cursor)
+                    first = False
+                if chunk.closed:
+                    return
+                position = chunk.end
+                if not chunk.up_to_date:
+                    current = engine.current(path)
+                    continue
+                if time.monotonic() >= deadline:
+                    return
+                current = engine.wait(path, current, min(deadline, time.monotonic() + 15))
+                if current is not None and current.tail <= position and not current.closed:
+                    yield b": keep-alive\n\n"
+
+        return sse_response(events(), encode)
+
+
+def sse_data(body: bytes, encode: bool) -> bytes:
+    if encode:
+        text = base64.b64encode(body).decode()
+        lines = [text[i : i + 4096] for i in range(0, len(text), 4096)] or [""]
+    else:
+        lines = re.split(r"\r\n|\r|\n", body.decode("utf-8", errors="replace"))
+    return ("event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
+    control: dict[str, Any] = {"streamNextOffset": rq.format_offset(chunk.end)}
+    if chunk.closed:
+        control["streamClosed"] = True
+        control["upToDate"] = True
+    else:
+        control["streamCursor"] = cursor_for(cursor, time.time())
+        if chunk.up_to_date:
+            control["upToDate"] = True
+    return ("event: control\ndata: " + json.dumps(control, separators=(",", ":")) + "\n\n").encode()
+
+
+class _StreamingResponse(Response):
+    """Sends status and headers before the first event: a client of an idle stream is not left hanging."""
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        app_iter, status, headers = self.get_wsgi_response(environ)
+        write = start_response(status, headers)
+        write(b"")
+        return app_iter
+
+
+def sse_response(events: Iterator[bytes], encode: bool) -> Response:
+    response = _StreamingResponse(events, status=200, content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    if encode:
+        response.headers["Stream-SSE-Data-Encoding"] = "base64"
+    return response
+
+
+def _reply(reply: Reply) -> Response:
+    response = Response(reply.body, status=reply.status)
+    if not reply.body and "Content-Type" not in reply.headers:
+        response.headers.remove("Content-Type")
+    elif reply.body and "Content-Type" not in reply.headers:
+        response.headers["Content-Type"] = "text/plain; charset=utf-8"
+    for key, value in reply.headers.items():
+        response.headers[key] = value
+    return response
+
+
+def add_common_headers(response: Response) -> Response:
+    """Security headers and CORS on every response, errors included."""
+    headers = response.headers
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+    origin = request.headers.get("Origin")
+    headers["Access-Control-Allow-Origin"] = origin or "*"
+    if origin:
+        headers["Vary"] = "Origin"
+    headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+    headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
+    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    if request.method == "OPTIONS":
+        headers["Access-Control-Max-Age"] = "86400"
+    if request.method == "HEAD" or "Cache-Control" not in headers:
+        headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
+    if isinstance(stream_manager, DSStore):
+        return stream_manager
+    if stream_manager is None:
+        from .memory import MemoryDSStore
+
+        return MemoryDSStore()
+    return stream_manager.durable_streams_store()
+
+
+def durable_streams_server(
+    stream_manager: StreamManager | DSStore | None = None,
+    *,
+    name: str = "durable_streams",
+    context_provider: ContextProvider | None = None,
+    import_name: str = __name__,
+    flow_streams: bool = True,
+    long_poll_timeout: float = 20.0,
+    sse_lifetime: float = 60.0,
+    max_body_bytes: int = 64 * 1024 * 1024,
+    max_read_bytes: int = 1024 * 1024,
+) -> Blueprint:
+    """A blueprint that serves the Durable Streams protocol at every path under its prefix.
+
+    ``stream_manager``: the manager whose storage keeps the streams (its
+    :meth:`~.StreamManager.durable_streams_store`), a store, or None for a
+    fresh in-memory store. With a manager, its flow streams are readable too
+    (``flow_streams=False`` turns that off). Register with any ``url_prefix``.
+    """
+    store = store_of(stream_manager)
+    flows = None
+    if flow_streams and isinstance(stream_manager, StreamManager):
+        flows = FlowStreams(stream_manager)
+    view = DurableStreamsView(
+        store,
+        flows=flows,
+        context_provider=context_provider,
+        name=name,
+        long_poll_timeout=long_poll_timeout,
+        sse_lifetime=sse_lifetime,
+        max_body_bytes=max_body_bytes,
+        max_read_bytes=max_read_bytes,
+    )
+    bp = Blueprint(name, import_name)
+    bp.durable_streams_store = store  # type: ignore[attr-defined]
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"]
+    for rule in ("/", "/<path:path>"):
+        bp.add_url_rule(
+            rule,
+            endpoint="stream",
+            view_func=view,
+            methods=methods,
+            provide_automatic_options=False,
+        )
+    bp.after_request(add_common_headers)
+
+    @bp.errorhandler(413)
+    def too_large(exc: Exception) -> Response:
+        return _reply(Reply(413, body=b"request body too large"))
+
+    return bp
