@@ -347,10 +347,9 @@ class DurableStreamsView:
             first = True
             while current is not None:
                 chunk = engine.chunk(path, current, position)
-                if chunk.records:
-                    yield sse_data(chunk.body(), encode)
-                if chunk.records or first:
-                    yield sse_control(chunk, cursor)
+                if chunk.records or first:  # one write: a data event never arrives alone
+                    data = sse_data(chunk.body(), encode) if chunk.records else b""
+                    yield data + sse_control(chunk, cursor)
                     first = False
                 if chunk.closed:
                     return
@@ -373,7 +372,10 @@ def sse_data(body: bytes, encode: bool) -> bytes:
         lines = [text[i : i + 4096] for i in range(0, len(text), 4096)] or [""]
     else:
         lines = re.split(r"\r\n|\r|\n", body.decode("utf-8", errors="replace"))
-    return ("event: data\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+    # "data:" then the line; a line that starts with a space gets one more, which
+    # every SSE parser strips, so the line arrives intact.
+    text = "".join(("data: " if line[:1] == " " else "data:") + line + "\n" for line in lines)
+    return ("event: data\n" + text + "\n").encode()
 
 
 def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
@@ -385,7 +387,7 @@ def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
         control["streamCursor"] = cursor_for(cursor, time.time())
         if chunk.up_to_date:
             control["upToDate"] = True
-    return ("event: control\ndata: " + json.dumps(control, separators=(",", ":")) + "\n\n").encode()
+    return ("event: control\ndata:" + json.dumps(control, separators=(",", ":")) + "\n\n").encode()
 
 
 class _StreamingResponse(Response):

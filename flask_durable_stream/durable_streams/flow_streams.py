@@ -174,10 +174,9 @@ class FlowStreams:
             first = True
             while current is not None:
                 part = self.chunk(path, current, position)
-                if part.records:
-                    yield sse_data(part.body(), False)
                 if part.records or first:
-                    yield sse_control(part, cursor)
+                    data = sse_data(part.body(), False) if part.records else b""
+                    yield data + sse_control(part, cursor)
                     first = False
                 if part.closed or time.monotonic() >= deadline:
                     return
