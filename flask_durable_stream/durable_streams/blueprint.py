@@ -391,7 +391,7 @@ def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
 
 
 class _StreamingResponse(Response):
-    """Sends status and headers before the first event: a client of an idle stream is not left hanging."""
+    """Sends status and headers before the first event, so an idle stream does not stall."""
 
     def __call__(self, environ: Any, start_response: Any) -> Any:
         app_iter, status, headers = self.get_wsgi_response(environ)

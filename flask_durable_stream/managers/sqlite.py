@@ -739,10 +739,6 @@ class SQLiteStreamManager(StreamManager):
             conn.close()
         stop.done.wait(30)
 
-
-def _stop(conn: sqlite3.Connection) -> None:
-    """The writer thread's last request."""
-
     def durable_streams_store(self) -> DSStore:
         """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
         store: DSStore | None = getattr(self, "_ds_store", None)
@@ -751,6 +747,10 @@ def _stop(conn: sqlite3.Connection) -> None:
 
             store = self._ds_store = SQLiteDSStore(self.path)
         return store
+
+
+def _stop(conn: sqlite3.Connection) -> None:
+    """The writer thread's last request."""
 
 
 class _SQLiteWriter(StreamWriter):
