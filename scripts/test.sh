@@ -30,5 +30,6 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import flask_durable_stream, gevent, gunicorn, playwright, google.cloud.firestore, firebase_admin, redis'
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+(cd tests/ds && npm ci --no-audit --no-fund --loglevel=error)
 
 exec .venv/bin/python -m pytest "$@"
