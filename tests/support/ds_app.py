@@ -37,7 +37,7 @@ app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
 app.config["DURABLE_STREAM_DS_LONG_POLL_TIMEOUT"] = float(
     os.environ.get("DS_LONG_POLL_TIMEOUT", "2")
 )
-ext = DurableStream(app, stream_manager=_manager())
+ext = DurableStream(stream_manager=_manager())
 
 
 @ext.flow("echo")
@@ -54,3 +54,17 @@ def echo(data: Any, ctx: FlowContext) -> Any:
                 time.sleep(0.01)
         ctx.send_chunk({"i": i})
     return {"done": int(data.get("chunks", 3))}
+
+
+@ext.flow("fail")
+def fail(data: Any, ctx: FlowContext) -> Any:
+    """One chunk, then an error: public (``FlowError``) or redacted (anything else)."""
+    from flask_durable_stream import FlowError
+
+    ctx.send_chunk({"i": 0})
+    if data.get("public"):
+        raise FlowError("INVALID_ARGUMENT", "bad input")
+    raise RuntimeError("a secret that must not reach clients")
+
+
+ext.init_app(app)
