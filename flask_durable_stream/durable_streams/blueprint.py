@@ -484,7 +484,7 @@ def durable_streams_server(
     )
     bp = Blueprint(name, import_name)
     bp.durable_streams_store = store  # type: ignore[attr-defined]
-    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"]
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405
     for rule in ("/", "/<path:path>"):
         bp.add_url_rule(
             rule,

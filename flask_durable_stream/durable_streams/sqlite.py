@@ -97,10 +97,13 @@ class SQLiteDSStore(DSStore):
 
     # -- connections ----------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        # The manager already put the file in WAL mode (a persistent setting).
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
+        # WAL is a setting of the file, usually made by the manager already: asking
+        # again would take a lock that workers booting together fight over.
+        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         if not self._ready:
             self._create_tables(conn)
