@@ -178,15 +178,15 @@ class DurableStreamsView:
         return value
 
     def _body(self) -> bytes:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
         length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            from werkzeug.exceptions import RequestEntityTooLarge
-
-            raise RequestEntityTooLarge()
-        data = request.stream.read(self.max_body_bytes + 1)
+        if length is not None:
+            if length > self.max_body_bytes:
+                raise RequestEntityTooLarge()
+            return request.stream.read(length) if length else b""
+        data = request.stream.read(self.max_body_bytes + 1)  # chunked: read up to the limit
         if len(data) > self.max_body_bytes:
-            from werkzeug.exceptions import RequestEntityTooLarge
-
             raise RequestEntityTooLarge()
         return data
 

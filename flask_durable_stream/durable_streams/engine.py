@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .cache import RecordCache
 from .request import (
     NOW,
     START,
@@ -93,9 +94,13 @@ def _producer_headers(epoch: int, seq: int) -> dict[str, str]:
 class Engine:
     """The protocol's operations on one store. ``max_read_bytes`` bounds one response."""
 
-    def __init__(self, store: DSStore, *, max_read_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, store: DSStore, *, max_read_bytes: int = 1 << 20, cache_bytes: int = 64 << 20
+    ) -> None:
         self.store = store
         self.max_read_bytes = max_read_bytes
+        # Stores outside the process: recent records are read from here, not from storage.
+        self.cache = RecordCache(cache_bytes) if store.remote and cache_bytes else None
 
     # -- lifecycle ----------------------------------------------------------------------
     def _live(self, txn: Txn, path: str, now: float) -> Meta | None:
@@ -345,15 +350,26 @@ class Engine:
                     meta.fork_of, source, start, min(end, meta.base), max(1, max_bytes - size)
                 )
             else:
-                part = self.store.records(
-                    path, start - meta.base, end - meta.base, max(1, max_bytes - size)
-                )
+                part = self._own_records(path, meta, start, end, max(1, max_bytes - size))
             if not part:
                 break
             out.extend(part)
             size += sum(map(len, part))
             start += len(part)
         return out
+
+    def _own_records(
+        self, path: str, meta: Meta, start: int, end: int, max_bytes: int
+    ) -> list[bytes]:
+        cache = self.cache
+        if cache is not None:
+            part = cache.get(meta.gen, start, end, max_bytes)
+            if part:
+                return part
+        part = self.store.records(path, start - meta.base, end - meta.base, max_bytes)
+        if cache is not None:
+            cache.put(meta.gen, start, part)
+        return part
 
     def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
         """Records from ``offset`` (the start for -1, the tail for now), one response's worth."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -19,10 +18,10 @@ class _MemoryTxn(Txn):
 
     def get(self, path: str) -> Meta | None:
         meta = self._store._meta.get(path)
-        return copy.deepcopy(meta)
+        return meta.copy() if meta is not None else None
 
     def put(self, path: str, meta: Meta) -> None:
-        self._store._meta[path] = copy.deepcopy(meta)
+        self._store._meta[path] = meta.copy()
         self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
@@ -47,6 +46,8 @@ class MemoryDSStore(DSStore):
     writes last.
     """
 
+    remote = False
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -63,7 +64,8 @@ class MemoryDSStore(DSStore):
 
     def get(self, path: str) -> Meta | None:
         with self._lock:
-            return copy.deepcopy(self._meta.get(path))
+            meta = self._meta.get(path)
+            return meta.copy() if meta is not None else None
 
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         with self._lock:

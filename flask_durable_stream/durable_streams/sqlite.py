@@ -84,8 +84,10 @@ class SQLiteDSStore(DSStore):
         busy_timeout: float = 10.0,
         synchronous: str = "NORMAL",
         poll_interval: tuple[float, float] = (0.002, 0.05),
+        mmap_size: int = 256 << 20,
     ) -> None:
         self.path = path
+        self.mmap_size = mmap_size
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
         self.poll_interval = poll_interval
@@ -105,6 +107,8 @@ class SQLiteDSStore(DSStore):
         if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        # Catch-up reads copy large blobs: mapped pages spare a read() per overflow page.
+        conn.execute(f"PRAGMA mmap_size={self.mmap_size}")
         if not self._ready:
             self._create_tables(conn)
         return conn

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -49,7 +49,14 @@ class Meta:
     owner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies recursively, on every append's path.
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["producers"] = {k: list(v) for k, v in self.producers.items()}
+        data["closed_by"] = list(self.closed_by) if self.closed_by is not None else None
+        return data
+
+    def copy(self) -> Meta:
+        return Meta(**self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Meta:
@@ -59,6 +66,9 @@ class Meta:
         if self.expires_ts is not None and now >= self.expires_ts:
             return True
         return self.ttl is not None and now >= self.touched + self.ttl
+
+
+_FIELDS = tuple(f.name for f in fields(Meta))
 
 
 class Txn:
@@ -89,6 +99,9 @@ class DSStore:
     ``timeout`` elapsed; callers re-read the metadata afterwards, so a
     spurious wake-up is harmless.
     """
+
+    #: True when reads leave the process (worth caching records in front of them).
+    remote: bool = True
 
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
         raise NotImplementedError
