@@ -7,7 +7,8 @@ Servers, each on 127.0.0.1 and a free port, started and stopped here:
 
 * ``reference``: ``@durable-streams/server`` (tests/ds, pinned) in its in-memory mode;
 * ``sqlite``: ``gunicorn -k gevent -w 1`` serving ``tests.support.ds_app`` on SQLite
-  (durable: every append committed to a file);
+  (durable: every append committed to a file); ``sqlite x2``: the same with two workers
+  (requests land on either; the reference server's in-memory mode cannot have two);
 * ``memory``: the same on the in-memory store, for scale.
 
 Measures, with the same Python client (keep-alive ``http.client`` connections) for each:
@@ -169,10 +170,10 @@ def reference_server() -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}/v1/stream"
 
 
-def ours(backend: str, tmp: Path) -> servers.Server:
-    env = {"DS_BACKEND": backend, "DS_SQLITE_PATH": str(tmp / f"{backend}.sqlite3")}
+def ours(backend: str, tmp: Path, workers: int = 1) -> servers.Server:
+    env = {"DS_BACKEND": backend, "DS_SQLITE_PATH": str(tmp / f"{backend}{workers}.sqlite3")}
     return servers.gunicorn(
-        "tests.support.ds_app:app", workers=1, env=env, extra=["--keep-alive", "30"]
+        "tests.support.ds_app:app", workers=workers, env=env, extra=["--keep-alive", "30"]
     )
 
 
@@ -206,10 +207,14 @@ def main() -> None:
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-        for backend in ("sqlite", "memory"):
-            server = ours(backend, Path(tmp))
+        for label, backend, workers in (
+            ("sqlite", "sqlite", 1),
+            ("sqlite x2", "sqlite", 2),
+            ("memory", "memory", 1),
+        ):
+            server = ours(backend, Path(tmp), workers)
             try:
-                measure(backend, f"{server.url}/ds/bench", args)
+                measure(label, f"{server.url}/ds/bench", args)
             finally:
                 server.stop()
 

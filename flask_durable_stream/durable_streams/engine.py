@@ -253,7 +253,10 @@ class Engine:
         producer: Producer | None,
         may_write: Callable[[Meta], Reply | None] | None = None,
     ) -> Reply:
+        stored: list[tuple[str, int, bytes]] = []  # for the cache, once committed
+
         def run(txn: Txn) -> Reply:
+            stored.clear()  # a store may run this again (optimistic transactions)
             now = self.store.now()
             meta = self._live(txn, path, now)
             if meta is None:
@@ -307,6 +310,7 @@ class Engine:
                 meta.stream_seq = stream_seq
             if record is not None:
                 txn.append(path, meta.tail - meta.base, [record])
+                stored.append((meta.gen, meta.tail, record))
                 meta.tail += 1
             if close:
                 meta.closed = True
@@ -316,7 +320,11 @@ class Engine:
             status = 200 if p is not None and record is not None else 204
             return Reply(status, {**_closed_headers(meta), **extra})
 
-        return self.store.transact(run)
+        reply = self.store.transact(run)
+        if stored and self.cache is not None:  # a live reader is about to ask for it
+            gen, index, data = stored[0]
+            self.cache.put(gen, index, [data])
+        return reply
 
     # -- delete -------------------------------------------------------------------------
     def delete(self, path: str, may_delete: Callable[[Meta], Reply | None] | None = None) -> Reply:
