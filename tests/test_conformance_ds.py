@@ -200,3 +200,21 @@ def test_ttl_slides_and_expires(stores: tuple[DSStore, DSStore]) -> None:
     clock[0] += 3
     assert engine.current("t") is None
     assert create(engine, "t") == 201  # the path is free again
+
+
+def test_the_sweep_expires_streams_nobody_touches(stores: tuple[DSStore, DSStore]) -> None:
+    clock = [1000.0]
+    store = stores[0]
+    store.now = lambda: clock[0]  # type: ignore[method-assign]
+    engine = Engine(store)
+    create(engine, "gone/soon", ttl=5, record=b"x")
+    create(engine, "stays")
+    create(engine, "src", record=b"y", expires_at="x", expires_ts=1003.0)
+    create(engine, "fork", fork_of="src", ttl=100)
+    clock[0] += 6
+    assert engine.gc() == 2
+    assert store.get("gone/soon") is None
+    src = store.get("src")
+    assert src is not None and src.deleted  # its fork still reads it
+    assert sorted(store.paths()) == ["fork", "src", "stays"]
+    assert read_all(engine, "fork") == b"y"

@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from .._concurrency import TaskGroup
 from ..exceptions import DurableStreamError
 from ..flows import RequestData
 from ..managers.base import StreamManager
@@ -59,6 +60,7 @@ class DurableStreamsView:
         sse_lifetime: float,
         max_body_bytes: int,
         max_read_bytes: int,
+        gc_interval: float = 60.0,
     ) -> None:
         self.engine = Engine(store, max_read_bytes=max_read_bytes)
         self.flows = flows
@@ -68,9 +70,27 @@ class DurableStreamsView:
         self.sse_lifetime = sse_lifetime
         self.max_body_bytes = max_body_bytes
         self.cache_control = PRIVATE_CACHE if context_provider is not None else CATCH_UP_CACHE
+        self.gc_interval = gc_interval
+        self._next_gc = time.monotonic() + gc_interval
+        self._tasks = TaskGroup()
+
+    def _maybe_gc(self) -> None:
+        """Expired streams nobody asks for again go in a sweep, at most one per interval."""
+        now = time.monotonic()
+        if now < self._next_gc or len(self._tasks):
+            return
+        self._next_gc = now + self.gc_interval
+        self._tasks.spawn(self._gc, name="durable-streams-gc")
+
+    def _gc(self) -> None:
+        try:
+            self.engine.gc()
+        except Exception:
+            log.exception("Durable Streams expiry sweep failed")
 
     # -- dispatch -----------------------------------------------------------------------
     def __call__(self, path: str = "") -> Response:
+        self._maybe_gc()
         try:
             if request.method == "OPTIONS":
                 return _reply(Reply(204))
@@ -460,6 +480,7 @@ def durable_streams_server(
     sse_lifetime: float = 60.0,
     max_body_bytes: int = 64 * 1024 * 1024,
     max_read_bytes: int = 1024 * 1024,
+    gc_interval: float = 60.0,
 ) -> Blueprint:
     """A blueprint that serves the Durable Streams protocol at every path under its prefix.
 
@@ -481,6 +502,7 @@ def durable_streams_server(
         sse_lifetime=sse_lifetime,
         max_body_bytes=max_body_bytes,
         max_read_bytes=max_read_bytes,
+        gc_interval=gc_interval,
     )
     bp = Blueprint(name, import_name)
     bp.durable_streams_store = store  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from .cache import RecordCache
 from .request import (
@@ -139,6 +140,17 @@ class Engine:
         if meta is not None and meta.deleted:
             raise Gone(path)
         return meta
+
+    def gc(self) -> int:
+        """Expire every stream whose time is up, touched or not; return how many."""
+        now = self.store.now()
+        count = 0
+        for path in self.store.paths():
+            meta = self.store.get(path)
+            if meta is not None and not meta.deleted and meta.expired(now):
+                self.store.transact(partial(self._live, path=path, now=now))
+                count += 1
+        return count
 
     def touch(self, path: str) -> None:
         """Restart a sliding TTL: reads count as activity."""

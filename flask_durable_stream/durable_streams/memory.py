@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from .store import DSStore, Meta, Txn, take
@@ -70,6 +70,10 @@ class MemoryDSStore(DSStore):
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         with self._lock:
             return take(self._records.get(path, [])[start:end], max_bytes)
+
+    def paths(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._meta))
 
     def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
         def changed() -> bool:

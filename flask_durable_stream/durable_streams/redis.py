@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import StorageUnavailable
@@ -131,6 +131,17 @@ class RedisDSStore(DSStore):
         except self._errors as exc:
             raise StorageUnavailable(f"Redis: {exc}") from exc
         return out
+
+    def paths(self) -> Iterator[str]:
+        head, tail = f"{self.prefix}:ds:{{", "}:m"
+        try:
+            keys = list(self.client.scan_iter(match=f"{self.prefix}:ds:*:m", count=1000))
+        except self._errors as exc:
+            raise StorageUnavailable(f"Redis: {exc}") from exc
+        for key in keys:
+            text = key.decode() if isinstance(key, bytes) else key
+            if text.startswith(head) and text.endswith(tail):
+                yield text[len(head) : -len(tail)]
 
     def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout

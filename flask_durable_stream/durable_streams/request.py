@@ -118,8 +118,8 @@ def json_record(body: bytes, *, allow_empty: bool) -> bytes | None:
             return None
         raise BadRequest("empty body")
     try:
-        value: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value: Any = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise BadRequest("body is not valid JSON") from exc
     messages = value if isinstance(value, list) else [value]
     if not messages:
@@ -127,6 +127,11 @@ def json_record(body: bytes, *, allow_empty: bool) -> bytes | None:
             return None
         raise BadRequest("an empty JSON array appends nothing")
     return encode_messages(messages)
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON: readers in other languages would choke on them."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def encode_messages(messages: list[Any]) -> bytes:

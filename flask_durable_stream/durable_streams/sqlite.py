@@ -205,6 +205,11 @@ class SQLiteDSStore(DSStore):
                 self._changed.wait(min(delay, remaining))
             delay = min(delay * 2, self.poll_interval[1])
 
+    def paths(self) -> Iterator[str]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT path FROM durable_meta").fetchall()
+        return (row[0] for row in rows)
+
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, []

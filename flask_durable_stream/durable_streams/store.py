@@ -17,7 +17,7 @@ lives in one place, every backend answers the protocol the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -113,6 +113,10 @@ class DSStore:
         raise NotImplementedError
 
     def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+        raise NotImplementedError
+
+    def paths(self) -> Iterator[str]:
+        """Every stream's path (for the expiry sweep), in no particular order."""
         raise NotImplementedError
 
     def close(self) -> None:
