@@ -8,41 +8,41 @@ manager are served read-only by :mod:`.flow_streams`.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Response, request
 
 from .._concurrency import TaskGroup
 from ..exceptions import DurableStreamError
 from ..flows import RequestData
-from ..managers.base import StreamManager
 from ..views import ContextProvider
 from . import request as rq
-from .engine import CLOSED, CURSOR, OFFSET, UP_TO_DATE, Chunk, Engine, Gone, Reply, cursor_for
+from .engine import Engine
 from .flow_streams import FlowStreams, Forbidden
+from .replies import (
+    ALLOW_METHODS,
+    CATCH_UP_CACHE,
+    CLOSED,
+    CURSOR,
+    OFFSET,
+    PRIVATE_CACHE,
+    UP_TO_DATE,
+    Chunk,
+    Gone,
+    Reply,
+    cursor_for,
+    sse_control,
+    sse_data,
+    sse_response,
+    to_response,
+)
 from .store import DSStore, Meta
 
 log = logging.getLogger("flask_durable_stream")
 
-ALLOW_METHODS = "GET, HEAD, PUT, POST, DELETE, OPTIONS"
-ALLOW_HEADERS = (
-    "Content-Type, Authorization, If-None-Match, Stream-TTL, Stream-Expires-At, Stream-Closed, "
-    "Stream-Seq, Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, "
-    "Producer-Id, Producer-Epoch, Producer-Seq"
-)
-EXPOSE_HEADERS = (
-    "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Stream-TTL, "
-    "Stream-Expires-At, Stream-SSE-Data-Encoding, ETag, Location, Content-Type, "
-    "Producer-Epoch, Producer-Seq, Producer-Expected-Seq, Producer-Received-Seq"
-)
-CATCH_UP_CACHE = "public, max-age=60, stale-while-revalidate=300"
-PRIVATE_CACHE = "private, max-age=60, stale-while-revalidate=300"
 _BAD_PATH = re.compile(r"(^|/)\.\.?(/|$)|[\x00-\x1f]")
 
 
@@ -93,24 +93,24 @@ class DurableStreamsView:
         self._maybe_gc()
         try:
             if request.method == "OPTIONS":
-                return _reply(Reply(204))
+                return to_response(Reply(204))
             if not path or _BAD_PATH.search(path):
-                return _reply(Reply(400, body=b"invalid stream path"))
+                return to_response(Reply(400, body=b"invalid stream path"))
             owner = self._owner(path)
             handler = getattr(self, "_" + request.method.lower(), None)
             if handler is None:
-                return _reply(Reply(405, {"Allow": ALLOW_METHODS}))
+                return to_response(Reply(405, {"Allow": ALLOW_METHODS}))
             result: Response = handler(path, owner)
             return result
         except rq.BadRequest as exc:
-            return _reply(Reply(400, body=str(exc).encode()))
+            return to_response(Reply(400, body=str(exc).encode()))
         except Gone:
-            return _reply(Reply(410, body=b"stream is deleted"))
+            return to_response(Reply(410, body=b"stream is deleted"))
         except DurableStreamError as exc:
-            return _reply(Reply(exc.http_status, body=exc.message.encode()))
+            return to_response(Reply(exc.http_status, body=exc.message.encode()))
         except Exception:  # a backend or a context provider failed: logged, never shown
             log.exception("Durable Streams request failed")
-            return _reply(Reply(500, body=b"internal error"))
+            return to_response(Reply(500, body=b"internal error"))
 
     def _owner(self, path: str) -> str | None:
         if self.context_provider is None:
@@ -138,7 +138,7 @@ class DurableStreamsView:
     def _put(self, path: str, owner: str | None) -> Response:
         h = request.headers
         if self.flows is not None and self.flows.exists(path):
-            return _reply(Reply(409, body=b"a flow stream lives at this path"))
+            return to_response(Reply(409, body=b"a flow stream lives at this path"))
         ttl = h.get("Stream-TTL")
         expires = h.get("Stream-Expires-At")
         if ttl is not None and expires is not None:
@@ -184,7 +184,7 @@ class DurableStreamsView:
         )
         if reply.status == 201:
             reply.headers["Location"] = request.base_url
-        return _reply(reply)
+        return to_response(reply)
 
     def _source_key(self, value: str) -> str:
         """``Stream-Forked-From`` is a path on this server: with or without our prefix."""
@@ -215,7 +215,7 @@ class DurableStreamsView:
         h = request.headers
         if self.flows is not None and self.flows.exists(path):
             self.flows.check_owner(path, owner)
-            return _reply(
+            return to_response(
                 Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
             )
         producer = rq.parse_producer(
@@ -241,25 +241,27 @@ class DurableStreamsView:
             producer=producer,
             may_write=lambda meta: Reply(403) if self._forbidden(meta, owner) else None,
         )
-        return _reply(reply)
+        return to_response(reply)
 
     # -- DELETE -------------------------------------------------------------------------
     def _delete(self, path: str, owner: str | None) -> Response:
         if self.flows is not None and self.flows.exists(path):
             self.flows.check_owner(path, owner)
-            return _reply(
+            return to_response(
                 Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
             )
         reply = self.engine.delete(
             path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
         )
-        return _reply(reply)
+        return to_response(reply)
 
     # -- HEAD ---------------------------------------------------------------------------
     def _head(self, path: str, owner: str | None) -> Response:
         meta = self._readable(path, owner)
         if meta is None:
-            return self.flows.head(path, owner) if self.flows is not None else _reply(Reply(404))
+            return (
+                self.flows.head(path, owner) if self.flows is not None else to_response(Reply(404))
+            )
         headers = {"Content-Type": meta.content_type, OFFSET: rq.format_offset(meta.tail)}
         headers["Cache-Control"] = "no-store"
         if meta.ttl is not None:
@@ -268,7 +270,7 @@ class DurableStreamsView:
             headers["Stream-Expires-At"] = meta.expires_at
         if meta.closed:
             headers[CLOSED] = "true"
-        return _reply(Reply(200, headers))
+        return to_response(Reply(200, headers))
 
     def _readable(self, path: str, owner: str | None) -> Meta | None:
         meta = self.engine.current(path)
@@ -292,7 +294,7 @@ class DurableStreamsView:
         if meta is None:
             if self.flows is not None and self.flows.exists(path):
                 return self.flows.get(path, owner, offset, live, args.get("cursor"), self)
-            return _reply(Reply(404, body=b"stream not found"))
+            return to_response(Reply(404, body=b"stream not found"))
         if meta.ttl is not None:
             self.engine.touch(path)
         if live == "sse":
@@ -303,19 +305,19 @@ class DurableStreamsView:
         return self._catch_up(chunk, offset)
 
     def _catch_up(self, chunk: Chunk, offset: int) -> Response:
-        reply = self._chunk_reply(chunk)
+        reply = self._chunkto_response(chunk)
         if offset == rq.NOW:
             reply.headers["Cache-Control"] = "no-store"
-            return _reply(reply)
+            return to_response(reply)
         etag = f'"{chunk.meta.gen}:{chunk.start}:{chunk.end}{":c" if chunk.closed else ""}"'
         reply.headers["ETag"] = etag
         reply.headers["Cache-Control"] = self.cache_control
         if request.headers.get("If-None-Match") == etag:
-            return _reply(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
-        return _reply(reply)
+            return to_response(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
+        return to_response(reply)
 
     @staticmethod
-    def _chunk_reply(chunk: Chunk) -> Reply:
+    def _chunkto_response(chunk: Chunk) -> Reply:
         headers = {"Content-Type": chunk.meta.content_type, OFFSET: rq.format_offset(chunk.end)}
         if chunk.up_to_date:
             headers[UP_TO_DATE] = "true"
@@ -330,18 +332,18 @@ class DurableStreamsView:
         while not chunk.records:
             assert meta is not None
             if meta.closed:
-                return _reply(self.empty_poll(meta, chunk.start, None))
+                return to_response(self.empty_poll(meta, chunk.start, None))
             meta = self.engine.wait(path, meta, deadline)
             if meta is None:
-                return _reply(Reply(404, body=b"stream not found"))
+                return to_response(Reply(404, body=b"stream not found"))
             if meta.tail <= chunk.start and not meta.closed:
-                return _reply(self.empty_poll(meta, chunk.start, cursor))
+                return to_response(self.empty_poll(meta, chunk.start, cursor))
             chunk = self.engine.chunk(path, meta, chunk.start)
-        reply = self._chunk_reply(chunk)
+        reply = self._chunkto_response(chunk)
         reply.headers["Cache-Control"] = self.cache_control
         if not chunk.closed:
             reply.headers[CURSOR] = cursor_for(cursor, time.time())
-        return _reply(reply)
+        return to_response(reply)
 
     @staticmethod
     def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
@@ -384,141 +386,3 @@ class DurableStreamsView:
                     yield b": keep-alive\n\n"
 
         return sse_response(events(), encode)
-
-
-def sse_data(body: bytes, encode: bool) -> bytes:
-    if encode:
-        text = base64.b64encode(body).decode()
-        lines = [text[i : i + 4096] for i in range(0, len(text), 4096)] or [""]
-    else:
-        lines = re.split(r"\r\n|\r|\n", body.decode("utf-8", errors="replace"))
-    # "data:" then the line; a line that starts with a space gets one more, which
-    # every SSE parser strips, so the line arrives intact.
-    text = "".join(("data: " if line[:1] == " " else "data:") + line + "\n" for line in lines)
-    return ("event: data\n" + text + "\n").encode()
-
-
-def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
-    control: dict[str, Any] = {"streamNextOffset": rq.format_offset(chunk.end)}
-    if chunk.closed:
-        control["streamClosed"] = True
-        control["upToDate"] = True
-    else:
-        control["streamCursor"] = cursor_for(cursor, time.time())
-        if chunk.up_to_date:
-            control["upToDate"] = True
-    return ("event: control\ndata:" + json.dumps(control, separators=(",", ":")) + "\n\n").encode()
-
-
-class _StreamingResponse(Response):
-    """Sends status and headers before the first event, so an idle stream does not stall."""
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        app_iter, status, headers = self.get_wsgi_response(environ)
-        write = start_response(status, headers)
-        write(b"")
-        return app_iter
-
-
-def sse_response(events: Iterator[bytes], encode: bool) -> Response:
-    response = _StreamingResponse(events, status=200, content_type="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    if encode:
-        response.headers["Stream-SSE-Data-Encoding"] = "base64"
-    return response
-
-
-def _reply(reply: Reply) -> Response:
-    response = Response(reply.body, status=reply.status)
-    if not reply.body and "Content-Type" not in reply.headers:
-        response.headers.remove("Content-Type")
-    elif reply.body and "Content-Type" not in reply.headers:
-        response.headers["Content-Type"] = "text/plain; charset=utf-8"
-    for key, value in reply.headers.items():
-        response.headers[key] = value
-    return response
-
-
-def add_common_headers(response: Response) -> Response:
-    """Security headers and CORS on every response, errors included."""
-    headers = response.headers
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers["Cross-Origin-Resource-Policy"] = "cross-origin"
-    origin = request.headers.get("Origin")
-    headers["Access-Control-Allow-Origin"] = origin or "*"
-    if origin:
-        headers["Vary"] = "Origin"
-    headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
-    headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
-    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-    if request.method == "OPTIONS":
-        headers["Access-Control-Max-Age"] = "86400"
-    if request.method == "HEAD" or "Cache-Control" not in headers:
-        headers.setdefault("Cache-Control", "no-store")
-    return response
-
-
-def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
-    if isinstance(stream_manager, DSStore):
-        return stream_manager
-    if stream_manager is None:
-        from .memory import MemoryDSStore
-
-        return MemoryDSStore()
-    return stream_manager.durable_streams_store()
-
-
-def durable_streams_server(
-    stream_manager: StreamManager | DSStore | None = None,
-    *,
-    name: str = "durable_streams",
-    context_provider: ContextProvider | None = None,
-    import_name: str = __name__,
-    flow_streams: bool = True,
-    long_poll_timeout: float = 20.0,
-    sse_lifetime: float = 60.0,
-    max_body_bytes: int = 64 * 1024 * 1024,
-    max_read_bytes: int = 1024 * 1024,
-    gc_interval: float = 60.0,
-) -> Blueprint:
-    """A blueprint that serves the Durable Streams protocol at every path under its prefix.
-
-    ``stream_manager``: the manager whose storage keeps the streams (its
-    :meth:`~.StreamManager.durable_streams_store`), a store, or None for a
-    fresh in-memory store. With a manager, its flow streams are readable too
-    (``flow_streams=False`` turns that off). Register with any ``url_prefix``.
-    """
-    store = store_of(stream_manager)
-    flows = None
-    if flow_streams and isinstance(stream_manager, StreamManager):
-        flows = FlowStreams(stream_manager)
-    view = DurableStreamsView(
-        store,
-        flows=flows,
-        context_provider=context_provider,
-        name=name,
-        long_poll_timeout=long_poll_timeout,
-        sse_lifetime=sse_lifetime,
-        max_body_bytes=max_body_bytes,
-        max_read_bytes=max_read_bytes,
-        gc_interval=gc_interval,
-    )
-    bp = Blueprint(name, import_name)
-    bp.durable_streams_store = store  # type: ignore[attr-defined]
-    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405
-    for rule in ("/", "/<path:path>"):
-        bp.add_url_rule(
-            rule,
-            endpoint="stream",
-            view_func=view,
-            methods=methods,
-            provide_automatic_options=False,
-        )
-    bp.after_request(add_common_headers)
-
-    @bp.errorhandler(413)
-    def too_large(exc: Exception) -> Response:
-        return _reply(Reply(413, body=b"request body too large"))
-
-    return bp

@@ -7,15 +7,13 @@ whose status and headers are the ones the protocol names.
 
 from __future__ import annotations
 
-import math
-import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 from .cache import RecordCache
+from .replies import CLOSED, OFFSET, Chunk, Gone, Reply
 from .request import (
     NOW,
     START,
@@ -23,62 +21,9 @@ from .request import (
     Producer,
     format_offset,
     is_json,
-    join_json,
     media_type,
 )
 from .store import DSStore, Meta, Txn
-
-#: Cursor intervals: 20 s counted from 2024-10-09T00:00:00Z, as the protocol recommends.
-CURSOR_EPOCH = 1728432000.0
-CURSOR_INTERVAL = 20.0
-
-OFFSET = "Stream-Next-Offset"
-UP_TO_DATE = "Stream-Up-To-Date"
-CLOSED = "Stream-Closed"
-CURSOR = "Stream-Cursor"
-
-
-@dataclass(slots=True)
-class Reply:
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-
-@dataclass(slots=True)
-class Chunk:
-    """What a read found: records ``[start, end)`` of a stream as the client sees them."""
-
-    meta: Meta
-    start: int
-    end: int
-    records: list[bytes]
-
-    @property
-    def up_to_date(self) -> bool:
-        return self.end >= self.meta.tail
-
-    @property
-    def closed(self) -> bool:
-        return self.meta.closed and self.up_to_date
-
-    def body(self) -> bytes:
-        if is_json(self.meta.content_type):
-            return join_json(self.records)
-        return b"".join(self.records)
-
-
-class Gone(Exception):
-    """The stream is soft-deleted (410)."""
-
-
-def cursor_for(client: str | None, now: float) -> str:
-    """An interval number, strictly past the client's cursor so caches cannot loop."""
-    interval = int((now - CURSOR_EPOCH) // CURSOR_INTERVAL)
-    if client is not None and client.isdigit() and int(client) >= interval:
-        jitter = random.randint(1, 3600)
-        return str(int(client) + max(1, math.ceil(jitter / CURSOR_INTERVAL)))
-    return str(interval)
 
 
 def _closed_headers(meta: Meta) -> dict[str, str]:

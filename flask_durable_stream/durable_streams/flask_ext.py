@@ -7,7 +7,7 @@ from flask import Blueprint, Flask, Response, request
 from .. import protocol
 from ..managers.base import StreamManager
 from ..views import ContextProvider
-from .blueprint import durable_streams_server
+from .server import durable_streams_server
 
 #: On a flow's Genkit response: where the same stream reads as a Durable Stream.
 STREAM_URL_HEADER = "Durable-Stream-Url"

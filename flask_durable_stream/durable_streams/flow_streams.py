@@ -20,7 +20,17 @@ from flask import Response
 from .. import protocol
 from ..exceptions import DurableStreamError
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
-from .engine import CLOSED, OFFSET, Chunk, Reply, cursor_for
+from .replies import (
+    CLOSED,
+    OFFSET,
+    Chunk,
+    Reply,
+    cursor_for,
+    sse_control,
+    sse_data,
+    sse_response,
+    to_response,
+)
 from .request import NOW, START, format_offset
 from .store import Meta
 
@@ -76,17 +86,15 @@ class FlowStreams:
         )
 
     def head(self, path: str, owner: str | None) -> Response:
-        from .blueprint import _reply
-
         info = self._owned(path, owner)
         if info is None:
-            return _reply(Reply(404, body=b"stream not found"))
+            return to_response(Reply(404, body=b"stream not found"))
         meta = self.meta(info)
         headers = {"Content-Type": CONTENT_TYPE, OFFSET: format_offset(meta.tail)}
         headers["Cache-Control"] = "no-store"
         if meta.closed:
             headers[CLOSED] = "true"
-        return _reply(Reply(200, headers))
+        return to_response(Reply(200, headers))
 
     def _owned(self, path: str, owner: str | None) -> StreamInfo | None:
         info = self.info(path)
@@ -137,11 +145,9 @@ class FlowStreams:
         cursor: str | None,
         view: DurableStreamsView,
     ) -> Response:
-        from .blueprint import _reply, sse_control, sse_data, sse_response
-
         info = self._owned(path, owner)
         if info is None:
-            return _reply(Reply(404, body=b"stream not found"))
+            return to_response(Reply(404, body=b"stream not found"))
         meta = self.meta(info)
         chunk = self.chunk(path, meta, offset)
         if live is None:
@@ -152,18 +158,18 @@ class FlowStreams:
             while not chunk.records:
                 assert current is not None
                 if current.closed:
-                    return _reply(view.empty_poll(current, chunk.start, None))
+                    return to_response(view.empty_poll(current, chunk.start, None))
                 current = self.wait(path, current, deadline)
                 if current is None:
-                    return _reply(Reply(404, body=b"stream not found"))
+                    return to_response(Reply(404, body=b"stream not found"))
                 if current.tail <= chunk.start and not current.closed:
-                    return _reply(view.empty_poll(current, chunk.start, cursor))
+                    return to_response(view.empty_poll(current, chunk.start, cursor))
                 chunk = self.chunk(path, current, chunk.start)
-            reply = view._chunk_reply(chunk)
+            reply = view._chunkto_response(chunk)
             reply.headers["Cache-Control"] = view.cache_control
             if not chunk.closed:
                 reply.headers["Stream-Cursor"] = cursor_for(cursor, time.time())
-            return _reply(reply)
+            return to_response(reply)
 
         lifetime = view.sse_lifetime
 
