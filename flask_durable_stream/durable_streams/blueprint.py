@@ -136,7 +136,7 @@ class DurableStreamsView:
 
     # -- PUT ----------------------------------------------------------------------------
     def _put(self, path: str, owner: str | None) -> Response:
-        h = request.headers
+        h = rq.Headers(request.environ)
         if self.flows is not None and self.flows.exists(path):
             return to_response(Reply(409, body=b"a flow stream lives at this path"))
         ttl = h.get("Stream-TTL")
@@ -212,7 +212,7 @@ class DurableStreamsView:
 
     # -- POST ---------------------------------------------------------------------------
     def _post(self, path: str, owner: str | None) -> Response:
-        h = request.headers
+        h = rq.Headers(request.environ)
         if self.flows is not None and self.flows.exists(path):
             self.flows.check_owner(path, owner)
             return to_response(
@@ -312,7 +312,7 @@ class DurableStreamsView:
         etag = f'"{chunk.meta.gen}:{chunk.start}:{chunk.end}{":c" if chunk.closed else ""}"'
         reply.headers["ETag"] = etag
         reply.headers["Cache-Control"] = self.cache_control
-        if request.headers.get("If-None-Match") == etag:
+        if rq.Headers(request.environ).get("If-None-Match") == etag:
             return to_response(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
         return to_response(reply)
 

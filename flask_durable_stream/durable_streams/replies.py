@@ -146,7 +146,7 @@ def add_common_headers(response: Response) -> Response:
     headers = response.headers
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Cross-Origin-Resource-Policy"] = "cross-origin"
-    origin = request.headers.get("Origin")
+    origin = request.environ.get("HTTP_ORIGIN")
     headers["Access-Control-Allow-Origin"] = origin or "*"
     if origin:
         headers["Vary"] = "Origin"

@@ -24,6 +24,26 @@ _INT_RE = re.compile(r"^(0|[1-9]\d{0,15})$")
 _RFC3339_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
+class Headers:
+    """Request headers read straight from the WSGI environ.
+
+    Werkzeug's ``request.headers.get`` builds an exception for every header that
+    is absent, and an append asks for half a dozen that usually are.
+    """
+
+    __slots__ = ("_environ",)
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self._environ = environ
+
+    def get(self, name: str) -> str | None:
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        value = self._environ.get(key)
+        return value if value is None or isinstance(value, str) else str(value)
+
+
 class BadRequest(ValueError):
     """The request is malformed: the reply is 400 with this message."""
 
