@@ -1,6 +1,6 @@
 """Flow streams read as Durable Streams, by the official clients, while the flow runs.
 
-A real ``gunicorn -k gevent`` with two workers on SQLite serves the flows and the
+A real ``gunicorn -k gevent`` with two workers on SQLite, then on Redis, serves the flows and the
 Durable Streams prefix from the same manager, so the flow may run in one worker
 while a client reads it through the other. The ``echo`` flow waits for a gate
 file before each chunk: the test decides when the flow moves, never a sleep.
@@ -26,9 +26,12 @@ from tests.test_durable_streams_suite import DS, ds_server, ensure_node_modules
 STREAM_URL_HEADER = "durable-stream-url"
 
 
-@pytest.fixture(scope="module")
-def flow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
-    server = ds_server("sqlite", tmp_path_factory.mktemp("ds-flows"), workers=2)
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def flow_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    server = ds_server(request.param, tmp_path_factory.mktemp("ds-flows"), redis, workers=2)
     yield server
     server.stop()
 
