@@ -9,8 +9,8 @@ A write is optimistic: the engine's function reads the metadata it needs
 under ``WATCH``, its writes go out in one ``MULTI``/``EXEC``, and the whole
 function runs again if another client changed a watched key in between (every
 write to a stream changes its metadata, so two appends cannot both win).
-Readers poll ``t``/``c`` of the one stream they follow, from every 2 ms right
-after a change, backing off to 50 ms.
+Readers poll ``t``/``c`` of the one stream they follow: every 2 ms for the
+first quarter second of a wait, then backing off to 50 ms.
 """
 
 from __future__ import annotations
@@ -71,12 +71,14 @@ class RedisDSStore(DSStore):
         *,
         prefix: str = "durable-streams",
         poll_interval: tuple[float, float] = (0.002, 0.05),
+        fast_poll_seconds: float = 0.25,
     ) -> None:
         import redis
 
         self.client = client
         self.prefix = prefix
         self.poll_interval = poll_interval
+        self.fast_poll_seconds = fast_poll_seconds
         self._watch_error = redis.WatchError
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -145,6 +147,7 @@ class RedisDSStore(DSStore):
 
     def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        fast_until = time.monotonic() + self.fast_poll_seconds
         delay = self.poll_interval[0]
         key = self.meta_key(path)
         while True:
@@ -158,4 +161,5 @@ class RedisDSStore(DSStore):
             if remaining <= 0:
                 return
             time.sleep(min(delay, remaining))
-            delay = min(delay * 2, self.poll_interval[1])
+            if time.monotonic() > fast_until:  # quiet for a while: back off
+                delay = min(delay * 2, self.poll_interval[1])
