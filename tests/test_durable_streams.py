@@ -74,6 +74,8 @@ def test_flow_streams_are_read_only(client: FlaskClient) -> None:
     post = client.post(f"/ds/{stream_id}", data=b"[1]", content_type="application/json")
     assert post.status_code == 405 and post.headers["Allow"] == "GET, HEAD, OPTIONS"
     assert client.delete(f"/ds/{stream_id}").status_code == 405
+    malformed = client.post(f"/ds/{stream_id}", data=b"{bad", content_type="application/json")
+    assert malformed.status_code == 405  # read-only first, whatever the body
     assert client.put(f"/ds/{stream_id}").status_code == 409
     assert client.get(f"/ds/{stream_id}").status_code == 200
 

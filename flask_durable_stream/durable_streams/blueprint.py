@@ -211,13 +211,31 @@ class DurableStreamsView:
         return data
 
     # -- POST ---------------------------------------------------------------------------
+    def _read_only(self, path: str, owner: str | None) -> Response | None:
+        """The refusal for a write to a flow stream, or None if ``path`` is not one."""
+        if self.flows is None or not self.flows.exists(path):
+            return None
+        self.flows.check_owner(path, owner)
+        return to_response(
+            Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
+        )
+
     def _post(self, path: str, owner: str | None) -> Response:
+        # Flow streams are looked up only when the store has no such stream (or the
+        # request is malformed), so an ordinary append costs no extra read.
+        try:
+            reply = self._append(path, owner)
+        except rq.BadRequest:
+            refusal = self._read_only(path, owner)
+            if refusal is not None:
+                return refusal
+            raise
+        if reply.status == 404:
+            return self._read_only(path, owner) or to_response(reply)
+        return to_response(reply)
+
+    def _append(self, path: str, owner: str | None) -> Reply:
         h = rq.Headers(request.environ)
-        if self.flows is not None and self.flows.exists(path):
-            self.flows.check_owner(path, owner)
-            return to_response(
-                Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
-            )
         producer = rq.parse_producer(
             h.get("Producer-Id"), h.get("Producer-Epoch"), h.get("Producer-Seq")
         )
@@ -231,28 +249,23 @@ class DurableStreamsView:
             record = rq.json_record(body, allow_empty=False) if rq.is_json(content_type) else body
         elif not close:
             raise rq.BadRequest("empty body without Stream-Closed: true")
-        stream_seq = h.get("Stream-Seq")
-        reply = self.engine.append(
+        return self.engine.append(
             path,
             content_type=content_type,
             record=record,
             close=close,
-            stream_seq=stream_seq,
+            stream_seq=h.get("Stream-Seq"),
             producer=producer,
             may_write=lambda meta: Reply(403) if self._forbidden(meta, owner) else None,
         )
-        return to_response(reply)
 
     # -- DELETE -------------------------------------------------------------------------
     def _delete(self, path: str, owner: str | None) -> Response:
-        if self.flows is not None and self.flows.exists(path):
-            self.flows.check_owner(path, owner)
-            return to_response(
-                Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
-            )
         reply = self.engine.delete(
             path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
         )
+        if reply.status == 404:
+            return self._read_only(path, owner) or to_response(reply)
         return to_response(reply)
 
     # -- HEAD ---------------------------------------------------------------------------
