@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
 # dependencies stay optional; the backend classes come from the registry.
 _LAZY = {cls: module for module, cls in _backends.BUILTIN.values()}
 _LAZY["DurableStreamClient"] = "flask_durable_stream.client"
+_LAZY["durable_streams_server"] = "flask_durable_stream.durable_streams"
 
 
 def __getattr__(name: str) -> object:
@@ -85,5 +86,6 @@ __all__ = [
     "StreamTimeout",
     "StreamWriter",
     "durable_stream_blueprint",
+    "durable_streams_server",
     "flow_view",
 ]

@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_METRICS": False,
     "DURABLE_STREAM_METRICS_PATH": "/metrics",
     "DURABLE_STREAM_READY_ENDPOINT": False,
+    "DURABLE_STREAM_DS_URL_PREFIX": None,
+    "DURABLE_STREAM_DS_LONG_POLL_TIMEOUT": 20.0,
 }
 
 
@@ -141,6 +143,10 @@ class DurableStream:
             app.add_url_rule(
                 config["DURABLE_STREAM_METRICS_PATH"], "durable_stream_metrics", metrics_view
             )
+        if config["DURABLE_STREAM_DS_URL_PREFIX"]:
+            from .durable_streams.flask_ext import register_durable_streams
+
+            register_durable_streams(app, bp, manager, self.context_provider)
         from .cli import durable_stream_cli
 
         app.cli.add_command(durable_stream_cli)

@@ -96,6 +96,24 @@ def _owner_of(context: Mapping[str, Any]) -> str | None:
     return owner
 
 
+def request_context(
+    provider: ContextProvider | None, data: Any, flow: str, stream_id: str | None
+) -> dict[str, Any]:
+    """The context ``provider`` gives the current request (sync or async provider): the one
+    place every front (Genkit, SSE, AI SDK, Durable Streams) asks it."""
+    if provider is None:
+        return {}
+    request_data = RequestData(
+        method=request.method,
+        path=request.path,
+        headers={k.lower(): v for k, v in request.headers.items()},
+        input=data,
+        flow=flow,
+        stream_id=stream_id,
+    )
+    return dict(resolve(provider(request_data)) or {})
+
+
 def _check_owner(owner: str | None, context: Mapping[str, Any]) -> None:
     """An owned stream is for its owner only: reading, following and cancelling it."""
     if owner is not None and _owner_of(context) != owner:
@@ -487,18 +505,7 @@ class FlowEndpoint:
         return b"".join(parts)
 
     def _context(self, data: Any, stream_id: str | None) -> dict[str, Any]:
-        if self.context_provider is None:
-            return {}
-        request_data = RequestData(
-            method=request.method,
-            path=request.path,
-            headers={k.lower(): v for k, v in request.headers.items()},
-            input=data,
-            flow=self.name,
-            stream_id=stream_id,
-        )
-        context = resolve(self.context_provider(request_data))
-        return dict(context or {})
+        return request_context(self.context_provider, data, self.name, stream_id)
 
     def _resume(self, stream_id: str, streaming: bool) -> Response:
         if self.manager is None:

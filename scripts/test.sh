@@ -54,5 +54,6 @@ except EmulatorUnavailable as exc:
     export DURABLE_STREAM_SKIP_FIRESTORE=1
   fi
 fi
+(cd tests/ds && npm ci --no-audit --no-fund --loglevel=error)
 
 exec .venv/bin/python -m pytest "$@"

@@ -35,7 +35,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .. import protocol
 from .._concurrency import gevent_patched
 from ..exceptions import DurableStreamError, InvalidRequest, StreamNotFound
-from ..flows import Flow, RequestData, resolve
+from ..flows import Flow
 from ..managers.base import StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..managers.memory import InMemoryStreamManager
 from ..runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner, runner_for
@@ -47,6 +47,7 @@ from ..views import (
     _owner_of,
     _StreamResponse,
     error_response,
+    request_context,
 )
 from ._chunks import SSE_DONE, chat_flow, sse
 
@@ -227,21 +228,7 @@ class ChatEndpoints:
         return body
 
     def _context(self, data: Any, stream_id: str | None) -> dict[str, Any]:
-        if self.context_provider is None:
-            return {}
-        context = resolve(
-            self.context_provider(
-                RequestData(
-                    method=request.method,
-                    path=request.path,
-                    headers={k.lower(): v for k, v in request.headers.items()},
-                    input=data,
-                    flow=self.name,
-                    stream_id=stream_id,
-                )
-            )
-        )
-        return dict(context or {})
+        return request_context(self.context_provider, data, self.name, stream_id)
 
     def _respond(self, body: Iterator[bytes], stream_id: str) -> Response:
         if gevent_patched():

@@ -43,6 +43,8 @@ from ..exceptions import EventTooLarge, StorageUnavailable, StreamClosed
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ..durable_streams.store import DSStore
+
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -469,6 +471,16 @@ class StreamManager:
         info = self.info(stream_id)
         if info is None or info.status is not StreamStatus.DONE:
             raise StorageUnavailable("The readiness probe was written but not read back.")
+
+    def durable_streams_store(self) -> DSStore:
+        """This backend's store for Durable Streams (:mod:`..durable_streams`), made once.
+
+        Backends that cannot keep byte streams raise NotImplementedError.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support Durable Streams; "
+            "use the memory, SQLite or Redis manager (see docs/durable-streams.md)"
+        )
 
     def now(self) -> float:
         return self.clock()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from .. import protocol
 from .._concurrency import Task, TaskGroup
@@ -30,6 +31,9 @@ from .base import (
     check_pointer_key,
     status_after,
 )
+
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
 
 
 class _Stream:
@@ -257,6 +261,15 @@ class InMemoryStreamManager(StreamManager):
     def __len__(self) -> int:
         with self._lock:
             return len(self._streams)
+
+    def durable_streams_store(self) -> DSStore:
+        """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
+        store: DSStore | None = getattr(self, "_ds_store", None)
+        if store is None:
+            from ..durable_streams.memory import MemoryDSStore
+
+            store = self._ds_store = MemoryDSStore()
+        return store
 
 
 class _MemoryWriter(StreamWriter):

@@ -101,6 +101,10 @@ def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
     return Event(int(_text(entry_id).split("-", 1)[1]) - 1, _text(kind), _text(payload))
 
 
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
+
+
 class RedisStreamManager(StreamManager):
     """Durable streams in Redis, shared by every worker of every host that reaches it.
 
@@ -394,6 +398,15 @@ class RedisStreamManager(StreamManager):
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             pool.disconnect()
+
+    def durable_streams_store(self) -> DSStore:
+        """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
+        store: DSStore | None = getattr(self, "_ds_store", None)
+        if store is None:
+            from ..durable_streams.redis import RedisDSStore
+
+            store = self._ds_store = RedisDSStore(self.client, prefix=self.prefix)
+        return store
 
 
 class _RedisWriter(StreamWriter):

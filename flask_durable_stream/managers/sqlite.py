@@ -128,6 +128,10 @@ _RealQueue = _original("_queue", "SimpleQueue")
 _ABANDONED: list[Any] = []
 
 
+if TYPE_CHECKING:
+    from ..durable_streams.store import DSStore
+
+
 class _Signal:
     """A wake-up that any OS thread may fire and one thread or greenlet waits on.
 
@@ -926,6 +930,15 @@ class SQLiteStreamManager(StreamManager):
         for conn in readers:
             conn.close()
         stop.done.wait(30)
+
+    def durable_streams_store(self) -> DSStore:
+        """Durable Streams kept next to this manager's streams (see docs/durable-streams.md)."""
+        store: DSStore | None = getattr(self, "_ds_store", None)
+        if store is None:
+            from ..durable_streams.sqlite import SQLiteDSStore
+
+            store = self._ds_store = SQLiteDSStore(self.path)
+        return store
 
 
 def _stop(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,390 @@
+"""HTTP: every path under the blueprint's prefix is a Durable Stream URL.
+
+The views only parse (:mod:`.request`), call the protocol (:mod:`.engine`)
+and shape the reply: status, the protocol's headers, the browser security
+headers and CORS on every response, error or not. Flow streams of the same
+manager are served read-only by :mod:`.flow_streams`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+
+from flask import Response, request
+
+from .._concurrency import TaskGroup
+from ..exceptions import DurableStreamError
+from ..views import ContextProvider, request_context
+from . import request as rq
+from .engine import Engine
+from .flow_streams import FlowStreams, Forbidden
+from .replies import (
+    ALLOW_METHODS,
+    CATCH_UP_CACHE,
+    CLOSED,
+    CURSOR,
+    OFFSET,
+    PRIVATE_CACHE,
+    UP_TO_DATE,
+    Chunk,
+    Gone,
+    Reply,
+    cursor_for,
+    sse_control,
+    sse_data,
+    sse_response,
+    to_response,
+)
+from .store import DSStore, Meta
+
+log = logging.getLogger("flask_durable_stream")
+
+_BAD_PATH = re.compile(r"(^|/)\.\.?(/|$)|[\x00-\x1f]")
+
+
+class DurableStreamsView:
+    """The one view behind ``/<path:path>``; options as given to :func:`durable_streams_server`."""
+
+    def __init__(
+        self,
+        store: DSStore,
+        *,
+        flows: FlowStreams | None,
+        context_provider: ContextProvider | None,
+        name: str,
+        long_poll_timeout: float,
+        sse_lifetime: float,
+        max_body_bytes: int,
+        max_read_bytes: int,
+        gc_interval: float = 60.0,
+    ) -> None:
+        self.engine = Engine(store, max_read_bytes=max_read_bytes)
+        self.flows = flows
+        self.context_provider = context_provider
+        self.name = name
+        self.long_poll_timeout = long_poll_timeout
+        self.sse_lifetime = sse_lifetime
+        self.max_body_bytes = max_body_bytes
+        self.cache_control = PRIVATE_CACHE if context_provider is not None else CATCH_UP_CACHE
+        self.gc_interval = gc_interval
+        self._next_gc = time.monotonic() + gc_interval
+        self._tasks = TaskGroup()
+
+    def _maybe_gc(self) -> None:
+        """Expired streams nobody asks for again go in a sweep, at most one per interval."""
+        now = time.monotonic()
+        if now < self._next_gc or len(self._tasks):
+            return
+        self._next_gc = now + self.gc_interval
+        self._tasks.spawn(self._gc, name="durable-streams-gc")
+
+    def _gc(self) -> None:
+        try:
+            self.engine.gc()
+        except Exception:
+            log.exception("Durable Streams expiry sweep failed")
+
+    # -- dispatch -----------------------------------------------------------------------
+    def __call__(self, path: str = "") -> Response:
+        self._maybe_gc()
+        try:
+            if request.method == "OPTIONS":
+                return to_response(Reply(204))
+            if not path or _BAD_PATH.search(path):
+                return to_response(Reply(400, body=b"invalid stream path"))
+            owner = self._owner(path)
+            handler = getattr(self, "_" + request.method.lower(), None)
+            if handler is None:
+                return to_response(Reply(405, {"Allow": ALLOW_METHODS}))
+            result: Response = handler(path, owner)
+            return result
+        except rq.BadRequest as exc:
+            return to_response(Reply(400, body=str(exc).encode()))
+        except Gone:
+            return to_response(Reply(410, body=b"stream is deleted"))
+        except DurableStreamError as exc:
+            return to_response(Reply(exc.http_status, body=exc.message.encode()))
+        except Exception:  # a backend or a context provider failed: logged, never shown
+            log.exception("Durable Streams request failed")
+            return to_response(Reply(500, body=b"internal error"))
+
+    def _owner(self, path: str) -> str | None:
+        if self.context_provider is None:
+            return None
+        owner = request_context(self.context_provider, None, self.name, path).get("owner")
+        if owner is not None and (not isinstance(owner, str) or not owner):
+            raise TypeError("the context provider's 'owner' must be a non-empty string")
+        return owner
+
+    @staticmethod
+    def _forbidden(meta: Meta, owner: str | None) -> bool:
+        return meta.owner is not None and meta.owner != owner
+
+    # -- PUT ----------------------------------------------------------------------------
+    def _put(self, path: str, owner: str | None) -> Response:
+        h = rq.Headers(request.environ)
+        if self.flows is not None and self.flows.exists(path):
+            return to_response(Reply(409, body=b"a flow stream lives at this path"))
+        ttl = h.get("Stream-TTL")
+        expires = h.get("Stream-Expires-At")
+        if ttl is not None and expires is not None:
+            raise rq.BadRequest("Stream-TTL and Stream-Expires-At exclude each other")
+        content_type = h.get("Content-Type")
+        if content_type is not None and not rq.valid_media_type(content_type):
+            raise rq.BadRequest("invalid Content-Type")
+        fork_of = h.get("Stream-Forked-From")
+        fork_offset_h = h.get("Stream-Fork-Offset")
+        sub_h = h.get("Stream-Fork-Sub-Offset")
+        if fork_of is None and (fork_offset_h is not None or sub_h is not None):
+            raise rq.BadRequest("fork headers need Stream-Forked-From")
+        fork_offset = None
+        if fork_offset_h is not None:
+            fork_offset = rq.parse_offset(fork_offset_h.strip())
+            if fork_offset < 0:
+                raise rq.BadRequest("Stream-Fork-Offset must be an offset")
+        sub = rq.parse_int("Stream-Fork-Sub-Offset", sub_h.strip()) if sub_h is not None else 0
+        if sub and fork_offset is None:
+            raise rq.BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
+        source = self._source_key(fork_of) if fork_of is not None else None
+        body = self._body()
+        effective_ct = content_type
+        if effective_ct is None and source is not None:
+            meta = self.engine.current(source)
+            effective_ct = meta.content_type if meta is not None else None
+        if effective_ct is not None and rq.is_json(effective_ct):
+            record = rq.json_record(body, allow_empty=True)
+        else:
+            record = body or None
+        reply = self.engine.create(
+            path,
+            content_type=content_type,
+            ttl=rq.parse_ttl(ttl.strip()) if ttl is not None else None,
+            expires_at=expires.strip() if expires is not None else None,
+            expires_ts=rq.parse_expires_at(expires) if expires is not None else None,
+            closed=rq.is_true(h.get("Stream-Closed")),
+            record=record,
+            fork_of=source,
+            fork_offset=fork_offset,
+            fork_sub=sub,
+            owner=owner,
+        )
+        if reply.status == 201:
+            reply.headers["Location"] = request.base_url
+        return to_response(reply)
+
+    def _source_key(self, value: str) -> str:
+        """``Stream-Forked-From`` is a path on this server: with or without our prefix."""
+        mount = request.path[: len(request.path) - len(request.view_args["path"])]  # type: ignore[index]
+        value = value.strip()
+        if value.startswith(mount):
+            value = value[len(mount) :]
+        value = value.lstrip("/")
+        if not value or _BAD_PATH.search(value):
+            raise rq.BadRequest("invalid Stream-Forked-From")
+        return value
+
+    def _body(self) -> bytes:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
+        length = request.content_length
+        if length is not None:
+            if length > self.max_body_bytes:
+                raise RequestEntityTooLarge()
+            return request.stream.read(length) if length else b""
+        data = request.stream.read(self.max_body_bytes + 1)  # chunked: read up to the limit
+        if len(data) > self.max_body_bytes:
+            raise RequestEntityTooLarge()
+        return data
+
+    # -- POST ---------------------------------------------------------------------------
+    def _read_only(self, path: str, owner: str | None) -> Response | None:
+        """The refusal for a write to a flow stream, or None if ``path`` is not one."""
+        if self.flows is None or not self.flows.exists(path):
+            return None
+        self.flows.check_owner(path, owner)
+        return to_response(
+            Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
+        )
+
+    def _post(self, path: str, owner: str | None) -> Response:
+        # Flow streams are looked up only when the store has no such stream (or the
+        # request is malformed), so an ordinary append costs no extra read.
+        try:
+            reply = self._append(path, owner)
+        except rq.BadRequest:
+            refusal = self._read_only(path, owner)
+            if refusal is not None:
+                return refusal
+            raise
+        if reply.status == 404:
+            return self._read_only(path, owner) or to_response(reply)
+        return to_response(reply)
+
+    def _append(self, path: str, owner: str | None) -> Reply:
+        h = rq.Headers(request.environ)
+        producer = rq.parse_producer(
+            h.get("Producer-Id"), h.get("Producer-Epoch"), h.get("Producer-Seq")
+        )
+        close = rq.is_true(h.get("Stream-Closed"))
+        body = self._body()
+        content_type = h.get("Content-Type")
+        record: bytes | None = None
+        if body:
+            if content_type is None or not rq.valid_media_type(content_type):
+                raise rq.BadRequest("an append needs a valid Content-Type")
+            record = rq.json_record(body, allow_empty=False) if rq.is_json(content_type) else body
+        elif not close:
+            raise rq.BadRequest("empty body without Stream-Closed: true")
+        return self.engine.append(
+            path,
+            content_type=content_type,
+            record=record,
+            close=close,
+            stream_seq=h.get("Stream-Seq"),
+            producer=producer,
+            may_write=lambda meta: Reply(403) if self._forbidden(meta, owner) else None,
+        )
+
+    # -- DELETE -------------------------------------------------------------------------
+    def _delete(self, path: str, owner: str | None) -> Response:
+        reply = self.engine.delete(
+            path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
+        )
+        if reply.status == 404:
+            return self._read_only(path, owner) or to_response(reply)
+        return to_response(reply)
+
+    # -- HEAD ---------------------------------------------------------------------------
+    def _head(self, path: str, owner: str | None) -> Response:
+        meta = self._readable(path, owner)
+        if meta is None:
+            return (
+                self.flows.head(path, owner) if self.flows is not None else to_response(Reply(404))
+            )
+        headers = {"Content-Type": meta.content_type, OFFSET: rq.format_offset(meta.tail)}
+        headers["Cache-Control"] = "no-store"
+        if meta.ttl is not None:
+            headers["Stream-TTL"] = str(meta.ttl)
+        if meta.expires_at is not None:
+            headers["Stream-Expires-At"] = meta.expires_at
+        if meta.closed:
+            headers[CLOSED] = "true"
+        return to_response(Reply(200, headers))
+
+    def _readable(self, path: str, owner: str | None) -> Meta | None:
+        meta = self.engine.current(path)
+        if meta is not None and self._forbidden(meta, owner):
+            raise Forbidden()
+        return meta
+
+    # -- GET ----------------------------------------------------------------------------
+    def _get(self, path: str, owner: str | None) -> Response:
+        args = request.args
+        offsets = args.getlist("offset")
+        if len(offsets) > 1:
+            raise rq.BadRequest("one offset only")
+        live = args.get("live")
+        if live not in (None, "long-poll", "sse"):
+            raise rq.BadRequest("live must be long-poll or sse")
+        if live is not None and not offsets:
+            raise rq.BadRequest("live reads need an offset")
+        offset = rq.parse_offset(offsets[0]) if offsets else rq.START
+        meta = self._readable(path, owner)
+        if meta is None:
+            if self.flows is not None and self.flows.exists(path):
+                return self.flows.get(path, owner, offset, live, args.get("cursor"), self)
+            return to_response(Reply(404, body=b"stream not found"))
+        if meta.ttl is not None:
+            self.engine.touch(path)
+        if live == "sse":
+            return self._sse(path, meta, offset)
+        chunk = self.engine.chunk(path, meta, offset)
+        if live == "long-poll":
+            return self._long_poll(path, chunk, offset)
+        return self._catch_up(chunk, offset)
+
+    def _catch_up(self, chunk: Chunk, offset: int) -> Response:
+        reply = self._chunkto_response(chunk)
+        if offset == rq.NOW:
+            reply.headers["Cache-Control"] = "no-store"
+            return to_response(reply)
+        etag = f'"{chunk.meta.gen}:{chunk.start}:{chunk.end}{":c" if chunk.closed else ""}"'
+        reply.headers["ETag"] = etag
+        reply.headers["Cache-Control"] = self.cache_control
+        if rq.Headers(request.environ).get("If-None-Match") == etag:
+            return to_response(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
+        return to_response(reply)
+
+    @staticmethod
+    def _chunkto_response(chunk: Chunk) -> Reply:
+        headers = {"Content-Type": chunk.meta.content_type, OFFSET: rq.format_offset(chunk.end)}
+        if chunk.up_to_date:
+            headers[UP_TO_DATE] = "true"
+        if chunk.closed:
+            headers[CLOSED] = "true"
+        return Reply(200, headers, chunk.body())
+
+    def _long_poll(self, path: str, chunk: Chunk, offset: int) -> Response:
+        cursor = request.args.get("cursor")
+        deadline = time.monotonic() + self.long_poll_timeout
+        meta: Meta | None = chunk.meta
+        while not chunk.records:
+            assert meta is not None
+            if meta.closed:
+                return to_response(self.empty_poll(meta, chunk.start, None))
+            meta = self.engine.wait(path, meta, deadline)
+            if meta is None:
+                return to_response(Reply(404, body=b"stream not found"))
+            if meta.tail <= chunk.start and not meta.closed:
+                return to_response(self.empty_poll(meta, chunk.start, cursor))
+            chunk = self.engine.chunk(path, meta, chunk.start)
+        reply = self._chunkto_response(chunk)
+        reply.headers["Cache-Control"] = self.cache_control
+        if not chunk.closed:
+            reply.headers[CURSOR] = cursor_for(cursor, time.time())
+        return to_response(reply)
+
+    @staticmethod
+    def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
+        headers = {OFFSET: rq.format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
+        headers["Cache-Control"] = "no-store"
+        if meta.closed:
+            headers[CLOSED] = "true"
+        else:
+            headers[CURSOR] = cursor_for(cursor, time.time())
+        return Reply(204, headers)
+
+    # -- SSE ----------------------------------------------------------------------------
+    def _sse(self, path: str, meta: Meta, offset: int) -> Response:
+        encode = not rq.is_text(meta.content_type)
+        cursor = request.args.get("cursor")
+        start = self.engine.chunk(path, meta, offset).start
+        engine, lifetime = self.engine, self.sse_lifetime
+
+        def events() -> Iterator[bytes]:
+            deadline = time.monotonic() + lifetime
+            current: Meta | None = meta
+            position = start
+            first = True
+            while current is not None:
+                chunk = engine.chunk(path, current, position)
+                if chunk.records or first:  # one write: a data event never arrives alone
+                    data = sse_data(chunk.body(), encode) if chunk.records else b""
+                    yield data + sse_control(chunk, cursor)
+                    first = False
+                if chunk.closed:
+                    return
+                position = chunk.end
+                if not chunk.up_to_date:
+                    current = engine.current(path)
+                    continue
+                if time.monotonic() >= deadline:
+                    return
+                current = engine.wait(path, current, min(deadline, time.monotonic() + 15))
+                if current is not None and current.tail <= position and not current.closed:
+                    yield b": keep-alive\n\n"
+
+        return sse_response(events(), encode)

@@ -1,0 +1,77 @@
+"""The blueprint factory: a Durable Streams server on a manager's storage."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from ..managers.base import StreamManager
+from ..views import ContextProvider
+from .blueprint import DurableStreamsView
+from .flow_streams import FlowStreams
+from .replies import Reply, add_common_headers, to_response
+from .store import DSStore
+
+
+def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
+    if isinstance(stream_manager, DSStore):
+        return stream_manager
+    if stream_manager is None:
+        from .memory import MemoryDSStore
+
+        return MemoryDSStore()
+    return stream_manager.durable_streams_store()
+
+
+def durable_streams_server(
+    stream_manager: StreamManager | DSStore | None = None,
+    *,
+    name: str = "durable_streams",
+    context_provider: ContextProvider | None = None,
+    import_name: str = __name__,
+    flow_streams: bool = True,
+    long_poll_timeout: float = 20.0,
+    sse_lifetime: float = 60.0,
+    max_body_bytes: int = 64 * 1024 * 1024,
+    max_read_bytes: int = 1024 * 1024,
+    gc_interval: float = 60.0,
+) -> Blueprint:
+    """A blueprint that serves the Durable Streams protocol at every path under its prefix.
+
+    ``stream_manager``: the manager whose storage keeps the streams (its
+    :meth:`~.StreamManager.durable_streams_store`), a store, or None for a
+    fresh in-memory store. With a manager, its flow streams are readable too
+    (``flow_streams=False`` turns that off). Register with any ``url_prefix``.
+    """
+    store = store_of(stream_manager)
+    flows = None
+    if flow_streams and isinstance(stream_manager, StreamManager):
+        flows = FlowStreams(stream_manager)
+    view = DurableStreamsView(
+        store,
+        flows=flows,
+        context_provider=context_provider,
+        name=name,
+        long_poll_timeout=long_poll_timeout,
+        sse_lifetime=sse_lifetime,
+        max_body_bytes=max_body_bytes,
+        max_read_bytes=max_read_bytes,
+        gc_interval=gc_interval,
+    )
+    bp = Blueprint(name, import_name)
+    bp.durable_streams_store = store  # type: ignore[attr-defined]
+    methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405
+    for rule in ("/", "/<path:path>"):
+        bp.add_url_rule(
+            rule,
+            endpoint="stream",
+            view_func=view,
+            methods=methods,
+            provide_automatic_options=False,
+        )
+    bp.after_request(add_common_headers)
+
+    @bp.errorhandler(413)
+    def too_large(exc: Exception) -> Response:
+        return to_response(Reply(413, body=b"request body too large"))
+
+    return bp

@@ -1,0 +1,138 @@
+"""The storage contract for Durable Streams: stream metadata plus numbered records.
+
+A Durable Stream is kept as one metadata document (:class:`Meta`) and the
+stream's own *records*, numbered from ``meta.base``: one record per append (a
+byte string; in JSON mode the compact JSON array of that append's messages).
+A fork stores only its own records; those below ``base`` are read from the
+source, following the fork chain. Offsets name record boundaries, so a record
+is never split by a reader.
+
+Every write goes through :meth:`DSStore.transact`: the protocol logic (in
+:mod:`.engine`) runs once against a :class:`Txn` and the backend makes it
+atomic: a lock in memory, ``BEGIN IMMEDIATE`` in SQLite, ``WATCH``/``MULTI``
+in Redis (rerunning the function when a watched key moved). Because the logic
+lives in one place, every backend answers the protocol the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class Meta:
+    """Everything the protocol knows about one stream, stored as one JSON document."""
+
+    gen: str  # unique per created stream: ETags and readers never mix two lives of one URL
+    content_type: str
+    created: float
+    touched: float  # last read or write, for the sliding TTL
+    tail: int = 0  # number of records, inherited ones included
+    base: int = 0  # records below this index come from ``fork_of``
+    closed: bool = False
+    ttl: int | None = None
+    expires_at: str | None = None  # as the client sent it (echoed by HEAD)
+    expires_ts: float | None = None
+    fork_of: str | None = None
+    fork_offset: int | None = None
+    fork_sub: int = 0
+    stream_seq: str | None = None
+    producers: dict[str, list[int]] = field(default_factory=dict)  # id -> [epoch, last seq]
+    closed_by: list[Any] | None = None  # [producer id, epoch, seq] of the closing append
+    refs: int = 0  # forks that read from this stream
+    deleted: bool = False  # soft-deleted: kept for its forks, gone for everybody else
+    owner: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # By hand: dataclasses.asdict deep-copies recursively, on every append's path.
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["producers"] = {k: list(v) for k, v in self.producers.items()}
+        data["closed_by"] = list(self.closed_by) if self.closed_by is not None else None
+        return data
+
+    def copy(self) -> Meta:
+        return Meta(**self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Meta:
+        return cls(**data)
+
+    def expired(self, now: float) -> bool:
+        if self.expires_ts is not None and now >= self.expires_ts:
+            return True
+        return self.ttl is not None and now >= self.touched + self.ttl
+
+
+_FIELDS = tuple(f.name for f in fields(Meta))
+
+
+class Txn:
+    """One atomic unit of work. Reads see this transaction's own writes."""
+
+    def get(self, path: str) -> Meta | None:
+        raise NotImplementedError
+
+    def put(self, path: str, meta: Meta) -> None:
+        raise NotImplementedError
+
+    def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
+        """Store ``records`` as own records ``first``, ``first + 1``, ... (numbered from base)."""
+        raise NotImplementedError
+
+    def drop(self, path: str) -> None:
+        """Remove the stream's metadata and records."""
+        raise NotImplementedError
+
+
+class DSStore:
+    """Where Durable Streams live. One instance per process, shared by its requests.
+
+    ``records(path, start, end)`` returns own records with relative numbers in
+    ``[start, end)``, at most ``max_bytes`` of them (always at least one).
+    ``wait(path, tail, closed, timeout)`` returns when the stream's tail
+    passed ``tail``, its closed flag differs from ``closed``, it is gone, or
+    ``timeout`` elapsed; callers re-read the metadata afterwards, so a
+    spurious wake-up is harmless.
+    """
+
+    #: True when reads leave the process (worth caching records in front of them).
+    remote: bool = True
+
+    def transact(self, fn: Callable[[Txn], _T]) -> _T:
+        raise NotImplementedError
+
+    def get(self, path: str) -> Meta | None:
+        raise NotImplementedError
+
+    def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
+        raise NotImplementedError
+
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+        raise NotImplementedError
+
+    def paths(self) -> Iterator[str]:
+        """Every stream's path (for the expiry sweep), in no particular order."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:
+    """The longest prefix of ``records`` within ``max_bytes`` (at least one record)."""
+    out: list[bytes] = []
+    size = 0
+    for record in records:
+        if out and size + len(record) > max_bytes:
+            break
+        out.append(record)
+        size += len(record)
+    return out

@@ -1,0 +1,70 @@
+"""A Durable Streams server for tests: ``gunicorn -k gevent tests.support.ds_app:app``.
+
+``DS_BACKEND`` picks the storage (memory, sqlite with ``DS_SQLITE_PATH``, redis
+with ``DS_REDIS_URL``); ``DS_LONG_POLL_TIMEOUT`` the long-poll wait. Flows
+``echo`` and ``fail`` run on the same manager, so their streams are readable as
+Durable Streams at ``/ds/<stream id>`` too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from flask_durable_stream import DurableStream, StreamManager
+from flask_durable_stream.flows import FlowContext
+
+
+def _manager() -> StreamManager:
+    backend = os.environ.get("DS_BACKEND", "memory")
+    if backend == "sqlite":
+        from flask_durable_stream import SQLiteStreamManager
+
+        return SQLiteStreamManager(os.environ["DS_SQLITE_PATH"])  # type: ignore[no-any-return]
+    if backend == "redis":
+        from flask_durable_stream import RedisStreamManager
+
+        return RedisStreamManager(url=os.environ["DS_REDIS_URL"])  # type: ignore[no-any-return]
+    from flask_durable_stream import InMemoryStreamManager
+
+    return InMemoryStreamManager()
+
+
+app = Flask(__name__)
+app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
+app.config["DURABLE_STREAM_DS_LONG_POLL_TIMEOUT"] = float(
+    os.environ.get("DS_LONG_POLL_TIMEOUT", "2")
+)
+ext = DurableStream(stream_manager=_manager())
+
+
+@ext.flow("echo")
+def echo(data: Any, ctx: FlowContext) -> Any:
+    """Sends ``data["chunks"]`` chunks; waits for ``data["gate"]`` files before some of them."""
+    import time
+    from pathlib import Path
+
+    gate = data.get("gate")
+    for i in range(int(data.get("chunks", 3))):
+        if gate:
+            path = Path(f"{gate}.{i}")
+            while not path.exists():
+                time.sleep(0.01)
+        ctx.send_chunk({"i": i})
+    return {"done": int(data.get("chunks", 3))}
+
+
+@ext.flow("fail")
+def fail(data: Any, ctx: FlowContext) -> Any:
+    """One chunk, then an error: public (``FlowError``) or redacted (anything else)."""
+    from flask_durable_stream import FlowError
+
+    ctx.send_chunk({"i": 0})
+    if data.get("public"):
+        raise FlowError("INVALID_ARGUMENT", "bad input")
+    raise RuntimeError("a secret that must not reach clients")
+
+
+ext.init_app(app)

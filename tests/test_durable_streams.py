@@ -1,0 +1,163 @@
+"""The Durable Streams blueprint in-process: flow streams' refusals, owners, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from flask_durable_stream import (
+    DurableStream,
+    InMemoryStreamManager,
+    StreamManager,
+    durable_streams_server,
+    protocol,
+)
+from flask_durable_stream.durable_streams import MemoryDSStore
+from flask_durable_stream.flows import FlowContext, RequestData
+
+
+def owner_from_header(data: RequestData) -> dict[str, Any]:
+    user = data.headers.get("x-user")
+    return {"owner": user} if user else {}
+
+
+@pytest.fixture
+def client() -> Iterator[FlaskClient]:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
+    manager = InMemoryStreamManager()
+    ext = DurableStream(stream_manager=manager, context_provider=owner_from_header)
+
+    @ext.flow("count")
+    def count(data: Any, ctx: FlowContext) -> Any:
+        for i in range(int(data)):
+            ctx.send_chunk(i)
+        return "done"
+
+    ext.init_app(app)
+    yield app.test_client()
+    app.extensions["durable_stream"].runner.shutdown()
+    manager.close()
+
+
+def run_flow(client: FlaskClient, user: str | None = None) -> tuple[str, str]:
+    headers = {"Accept": "text/event-stream", **({"x-user": user} if user else {})}
+    response = client.post("/flows/count", json={"data": 2}, headers=headers)
+    assert response.status_code == 200
+    assert "Durable-Stream-Url" in response.headers["Access-Control-Expose-Headers"]
+    return response.headers[protocol.STREAM_ID_HEADER], response.headers["Durable-Stream-Url"]
+
+
+def test_a_finished_flow_reads_as_a_closed_json_stream(client: FlaskClient) -> None:
+    stream_id, url = run_flow(client)
+    assert url == f"http://localhost/ds/{stream_id}"
+    response = client.get(f"/ds/{stream_id}?offset=-1")
+    assert response.json == [{"message": 0}, {"message": 1}, {"result": "done"}]
+    assert response.headers["Stream-Closed"] == "true"
+    assert response.headers["Content-Type"] == "application/json"
+    head = client.head(f"/ds/{stream_id}")
+    assert head.status_code == 200 and head.headers["Stream-Closed"] == "true"
+    middle = client.get(f"/ds/{stream_id}?offset=0000000000000001_0000000000000000")
+    assert middle.json == [{"message": 1}, {"result": "done"}]
+    poll = client.get(
+        f"/ds/{stream_id}?offset={response.headers['Stream-Next-Offset']}&live=long-poll"
+    )
+    assert poll.status_code == 204 and poll.headers["Stream-Closed"] == "true"
+
+
+def test_flow_streams_are_read_only(client: FlaskClient) -> None:
+    stream_id, _ = run_flow(client)
+    post = client.post(f"/ds/{stream_id}", data=b"[1]", content_type="application/json")
+    assert post.status_code == 405 and post.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert client.delete(f"/ds/{stream_id}").status_code == 405
+    malformed = client.post(f"/ds/{stream_id}", data=b"{bad", content_type="application/json")
+    assert malformed.status_code == 405  # read-only first, whatever the body
+    assert client.put(f"/ds/{stream_id}").status_code == 409
+    assert client.get(f"/ds/{stream_id}").status_code == 200
+
+
+def test_owned_streams_are_their_owners_only(client: FlaskClient) -> None:
+    stream_id, _ = run_flow(client, user="alice")
+    assert client.get(f"/ds/{stream_id}", headers={"x-user": "bob"}).status_code == 403
+    assert client.get(f"/ds/{stream_id}").status_code == 403
+    assert client.head(f"/ds/{stream_id}", headers={"x-user": "bob"}).status_code == 403
+    assert client.post(f"/ds/{stream_id}", headers={"x-user": "bob"}).status_code == 403
+    assert client.get(f"/ds/{stream_id}", headers={"x-user": "alice"}).status_code == 200
+    alice = {"x-user": "alice", "Content-Type": "text/plain"}
+    assert client.put("/ds/notes", headers=alice, data=b"hi").status_code == 201
+    bob = {"x-user": "bob", "Content-Type": "text/plain"}
+    assert client.get("/ds/notes", headers=bob).status_code == 403
+    assert client.post("/ds/notes", headers=bob, data=b"x").status_code == 403
+    assert client.delete("/ds/notes", headers=bob).status_code == 403
+    assert client.get("/ds/notes", headers=alice).data == b"hi"
+
+
+BAD_REQUESTS = [
+    ("GET", "/ds/s?offset=abc", {}, b"", 400),
+    ("GET", "/ds/s?offset=", {}, b"", 400),
+    ("GET", "/ds/s?offset=-1&offset=now", {}, b"", 400),
+    ("GET", "/ds/s?live=long-poll", {}, b"", 400),
+    ("GET", "/ds/s?offset=-1&live=websocket", {}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-TTL": "1.5"}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-TTL": "5", "Stream-Expires-At": "2030-01-01T00:00:00Z"}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-Expires-At": "tomorrow"}, b"", 400),
+    ("PUT", "/ds/t", {"Content-Type": "not a type"}, b"", 400),
+    ("PUT", "/ds/t", {"Content-Type": "application/json"}, b"{nope", 400),
+    ("PUT", "/ds/t", {"Stream-Fork-Offset": "0000000000000000_0000000000000000"}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-Forked-From": "/s", "Stream-Fork-Sub-Offset": "-1"}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-Forked-From": "/nowhere"}, b"", 404),
+    ("POST", "/ds/s", {"Content-Type": "text/plain"}, b"", 400),
+    ("POST", "/ds/s", {}, b"data", 400),
+    ("POST", "/ds/s", {"Content-Type": "text/plain", "Producer-Id": "p"}, b"x", 400),
+    ("POST", "/ds/s", {"Content-Type": "text/plain", "Producer-Id": "p", "Producer-Epoch": "x",
+                       "Producer-Seq": "0"}, b"x", 400),
+    ("POST", "/ds/s", {"Content-Type": "application/json"}, b"x", 400),
+    ("POST", "/ds/s", {"Content-Type": "application/json"}, b"[NaN]", 400),
+    ("POST", "/ds/s", {"Content-Type": "application/json"}, b"[" * 100000, 400),
+    ("POST", "/ds/s", {"Content-Type": "application/json"}, b"\xff\xfe[", 400),
+    ("POST", "/ds/s", {"Content-Type": "application/json"}, b"[]", 400),
+    ("PUT", "/ds/t", {"Stream-Forked-From": "/s", "Stream-Fork-Offset": "now"}, b"", 400),
+    ("PUT", "/ds/t", {"Stream-Expires-At": "2030-13-45T00:00:00Z"}, b"", 400),
+    ("GET", "/ds/a%00b", {}, b"", 400),
+    ("POST", "/ds/s", {"Content-Type": "text/plain"}, b"x", 409),
+    ("POST", "/ds/nowhere", {"Content-Type": "text/plain"}, b"x", 404),
+    ("PATCH", "/ds/s", {}, b"", 405),
+    ("GET", "/ds/a/../s", {}, b"", 400),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "url", "headers", "body", "status"), BAD_REQUESTS)
+def test_bad_input_gets_the_status_the_spec_names(
+    client: FlaskClient, method: str, url: str, headers: dict[str, str], body: bytes, status: int
+) -> None:
+    assert client.put("/ds/s", headers={"Content-Type": "application/json"}).status_code == 201
+    response = client.open(url, method=method, headers=headers, data=body)
+    assert response.status_code == status, response.data
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_standalone_blueprint_on_a_store() -> None:
+    app = Flask(__name__)
+    app.register_blueprint(durable_streams_server(MemoryDSStore()), url_prefix="/v1/stream")
+    client = app.test_client()
+    assert client.put("/v1/stream/a/b", data=b"x", content_type="text/plain").status_code == 201
+    fork = client.put("/v1/stream/c", headers={"Stream-Forked-From": "/v1/stream/a/b"})
+    assert fork.status_code == 201
+    assert client.get("/v1/stream/c").data == b"x"
+    preflight = client.options("/v1/stream/a/b", headers={"Origin": "https://example.com"})
+    assert preflight.status_code == 204
+    assert "If-None-Match" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+def test_backends_without_durable_streams_say_so() -> None:
+    from flask_durable_stream.managers.firestore import FirestoreStreamManager
+    from flask_durable_stream.managers.rtdb import RtdbStreamManager
+
+    for cls in (FirestoreStreamManager, RtdbStreamManager):
+        assert cls.durable_streams_store is StreamManager.durable_streams_store
+    with pytest.raises(NotImplementedError, match="does not support Durable Streams"):
+        StreamManager().durable_streams_store()

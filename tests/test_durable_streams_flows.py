@@ -1,0 +1,173 @@
+"""Flow streams read as Durable Streams, by the official clients, while the flow runs.
+
+A real ``gunicorn -k gevent`` with two workers on SQLite, then on Redis, serves the flows and the
+Durable Streams prefix from the same manager, so the flow may run in one worker
+while a client reads it through the other. The ``echo`` flow waits for a gate
+file before each chunk: the test decides when the flow moves, never a sleep.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from flask_durable_stream import protocol
+from tests.support import servers
+from tests.support.client import post_stream
+from tests.test_durable_streams_suite import DS, ds_server, ensure_node_modules
+
+STREAM_URL_HEADER = "durable-stream-url"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def flow_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    server = ds_server(request.param, tmp_path_factory.mktemp("ds-flows"), redis, workers=2)
+    yield server
+    server.stop()
+
+
+def start_flow(server: servers.Server, flow: str, data: dict[str, Any]) -> tuple[str, str]:
+    """Start a flow, take its stream id and Durable Stream URL, and hang up at once."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request(
+        "POST",
+        f"/flows/{flow}",
+        body=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
+    response = conn.getresponse()
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    conn.close()
+    assert STREAM_URL_HEADER in headers["access-control-expose-headers"].lower()
+    return headers[protocol.STREAM_ID_HEADER], headers[STREAM_URL_HEADER]
+
+
+def genkit_messages(server: servers.Server, flow: str, stream_id: str) -> list[Any]:
+    """What the Genkit endpoint sends for the finished stream, as Durable Stream messages."""
+    call = post_stream(server.url, f"/flows/{flow}", {"data": {}}, stream_id=stream_id)
+    key = {protocol.CHUNK: "message", protocol.DONE: "result", protocol.ERROR: "error"}
+    return [{key[kind]: value} for kind, value in call.events]
+
+
+def ended(messages: list[Any]) -> bool:
+    """The last message of a flow stream is its result or error.
+
+    The Python client (0.1.0) does not stop at ``Stream-Closed``; an application
+    knows its last message, and so does this test.
+    """
+    return bool(messages) and ("result" in messages[-1] or "error" in messages[-1])
+
+
+def open_gates(gate: Path, indices: range) -> None:
+    for i in indices:
+        Path(f"{gate}.{i}").touch()
+
+
+def test_stream_url_is_advertised(flow_server: servers.Server, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    stream_id, url = start_flow(flow_server, "echo", {"chunks": 1, "gate": str(gate)})
+    assert url == f"{flow_server.url}/ds/{stream_id}"
+    open_gates(gate, range(1))
+
+
+@pytest.mark.parametrize("live", ["long-poll", "sse"])
+def test_python_client_reads_a_running_flow_and_resumes(
+    flow_server: servers.Server, tmp_path: Path, live: str
+) -> None:
+    from durable_streams import stream
+
+    gate = tmp_path / "gate"
+    stream_id, url = start_flow(flow_server, "echo", {"chunks": 6, "gate": str(gate)})
+    open_gates(gate, range(2))
+    # iter_events gives each batch with the offset after it: the client's checkpoint.
+    first: list[Any] = []
+    with stream(url, offset="-1", live=live) as res:  # type: ignore[arg-type]
+        for event in res.iter_events("json_batches"):
+            first.extend(event.data)
+            offset = event.next_offset
+            if len(first) >= 2:
+                break
+    # The connection is gone; the flow goes on without any reader.
+    open_gates(gate, range(2, 4))
+    rest: list[Any] = []
+    with stream(url, offset=offset, live=live) as res:  # type: ignore[arg-type]
+        for event in res.iter_events("json_batches"):
+            rest.extend(event.data)
+            if len(first) + len(rest) == 4:
+                open_gates(gate, range(4, 6))  # the reader follows the flow live
+            if ended(rest):
+                break
+    assert requests.head(url, timeout=30).headers["Stream-Closed"] == "true"
+    expected = genkit_messages(flow_server, "echo", stream_id)
+    assert first + rest == expected
+    assert expected == [{"message": {"i": i}} for i in range(6)] + [{"result": {"done": 6}}]
+
+
+@pytest.mark.parametrize("live", ["long-poll", "sse"])
+def test_typescript_client_reads_a_running_flow_and_resumes(
+    flow_server: servers.Server, tmp_path: Path, live: str
+) -> None:
+    ensure_node_modules()
+    gate = tmp_path / "gate"
+    stream_id, url = start_flow(flow_server, "echo", {"chunks": 6, "gate": str(gate)})
+    open_gates(gate, range(2))
+    first = _node_read(url, "-1", live, stop_after=2)
+    assert not first["closed"]
+    reader = subprocess.Popen(
+        ["node", "flow_reader.mjs", url, first["offset"], live, "0"],
+        cwd=DS,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    open_gates(gate, range(2, 6))
+    out, _ = reader.communicate(timeout=120)
+    rest = json.loads(out)
+    assert rest["closed"] and reader.returncode == 0
+    expected = genkit_messages(flow_server, "echo", stream_id)
+    assert first["items"] + rest["items"] == expected
+    assert len(expected) == 7
+
+
+def _node_read(url: str, offset: str, live: str, *, stop_after: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["node", "flow_reader.mjs", url, offset, live, str(stop_after)],
+        cwd=DS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_a_failed_flow_ends_with_the_same_error_as_on_the_genkit_endpoint(
+    flow_server: servers.Server, public: bool
+) -> None:
+    from durable_streams import stream
+
+    stream_id, url = start_flow(flow_server, "fail", {"public": public})
+    messages: list[Any] = []
+    with stream(url, offset="-1", live="long-poll") as res:
+        for batch in res.iter_json_batches():
+            messages.extend(batch)
+            if ended(messages):
+                break
+    assert messages == genkit_messages(flow_server, "fail", stream_id)
+    error = (
+        {"status": "INVALID_ARGUMENT", "message": "bad input"}
+        if public
+        else {"status": "INTERNAL", "message": "Internal Error"}
+    )
+    assert messages == [{"message": {"i": 0}}, {"error": error}]
