@@ -17,7 +17,6 @@ it is cooperative like any socket code.
 
 from __future__ import annotations
 
-import codecs
 import http.client
 import json
 import time
@@ -268,18 +267,9 @@ class FlowStream:
         self.close()
 
 
-def _chunks(response: http.client.HTTPResponse) -> Iterator[str]:
-    utf8 = codecs.getincrementaldecoder("utf-8")()  # a read may end inside a character
-    while True:
-        data = response.read1(65536)
-        if not data:
-            return
-        yield utf8.decode(data)
-
-
 def _read_frames(response: http.client.HTTPResponse) -> Iterator[tuple[str, Any]]:
     buffer = ""
-    for text in _chunks(response):
+    for text in sse.iter_text(response):
         events, buffer = protocol.parse_frames(buffer + text)
         yield from events
 

@@ -124,15 +124,18 @@ class _Readable(Protocol):
     def read1(self, n: int = ..., /) -> bytes: ...
 
 
+def iter_text(response: _Readable, *, size: int = 65536) -> Iterator[str]:
+    """A byte stream (an ``http.client`` response) as text, piece by piece as it arrives."""
+    # Incremental: a read may end inside a character. Bad bytes become U+FFFD (the spec's rule).
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while data := response.read1(size):
+        yield utf8.decode(data)
+
+
 def read_events(
-    response: _Readable, decoder: SSEDecoder | None = None, *, size: int = 65536
+    response: _Readable, decoder: SSEDecoder | None = None
 ) -> Iterator[ServerSentEvent]:
     """The events of a byte stream (an ``http.client`` response), as they arrive."""
     decoder = decoder or SSEDecoder()
-    # Incremental: a read may end inside a character. Bad bytes become U+FFFD (the spec's rule).
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while True:
-        data = response.read1(size)
-        if not data:
-            return
-        yield from decoder.feed(utf8.decode(data))
+    for text in iter_text(response):
+        yield from decoder.feed(text)

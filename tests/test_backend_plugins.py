@@ -189,3 +189,25 @@ def test_the_kit_without_pytest_names_the_test_extra() -> None:
     )
     assert "install the 'test' extra" in done.stdout
     assert "flask_durable_stream[test]" in done.stdout
+
+
+def test_a_bundled_backend_sets_only_its_own_settings(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    app.config["DURABLE_STREAM_BACKEND"] = "SQLite"
+    DurableStream(app, flows={"story": story})
+    try:
+        manager = state_of(app).manager
+        assert type(manager).__name__ == "SQLiteStreamManager"
+        assert app.config["DURABLE_STREAM_SQLITE_PATH"] is None  # its default: the instance folder
+        assert (tmp_path / "instance").is_dir()
+        assert "DURABLE_STREAM_REDIS_URL" not in app.config
+        assert app.config["DURABLE_STREAM_TTL"] == 300.0
+    finally:
+        shut_down(app)
+
+
+def test_a_bundled_backend_names_the_setting_it_misses() -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_BACKEND"] = "rtdb"
+    with pytest.raises(ValueError, match="needs DURABLE_STREAM_RTDB_URL"):
+        DurableStream(app, flows={"story": story})

@@ -81,7 +81,7 @@ def test_a_leading_byte_order_mark_is_skipped() -> None:
 
 
 class OneByteAtATime(io.BytesIO):
-    def read1(self, n: int = -1, /) -> bytes:
+    def read1(self, n: int | None = -1, /) -> bytes:
         return super().read1(1)
 
 

@@ -1,5 +1,7 @@
 """The StreamManager contract, defined once for every backend.
 
+Over 400 lines on purpose: the whole contract a backend implements reads in one place.
+
 A *stream* is an append-only sequence of events numbered 0, 1, 2, ...: any
 number of ``chunk`` events followed by exactly one terminal event (``done`` or
 ``error``) carrying the last sequence number. Payloads are JSON text, encoded

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 from .. import sse
 from .._concurrency import TaskGroup
+from .._retry import Backoff
 
 
 class StreamDenied(Exception):
@@ -148,7 +149,8 @@ class Watch:
         self.task = tasks.spawn(self._run, name=name)
 
     def _run(self) -> None:
-        delay = 0.05
+        backoff = Backoff(initial=0.05, maximum=self._max_backoff)
+        delays = backoff.delays()
         while not self._stop.is_set():
             try:
                 source = EventSource(self._url(), self._headers(), read_timeout=self._read_timeout)
@@ -158,7 +160,7 @@ class Watch:
                     self._source = source
                 self._on_event("connected", None)
                 for event, data in source:
-                    delay = 0.05
+                    delays = backoff.delays()  # connected: the next drop starts over
                     if event in ("put", "patch"):
                         self._on_event(event, data)
                     elif event == "cancel":
@@ -175,9 +177,8 @@ class Watch:
                 if self._stop.is_set():
                     return
                 self._on_event("disconnected", exc)
-            if self._stop.wait(delay):
+            if self._stop.wait(next(delays)):  # jittered: many followers reconnect spread out
                 return
-            delay = min(delay * 2, self._max_backoff)
 
     def close(self, wait: float = 5.0) -> None:
         if not self._stop.is_set():
