@@ -254,9 +254,14 @@ class RunWriter:
             return Outcome.STORED
 
     # -- heartbeats ------------------------------------------------------------
-    def heartbeat_due(self) -> bool:
+    def _next_beat(self) -> float:
         # Half an interval: the ticker's period and this check never quite line up.
-        return self._clock() - self._beat_at >= self.heartbeat_interval / 2
+        return self._beat_at + self.heartbeat_interval / 2
+
+    def heartbeat_due(self) -> bool:
+        # Compared with the same sum _pause sleeps towards: with a difference
+        # instead, rounding can leave "not due" and "0 s to wait" at once (a spin).
+        return self._clock() >= self._next_beat()
 
     def _pause(self, seconds: float) -> None:
         """Sleep between retries, heartbeating on time however long the backoff delay."""
@@ -266,7 +271,7 @@ class RunWriter:
             now = self._clock()
             if now >= end:
                 return
-            self._sleep(min(end - now, self._beat_at + self.heartbeat_interval / 2 - now))
+            self._sleep(min(end - now, self._next_beat() - now))
 
     def _heartbeat_if_due(self, *, force: bool = False) -> None:
         if not force and not self.heartbeat_due():
