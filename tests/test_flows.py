@@ -240,12 +240,13 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
 
 def test_quiet_flow_is_kept_alive_by_the_runners_heartbeats() -> None:
     """Silent for longer than the subscriber timeout, yet alive: readers must not time out."""
-    manager = InMemoryStreamManager(timeout=0.5, heartbeat_interval=0.1)
+    # Heartbeats ten times per timeout: a busy machine may delay a few, never ten in a row.
+    manager = InMemoryStreamManager(timeout=1.0, heartbeat_interval=0.1)
     runner = Runner(manager)
     try:
 
         def quiet(data: Any) -> Any:
-            time.sleep(1.5)
+            time.sleep(3.0)
             return "still here"
 
         run = runner.start("quiet", quiet, None)
