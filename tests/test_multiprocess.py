@@ -405,6 +405,54 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
     assert ended.raw == followed.raw
 
 
+def test_sigterm_while_workers_boot_still_stops_them_gracefully(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """gunicorn drops a stop signal that reaches a worker before its own handlers are set;
+    the library's post_fork hook keeps it, so no worker is left to the master's SIGKILL."""
+    env = {
+        **servers.sqlite_env(tmp_path_factory, "boot"),
+        "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": str(GRACE),
+        "PYTHONUNBUFFERED": "1",
+    }
+    port = servers.free_port()
+    args = [
+        str(servers.BIN / "gunicorn"),
+        "-c",
+        "example_app/gunicorn.conf.py",
+        "-b",
+        f"127.0.0.1:{port}",
+        "-w",
+        "2",
+        *NO_CONTROL_SOCKET,
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=servers.ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    lines: list[bytes] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the stop comes as soon as the master forked both workers
+            lines.append(line)
+            if b"".join(lines).count(b"Booting worker") == 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    output = (b"".join(lines) + out).decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert output.count("Worker exiting") == 2, output  # a killed worker does not say it
+    assert_clean(output)
+
+
 # -- storage that cannot be used at startup: the server boots, answers 503, recovers --------------
 
 
