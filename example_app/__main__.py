@@ -9,6 +9,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from example_app import create_app  # noqa: E402
@@ -27,16 +28,19 @@ def main() -> None:
     server = WSGIServer((args.host, args.port), app, log=None)
     grace = float(app.config["DURABLE_STREAM_SHUTDOWN_GRACE"])
 
-    def stop() -> None:
-        # Stop accepting, give running flows the grace period, store UNAVAILABLE for the rest.
-        server.close()
-        shutdown_all(grace)
-        server.stop(timeout=1)
-
+    stopping = gevent.event.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        gevent.signal_handler(sig, lambda: gevent.spawn(stop))
+        gevent.signal_handler(sig, stopping.set)
+    server.start()
     print(f"example app on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
-    server.serve_forever()
+    stopping.wait()
+    # Not serve_forever(): closing the listener makes it kill the open connections a
+    # second later, in the middle of the flows' grace period. Here the steps are in order:
+    # stop accepting, give running flows the grace, store UNAVAILABLE for the rest and
+    # let their followers send that last frame (shutdown_all), then close what is left.
+    server.close()
+    shutdown_all(grace)
+    server.stop(timeout=1)
 
 
 if __name__ == "__main__":

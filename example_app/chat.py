@@ -152,7 +152,14 @@ def init_chat(app: Flask) -> None:
     """The chat flow on the app's stream manager, its page, and the ``ai`` modules."""
     manager = app.extensions["durable_stream"].manager
     keepalive = float(app.config["DURABLE_STREAM_KEEPALIVE_INTERVAL"])
-    bp = chat_blueprint(chat, stream_manager=manager, keepalive_interval=keepalive)
+    # The chat shares the manager, hence the runner, of the other flows: same runner options.
+    bp = chat_blueprint(
+        chat,
+        stream_manager=manager,
+        keepalive_interval=keepalive,
+        write_retry_timeout=float(app.config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
+        shutdown_grace=float(app.config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
+    )
     app.register_blueprint(bp, url_prefix="/api/chat")
     cache: dict[str, str] = {}
 

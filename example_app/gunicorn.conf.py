@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 
-from flask_durable_stream.gunicorn import post_worker_init, worker_exit  # noqa: F401
+from flask_durable_stream.gunicorn import post_fork, post_worker_init, worker_exit  # noqa: F401
 
 wsgi_app = "example_app:create_app()"
 bind = ["127.0.0.1:5000"]

@@ -2,7 +2,7 @@
 
 In your ``gunicorn.conf.py``::
 
-    from flask_durable_stream.gunicorn import post_worker_init, worker_exit
+    from flask_durable_stream.gunicorn import post_fork, post_worker_init, worker_exit
 
 A gunicorn worker told to stop (SIGTERM, SIGINT, SIGQUIT) first waits for its
 open connections to close, up to ``graceful_timeout``; a client following a long
@@ -11,18 +11,50 @@ before the library's exit handler runs. ``post_worker_init`` starts the flows'
 graceful shutdown (``DURABLE_STREAM_SHUTDOWN_GRACE``) as soon as the worker is
 told to stop: flows get the grace, the rest end ``UNAVAILABLE``, their followers
 receive the terminal frame and the connections close. ``worker_exit`` lets that
-finish before the process ends. Keep ``graceful_timeout`` above the grace plus a
-few seconds.
+finish before the process ends. ``post_fork`` keeps a stop that arrives while the
+worker is still booting: gunicorn installs the worker's own signal handlers only
+after importing gevent and before loading the app, and a SIGTERM that comes
+earlier is lost, so that worker would serve until the master kills it. Keep
+``graceful_timeout`` above the grace plus a few seconds.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from .runner import shutdown_all
 
+#: What the master sends its workers to stop them (gracefully or not).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
 #: How long worker_exit waits for a started shutdown beyond its grace.
 EXIT_MARGIN = 5.0
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Remember a stop signal that arrives before the worker handles signals itself.
+
+    Until then the forked worker runs the master's handlers, which only queue the
+    signal in the worker's copy of the master's queue, where nothing reads it:
+    the queued ones are taken from there, and later ones mark the worker as
+    stopping. gunicorn's own handlers replace these once the worker is set up; a
+    worker that is no longer alive then goes straight to its graceful stop.
+    """
+
+    def stopping(signum: int, frame: Any) -> None:
+        worker.alive = False
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stopping)
+    queued = getattr(server, "SIG_QUEUE", None)
+    while queued is not None:
+        try:
+            sig = queued.get_nowait()
+        except Exception:  # queue.Empty
+            break
+        if sig in STOP_SIGNALS:
+            worker.alive = False
 
 
 def post_worker_init(worker: Any) -> None:

@@ -18,7 +18,7 @@ import uuid
 import weakref
 from typing import Any
 
-from . import _logging, protocol
+from . import _logging, _responses, protocol
 from ._concurrency import TaskGroup
 from ._memory import release_memory
 from .exceptions import (
@@ -52,6 +52,11 @@ def shutdown_all(grace: float | None = None) -> None:
     Runs at interpreter exit (which is how a gunicorn worker ends after SIGTERM,
     SIGINT or SIGQUIT), and may be called from a server's own signal handler.
     Runners shut down concurrently, so the grace period is not multiplied.
+
+    Then it waits, within the same bound as for storing the terminal events,
+    for this process's streamed responses to end: a client following a stream
+    that just ended gets its terminal frame before the server, which exits or
+    kills its connections once this returns, cuts the connection.
     """
     runners = [r for r in list(_RUNNERS) if not r.stopped]
     if not runners:
@@ -60,6 +65,13 @@ def shutdown_all(grace: float | None = None) -> None:
     for runner in runners:
         group.spawn(runner.shutdown, grace, name="durable-stream-shutdown")
     group.join()
+    deadline = max(r.flush_deadline for r in runners)
+    if not _responses.wait_finished(deadline):
+        log.warning(
+            "shutting down with %d streamed response(s) still open; their clients resume"
+            " from storage",
+            _responses.open_count(),
+        )
 
 
 def _register_atexit() -> None:
@@ -146,6 +158,8 @@ class Runner:
         self._drained.set()
         self.closed = False
         self._stopped: threading.Event | None = None  # created by shutdown(), set when it ends
+        #: When the shutdown stops waiting for final events to be stored and frames sent.
+        self.flush_deadline = 0.0
         _RUNNERS.add(self)
         _register_atexit()
 
@@ -379,6 +393,7 @@ class Runner:
                     pass
         # Wait for the terminal events to be stored (flows that ignore the end
         # may keep running; their late output is dropped).
+        self.flush_deadline = time.monotonic() + SHUTDOWN_FLUSH_WAIT
         if not self._drained.wait(SHUTDOWN_FLUSH_WAIT):
             for run in self.active():
                 log.error(

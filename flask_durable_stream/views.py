@@ -31,6 +31,7 @@ from werkzeug.wsgi import get_input_stream
 
 from . import _logging, protocol
 from ._concurrency import gevent_patched
+from ._responses import TrackedBody
 from .exceptions import (
     HTTP_STATUS,
     DurableStreamError,
@@ -70,7 +71,8 @@ class _StreamResponse(Response):
         app_iter, status, headers = self.get_wsgi_response(environ)
         write = start_response(status, headers)
         write(b"")
-        return app_iter
+        # Tracked, so that a graceful stop lets it send the terminal frame first.
+        return TrackedBody(app_iter)
 
 
 def _checked_stream_id(

@@ -1,0 +1,84 @@
+"""The streamed response bodies this process is sending, so a graceful stop lets them end.
+
+A flow ended by the shutdown stores its terminal event, and every client
+following it (a live reader, or a storage follower in any worker) gets that
+event as its last frame, but only if its connection is still being served
+then. Servers end connections on their own schedule: gevent's ``serve_forever``
+kills its handlers a second after the listener closes, and a gunicorn worker
+exits once :func:`~.runner.shutdown_all` returns. So the shutdown waits, bounded,
+for the open bodies to finish (their last frame written) before it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+
+_OPEN: weakref.WeakSet[TrackedBody] = weakref.WeakSet()
+_LOCK = threading.Lock()
+_CHANGED = threading.Event()
+#: A body dropped without ``close()`` leaves the set silently: look again this often.
+_RECHECK = 0.5
+
+
+class TrackedBody:
+    """A WSGI body counted as open from its first frame until it ends or is closed.
+
+    Counted only once the server starts iterating it, so a response nobody sends
+    (an unread test response) never holds up a shutdown; held weakly, so one
+    dropped without ``close()`` cannot either.
+    """
+
+    __slots__ = ("_inner", "_it", "__weakref__")
+
+    def __init__(self, inner: Iterable[bytes]) -> None:
+        self._inner = inner
+        self._it: Iterator[bytes] | None = None
+
+    def __iter__(self) -> TrackedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._it is None:
+            self._it = iter(self._inner)
+            with _LOCK:
+                _OPEN.add(self)
+        try:
+            return next(self._it)
+        except BaseException:  # StopIteration (the end), or the server's task being killed
+            self._done()
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with _LOCK:
+            if self in _OPEN:
+                _OPEN.discard(self)
+                _CHANGED.set()
+
+
+def open_count() -> int:
+    with _LOCK:
+        return len(_OPEN)
+
+
+def wait_finished(deadline: float) -> bool:
+    """Block until no body is open or ``deadline`` (monotonic) passes; True if none is."""
+    while True:
+        with _LOCK:
+            if not _OPEN:
+                return True
+            _CHANGED.clear()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        _CHANGED.wait(min(left, _RECHECK))
