@@ -1,0 +1,72 @@
+"""The chaos and limits suite: the production recipe (``gunicorn -k gevent``, 2 workers where
+the backend allows) against every backend, with real storage servers.
+
+Each case carries a ``chaos_case`` marker naming its row in RELIABILITY.md (see
+``report.py``); its backend is the ``backend`` parameter of the module's ``app``
+fixture. Storage for the modules that never pause it is shared by the session; the
+outage module starts its own, so a stopped server disturbs no other test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support import servers
+from tests.support.chaos import Storage, start_app, start_storage
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chaos_case(name, na=None): a row of RELIABILITY.md; na maps a backend the case"
+        " does not apply to to the reason",
+    )
+
+
+@dataclass
+class App:
+    backend: str
+    storage: Storage
+    server: servers.Server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def assert_clean(output: str) -> None:
+    """The server printed no traceback: a worker that crashed or a request that failed."""
+    assert "Traceback" not in output, output[-20000:]
+    assert "Worker failed to boot" not in output, output[-20000:]
+
+
+@pytest.fixture(scope="session")
+def shared_storage(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str], Storage]]:
+    started: dict[str, Storage] = {}
+
+    def get(backend: str) -> Storage:
+        if backend not in started:
+            started[backend] = start_storage(backend, tmp_path_factory.mktemp(f"chaos-{backend}"))
+        return started[backend]
+
+    yield get
+    for storage in started.values():
+        storage.stop()
+
+
+def app_on(
+    backend: str,
+    storage: Storage,
+    env: dict[str, str] | None = None,
+) -> Iterator[App]:
+    """A gunicorn of the chaos app on ``storage``; stopped, and checked clean, afterwards."""
+    server = start_app(storage, env)
+    try:
+        yield App(backend, storage, server)
+    finally:
+        assert_clean(server.stop())

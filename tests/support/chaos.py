@@ -1,0 +1,361 @@
+"""Storage outages on demand, and a raw client that knows which worker served it.
+
+Every storage of the chaos suite runs as a process of its own, so an outage is a
+signal: SIGSTOP freezes ``redis-server``, the emulator JVM or the RTDB protocol
+server with every connection still open (requests hang, nothing is refused),
+SIGCONT brings it back. SQLite has no server: its files are made immutable
+(``chattr +i``), which stops even root from writing, through file descriptors
+already open too (``chmod`` would not: the suite runs as root in CI).
+"""
+
+from __future__ import annotations
+
+import codecs
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask_durable_stream import protocol
+from tests.support import servers
+
+PID_HEADER = "x-worker-pid"
+BACKENDS = ("memory", "sqlite", "redis", "firestore", "rtdb")
+
+
+class OutageUnavailable(RuntimeError):
+    """The outage cannot be injected here (no chattr, or a file system without it)."""
+
+
+class Storage:
+    """Where a backend keeps its streams, and how to take it away for a while."""
+
+    backend = "memory"
+
+    def env(self) -> dict[str, str]:
+        """The app's configuration, as FLASK_-prefixed environment variables."""
+        return {"FLASK_DURABLE_STREAM_BACKEND": self.backend}
+
+    def pause(self) -> None:
+        raise OutageUnavailable(f"the {self.backend} backend has no storage to take away")
+
+    def resume(self) -> None:
+        raise OutageUnavailable(f"the {self.backend} backend has no storage to take away")
+
+    def stop(self) -> None:
+        pass
+
+    @contextmanager
+    def outage(self) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+
+class ProcessStorage(Storage):
+    """A storage server process: SIGSTOP is the outage."""
+
+    pid: int
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+class SqliteStorage(Storage):
+    backend = "sqlite"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "streams.sqlite3"
+        self.frozen: list[Path] = []
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "FLASK_DURABLE_STREAM_SQLITE_PATH": str(self.path)}
+
+    def pause(self) -> None:
+        chattr = shutil.which("chattr")
+        if chattr is None:
+            raise OutageUnavailable("chattr is not installed (apt-get install e2fsprogs)")
+        # The directory first, so no new journal file appears, then every file in it.
+        targets = [self.directory, *sorted(self.directory.iterdir())]
+        for target in targets:
+            done = subprocess.run([chattr, "+i", str(target)], capture_output=True, text=True)
+            if done.returncode != 0:
+                self.resume()
+                raise OutageUnavailable(f"chattr +i {target} failed: {done.stderr.strip()}")
+            self.frozen.append(target)
+
+    def resume(self) -> None:
+        chattr = shutil.which("chattr") or "chattr"
+        for target in reversed(self.frozen):
+            subprocess.run([chattr, "-i", str(target)], check=True)
+        self.frozen.clear()
+
+    def stop(self) -> None:
+        if self.frozen:
+            self.resume()
+
+
+class RedisStorage(ProcessStorage):
+    backend = "redis"
+
+    def __init__(self, workdir: Path) -> None:
+        from tests.support.redis_server import RedisServer
+
+        self.server = RedisServer(workdir)
+        self.pid = self.server.proc.pid
+
+    def env(self) -> dict[str, str]:
+        return {
+            **super().env(),
+            "FLASK_DURABLE_STREAM_REDIS_URL": self.server.url,
+            "FLASK_DURABLE_STREAM_REDIS_PREFIX": f"chaos-{uuid.uuid4().hex[:8]}",
+        }
+
+    def stop(self) -> None:
+        self.resume()
+        self.server.stop()
+
+
+class FirestoreStorage(ProcessStorage):
+    backend = "firestore"
+
+    def __init__(self) -> None:
+        from tests.support.firestore_emulator import FirestoreEmulator
+
+        self.emulator = FirestoreEmulator().start()
+        assert self.emulator.process is not None
+        self.pid = self.emulator.process.pid  # the JVM itself, not a wrapper script
+
+    def env(self) -> dict[str, str]:
+        return {
+            **super().env(),
+            "FIRESTORE_EMULATOR_HOST": self.emulator.host,
+            "FLASK_DURABLE_STREAM_FIRESTORE_PROJECT": self.emulator.project,
+            "FLASK_DURABLE_STREAM_FIRESTORE_COLLECTION": f"chaos-{uuid.uuid4().hex[:8]}",
+        }
+
+    def stop(self) -> None:
+        self.resume()
+        self.emulator.stop()
+
+
+class RtdbStorage(ProcessStorage):
+    """The RTDB protocol server, run as ``python -m tests.support.rtdb_server``."""
+
+    backend = "rtdb"
+    namespace = "chaos"
+
+    def __init__(self) -> None:
+        self.server = servers.Server(
+            [
+                servers.PYTHON,
+                "-m",
+                "tests.support.rtdb_server",
+                "--port",
+                str(port := servers.free_port()),
+                "--namespace",
+                self.namespace,
+            ],
+            port,
+        )
+        self.pid = self.server.proc.pid
+
+    def env(self) -> dict[str, str]:
+        return {
+            **super().env(),
+            "FIREBASE_DATABASE_EMULATOR_HOST": f"127.0.0.1:{self.server.port}",
+            "FLASK_DURABLE_STREAM_RTDB_URL": f"{self.server.url}?ns={self.namespace}",
+            "FLASK_DURABLE_STREAM_RTDB_PREFIX": f"chaos-{uuid.uuid4().hex[:8]}",
+        }
+
+    def stop(self) -> None:
+        self.resume()
+        self.server.stop()
+
+
+def start_storage(backend: str, workdir: Path) -> Storage:
+    if backend == "memory":
+        return Storage()
+    if backend == "sqlite":
+        return SqliteStorage(workdir)
+    if backend == "redis":
+        return RedisStorage(workdir)
+    if backend == "firestore":
+        return FirestoreStorage()
+    if backend == "rtdb":
+        return RtdbStorage()
+    raise ValueError(backend)
+
+
+# -- the app under gunicorn ----------------------------------------------------------------------
+
+APP = "tests.chaos.app:create_app()"
+
+
+def workers_for(backend: str) -> int:
+    """Two workers, except for the memory backend, whose streams live in one process."""
+    return 1 if backend == "memory" else 2
+
+
+def start_app(storage: Storage, env: dict[str, str] | None = None) -> servers.Server:
+    return servers.gunicorn(
+        APP,
+        workers=workers_for(storage.backend),
+        env={**storage.env(), **(env or {})},
+        extra=["-c", "python:tests.chaos.gunicorn_conf"],
+    )
+
+
+def worker_pids(server: servers.Server) -> list[int]:
+    """The gunicorn workers: the master's children."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    return [int(p) for p in children.read_text().split()]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# -- a raw client --------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """One HTTP exchange: status, headers, the raw body, and the frames in it."""
+
+    status: int
+    headers: dict[str, str]
+    raw: bytes = b""
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    ended_at: float = 0.0  # monotonic time the body ended
+
+    @property
+    def pid(self) -> int:
+        return int(self.headers[PID_HEADER])
+
+    @property
+    def stream_id(self) -> str | None:
+        return self.headers.get(protocol.STREAM_ID_HEADER)
+
+    @property
+    def terminal(self) -> tuple[str, Any] | None:
+        last = self.events[-1] if self.events else None
+        return last if last is not None and last[0] != protocol.CHUNK else None
+
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Exchange:
+    """An open request whose headers are in and whose body is read on demand."""
+
+    def __init__(
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.conn.request(method, path, body=body, headers=headers or {})
+        self.response = self.conn.getresponse()
+        self.reply = Reply(
+            self.response.status, {k.lower(): v for k, v in self.response.getheaders()}
+        )
+
+    def read(self, parse: Callable[[str], tuple[list[Any], str]] = protocol.parse_frames) -> Reply:
+        """Read to the end; frames are parsed as they come (a read may end mid-character)."""
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        raw = bytearray()
+        buffer = ""
+        try:
+            while data := self.response.read1(1 << 20):
+                raw += data
+                buffer += utf8.decode(data)
+                if "\n\n" in buffer[-(len(data) + 2) :]:
+                    events, buffer = parse(buffer)
+                    self.reply.events.extend(events)
+        finally:
+            self.reply.ended_at = time.monotonic()
+            self.close()
+        self.reply.raw = bytes(raw)
+        return self.reply
+
+    def close(self) -> None:
+        if self.conn.sock is not None:
+            self.conn.sock.close()
+        self.conn.close()
+
+
+def post(
+    base_url: str,
+    flow: str,
+    data: Any = None,
+    *,
+    stream_id: str | None = None,
+    timeout: float = 120,
+) -> Exchange:
+    """Genkit's streaming POST: a new run, or with ``stream_id`` a replay and follow."""
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if stream_id is not None:
+        headers[protocol.STREAM_ID_HEADER] = stream_id
+    body = json.dumps({"data": data} if stream_id is None else {}).encode()
+    return Exchange(base_url, "POST", f"/flows/{flow}", body, headers, timeout)
+
+
+def reattach_elsewhere(
+    base_url: str, flow: str, stream_id: str, not_pid: int | None, tries: int = 200
+) -> Exchange:
+    """A replay served by another worker than ``not_pid`` (any worker when it is None)."""
+    for _ in range(tries):
+        exchange = post(base_url, flow, stream_id=stream_id)
+        if not_pid is None or exchange.reply.pid != not_pid:
+            return exchange
+        exchange.close()
+    raise AssertionError(f"every one of {tries} replays was served by worker {not_pid}")
+
+
+def parse_sse(buffer: str) -> tuple[list[tuple[int, str, Any]], str]:
+    """SSE messages as ``(id, event, data)``; comments are skipped."""
+    messages: list[tuple[int, str, Any]] = []
+    while (end := buffer.find("\n\n")) >= 0:
+        block, buffer = buffer[:end], buffer[end + 2 :]
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            if name and not name.startswith(":"):
+                fields[name] = value
+        if "data" in fields:
+            messages.append(
+                (int(fields["id"]), fields.get("event", "message"), json.loads(fields["data"]))
+            )
+    return messages, buffer
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
