@@ -18,7 +18,16 @@ import pytest
 from flask_durable_stream import protocol
 from tests.chaos.app import filler
 from tests.chaos.conftest import App, app_on
-from tests.support.chaos import BACKENDS, Exchange, Reply, post, reattach_elsewhere, workers_for
+from tests.support.chaos import (
+    BACKENDS,
+    Exchange,
+    Reply,
+    assert_bytes,
+    post,
+    reattach_elsewhere,
+    summary,
+    workers_for,
+)
 
 MiB = 1024 * 1024
 #: Firestore stores a document of at most 1 MiB; every other backend stores a 5 MiB event
@@ -95,19 +104,26 @@ def test_replay_from_another_worker_equals_the_live_bytes(
 
     if not too_large:
         expected = b"".join(protocol.frame(kind, payload).encode() for kind, payload in events)
-        assert live.raw == expected, f"live: {len(live.raw)} bytes, ends {live.raw[-300:]!r}"
-        assert follower.raw == expected, f"follower ends {follower.raw[-300:]!r}"
-        assert replay.raw == expected, f"replay ends {replay.raw[-300:]!r}"
+        assert_bytes("the live client", live.raw, expected)
+        assert_bytes("the follower on another worker", follower.raw, expected)
+        assert_bytes("the replay from another worker", replay.raw, expected)
         return
     first = too_large[0]
-    assert live.terminal is not None and live.terminal[0] == protocol.ERROR, live.raw[-300:]
-    body = live.terminal[1]
-    assert body["status"] == "RESOURCE_EXHAUSTED", body
-    assert SIZE_MESSAGE.search(body["message"]), body
+    body = live.terminal[1] if live.terminal else None
+    if not (
+        live.terminal is not None
+        and live.terminal[0] == protocol.ERROR
+        and body["status"] == "RESOURCE_EXHAUSTED"
+        and SIZE_MESSAGE.search(body["message"])
+    ):
+        raise AssertionError(
+            f"event {first} is over the backend's {limit:,} bytes: expected a RESOURCE_EXHAUSTED"
+            f" frame naming the size; the live client got {summary(live.raw)}"
+        )
     stored = b"".join(protocol.frame(k, p).encode() for k, p in events[:first])
-    assert live.raw == stored + protocol.error_frame(body).encode()
-    assert follower.raw == live.raw, f"follower ends {follower.raw[-300:]!r}"
-    assert replay.raw == live.raw, f"replay ends {replay.raw[-300:]!r}"
+    assert_bytes("the live client", live.raw, stored + protocol.error_frame(body).encode())
+    assert_bytes("the follower on another worker", follower.raw, live.raw)
+    assert_bytes("the replay from another worker", replay.raw, live.raw)
     for name, reply, since in (
         ("live", live, started),
         ("follower", follower, started),

@@ -302,6 +302,22 @@ class Exchange:
         self.reply.raw = bytes(raw)
         return self.reply
 
+    def read_chunks(self, count: int) -> int:
+        """Read Genkit frames until ``count`` chunks are in; return how many came."""
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        buffer = ""
+        chunks = 0
+        while chunks < count:
+            data = self.response.read1(65536)
+            if not data:
+                break
+            self.reply.raw += data
+            buffer += utf8.decode(data)
+            events, buffer = protocol.parse_frames(buffer)
+            self.reply.events.extend(events)
+            chunks += sum(1 for kind, _ in events if kind == protocol.CHUNK)
+        return chunks
+
     def close(self) -> None:
         if self.conn.sock is not None:
             self.conn.sock.close()
@@ -359,3 +375,29 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s")
         time.sleep(0.05)
+
+
+def summary(raw: bytes) -> str:
+    """A stream's bytes in a few words: how many chunks, and how it ended."""
+    events, rest = protocol.parse_frames(raw.decode(errors="replace"))
+    chunks = sum(1 for kind, _ in events if kind == protocol.CHUNK)
+    last = events[-1] if events else None
+    if last is None or last[0] == protocol.CHUNK:
+        end = "no terminal frame"
+    elif last[0] == protocol.ERROR:
+        end = f"error {protocol.encode(last[1])}"
+    else:
+        end = f"done ({len(protocol.encode(last[1]))} bytes of output)"
+    tail = f", {len(rest)} bytes of an unfinished frame" if rest else ""
+    return f"{len(raw)} bytes: {chunks} chunks, {end}{tail}"
+
+
+def assert_bytes(name: str, got: bytes, expected: bytes) -> None:
+    """Exact bytes, with a failure message a person can read (not a 10 MB diff)."""
+    if got != expected:
+        at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+        at = min(len(got), len(expected)) if at is None else at
+        raise AssertionError(
+            f"{name} got {summary(got)}; expected {summary(expected)} (first difference at"
+            f" byte {at})"
+        )
