@@ -37,12 +37,6 @@ class App:
         return self.server.url
 
 
-def assert_clean(output: str) -> None:
-    """The server printed no traceback: a worker that crashed or a request that failed."""
-    assert "Traceback" not in output, output[-20000:]
-    assert "Worker failed to boot" not in output, output[-20000:]
-
-
 @pytest.fixture(scope="session")
 def shared_storage(
     tmp_path_factory: pytest.TempPathFactory,
@@ -64,9 +58,13 @@ def app_on(
     storage: Storage,
     env: dict[str, str] | None = None,
 ) -> Iterator[App]:
-    """A gunicorn of the chaos app on ``storage``; stopped, and checked clean, afterwards."""
+    """A gunicorn of the chaos app on ``storage``, stopped afterwards.
+
+    Its log is not checked for tracebacks: each case asserts what clients get, and a
+    failure there is reported on that case, not on whichever case ran last.
+    """
     server = start_app(storage, env)
     try:
         yield App(backend, storage, server)
     finally:
-        assert_clean(server.stop())
+        server.stop()

@@ -90,6 +90,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     if report.failed and cell.outcome == "pass":
         cell.outcome = "FAIL" if report.when == "call" else "ERROR"
         cell.message = _first_line(report)
+        cell.nodeid = item.nodeid
     elif report.skipped and cell.outcome == "pass":
         cell.outcome = "skipped"
         cell.message = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,20 +272,28 @@ class Exchange:
         base_url: str,
         method: str,
         path: str,
-        body: bytes | None = None,
+        body: bytes | Iterable[bytes] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 120,
+        *,
+        chunked: bool = False,
     ) -> None:
         host, port = base_url.removeprefix("http://").split(":")
+        self.method = method
         self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        self.conn.request(method, path, body=body, headers=headers or {})
+        self.conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
         self.response = self.conn.getresponse()
         self.reply = Reply(
             self.response.status, {k.lower(): v for k, v in self.response.getheaders()}
         )
 
-    def read(self, parse: Callable[[str], tuple[list[Any], str]] = protocol.parse_frames) -> Reply:
-        """Read to the end; frames are parsed as they come (a read may end mid-character)."""
+    def read(self) -> Reply:
+        """Read to the end; frames are parsed as they come (a read may end mid-character).
+
+        Genkit frames for a POST, SSE messages ``(id, event, data)`` for a GET.
+        """
+        streaming = self.reply.headers.get("content-type", "").startswith("text/event-stream")
+        parse = parse_sse if self.method == "GET" else protocol.parse_frames
         utf8 = codecs.getincrementaldecoder("utf-8")()
         raw = bytearray()
         buffer = ""
@@ -293,7 +301,7 @@ class Exchange:
             while data := self.response.read1(1 << 20):
                 raw += data
                 buffer += utf8.decode(data)
-                if "\n\n" in buffer[-(len(data) + 2) :]:
+                if streaming and "\n\n" in buffer[-(len(data) + 2) :]:
                     events, buffer = parse(buffer)
                     self.reply.events.extend(events)
         finally:
