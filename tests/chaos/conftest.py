@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.support import servers
-from tests.support.chaos import Storage, start_app, start_storage
+from tests.support.chaos import LoggedServer, Storage, start_app, start_storage
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
 class App:
     backend: str
     storage: Storage
-    server: servers.Server
+    server: LoggedServer
 
     @property
     def url(self) -> str:
@@ -56,6 +56,7 @@ def shared_storage(
 def app_on(
     backend: str,
     storage: Storage,
+    log: Path,
     env: dict[str, str] | None = None,
 ) -> Iterator[App]:
     """A gunicorn of the chaos app on ``storage``, stopped afterwards.
@@ -63,7 +64,7 @@ def app_on(
     Its log is not checked for tracebacks: each case asserts what clients get, and a
     failure there is reported on that case, not on whichever case ran last.
     """
-    server = start_app(storage, env)
+    server = start_app(storage, log, env)
     try:
         yield App(backend, storage, server)
     finally:

@@ -18,8 +18,11 @@ NON_CANONICAL = ["01", "+1", " 1", "1 ", "1_0", "\u0661", "-0", "0x1", "1.0", "1
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def chaos(request: pytest.FixtureRequest, shared_storage: Any) -> Iterator[App]:
-    yield from app_on(request.param, shared_storage(request.param))
+def chaos(
+    request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[App]:
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    yield from app_on(request.param, shared_storage(request.param), log)
 
 
 def error_of(exchange: Exchange) -> tuple[int, str]:

@@ -23,9 +23,12 @@ DURABLE = ["sqlite", "redis", "firestore", "rtdb"]
 
 
 @pytest.fixture(scope="module", params=DURABLE)
-def chaos(request: pytest.FixtureRequest, shared_storage: Any) -> Iterator[App]:
+def chaos(
+    request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[App]:
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
     env = {"FLASK_DURABLE_STREAM_LEASE": str(LEASE)}
-    yield from app_on(request.param, shared_storage(request.param), env)
+    yield from app_on(request.param, shared_storage(request.param), log, env)
 
 
 def paced_bytes(count: int, upto: int | None = None) -> bytes:

@@ -38,8 +38,11 @@ BOUND = 2.0  # seconds, from the issue: every reader has the terminal error by t
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def chaos(request: pytest.FixtureRequest, shared_storage: Any) -> Iterator[App]:
-    yield from app_on(request.param, shared_storage(request.param))
+def chaos(
+    request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[App]:
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    yield from app_on(request.param, shared_storage(request.param), log)
 
 
 def case(name: str, flow: str, data: dict[str, int]) -> Any:

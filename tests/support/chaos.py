@@ -212,13 +212,48 @@ def workers_for(backend: str) -> int:
     return 1 if backend == "memory" else 2
 
 
-def start_app(storage: Storage, env: dict[str, str] | None = None) -> servers.Server:
-    return servers.gunicorn(
+class LoggedServer(servers.Server):
+    """A server whose output goes to a file: a pipe nobody reads would fill up during a
+    long outage (every retry logs a line) and block the server on its next log line."""
+
+    def __init__(self, args: list[str], port: int, env: dict[str, str], log: Path) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=servers.ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            servers.wait_for_port(port, self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}\n{self.output()[-5000:]}") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def troubles(self, last: int = 6) -> str:
+        """The last warnings and errors gunicorn logged (crashed workers, failed boots)."""
+        marks = ("[WARNING]", "[ERROR]", "[CRITICAL]", "Error:", "failed to boot")
+        lines = [ln for ln in self.output().splitlines() if any(m in ln for m in marks)]
+        return " / ".join(line.split("] ", 2)[-1] for line in lines[-last:]) or "nothing"
+
+
+def start_app(storage: Storage, log: Path, env: dict[str, str] | None = None) -> LoggedServer:
+    port = servers.free_port()
+    args = servers.gunicorn_args(
         APP,
+        port,
         workers=workers_for(storage.backend),
-        env={**storage.env(), **(env or {})},
         extra=["-c", "python:tests.chaos.gunicorn_conf"],
     )
+    return LoggedServer(args, port, {**storage.env(), **(env or {})}, log)
 
 
 def worker_pids(server: servers.Server) -> list[int]:
@@ -286,45 +321,45 @@ class Exchange:
         self.reply = Reply(
             self.response.status, {k.lower(): v for k, v in self.response.getheaders()}
         )
+        content_type = self.reply.headers.get("content-type", "")
+        self._streaming = content_type.startswith("text/event-stream")
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._buffer = ""
+        self._raw = bytearray()
+
+    def _feed(self, data: bytes) -> list[Any]:
+        """Take in bytes as they come (a read may end mid-character); return new events."""
+        self._raw += data
+        if not self._streaming:
+            return []
+        self._buffer += self._utf8.decode(data)
+        if "\n\n" not in self._buffer[-(len(data) + 2) :]:
+            return []
+        parse = parse_sse if self.method == "GET" else protocol.parse_frames
+        events, self._buffer = parse(self._buffer)
+        self.reply.events.extend(events)
+        return events
 
     def read(self) -> Reply:
-        """Read to the end; frames are parsed as they come (a read may end mid-character).
-
-        Genkit frames for a POST, SSE messages ``(id, event, data)`` for a GET.
-        """
-        streaming = self.reply.headers.get("content-type", "").startswith("text/event-stream")
-        parse = parse_sse if self.method == "GET" else protocol.parse_frames
-        utf8 = codecs.getincrementaldecoder("utf-8")()
-        raw = bytearray()
-        buffer = ""
+        """Read to the end. Genkit frames for a POST, SSE messages ``(id, event, data)`` for
+        a GET."""
         try:
             while data := self.response.read1(1 << 20):
-                raw += data
-                buffer += utf8.decode(data)
-                if streaming and "\n\n" in buffer[-(len(data) + 2) :]:
-                    events, buffer = parse(buffer)
-                    self.reply.events.extend(events)
+                self._feed(data)
         finally:
             self.reply.ended_at = time.monotonic()
+            self.reply.raw = bytes(self._raw)
             self.close()
-        self.reply.raw = bytes(raw)
         return self.reply
 
     def read_chunks(self, count: int) -> int:
-        """Read Genkit frames until ``count`` chunks are in; return how many came."""
-        utf8 = codecs.getincrementaldecoder("utf-8")()
-        buffer = ""
-        chunks = 0
-        while chunks < count:
-            data = self.response.read1(65536)
-            if not data:
-                break
-            self.reply.raw += data
-            buffer += utf8.decode(data)
-            events, buffer = protocol.parse_frames(buffer)
-            self.reply.events.extend(events)
-            chunks += sum(1 for kind, _ in events if kind == protocol.CHUNK)
-        return chunks
+        """Read until ``count`` chunks (Genkit) or messages (SSE) are in; return how many."""
+        seen = 0
+        while seen < count and (data := self.response.read1(65536)):
+            events = self._feed(data)
+            seen += sum(1 for e in events if e[0] == protocol.CHUNK or self.method == "GET")
+        self.reply.raw = bytes(self._raw)
+        return seen
 
     def close(self) -> None:
         if self.conn.sock is not None:
