@@ -258,8 +258,15 @@ def start_app(storage: Storage, log: Path, env: dict[str, str] | None = None) ->
 
 def worker_pids(server: servers.Server) -> list[int]:
     """The gunicorn workers: the master's children."""
-    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-    return [int(p) for p in children.read_text().split()]
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == server.proc.pid:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
 
 
 def rss_bytes(pid: int) -> int:
