@@ -16,7 +16,8 @@ from flask import Flask
 
 from .flows import Flow
 from .managers.base import StreamManager
-from .runner import Runner
+from .run import DEFAULT_BUFFER_LIMIT
+from .runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
 from .views import (
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
@@ -40,8 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_TIMEOUT": 60.0,
     "DURABLE_STREAM_LEASE": 10.0,
     "DURABLE_STREAM_MAX_CONTENT_LENGTH": DEFAULT_MAX_CONTENT_LENGTH,
-    "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": 30.0,
-    "DURABLE_STREAM_SHUTDOWN_GRACE": 25.0,
+    "DURABLE_STREAM_WRITE_RETRY_TIMEOUT": DEFAULT_WRITE_RETRY_TIMEOUT,
+    "DURABLE_STREAM_SHUTDOWN_GRACE": DEFAULT_SHUTDOWN_GRACE,
+    "DURABLE_STREAM_LIVE_BUFFER_BYTES": DEFAULT_BUFFER_LIMIT,
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
 }
@@ -105,6 +107,7 @@ class DurableStream:
             shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
             keepalive_interval=float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
             sse_lifetime=_optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
+            live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
         )
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
         app.extensions[EXTENSION_KEY] = State(manager, bp.runner, dict(self.flows))  # type: ignore[attr-defined]
@@ -114,7 +117,13 @@ class DurableStream:
 
 
 def build_manager(app: Flask) -> StreamManager:
-    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config."""
+    """The manager ``DURABLE_STREAM_BACKEND`` names, built from config.
+
+    A configuration that can never work raises ``ValueError`` here, at
+    ``init_app``, naming the setting to fix. Storage that is only unreachable
+    for now does not: requests that need it get ``503 UNAVAILABLE`` until it
+    comes back.
+    """
     config = app.config
     backend = str(config["DURABLE_STREAM_BACKEND"]).lower()
     ttl = float(config["DURABLE_STREAM_TTL"])
@@ -135,7 +144,12 @@ def build_manager(app: Flask) -> StreamManager:
     if backend == "firestore":
         from .managers.firestore import FirestoreStreamManager
 
-        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"]
+        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"] or _env_project()
+        if not project:
+            raise ValueError(
+                "DURABLE_STREAM_BACKEND='firestore' needs a Google Cloud project: set"
+                " DURABLE_STREAM_FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT in the environment)"
+            )
 
         def client() -> Any:
             # Created lazily in each worker process (safe with gunicorn --preload).
@@ -182,5 +196,14 @@ def build_manager(app: Flask) -> StreamManager:
     )
 
 
+def _env_project() -> str | None:
+    """The project Google's client libraries would pick from the environment."""
+    return os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCLOUD_PROJECT")
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value in (None, "") else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)

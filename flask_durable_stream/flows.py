@@ -26,7 +26,7 @@ from typing import Any
 
 from . import protocol
 from ._concurrency import gevent_patched
-from .exceptions import FlowError
+from .exceptions import EventTooLarge, FlowError
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -60,6 +60,8 @@ class FlowContext:
     _cancelled: bool = field(default=False, repr=False)  # to test: read once per chunk
     _sent: int = field(default=0, repr=False)
     _cooperative: bool = field(default=True, repr=False)
+    _max_event_bytes: int | None = field(default=None, repr=False)
+    _backend: str = field(default="storage", repr=False)
 
     def send_chunk(self, chunk: Any) -> None:
         """Stream one chunk to every subscriber (and to storage). Must be JSON-serializable.
@@ -67,10 +69,19 @@ class FlowContext:
         Once the stream was cancelled this raises ``FlowError("CANCELLED")`` instead,
         so a flow that never looks at :attr:`cancelled` still stops at its next chunk
         (and stops paying for the tokens nobody will read).
+
+        A chunk larger than the stream manager can store raises
+        :class:`~.EventTooLarge` here, at the line that emitted it, rather than
+        failing later in storage where the flow could no longer react.
         """
         if self._cancelled:
             raise FlowError("CANCELLED", "Cancelled by client.")
         payload = protocol.encode(chunk)
+        limit = self._max_event_bytes
+        if limit is not None and len(payload) * 4 > limit:  # else it fits whatever its text
+            too_large = size_error(f"Chunk {self._sent}", payload, limit, self._backend)
+            if too_large is not None:
+                raise too_large
         if self._emit is not None:
             self._emit(payload)
         self._sent += 1
@@ -94,6 +105,20 @@ class FlowContext:
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on cancel. Returns ``cancelled``."""
         return self._cancel.wait(timeout)
+
+
+def size_error(what: str, payload: str, limit: int | None, backend: str) -> EventTooLarge | None:
+    """The error for an event payload over ``limit`` UTF-8 bytes, or None when it fits."""
+    if limit is None or len(payload) <= limit // 4:
+        return None
+    size = len(payload.encode("utf-8", "surrogatepass"))
+    if size <= limit:
+        return None
+    return EventTooLarge(
+        f"{what} is {size:,} bytes; the {backend} backend stores at most {limit:,}",
+        size=size,
+        limit=limit,
+    )
 
 
 def _yield_cpu() -> None:

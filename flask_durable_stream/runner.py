@@ -1,13 +1,11 @@
 """The runner: flows in library-owned greenlets, decoupled from HTTP connections.
 
-Each started flow gets a :class:`Run`: an append-only list of events that the
-flow fills and any number of live readers follow with their own cursor (the
-HTTP response that started it is just one of them). Events reach the
-StreamManager through one ordered writer per run: a short-lived *flush* task
-(never two at once for a run) that copies new events in batches, retries failed
-writes with backoff and refreshes the producer heartbeat, which carries the
-cancel flag back. Storage latency therefore never delays live frames, and a
-client that goes away stops nothing.
+Each started flow gets a :class:`~.run.Run` (its events, followed by live
+readers with their own cursor) and, when stored, a :class:`~.writer.RunWriter`
+(the ordered writer: batching, retries, heartbeats, terminal markers). The
+runner keeps the registry of running flows, spawns them, runs one ticker that
+makes heartbeats due, and shuts down gracefully. Storage latency never delays
+live frames, and a client that goes away stops nothing.
 """
 
 from __future__ import annotations
@@ -18,14 +16,15 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 from . import protocol
-from ._concurrency import TaskGroup, gevent_patched
-from .exceptions import FlowError, StreamClosed, StreamError
+from ._concurrency import TaskGroup
+from .exceptions import FlowError, StoragePermanentError, StreamClosed, StreamError
 from .flows import Flow, FlowContext, call_flow
-from .managers.base import Event, StreamManager, StreamWriter
+from .managers.base import StreamManager
+from .run import DEFAULT_BUFFER_LIMIT, Run, release_memory
+from .writer import RunWriter
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -64,14 +63,37 @@ def _register_atexit() -> None:
 
 _BY_MANAGER: weakref.WeakKeyDictionary[StreamManager, Runner] = weakref.WeakKeyDictionary()
 
+#: Seconds a stored run's writer retries a storage outage before the stream ends DATA_LOSS.
+DEFAULT_WRITE_RETRY_TIMEOUT = 300.0
+DEFAULT_SHUTDOWN_GRACE = 25.0
+
 
 def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
-    """The process's one runner for ``manager`` (a private one when there is no manager)."""
+    """The process's one runner for ``manager`` (a private one when there is no manager).
+
+    Options given for a manager that already has a runner must match that
+    runner's: two blueprints cannot share a manager with different retry or
+    buffer settings, and silently keeping the first ones would hide it.
+    """
     if manager is None:
         return Runner(None, **options)
     runner = _BY_MANAGER.get(manager)
     if runner is None or runner.closed:
         runner = _BY_MANAGER[manager] = Runner(manager, **options)
+        return runner
+    conflicts = {
+        name: (getattr(runner, name, None), value)
+        for name, value in options.items()
+        if getattr(runner, name, None) != value
+    }
+    if conflicts:
+        described = ", ".join(
+            f"{k}={new!r} (runner has {old!r})" for k, (old, new) in conflicts.items()
+        )
+        raise ValueError(
+            f"this stream manager already has a runner with other options: {described};"
+            " use the same options everywhere the manager is used"
+        )
     return runner
 
 
@@ -79,131 +101,40 @@ def new_stream_id() -> str:
     return uuid.uuid4().hex
 
 
-class Run:
-    """One execution of a flow, as seen by the process that runs it.
-
-    Emitting is the hot path (once per chunk): an append to a list and, only
-    when somebody is waiting, a wake-up. Readers keep their own cursor. Under
-    gevent greenlets never preempt each other, so no lock is needed; with real
-    threads (``flask run``) a plain lock keeps sequence numbers unique.
-    """
-
-    def __init__(self, stream_id: str, ctx: FlowContext) -> None:
-        self.stream_id = stream_id
-        self.ctx = ctx
-        self.events: list[Event] = []
-        self.ended = False
-        self.durable_failed = False
-        self.writer: StreamWriter | None = None
-        self.flushing = False  # a flush task is running for this run
-        self.heartbeat_due = False
-        self.on_emit: Any = None  # called after every event, by the runner
-        self._waiters: list[threading.Event] = []
-        # Greenlets of one hub (no preemption), or real threads: decided once per run.
-        self.cooperative = gevent_patched()
-        self._lock = None if self.cooperative else threading.Lock()
-        ctx._emit = self.emit_chunk
-
-    def _emit(self, kind: str, payload: str) -> None:
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            if self.ended:
-                raise StreamClosed(f"stream {self.stream_id} already ended")
-            events = self.events
-            events.append(Event(len(events), kind, payload))
-            if kind != protocol.CHUNK:
-                self.ended = True
-        finally:
-            if lock is not None:
-                lock.release()
-        if self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.set()
-        if self.on_emit is not None:
-            self.on_emit(self)
-
-    def wait_for(self, count: int, timeout: float | None = None) -> bool:
-        """Block until more than ``count`` events exist (or timeout); True if they do.
-
-        Returns at once when the run has ended, whatever the count.
-        """
-        if len(self.events) > count or self.ended:
-            return len(self.events) > count
-        waiter = threading.Event()
-        self._waiters.append(waiter)
-        if len(self.events) > count or self.ended:  # emitted while we registered
-            return len(self.events) > count
-        waiter.wait(timeout)
-        return len(self.events) > count
-
-    def emit_chunk(self, payload: str) -> None:
-        self._emit(protocol.CHUNK, payload)
-
-    def finish(self, output: Any) -> None:
-        try:
-            payload = protocol.encode(output)
-        except (TypeError, ValueError):
-            log.exception(
-                "flow %s returned an output that is not JSON-serializable", self.stream_id
-            )
-            self.fail(protocol.INTERNAL_ERROR)
-            return
-        self._emit(protocol.DONE, payload)
-
-    def fail(self, body: dict[str, Any]) -> None:
-        self._emit(protocol.ERROR, protocol.encode(body))
-
-    def batches(self, after: int = -1) -> Iterator[list[Event]]:
-        """Everything after ``after`` as it arrives: all that is ready at once, never held back."""
-        cursor = after + 1
-        while True:
-            if not self.wait_for(cursor, None):
-                return  # ended, and the caller already has the terminal event
-            batch = self.events[cursor:]
-            cursor += len(batch)
-            yield batch
-            if batch[-1].terminal:
-                return
-
-    def wait(self, timeout: float | None = None) -> Event | None:
-        """Block until the terminal event (or timeout); return it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.ended:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            self.wait_for(len(self.events), remaining)
-        return self.events[-1]
-
-
 class Runner:
     """Starts flows and owns every task they need. One per stream manager per process.
 
-    Storage writes happen in short-lived *flush* tasks: at most one per run at a
-    time (so writes stay in order), started when events arrive and ended when
-    storage has caught up. One *ticker* task per runner marks heartbeats due.
-    An idle stream therefore costs no task of its own besides its flow.
+    Each stored run has a :class:`~.writer.RunWriter` whose flush task exists
+    only while there is something to store; one *ticker* task per runner makes
+    heartbeats due. An idle stream therefore costs no task of its own besides
+    its flow.
     """
 
     def __init__(
         self,
         manager: StreamManager | None,
         *,
-        write_retry_timeout: float = 30.0,
-        shutdown_grace: float = 25.0,
+        write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT,
     ) -> None:
+        if write_retry_timeout < 0 or shutdown_grace < 0:
+            raise ValueError("write_retry_timeout and shutdown_grace must be >= 0")
+        if live_buffer_bytes is not None and live_buffer_bytes <= 0:
+            raise ValueError("live_buffer_bytes must be > 0 (or None for no bound)")
         self.manager = manager
         self.write_retry_timeout = write_retry_timeout
         self.shutdown_grace = shutdown_grace
+        self.live_buffer_bytes = live_buffer_bytes
         self.tasks = TaskGroup()
         self._runs: dict[str, Run] = {}
+        self._writers: dict[str, RunWriter] = {}
         self._lock = threading.Lock()
         self._ticker: Any = None
         self._inline = bool(manager is not None and manager.append_never_blocks)
         self._idle = threading.Event()  # wakes the ticker when the last stored run ends
+        self._drained = threading.Event()  # set while no run is registered
+        self._drained.set()
         self.closed = False
         self._stopped: threading.Event | None = None  # created by shutdown(), set when it ends
         _RUNNERS.add(self)
@@ -219,30 +150,65 @@ class Runner:
         context: dict[str, Any] | None = None,
         durable: bool = True,
         owner: str | None = None,
+        live: bool = False,
     ) -> Run:
         """Open the stream, then spawn the flow.
 
-        Opening is synchronous: an id is only handed out once storage has it.
+        Opening is synchronous: an id is only handed out once storage has it
+        (a storage outage is the caller's :class:`~.StorageUnavailable`). With
+        ``live`` a reader is attached before the flow starts (``run.live``), so
+        no event can be released before the response reads it.
         """
         if self.closed:
             raise StreamError("Server shutting down.", status="UNAVAILABLE")
         stream_id = new_stream_id()
+        manager = self.manager
+        stream_writer = None
+        if durable and manager is not None:
+            stream_writer = manager.open(stream_id, owner=owner)
+        run = Run(
+            stream_id,
+            FlowContext(stream_id if stream_writer else None, context or {}),
+            buffer_limit=self.live_buffer_bytes,
+            max_event_bytes=manager.max_event_bytes if stream_writer and manager else None,
+            backend=manager.display_name if manager is not None else "storage",
+        )
+        if live:
+            run.live = run.attach()
         writer = None
-        if durable and self.manager is not None:
-            writer = self.manager.open(stream_id, owner=owner)
-        run = Run(stream_id, FlowContext(stream_id if writer else None, context or {}))
-        run.writer = writer
-        run.on_emit = self._on_emit
+        if stream_writer is not None and manager is not None:
+            writer = RunWriter(
+                run,
+                stream_writer,
+                spawn=self._spawn_flush,
+                retry_timeout=self.write_retry_timeout,
+                heartbeat_interval=manager.heartbeat_interval,
+                inline=self._inline,
+                on_finished=self._writer_finished,
+            )
+            run.on_emit = writer.on_emit
+        else:
+            run.on_emit = self._forget_when_ended
         with self._lock:
             self._runs[stream_id] = run
-            if writer is not None and self._ticker is None:
-                self._ticker = self.tasks.spawn(self._tick, name="durable-stream-heartbeat")
+            self._drained.clear()
+            if writer is not None:
+                self._writers[stream_id] = writer
+                if self._ticker is None:
+                    self._ticker = self.tasks.spawn(self._tick, name="durable-stream-heartbeat")
         self.tasks.spawn(self._execute, name, run, flow, data, name=f"flow:{name}")
         return run
+
+    def _spawn_flush(self, flush: Any) -> None:
+        self.tasks.spawn(flush, name="durable-stream-flush")
 
     def get(self, stream_id: str) -> Run | None:
         with self._lock:
             return self._runs.get(stream_id)
+
+    def writer_of(self, stream_id: str) -> RunWriter | None:
+        with self._lock:
+            return self._writers.get(stream_id)
 
     def active(self) -> list[Run]:
         with self._lock:
@@ -262,7 +228,8 @@ class Runner:
             output = call_flow(flow, data, run.ctx)
         except (StreamClosed, FlowError) as exc:
             if run.ended:
-                # The stream was ended for the flow (shutdown): its next chunk stopped it.
+                # The stream was ended for the flow (shutdown, or storage refused an
+                # event): its next chunk stopped it.
                 log.info("flow %r stopped: stream %s had already ended", name, run.stream_id)
                 return
             if isinstance(exc, StreamClosed):
@@ -275,6 +242,12 @@ class Runner:
                 except (TypeError, ValueError):
                     body.pop("details")
             self._end(run, lambda: run.fail(body))
+        except StoragePermanentError as exc:
+            # A library error meant for clients (e.g. a chunk over the backend's limit,
+            # raised at the line that emitted it): public, not redacted.
+            log.error("flow %r (stream %s): %s", name, run.stream_id, exc.message)
+            refused = exc.to_dict()
+            self._end(run, lambda: run.fail(refused))
         except Exception:
             log.exception("flow %r failed (stream %s)", name, run.stream_id)
             self._end(run, lambda: run.fail(protocol.INTERNAL_ERROR))
@@ -288,164 +261,39 @@ class Runner:
         except StreamClosed:
             pass  # already ended by shutdown; the flow's late result is dropped
 
-    def _on_emit(self, run: Run) -> None:
-        writer = run.writer
-        if writer is None:
-            if run.ended:
-                self._forget(run)
-            return
-        if self._inline:
-            # The manager's append never blocks (in-process storage): no task is
-            # needed. Under gevent a hub callback stores everything emitted until
-            # the flow yields, in one append; with threads it happens right here.
-            if not run.flushing:
-                run.flushing = True
-                if run.cooperative:
-                    import gevent
+    def _forget_when_ended(self, run: Run) -> None:
+        if run.ended:
+            self._forget(run.stream_id)
 
-                    gevent.get_hub().loop.run_callback(self._store_inline, run)
-                else:
-                    self._store_inline(run)
-            return
-        self._schedule_flush(run)
-
-    def _store_inline(self, run: Run) -> None:
-        writer = run.writer
-        assert writer is not None
-        run.flushing = False
-        batch = run.events[writer.next_seq :]
-        if not batch:
-            return
-        try:
-            writer.append(batch)
-        except Exception:
-            self._schedule_flush(run)  # a flush task retries with backoff, away from the flow
-        else:
-            if batch[-1].terminal:
-                self._close(run, writer)
-
-    def _schedule_flush(self, run: Run) -> None:
-        lock = run._lock
-        if lock is not None:
-            with lock:
-                if run.flushing:
-                    return
-                run.flushing = True
-        else:
-            if run.flushing:
-                return
-            run.flushing = True
-        self.tasks.spawn(self._flush, run, name="durable-stream-flush")
-
-    def _flush(self, run: Run) -> None:
-        """Copy the run's new events to storage, in order, then heartbeat if due."""
-        writer = run.writer
-        assert writer is not None
-        finished = False
-        try:
-            while not finished:
-                batch = run.events[writer.next_seq :]
-                if batch:
-                    stored = self._append(run, writer, batch)
-                    finished = not stored or batch[-1].terminal
-                if not finished and run.heartbeat_due:
-                    run.heartbeat_due = False
-                    self._heartbeat(run, writer)
-                if not finished and len(run.events) <= writer.next_seq:
-                    break
-        finally:
-            if finished:
-                self._close(run, writer)
-        run.flushing = False
-        # An event emitted between the last look and clearing the flag needs a flush.
-        if not finished and len(run.events) > writer.next_seq:
-            self._schedule_flush(run)
-
-    def _close(self, run: Run, writer: StreamWriter) -> None:
-        try:
-            writer.close()
-        except Exception:  # pragma: no cover - close must not mask the outcome
-            log.exception("closing the writer of stream %s failed", run.stream_id)
-        self._forget(run)
+    def _writer_finished(self, writer: RunWriter) -> None:
+        self._forget(writer.run.stream_id)
 
     def _tick(self) -> None:
-        """Mark heartbeats due for every stored run; ends when none is left."""
+        """Let every stored run heartbeat; ends when none is left."""
         assert self.manager is not None
         interval = self.manager.heartbeat_interval
         while True:
             self._idle.wait(interval)
             with self._lock:
                 self._idle.clear()
-                runs = [r for r in self._runs.values() if r.writer is not None]
-                if not runs:
+                writers = list(self._writers.values())
+                if not writers:
                     self._ticker = None
                     return
-            for run in runs:
-                run.heartbeat_due = True
-                self._schedule_flush(run)
+            for writer in writers:
+                if writer.heartbeat_due():
+                    writer.schedule()
 
-    def _append(self, run: Run, writer: StreamWriter, batch: list[Event]) -> bool:
-        """Store ``batch``, retrying with backoff. False when storage stayed down."""
-        delay, first_failure = 0.05, None
-        while True:
-            try:
-                writer.append(batch)
-                return True
-            except StreamClosed:
-                # Another process declared this producer lost (its lease expired):
-                # nothing more can be stored, so stop spending work on the flow.
-                log.error(
-                    "stream %s was ended in storage (lease expired?); %d events not stored;"
-                    " cancelling the flow",
-                    run.stream_id,
-                    len(batch),
-                )
-                run.durable_failed = True
-                run.ctx._request_cancel()
-                return False
-            except Exception as exc:
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure >= self.write_retry_timeout:
-                    log.error(
-                        "giving up storing stream %s after %.1fs: %s",
-                        run.stream_id,
-                        now - first_failure,
-                        exc,
-                    )
-                    run.durable_failed = True
-                    self._store_data_loss(writer)
-                    return False
-                log.warning(
-                    "storing stream %s failed (%s); retrying in %.2fs", run.stream_id, exc, delay
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    @staticmethod
-    def _store_data_loss(writer: StreamWriter) -> None:
-        # Best effort: readers of storage then end with a clear error instead of
-        # waiting for the lease to expire.
-        body = {"status": "DATA_LOSS", "message": "Storage failed; the stream is incomplete."}
-        try:
-            writer.error(body)
-        except Exception:
-            pass
-
-    def _heartbeat(self, run: Run, writer: StreamWriter) -> None:
-        try:
-            if writer.heartbeat():
-                run.ctx._request_cancel()
-        except Exception as exc:
-            log.warning("heartbeat of stream %s failed: %s", run.stream_id, exc)
-
-    def _forget(self, run: Run) -> None:
+    def _forget(self, stream_id: str) -> None:
         with self._lock:
-            self._runs.pop(run.stream_id, None)
-            if self._ticker is not None and not any(
-                r.writer is not None for r in self._runs.values()
-            ):
+            run = self._runs.pop(stream_id, None)
+            self._writers.pop(stream_id, None)
+            if self._ticker is not None and not self._writers:
                 self._idle.set()
+            if not self._runs:
+                self._drained.set()
+        if run is not None and run.total_bytes >= RELEASE_AFTER:
+            release_memory()
 
     # -- stopping ------------------------------------------------------------
     def shutdown(self, grace: float | None = None) -> None:
@@ -496,6 +344,16 @@ class Runner:
                     pass
         # Wait for the terminal events to be stored (flows that ignore the end
         # may keep running; their late output is dropped).
-        flush_deadline = time.monotonic() + 5.0
-        while self.active() and time.monotonic() < flush_deadline:
-            time.sleep(0.02)
+        if not self._drained.wait(SHUTDOWN_FLUSH_WAIT):
+            for run in self.active():
+                log.error(
+                    "stream %s: its end is not stored (storage unavailable?) and the process"
+                    " is exiting; readers will see it as lost after the producer lease",
+                    run.stream_id,
+                )
+
+
+#: After the grace period, how long shutdown waits for terminal events to be stored.
+SHUTDOWN_FLUSH_WAIT = 5.0
+#: A run that held at least this much when it ended gives freed memory back to the OS.
+RELEASE_AFTER = 8 * 1024 * 1024

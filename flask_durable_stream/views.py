@@ -14,20 +14,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.wsgi import get_input_stream
 
 from . import protocol
 from ._concurrency import gevent_patched
-from .exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
+from .exceptions import (
+    HTTP_STATUS,
+    DurableStreamError,
+    InvalidRequest,
+    StorageUnavailable,
+    StreamNotFound,
+)
 from .flows import Flow, RequestData
 from .managers.base import Event, StreamManager, StreamStatus, valid_stream_id
 from .managers.memory import InMemoryStreamManager
-from .runner import Runner, runner_for
+from .run import DEFAULT_BUFFER_LIMIT
+from .runner import (
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_WRITE_RETRY_TIMEOUT,
+    Runner,
+    runner_for,
+)
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -78,27 +93,71 @@ def _check_owner(owner: str | None, context: Mapping[str, Any]) -> None:
         raise InvalidRequest("This stream belongs to another user.", status="PERMISSION_DENIED")
 
 
+#: A canonical event id: no sign, no spaces, no leading zeros, no exponent.
+_EVENT_ID_RE = re.compile(r"(?:0|[1-9][0-9]{0,18})")
+
+
 def _after_seq(last_event_id: str | None, after: str | None) -> int:
-    """The seq to resume after: ``Last-Event-ID`` (newer, sent on reconnect) over ``?after=``."""
+    """The seq to resume after: ``Last-Event-ID`` (newer, sent on reconnect) over ``?after=``.
+
+    Only canonical non-negative integers: an id the server never sent ("+1",
+    " 1", "01", "1e3") is a client bug worth a 400, not a guess.
+    """
     raw = last_event_id if last_event_id not in (None, "") else after
     if raw in (None, ""):
         return -1
     assert raw is not None
-    try:
-        seq = int(raw)
-    except ValueError:
-        seq = -2
-    if seq < -1 or len(raw) > 20:
-        raise InvalidRequest("Last-Event-ID and after must be an event id (an integer >= -1).")
-    return seq
+    if not _EVENT_ID_RE.fullmatch(raw):
+        raise InvalidRequest(
+            "Last-Event-ID and after must be an event id: a non-negative integer"
+            " without sign, spaces or leading zeros."
+        )
+    return int(raw)
 
 
 def _json_response(body: Any, status: int) -> Response:
     return Response(protocol.encode(body), status=status, mimetype="application/json")
 
 
-def error_response(exc: DurableStreamError) -> Response:
-    return _json_response(exc.to_dict(), exc.http_status)
+def public_error(exc: DurableStreamError, backend: str = "storage") -> dict[str, Any]:
+    """The body a client sees for ``exc``.
+
+    A transient storage failure gets one fixed message: backends' own messages
+    may name a file, host or driver detail, and the client can only retry.
+    """
+    if isinstance(exc, StorageUnavailable):
+        log.warning("storage unavailable: %s", exc.message)
+        return {
+            "status": "UNAVAILABLE",
+            "message": f"The {backend} backend is unavailable; try again shortly.",
+        }
+    return exc.to_dict()
+
+
+def error_response(exc: DurableStreamError, backend: str = "storage") -> Response:
+    response = _json_response(public_error(exc, backend), exc.http_status)
+    if isinstance(exc, StorageUnavailable):
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+def _closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
+    """A way to close the client's connection from another task (gunicorn, werkzeug).
+
+    A slow reader's task is blocked writing to its socket; shutting the socket
+    down wakes it with an error, which ends the response.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket):
+        return None
+
+    def close() -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+
+    return close
 
 
 class FlowEndpoint:
@@ -130,6 +189,11 @@ class FlowEndpoint:
     @property
     def manager(self) -> StreamManager | None:
         return self.runner.manager
+
+    @property
+    def backend(self) -> str:
+        manager = self.runner.manager
+        return manager.display_name if manager is not None else "storage"
 
     def __call__(self) -> Response:
         return self._guarded(self._handle)
@@ -164,7 +228,7 @@ class FlowEndpoint:
         try:
             return handle()
         except DurableStreamError as exc:
-            return error_response(exc)
+            return error_response(exc, self.backend)
         except Exception:  # a bug in a context provider or a backend: logged, redacted
             log.exception("flow %r: request failed", self.name)
             return _json_response(protocol.INTERNAL_ERROR, 500)
@@ -256,7 +320,8 @@ class FlowEndpoint:
             # Not the stream's end: the connection closes and the client resumes, and a
             # stream that is gone then gets its 404. A comment says why, for logs only.
             log.info("SSE connection ended: %s", exc)
-            yield protocol.sse_comment("failure " + protocol.encode(exc.to_dict()))
+            body = public_error(exc, self.backend)
+            yield protocol.sse_comment("failure " + protocol.encode(body))
         except Exception:
             log.exception("reading a stream failed")
             yield protocol.sse_comment("failure " + protocol.encode(protocol.INTERNAL_ERROR))
@@ -336,35 +401,63 @@ class FlowEndpoint:
             context=context,
             durable=streaming,
             owner=_owner_of(context),
+            live=streaming,
         )
         if streaming:
             headers = {}
             if self.manager is not None:
                 headers[protocol.STREAM_ID_HEADER] = run.stream_id
-            return self._stream(run.batches(), headers)
+            # A client that stops reading is dropped past the buffer bound: its
+            # connection is closed and it can resume from storage.
+            batches = run.batches(reader=run.live, on_drop=_closer(request.environ))
+            return self._stream(batches, headers, self.backend)
         terminal = run.wait()
         assert terminal is not None
         return self._plain(terminal)
 
     def _read_body(self, *, allow_empty: bool) -> dict[str, Any]:
-        request.max_content_length = self.max_content_length
-        try:
-            raw = request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise InvalidRequest(
-                f"Request body exceeds {self.max_content_length} bytes.",
-                status="RESOURCE_EXHAUSTED",
-                http_status=413,
-            ) from None
+        raw = self._read_raw()
         if not raw.strip() and allow_empty:
             return {}
         try:
             body = json.loads(raw)
-        except ValueError:  # includes UnicodeDecodeError
+        except (ValueError, RecursionError):  # UnicodeDecodeError; nesting too deep to parse
             raise InvalidRequest("Request body must be valid JSON.") from None
         if not isinstance(body, dict):
             raise InvalidRequest('Request body must be a JSON object with a "data" field.')
         return body
+
+    def _read_raw(self) -> bytes:
+        """The body, at most ``max_content_length`` bytes however it is framed.
+
+        Werkzeug's own limit on a chunked body (no Content-Length) silently
+        truncates it; reading one byte past the limit tells a body that is too
+        large from one that is exactly at it.
+        """
+        limit = self.max_content_length
+        too_large = InvalidRequest(
+            f"Request body exceeds {limit} bytes.", status="RESOURCE_EXHAUSTED", http_status=413
+        )
+        try:
+            stream = get_input_stream(request.environ, max_content_length=limit)
+        except RequestEntityTooLarge:  # Content-Length says so
+            raise too_large from None
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while size <= limit:
+                part = stream.read(min(64 * 1024, limit + 1 - size))
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+        except RequestEntityTooLarge:
+            raise too_large from None
+        except ClientDisconnected:
+            raise InvalidRequest("Request body ended early.") from None
+        if size > limit:
+            raise too_large
+        return b"".join(parts)
 
     def _context(self, data: Any, stream_id: str | None) -> dict[str, Any]:
         if self.context_provider is None:
@@ -388,13 +481,13 @@ class FlowEndpoint:
         except StreamNotFound:
             return Response(status=204)
         if streaming:
-            return self._stream(batches, {protocol.STREAM_ID_HEADER: stream_id})
+            return self._stream(batches, {protocol.STREAM_ID_HEADER: stream_id}, self.backend)
         terminal = None
         try:
             for batch in batches:
                 terminal = batch[-1]
         except DurableStreamError as exc:
-            return error_response(exc)
+            return error_response(exc, self.backend)
         if terminal is None or not terminal.terminal:
             return error_response(StreamNotFound("Stream already ended."))
         return self._plain(terminal)
@@ -409,13 +502,13 @@ class FlowEndpoint:
         return _json_response(body, HTTP_STATUS.get(body.get("status"), 500))
 
     @staticmethod
-    def _stream(batches: Iterator[list[Event]], headers: dict[str, str]) -> Response:
+    def _stream(batches: Iterator[list[Event]], headers: dict[str, str], backend: str) -> Response:
         def generate() -> Iterator[bytes]:
             try:
                 for batch in batches:
                     yield protocol.frames(batch)
             except DurableStreamError as exc:
-                yield protocol.error_frame(exc.to_dict()).encode()
+                yield protocol.error_frame(public_error(exc, backend)).encode()
             except Exception:
                 log.exception("reading a stream failed")
                 yield protocol.error_frame(protocol.INTERNAL_ERROR).encode()
@@ -480,21 +573,29 @@ def durable_stream_blueprint(
     import_name: str = __name__,
     max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
     subscribe_timeout: float | None = None,
-    write_retry_timeout: float = 30.0,
-    shutdown_grace: float = 25.0,
+    write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
     sse_lifetime: float | None = None,
+    live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT,
 ) -> Blueprint:
     """A blueprint with ``POST /<flow name>``, ``POST /<flow name>/cancel`` and
     ``GET /<flow name>/events`` (SSE) for each flow.
 
     All flows share one stream manager and one runner. Register it with any
-    ``url_prefix``. Unknown flow names get Flask's JSON-less 404; use the
+    ``url_prefix``. ``write_retry_timeout``: seconds a storage outage is retried
+    (events wait in memory) before a stream ends ``DATA_LOSS``.
+    ``live_buffer_bytes``: how far a live client may fall behind before its
+    connection is closed (it can resume from storage); None for no bound.
+    Unknown flow names get Flask's JSON-less 404; use the
     :class:`~flask_durable_stream.DurableStream` extension for JSON errors everywhere.
     """
     manager = _resolve_manager(stream_manager)
     runner = runner_for(
-        manager, write_retry_timeout=write_retry_timeout, shutdown_grace=shutdown_grace
+        manager,
+        write_retry_timeout=write_retry_timeout,
+        shutdown_grace=shutdown_grace,
+        live_buffer_bytes=live_buffer_bytes,
     )
     bp = Blueprint(name, import_name)
     bp.runner = runner  # type: ignore[attr-defined]

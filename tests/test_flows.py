@@ -174,9 +174,12 @@ class FlakyManager(InMemoryStreamManager):
         super().__init__(**options)
         self.failures = failures
         self.attempts = 0
+        self.data_loss_tried = threading.Event()
 
     def _append(self, stream: Any, events: Any) -> None:
         self.attempts += 1
+        if '"DATA_LOSS"' in events[-1].payload:
+            self.data_loss_tried.set()
         if self.failures < 0 or self.attempts <= self.failures:
             from flask_durable_stream import StorageUnavailable
 
@@ -199,18 +202,19 @@ def test_transient_storage_failures_are_retried_without_loss(caplog: Any) -> Non
 
 
 def test_storage_down_ends_readers_and_spares_the_live_client() -> None:
-    manager = FlakyManager(failures=-1, lease_seconds=0.5)
+    manager = FlakyManager(failures=-1)
     runner = Runner(manager, write_retry_timeout=0.3)
     try:
         run = runner.start("gen", gen_flow, None)
         live = [e for batch in run.batches() for e in batch]
         assert [e.payload for e in live] == ["1", "2", '"out"']  # the live client is unaffected
-        assert runner.tasks.join(10)
+        assert manager.data_loss_tried.wait(10)  # past the retry timeout: the marker, retried
         assert run.durable_failed
-        manager.failures = 0  # storage is reachable again for readers: a clear end, not a hang
+        manager.failures = 0  # storage is back: the marker lands, readers get a clear end
+        assert runner.tasks.join(10)
         events = list(manager.subscribe(run.stream_id, timeout=30))
         assert [e.kind for e in events] == ["error"]
-        assert events[0].value["status"] == "UNAVAILABLE"  # the lease: nobody is producing
+        assert events[0].value["status"] == "DATA_LOSS"
     finally:
         runner.shutdown(1)
         manager.close()

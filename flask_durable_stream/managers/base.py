@@ -17,7 +17,11 @@ gap and no duplicate at the boundary. A subscriber that sees neither an event
 nor a producer heartbeat for ``timeout`` seconds gets :class:`StreamTimeout`; a
 subscriber of an open stream whose producer heartbeat is older than
 ``lease_seconds`` gets a terminal ``UNAVAILABLE`` error event, stored so every
-other reader sees the same thing.
+other reader sees the same thing. When to call a producer lost is one rule for
+every backend, :class:`ProducerWatch`: a reader declares it only after it has
+itself seen the heartbeat unchanged for a whole lease, so a reader that arrives
+just as storage comes back from an outage (every heartbeat stale, the producer
+alive and retrying) does not end a live stream.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 import operator
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -46,6 +50,65 @@ PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's 
 
 def valid_stream_id(stream_id: str) -> bool:
     return bool(STREAM_ID_RE.match(stream_id)) and ".." not in stream_id
+
+
+class ProducerWatch:
+    """A reader's judgement of whether a stream's producer is gone: the one rule for every backend.
+
+    The producer refreshes its heartbeat every ``heartbeat_interval`` and keeps
+    doing so while it retries a failed write, so a heartbeat that stops changing
+    means the producer is gone, *unless storage itself was down*: then nobody
+    could write, and the stored heartbeat is stale although the producer is
+    alive. So the lease is measured on the reader's own clock, from the first
+    moment the reader saw the current heartbeat value, and it restarts whenever
+    the reader's own storage calls fail. The producer is lost when both hold:
+    the reader saw no change for ``lease_seconds``, and the stored heartbeat is
+    older than ``lease_seconds`` by the storage clock.
+
+    That keeps ``kill -9`` detection within a lease for a reader that arrives
+    right after the kill (it sees the last heartbeat at once), and gives a
+    producer that comes back with storage a whole lease to heartbeat.
+
+    Backends use it inside ``subscribe``::
+
+        watch = ProducerWatch(self.lease_seconds)
+        ...  # each successful read of the stream's metadata:
+        left = watch.observe(heartbeat_at, self.now())
+        if left <= 0: mark the stream lost (conditionally: heartbeat unchanged)
+        else: wait at most ``left`` before looking again
+        ...  # a read or write of storage failed (StorageUnavailable):
+        watch.storage_failed()
+    """
+
+    __slots__ = ("lease_seconds", "_clock", "_beat", "_since")
+
+    def __init__(
+        self, lease_seconds: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._beat: float | None = None
+        self._since: float | None = None
+
+    def observe(self, heartbeat_at: float | None, now: float) -> float:
+        """Seconds left before the producer counts as lost (<= 0: lost now).
+
+        ``heartbeat_at`` is the stored heartbeat (storage clock), ``now`` the
+        storage clock now (``manager.now()``). ``None`` (no heartbeat stored)
+        never counts as lost.
+        """
+        seen = self._clock()
+        if heartbeat_at != self._beat or self._since is None:
+            self._beat, self._since = heartbeat_at, seen
+        if heartbeat_at is None:
+            return self.lease_seconds
+        own = self._since + self.lease_seconds - seen
+        stored = heartbeat_at + self.lease_seconds - now
+        return max(own, stored)
+
+    def storage_failed(self) -> None:
+        """A storage call of this reader failed: the producer may have failed too; start over."""
+        self._since = None
 
 
 class StreamStatus(str, enum.Enum):
@@ -197,6 +260,10 @@ class StreamManager:
     #: line that emitted it; ``append`` raises the same error for any event
     #: over it (the output, an error body), never a transient one.
     max_event_bytes: int | None = None
+    #: The backend's name in client-facing messages ("the SQLite backend stores at
+    #: most ..."). Never a path or host. Defaults to the class name without
+    #: ``StreamManager``.
+    backend_name: str = ""
 
     def __init__(
         self,
@@ -214,6 +281,11 @@ class StreamManager:
         self.heartbeat_interval = (
             heartbeat_interval if heartbeat_interval is not None else min(2.0, lease_seconds / 5)
         )
+
+    @property
+    def display_name(self) -> str:
+        """:attr:`backend_name`, or the class name without ``StreamManager``."""
+        return self.backend_name or type(self).__name__.removesuffix("StreamManager") or "storage"
 
     def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
         """Create a stream; :class:`StreamExists` (ALREADY_EXISTS) if the id is taken."""

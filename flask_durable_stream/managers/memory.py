@@ -21,6 +21,7 @@ from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeo
 from .base import (
     PRODUCER_LOST,
     Event,
+    ProducerWatch,
     StreamInfo,
     StreamManager,
     StreamStatus,
@@ -42,6 +43,7 @@ class InMemoryStreamManager(StreamManager):
     """Keeps streams in this process's memory. Greenlet- and thread-safe."""
 
     append_never_blocks = True
+    backend_name = "in-memory"
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class InMemoryStreamManager(StreamManager):
         cursor = max(after + 1, 0)
         last_activity = time.monotonic()
         seen_heartbeat = stream.info.heartbeat_at
+        watch = ProducerWatch(self.lease_seconds)
         while True:
             with stream.cond:
                 while len(stream.events) <= cursor:
@@ -126,17 +129,14 @@ class InMemoryStreamManager(StreamManager):
                     if info.heartbeat_at != seen_heartbeat:
                         seen_heartbeat = info.heartbeat_at
                         last_activity = time.monotonic()
-                    if (
-                        info.status is StreamStatus.OPEN
-                        and info.heartbeat_at is not None
-                        and self.now() - info.heartbeat_at > self.lease_seconds
-                    ):
+                    lease_left = watch.observe(info.heartbeat_at, self.now())
+                    if lease_left <= 0:
                         self._mark_lost(stream)
                         continue
                     remaining = timeout - (time.monotonic() - last_activity)
                     if remaining <= 0:
                         raise StreamTimeout("Stream timed out.")
-                    stream.cond.wait(min(remaining, self.lease_seconds / 2))
+                    stream.cond.wait(min(remaining, lease_left + 0.001))
                 batch = stream.events[cursor:]
             last_activity = time.monotonic()
             yield batch

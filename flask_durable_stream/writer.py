@@ -1,0 +1,329 @@
+"""The ordered writer of one run: the run's events to storage, in order, whatever storage does.
+
+One :class:`RunWriter` per stored run. It copies new events in batches from a
+*flush* task (never two at once for a run, so writes stay in order) and keeps
+the producer's heartbeat fresh, which also carries a cancel request back from
+other processes. Storage faults follow the model in :mod:`.exceptions`:
+
+* transient (:class:`~.StorageUnavailable`, or any exception it does not know):
+  the same batch is retried with :class:`~._retry.Backoff` (full jitter) for up
+  to ``retry_timeout`` seconds of continuous failure, heartbeating between
+  attempts so readers do not declare a live producer lost. The events wait in
+  memory, so an outage shorter than that loses nothing.
+* permanent (:class:`~.StoragePermanentError`, e.g. :class:`~.EventTooLarge`):
+  never retried. The batch is split to store every event before the rejected
+  one, then the stream ends with that error (its status and message, a library
+  error meant for clients) in storage and in the run, and the flow is stopped.
+* past ``retry_timeout``: the stream ends ``DATA_LOSS``. That marker, like every
+  terminal marker the writer adds, is retried until stored or the process exits.
+
+It needs only a :class:`~.run.Run` and a :class:`~.StreamWriter`, so it can be
+tested alone with a faulty manager, a fake clock and a fake sleep.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import protocol
+from ._retry import Backoff
+from .exceptions import StoragePermanentError, StreamClosed
+from .managers.base import Event, StreamWriter
+from .run import Run, fit_error
+
+log = logging.getLogger("flask_durable_stream")
+
+#: A batch carries at most this many payload bytes (backends split further if they must).
+BATCH_BYTES = 1024 * 1024
+#: While a terminal marker cannot be stored, say so at ERROR level this often.
+LOUD_EVERY = 30.0
+
+DEFAULT_BACKOFF = Backoff(initial=0.05, maximum=2.0)
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    CLOSED = "closed"  # another process ended the stream (our lease expired)
+    PERMANENT = "permanent"  # storage refused an event for good
+    TIMED_OUT = "timed out"  # storage stayed down for retry_timeout
+
+
+def data_loss_body(seconds: float) -> dict[str, Any]:
+    return {
+        "status": "DATA_LOSS",
+        "message": f"Storage failed for {seconds:.0f} s; the stream is incomplete.",
+    }
+
+
+class RunWriter:
+    """Stores one run's events in order; see the module docstring for the fault model.
+
+    ``spawn(fn)`` starts ``fn`` as a task (a greenlet or thread); ``clock`` and
+    ``sleep`` are seams for tests. ``on_finished`` is called once, when nothing
+    more will be stored.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        writer: StreamWriter,
+        *,
+        spawn: Callable[[Callable[[], None]], Any],
+        retry_timeout: float,
+        heartbeat_interval: float,
+        inline: bool = False,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        on_finished: Callable[[RunWriter], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.writer = writer
+        self.retry_timeout = retry_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.backoff = backoff
+        self.finished = False
+        self.heartbeats = 0  # successful heartbeats, for operators and tests
+        self._spawn = spawn
+        self._inline = inline
+        self._clock = clock
+        self._sleep = sleep
+        self._on_finished = on_finished
+        self._flushing = False
+        self._flag_lock = None if run.cooperative else threading.Lock()
+        self._beat_at = clock()  # opening the stream stored a heartbeat
+        self._failing_since: float | None = None
+        self._rejected: StoragePermanentError | None = None
+        run.expect_storage()
+
+    # -- scheduling ------------------------------------------------------------
+    def on_emit(self, run: Run) -> None:
+        """After each event: store it, from the emitting task for in-process storage."""
+        if not self._inline:
+            self.schedule()
+            return
+        # The manager's append never blocks (in-process storage): no task is needed.
+        # Under gevent a hub callback stores everything emitted until the flow
+        # yields, in one append; with threads it happens right here.
+        if self._claim():
+            if run.cooperative:
+                import gevent
+
+                gevent.get_hub().loop.run_callback(self._store_inline)
+            else:
+                self._store_inline()
+
+    def schedule(self) -> None:
+        """Start a flush task unless one is running (it will see the new events)."""
+        if self._claim():
+            self._spawn(self.flush)
+
+    def _claim(self) -> bool:
+        if self.finished or self._flushing:
+            return False
+        lock = self._flag_lock
+        if lock is None:
+            self._flushing = True
+            return True
+        with lock:
+            if self._flushing:
+                return False
+            self._flushing = True
+            return True
+
+    def _store_inline(self) -> None:
+        self._flushing = False
+        batch = self.run.since(self.writer.next_seq)
+        if not batch or self.finished:
+            return
+        try:
+            self.writer.append(batch)
+        except Exception:
+            self.schedule()  # a flush task retries with backoff, away from the flow
+            return
+        self.run.mark_stored(self.writer.next_seq)
+        if batch[-1].terminal:
+            self._finish()
+
+    # -- the flush task --------------------------------------------------------
+    def flush(self) -> None:
+        """Copy the run's new events to storage, in order, and heartbeat when due."""
+        try:
+            self._drain()
+        finally:
+            self._flushing = False
+        # An event emitted between the last look and clearing the flag needs a flush.
+        if not self.finished and self.run.count > self.writer.next_seq:
+            self.schedule()
+
+    def _drain(self) -> None:
+        while not self.finished:
+            next_seq = self.writer.next_seq
+            batch = self.run.since(next_seq, BATCH_BYTES) if self.run.count > next_seq else []
+            if batch:
+                outcome = self._store_splitting(batch)
+                if outcome is Outcome.STORED:
+                    self.run.mark_stored(self.writer.next_seq)
+                    if self.writer.closed:
+                        self._finish()
+                        return
+                elif outcome is Outcome.CLOSED:
+                    self._closed_elsewhere()
+                    return
+                elif outcome is Outcome.PERMANENT:
+                    self._reject()
+                    return
+                else:
+                    self._give_up()
+                    return
+            self._heartbeat_if_due()
+            if self.run.count <= self.writer.next_seq:
+                return
+
+    def _store_splitting(self, batch: Sequence[Event]) -> Outcome:
+        """Store ``batch``; on a permanent refusal, store what precedes the refused event."""
+        outcome = self._store(batch, self.retry_timeout)
+        if outcome is not Outcome.PERMANENT or len(batch) == 1:
+            return outcome
+        middle = len(batch) // 2
+        outcome = self._store_splitting(batch[:middle])
+        if outcome is not Outcome.STORED:
+            return outcome
+        self.run.mark_stored(self.writer.next_seq)
+        return self._store_splitting(batch[middle:])
+
+    def _store(self, events: Sequence[Event], timeout: float | None) -> Outcome:
+        """Append ``events``, retrying transient failures; ``timeout`` None retries forever."""
+        delays = self.backoff.delays()
+        loud_at = 0.0
+        while True:
+            try:
+                self.writer.append(events)
+            except StreamClosed:
+                return Outcome.CLOSED
+            except StoragePermanentError as exc:
+                self._rejected = exc
+                return Outcome.PERMANENT
+            except Exception as exc:  # transient, known or not: retried
+                now = self._clock()
+                if self._failing_since is None:
+                    self._failing_since = now
+                failing = now - self._failing_since
+                if timeout is not None and failing >= timeout:
+                    log.error(
+                        "stream %s: storage failed for %.0f s (%s); giving up",
+                        self.run.stream_id,
+                        failing,
+                        exc,
+                    )
+                    return Outcome.TIMED_OUT
+                if timeout is None and now >= loud_at:
+                    loud_at = now + LOUD_EVERY
+                    log.error(
+                        "stream %s: the terminal marker is still not stored after %.0f s (%s);"
+                        " retrying until it is or the process exits",
+                        self.run.stream_id,
+                        failing,
+                        exc,
+                    )
+                elif failing == 0.0:
+                    log.warning(
+                        "stream %s: storing %d event(s) failed (%s); retrying for up to %.0f s",
+                        self.run.stream_id,
+                        len(events),
+                        exc,
+                        self.retry_timeout,
+                    )
+                self._sleep(next(delays))
+                self._heartbeat_if_due()
+                continue
+            self._failing_since = None
+            return Outcome.STORED
+
+    # -- heartbeats ------------------------------------------------------------
+    def heartbeat_due(self) -> bool:
+        # Half an interval: the ticker's period and this check never quite line up.
+        return self._clock() - self._beat_at >= self.heartbeat_interval / 2
+
+    def _heartbeat_if_due(self) -> None:
+        if not self.heartbeat_due():
+            return
+        try:
+            cancel = self.writer.heartbeat()
+        except Exception as exc:  # storage down: the retry loop says so; try again soon
+            log.debug("heartbeat of stream %s failed: %s", self.run.stream_id, exc)
+            return
+        self._beat_at = self._clock()
+        self.heartbeats += 1
+        if cancel:
+            self.run.ctx._request_cancel()
+
+    # -- endings ---------------------------------------------------------------
+    def _closed_elsewhere(self) -> None:
+        # Another process declared this producer lost (its lease expired): nothing
+        # more can be stored, so stop spending work on the flow.
+        log.error(
+            "stream %s was ended in storage (producer declared lost); cancelling the flow",
+            self.run.stream_id,
+        )
+        self.run.durable_failed = True
+        self.run.ctx._request_cancel()
+        self._finish()
+
+    def _reject(self) -> None:
+        exc = self._rejected
+        assert exc is not None
+        body = fit_error(exc.to_dict(), self.writer_limit)
+        log.error(
+            "stream %s: storage refused event %d for good: %s; ending the stream",
+            self.run.stream_id,
+            self.writer.next_seq,
+            exc.message,
+        )
+        if not self.run.abort(body):
+            log.error(
+                "stream %s had already ended in this process; its stored end is the error",
+                self.run.stream_id,
+            )
+        self._store_marker(body)
+
+    def _give_up(self) -> None:
+        self.run.durable_failed = True
+        self.run.release_storage()  # the live readers still get everything
+        self._store_marker(data_loss_body(self.retry_timeout))
+
+    @property
+    def writer_limit(self) -> int | None:
+        return self.run.max_event_bytes
+
+    def _store_marker(self, body: dict[str, Any]) -> None:
+        """Store a terminal error after the stored events, retrying until it is stored."""
+        event = Event(self.writer.next_seq, protocol.ERROR, protocol.encode(body))
+        outcome = self._store([event], None)
+        if outcome is Outcome.STORED:
+            log.info("stream %s ended %s in storage", self.run.stream_id, body["status"])
+        else:
+            log.error(
+                "stream %s: its %s marker could not be stored (%s)",
+                self.run.stream_id,
+                body["status"],
+                outcome.value,
+            )
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.run.release_storage()
+        try:
+            self.writer.close()
+        except Exception:  # pragma: no cover - close must not mask the outcome
+            log.exception("closing the writer of stream %s failed", self.run.stream_id)
+        if self._on_finished is not None:
+            self._on_finished(self)

@@ -1,0 +1,152 @@
+"""The run: bounded memory for slow readers, event size limits at emit time, runner options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flask_durable_stream import EventTooLarge, FlowContext, FlowError, InMemoryStreamManager
+from flask_durable_stream.run import Run, fit_error
+from flask_durable_stream.runner import Runner, runner_for
+
+KIB = 1024
+
+
+def test_a_reader_that_stops_reading_is_dropped_and_its_events_released() -> None:
+    run = Run("s", FlowContext("s"), buffer_limit=256 * KIB)
+    run.expect_storage()
+    dropped: list[bool] = []
+    stuck = run.batches(on_drop=lambda: dropped.append(True))
+    run.emit_chunk('"first"')
+    assert next(stuck)[0].seq == 0  # then its client stops reading
+    chunk = '"' + "x" * 1022 + '"'  # 1 KiB
+    for _ in range(4096):  # 4 MiB, stored as it goes; the reader never asks for more
+        run.emit_chunk(chunk)
+        run.mark_stored(run.count)
+    assert dropped == [True]  # its connection is closed once, past the bound
+    assert run.held_bytes <= 256 * KIB + 128 * KIB  # the bound, plus one release step
+    assert list(stuck) == []  # the dropped reader's response ends (no terminal frame)
+
+
+def test_events_not_yet_stored_are_kept_whatever_their_size() -> None:
+    run = Run("s", FlowContext("s"), buffer_limit=64 * KIB)
+    run.expect_storage()
+    for _ in range(512):
+        run.emit_chunk('"' + "x" * 1022 + '"')
+    assert run.held_bytes == 512 * KIB  # storage is behind: nothing may be dropped
+    run.mark_stored(run.count)
+    run.release()
+    assert run.held_bytes < 64 * KIB
+
+
+def test_a_reader_that_keeps_up_is_never_dropped() -> None:
+    run = Run("s", FlowContext("s"), buffer_limit=64 * KIB)
+    dropped: list[bool] = []
+    reader = run.batches(on_drop=lambda: dropped.append(True))
+    received = 0
+    for _ in range(2048):
+        run.emit_chunk('"' + "y" * 510 + '"')
+        received += len(next(reader))
+    run.finish(None)
+    received += sum(len(b) for b in reader)
+    assert received == 2049 and dropped == []
+    assert run.held_bytes < 64 * KIB + 64 * KIB
+
+
+class LimitedManager(InMemoryStreamManager):
+    backend_name = "Firestore"
+    max_event_bytes = 1_046_528
+
+
+@pytest.fixture
+def limited() -> Iterator[Runner]:
+    manager = LimitedManager()
+    runner = Runner(manager)
+    yield runner
+    runner.shutdown(5)
+    manager.close()
+
+
+def stored_and_live(runner: Runner, flow: Any) -> tuple[list[Any], Any]:
+    run = runner.start("f", flow, None)
+    assert run.wait(10) is not None
+    assert runner.tasks.join(10)
+    assert runner.manager is not None
+    stored = list(runner.manager.subscribe(run.stream_id))
+    assert run.terminal is not None and stored[-1] == run.terminal  # the same end for all
+    return stored, run.terminal.value
+
+
+def test_an_oversized_chunk_raises_at_the_line_that_emitted_it(limited: Runner) -> None:
+    seen: list[str] = []
+
+    def flow(data: Any, ctx: FlowContext) -> Any:
+        ctx.send_chunk("small")
+        try:
+            ctx.send_chunk("x" * 2_097_199)  # 2,097,201 bytes of JSON
+        except EventTooLarge as exc:
+            seen.append(exc.message)
+            raise
+        return "unreachable"
+
+    stored, terminal = stored_and_live(limited, flow)
+    message = "Chunk 1 is 2,097,201 bytes; the Firestore backend stores at most 1,046,528"
+    assert seen == [message]
+    assert terminal == {"status": "RESOURCE_EXHAUSTED", "message": message}
+    assert [e.kind for e in stored] == ["chunk", "error"]
+
+
+def test_a_flow_may_catch_the_size_error_and_go_on(limited: Runner) -> None:
+    def flow(data: Any, ctx: FlowContext) -> Any:
+        try:
+            ctx.send_chunk("é" * 600_000)  # 600,000 characters, 1,200,002 bytes
+        except EventTooLarge as exc:
+            ctx.send_chunk({"skipped": exc.size})
+        return "ok"
+
+    stored, terminal = stored_and_live(limited, flow)
+    assert stored[0].value == {"skipped": 1_200_002} and terminal == "ok"
+
+
+def test_an_oversized_output_ends_resource_exhausted(limited: Runner) -> None:
+    stored, terminal = stored_and_live(limited, lambda data: "o" * 5 * 1024 * 1024)
+    assert terminal == {
+        "status": "RESOURCE_EXHAUSTED",
+        "message": "Output is 5,242,882 bytes; the Firestore backend stores at most 1,046,528",
+    }
+
+
+def test_an_oversized_error_is_cut_to_fit(limited: Runner) -> None:
+    def flow(data: Any) -> Any:
+        raise FlowError("INVALID_ARGUMENT", "m" * 2_000_000, details={"big": "d" * 100})
+
+    stored, terminal = stored_and_live(limited, flow)
+    assert terminal["status"] == "INVALID_ARGUMENT" and "details" not in terminal
+    assert terminal["message"].startswith("mmm") and terminal["message"].endswith("…")
+    assert len(stored[-1].payload.encode()) <= 1_046_528
+
+
+def test_fit_error_keeps_a_body_that_fits() -> None:
+    body = {"status": "INTERNAL", "message": "short", "details": [1]}
+    assert fit_error(body, 100) is body and fit_error(body, None) is body
+
+
+def test_runner_for_refuses_conflicting_options() -> None:
+    manager = InMemoryStreamManager()
+    try:
+        runner = runner_for(manager, write_retry_timeout=60.0)
+        assert runner_for(manager) is runner  # no options: the existing runner
+        assert runner_for(manager, write_retry_timeout=60.0) is runner
+        with pytest.raises(ValueError, match="write_retry_timeout=5.0"):
+            runner_for(manager, write_retry_timeout=5.0)
+        runner.shutdown(1)
+    finally:
+        manager.close()
+
+
+def test_defaults_retry_storage_for_minutes() -> None:
+    runner = Runner(None)
+    assert runner.write_retry_timeout == 300.0 and runner.live_buffer_bytes == 2 * 1024 * 1024
+    runner.shutdown(0)
