@@ -136,29 +136,18 @@ def build_manager(app: Flask) -> StreamManager:
     if backend == "sqlite":
         from .managers.sqlite import SQLiteStreamManager
 
-        path = config["DURABLE_STREAM_SQLITE_PATH"] or os.path.join(
-            app.instance_path, "durable-streams.sqlite3"
-        )
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = config["DURABLE_STREAM_SQLITE_PATH"]
+        if not path:  # the default lives in the app's instance folder, created if needed
+            path = os.path.join(app.instance_path, "durable-streams.sqlite3")
+            os.makedirs(app.instance_path, exist_ok=True)
         return SQLiteStreamManager(path, ttl_seconds=ttl, timeout=timeout, lease_seconds=lease)
     if backend == "firestore":
         from .managers.firestore import FirestoreStreamManager
 
-        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"] or _env_project()
-        if not project:
-            raise ValueError(
-                "DURABLE_STREAM_BACKEND='firestore' needs a Google Cloud project: set"
-                " DURABLE_STREAM_FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT in the environment)"
-            )
-
-        def client() -> Any:
-            # Created lazily in each worker process (safe with gunicorn --preload).
-            from google.cloud import firestore
-
-            return firestore.Client(project=project)
-
+        # The client is created lazily in each worker process (safe with
+        # gunicorn --preload); credentials and project are checked now.
         return FirestoreStreamManager(
-            client=client,
+            project=config["DURABLE_STREAM_FIRESTORE_PROJECT"] or None,
             collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
             ttl_seconds=ttl,
             timeout=timeout,

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.cloud.firestore_v1.types import CommitRequest
 
 from flask_durable_stream import (
     Event,
+    EventTooLarge,
     FirestoreStreamManager,
     StorageUnavailable,
     StreamClosed,
-    StreamError,
     StreamManager,
 )
 from flask_durable_stream.managers.firestore_writer import store_events
@@ -51,12 +52,15 @@ class CommitSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, client: Any) -> None:
         self.calls: list[list[str]] = []
+        self.sizes: list[int] = []
         gapic = type(client._firestore_api)
         original = gapic.commit
 
         def commit(api: Any, request: Any = None, **kwargs: Any) -> Any:
             writes = request["writes"] if isinstance(request, dict) else request.writes
             self.calls.append([w.update.name or w.delete for w in writes])
+            message = CommitRequest(request) if isinstance(request, dict) else request
+            self.sizes.append(CommitRequest.pb(message).ByteSize())
             return original(api, request=request, **kwargs)
 
         monkeypatch.setattr(gapic, "commit", commit)
@@ -159,18 +163,60 @@ def test_live_subscriber_survives_listener_reanchoring(make: MakeManager) -> Non
     assert received == list(range(151))
 
 
-def test_oversized_event_is_rejected_and_large_ones_fit(make: MakeManager) -> None:
+def test_oversized_event_is_too_large_and_large_ones_fit(make: MakeManager) -> None:
     manager = make()
     sid = new_id()
     writer = manager.open(sid)
-    with pytest.raises(StreamError) as info:
-        writer.write("x" * (1024 * 1024))
-    assert info.value.status == "INVALID_ARGUMENT"
-    assert "document holds at most" in info.value.message
-    big = "y" * (900 * 1024)  # larger than a batch, smaller than a document: stored alone
-    writer.write(big)
+    chunk = "x" * (2 * 1024 * 1024 + 49)  # 2,097,201 bytes of JSON with its quotes
+    with pytest.raises(EventTooLarge) as info:
+        writer.write(chunk)
+    assert info.value.status == "RESOURCE_EXHAUSTED"
+    assert info.value.message == (
+        "Chunk 0 is 2,097,203 bytes; the Firestore backend stores at most 1,046,528"
+    )
+    largest = "y" * (manager.max_event_bytes - 2)  # exactly the limit, quotes included
+    writer.write(largest)
     writer.done("end")
-    assert [e.payload for e in manager.subscribe(sid)] == [f'"{big}"', '"end"']
+    assert [e.payload for e in manager.subscribe(sid)] == [f'"{largest}"', '"end"']
+
+
+def _fast(manager: FirestoreStreamManager, sid: str, chunks: int, size: int) -> list[Event]:
+    """Append as a runner does when the flow outpaces storage: big batches, back to back."""
+    writer = manager.open(sid)
+    text = "z" * (size - 2)
+    events = [Event(seq, "chunk", f'"{text}"') for seq in range(chunks)]
+    events.append(Event(chunks, "done", '"fin"'))
+    for start in range(0, len(events), 5000):
+        writer.append(events[start : start + 5000])
+    writer.close()
+    return events
+
+
+@pytest.mark.parametrize(("chunks", "size"), [(10_000, 1024), (100_000, 16)])
+def test_fast_large_stream_commits_under_the_grpc_limit_and_replays(
+    make: MakeManager, monkeypatch: pytest.MonkeyPatch, chunks: int, size: int
+) -> None:
+    manager = make()
+    spy = CommitSpy(monkeypatch, manager.client)
+    sid = new_id()
+    events = _fast(manager, sid, chunks, size)
+    assert list(manager.subscribe(sid)) == events
+    assert len(spy.sizes) > 1  # the buffer could not go in one commit
+    assert max(spy.sizes) < 4 * 1024 * 1024
+    assert max(map(len, spy.calls)) <= 500
+
+
+def test_a_retried_split_append_stores_each_event_once(make: MakeManager) -> None:
+    manager = make()
+    sid = new_id()
+    manager.open(sid)
+    events = [Event(seq, "chunk", '"' + "q" * 300 + '"') for seq in range(20_000)]
+    half = events[:12_000]
+    assert store_events(manager, sid, half) == 11_999  # several commits
+    # A retry that resends everything, as after a failure whose success went unseen.
+    assert store_events(manager, sid, events) == 19_999
+    stored = [e for doc in batch_docs(manager, sid) for e in doc["events"]]
+    assert [e["seq"] for e in stored] == list(range(20_000))
 
 
 def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManager) -> None:

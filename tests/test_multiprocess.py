@@ -6,10 +6,12 @@ with the worker pid (``%(p)s``) and the stream id of each request.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -387,53 +389,93 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
     assert ended.raw == follower[0].raw
 
 
-# -- storage that cannot be used: a clear error at startup --------------------------------------
+# -- storage that cannot be used at startup: the server boots, answers 503, recovers --------------
 
 
-def start_and_wait(kind: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    port = servers.free_port()
+def start(kind: str, env: dict[str, str]) -> servers.Server:
     if kind == "gunicorn":
-        args = servers.gunicorn_args(APP, port, workers=2)
-    else:
-        args = [servers.PYTHON, "-m", "example_app", "--port", str(port)]
-    return subprocess.run(
-        args,
+        port = servers.free_port()
+        return servers.Server(servers.gunicorn_args(APP, port, workers=2), port, env)
+    return servers.example_app(env)
+
+
+@contextlib.contextmanager
+def unwritable(db: Path) -> Iterator[Callable[[], None]]:
+    """Make ``db`` unwritable (root ignores modes: chattr +i); yield a function that undoes it."""
+    immutable = os.geteuid() == 0
+    if immutable and shutil.which("chattr") is None:
+        pytest.fail("running as root without chattr: cannot make a file read-only")
+    state = {"locked": True}
+
+    def unlock() -> None:
+        if state["locked"]:
+            state["locked"] = False
+            if immutable:
+                subprocess.run(["chattr", "-i", str(db)], check=True)
+            db.chmod(0o644)
+
+    db.chmod(0o444)
+    if immutable and subprocess.run(["chattr", "+i", str(db)]).returncode != 0:
+        pytest.fail("chattr +i failed (a file system without attributes?)")
+    try:
+        yield unlock
+    finally:
+        unlock()
+
+
+def assert_storage_unavailable(call: StreamCall, db: Path) -> None:
+    assert call.status == 503, call.raw
+    body = call.raw.decode()
+    assert "UNAVAILABLE" in body and "SQLite" in body, body
+    assert str(db.parent) not in body, body  # no path reaches a client
+
+
+@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
+def test_unwritable_database_at_startup_boots_then_recovers(kind: str, tmp_path: Path) -> None:
+    db = tmp_path / "streams.sqlite3"
+    with SQLiteStreamManager(db) as manager:
+        manager.open("before").done(None)
+    with unwritable(db) as unlock:
+        server = start(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(db)})
+        try:
+            assert_storage_unavailable(post_stream(server.url, "/flows/story", story(3, 0)), db)
+            unlock()  # the operator fixes the permissions; nothing is restarted
+            call = post_stream(server.url, "/flows/story", story(3, 0))
+        finally:
+            output = server.stop()
+    assert indexes(call) == [0, 1, 2] and call.terminal is not None, (call.raw, output)
+    assert call.terminal[0] == "done", call.raw
+
+
+@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
+def test_corrupt_database_at_startup_boots_then_recovers(kind: str, tmp_path: Path) -> None:
+    db = tmp_path / "streams.sqlite3"
+    db.write_bytes(b"this is not a database" * 300)
+    server = start(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(db)})
+    try:
+        call = post_stream(server.url, "/flows/story", story(3, 0))
+        assert_storage_unavailable(call, db)
+        assert "file is not a database" in call.raw.decode()
+        db.unlink()  # the operator removes the bad file
+        call = post_stream(server.url, "/flows/story", story(3, 0))
+    finally:
+        output = server.stop()
+    assert indexes(call) == [0, 1, 2] and call.terminal is not None, (call.raw, output)
+
+
+@pytest.mark.parametrize("path", ["missing/dir/streams.sqlite3", "."])
+def test_bad_sqlite_path_stops_the_server_naming_the_setting(path: str, tmp_path: Path) -> None:
+    port = servers.free_port()
+    done = subprocess.run(
+        [servers.PYTHON, "-m", "example_app", "--port", str(port)],
         cwd=servers.ROOT,
-        env={**os.environ, **env},
+        env={**os.environ, "FLASK_DURABLE_STREAM_SQLITE_PATH": str(tmp_path / path)},
         capture_output=True,
         text=True,
         timeout=60,
     )
-
-
-@pytest.fixture
-def read_only_db(tmp_path: Path) -> Iterator[Path]:
-    db = tmp_path / "streams.sqlite3"
-    SQLiteStreamManager(db).close()
-    db.chmod(0o444)
-    immutable = os.geteuid() == 0  # root ignores file modes: make the file immutable instead
-    if immutable:
-        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
-            pytest.skip("running as root without chattr +i: cannot make a file read-only")
-    yield db
-    if immutable:
-        subprocess.run(["chattr", "-i", str(db)], check=True)
-
-
-@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
-def test_corrupt_database_stops_the_server_at_startup(kind: str, tmp_path: Path) -> None:
-    db = tmp_path / "streams.sqlite3"
-    db.write_bytes(b"this is not a database" * 300)
-    done = start_and_wait(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(db)})
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert f"cannot use SQLite database '{db}': file is not a database" in output, output
-
-
-@pytest.mark.parametrize("kind", ["example_app", "gunicorn"])
-def test_read_only_database_stops_the_server_at_startup(kind: str, read_only_db: Path) -> None:
-    done = start_and_wait(kind, {"FLASK_DURABLE_STREAM_SQLITE_PATH": str(read_only_db)})
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
-    assert f"cannot use SQLite database '{read_only_db}'" in output, output
-    assert "readonly database" in output, output
+    assert "DURABLE_STREAM_SQLITE_PATH" in output, output
+    assert ("does not exist" if "missing" in path else "is a directory") in output, output
+    assert not (tmp_path / "missing").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,34 +119,66 @@ def test_restart_replays_finished_streams_byte_for_byte(db: Path) -> None:
     assert info is not None and info.status is StreamStatus.DONE and info.owner == "alice"
 
 
-def test_corrupt_file_is_a_clear_startup_error(db: Path) -> None:
+def test_corrupt_file_fails_calls_not_the_constructor(db: Path) -> None:
     db.write_bytes(b"this is not a database" * 300)
-    with pytest.raises(StorageUnavailable) as info:
-        SQLiteStreamManager(db)
-    assert str(db) in str(info.value) and "not a database" in str(info.value)
-    assert info.value.status == "UNAVAILABLE"
-
-
-def test_missing_directory_is_a_clear_startup_error(tmp_path: Path) -> None:
-    with pytest.raises(StorageUnavailable, match="unable to open"):
-        SQLiteStreamManager(tmp_path / "no" / "such" / "dir.db")
-
-
-def test_read_only_file_is_a_clear_startup_error(db: Path) -> None:
-    SQLiteStreamManager(db).close()
-    db.chmod(0o444)
-    immutable = os.geteuid() == 0  # root ignores file modes: make the file immutable instead
-    if immutable:
-        chattr = shutil.which("chattr")
-        if chattr is None or subprocess.run([chattr, "+i", str(db)]).returncode != 0:
-            pytest.skip("running as root without chattr +i: cannot make a file read-only")
-    try:
+    with SQLiteStreamManager(db) as manager:  # the worker boots
         with pytest.raises(StorageUnavailable) as info:
-            SQLiteStreamManager(db)
-        assert str(db) in str(info.value) and "readonly" in str(info.value)
+            manager.open("s")
+        assert "not a database" in str(info.value) and str(db) not in str(info.value)
+        assert info.value.status == "UNAVAILABLE"
+        db.unlink()  # an operator replaces the file: it works again, no restart
+        manager.open("s").done("ok")
+        assert [e.payload for e in manager.subscribe("s")] == ['"ok"']
+
+
+def test_missing_directory_names_the_setting_and_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="DURABLE_STREAM_SQLITE_PATH.*does not exist"):
+        SQLiteStreamManager(tmp_path / "no" / "such" / "dir.db")
+    assert not (tmp_path / "no").exists()
+
+
+def test_directory_path_says_it_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="DURABLE_STREAM_SQLITE_PATH.*is a directory"):
+        SQLiteStreamManager(tmp_path)
+
+
+@contextlib.contextmanager
+def read_only(*files: Path) -> Iterator[None]:
+    """Make files unwritable, even for root (which ignores file modes: chattr +i then)."""
+    immutable = os.geteuid() == 0
+    chattr = shutil.which("chattr")
+    if immutable and chattr is None:
+        pytest.fail("running as root without chattr: cannot make a file read-only")
+    changed = []
+    try:
+        for f in files:
+            if immutable:
+                if subprocess.run([str(chattr), "+i", str(f)]).returncode != 0:
+                    pytest.fail(f"chattr +i failed on {f} (a file system without attributes?)")
+            else:
+                f.chmod(0o444)
+            changed.append(f)
+        yield
     finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(db)], check=True)
+        for f in changed:
+            if immutable:
+                subprocess.run([str(chattr), "-i", str(f)], check=True)
+            else:
+                f.chmod(0o644)
+
+
+def test_read_only_file_fails_calls_then_recovers_by_itself(db: Path) -> None:
+    with SQLiteStreamManager(db) as first:
+        first.open("before").done(None)  # leaves a database, its WAL closed
+    with SQLiteStreamManager(db) as manager:
+        with read_only(db):
+            with pytest.raises(StorageUnavailable) as info:
+                manager.open("s")
+            message = str(info.value)
+            assert "readonly" in message or "read-only" in message, message
+            assert str(db.parent) not in message
+        manager.open("s").done("ok")  # writable again: the same manager works
+        assert [e.payload for e in manager.subscribe("s")] == ['"ok"']
 
 
 def test_exported_lazily_from_the_package() -> None:
@@ -492,3 +526,70 @@ def test_gc_ends_abandoned_open_streams_so_they_expire(tmp_path: Path) -> None:
         assert manager.gc() == 1
         assert manager.info("abandoned") is None
         assert manager.info("alive") is not None
+
+
+def test_wal_made_unwritable_mid_stream_is_transient_then_recovers(db: Path) -> None:
+    """Writes fail as StorageUnavailable while the WAL cannot be written, then resume.
+
+    (The ``-shm`` file is left alone: SQLite maps it into memory, and the kernel
+    answers a write to a mapping of a file made immutable with SIGBUS, which no
+    program can catch; see docs/sqlite.md.)
+    """
+    if os.geteuid() != 0:
+        pytest.skip("only root can make a file that is already open unwritable (chattr +i)")
+    with SQLiteStreamManager(db) as manager:
+        writer = manager.open("s")
+        writer.write("before")
+        wal = Path(f"{db}-wal")
+        with read_only(wal):
+            with pytest.raises(StorageUnavailable) as info:
+                for i in range(2000):  # until the WAL needs a write past what is cached
+                    writer.write("x" * 1000 + str(i))
+            assert str(db.parent) not in str(info.value)
+            failed_at = writer.next_seq  # the failed append changed nothing
+        writer.write("after")  # the same seq again, as the runner retries
+        writer.done("end")
+        replay = list(manager.subscribe("s"))
+    assert [e.seq for e in replay] == list(range(failed_at + 2))
+    assert replay[0].payload == '"before"' and replay[failed_at].payload == '"after"'
+    assert replay[-1].payload == '"end"'
+
+
+def test_declaring_a_producer_lost_never_waits_for_the_write_lock(db: Path) -> None:
+    """The follower gives up at once while another connection writes, and looks again.
+
+    Before, it queued the marking on its process's writer thread, which then
+    waited up to the busy timeout for the lock: every write of that process
+    (other producers' events and heartbeats) stalled behind it.
+    """
+    with (
+        SQLiteStreamManager(db, lease_seconds=0.2) as producer_side,
+        SQLiteStreamManager(db, lease_seconds=0.2, busy_timeout=60) as reader_side,
+    ):
+        producer_side.open("quiet").write("one")  # then its producer goes silent
+        attempts: list[bool] = []
+        original = reader_side._mark_lost
+
+        def counted(*args: object) -> bool:
+            result = original(*args)  # type: ignore[arg-type]
+            attempts.append(result)
+            return result
+
+        reader_side._mark_lost = counted  # type: ignore[method-assign]
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # a writer elsewhere holds the lock
+        sub = reader_side.subscribe("quiet")
+        assert next(sub).payload == '"one"'
+        got: list[Event] = []
+        follower = threading.Thread(target=lambda: got.extend(sub), daemon=True)
+        follower.start()
+        deadline = time.monotonic() + 30
+        while attempts.count(False) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert attempts.count(False) >= 3  # tried, found the lock taken, came back
+        assert reader_side._in_flight == 0  # nothing of it waits in the writer thread
+        blocker.execute("COMMIT")
+        blocker.close()
+        follower.join(30)
+    assert [(e.seq, e.kind) for e in got] == [(1, "error")]
+    assert got[0].value["status"] == "UNAVAILABLE"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from .. import protocol
-from ..exceptions import StreamClosed
+from ..exceptions import EventTooLarge, StreamClosed
 
 #: Stream ids travel in a header and end up in keys and paths: keep them boring.
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -46,6 +46,35 @@ _seq_of = operator.itemgetter(0)
 _kind_of = operator.itemgetter(1)
 
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
+
+
+_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "The output", protocol.ERROR: "The error"}
+
+
+def payload_bytes(payload: str) -> int:
+    return len(payload.encode("utf-8"))
+
+
+def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) -> None:
+    """Raise :class:`EventTooLarge` for the first event whose payload is over ``limit`` bytes.
+
+    Backends call it before any write, so an event that can never be stored is
+    a permanent error at once instead of a write retried until the lease ends.
+    """
+    if limit is None:
+        return
+    quick = limit // 4  # a payload this short cannot be over the limit in UTF-8
+    for event in events:
+        if len(event.payload) <= quick:
+            continue
+        size = payload_bytes(event.payload)
+        if size > limit:
+            what = _WHAT.get(event.kind, "Event {seq}").format(seq=event.seq)
+            raise EventTooLarge(
+                f"{what} is {size:,} bytes; the {backend} backend stores at most {limit:,}",
+                size=size,
+                limit=limit,
+            )
 
 
 def valid_stream_id(stream_id: str) -> bool:

@@ -33,6 +33,7 @@ from .firestore_io import (
     BATCHES,
     COMMIT_DOCS,
     DOC_LIMIT,
+    MAX_EVENT_BYTES,
     FieldFilter,
     at,
     batch_id,
@@ -48,6 +49,32 @@ from .firestore_writer import FirestoreStreamWriter
 __all__ = ["FirestoreStreamManager", "FirestoreStreamWriter"]
 
 
+def check_default_credentials(project: str | None) -> None:
+    """Fail now, naming the settings, if ``firestore.Client()`` could never be created.
+
+    ``firestore.Client()`` resolves credentials and the project when it is
+    created (nothing is sent to Firestore), so the same lookup here costs nothing
+    more and turns a 500 on every request into one clear startup error.
+    """
+    if os.environ.get("FIRESTORE_EMULATOR_HOST"):
+        return  # the emulator needs neither credentials nor a real project
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        _, found = google.auth.default()
+    except DefaultCredentialsError as exc:
+        raise ValueError(
+            "Firestore needs credentials: set GOOGLE_APPLICATION_CREDENTIALS (or run where "
+            "Application Default Credentials exist), or FIRESTORE_EMULATOR_HOST for the emulator"
+        ) from exc
+    if not (project or found or os.environ.get("GOOGLE_CLOUD_PROJECT")):
+        raise ValueError(
+            "Firestore needs a project: set DURABLE_STREAM_FIRESTORE_PROJECT (project=) "
+            "or GOOGLE_CLOUD_PROJECT"
+        )
+
+
 class FirestoreStreamManager(StreamManager):
     """Durable streams in Firestore, shared by every worker and host of an app.
 
@@ -60,14 +87,21 @@ class FirestoreStreamManager(StreamManager):
     buffered (also the size of a batch document). ``rpc_timeout``: seconds per
     Firestore call before StorageUnavailable. ``max_stream_seconds``: longest a
     stream may run; batch documents carry ``expiresAt = written + ttl_seconds +
-    max_stream_seconds`` for the TTL policy.
+    max_stream_seconds`` for the TTL policy. ``project``: the Google Cloud
+    project of the client created when neither ``client`` nor ``firebase_app``
+    is given; credentials are checked here (the same lookup ``firestore.Client()``
+    makes, with no request sent), so a deployment that can never work fails at
+    startup with the setting to fix, not on every request.
     """
+
+    max_event_bytes = MAX_EVENT_BYTES
 
     def __init__(
         self,
         *,
         client: Any = None,
         firebase_app: Any = None,
+        project: str | None = None,
         collection: str = "durable-streams",
         timeout: float = 60.0,
         ttl_seconds: float = 300.0,
@@ -93,6 +127,9 @@ class FirestoreStreamManager(StreamManager):
         self.batch_bytes = batch_bytes
         self.rpc_timeout = rpc_timeout
         self.max_stream_seconds = max_stream_seconds
+        self.project = project
+        if client is None and firebase_app is None:
+            check_default_credentials(project)
         self._source = client
         self._firebase_app = firebase_app
         self._client: Any = client if isinstance(client, firestore.Client) else None
@@ -135,7 +172,7 @@ class FirestoreStreamManager(StreamManager):
 
             return admin_firestore.client(self._firebase_app)
         with edge("create client"):
-            return firestore.Client()
+            return firestore.Client(project=self.project)
 
     def _meta_ref(self, stream_id: str) -> Any:
         return self.client.collection(self.collection).document(stream_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -32,13 +33,20 @@ except ImportError as exc:  # pragma: no cover - exercised by simulating the mis
     ) from exc
 
 from .._concurrency import gevent_patched
-from ..exceptions import StorageUnavailable, StreamClosed, StreamError, StreamExists, StreamNotFound
+from ..exceptions import (
+    StoragePermanentError,
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+    StreamExists,
+    StreamNotFound,
+)
 from .base import Event
 
 __all__ = [
     "BATCHES",
-    "COMMIT_BYTES",
     "COMMIT_DOCS",
+    "COMMIT_WIRE_BYTES",
     "DOC_EVENTS",
     "DOC_LIMIT",
     "MAX_EVENT_BYTES",
@@ -48,6 +56,8 @@ __all__ = [
     "edge",
     "ensure_grpc_gevent",
     "event_bytes",
+    "request_bytes",
+    "wire_bytes",
     "events_of",
     "firestore",
     "gexc",
@@ -72,13 +82,35 @@ def event_bytes(event: Event) -> int:
     return 4 + 8 + 5 + len(event.kind) + 1 + 8 + len(event.payload.encode("utf-8")) + 1
 
 
-#: The largest single event a batch document can hold.
+#: The largest event payload (UTF-8 bytes) a batch document can hold: the
+#: document limit less 2 KiB for its name, its other fields and the event's map.
 MAX_EVENT_BYTES = DOC_LIMIT - _DOC_OVERHEAD
-#: One commit stays under Firestore's 10 MiB request and 500 writes limits.
-COMMIT_BYTES = 8 * 1024 * 1024
+#: One commit's request stays under gRPC's default 4 MiB message limit (which
+#: the emulator enforces) and so under Firestore's 10 MiB request limit too.
+COMMIT_WIRE_BYTES = 3 * 1024 * 1024
+#: Firestore allows 500 writes per commit; one is kept for the metadata update.
 COMMIT_DOCS = 400
 #: Events per batch document: keeps index entries far below Firestore's 40,000 per document.
 DOC_EVENTS = 1000
+
+
+def wire_bytes(event: Event) -> int:
+    """An upper bound of one event's size in a commit request (protobuf map of three fields).
+
+    Larger than :func:`event_bytes` for small events: protobuf spends about 50
+    bytes of tags, lengths and field names per event, which is what made a
+    commit of 100,000 small events exceed the gRPC limit.
+    """
+    return 64 + len(event.payload.encode("utf-8"))
+
+
+def request_bytes(write: Any) -> int:
+    """The exact protobuf size of a write batch's writes (0 if the client hides them)."""
+    total = 0
+    for pb in getattr(write, "_write_pbs", ()):
+        raw = type(pb).pb(pb) if hasattr(type(pb), "pb") else pb
+        total += raw.ByteSize() + 6  # the repeated field's tag and length
+    return total
 
 
 def events_of(data: dict[str, Any]) -> list[Event]:
@@ -111,6 +143,15 @@ _UNAVAILABLE = (
 )
 
 
+log = logging.getLogger(__name__)
+
+
+def _code(exc: Any) -> str:
+    """The gRPC status name of a Google API error: what a client may learn about it."""
+    code = getattr(exc, "grpc_status_code", None)
+    return getattr(code, "name", None) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
     """Map Firestore's errors to ours, once, where they leave the client library.
@@ -118,6 +159,9 @@ def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
     ``conditional``: the call carries a precondition (``last_update_time``), so
     FAILED_PRECONDITION means "changed meanwhile" (:class:`StreamClosed`) rather
     than a deployment problem such as a missing index.
+
+    Messages that may reach clients carry the status name only: Google's own
+    messages can name hosts and addresses, so they go to the log.
     """
     try:
         yield
@@ -129,16 +173,35 @@ def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
         raise StreamNotFound(f"{what}: not found") from exc
     except gexc.FailedPrecondition as exc:
         if conditional:
-            raise StreamClosed(f"{what}: changed concurrently ({exc.message})") from exc
-        raise StreamError(f"{what}: {exc.message}", status="FAILED_PRECONDITION") from exc
+            raise StreamClosed(f"{what}: changed concurrently") from exc
+        log.error("Firestore %s: %s", what, exc.message)
+        raise StoragePermanentError(
+            f"{what}: Firestore refused the request (FAILED_PRECONDITION)"
+        ) from exc
+    except gexc.ResourceExhausted as exc:
+        if "exceeds maximum size" in str(exc.message):  # a request over gRPC's limit
+            log.error("Firestore %s: %s", what, exc.message)
+            raise StoragePermanentError(f"{what}: a request over Firestore's size limit") from exc
+        log.warning("Firestore %s: %s", what, exc.message)
+        raise StorageUnavailable(f"{what}: Firestore is throttling (RESOURCE_EXHAUSTED)") from exc
     except _UNAVAILABLE as exc:
-        raise StorageUnavailable(f"{what}: Firestore unavailable ({exc.message})") from exc
+        log.warning("Firestore %s: %s", what, exc.message)
+        raise StorageUnavailable(f"{what}: Firestore unavailable ({_code(exc)})") from exc
+    except (gexc.InvalidArgument, gexc.OutOfRange) as exc:
+        log.error("Firestore %s: %s", what, exc.message)
+        raise StoragePermanentError(f"{what}: Firestore rejected the data ({_code(exc)})") from exc
     except (gexc.PermissionDenied, gexc.Unauthenticated) as exc:
-        raise StreamError(f"{what}: {exc.message}", status="PERMISSION_DENIED") from exc
+        log.error("Firestore %s: %s", what, exc.message)
+        raise StoragePermanentError(
+            f"{what}: Firestore denied access ({_code(exc)}); check the credentials",
+            status="PERMISSION_DENIED",
+        ) from exc
     except gexc.GoogleAPICallError as exc:
-        raise StreamError(f"{what}: {exc.message}", status="INTERNAL") from exc
-    except (TimeoutError, ConnectionError) as exc:
-        raise StorageUnavailable(f"{what}: Firestore unavailable ({exc})") from exc
+        log.warning("Firestore %s: %s", what, exc.message)
+        raise StorageUnavailable(f"{what}: Firestore error ({_code(exc)})") from exc
+    except (TimeoutError, ConnectionError, OSError) as exc:
+        log.warning("Firestore %s: %s", what, exc)
+        raise StorageUnavailable(f"{what}: Firestore unreachable") from exc
 
 
 _gevent_lock = threading.Lock()

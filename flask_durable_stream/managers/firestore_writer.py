@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._concurrency import Task
+from .._retry import Backoff
 from ..exceptions import (
     StorageUnavailable,
     StreamClosed,
@@ -28,16 +29,17 @@ from ..exceptions import (
     StreamExists,
     StreamNotFound,
 )
-from .base import Event, StreamWriter, status_after
+from .base import Event, StreamWriter, check_event_sizes, status_after
 from .firestore_io import (
-    COMMIT_BYTES,
     COMMIT_DOCS,
+    COMMIT_WIRE_BYTES,
     DOC_EVENTS,
-    MAX_EVENT_BYTES,
     at,
     batch_id,
     edge,
     event_bytes,
+    request_bytes,
+    wire_bytes,
 )
 
 if TYPE_CHECKING:
@@ -62,14 +64,9 @@ class FirestoreStreamWriter(StreamWriter):
 
     # -- producing -----------------------------------------------------------
     def _append(self, events: Sequence[Event]) -> None:
-        for event in events:
-            size = event_bytes(event)
-            if size > MAX_EVENT_BYTES:
-                raise StreamError(
-                    f"event {event.seq} of stream {self.stream_id} is {size} bytes; a Firestore "
-                    f"document holds at most {MAX_EVENT_BYTES} bytes of events",
-                    status="INVALID_ARGUMENT",
-                )
+        # Before anything is buffered: an event no document can hold is a permanent
+        # error for this call, and the stream stays writable at the same seq.
+        check_event_sizes(events, self._manager.max_event_bytes, "Firestore")
         self._check_lease()
         with self._state:
             self._raise_if_ended()
@@ -198,61 +195,85 @@ class FirestoreStreamWriter(StreamWriter):
 
 # -- storage ------------------------------------------------------------------
 def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
-    """Commit contiguous events as new batch documents; return the last stored seq."""
-    batches = manager._batches_ref(stream_id)
+    """Commit contiguous events as new batch documents; return the last stored seq.
+
+    Large buffers take several commits, each under gRPC's message limit and
+    Firestore's write count. Document boundaries depend only on the events, and
+    documents are *created*, so a retry after any failure (even of a commit
+    that landed unseen) meets ALREADY_EXISTS and is reconciled by reading back.
+    """
     stored = events[0].seq - 1 if events else -1
-    while events:
-        docs = split(events, manager.batch_bytes)
-        group: list[list[Event]] = []
-        size = 0
-        for doc in docs:
-            if group and (size + doc[1] > COMMIT_BYTES or len(group) >= COMMIT_DOCS):
+    docs = split(events, manager.batch_bytes)
+    while docs:
+        count = _commit_size(docs)
+        while True:
+            write = _batch_write(manager, stream_id, docs[:count])
+            if count == 1 or request_bytes(write) <= COMMIT_WIRE_BYTES:
                 break
-            group.append(doc[0])
-            size += doc[1]
-        now = manager.now()
-        expires = at(now + manager.ttl_seconds + manager.max_stream_seconds)
-        write = manager.client.batch()
-        for part in group:
-            write.create(
-                batches.document(batch_id(part[0].seq)),
-                {
-                    "first_seq": part[0].seq,
-                    "last_seq": part[-1].seq,
-                    "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload} for e in part],
-                    "expiresAt": expires,
-                },
-            )
-        last = group[-1][-1]
-        if last.terminal:
-            write.update(
-                manager._meta_ref(stream_id),
-                {
-                    "status": status_after(last).value,
-                    "last_seq": last.seq,
-                    "updatedAt": at(now),
-                    "heartbeatAt": at(now),
-                    "expiresAt": at(now + manager.ttl_seconds),
-                },
-            )
+            count = max(1, count // 2)  # the estimate was short: never send an oversized request
         try:
             _commit(manager, write, f"append to stream {stream_id}")
-            stored = last.seq
+            stored = docs[count - 1][0][-1].seq
+            docs = docs[count:]
         except StreamExists:  # a retry of a commit that landed, or someone else wrote
             stored = _reconcile(manager, stream_id, events)
+            docs = split([e for e in events if e.seq > stored], manager.batch_bytes)
         except StreamNotFound:
             raise StreamClosed(f"stream {stream_id} no longer exists") from None
-        events = [e for e in events if e.seq > stored]
     return stored
+
+
+def _commit_size(docs: list[tuple[list[Event], int]]) -> int:
+    """How many of ``docs`` go in the next commit (at least one)."""
+    size = 0
+    for count, (part, _) in enumerate(docs):
+        size += sum(map(wire_bytes, part)) + 256  # the document's name and other fields
+        if count and (size > COMMIT_WIRE_BYTES or count >= COMMIT_DOCS):
+            return count
+    return len(docs)
+
+
+def _batch_write(
+    manager: FirestoreStreamManager, stream_id: str, docs: list[tuple[list[Event], int]]
+) -> Any:
+    batches = manager._batches_ref(stream_id)
+    now = manager.now()
+    expires = at(now + manager.ttl_seconds + manager.max_stream_seconds)
+    write = manager.client.batch()
+    for part, _ in docs:
+        write.create(
+            batches.document(batch_id(part[0].seq)),
+            {
+                "first_seq": part[0].seq,
+                "last_seq": part[-1].seq,
+                "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload} for e in part],
+                "expiresAt": expires,
+            },
+        )
+    last = docs[-1][0][-1]
+    if last.terminal:
+        write.update(
+            manager._meta_ref(stream_id),
+            {
+                "status": status_after(last).value,
+                "last_seq": last.seq,
+                "updatedAt": at(now),
+                "heartbeatAt": at(now),
+                "expiresAt": at(now + manager.ttl_seconds),
+            },
+        )
+    return write
 
 
 #: Quick retries of a commit that failed transiently (the runner retries longer).
 COMMIT_ATTEMPTS = 3
+_QUICK = Backoff(initial=0.05, maximum=0.5)
 
 
 def _commit(manager: FirestoreStreamManager, write: Any, what: str) -> None:
     """Commit, retrying a transient failure a few times: creates are idempotent
     (a retry of a commit that did land gets ALREADY_EXISTS and is reconciled)."""
+    delays = _QUICK.delays()
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             with edge(what):
@@ -261,11 +282,15 @@ def _commit(manager: FirestoreStreamManager, write: Any, what: str) -> None:
         except StorageUnavailable:
             if attempt == COMMIT_ATTEMPTS - 1:
                 raise
-            time.sleep(0.05 * 2**attempt)
+            time.sleep(next(delays))
 
 
 def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]]:
-    """Events per batch document, with each document's size."""
+    """Events per batch document, with each document's size.
+
+    Greedy, so the split of a prefix is a prefix of the split: a retry with
+    more events buffered recreates the same first documents.
+    """
     docs: list[tuple[list[Event], int]] = []
     current: list[Event] = []
     size = 0

@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import protocol
 from .._concurrency import Task, TaskGroup, gevent_patched
+from .._retry import Backoff
 from ..exceptions import (
     StorageUnavailable,
     StreamClosed,
@@ -51,6 +52,7 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_event_sizes,
     status_after,
 )
 
@@ -95,6 +97,12 @@ _READ_BATCH = 256
 _HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
 _RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
 _payload_of = operator.itemgetter(2)  # Event.payload
+#: SQLite's longest string or row (SQLITE_MAX_LENGTH, 1,000,000,000 bytes unless
+#: the library was built otherwise), less room for the row's other columns.
+_LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+MAX_EVENT_BYTES = _LENGTH_LIMIT - 1024
+#: A follower's next look after a lease check found the write lock taken.
+_BUSY = Backoff(initial=0.02, maximum=0.5)
 
 
 def _original(module: str, name: str) -> Any:
@@ -159,6 +167,48 @@ class _Signal:
             self._async.stop()
 
 
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; the next try may work."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # the connection is reopened, which rolls back anyway
+
+
+def check_path(path: str) -> None:
+    """Reject, when the manager is built, a path that no retry could ever make work.
+
+    A missing directory is not created: a typo in the setting would otherwise
+    scatter databases (and streams) over directories nobody looks at.
+    """
+    setting = "DURABLE_STREAM_SQLITE_PATH (SQLiteStreamManager path)"
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{setting} {path!r} is a directory; name a database file in it, "
+            f"e.g. {os.path.join(path, 'durable-streams.sqlite3')!r}"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"{setting} {path!r}: the directory {parent!r} does not exist; create it "
+            "(it is not created for you)"
+        )
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
+
+
 class _Request:
     __slots__ = ("op", "args", "stream_id", "done", "result", "error")
 
@@ -184,6 +234,8 @@ class SQLiteStreamManager(StreamManager):
     the last commits on power loss; ``"FULL"`` fsyncs every commit.
     """
 
+    max_event_bytes = MAX_EVENT_BYTES
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -208,6 +260,7 @@ class SQLiteStreamManager(StreamManager):
         self.path = os.fspath(path)
         if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
             raise ValueError("SQLiteStreamManager needs a file; use InMemoryStreamManager instead")
+        check_path(self.path)
         self.synchronous = synchronous.upper()
         if self.synchronous not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
@@ -231,8 +284,10 @@ class SQLiteStreamManager(StreamManager):
         self._stopping = threading.Event()
         self._closed = False
         self._readers: list[sqlite3.Connection] = []
-        self._queue: Any = None  # the writer thread's; None until started in this process
-        self._start()  # at once, so a bad file is reported by the constructor
+        # The writer thread's queue; None until the first write of this process
+        # starts it. Lazy, so a database that cannot be written right now does not
+        # stop a worker from booting: calls raise StorageUnavailable until it can.
+        self._queue: Any = None
         ref = weakref.ref(self)
 
         def after_fork() -> None:
@@ -270,13 +325,20 @@ class SQLiteStreamManager(StreamManager):
         return conn
 
     def _start(self) -> None:
-        """Open the writing connection and start the writer thread (caller holds no lock)."""
-        try:
-            conn = self._connect(writer=True)
-        except sqlite3.Error as exc:
-            raise StorageUnavailable(f"cannot use SQLite database {self.path!r}: {exc}") from exc
+        """Start the writer thread (caller holds _start_lock); it connects on its own."""
         self._queue = _RealQueue()
-        _real_start_thread(self._writer_loop, (conn,))
+        _real_start_thread(self._writer_loop, ())
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        try:
+            return self._connect(writer=True)
+        except sqlite3.Error as exc:
+            # The path goes to the log only: this message can reach HTTP clients.
+            log.warning("cannot open SQLite database %r for writing: %s", self.path, exc)
+            raise StorageUnavailable(
+                f"SQLite database cannot be opened for writing ({exc}); "
+                "check that the file and its directory are writable"
+            ) from exc
 
     def _after_fork(self) -> None:
         # Threads and SQLite connections do not survive fork(). The parent's
@@ -307,7 +369,8 @@ class SQLiteStreamManager(StreamManager):
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
-            raise StorageUnavailable(f"SQLite read failed on {self.path!r}: {exc}") from exc
+            log.warning("SQLite read failed on %r: %s", self.path, exc)
+            raise StorageUnavailable(f"SQLite read failed ({exc})") from exc
         with self._lock:
             if len(self._readers) < self.read_pool_size and not self._closed:
                 self._readers.append(conn)
@@ -332,9 +395,16 @@ class SQLiteStreamManager(StreamManager):
             raise request.error
         return request.result
 
-    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+    def _writer_loop(self) -> None:
+        """Take queued operations, commit them in groups; (re)connect when needed.
+
+        The connection is opened here, off the hub, and opened again after any
+        error other than a busy lock: a database that was unwritable (or whose
+        files were replaced) is used again as soon as it can be, with no restart.
+        """
         queue = self._queue
         stop: _Request | None = None
+        conn: sqlite3.Connection | None = None
         try:
             while stop is None:
                 batch = [queue.get()]
@@ -345,15 +415,27 @@ class SQLiteStreamManager(StreamManager):
                         break
                 if batch[-1].op is _stop:
                     stop = batch.pop()
-                if batch:
-                    self._commit(conn, batch)
+                if not batch:
+                    continue
+                if conn is None:
+                    try:
+                        conn = self._connect_writer()
+                    except StorageUnavailable as exc:
+                        self._answer(batch, exc)
+                        continue
+                if not self._commit(conn, batch):
+                    _close_quietly(conn)
+                    conn = None
         finally:
-            conn.close()  # the last connection to close checkpoints and removes the WAL
+            if conn is not None:
+                conn.close()  # the last connection to close checkpoints and removes the WAL
             if stop is not None:
                 stop.done.set()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Request]) -> bool:
+        """Run ``batch`` in one transaction; False if the connection should be reopened."""
         culprit: _Request | None = None
+        healthy = True
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -366,19 +448,30 @@ class SQLiteStreamManager(StreamManager):
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    _rollback_quietly(conn)
                 raise
             self.transactions += 1
             self.operations += len(batch)
         except Exception as exc:
             # Nothing of the batch was stored. A bug in one operation fails that one;
-            # storage trouble fails all as UNAVAILABLE, which callers retry.
-            error = StorageUnavailable(f"SQLite write failed on {self.path!r}: {exc}")
+            # storage trouble fails all as UNAVAILABLE, which callers retry. The
+            # path stays in the log: this message can reach HTTP clients.
+            log.warning("SQLite write failed on %r: %s", self.path, exc)
+            error = StorageUnavailable(f"SQLite write failed ({exc})")
             error.__cause__ = exc
             for request in batch:
                 request.result = None
                 fault = request is culprit and not isinstance(exc, sqlite3.Error)
                 request.error = exc if fault else error
+            healthy = not isinstance(exc, sqlite3.Error) or _busy(exc)
+        self._answer(batch)
+        return healthy
+
+    def _answer(self, batch: list[_Request], error: BaseException | None = None) -> None:
+        """Wake the callers of ``batch`` (failing them all with ``error`` if given)."""
+        if error is not None:
+            for request in batch:
+                request.result, request.error = None, error
         touched = {r.stream_id for r in batch if r.stream_id is not None and r.error is None}
         with self._lock:
             self._in_flight -= len(batch)
@@ -453,7 +546,7 @@ class SQLiteStreamManager(StreamManager):
             # StreamWriter.append checked that only the last event may be terminal.
             # JSON text never holds a raw NUL, which would end SQLite's string early.
             packed = _PACK.encode(list(map(_payload_of, events)))
-            if "\x00" not in packed:
+            if "\x00" not in packed and len(packed) * 4 < _LENGTH_LIMIT:
                 conn.execute(
                     _INSERT_PACKED,
                     (stream_id, events[0].seq, len(events) - 1, events[-1].kind, packed),
@@ -561,6 +654,7 @@ class SQLiteStreamManager(StreamManager):
             self._watchers.setdefault(stream_id, set()).add(signal)
         last_activity = time.monotonic()
         seen_heartbeat = None
+        busy = _BUSY.delays()
         try:
             while True:
                 signal.clear()  # before reading, so a commit after the read still wakes us
@@ -589,8 +683,11 @@ class SQLiteStreamManager(StreamManager):
                     seen_heartbeat, last_activity = heartbeat, time.monotonic()
                 lease_left = heartbeat + self.lease_seconds - self.now()
                 if lease_left < 0:
-                    self._submit(self._op_mark_lost, stream_id, token, info[4], stream_id=stream_id)
-                    continue
+                    if self._mark_lost(stream_id, token, info[4]):
+                        continue
+                    lease_left = next(busy)  # somebody is writing: look again shortly
+                else:
+                    busy = _BUSY.delays()
                 remaining = timeout - (time.monotonic() - last_activity)
                 if remaining <= 0:
                     raise StreamTimeout("Stream timed out.")
@@ -604,6 +701,47 @@ class SQLiteStreamManager(StreamManager):
                     watchers.discard(signal)
                     if not watchers:
                         del self._watchers[stream_id]
+
+    def _mark_lost(self, stream_id: str, token: int, last_seq: int) -> bool:
+        """End a stream whose producer's lease expired, from the follower, without waiting.
+
+        On a connection of its own with no busy wait, not through the writer
+        thread: if another connection holds the write lock (most likely the
+        producer, writing, hence alive) it gives up at once and the follower
+        looks again shortly. So a reader never waits for a lock, and never makes
+        this process's writes queue behind its attempt. True when the stream
+        should be read again now (marked, or changed meanwhile).
+        """
+        if self._closed:
+            raise StorageUnavailable("the SQLite stream manager is closed")
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"SQLite read failed ({exc})") from exc
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                marked = self._op_mark_lost(conn, stream_id, token, last_seq)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    _rollback_quietly(conn)
+                raise
+        except sqlite3.Error as exc:
+            if _busy(exc):
+                return False
+            log.warning("SQLite write failed on %r: %s", self.path, exc)
+            raise StorageUnavailable(f"SQLite write failed ({exc})") from exc
+        finally:
+            conn.close()
+        if marked:
+            with self._lock:
+                signals = list(self._watchers.get(stream_id, ()))
+            for signal in signals:
+                signal.set()
+        return True
 
     def _ensure_poller(self) -> None:
         with self._lock:
@@ -748,6 +886,7 @@ class _SQLiteWriter(StreamWriter):
 
     def _append(self, events: Sequence[Event]) -> None:
         manager = self._manager
+        check_event_sizes(events, manager.max_event_bytes, "SQLite")
         manager._submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )
