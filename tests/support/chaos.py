@@ -353,6 +353,11 @@ class Exchange:
         try:
             while data := self.response.read1(1 << 20):
                 self._feed(data)
+        except (http.client.HTTPException, ConnectionError) as exc:
+            raise AssertionError(
+                f"the server closed the connection mid-stream ({type(exc).__name__}) after"
+                f" {summary(bytes(self._raw))}"
+            ) from None
         finally:
             self.reply.ended_at = time.monotonic()
             self.reply.raw = bytes(self._raw)
