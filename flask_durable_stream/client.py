@@ -220,7 +220,10 @@ class FlowStream:
                 self.last_seq += 1  # frames are numbered 0, 1, 2... with no gaps
                 yield kind, value
             return
-        query = urllib.parse.urlencode({"streamId": self.stream_id, "after": self.last_seq})
+        params: dict[str, Any] = {"streamId": self.stream_id}
+        if self.last_seq >= 0:  # event ids are non-negative; no ``after``: from the start
+            params["after"] = self.last_seq
+        query = urllib.parse.urlencode(params)
         conn, response = self.client._request("GET", f"/{self.flow}/events?{query}")
         self._conn = conn
         if response.status == 204:

@@ -121,6 +121,19 @@ def size_error(what: str, payload: str, limit: int | None, backend: str) -> Even
     )
 
 
+def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    """``body``, made small enough to store: without ``details``, then with a shorter message."""
+    if limit is None or len(protocol.encode(body).encode()) <= limit:
+        return body
+    body = {k: v for k, v in body.items() if k != "details"}
+    message = str(body.get("message", ""))
+    while len(protocol.encode(body).encode()) > limit and message:
+        excess = len(protocol.encode(body).encode()) - limit
+        message = message[: max(0, len(message) - max(excess, 16) - 1)]
+        body["message"] = message + "…" if message else ""
+    return body
+
+
 def _yield_cpu() -> None:
     import time
 

@@ -7,8 +7,10 @@ has it and every attached live reader has passed it. A live reader that falls
 more than ``buffer_limit`` bytes behind (a client that stopped reading) is
 detached and its connection closed, so one silent client cannot make the
 process hold a whole long stream; it can reconnect and replay from storage.
-Events not yet stored are kept whatever their size: storage that is down is
-retried for ``write_retry_timeout`` with the events in memory.
+Events not yet stored are kept: storage that is down is retried for
+``write_retry_timeout`` with the events in memory. Storage that works but is
+slower than the flow makes the flow wait once it is ``STORAGE_BACKLOG_BYTES``
+ahead, so a fast flow cannot pile up a long stream in memory either.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from . import protocol
 from ._concurrency import gevent_patched
 from .exceptions import StreamClosed
-from .flows import FlowContext, size_error
+from .flows import FlowContext, fit_error, size_error
 from .managers.base import Event
 
 log = logging.getLogger("flask_durable_stream")
@@ -33,6 +35,11 @@ log = logging.getLogger("flask_durable_stream")
 DEFAULT_BUFFER_LIMIT = 2 * 1024 * 1024
 #: A reader takes at most this many payload bytes in one batch (one socket write).
 READ_BATCH_BYTES = 256 * 1024
+#: Seconds a live reader past the buffer bound may go without taking events before it is
+#: dropped (a reader that keeps taking them makes the flow wait instead).
+READER_GRACE = 2.0
+#: A flow this far ahead of working storage waits for it (not while storage is failing).
+STORAGE_BACKLOG_BYTES = 8 * 1024 * 1024
 #: Events are released in steps of at least this many payload bytes.
 RELEASE_MIN_BYTES = 64 * 1024
 #: Sequence numbers below this are "stored" for a run that has no storage.
@@ -42,12 +49,13 @@ _EVERYTHING = sys.maxsize
 class LiveReader:
     """A live reader's cursor. ``dropped`` once it fell too far behind."""
 
-    __slots__ = ("cursor", "dropped", "on_drop")
+    __slots__ = ("cursor", "dropped", "on_drop", "moved_at")
 
     def __init__(self, cursor: int, on_drop: Callable[[], None] | None) -> None:
         self.cursor = cursor
         self.dropped = False
         self.on_drop = on_drop
+        self.moved_at = time.monotonic()
 
 
 class Run:
@@ -67,6 +75,7 @@ class Run:
         buffer_limit: int | None = DEFAULT_BUFFER_LIMIT,
         max_event_bytes: int | None = None,
         backend: str = "storage",
+        reader_grace: float = READER_GRACE,
     ) -> None:
         self.stream_id = stream_id
         self.ctx = ctx
@@ -76,6 +85,9 @@ class Run:
         self.on_emit: Callable[[Run], None] | None = None  # called after every event
         self.live: LiveReader | None = None  # the reader attached when the run started
         self.buffer_limit = buffer_limit
+        self.reader_grace = reader_grace
+        self._reader_progress = threading.Event()  # a reader took a batch (wakes a pacing flow)
+        self._pacing = False
         self.max_event_bytes = max_event_bytes
         self.backend = backend
         self._events: list[Event] = []
@@ -85,6 +97,8 @@ class Run:
         self._total = 0  # payload bytes emitted
         self._trimmed_bytes = 0  # payload bytes before _base
         self._stored = _EVERYTHING  # events below this seq are in storage (or need none)
+        self.storage_failing = False  # set by the writer while it retries
+        self._progress = threading.Event()  # storage took more events (wakes a waiting flow)
         self._readers: list[LiveReader] = []
         self._waiters: list[threading.Event] = []
         self._check_at = self._check_step()
@@ -136,7 +150,7 @@ class Run:
             if lock is not None:
                 lock.release()
         if self._total >= self._check_at:
-            self.release()
+            self._check_memory()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -186,10 +200,40 @@ class Run:
     def mark_stored(self, next_seq: int) -> None:
         """Storage has every event below ``next_seq`` (``sys.maxsize``: needs none)."""
         self._stored = next_seq
+        self._progress.set()
+
+    def storage_backlog(self) -> int:
+        """Payload bytes emitted but not yet stored."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self._stored == _EVERYTHING:
+                return 0
+            return self._total - self._bytes_before(min(self._stored, self._count))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _wait_for_storage(self) -> None:
+        """Make the flow wait while it is far ahead of storage that is working.
+
+        While storage is failing the events wait in memory instead (the live
+        readers keep getting them); the writer gives up after its retry timeout.
+        """
+        waited = False
+        while not self.storage_failing and self.storage_backlog() > STORAGE_BACKLOG_BYTES:
+            self._progress.clear()
+            if self.storage_backlog() <= STORAGE_BACKLOG_BYTES:
+                break
+            self._progress.wait(1.0)  # re-checks storage_failing at least once a second
+            waited = True
+        if waited:
+            self.release()
 
     def release_storage(self) -> None:
         """Storage will take no more events of this run: keep none for it."""
-        self._stored = _EVERYTHING
+        self.mark_stored(_EVERYTHING)
         self.release()
 
     def since(self, seq: int, max_bytes: int | None = None) -> list[Event]:
@@ -215,14 +259,22 @@ class Run:
         limit = self.buffer_limit or DEFAULT_BUFFER_LIMIT
         return self._total + max(limit // 4, 64 * 1024)
 
+    def _check_memory(self) -> None:
+        """Every few hundred KiB emitted: release, pace or drop readers, wait for storage."""
+        can_wait = _may_block(self.cooperative)
+        self.release()
+        if self._readers and self.buffer_limit is not None:
+            self._keep_pace(self.buffer_limit, can_wait)
+        if can_wait:
+            self._wait_for_storage()
+
     def release(self) -> None:
-        """Detach readers that lag more than the limit; drop events nobody needs any more."""
+        """Drop the events that storage has and every live reader has passed."""
         lock = self._lock
         if lock is not None:
             lock.acquire()
         try:
             self._check_at = self._check_step()
-            dropped = self._drop_slow_readers()
             low = min([self._stored, self._count, *(r.cursor for r in self._readers)])
             cut = low - self._base
             # Small releases are not worth a list copy: a short run keeps its events.
@@ -234,28 +286,46 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
-        for reader in dropped:
+
+    def _keep_pace(self, limit: int, can_wait: bool) -> None:
+        """Readers more than ``limit`` behind get ``reader_grace`` seconds to move; else dropped.
+
+        A reader that moves (a client that reads, just slower than the flow) makes
+        the flow wait for it; one that does not (a client that stopped reading,
+        its task blocked on a full socket) is detached and its connection closed.
+        """
+        while True:
+            now = time.monotonic()
+            slow = [r for r in self._readers if self._total - self._bytes_before(r.cursor) > limit]
+            if not slow:
+                return
+            stuck = [r for r in slow if now - r.moved_at >= self.reader_grace]
+            if stuck:
+                self._drop(stuck, limit)
+                continue
+            if not can_wait:
+                return
+            self._pacing = True
+            self._reader_progress.clear()
+            self._reader_progress.wait(min(r.moved_at for r in slow) + self.reader_grace - now)
+            self._pacing = False
+
+    def _drop(self, readers: list[LiveReader], limit: int) -> None:
+        for reader in readers:
+            reader.dropped = True
+            self._readers.remove(reader)
+            log.warning(
+                "stream %s: a live client stopped reading %d bytes behind; closing its"
+                " connection (it can resume from storage)",
+                self.stream_id,
+                limit,
+            )
             if reader.on_drop is not None:
                 try:
                     reader.on_drop()
                 except Exception:  # pragma: no cover - closing must not hurt the flow
                     log.exception("closing a slow reader's connection failed")
-
-    def _drop_slow_readers(self) -> list[LiveReader]:
-        limit = self.buffer_limit
-        if limit is None or not self._readers:
-            return []
-        slow = [r for r in self._readers if self._total - self._bytes_before(r.cursor) > limit]
-        for reader in slow:
-            reader.dropped = True
-            self._readers.remove(reader)
-            log.warning(
-                "stream %s: a live reader fell more than %d bytes behind; closing its"
-                " connection (it can resume from storage)",
-                self.stream_id,
-                limit,
-            )
-        return slow
+        self.release()
 
     def _bytes_before(self, seq: int) -> int:
         index = seq - self._base
@@ -309,8 +379,16 @@ class Run:
                     return  # ended, and the caller already has the terminal event
                 if reader.dropped:
                     return
-                batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                try:
+                    batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                except LookupError:  # dropped (by another thread) and released meanwhile
+                    if reader.dropped:
+                        return
+                    raise
                 reader.cursor += len(batch)
+                reader.moved_at = time.monotonic()
+                if self._pacing:
+                    self._reader_progress.set()
                 yield batch
                 if batch[-1].terminal:
                     return
@@ -329,44 +407,13 @@ class Run:
         return self.terminal
 
 
-_malloc_trim: Any = None
+def _may_block(cooperative: bool) -> bool:
+    """False in gevent's hub (an async flow's chunks arrive in hub callbacks): no waiting there."""
+    if not cooperative:
+        return True
+    import gevent
+
+    return gevent.getcurrent() is not gevent.get_hub()
 
 
-def release_memory() -> None:
-    """Ask glibc to give freed heap memory back to the OS (a no-op elsewhere).
-
-    CPython frees a long stream's events, but glibc keeps the freed pages of
-    its arenas for reuse, so the worker's RSS would stay at its peak after one
-    large run. ``malloc_trim(0)`` returns them; it costs a few milliseconds on
-    a large heap, so the runner calls it only after a run of several MiB ends.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            import ctypes
-            import ctypes.util
-
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _malloc_trim = libc.malloc_trim
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:
-    """``body``, made small enough to store: without ``details``, then with a shorter message."""
-    if limit is None or len(protocol.encode(body).encode()) <= limit:
-        return body
-    body = {k: v for k, v in body.items() if k != "details"}
-    message = str(body.get("message", ""))
-    while len(protocol.encode(body).encode()) > limit and message:
-        excess = len(protocol.encode(body).encode()) - limit
-        message = message[: max(0, len(message) - max(excess, 16) - 1)]
-        body["message"] = message + "…" if message else ""
-    return body
-
-
-__all__ = ["DEFAULT_BUFFER_LIMIT", "LiveReader", "Run", "fit_error", "release_memory"]
+__all__ = ["DEFAULT_BUFFER_LIMIT", "LiveReader", "Run"]

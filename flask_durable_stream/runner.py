@@ -20,10 +20,11 @@ from typing import Any
 
 from . import protocol
 from ._concurrency import TaskGroup
+from ._memory import release_memory
 from .exceptions import FlowError, StoragePermanentError, StreamClosed, StreamError
 from .flows import Flow, FlowContext, call_flow
 from .managers.base import StreamManager
-from .run import DEFAULT_BUFFER_LIMIT, Run, release_memory
+from .run import DEFAULT_BUFFER_LIMIT, Run
 from .writer import RunWriter
 
 log = logging.getLogger("flask_durable_stream")

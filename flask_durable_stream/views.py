@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_input_stream
 
 from . import protocol
@@ -122,15 +122,14 @@ def _json_response(body: Any, status: int) -> Response:
 def public_error(exc: DurableStreamError, backend: str = "storage") -> dict[str, Any]:
     """The body a client sees for ``exc``.
 
-    A transient storage failure gets one fixed message: backends' own messages
-    may name a file, host or driver detail, and the client can only retry.
+    Backends word a :class:`StorageUnavailable` for clients (no file path, host
+    or credentials: the contract in :mod:`.managers.base`); an empty one gets a
+    generic message naming the backend.
     """
     if isinstance(exc, StorageUnavailable):
         log.warning("storage unavailable: %s", exc.message)
-        return {
-            "status": "UNAVAILABLE",
-            "message": f"The {backend} backend is unavailable; try again shortly.",
-        }
+        message = exc.message or f"The {backend} backend is unavailable; try again shortly."
+        return {"status": "UNAVAILABLE", "message": message}
     return exc.to_dict()
 
 
@@ -148,12 +147,16 @@ def _closer(environ: Mapping[str, Any]) -> Callable[[], None] | None:
     down wakes it with an error, which ends the response.
     """
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if not isinstance(sock, socket.socket):
+    # gevent's socket wraps the OS one as ``_sock``. Shutting that one down lets the
+    # blocked send fail as a client disconnect (EPIPE, which servers ignore) rather
+    # than gevent cancelling the wait with an error that servers log as a crash.
+    raw: Any = getattr(sock, "_sock", sock)
+    if not callable(getattr(raw, "shutdown", None)):
         return None
 
     def close() -> None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # already gone
 
@@ -438,10 +441,12 @@ class FlowEndpoint:
         too_large = InvalidRequest(
             f"Request body exceeds {limit} bytes.", status="RESOURCE_EXHAUSTED", http_status=413
         )
-        try:
-            stream = get_input_stream(request.environ, max_content_length=limit)
-        except RequestEntityTooLarge:  # Content-Length says so
-            raise too_large from None
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large
+        # Bounded by Content-Length, or by a server that decodes chunked bodies and says
+        # so (wsgi.input_terminated); empty otherwise. The limit is enforced below.
+        stream = get_input_stream(request.environ)
         parts: list[bytes] = []
         size = 0
         try:
@@ -451,8 +456,6 @@ class FlowEndpoint:
                     break
                 parts.append(part)
                 size += len(part)
-        except RequestEntityTooLarge:
-            raise too_large from None
         except ClientDisconnected:
             raise InvalidRequest("Request body ended early.") from None
         if size > limit:

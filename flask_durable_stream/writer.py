@@ -33,8 +33,9 @@ from typing import Any
 from . import protocol
 from ._retry import Backoff
 from .exceptions import StoragePermanentError, StreamClosed
+from .flows import fit_error
 from .managers.base import Event, StreamWriter
-from .run import Run, fit_error
+from .run import Run
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -210,6 +211,7 @@ class RunWriter:
                 self._rejected = exc
                 return Outcome.PERMANENT
             except Exception as exc:  # transient, known or not: retried
+                self.run.storage_failing = True
                 now = self._clock()
                 if self._failing_since is None:
                     self._failing_since = now
@@ -243,6 +245,7 @@ class RunWriter:
                 self._heartbeat_if_due()
                 continue
             self._failing_since = None
+            self.run.storage_failing = False
             return Outcome.STORED
 
     # -- heartbeats ------------------------------------------------------------

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from flask_durable_stream import EventTooLarge, FlowContext, FlowError, InMemoryStreamManager
-from flask_durable_stream.run import Run, fit_error
+from flask_durable_stream.flows import fit_error
+from flask_durable_stream.run import Run
 from flask_durable_stream.runner import Runner, runner_for
 
 KIB = 1024
 
 
 def test_a_reader_that_stops_reading_is_dropped_and_its_events_released() -> None:
-    run = Run("s", FlowContext("s"), buffer_limit=256 * KIB)
+    run = Run("s", FlowContext("s"), buffer_limit=256 * KIB, reader_grace=0.05)
     run.expect_storage()
     dropped: list[bool] = []
     stuck = run.batches(on_drop=lambda: dropped.append(True))
@@ -150,3 +152,49 @@ def test_defaults_retry_storage_for_minutes() -> None:
     runner = Runner(None)
     assert runner.write_retry_timeout == 300.0 and runner.live_buffer_bytes == 2 * 1024 * 1024
     runner.shutdown(0)
+
+
+def test_a_flow_far_ahead_of_working_storage_waits_for_it() -> None:
+    from flask_durable_stream.run import STORAGE_BACKLOG_BYTES
+
+    run = Run("s", FlowContext("s"), buffer_limit=None)
+    run.expect_storage()
+    waiting, done = threading.Event(), threading.Event()
+    real_wait = run._progress.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        waiting.set()  # the flow is about to wait for storage
+        return real_wait(timeout)
+
+    run._progress.wait = wait  # type: ignore[method-assign]
+    chunk = '"' + "x" * (64 * KIB - 2) + '"'
+
+    def flow() -> None:
+        for _ in range(512):  # 32 MiB, four times the backlog bound
+            run.emit_chunk(chunk)
+        done.set()
+        waiting.set()
+
+    thread = threading.Thread(target=flow)
+    thread.start()
+    waits = 0
+    while True:
+        assert waiting.wait(30)
+        waiting.clear()
+        if done.is_set():
+            break
+        waits += 1
+        backlog = run.storage_backlog()
+        assert STORAGE_BACKLOG_BYTES < backlog <= STORAGE_BACKLOG_BYTES + 640 * KIB
+        run.mark_stored(run.count)  # storage catches up; the flow goes on
+    thread.join()
+    assert waits >= 3
+
+
+def test_a_flow_does_not_wait_for_failing_storage() -> None:
+    run = Run("s", FlowContext("s"), buffer_limit=None)
+    run.expect_storage()
+    run.storage_failing = True  # the writer is retrying: events wait in memory instead
+    for _ in range(256):
+        run.emit_chunk('"' + "x" * (64 * KIB - 2) + '"')
+    assert run.storage_backlog() == 16 * 1024 * KIB

@@ -221,7 +221,9 @@ class StreamWriter:
         Failures follow the storage fault model (:mod:`..exceptions`):
         :class:`~.StorageUnavailable` when the same call may succeed later
         (retried), :class:`~.StoragePermanentError` (e.g. :class:`~.EventTooLarge`)
-        when it never can (the stream ends with that error).
+        when it never can (the stream ends with that error). Both messages reach
+        clients (a 503 body, a terminal error): they name the backend and the
+        problem, never a file path, host or credential.
         """
         if not events:
             return
