@@ -144,10 +144,16 @@ def build_manager(app: Flask) -> StreamManager:
     if backend == "firestore":
         from .managers.firestore import FirestoreStreamManager
 
+        project = config["DURABLE_STREAM_FIRESTORE_PROJECT"] or _env_project()
+        if not project:
+            raise ValueError(
+                "DURABLE_STREAM_BACKEND='firestore' needs a Google Cloud project: set"
+                " DURABLE_STREAM_FIRESTORE_PROJECT (or GOOGLE_CLOUD_PROJECT in the environment)"
+            )
         # The client is created lazily in each worker process (safe with
-        # gunicorn --preload); credentials and project are checked now.
+        # gunicorn --preload); the manager checks the credentials now.
         return FirestoreStreamManager(
-            project=config["DURABLE_STREAM_FIRESTORE_PROJECT"] or None,
+            project=project,
             collection=config["DURABLE_STREAM_FIRESTORE_COLLECTION"],
             ttl_seconds=ttl,
             timeout=timeout,

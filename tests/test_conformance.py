@@ -11,12 +11,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from flask_durable_stream import (
     Event,
+    EventTooLarge,
     FlowError,
+    StorageUnavailable,
     StreamClosed,
     StreamExists,
     StreamManager,
@@ -366,3 +369,90 @@ def test_abandoned_open_streams_go_away(make_manager: MakeManager) -> None:
         manager.subscribe(abandoned)
     info = manager.info(alive)  # a producer that keeps beating keeps its stream
     assert info is not None and info.status is StreamStatus.OPEN
+
+
+# -- the storage fault model ----------------------------------------------------------------------
+
+
+def test_an_event_over_max_event_bytes_is_too_large_and_the_stream_goes_on(
+    manager: StreamManager,
+) -> None:
+    """Checked by append itself, whatever the limit (lowered here to keep the test small)."""
+    manager.max_event_bytes = 4096
+    sid = new_id()
+    writer = manager.open(sid)
+    writer.write("before")
+    with pytest.raises(EventTooLarge) as info:
+        writer.append([Event(1, "chunk", '"ok"'), Event(2, "chunk", '"' + "é" * 2048 + '"')])
+    assert info.value.status == "RESOURCE_EXHAUSTED"
+    assert (info.value.size, info.value.limit) == (4098, 4096)  # UTF-8 bytes, not characters
+    assert info.value.message.startswith("Chunk 2 is 4,098 bytes; the ")
+    assert info.value.message.endswith(" backend stores at most 4,096")
+    assert writer.next_seq == 1  # nothing of the batch was taken: the same seq is free
+    writer.write("x" * 4094)  # exactly the limit is fine
+    with pytest.raises(EventTooLarge, match="^Output is "):
+        writer.done("y" * 4095)
+    writer.done("end")
+    assert collect(manager.subscribe(sid)) == [
+        (0, "chunk", '"before"'),
+        (1, "chunk", '"' + "x" * 4094 + '"'),
+        (2, "done", '"end"'),
+    ]
+
+
+def runner_like_batches(events: list[Event]) -> Iterator[list[Event]]:
+    """Batches of the sizes a runner hands over when a fast flow outpaces storage."""
+    sizes = [1, 3, 64, 1000, 7, 5000, 256, 20_000]
+    start = 0
+    for i in range(len(events)):
+        if start >= len(events):
+            return
+        end = min(len(events), start + sizes[i % len(sizes)])
+        yield events[start:end]
+        start = end
+
+
+@pytest.mark.parametrize(("chunks", "size"), [(10_000, 1024), (100_000, 16)])
+def test_a_large_fast_stream_replays_byte_for_byte(
+    manager: StreamManager, chunks: int, size: int
+) -> None:
+    sid = new_id()
+    writer = manager.open(sid)
+    events = [Event(seq, "chunk", f'"{seq:0{size - 2}d}"') for seq in range(chunks)]
+    events.append(Event(chunks, "done", f'{{"chunks":{chunks}}}'))
+    for batch in runner_like_batches(events):
+        writer.append(batch)
+    writer.close()
+    assert list(manager.subscribe(sid)) == events
+    assert list(manager.subscribe(sid, after=chunks - 2)) == events[-2:]
+
+
+def test_a_retried_append_after_a_transient_failure_is_idempotent(manager: StreamManager) -> None:
+    """The append reached storage but the caller saw an error: the retry stores nothing twice."""
+    sid = new_id()
+    writer = manager.open(sid)
+    writer.write("first")
+    original = writer._append
+    failures = []
+
+    def lands_then_fails(events: Any) -> None:
+        original(events)
+        if not failures:
+            failures.append(len(events))
+            raise StorageUnavailable("connection reset after the write")
+
+    writer._append = lands_then_fails  # type: ignore[method-assign]
+    batch = [Event(seq, "chunk", f'"b{seq}"') for seq in range(1, 6)]
+    with pytest.raises(StorageUnavailable):
+        writer.append(batch)
+    assert writer.next_seq == 1  # nothing of the writer's state moved
+    writer.append(batch)  # the runner's retry, the same events
+    writer.append([Event(6, "chunk", '"after"')])
+    writer.done("end")
+    writer.close()
+    assert collect(manager.subscribe(sid)) == [
+        (0, "chunk", '"first"'),
+        *[(seq, "chunk", f'"b{seq}"') for seq in range(1, 6)],
+        (6, "chunk", '"after"'),
+        (7, "done", '"end"'),
+    ]

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 from google.cloud.firestore_v1.types import CommitRequest
 
 from flask_durable_stream import (
+    DurableStream,
     Event,
     EventTooLarge,
     FirestoreStreamManager,
@@ -26,6 +28,7 @@ from flask_durable_stream import (
     StreamClosed,
     StreamManager,
 )
+from flask_durable_stream._retry import Backoff
 from flask_durable_stream.managers.firestore_writer import store_events
 from tests.support.firestore_emulator import FirestoreEmulator
 
@@ -376,8 +379,9 @@ def test_emulator_gone_is_storage_unavailable_at_the_edge(
         writer.done("lost")
     with pytest.raises(StorageUnavailable):
         next(live)  # the lease check has to ask storage, which is gone
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(StorageUnavailable) as info:
         manager.open(new_id())
+    assert str(private_emulator.port) not in info.value.message  # hosts stay in the log
     with pytest.raises(StorageUnavailable):
         manager.subscribe(sid)
     with pytest.raises(StorageUnavailable):
@@ -572,3 +576,42 @@ def test_cancel_stored_by_another_process_reaches_the_flow(make: MakeManager) ->
         assert runner.tasks.join(20)
     finally:
         runner.shutdown(5)
+
+
+def test_firestore_down_at_startup_then_up_needs_no_restart() -> None:
+    emulator = FirestoreEmulator()  # its port, before anything listens there
+    manager = FirestoreStreamManager(client=emulator.client, collection="late", rpc_timeout=2.0)
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            manager.open("s")
+        assert str(emulator.port) not in info.value.message
+        emulator.start()
+        try:
+            writer = None
+            delays = Backoff(initial=0.2, maximum=2.0).delays()
+            deadline = time.monotonic() + 60
+            while writer is None:  # as a client retries a 503: gRPC reconnects with backoff
+                try:
+                    writer = manager.open("s")
+                except StorageUnavailable:
+                    assert time.monotonic() < deadline, "never recovered"
+                    time.sleep(next(delays))
+            writer.done("ok")
+            assert [e.payload for e in manager.subscribe("s")] == ['"ok"']
+        finally:
+            emulator.stop()
+    finally:
+        manager.close()
+
+
+def test_without_credentials_or_project_construction_names_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="GOOGLE_APPLICATION_CREDENTIALS"):
+        FirestoreStreamManager()
+    app = Flask(__name__)
+    app.config.update(DURABLE_STREAM_BACKEND="firestore", DURABLE_STREAM_FIRESTORE_PROJECT="p")
+    with pytest.raises(ValueError, match="GOOGLE_APPLICATION_CREDENTIALS"):
+        DurableStream(app, flows={})

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 
-from flask_durable_stream import DurableStream, StorageUnavailable, StreamStatus
+from flask_durable_stream import (
+    DurableStream,
+    StoragePermanentError,
+    StorageUnavailable,
+    StreamStatus,
+)
 from flask_durable_stream.managers.redis import RedisStreamManager
 from tests.support import servers
 from tests.support.redis_server import RedisServer
@@ -117,3 +124,95 @@ def test_a_long_batch_that_fails_part_way_is_retried_without_duplicates(
     writer.done("end")
     stored = [e.payload for e in manager.subscribe("long")]
     assert stored == [str(seq) for seq in range(2500)] + ['"end"']
+
+
+def test_waiting_followers_hold_no_pooled_connection(redis_server: RedisServer) -> None:
+    """300 followers wait on a pool of 4 connections; new streams still open and complete.
+
+    Each follower used to block in an XREAD of its own, one pooled connection each:
+    past the pool's size, "Too many connections" for everyone, new streams too.
+    """
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    manager = RedisStreamManager(
+        url=redis_server.url, prefix=prefix, max_connections=4, pool_timeout=10
+    )
+    producer = RedisStreamManager(url=redis_server.url, prefix=prefix)
+    try:
+        writers = [producer.open(f"s{i}") for i in range(300)]
+        for writer in writers:
+            writer.write("first")
+        got: dict[int, list[str]] = {i: [] for i in range(300)}
+
+        def follow(i: int) -> None:
+            for event in manager.subscribe(f"s{i}"):
+                got[i].append(event.payload)
+
+        threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(300)]
+        for t in threads:
+            t.start()
+
+        def waiting() -> int:
+            reader = manager._reader()
+            with reader._lock:
+                return sum(len(w) for w in reader._waiters.values())
+
+        deadline = time.monotonic() + 60
+        while waiting() < 300 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert waiting() == 300  # every follower is caught up and waiting
+        fresh = manager.open("fresh")  # the pool still has room for real work
+        fresh.done("ok")
+        assert [e.payload for e in manager.subscribe("fresh")] == ['"ok"']
+        for writer in writers:
+            writer.write("second")
+            writer.done("end")
+        for t in threads:
+            t.join(60)
+        assert all(p == ['"first"', '"second"', '"end"'] for p in got.values())
+        assert len(manager.client.connection_pool._connections) <= 4
+    finally:
+        manager.close()
+        producer.close()
+
+
+def test_oversized_command_is_permanent_busy_redis_transient(manager: RedisStreamManager) -> None:
+    from redis.exceptions import ResponseError
+
+    def busy() -> None:
+        raise ResponseError("BUSY Redis is busy running a script.")
+
+    def refused() -> None:
+        raise ResponseError("ERR Protocol error: invalid bulk length at 127.0.0.1")
+
+    with pytest.raises(StorageUnavailable, match="busy"):
+        manager._call(busy)
+    with pytest.raises(StoragePermanentError) as info:
+        manager._call(refused)
+    assert "127.0.0.1" not in info.value.message
+
+
+def test_unreachable_message_names_no_host() -> None:
+    port = servers.free_port()
+    manager = RedisStreamManager(url=f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(StorageUnavailable) as info:
+        manager.open("x")
+    assert "127.0.0.1" not in info.value.message and str(port) not in info.value.message
+    manager.close()
+
+
+def test_redis_down_at_startup_then_up_needs_no_restart(tmp_path: Path) -> None:
+    port = servers.free_port()
+    manager = RedisStreamManager(url=f"redis://127.0.0.1:{port}/0", pool_timeout=1)
+    try:
+        with pytest.raises(StorageUnavailable):  # constructed fine; calls fail meanwhile
+            manager.open("s")
+        server = RedisServer(tmp_path, port=port)
+        try:
+            writer = manager.open("s")
+            writer.write("back")
+            writer.done(None)
+            assert [e.payload for e in manager.subscribe("s")] == ['"back"', "null"]
+        finally:
+            server.stop()
+    finally:
+        manager.close()

@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from flask_durable_stream import StorageUnavailable, StreamError, StreamExists, StreamNotFound
+from flask_durable_stream import (
+    Event,
+    EventTooLarge,
+    StoragePermanentError,
+    StorageUnavailable,
+    StreamError,
+    StreamExists,
+    StreamNotFound,
+)
 from flask_durable_stream.managers.base import StreamManager
 from flask_durable_stream.managers.rtdb import RtdbStreamManager
 from tests.backends.rtdb import RtdbServer
@@ -328,3 +336,67 @@ def test_under_gevent_monkey_patching(rtdb_server: RtdbServer, tmp_path: Path) -
     assert result["ticks"] > 10  # the hub kept running while readers waited on sockets
     assert result["follower_dead"] and result["leftover"] == []
     assert result["closed_in"] < 5  # keep-alives come every 30 s: it did not wait for a byte
+
+
+def test_an_event_over_10_mb_is_too_large_and_10_mb_is_stored(backend_rtdb: Make) -> None:
+    manager = backend_rtdb()
+    sid = new_id()
+    writer = manager.open(sid)
+    limit = 10 * 1024 * 1024
+    with pytest.raises(EventTooLarge) as info:
+        writer.write("x" * (limit - 1))  # with its quotes, one byte over
+    assert info.value.message == (
+        f"Chunk 0 is {limit + 1:,} bytes; the Realtime Database backend stores at most {limit:,}"
+    )
+    writer.write("y" * (limit - 2))  # exactly the limit: the server takes it
+    writer.done(None)
+    assert [len(e.payload) for e in manager.subscribe(sid)] == [limit, 4]
+
+
+def test_a_large_batch_is_split_into_writes_under_16_mb(
+    backend_rtdb: Make, rtdb_server: RtdbServer
+) -> None:
+    server = rtdb_server.require_hooks()
+    manager = backend_rtdb(linger=0)
+    sid = new_id()
+    writer = manager.open(sid)
+    events = [Event(seq, "chunk", '"' + "z" * (1024 * 1024) + '"') for seq in range(40)]
+    events.append(Event(40, "done", '"end"'))
+    server.reset_log()
+    writer.append(events)  # 40 MiB at once, as a runner hands over a backlog
+    patches = [size for size in server.body_sizes if size > 1024 * 1024]
+    assert len(patches) >= 3 and max(patches) <= 16 * 1024 * 1024
+    assert list(manager.subscribe(sid)) == events
+
+
+def test_refused_data_is_permanent_and_names_no_url(backend_rtdb: Make) -> None:
+    from flask_durable_stream.managers.rtdb import call
+
+    manager = backend_rtdb()
+    bad = manager.root.child("bad")  # type: ignore[attr-defined]
+    with pytest.raises(StoragePermanentError) as info:
+        call(bad.set, {"a" * 769: 1})  # a key over the service's 768 bytes
+    assert "127.0.0.1" not in info.value.message and "http" not in info.value.message
+
+
+def test_database_down_at_startup_then_up_needs_no_restart() -> None:
+    import firebase_admin
+
+    from tests.support import servers
+    from tests.support.rtdb_server import RtdbProtocolServer
+
+    port = servers.free_port()
+    app = firebase_admin.initialize_app(
+        options={"databaseURL": f"http://127.0.0.1:{port}?ns=late"}, name=f"late-{new_id()}"
+    )
+    manager = RtdbStreamManager(firebase_app=app, linger=0)  # nothing sent yet
+    try:
+        with pytest.raises(StorageUnavailable) as info:
+            manager.open("s")
+        assert str(port) not in info.value.message
+        with RtdbProtocolServer(port=port, namespace="late"):
+            manager.open("s").done("ok")
+            assert [e.payload for e in manager.subscribe("s")] == ['"ok"']
+    finally:
+        manager.close()
+        firebase_admin.delete_app(app)

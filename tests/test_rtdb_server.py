@@ -297,3 +297,45 @@ def test_firebase_admin_db_as_a_client(
         assert ref.get() is None
     finally:
         firebase_admin.delete_app(app)
+
+
+# -- the real service's documented limits ---------------------------------------------------------
+
+
+def test_a_write_over_256_mb_gets_the_services_error(proto: RtdbProtocolServer) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection(proto.host, proto.port, timeout=10)
+    conn.putrequest("PATCH", "/big.json")
+    conn.putheader("Content-Length", str(256 * 1024 * 1024 + 1))
+    conn.endheaders()  # refused on the length alone, before any byte of the body
+    response = conn.getresponse()
+    assert response.status == 400
+    error = "Data to write exceeds the maximum size that can be modified with a single request."
+    assert json.loads(response.read()) == {"error": error}
+    conn.close()
+
+
+def test_a_string_over_10_mb_is_invalid_data_and_10_mb_is_fine(base: str) -> None:
+    limit = 10 * 1024 * 1024
+    fine = requests.put(url(base, "/s"), data=json.dumps("é" * (limit // 2)), timeout=30)
+    assert fine.status_code == 200
+    over = requests.put(url(base, "/s"), data=json.dumps("é" * (limit // 2) + "x"), timeout=30)
+    assert over.status_code == 400
+    assert over.json()["error"].startswith("Invalid data;")
+    assert requests.get(url(base, "/s"), timeout=30).json() == "é" * (limit // 2)  # unchanged
+
+
+def test_keys_over_768_bytes_and_paths_32_deep_are_invalid_data(base: str) -> None:
+    long_key = "k" * 769
+    assert requests.put(url(base, "/" + "k" * 768), data="1", timeout=5).status_code == 200
+    assert requests.put(url(base, "/" + long_key), data="1", timeout=5).status_code == 400
+    patch = requests.patch(url(base), data=json.dumps({"a": {long_key: 1}}), timeout=5)
+    assert patch.status_code == 400
+    depth = len(base.split("/")) - 3  # the node of this test is one level below the root
+    nested: Any = 1
+    for _ in range(31 - depth - 1):  # a leaf 31 levels deep: base, "ok", then "n"s
+        nested = {"n": nested}
+    assert requests.put(url(base, "/ok"), data=json.dumps(nested), timeout=5).status_code == 200
+    too_deep = requests.put(url(base, "/no"), data=json.dumps({"n": nested}), timeout=5)
+    assert too_deep.status_code == 400 and too_deep.json()["error"].startswith("Invalid data;")

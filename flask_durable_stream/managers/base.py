@@ -48,11 +48,11 @@ _kind_of = operator.itemgetter(1)
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
 
-_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "The output", protocol.ERROR: "The error"}
+_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "Output", protocol.ERROR: "Error"}
 
 
 def payload_bytes(payload: str) -> int:
-    return len(payload.encode("utf-8"))
+    return len(payload.encode("utf-8", "surrogatepass"))
 
 
 def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) -> None:

@@ -95,6 +95,7 @@ class FirestoreStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "Firestore"
 
     def __init__(
         self,

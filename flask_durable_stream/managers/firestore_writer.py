@@ -66,7 +66,7 @@ class FirestoreStreamWriter(StreamWriter):
     def _append(self, events: Sequence[Event]) -> None:
         # Before anything is buffered: an event no document can hold is a permanent
         # error for this call, and the stream stays writable at the same seq.
-        check_event_sizes(events, self._manager.max_event_bytes, "Firestore")
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
         self._check_lease()
         with self._state:
             self._raise_if_ended()

@@ -26,6 +26,7 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_event_sizes,
     status_after,
 )
 
@@ -248,6 +249,7 @@ class _MemoryWriter(StreamWriter):
         self._stream = stream
 
     def _append(self, events: Sequence[Event]) -> None:
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
         self._manager._append(self._stream, events)
 
     def heartbeat(self) -> bool:

@@ -15,20 +15,33 @@ retried batch identical to what is stored) and its effects are atomic. A
 finished stream's keys get a Redis TTL, so Redis itself deletes them; ``gc()``
 tidies the index and ends abandoned open streams. Subscribers read stored events
 with ``XRANGE``, then wait in a blocking ``XREAD`` that returns the new entries
-themselves (one round trip per live chunk, from a producer in any process); when
-nothing came for a second they check the producer's heartbeat and the lease.
-Each waiting follower holds one connection of the pool.
+themselves; when nothing came for a second they check the producer's heartbeat
+and the lease. The waiting is shared: one reader task per process blocks on
+every watched stream and hands the entries to the followers
+(:mod:`.redis_reader`), so followers hold no connection while they wait.
+
+Connection budget, per process: one connection for the shared reader, plus
+one per Redis command in flight (each taken from the pool for that command
+only). Built from a URL, the pool is a ``BlockingConnectionPool`` of
+``max_connections`` (50): a burst past it waits up to ``pool_timeout`` seconds
+for a free connection instead of failing, and only then raises
+:class:`StorageUnavailable`, which the runner retries. Plan
+``workers x max_connections`` below Redis's ``maxclients`` (10,000 by default).
+See ``docs/redis.md`` and ``docs/backend-limits.md``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .. import protocol
 from ..exceptions import (
+    StoragePermanentError,
     StorageUnavailable,
     StreamClosed,
     StreamExists,
@@ -42,95 +55,26 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_event_sizes,
+    payload_bytes,
     status_after,
 )
+from .redis_reader import PAGE as _PAGE
+from .redis_reader import SharedReader, poke_key
+from .redis_scripts import _APPEND, _CANCEL, _HEARTBEAT, _MARK_LOST, _OPEN
 
-_PAGE = 1000
+log = logging.getLogger(__name__)
+
 _APPEND_PAGE = 1000  # events per append script
+#: Payload bytes per append script: a script blocks Redis while it runs, and its
+#: arguments are one request in Redis's query buffer (1 GiB at most by default).
+_APPEND_PAGE_BYTES = 8 * 1024 * 1024
+#: Redis's largest string (``proto-max-bulk-len``, 512 MiB by default): a payload
+#: is one argument of the append script and one field of a stream entry.
+MAX_EVENT_BYTES = 512 * 1024 * 1024
+#: Replies of a Redis that is busy or failing over: the same command may work later.
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "OOM", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 _LONGEST_WAIT = 1.0  # a blocked follower re-checks heartbeat and lease at least this often
-
-# KEYS: meta, events, index. ARGV: id, token, owner ("" for none), now.
-_OPEN = """
-local expires = redis.call('HGET', KEYS[1], 'expires_at')
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if expires == false or expires == '' or tonumber(expires) > tonumber(ARGV[4]) then
-    return 0
-  end
-  redis.call('DEL', KEYS[1], KEYS[2])
-end
-redis.call('HSET', KEYS[1], 'token', ARGV[2], 'status', 'open', 'owner', ARGV[3],
-  'created_at', ARGV[4], 'updated_at', ARGV[4], 'heartbeat_at', ARGV[4], 'expires_at', '',
-  'cancel', '0', 'last_seq', '-1')
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-return 1
-"""
-
-# KEYS: meta, events. ARGV: token, now, ttl_ms, expires_at, terminal_status ('' if none),
-# first_seq, then kind, payload pairs. Returns 'ok', 'gone', 'ended' or 'conflict'.
-_APPEND = """
-local meta = redis.call('HMGET', KEYS[1], 'token', 'status', 'last_seq')
-if meta[1] == false or meta[1] ~= ARGV[1] then return 'gone' end
-local last = tonumber(meta[3])
-local first = tonumber(ARGV[6])
-local count = (#ARGV - 6) / 2
-local stored = math.max(0, math.min(count, last + 1 - first))
-if stored > 0 then
-  local have = redis.call('XRANGE', KEYS[2], '0-' .. (first + 1), '0-' .. (first + stored))
-  if #have ~= stored then return 'conflict' end
-  for i = 1, stored do
-    local fields = have[i][2]
-    if fields[2] ~= ARGV[5 + 2 * i] or fields[4] ~= ARGV[6 + 2 * i] then return 'conflict' end
-  end
-end
-if stored == count then return 'ok' end
-if meta[2] ~= 'open' then return 'ended' end
-for i = stored + 1, count do
-  redis.call('XADD', KEYS[2], '0-' .. (first + i), 'k', ARGV[5 + 2 * i], 'p', ARGV[6 + 2 * i])
-end
-local seq = first + count - 1
-redis.call('HSET', KEYS[1], 'last_seq', seq, 'updated_at', ARGV[2], 'heartbeat_at', ARGV[2])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[5], 'expires_at', ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return 'ok'
-"""
-
-# KEYS: meta. ARGV: token, now. Returns 1 (cancel requested), 0, or -1 (not this producer's).
-_HEARTBEAT = """
-local meta = redis.call('HMGET', KEYS[1], 'token', 'status', 'cancel')
-if meta[1] == false or meta[1] ~= ARGV[1] or meta[2] ~= 'open' then return -1 end
-redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[2])
-return tonumber(meta[3])
-"""
-
-# KEYS: meta. ARGV: now. Returns 1 (raised), 0 (already ended) or -1 (unknown/expired).
-_CANCEL = """
-local meta = redis.call('HMGET', KEYS[1], 'status', 'expires_at')
-if meta[1] == false then return -1 end
-if meta[2] ~= '' and tonumber(meta[2]) <= tonumber(ARGV[1]) then return -1 end
-if meta[1] ~= 'open' then return 0 end
-redis.call('HSET', KEYS[1], 'cancel', '1', 'updated_at', ARGV[1])
-return 1
-"""
-
-# KEYS: meta, events. ARGV: token, last_seq seen, now, lease, payload, ttl_ms, expires_at.
-# Ends the stream with the "producer lost" event only if it is still open, at the same
-# seq, and its heartbeat is still stale. Returns 1 if it did.
-_MARK_LOST = """
-local meta = redis.call('HMGET', KEYS[1], 'token', 'status', 'last_seq', 'heartbeat_at')
-if meta[1] == false or meta[1] ~= ARGV[1] or meta[2] ~= 'open' then return 0 end
-if meta[3] ~= ARGV[2] then return 0 end
-if tonumber(meta[4]) + tonumber(ARGV[4]) >= tonumber(ARGV[3]) then return 0 end
-local seq = tonumber(meta[3]) + 1
-redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'k', 'error', 'p', ARGV[5])
-redis.call('HSET', KEYS[1], 'last_seq', seq, 'status', 'error', 'updated_at', ARGV[3],
-  'expires_at', ARGV[7])
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-return 1
-"""
 
 
 def _text(value: Any) -> str:
@@ -156,8 +100,15 @@ class RedisStreamManager(StreamManager):
     """Durable streams in Redis, shared by every worker of every host that reaches it.
 
     ``client``: a ``redis.Redis`` (or a factory of one); else one is built from
-    ``url`` (``redis://host:6379/0``). ``prefix`` namespaces the keys.
+    ``url`` (``redis://host:6379/0``) on a ``BlockingConnectionPool`` of
+    ``max_connections`` that waits up to ``pool_timeout`` seconds for a free
+    connection. ``prefix`` namespaces the keys. Nothing is sent to Redis here:
+    a server that is down at startup makes calls raise StorageUnavailable until
+    it is back.
     """
+
+    max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "Redis"
 
     def __init__(
         self,
@@ -169,6 +120,8 @@ class RedisStreamManager(StreamManager):
         ttl_seconds: float = 300.0,
         lease_seconds: float = 10.0,
         heartbeat_interval: float | None = None,
+        max_connections: int = 50,
+        pool_timeout: float = 5.0,
     ) -> None:
         super().__init__(
             timeout=timeout,
@@ -179,10 +132,14 @@ class RedisStreamManager(StreamManager):
         import redis
 
         self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._reply_error = redis.exceptions.ResponseError
         if client is None:
             if url is None:
                 raise ValueError("RedisStreamManager needs a client or a url")
-            client = redis.Redis.from_url(url)
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=pool_timeout
+            )
+            client = redis.Redis(connection_pool=pool)
         elif callable(client) and not isinstance(client, redis.Redis):
             client = client()
         self.client = client
@@ -198,6 +155,18 @@ class RedisStreamManager(StreamManager):
                 ("mark_lost", _MARK_LOST),
             )
         }
+        self._reader_lock = threading.Lock()
+        self._shared: SharedReader | None = None
+
+    def _reader(self) -> SharedReader:
+        """This process's shared reader (a forked child makes its own)."""
+        shared = self._shared
+        if shared is not None and shared.pid == os.getpid():
+            return shared
+        with self._reader_lock:
+            if self._shared is None or self._shared.pid != os.getpid():
+                self._shared = SharedReader(self.client, poke_key(self.prefix), self._call, _event)
+            return self._shared
 
     # -- plumbing --------------------------------------------------------------------------
     def _keys(self, stream_id: str) -> list[str]:
@@ -205,11 +174,25 @@ class RedisStreamManager(StreamManager):
         return [f"{base}:meta", f"{base}:events"]
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one Redis call; connection trouble becomes :class:`StorageUnavailable`."""
+        """Run one Redis call, mapping its errors to the fault model.
+
+        Unreachable, timed out, pool exhausted, busy, loading or failing over:
+        :class:`StorageUnavailable` (retried). Any other error reply (an
+        argument Redis refuses): :class:`StoragePermanentError`. Redis's own
+        text, which can name the host, goes to the log, not to clients.
+        """
         try:
             return fn(*args, **kwargs)
         except self._redis_errors as exc:
-            raise StorageUnavailable(f"Redis unavailable: {exc}") from exc
+            log.warning("Redis unavailable: %s", exc)
+            raise StorageUnavailable(f"Redis unavailable ({type(exc).__name__})") from exc
+        except self._reply_error as exc:
+            code = str(exc).split(" ", 1)[0].upper()
+            if code in _TRANSIENT_REPLIES:
+                log.warning("Redis is busy: %s", exc)
+                raise StorageUnavailable(f"Redis is busy ({code})") from exc
+            log.error("Redis refused a command: %s", exc)
+            raise StoragePermanentError(f"Redis refused the command ({code})") from exc
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return self._call(self._scripts[name], keys=keys, args=args)
@@ -261,25 +244,22 @@ class RedisStreamManager(StreamManager):
     def _follow(
         self, stream_id: str, token: str, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
-        meta_key, events_key = self._keys(stream_id)
+        events_key = self._keys(stream_id)[1]
         last_activity = time.monotonic()
         seen_heartbeat = None
-        # Stored events first; from then on one blocking XREAD per wake-up delivers the
-        # new entries themselves, so a live chunk costs a follower one round trip.
-        entries = self._call(self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE)
+        # Stored events first; then the shared reader hands over new entries as they
+        # come, from a producer in any process, with no connection held meanwhile.
+        batch = self._range(events_key, cursor)
         while True:
             wait = _LONGEST_WAIT
-            if entries:
-                batch = [_event(entry_id, fields) for entry_id, fields in entries]
+            if batch:
                 yield batch  # a page at a time: the HTTP layer sends it in one write
                 if batch[-1].terminal:
                     return
                 cursor = batch[-1].seq
                 last_activity = time.monotonic()
-                if len(entries) == _PAGE:  # more may be stored: read on without waiting
-                    entries = self._call(
-                        self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE
-                    )
+                if len(batch) >= _PAGE:  # more may be stored: read on without waiting
+                    batch = self._range(events_key, cursor)
                     continue
                 # The producer just wrote, so its lease is fresh; it is checked when quiet.
             else:
@@ -287,6 +267,10 @@ class RedisStreamManager(StreamManager):
                 if meta is None or meta["token"] != token:
                     raise StreamNotFound(f"stream {stream_id} not found")
                 last_seq = int(meta["last_seq"])
+                if last_seq > cursor:  # written since our read: read, do not wait
+                    batch = self._range(events_key, cursor)
+                    if batch:
+                        continue
                 if meta["status"] != StreamStatus.OPEN.value and last_seq <= cursor:
                     return  # the caller already has the terminal event
                 heartbeat = float(meta["heartbeat_at"])
@@ -295,21 +279,19 @@ class RedisStreamManager(StreamManager):
                 now = self.now()
                 lease_left = heartbeat + self.lease_seconds - now
                 if lease_left < 0 and last_seq <= cursor:
-                    self._mark_lost(stream_id, meta, now)  # then the XREAD gets its event
+                    self._mark_lost(stream_id, meta, now)  # then the reader hands us its event
                     lease_left = 0.0
                 remaining = timeout - (time.monotonic() - last_activity)
                 if remaining <= 0:
                     raise StreamTimeout("Stream timed out.")
                 wait = min(wait, remaining, lease_left + 0.001)
-            # Returns at once with the entries after the cursor, from any process, or
-            # with nothing once the wait is over.
-            reply = self._call(
-                self.client.xread,
-                {events_key: f"0-{cursor + 1}"},
-                count=_PAGE,
-                block=max(1, int(wait * 1000)),
-            )
-            entries = reply[0][1] if reply else []
+            batch = self._reader().wait(events_key, cursor, wait)
+            if not batch:  # nothing came, or the reader asks us to look ourselves
+                batch = self._range(events_key, cursor)
+
+    def _range(self, events_key: str, cursor: int) -> list[Event]:
+        entries = self._call(self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE)
+        return [_event(entry_id, fields) for entry_id, fields in entries]
 
     def _mark_lost(self, stream_id: str, meta: dict[str, str], now: float) -> None:
         """End an open stream whose producer stopped beating (only if still so, atomically)."""
@@ -373,6 +355,10 @@ class RedisStreamManager(StreamManager):
         return removed
 
     def close(self) -> None:
+        with self._reader_lock:
+            shared, self._shared = self._shared, None
+        if shared is not None and shared.pid == os.getpid():
+            shared.close()
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             pool.disconnect()
@@ -387,8 +373,17 @@ class _RedisWriter(StreamWriter):
     def _append(self, events: Sequence[Event]) -> None:
         # A script blocks Redis while it runs: long batches go in pages. A failure
         # part-way leaves a stored prefix, which the retry of the batch finds identical.
-        for start in range(0, len(events), _APPEND_PAGE):
-            self._append_page(events[start : start + _APPEND_PAGE])
+        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
+        start = 0
+        while start < len(events):
+            end, size = start, 0
+            while end < len(events) and end - start < _APPEND_PAGE:
+                size += payload_bytes(events[end].payload)
+                if end > start and size > _APPEND_PAGE_BYTES:
+                    break
+                end += 1
+            self._append_page(events[start:end])
+            start = end
 
     def _append_page(self, events: Sequence[Event]) -> None:
         manager = self._manager

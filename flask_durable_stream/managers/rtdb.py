@@ -30,6 +30,7 @@ its cursor after a dropped connection.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -50,6 +51,7 @@ from .. import protocol
 from .._concurrency import TaskGroup, sleep
 from ..exceptions import (
     InvalidRequest,
+    StoragePermanentError,
     StorageUnavailable,
     StreamClosed,
     StreamError,
@@ -64,12 +66,22 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
+    check_event_sizes,
     status_after,
     valid_stream_id,
 )
 from .rtdb_stream import Mirror, Watch
 
+log = logging.getLogger(__name__)
+
 INDEX = "_index"
+#: The service's documented limits ("Realtime Database limits"): a string value
+#: holds at most 10 MB (UTF-8), and a write request carries at most 256 MB over
+#: REST (16 MB from the SDKs). An event is one string; a batch of events is
+#: split into PATCH requests of at most MAX_WRITE_BYTES, the SDKs' figure, which
+#: keeps each one quick and far from the REST limit.
+MAX_STRING_BYTES = 10 * 1024 * 1024
+MAX_WRITE_BYTES = 16 * 1024 * 1024
 OPEN = StreamStatus.OPEN.value
 T = TypeVar("T")
 _UNAVAILABLE = (
@@ -105,24 +117,35 @@ def _node(event: Event) -> dict[str, str]:
 
 
 def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one firebase_admin call, mapping its errors to ours at the edge."""
+    """Run one firebase_admin call, mapping its errors to the fault model at the edge.
+
+    Unreachable, 5xx, throttled: :class:`StorageUnavailable` (retried). A
+    request the database refuses (400: invalid data, a write over its size
+    limit): :class:`StoragePermanentError`. The service's text (which may name
+    the database URL) goes to the log; clients see the status only.
+    """
     try:
         return fn(*args, **kwargs)
     except fb_exceptions.FirebaseError as exc:
         code = getattr(getattr(exc, "http_response", None), "status_code", 0) or 0
-        if isinstance(exc, _UNAVAILABLE) or code >= 500:
-            raise StorageUnavailable(f"Realtime Database unavailable: {exc}") from exc
+        if isinstance(exc, _UNAVAILABLE) or code >= 500 or code == 429:
+            log.warning("Realtime Database unavailable: %s", exc)
+            raise StorageUnavailable(f"Realtime Database unavailable ({exc.code})") from exc
+        log.error("Realtime Database refused a request: %s", exc)
         if isinstance(exc, fb_exceptions.PermissionDeniedError):
-            raise StreamError(
-                f"Realtime Database denied access: {exc}", status="PERMISSION_DENIED"
+            raise StoragePermanentError(
+                "Realtime Database denied access", status="PERMISSION_DENIED"
             ) from exc
         if isinstance(exc, fb_exceptions.UnauthenticatedError):
-            raise StreamError(
-                f"Realtime Database rejected the credentials: {exc}", status="UNAUTHENTICATED"
+            raise StoragePermanentError(
+                "Realtime Database rejected the credentials", status="UNAUTHENTICATED"
             ) from exc
-        raise StreamError(f"Realtime Database error: {exc}", status="INTERNAL") from exc
+        if code == 400 or isinstance(exc, fb_exceptions.InvalidArgumentError):
+            raise StoragePermanentError(f"Realtime Database refused the data ({exc.code})") from exc
+        raise StreamError(f"Realtime Database error ({exc.code})", status="INTERNAL") from exc
     except OSError as exc:
-        raise StorageUnavailable(f"Realtime Database unreachable: {exc}") from exc
+        log.warning("Realtime Database unreachable: %s", exc)
+        raise StorageUnavailable("Realtime Database unreachable") from exc
 
 
 def firebase_app_for(database_url: str) -> Any:
@@ -147,6 +170,9 @@ class RtdbStreamManager(StreamManager):
     ``sweep_interval``: run :meth:`gc` in the background that often (off by
     default: call ``gc()`` from a scheduled job).
     """
+
+    max_event_bytes = MAX_STRING_BYTES
+    backend_name = "Realtime Database"
 
     def __init__(
         self,
@@ -205,8 +231,22 @@ class RtdbStreamManager(StreamManager):
         return max((int(k[1:]) for k in found), default=-1)
 
     def _write(self, key: str, events: Sequence[Event]) -> None:
-        """One multi-path PATCH: the events and, for a terminal one, the status change."""
-        update: dict[str, Any] = {f"{key}/events/{event_key(e.seq)}": _node(e) for e in events}
+        """Multi-path PATCHes of at most MAX_WRITE_BYTES, in order; the last one carries,
+        for a terminal event, the status change. Event nodes have fixed paths, so a
+        retry after a failure part-way rewrites the same values."""
+        parts: list[dict[str, Any]] = []
+        update: dict[str, Any] = {}
+        size = 0
+        for event in events:
+            path = f"{key}/events/{event_key(event.seq)}"
+            node = _node(event)
+            # Its share of the JSON body, exactly as the client encodes it.
+            n = len(path) + len(json.dumps(node)) + 6
+            if update and size + n > MAX_WRITE_BYTES:
+                parts.append(update)
+                update, size = {}, 0
+            update[path] = node
+            size += n
         last = events[-1]
         if last.terminal:
             now = self.now()
@@ -219,7 +259,9 @@ class RtdbStreamManager(StreamManager):
                     f"{INDEX}/{key}/expiresAt": now + self.ttl_seconds,
                 }
             )
-        call(self.root.update, update)
+        parts.append(update)
+        for part in parts:
+            call(self.root.update, part)
 
     def _cas(
         self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
@@ -577,6 +619,7 @@ class _RtdbWriter(StreamWriter):
 
     def _append(self, events: Sequence[Event]) -> None:
         m = self._m
+        check_event_sizes(events, m.max_event_bytes, m.display_name)
         if not events[-1].terminal and m.linger > 0:
             wait = self._last_write + m.linger - time.monotonic()
             if wait > 0:

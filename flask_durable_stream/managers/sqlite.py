@@ -235,6 +235,7 @@ class SQLiteStreamManager(StreamManager):
     """
 
     max_event_bytes = MAX_EVENT_BYTES
+    backend_name = "SQLite"
 
     def __init__(
         self,
@@ -357,7 +358,9 @@ class SQLiteStreamManager(StreamManager):
         self._queue = None
         self._in_flight = 0
 
-    def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _read(
+        self, sql: str, args: tuple[Any, ...], *, schema_made: bool = False
+    ) -> list[tuple[Any, ...]]:
         if self._closed:
             raise StorageUnavailable("the SQLite stream manager is closed")
         with self._lock:
@@ -369,6 +372,12 @@ class SQLiteStreamManager(StreamManager):
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
+            if "no such table" in str(exc) and not schema_made:
+                # A new file nobody has written yet: the writer creates the schema (the
+                # start is lazy), then read again. A read-only database with its schema
+                # never gets here, so finished streams stay readable from it.
+                self._submit(_noop)
+                return self._read(sql, args, schema_made=True)
             log.warning("SQLite read failed on %r: %s", self.path, exc)
             raise StorageUnavailable(f"SQLite read failed ({exc})") from exc
         with self._lock:
@@ -878,6 +887,10 @@ def _stop(conn: sqlite3.Connection) -> None:
     """The writer thread's last request."""
 
 
+def _noop(conn: sqlite3.Connection) -> None:
+    """A request that only makes the writer connect (and create the schema)."""
+
+
 class _SQLiteWriter(StreamWriter):
     def __init__(self, manager: SQLiteStreamManager, stream_id: str, token: int) -> None:
         super().__init__(stream_id)
@@ -886,7 +899,7 @@ class _SQLiteWriter(StreamWriter):
 
     def _append(self, events: Sequence[Event]) -> None:
         manager = self._manager
-        check_event_sizes(events, manager.max_event_bytes, "SQLite")
+        check_event_sizes(events, manager.max_event_bytes, manager.display_name)
         manager._submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )

@@ -7,7 +7,14 @@ run: GET/PUT/PATCH/POST/DELETE on ``/<path>.json``, ``?ns=`` namespaces,
 ``equalTo``/``limitToFirst``/``limitToLast``, ETags and ``if-match``, server
 values, multi-path PATCH, and ``Accept: text/event-stream`` streaming
 (``put``/``patch``/``keep-alive``, plus ``cancel``/``auth_revoked`` on demand).
-It has no rules, no auth, no persistence, no size limits; for a streaming query
+It enforces the size limits the real service documents ("Realtime Database
+limits", https://firebase.google.com/docs/database/usage/limits): a write
+request of at most 256 MB over REST (the real reply, verbatim: 400 ``{"error":
+"Data to write exceeds the maximum size that can be modified with a single
+request."}``), string values of at most 10 MB (10,485,760 UTF-8 bytes), keys of
+at most 768 UTF-8 bytes, paths less than 32 levels deep (400 ``{"error":
+"Invalid data; ..."}``, the service's shape). It has no rules, no auth, no
+persistence; for a streaming query
 with a limit it re-evaluates the window on each change and sends one ``put``
 per child that entered, changed or left.
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import heapq
 import json
 import queue
 import random
@@ -35,6 +43,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 _BAD_KEY_CHARS = set(".$#[]/") | {chr(c) for c in range(32)} | {chr(127)}
+#: The real service's limits (see the module docstring).
+MAX_WRITE_BYTES = 256 * 1024 * 1024
+MAX_STRING_BYTES = 10 * 1024 * 1024
+MAX_KEY_BYTES = 768
+MAX_DEPTH = 32
+WRITE_TOO_BIG = "Data to write exceeds the maximum size that can be modified with a single request."
 _PUSH_CHARS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 _DROP = object()
 
@@ -140,6 +154,32 @@ def _set(root: dict[str, Any], segs: list[str], value: Any) -> None:
         node[segs[-1]] = value
 
 
+_TOO_DEEP = f"Invalid data; a path is {MAX_DEPTH} or more levels deep"
+
+
+def check_limits(segs: list[str], value: Any) -> None:
+    """The data-tree limits: key length, string length, depth (a path of 32 levels fails)."""
+    for key in segs:
+        if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+            raise ApiError(400, f"Invalid data; a key is longer than {MAX_KEY_BYTES} bytes")
+    stack = [(value, len(segs))]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if len(node) * 4 > MAX_STRING_BYTES and len(node.encode("utf-8")) > MAX_STRING_BYTES:
+                raise ApiError(
+                    400, f"Invalid data; a string is longer than {MAX_STRING_BYTES} bytes"
+                )
+        elif isinstance(node, (dict, list)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if len(str(key).encode("utf-8")) > MAX_KEY_BYTES:
+                    raise ApiError(400, f"Invalid data; a key is longer than {MAX_KEY_BYTES} bytes")
+                stack.append((child, depth + 1))
+        if depth >= MAX_DEPTH:
+            raise ApiError(400, _TOO_DEEP)
+
+
 def normalize(value: Any, current: Any, now_ms: int) -> Any:
     """Incoming JSON -> stored form: arrays become objects, server values resolve, nulls vanish."""
     if isinstance(value, list):
@@ -241,15 +281,33 @@ class Query:
         return not ("endAt" in self.has and index > self._bound(self.end))
 
     def apply(self, node: Any) -> Any:
+        """The children the query selects, in its order (indexes computed once per child)."""
         if not isinstance(node, dict):
             return node
-        keys = [k for k in node if self.matches(k, node[k])]
-        keys.sort(key=lambda k: (self._index(k, node[k]), key_order(k)))
+        bounds = {
+            name: self._bound(getattr(self, attr)) for name, attr in _BOUNDS if name in self.has
+        }
+        by_key = self.order_by == "$key"
+        selected = []
+        for key, child in node.items():
+            index = self._index(key, child)
+            if "equalTo" in bounds and index != bounds["equalTo"]:
+                continue
+            if "startAt" in bounds and index < bounds["startAt"]:
+                continue
+            if "endAt" in bounds and index > bounds["endAt"]:
+                continue
+            selected.append(((index, ()) if by_key else (index, key_order(key)), key))
         if self.first is not None:
-            keys = keys[: self.first]
-        if self.last is not None:
-            keys = keys[len(keys) - self.last :] if self.last else []
-        return {k: node[k] for k in keys}
+            chosen = heapq.nsmallest(self.first, selected)
+        elif self.last is not None:
+            chosen = sorted(heapq.nlargest(self.last, selected)) if self.last else []
+        else:
+            chosen = sorted(selected)
+        return {key: node[key] for _, key in chosen}
+
+
+_BOUNDS = (("startAt", "start"), ("endAt", "end"), ("equalTo", "equal"))
 
 
 @dataclass(eq=False)
@@ -291,6 +349,7 @@ class RtdbProtocolServer:
         self.trees: dict[str, dict[str, Any]] = {}
         self.watchers: list[_Watcher] = []
         self.log: list[tuple[str, str, str]] = []  # (method, ns, path) of every data request
+        self.body_sizes: list[int] = []  # request body sizes, in bytes, of every request
         self._push_last = (0, [0] * 12)
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
@@ -365,6 +424,7 @@ class RtdbProtocolServer:
     def reset_log(self) -> None:
         with self.lock:
             self.log.clear()
+            self.body_sizes.clear()
 
     def requests(self, method: str | None = None) -> list[tuple[str, str, str]]:
         with self.lock:
@@ -405,6 +465,8 @@ class RtdbProtocolServer:
             if _under(b, a):
                 message = f"Invalid data; path {'/'.join(a)} is an ancestor of {'/'.join(b)}"
                 raise ApiError(400, message)
+        for rel, value in entries.items():
+            check_limits(paths[rel], value)
         stored = {
             rel: normalize(value, _get(root, paths[rel]), now_ms) for rel, value in entries.items()
         }
@@ -504,8 +566,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
         path = unquote(url.path)
+        if length > MAX_WRITE_BYTES:  # refused before reading, as a front end would
+            self.close_connection = True
+            return self._reply(400, {"error": WRITE_TOO_BIG})
+        raw = self.rfile.read(length) if length else b""
+        self.rtdb.body_sizes.append(length)
         try:
             if path.startswith("/.control/"):
                 return self._control(path[len("/.control/") :])
@@ -544,7 +610,8 @@ class _Handler(BaseHTTPRequestHandler):
             query = Query.parse(params)
             if want_etag and (query is not None or params.get("shallow") == "true"):
                 raise ApiError(400, "ETag is not supported with queries or shallow reads")
-            if self.headers.get("if-none-match") == etag_of(current):
+            none_match = self.headers.get("if-none-match")
+            if none_match is not None and none_match == etag_of(current):
                 return 304, None, {"ETag": etag_of(current)}
             value = query.apply(current) if query is not None else current
             if params.get("shallow") == "true" and isinstance(value, dict):
