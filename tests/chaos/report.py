@@ -111,19 +111,26 @@ def _cell(case: str, backend: str) -> str:
     return f"**{cell.outcome}**: {_escape(cell.message, 90)}"
 
 
-def _limits_table() -> str:
+def _limits_tables() -> str:
+    """Every table of docs/backend-limits.md, each with its caption line (one ending in ":")."""
     if not LIMITS_DOC.exists():
         return f"(missing: {LIMITS_DOC.relative_to(ROOT)} does not exist)\n"
-    lines = LIMITS_DOC.read_text().splitlines()
-    table: list[str] = []
-    for line in lines:
+    blocks: list[list[str]] = []
+    previous = ""
+    for line in LIMITS_DOC.read_text().splitlines():
         if line.lstrip().startswith("|"):
-            table.append(line)
-        elif table:
-            break
-    if not table:
+            if not blocks or not blocks[-1][-1].lstrip().startswith("|"):
+                intro = [previous, ""] if previous.endswith(":") else []
+                blocks.append([*intro])
+            blocks[-1].append(line)
+        elif line.strip():
+            previous = line.strip()
+        if blocks and blocks[-1] and not line.lstrip().startswith("|"):
+            blocks[-1].append("")  # closes the table
+    tables = ["\n".join(b).strip() for b in blocks]
+    if not tables:
         return f"(missing: no table in {LIMITS_DOC.relative_to(ROOT)})\n"
-    return "\n".join(table) + "\n"
+    return "\n\n".join(tables) + "\n"
 
 
 def _commit() -> str:
@@ -159,7 +166,7 @@ def render(exitstatus: int) -> str:
         for case, backend, cell in failures:
             out.append(f"- {case}, {backend} (`{cell.nodeid}`): {_escape(cell.message, 600)}")
     out += ["", "## Backend limits", "", f"From `{LIMITS_DOC.relative_to(ROOT)}`:", ""]
-    out.append(_limits_table())
+    out.append(_limits_tables())
     return "\n".join(out)
 
 
