@@ -73,8 +73,10 @@ def test_event_ids_are_canonical_integers(chaos: App, value: str) -> None:
     # The control: the canonical spelling is served.
     ok = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": "0"}).read()
     assert ok.status == 200 and b"id: 1\n" in ok.raw, ok
-    by_header = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": value})
-    assert error_of(by_header) == (400, "INVALID_ARGUMENT")
+    # A header value cannot carry surrounding spaces (HTTP strips them) or non-Latin-1 text.
+    if value == value.strip() and value.isascii():
+        by_header = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": value})
+        assert error_of(by_header) == (400, "INVALID_ARGUMENT")
     by_query = Exchange(chaos.url, "GET", f"{path}&after={quote(value)}")
     assert error_of(by_query) == (400, "INVALID_ARGUMENT")
 
