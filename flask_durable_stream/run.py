@@ -149,7 +149,9 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
-        if self._total >= self._check_at:
+        if self._total >= self._check_at and kind == protocol.CHUNK:
+            # Only the flow's own chunks may wait: a terminal event can come from the
+            # writer's task (abort) or a shutdown, which must never wait on themselves.
             self._check_memory()
         if self._waiters:
             waiters, self._waiters = self._waiters, []

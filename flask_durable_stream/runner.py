@@ -21,7 +21,13 @@ from typing import Any
 from . import protocol
 from ._concurrency import TaskGroup
 from ._memory import release_memory
-from .exceptions import FlowError, StoragePermanentError, StreamClosed, StreamError
+from .exceptions import (
+    FlowError,
+    StoragePermanentError,
+    StorageUnavailable,
+    StreamClosed,
+    StreamError,
+)
 from .flows import Flow, FlowContext, call_flow
 from .managers.base import StreamManager
 from .run import DEFAULT_BUFFER_LIMIT, Run
@@ -166,7 +172,15 @@ class Runner:
         manager = self.manager
         stream_writer = None
         if durable and manager is not None:
-            stream_writer = manager.open(stream_id, owner=owner)
+            try:
+                stream_writer = manager.open(stream_id, owner=owner)
+            except StreamError:
+                raise
+            except Exception as exc:  # unclassified: transient, like in the writer
+                log.exception("opening stream %s failed", stream_id)
+                raise StorageUnavailable(
+                    f"The {manager.display_name} backend could not open the stream."
+                ) from exc
         run = Run(
             stream_id,
             FlowContext(stream_id if stream_writer else None, context or {}),

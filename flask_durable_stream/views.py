@@ -50,6 +50,8 @@ ContextProvider = Callable[[RequestData], Mapping[str, Any] | None]
 
 DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
+#: Batches read ahead from storage for one SSE connection under gevent.
+SSE_QUEUED_BATCHES = 4
 _END = object()
 
 
@@ -344,7 +346,9 @@ class FlowEndpoint:
         """
         import gevent.queue
 
-        queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        # Bounded: for a client that stops reading, the subscription stops reading
+        # storage instead of piling the stream up in this process.
+        queue: gevent.queue.Queue[Any] = gevent.queue.Queue(maxsize=SSE_QUEUED_BATCHES)
 
         def pump() -> None:
             try:

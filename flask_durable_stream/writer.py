@@ -41,7 +41,7 @@ log = logging.getLogger("flask_durable_stream")
 
 #: A batch carries at most this many payload bytes (backends split further if they must).
 BATCH_BYTES = 1024 * 1024
-#: While a terminal marker cannot be stored, say so at ERROR level this often.
+#: While storage fails, say so this often (at ERROR level for a terminal marker).
 LOUD_EVERY = 30.0
 
 DEFAULT_BACKOFF = Backoff(initial=0.05, maximum=2.0)
@@ -98,6 +98,7 @@ class RunWriter:
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         self._beat_at = clock()  # opening the stream stored a heartbeat
+        self._beat_failed = False
         self._failing_since: float | None = None
         self._rejected: StoragePermanentError | None = None
         run.expect_storage()
@@ -224,25 +225,29 @@ class RunWriter:
                         exc,
                     )
                     return Outcome.TIMED_OUT
-                if timeout is None and now >= loud_at:
+                if now >= loud_at:  # the first failure, then every LOUD_EVERY seconds
                     loud_at = now + LOUD_EVERY
-                    log.error(
-                        "stream %s: the terminal marker is still not stored after %.0f s (%s);"
-                        " retrying until it is or the process exits",
-                        self.run.stream_id,
-                        failing,
-                        exc,
-                    )
-                elif failing == 0.0:
-                    log.warning(
-                        "stream %s: storing %d event(s) failed (%s); retrying for up to %.0f s",
-                        self.run.stream_id,
-                        len(events),
-                        exc,
-                        self.retry_timeout,
-                    )
-                self._sleep(next(delays))
-                self._heartbeat_if_due()
+                    if timeout is None:
+                        log.error(
+                            "stream %s: its terminal marker is not stored after %.0f s (%s);"
+                            " retrying until it is or the process exits",
+                            self.run.stream_id,
+                            failing,
+                            exc,
+                        )
+                    else:
+                        log.warning(
+                            "stream %s: storing %d event(s) failing for %.0f s (%s);"
+                            " retrying for up to %.0f s",
+                            self.run.stream_id,
+                            len(events),
+                            failing,
+                            exc,
+                            timeout,
+                        )
+                self._pause(next(delays))
+                if self._beat_failed:  # storage may be back: refresh the lease first
+                    self._heartbeat_if_due(force=True)
                 continue
             self._failing_since = None
             self.run.storage_failing = False
@@ -253,15 +258,27 @@ class RunWriter:
         # Half an interval: the ticker's period and this check never quite line up.
         return self._clock() - self._beat_at >= self.heartbeat_interval / 2
 
-    def _heartbeat_if_due(self) -> None:
-        if not self.heartbeat_due():
+    def _pause(self, seconds: float) -> None:
+        """Sleep between retries, heartbeating on time however long the backoff delay."""
+        end = self._clock() + seconds
+        while True:
+            self._heartbeat_if_due()
+            now = self._clock()
+            if now >= end:
+                return
+            self._sleep(min(end - now, self._beat_at + self.heartbeat_interval / 2 - now))
+
+    def _heartbeat_if_due(self, *, force: bool = False) -> None:
+        if not force and not self.heartbeat_due():
             return
+        self._beat_at = self._clock()  # attempts, failed or not, are paced alike
         try:
             cancel = self.writer.heartbeat()
         except Exception as exc:  # storage down: the retry loop says so; try again soon
+            self._beat_failed = True
             log.debug("heartbeat of stream %s failed: %s", self.run.stream_id, exc)
             return
-        self._beat_at = self._clock()
+        self._beat_failed = False
         self.heartbeats += 1
         if cancel:
             self.run.ctx._request_cancel()

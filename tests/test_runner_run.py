@@ -198,3 +198,17 @@ def test_a_flow_does_not_wait_for_failing_storage() -> None:
     for _ in range(256):
         run.emit_chunk('"' + "x" * (64 * KIB - 2) + '"')
     assert run.storage_backlog() == 16 * 1024 * KIB
+
+
+def test_a_terminal_event_never_waits_for_storage() -> None:
+    """The writer ends a run from its own task (abort): waiting for itself would never end."""
+    run = Run("s", FlowContext("s"), buffer_limit=None)
+    run.expect_storage()
+    run.storage_failing = True
+    for _ in range(160):  # 10 MiB not stored
+        run.emit_chunk('"' + "x" * (64 * KIB - 2) + '"')
+    run.storage_failing = False  # the writer is about to end the run itself
+    ended = threading.Thread(target=run.abort, args=({"status": "DATA_LOSS", "message": "m"},))
+    ended.start()
+    ended.join(30)
+    assert not ended.is_alive() and run.ended
