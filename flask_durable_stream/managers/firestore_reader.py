@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._concurrency import gevent_patched
 from ..exceptions import StreamNotFound, StreamTimeout
-from .base import Event, StreamStatus
+from .base import Event, ProducerWatch, StreamStatus
 from .firestore_io import FieldFilter, events_of, seconds
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ def follow(
         watches.append(_listen(manager, stream_id, cursor, inbox))
         last_activity = time.monotonic()
         status_open = True
+        watch = ProducerWatch(manager.lease_seconds)
         while True:
             wait = min(timeout - (time.monotonic() - last_activity), manager.lease_seconds / 2, 1.0)
             item = inbox.get(wait)
@@ -159,7 +160,7 @@ def follow(
             if time.monotonic() - last_activity >= timeout:
                 raise StreamTimeout("Stream timed out.")
             alive_at = max(heartbeat_at, written_at)
-            if status_open and manager.now() - alive_at > manager.lease_seconds:
+            if status_open and watch.observe(alive_at, manager.now()) <= 0:
                 manager._mark_lost(stream_id)  # the listeners then deliver the error event
     finally:
         for watch in watches:

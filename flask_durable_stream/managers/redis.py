@@ -51,6 +51,7 @@ from ..exceptions import (
 from .base import (
     PRODUCER_LOST,
     Event,
+    ProducerWatch,
     StreamInfo,
     StreamManager,
     StreamStatus,
@@ -247,6 +248,7 @@ class RedisStreamManager(StreamManager):
         events_key = self._keys(stream_id)[1]
         last_activity = time.monotonic()
         seen_heartbeat = None
+        watch = ProducerWatch(self.lease_seconds)
         # Stored events first; then the shared reader hands over new entries as they
         # come, from a producer in any process, with no connection held meanwhile.
         batch = self._range(events_key, cursor)
@@ -277,8 +279,8 @@ class RedisStreamManager(StreamManager):
                 if heartbeat != seen_heartbeat:
                     seen_heartbeat, last_activity = heartbeat, time.monotonic()
                 now = self.now()
-                lease_left = heartbeat + self.lease_seconds - now
-                if lease_left < 0 and last_seq <= cursor:
+                lease_left = watch.observe(heartbeat, now)
+                if lease_left <= 0 and last_seq <= cursor:
                     self._mark_lost(stream_id, meta, now)  # then the reader hands us its event
                     lease_left = 0.0
                 remaining = timeout - (time.monotonic() - last_activity)

@@ -101,9 +101,9 @@ class SharedReader:
             if self._task is None:
                 self._task = self._tasks.spawn(self._run, name="durable-stream-redis-reader")
                 poke = False  # it has not read yet: its first XREAD covers this waiter
-        if poke:
-            self._poke()
         try:
+            if poke:
+                self._poke()
             waiter.ready.wait(timeout)
         finally:
             self._forget(waiter)

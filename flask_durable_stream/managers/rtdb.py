@@ -62,6 +62,7 @@ from ..exceptions import (
 from .base import (
     PRODUCER_LOST,
     Event,
+    ProducerWatch,
     StreamInfo,
     StreamManager,
     StreamStatus,
@@ -506,6 +507,7 @@ class _Follower:
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.events = Mirror()
         self.pending: dict[int, Event] = {}
+        self.watch = ProducerWatch(manager.lease_seconds)
 
     def run(self) -> Iterator[list[Event]]:
         m, lease = self.m, self.m.lease_seconds
@@ -540,6 +542,7 @@ class _Follower:
                 for source, event, data in items:
                     if event == "disconnected":
                         down_since = down_since or time.monotonic()
+                        self.watch.storage_failed()  # the producer may be cut off too
                     elif event == "denied":
                         raise StreamError(str(data), status="PERMISSION_DENIED")
                     elif event == "closed":
@@ -591,13 +594,13 @@ class _Follower:
         m = self.m
         try:
             if meta.get("status") == OPEN:
-                if m.now() - meta.get("heartbeatAt", 0) > m.lease_seconds:
+                if self.watch.observe(meta.get("heartbeatAt", 0), m.now()) <= 0:
                     m._mark_lost(self.key)
             elif meta.get("lost") and meta.get("lastSeq") == self.cursor:
                 if idle > m.lease_seconds / 2:  # the marker stopped half-way: finish its work
                     m._write_lost_event(self.key, meta)
         except StorageUnavailable:
-            pass  # the inactivity timeout decides
+            self.watch.storage_failed()  # the inactivity timeout decides
 
 
 class _RtdbWriter(StreamWriter):

@@ -48,6 +48,7 @@ from ..exceptions import (
 from .base import (
     PRODUCER_LOST,
     Event,
+    ProducerWatch,
     StreamInfo,
     StreamManager,
     StreamStatus,
@@ -664,6 +665,7 @@ class SQLiteStreamManager(StreamManager):
         last_activity = time.monotonic()
         seen_heartbeat = None
         busy = _BUSY.delays()
+        watch = ProducerWatch(self.lease_seconds)
         try:
             while True:
                 signal.clear()  # before reading, so a commit after the read still wakes us
@@ -690,8 +692,8 @@ class SQLiteStreamManager(StreamManager):
                 heartbeat = info[7]
                 if heartbeat != seen_heartbeat:
                     seen_heartbeat, last_activity = heartbeat, time.monotonic()
-                lease_left = heartbeat + self.lease_seconds - self.now()
-                if lease_left < 0:
+                lease_left = watch.observe(heartbeat, self.now())
+                if lease_left <= 0:
                     if self._mark_lost(stream_id, token, info[4]):
                         continue
                     lease_left = next(busy)  # somebody is writing: look again shortly
