@@ -3,9 +3,9 @@
 Every storage of the chaos suite runs as a process of its own, so an outage is a
 signal: SIGSTOP freezes ``redis-server``, the emulator JVM or the RTDB protocol
 server with every connection still open (requests hang, nothing is refused),
-SIGCONT brings it back. SQLite has no server: its files are made immutable
-(``chattr +i``), which stops even root from writing, through file descriptors
-already open too (``chmod`` would not: the suite runs as root in CI).
+SIGCONT brings it back. SQLite has no server: its directory, database and WAL are
+made immutable (``chattr +i``), which stops even root from writing, through file
+descriptors already open too (``chmod`` would not: the suite runs as root in CI).
 """
 
 from __future__ import annotations
