@@ -4,9 +4,10 @@ The flow appends events; live readers (the HTTP response that started the run)
 follow them with their own cursor, and the run's writer copies them to storage.
 Memory is bounded by what still has a use: an event is dropped once storage
 has it and every attached live reader has passed it. A live reader that falls
-more than ``buffer_limit`` bytes behind (a client that stopped reading) is
-detached and its connection closed, so one silent client cannot make the
-process hold a whole long stream; it can reconnect and replay from storage.
+more than ``buffer_limit`` bytes behind and takes nothing for ``reader_grace``
+seconds (a client that stopped reading) is detached and its connection closed,
+so one silent client cannot make the process hold a whole long stream; it can
+reconnect and replay from storage. One that still reads makes the flow wait.
 Events not yet stored are kept: storage that is down is retried for
 ``write_retry_timeout`` with the events in memory. Storage that works but is
 slower than the flow makes the flow wait once it is ``STORAGE_BACKLOG_BYTES``
