@@ -591,13 +591,14 @@ def test_firestore_down_at_startup_then_up_needs_no_restart() -> None:
             delays = Backoff(initial=0.2, maximum=2.0).delays()
             deadline = time.monotonic() + 60
             while writer is None:  # as a client retries a 503: gRPC reconnects with backoff
-                try:
-                    writer = manager.open("s")
+                sid = new_id()  # a new stream each time, as a client's new POST: a timed-out
+                try:  # create may have landed
+                    writer = manager.open(sid)
                 except StorageUnavailable:
                     assert time.monotonic() < deadline, "never recovered"
                     time.sleep(next(delays))
             writer.done("ok")
-            assert [e.payload for e in manager.subscribe("s")] == ['"ok"']
+            assert [e.payload for e in manager.subscribe(sid)] == ['"ok"']
         finally:
             emulator.stop()
     finally:

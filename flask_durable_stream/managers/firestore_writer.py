@@ -165,15 +165,20 @@ class FirestoreStreamWriter(StreamWriter):
 
     # -- liveness ------------------------------------------------------------
     def heartbeat(self) -> bool:
-        with self._state:
-            retry = bool(self._buffer) and self._failed is not None
-        if retry:
-            self._flush()
+        # The heartbeat first: a producer whose commits fail is still alive, and
+        # readers must not declare it lost while it retries.
         state = self._manager._write_heartbeat(self)
         if state is None:  # ended by someone else: the producer should stop
             with self._state:
                 self._ended = self._ended or f"stream {self.stream_id} already ended"
             return True
+        with self._state:
+            retry = bool(self._buffer) and self._failed is not None and self._ended is None
+        if retry:  # a lingering flush failed and no append came since: try it again
+            try:
+                self._flush()
+            except StreamError:
+                pass  # recorded in _failed / _ended; the producer's next call sees it
         return state
 
     @property

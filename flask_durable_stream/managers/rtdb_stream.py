@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from .._concurrency import TaskGroup
+from .._retry import Backoff
 
 
 class StreamDenied(Exception):
@@ -157,7 +158,8 @@ class Watch:
         self.task = tasks.spawn(self._run, name=name)
 
     def _run(self) -> None:
-        delay = 0.05
+        backoff = Backoff(initial=0.05, maximum=self._max_backoff)
+        delays = backoff.delays()
         while not self._stop.is_set():
             try:
                 source = EventSource(self._url(), self._headers(), read_timeout=self._read_timeout)
@@ -167,7 +169,7 @@ class Watch:
                     self._source = source
                 self._on_event("connected", None)
                 for event, data in source:
-                    delay = 0.05
+                    delays = backoff.delays()  # connected: the next drop starts over
                     if event in ("put", "patch"):
                         self._on_event(event, data)
                     elif event == "cancel":
@@ -184,9 +186,8 @@ class Watch:
                 if self._stop.is_set():
                     return
                 self._on_event("disconnected", exc)
-            if self._stop.wait(delay):
+            if self._stop.wait(next(delays)):  # jittered: many followers reconnect spread out
                 return
-            delay = min(delay * 2, self._max_backoff)
 
     def close(self, wait: float = 5.0) -> None:
         if not self._stop.is_set():

@@ -23,9 +23,7 @@ cost nothing of their own. See ``docs/sqlite.md`` for figures and limits.
 
 from __future__ import annotations
 
-import json
 import logging
-import operator
 import os
 import sqlite3
 import threading
@@ -34,201 +32,51 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .. import protocol
-from .._concurrency import Task, TaskGroup, gevent_patched
-from .._retry import Backoff
+from .._concurrency import Task, TaskGroup
 from ..exceptions import (
     StorageUnavailable,
-    StreamClosed,
     StreamError,
-    StreamExists,
     StreamNotFound,
     StreamTimeout,
 )
 from .base import (
-    PRODUCER_LOST,
     Event,
     ProducerWatch,
     StreamInfo,
-    StreamManager,
     StreamStatus,
     StreamWriter,
     check_event_sizes,
-    status_after,
 )
+from .sqlite_io import (
+    _ABANDONED,
+    _BUSY,
+    _HOLD,
+    _READ_BATCH,
+    _RECHECK,
+    _ROW,
+    _SYNC_MODES,
+    MAX_EVENT_BYTES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    _busy,
+    _close_quietly,
+    _noop,
+    _real_lock,
+    _real_start_thread,
+    _RealQueue,
+    _Request,
+    _rollback_quietly,
+    _row_info,
+    _Signal,
+    _stop,
+    check_path,
+)
+from .sqlite_ops import SQLiteOperations
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ds_streams (
-    stream_id TEXT PRIMARY KEY,
-    token INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    owner TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    heartbeat_at REAL,
-    expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT -1
-);
-CREATE INDEX IF NOT EXISTS ds_streams_expires ON ds_streams (expires_at)
-    WHERE expires_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS ds_streams_created ON ds_streams (created_at);
-CREATE TABLE IF NOT EXISTS ds_events (
-    stream_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    PRIMARY KEY (stream_id, seq)
-) WITHOUT ROWID;
-"""
-_ROW = (
-    "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
-    " heartbeat_at, expires_at, token FROM ds_streams"
-)
-_INSERT_PACKED = (
-    "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
-    " SELECT ?1, ?2 + key, CASE WHEN key = ?3 THEN ?4 ELSE 'chunk' END, value FROM json_each(?5)"
-)
-_PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-_READ_BATCH = 256
-_HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
-_RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
-_payload_of = operator.itemgetter(2)  # Event.payload
-#: SQLite's longest string or row (SQLITE_MAX_LENGTH, 1,000,000,000 bytes unless
-#: the library was built otherwise), less room for the row's other columns.
-_LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
-MAX_EVENT_BYTES = _LENGTH_LIMIT - 1024
-#: A follower's next look after a lease check found the write lock taken.
-_BUSY = Backoff(initial=0.02, maximum=0.5)
 
-
-def _original(module: str, name: str) -> Any:
-    """The unpatched primitive even after gevent's monkey patching: a real OS thread or lock."""
-    from gevent import monkey
-
-    return monkey.get_original(module, name)
-
-
-_real_lock = _original("_thread", "allocate_lock")
-_real_start_thread = _original("_thread", "start_new_thread")
-_RealQueue = _original("_queue", "SimpleQueue")
-# Connections inherited through fork(): kept referenced so the child never closes them.
-_ABANDONED: list[Any] = []
-
-
-class _Signal:
-    """A wake-up that any OS thread may fire and one thread or greenlet waits on.
-
-    Under gevent the waiter starts an ``async`` watcher: the only thing another
-    thread may safely poke on a hub, and it keeps the hub's loop alive while
-    nothing else would.
-    """
-
-    __slots__ = ("_event", "_hub", "_async", "_fired")
-
-    def __init__(self) -> None:
-        self._fired = False
-        self._async: Any = None
-        if gevent_patched():
-            import gevent
-            import gevent.event
-
-            self._hub: Any = gevent.get_hub()
-            self._event: Any = gevent.event.Event()
-        else:
-            self._hub = None
-            self._event = threading.Event()
-
-    def set(self) -> None:
-        if self._hub is None:
-            self._event.set()
-            return
-        self._fired = True  # read by wait() after it started the watcher: no lost wake-up
-        watcher = self._async
-        if watcher is not None:
-            watcher.send()
-
-    def clear(self) -> None:
-        self._fired = False
-        self._event.clear()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._hub is None:
-            return bool(self._event.wait(timeout))
-        if self._async is None:
-            self._async = self._hub.loop.async_()
-        self._async.start(self._event.set)
-        try:
-            return self._fired or bool(self._event.wait(timeout))
-        finally:
-            self._async.stop()
-
-
-def _busy(exc: sqlite3.Error) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; the next try may work."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (5, 6)
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass  # the connection is reopened, which rolls back anyway
-
-
-def check_path(path: str) -> None:
-    """Reject, when the manager is built, a path that no retry could ever make work.
-
-    A missing directory is not created: a typo in the setting would otherwise
-    scatter databases (and streams) over directories nobody looks at.
-    """
-    setting = "DURABLE_STREAM_SQLITE_PATH (SQLiteStreamManager path)"
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{setting} {path!r} is a directory; name a database file in it, "
-            f"e.g. {os.path.join(path, 'durable-streams.sqlite3')!r}"
-        )
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(
-            f"{setting} {path!r}: the directory {parent!r} does not exist; create it "
-            "(it is not created for you)"
-        )
-
-
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:
-        pass
-
-
-class _Request:
-    __slots__ = ("op", "args", "stream_id", "done", "result", "error")
-
-    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], stream_id: str | None):
-        self.op = op
-        self.args = args
-        self.stream_id = stream_id
-        self.done = _Signal()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-def _row_info(row: tuple[Any, ...]) -> StreamInfo:
-    return StreamInfo(
-        row[0], StreamStatus(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8]
-    )
-
-
-class SQLiteStreamManager(StreamManager):
+class SQLiteStreamManager(SQLiteOperations):
     """Durable streams in a local SQLite file; safe for several processes and threads/greenlets.
 
     ``synchronous="NORMAL"`` (WAL) survives a process crash and loses at most
@@ -491,148 +339,6 @@ class SQLiteStreamManager(StreamManager):
         for signal in signals:
             signal.set()
 
-    # -- operations, run by the writer thread inside its transaction -----------------
-    def _op_open(self, conn: sqlite3.Connection, stream_id: str, owner: str | None) -> int:
-        now = self.now()
-        row = conn.execute(
-            "SELECT expires_at FROM ds_streams WHERE stream_id = ?", (stream_id,)
-        ).fetchone()
-        if row is not None:
-            if row[0] is None or row[0] > now:
-                raise StreamExists(f"stream {stream_id} already exists")
-            conn.execute("DELETE FROM ds_events WHERE stream_id = ?", (stream_id,))
-            conn.execute("DELETE FROM ds_streams WHERE stream_id = ?", (stream_id,))
-        token = int.from_bytes(os.urandom(7), "big")
-        conn.execute(
-            "INSERT INTO ds_streams (stream_id, token, status, owner, created_at, updated_at,"
-            " heartbeat_at) VALUES (?, ?, 'open', ?, ?, ?, ?)",
-            (stream_id, token, owner, now, now, now),
-        )
-        return token
-
-    def _op_append(
-        self, conn: sqlite3.Connection, stream_id: str, token: int, events: Sequence[Event]
-    ) -> None:
-        row = conn.execute(
-            "SELECT status, last_seq, token FROM ds_streams WHERE stream_id = ?", (stream_id,)
-        ).fetchone()
-        if row is None or row[2] != token:
-            raise StreamClosed(f"stream {stream_id} no longer exists")
-        status, last_seq = row[0], row[1]
-        stored = events[: max(0, last_seq + 1 - events[0].seq)]  # events are contiguous
-        if stored:  # a retry of events that did reach storage: they must be the same
-            have = conn.execute(
-                "SELECT seq, kind, payload FROM ds_events"
-                " WHERE stream_id = ? AND seq BETWEEN ? AND ?",
-                (stream_id, stored[0].seq, stored[-1].seq),
-            ).fetchall()
-            if [Event(*r) for r in have] != stored:
-                raise StreamClosed(f"stream {stream_id}: conflicting event at an existing seq")
-        new = events[len(stored) :]
-        if not new:
-            return
-        if status != StreamStatus.OPEN.value or new[0].seq != last_seq + 1:
-            raise StreamClosed(f"stream {stream_id} already ended")
-        self._insert(conn, stream_id, new)
-        now, last = self.now(), new[-1]
-        if last.terminal:
-            conn.execute(
-                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?, status = ?,"
-                " expires_at = ? WHERE stream_id = ?",
-                (last.seq, now, now, status_after(last).value, now + self.ttl_seconds, stream_id),
-            )
-        else:
-            conn.execute(
-                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?"
-                " WHERE stream_id = ?",
-                (last.seq, now, now, stream_id),
-            )
-
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, stream_id: str, events: Sequence[Event]) -> None:
-        if len(events) >= 8:
-            # One statement for the whole batch: SQLite unpacks a JSON array of the
-            # payload texts in C, about twice as fast as a row-by-row executemany.
-            # StreamWriter.append checked that only the last event may be terminal.
-            # JSON text never holds a raw NUL, which would end SQLite's string early.
-            packed = _PACK.encode(list(map(_payload_of, events)))
-            if "\x00" not in packed and len(packed) * 4 < _LENGTH_LIMIT:
-                conn.execute(
-                    _INSERT_PACKED,
-                    (stream_id, events[0].seq, len(events) - 1, events[-1].kind, packed),
-                )
-                return
-        conn.executemany(
-            "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
-            [(stream_id, e.seq, e.kind, e.payload) for e in events],
-        )
-
-    def _op_heartbeat(self, conn: sqlite3.Connection, stream_id: str, token: int) -> bool:
-        row = conn.execute(
-            "UPDATE ds_streams SET heartbeat_at = ? WHERE stream_id = ? AND token = ?"
-            " RETURNING cancel_requested",
-            (self.now(), stream_id, token),
-        ).fetchone()
-        return bool(row and row[0])
-
-    def _op_cancel(self, conn: sqlite3.Connection, stream_id: str) -> bool:
-        now = self.now()
-        row = conn.execute(
-            "SELECT status, expires_at FROM ds_streams WHERE stream_id = ?", (stream_id,)
-        ).fetchone()
-        if row is None or (row[1] is not None and row[1] <= now):
-            raise StreamNotFound(f"stream {stream_id} not found")
-        if row[0] != StreamStatus.OPEN.value:
-            return False
-        conn.execute(
-            "UPDATE ds_streams SET cancel_requested = 1, updated_at = ? WHERE stream_id = ?",
-            (now, stream_id),
-        )
-        return True
-
-    def _op_mark_lost(
-        self, conn: sqlite3.Connection, stream_id: str, token: int, last_seq: int
-    ) -> bool:
-        """End an open stream whose producer stopped beating, unless anything moved meanwhile."""
-        now = self.now()
-        row = conn.execute(
-            "SELECT status, last_seq, token, heartbeat_at FROM ds_streams WHERE stream_id = ?",
-            (stream_id,),
-        ).fetchone()
-        if (
-            row is None
-            or row[0] != StreamStatus.OPEN.value
-            or row[1] != last_seq
-            or row[2] != token
-            or (row[3] is not None and now - row[3] <= self.lease_seconds)
-        ):
-            return False
-        seq = last_seq + 1
-        conn.execute(
-            "INSERT INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
-            (stream_id, seq, protocol.ERROR, protocol.encode(PRODUCER_LOST)),
-        )
-        conn.execute(
-            "UPDATE ds_streams SET status = 'error', last_seq = ?, updated_at = ?, expires_at = ?"
-            " WHERE stream_id = ?",
-            (seq, now, now + self.ttl_seconds, stream_id),
-        )
-        return True
-
-    def _op_gc(self, conn: sqlite3.Connection, now: float) -> int:
-        # Open streams whose producer died with nobody reading them: end them as a
-        # reader would (PRODUCER_LOST), so that they expire like any finished stream.
-        abandoned = conn.execute(
-            "SELECT stream_id, token, last_seq FROM ds_streams"
-            " WHERE status = 'open' AND heartbeat_at < ?",
-            (now - self.lease_seconds,),
-        ).fetchall()
-        for stream_id, token, last_seq in abandoned:
-            self._op_mark_lost(conn, stream_id, token, last_seq)
-        dead = "SELECT stream_id FROM ds_streams WHERE expires_at <= ?"
-        conn.execute(f"DELETE FROM ds_events WHERE stream_id IN ({dead})", (now,))
-        return conn.execute("DELETE FROM ds_streams WHERE expires_at <= ?", (now,)).rowcount
-
     # -- producer ----------------------------------------------------------------------
     def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
         token = self._submit(self._op_open, stream_id, owner)
@@ -883,14 +589,6 @@ class SQLiteStreamManager(StreamManager):
         for conn in readers:
             conn.close()
         stop.done.wait(30)
-
-
-def _stop(conn: sqlite3.Connection) -> None:
-    """The writer thread's last request."""
-
-
-def _noop(conn: sqlite3.Connection) -> None:
-    """A request that only makes the writer connect (and create the schema)."""
 
 
 class _SQLiteWriter(StreamWriter):

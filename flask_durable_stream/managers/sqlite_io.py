@@ -1,0 +1,194 @@
+"""What the SQLite manager's modules share: the schema, statements, limits, and the
+primitives its writer thread and followers use (real OS locks and threads even
+under gevent, a cross-thread wake-up, the request a caller queues for the writer).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._concurrency import gevent_patched
+from .._retry import Backoff
+from .base import StreamInfo, StreamStatus
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ds_streams (
+    stream_id TEXT PRIMARY KEY,
+    token INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    owner TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    heartbeat_at REAL,
+    expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT -1
+);
+CREATE INDEX IF NOT EXISTS ds_streams_expires ON ds_streams (expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS ds_streams_created ON ds_streams (created_at);
+CREATE TABLE IF NOT EXISTS ds_events (
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+"""
+_ROW = (
+    "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
+    " heartbeat_at, expires_at, token FROM ds_streams"
+)
+_INSERT_PACKED = (
+    "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
+    " SELECT ?1, ?2 + key, CASE WHEN key = ?3 THEN ?4 ELSE 'chunk' END, value FROM json_each(?5)"
+)
+_PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+_READ_BATCH = 256
+_HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
+_RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
+_payload_of = operator.itemgetter(2)  # Event.payload
+#: SQLite's longest string or row (SQLITE_MAX_LENGTH, 1,000,000,000 bytes unless
+#: the library was built otherwise), less room for the row's other columns.
+_LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+MAX_EVENT_BYTES = _LENGTH_LIMIT - 1024
+#: A follower's next look after a lease check found the write lock taken.
+_BUSY = Backoff(initial=0.02, maximum=0.5)
+
+
+def _original(module: str, name: str) -> Any:
+    """The unpatched primitive even after gevent's monkey patching: a real OS thread or lock."""
+    from gevent import monkey
+
+    return monkey.get_original(module, name)
+
+
+_real_lock = _original("_thread", "allocate_lock")
+_real_start_thread = _original("_thread", "start_new_thread")
+_RealQueue = _original("_queue", "SimpleQueue")
+# Connections inherited through fork(): kept referenced so the child never closes them.
+_ABANDONED: list[Any] = []
+
+
+class _Signal:
+    """A wake-up that any OS thread may fire and one thread or greenlet waits on.
+
+    Under gevent the waiter starts an ``async`` watcher: the only thing another
+    thread may safely poke on a hub, and it keeps the hub's loop alive while
+    nothing else would.
+    """
+
+    __slots__ = ("_event", "_hub", "_async", "_fired")
+
+    def __init__(self) -> None:
+        self._fired = False
+        self._async: Any = None
+        if gevent_patched():
+            import gevent
+            import gevent.event
+
+            self._hub: Any = gevent.get_hub()
+            self._event: Any = gevent.event.Event()
+        else:
+            self._hub = None
+            self._event = threading.Event()
+
+    def set(self) -> None:
+        if self._hub is None:
+            self._event.set()
+            return
+        self._fired = True  # read by wait() after it started the watcher: no lost wake-up
+        watcher = self._async
+        if watcher is not None:
+            watcher.send()
+
+    def clear(self) -> None:
+        self._fired = False
+        self._event.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._hub is None:
+            return bool(self._event.wait(timeout))
+        if self._async is None:
+            self._async = self._hub.loop.async_()
+        self._async.start(self._event.set)
+        try:
+            return self._fired or bool(self._event.wait(timeout))
+        finally:
+            self._async.stop()
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; the next try may work."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # the connection is reopened, which rolls back anyway
+
+
+def check_path(path: str) -> None:
+    """Reject, when the manager is built, a path that no retry could ever make work.
+
+    A missing directory is not created: a typo in the setting would otherwise
+    scatter databases (and streams) over directories nobody looks at.
+    """
+    setting = "DURABLE_STREAM_SQLITE_PATH (SQLiteStreamManager path)"
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{setting} {path!r} is a directory; name a database file in it, "
+            f"e.g. {os.path.join(path, 'durable-streams.sqlite3')!r}"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"{setting} {path!r}: the directory {parent!r} does not exist; create it "
+            "(it is not created for you)"
+        )
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
+
+
+class _Request:
+    __slots__ = ("op", "args", "stream_id", "done", "result", "error")
+
+    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], stream_id: str | None):
+        self.op = op
+        self.args = args
+        self.stream_id = stream_id
+        self.done = _Signal()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _row_info(row: tuple[Any, ...]) -> StreamInfo:
+    return StreamInfo(
+        row[0], StreamStatus(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8]
+    )
+
+
+def _stop(conn: sqlite3.Connection) -> None:
+    """The writer thread's last request."""
+
+
+def _noop(conn: sqlite3.Connection) -> None:
+    """A request that only makes the writer connect (and create the schema)."""
