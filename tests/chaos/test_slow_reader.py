@@ -83,7 +83,13 @@ def test_a_client_that_never_reads_costs_a_bounded_buffer(chaos: App) -> None:
     peak = 0
     try:
         while follower.is_alive():
-            peak = max(peak, rss_bytes(pid))
+            try:
+                peak = max(peak, rss_bytes(pid))
+            except (OSError, RuntimeError):  # gone, or a zombie (no VmRSS)
+                raise AssertionError(
+                    f"the worker running the flow ({pid}) died; gunicorn logged:"
+                    f" {chaos.server.troubles()}"
+                ) from None
             assert peak <= base[pid] + allowance, (
                 f"worker RSS grew by {(peak - base[pid]) / MiB:.0f} MiB over"
                 f" {base[pid] / MiB:.0f} MiB (the bound is {allowance / MiB:.0f} MiB)"
