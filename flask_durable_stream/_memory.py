@@ -21,11 +21,11 @@ def release_memory() -> None:
         _malloc_trim = False
         if sys.platform.startswith("linux"):
             import ctypes
-            import ctypes.util
 
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _malloc_trim = libc.malloc_trim
+                # The process's own symbols: no ctypes.util.find_library, which runs
+                # ldconfig in a subprocess (it cannot from a gevent loop callback).
+                _malloc_trim = ctypes.CDLL(None).malloc_trim
             except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
                 pass
     if _malloc_trim:

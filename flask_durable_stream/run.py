@@ -37,8 +37,11 @@ DEFAULT_BUFFER_LIMIT = 2 * 1024 * 1024
 #: A reader takes at most this many payload bytes in one batch (one socket write).
 READ_BATCH_BYTES = 256 * 1024
 #: Seconds a live reader past the buffer bound may go without taking events before it is
-#: dropped (a reader that keeps taking them makes the flow wait instead).
-READER_GRACE = 2.0
+#: dropped (a reader that keeps taking them makes the flow wait instead). Counted from the
+#: moment it fell behind, never from its last batch: a reader that was idle because the
+#: flow was quiet is not a slow reader. Generous, because a loaded machine may not
+#: schedule a healthy reader for a while, and the flow waits meanwhile (memory stays bounded).
+READER_GRACE = 5.0
 #: A flow this far ahead of working storage waits for it (not while storage is failing).
 STORAGE_BACKLOG_BYTES = 8 * 1024 * 1024
 #: Events are released in steps of at least this many payload bytes.
@@ -50,13 +53,20 @@ _EVERYTHING = sys.maxsize
 class LiveReader:
     """A live reader's cursor. ``dropped`` once it fell too far behind."""
 
-    __slots__ = ("cursor", "dropped", "on_drop", "moved_at")
+    __slots__ = ("cursor", "dropped", "on_drop", "moved_at", "behind_since")
 
     def __init__(self, cursor: int, on_drop: Callable[[], None] | None) -> None:
         self.cursor = cursor
         self.dropped = False
         self.on_drop = on_drop
         self.moved_at = time.monotonic()
+        self.behind_since: float | None = None  # when it was first seen past the bound
+
+    def stalled_since(self, now: float) -> float:
+        """Since when this reader (past the bound) has taken nothing."""
+        if self.behind_since is None:
+            self.behind_since = now
+        return max(self.moved_at, self.behind_since)
 
 
 class Run:
@@ -299,10 +309,15 @@ class Run:
         """
         while True:
             now = time.monotonic()
-            slow = [r for r in self._readers if self._total - self._bytes_before(r.cursor) > limit]
+            slow = []
+            for reader in self._readers:
+                if self._total - self._bytes_before(reader.cursor) > limit:
+                    slow.append(reader)
+                else:
+                    reader.behind_since = None
             if not slow:
                 return
-            stuck = [r for r in slow if now - r.moved_at >= self.reader_grace]
+            stuck = [r for r in slow if now - r.stalled_since(now) >= self.reader_grace]
             if stuck:
                 self._drop(stuck, limit)
                 continue
@@ -310,7 +325,8 @@ class Run:
                 return
             self._pacing = True
             self._reader_progress.clear()
-            self._reader_progress.wait(min(r.moved_at for r in slow) + self.reader_grace - now)
+            first = min(r.stalled_since(now) for r in slow)
+            self._reader_progress.wait(first + self.reader_grace - now)
             self._pacing = False
 
     def _drop(self, readers: list[LiveReader], limit: int) -> None:

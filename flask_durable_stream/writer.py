@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import protocol
+from ._concurrency import sleep as _sleep
 from ._retry import Backoff
 from .exceptions import StoragePermanentError, StreamClosed
 from .flows import fit_error
@@ -80,7 +81,7 @@ class RunWriter:
         inline: bool = False,
         backoff: Backoff = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         on_finished: Callable[[RunWriter], None] | None = None,
     ) -> None:
         self.run = run
@@ -93,7 +94,9 @@ class RunWriter:
         self._spawn = spawn
         self._inline = inline
         self._clock = clock
-        self._sleep = sleep
+        # Looked up at call time, never bound at import: a module imported before
+        # gevent patches time (gunicorn.conf.py) would otherwise block the whole worker.
+        self._sleep = sleep if sleep is not None else _sleep
         self._on_finished = on_finished
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
