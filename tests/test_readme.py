@@ -33,6 +33,10 @@ SSE = {"Accept": "text/event-stream"}
 
 
 def kind(snippet: str) -> str:
+    if "@ai.flow()" in snippet:
+        return "genkit"
+    if "DURABLE_STREAM_METRICS" in snippet:
+        return "operations"
     if "DurableStream(app" in snippet:
         return "extension"
     if "durable_stream_blueprint(" in snippet:
@@ -45,7 +49,14 @@ def kind(snippet: str) -> str:
 
 
 def test_every_snippet_has_a_runner() -> None:
-    assert sorted(kind(s) for s in SNIPPETS) == ["blueprint", "chat", "client", "extension"]
+    assert sorted(kind(s) for s in SNIPPETS) == [
+        "blueprint",
+        "chat",
+        "client",
+        "extension",
+        "genkit",
+        "operations",
+    ]
 
 
 def load(snippet: str, directory: Path, name: str) -> ModuleType:
@@ -141,6 +152,38 @@ def test_the_chat_snippet_runs_as_is(workdir: Path) -> None:
         assert (workdir / "chats.sqlite3").exists()
     finally:
         stopped(module.manager)
+
+
+def test_the_genkit_snippet_runs_as_is(workdir: Path) -> None:
+    (snippet,) = [s for s in SNIPPETS if kind(s) == "genkit"]
+    module = load(snippet, workdir, "readme_genkit")
+    state = module.app.extensions["durable_stream"]
+    try:
+        response = module.app.test_client().post(
+            "/flows/joke", json={"data": "chicken"}, headers=SSE
+        )
+        assert response.status_code == 200
+        words = ["Why", "did", "the", "chicken", "cross", "the", "road?"]
+        assert frames(response.data) == [
+            *(("chunk", w) for w in words),
+            ("done", "To get to the other side."),
+        ]
+    finally:
+        stopped(state.manager)
+
+
+def test_the_operations_snippet_runs_as_is(workdir: Path) -> None:
+    (snippet,) = [s for s in SNIPPETS if kind(s) == "operations"]
+    module = load(snippet, workdir, "readme_operations")  # its ext.ready() assertion runs here
+    state = module.app.extensions["durable_stream"]
+    try:
+        client = module.app.test_client()
+        assert client.post("/flows/echo", json={"data": 7}).get_json() == {"result": 7}
+        assert client.get("/flows/_ready").get_json()["status"] == "ready"
+        metrics = client.get("/metrics").data.decode()
+        assert 'flow="echo"' in metrics
+    finally:
+        stopped(state.manager)
 
 
 @pytest.fixture(scope="module")

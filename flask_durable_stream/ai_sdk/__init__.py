@@ -111,7 +111,10 @@ class ChatEndpoints:
         if stream_id is None:
             return None
         info = self.manager.info(stream_id)
-        if info is None or info.status is not StreamStatus.OPEN:
+        run = self.runner.get(stream_id)
+        # A run of this process knows it ended before its terminal event is stored.
+        ended_here = run is not None and run.ended
+        if info is None or info.status is not StreamStatus.OPEN or ended_here:
             self.manager.clear_pointer(key, stream_id)
             return None
         return info
