@@ -21,8 +21,8 @@ from flask_durable_stream import (
 from flask_durable_stream.managers.base import Event
 from flask_durable_stream.runner import Runner
 
-LEASE = 1.5  # generous: a loaded machine may stall a thread for a while
-BEATS_DURING_OUTAGE = 70  # one per 0.05-0.1 s: more than two leases
+LEASE = 3.0  # generous: a loaded machine may stall a thread for a while (30 heartbeats)
+BEATS_DURING_OUTAGE = 130  # one per 0.05-0.1 s: more than two leases
 
 
 class LockedStorage(InMemoryStreamManager):
