@@ -160,16 +160,17 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
-        if self._total >= self._check_at and kind == protocol.CHUNK:
-            # Only the flow's own chunks may wait: a terminal event can come from the
-            # writer's task (abort) or a shutdown, which must never wait on themselves.
-            self._check_memory()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.set()
         if self.on_emit is not None:
             self.on_emit(self)
+        if self._total >= self._check_at and kind == protocol.CHUNK:
+            # Last: readers and the writer must know of this event before the flow
+            # waits for them. Only the flow's own chunks may wait: a terminal event can
+            # come from the writer's task (abort) or a shutdown, never waiting on itself.
+            self._check_memory()
 
     def emit_chunk(self, payload: str) -> None:
         self._emit(protocol.CHUNK, payload)
