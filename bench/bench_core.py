@@ -2,6 +2,8 @@
 
     python bench/bench_core.py [--chunks 20000] [--streams 2000] [--repeat 5]
 
+``--streams 0`` runs (a) only.
+
 (a) One stream of 20,000 chunks x 16 bytes: time until the last byte, durable vs a plain
     Flask generator yielding one frame per chunk, same gevent server, same run; then the
     replay of the finished durable stream. Targets: durable <= 0.6 x plain, replay <= 0.2 x plain.
@@ -162,6 +164,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with serve() as port:
         bench_throughput(port, args.chunks, args.repeat)
+    if args.streams <= 0:
+        return  # (a) only: bench/run.py measures concurrency with raw-socket clients
     # (b) in fresh server processes, so that one measurement's memory is not the next one's base
     with serve() as port:
         bench_concurrency(port, args.streams, 50, 0.02, "/flows/llm")

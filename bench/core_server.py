@@ -5,6 +5,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
@@ -13,13 +14,16 @@ from flask import Flask, Response, request  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from flask_durable_stream import DurableStream, protocol  # noqa: E402
+from flask_durable_stream import DurableStream, SQLiteStreamManager, protocol  # noqa: E402
 
 
 def create_app() -> Flask:
+    """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory."""
     app = Flask(__name__)
     app.config["DURABLE_STREAM_TTL"] = 600.0
-    DurableStream(app, flows={"blast": blast, "llm": llm})
+    sqlite = os.environ.get("BENCH_SQLITE")
+    manager = SQLiteStreamManager(sqlite) if sqlite else None
+    DurableStream(app, flows={"blast": blast, "llm": llm}, stream_manager=manager)
 
     @app.post("/plain")
     def plain() -> Response:

@@ -1,0 +1,223 @@
+"""The load side of the concurrency sweep: N raw-socket clients in one gevent process.
+
+    python bench/load.py --port P --path /flows/llm --pid SERVER_PID --streams 500 [--replay]
+
+Each client POSTs ``{"data": {"chunks": C, "delay": D}}`` with ``Accept: text/event-stream``
+over its own socket (HTTP/1.1, ``Connection: close``), undoes the chunked transfer
+encoding and times every frame. All clients start at once. Meanwhile the server's RSS is
+sampled from ``/proc/SERVER_PID``; its CPU (user + system of every thread, as the kernel
+counts them for the process) is read before the first and after the last stream. With
+``--replay`` every stream is then read again by its ``x-genkit-stream-id`` and compared
+byte for byte with what the live client got (not counted in the CPU figure).
+Prints one JSON object.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+
+CHUNK_PREFIX = b'data: {"message":'
+RESULT_PREFIX = b'data: {"result":'
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system seconds of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Dechunker:
+    """Undoes HTTP/1.1 chunked transfer encoding, incrementally."""
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.body = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.raw += data
+        out = bytearray()
+        while not self.done:
+            line_end = self.raw.find(b"\r\n")
+            if line_end < 0:
+                break
+            size = int(self.raw[:line_end].split(b";")[0], 16)
+            if size == 0:
+                self.done = True
+                break
+            end = line_end + 2 + size
+            if len(self.raw) < end + 2:
+                break
+            out += self.raw[line_end + 2 : end]
+            self.raw = self.raw[end + 2 :]
+        self.body += out
+        return bytes(out)
+
+
+def request_bytes(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += ["Content-Type: application/json", "Accept: text/event-stream"]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def stream(port: int, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    """One request read to its end: the body, the stream id, the receive times of chunks."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    try:
+        sock.sendall(request_bytes(port, path, body, headers))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed before the headers")
+            head += data
+        head, rest = head.split(b"\r\n\r\n", 1)
+        fields = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
+        chunked = fields.get(b"transfer-encoding", b"").lower() == b"chunked"
+        decoder = Dechunker()
+        body_out = bytearray()
+        pending = b""
+        times: list[float] = []
+        finished = False
+        data = rest
+        while True:
+            now = time.time()
+            piece = decoder.feed(data) if chunked else data
+            if not chunked:
+                decoder.body += piece
+            pending += piece
+            *frames, pending = pending.split(b"\n\n")
+            for frame in frames:
+                if frame.startswith(CHUNK_PREFIX):
+                    times.append(now)
+                elif frame.startswith(RESULT_PREFIX):
+                    finished = True
+            if decoder.done:
+                break
+            data = sock.recv(65536)
+            if not data:
+                break
+        body_out = decoder.body
+        return {
+            "body": bytes(body_out),
+            "id": fields.get(b"x-genkit-stream-id", b"").decode(),
+            "times": times,
+            "finished": finished,
+        }
+    finally:
+        sock.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--pid", type=int, required=True, help="the server process to measure")
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--chunks", type=int, default=50)
+    parser.add_argument("--delay", type=float, default=0.02)
+    parser.add_argument("--replay", action="store_true", help="compare every stored stream")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    body = json.dumps({"data": {"chunks": args.chunks, "delay": args.delay}}).encode()
+    warm = {"data": {"chunks": 3, "delay": 0.001}}
+    gevent.joinall(
+        [
+            gevent.spawn(stream, args.port, args.path, json.dumps(warm).encode(), {})
+            for _ in range(20)
+        ],
+        raise_error=True,
+    )
+    gevent.sleep(0.5)  # let the warm-up streams be stored and forgotten
+    base = rss_kib(args.pid)
+    peak = [base]
+    stop = [False]
+
+    def sample() -> None:
+        while not stop[0]:
+            peak[0] = max(peak[0], rss_kib(args.pid))
+            gevent.sleep(0.05)
+
+    sampler = gevent.spawn(sample)
+    cpu_before = cpu_seconds(args.pid)
+    started = time.perf_counter()
+    jobs = [gevent.spawn(stream, args.port, args.path, body, {}) for _ in range(args.streams)]
+    gevent.joinall(jobs)
+    elapsed = time.perf_counter() - started
+    server_cpu = cpu_seconds(args.pid) - cpu_before
+    stop[0] = True
+    sampler.join()
+    results = [job.value for job in jobs if job.successful()]
+    complete = [r for r in results if r["finished"] and len(r["times"]) == args.chunks]
+    gaps = []
+    for r in results:
+        times = r["times"]
+        gaps += [max(0.0, b - a - args.delay) for a, b in zip(times, times[1:], strict=False)]
+    chunks_sent = sum(len(r["times"]) for r in results)
+    out: dict[str, Any] = {
+        "streams": args.streams,
+        "complete": len(complete),
+        "errors": args.streams - len(results),
+        "elapsed_s": elapsed,
+        "server_cpu_s": server_cpu,
+        "chunks": chunks_sent,
+        "cpu_per_chunk_us": server_cpu / max(1, chunks_sent) * 1e6,
+        "gap_p50_ms": percentile(gaps, 50) * 1000,
+        "gap_p99_ms": percentile(gaps, 99) * 1000,
+        "rss_base_kib": base,
+        "rss_peak_kib": peak[0],
+        "rss_per_stream_kib": (peak[0] - base) / args.streams,
+    }
+    if args.replay:
+        same = [0]
+
+        def check(r: dict[str, Any]) -> None:
+            if not r["id"]:
+                return
+            again = stream(args.port, args.path, b"", {"x-genkit-stream-id": r["id"]})
+            if again["body"] == r["body"]:
+                same[0] += 1
+
+        pool = gevent.pool.Pool(200)
+        pool.map(check, results)
+        out["stored_equal_live"] = same[0]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    import gevent.pool
+
+    main()

@@ -1,0 +1,331 @@
+"""Every benchmark in one command; writes BENCHMARKS.md. Asserts nothing about time.
+
+    python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
+                        [--streams 500,1000,2000] [--servers memory,sqlite,plain,genkit]
+                        [--output BENCHMARKS.md]
+
+1. Concurrency sweep: N concurrent streams of 50 chunks 20 ms apart, raw-socket clients in
+   one gevent load process (bench/load.py), each server in a fresh process: ours with the
+   in-memory and the SQLite manager under ``gunicorn -k gevent -w 1``; a plain Flask
+   generator on gevent's WSGIServer (not durable); Genkit's Express handler with its
+   InMemoryStreamManager when node is available (its npm packages are installed into
+   bench/genkit_express from its pinned package.json). CPU per chunk is the server
+   process's user + system time (every thread) over the run / chunks received.
+2. Single stream: bench/bench_core.py (a).
+3. Per-backend figures: the other bench/bench_*.py scripts, their output as printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+GENKIT_DIR = BENCH / "genkit_express"
+SERVERS = {
+    "memory": "ours, in-memory",
+    "sqlite": "ours, SQLite",
+    "plain": "plain Flask (not durable)",
+    "genkit": "Genkit Express durable",
+}
+PATHS = {"memory": "/flows/llm", "sqlite": "/flows/llm", "plain": "/plain_llm", "genkit": "/llm"}
+#: The per-backend scripts: arguments for a full run and for --quick.
+BACKENDS = {
+    "bench_sqlite.py": ([], ["--quick"]),
+    "bench_sqlite_server.py": ([], ["--chunks", "5000", "--repeat", "5"]),
+    "bench_redis.py": ([], ["--chunks", "5000", "--replay", "2000", "--follow", "200"]),
+    "bench_rtdb.py": ([], ["--seconds", "3", "--replay", "2000"]),
+    "bench_firestore.py": ([], ["--seconds", "3"]),
+    "bench_genkit.py": ([], ["--streams", "1,10,50"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+@contextlib.contextmanager
+def server(kind: str) -> Iterator[tuple[int, int]]:
+    """A fresh server process of ``kind``: (port, pid of the process that serves)."""
+    port = free_port()
+    env = dict(os.environ)
+    tmp = tempfile.mkdtemp(prefix="bench-run-")
+    if kind in ("memory", "sqlite"):
+        if kind == "sqlite":
+            env["BENCH_SQLITE"] = os.path.join(tmp, "streams.db")
+        args = [
+            os.path.join(os.path.dirname(sys.executable), "gunicorn"),
+            "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
+            "--no-control-socket", "-b", f"127.0.0.1:{port}",
+            "--chdir", str(BENCH), "core_server:create_app()",
+        ]  # fmt: skip
+    elif kind == "plain":
+        args = [sys.executable, str(BENCH / "core_server.py"), "--port", str(port)]
+    else:
+        args = ["node", str(GENKIT_DIR / "server.mjs"), str(port)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        pid = proc.pid
+        if kind in ("memory", "sqlite"):  # gunicorn listens before it forks its worker
+            deadline = time.monotonic() + 60
+            while not children(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pid = children(proc.pid)[0]
+        yield port, pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def genkit_ready() -> str | None:
+    """Why Genkit Express cannot run here, or None once its packages are installed."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not found"
+    if not (GENKIT_DIR / "node_modules" / "@genkit-ai" / "express").is_dir():
+        done = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund"],
+            cwd=GENKIT_DIR,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            return "npm install failed: " + done.stderr.strip()[-500:]
+    return None
+
+
+def measure(kind: str, streams: int) -> dict[str, Any]:
+    with server(kind) as (port, pid):
+        load = [
+            sys.executable, str(BENCH / "load.py"), "--port", str(port),
+            "--path", PATHS[kind], "--pid", str(pid), "--streams", str(streams),
+        ]  # fmt: skip
+        if kind != "plain":
+            load.append("--replay")
+        done = subprocess.run(load, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"load.py failed: {done.stderr.strip()[-2000:]}")
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def concurrency(args: argparse.Namespace, out: list[str]) -> None:
+    kinds = [k for k in args.servers.split(",") if k]
+    skipped: dict[str, str] = {}
+    if "genkit" in kinds:
+        reason = genkit_ready()
+        if reason is not None:
+            print(f"!!! Genkit Express NOT measured: {reason}", file=sys.stderr)
+            skipped["genkit"] = reason
+            kinds.remove("genkit")
+    counts = [int(n) for n in args.streams.split(",")]
+    rows: list[dict[str, Any]] = []
+    for run in range(1, args.runs + 1):
+        for n in counts:
+            for kind in kinds:
+                print(f"[concurrency] run {run}: {kind}, {n} streams", file=sys.stderr, flush=True)
+                try:
+                    figures = measure(kind, n)
+                except Exception as exc:  # noqa: BLE001 - reported in the file, loudly
+                    print(f"!!! {kind} at {n} failed: {exc}", file=sys.stderr)
+                    figures = {"failed": str(exc)[-300:]}
+                rows.append({"run": run, "streams": n, "server": kind, **figures})
+    out.append("## 1. Concurrency sweep\n")
+    out.append(
+        "N concurrent streams of 50 chunks 20 ms apart; one raw-socket client per stream in one"
+        " gevent load process (`bench/load.py`); each server in a fresh process. CPU per chunk:"
+        " the server process's user + system time (all threads, so SQLite's writer thread"
+        " counts) over the run / chunks received; the ratio is to plain Flask in the same run"
+        " and N. Gap: time between two chunks at the client minus the 20 ms pacing (0 when"
+        " they arrive together). RSS per stream: (peak - base RSS) / N. Complete: streams that"
+        " got all 50 chunks and their result; stored = live: streams whose replay by"
+        " `x-genkit-stream-id` is byte-identical to the live body.\n"
+    )
+    for kind, reason in skipped.items():
+        out.append(f"**{SERVERS[kind]} not measured: {reason}**\n")
+    out.append(
+        "| run | N | server | CPU/chunk µs | vs plain | gap p50 ms | gap p99 ms"
+        " | RSS/stream KiB | complete | stored = live | wall s |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "failed" in row:
+            out.append(
+                f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]} |"
+                f" FAILED: {row['failed']} | | | | | | | |"
+            )
+            continue
+        plain = next(
+            (
+                r
+                for r in rows
+                if r["run"] == row["run"]
+                and r["streams"] == row["streams"]
+                and r["server"] == "plain"
+                and "failed" not in r
+            ),
+            None,
+        )
+        ratio = f"{row['cpu_per_chunk_us'] / plain['cpu_per_chunk_us']:.2f}x" if plain else "-"
+        stored = row.get("stored_equal_live")
+        stored_text = "-" if stored is None else f"{stored} / {row['streams']}"
+        out.append(
+            f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]}"
+            f" | {row['cpu_per_chunk_us']:.1f} | {ratio}"
+            f" | {row['gap_p50_ms']:.1f} | {row['gap_p99_ms']:.1f}"
+            f" | {row['rss_per_stream_kib']:.1f} | {row['complete']} / {row['streams']}"
+            f" | {stored_text}"
+            f" | {row['elapsed_s']:.1f} |"
+        )
+    out.append("")
+    out.append("<details><summary>raw figures (JSON)</summary>\n")
+    out.append("```json")
+    out += [json.dumps(row) for row in rows]
+    out.append("```\n</details>\n")
+
+
+def run_script(name: str, script_args: list[str], timeout: float) -> str:
+    print(f"[{name}] {' '.join(script_args)}", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(BENCH / name), *script_args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        return f"FAILED: timed out after {timeout:.0f} s\n{exc.stdout or ''}"
+    if done.returncode != 0:
+        print(f"!!! {name} failed", file=sys.stderr)
+        return f"{done.stdout}\nFAILED (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+    return done.stdout
+
+
+def single(args: argparse.Namespace, out: list[str]) -> None:
+    script_args = ["--streams", "0"] + (["--chunks", "5000", "--repeat", "5"] if args.quick else [])
+    text = run_script("bench_core.py", script_args, 1800)
+    out.append("## 2. Single stream (bench/bench_core.py)\n")
+    out.append(f"`python bench/bench_core.py {' '.join(script_args)}`\n")
+    out += ["```", text.rstrip(), "```", ""]
+
+
+def backends(args: argparse.Namespace, out: list[str]) -> None:
+    out.append("## 3. Per-backend figures\n")
+    for name, (full, quick) in BACKENDS.items():
+        script_args = quick if args.quick else full
+        text = run_script(name, script_args, 1800)
+        out.append(f"### {name}\n")
+        out.append(f"`python bench/{name} {' '.join(script_args)}`\n")
+        out += ["```", text.rstrip(), "```", ""]
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    packages = ["flask-durable-stream", "flask", "werkzeug", "gevent", "greenlet", "gunicorn"]
+    lines = [
+        f"- CPU: {os.cpu_count()} cores, {model}",
+        f"- Load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- OS: {platform.platform()}",
+        f"- Python {platform.python_version()} ({sys.executable})",
+        "- Packages: " + ", ".join(f"{p} {version(p)}" for p in packages),
+    ]
+    if shutil.which("node"):
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+        lock = GENKIT_DIR / "node_modules" / "genkit" / "package.json"
+        genkit = json.loads(lock.read_text())["version"] if lock.exists() else "not installed"
+        lines.append(f"- Node {node.strip()}, genkit {genkit} (bench/genkit_express/package.json)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="500 streams, shorter runs")
+    parser.add_argument("--only", default="concurrency,single,backends")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
+    parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
+    parser.add_argument("--servers", default="memory,sqlite,plain,genkit")
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    if args.streams is None:
+        args.streams = "500" if args.quick else "500,1000,2000"
+    parts = set(args.only.split(","))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    out = [
+        "# Benchmarks\n",
+        "Written by `bench/run.py`; nothing here is typed by hand.\n",
+        f"- Command: `python bench/run.py {' '.join(sys.argv[1:])}`".rstrip() + "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
+        *machine(),
+        "",
+    ]
+    if "concurrency" in parts:
+        concurrency(args, out)
+    if "single" in parts:
+        single(args, out)
+    if "backends" in parts:
+        backends(args, out)
+    elapsed = datetime.datetime.now(datetime.timezone.utc) - started
+    out.append(f"Total time: {elapsed.total_seconds():.0f} s.\n")
+    Path(args.output).write_text("\n".join(out))
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
