@@ -127,7 +127,7 @@ def genkit_ready() -> str | None:
         return "node/npm not found"
     if not (GENKIT_DIR / "node_modules" / "@genkit-ai" / "express").is_dir():
         done = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund"],
+            ["npm", "ci", "--no-audit", "--no-fund"],
             cwd=GENKIT_DIR,
             capture_output=True,
             text=True,
