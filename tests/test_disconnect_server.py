@@ -1,10 +1,9 @@
 """A client that goes away stops nothing, whichever path its frames took.
 
-Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: while a
-live client keeps up, the flow's task writes its frames itself (the live fast path);
-otherwise the response's task does. Either way a stream whose client disconnected must
-still run to its end and be stored whole, and a client that stays gets every frame once,
-in order. Nothing here depends on timing: the flow waits at a gate the test opens.
+Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: a stream
+whose client disconnected must still run to its end and be stored whole, and a client
+that stays gets every frame once, in order, equal to storage. A faster live path must
+keep passing this. Nothing here depends on timing: the flow waits at a gate the test opens.
 """
 
 from __future__ import annotations
@@ -34,10 +33,6 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.S
     server.stop()
 
 
-def offers(server: servers.Server) -> int:
-    return int(requests.get(f"{server.url}/stats", timeout=30).json()["offers"])
-
-
 def open_gate(server: servers.Server, key: str) -> None:
     requests.post(f"{server.url}/gate/{key}", timeout=30).raise_for_status()
 
@@ -51,7 +46,6 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
 ) -> None:
     key = uuid.uuid4().hex
     body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
-    first = offers(server)
     live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
     assert live.chunks == list(range(BEFORE))
     assert live.stream_id is not None
@@ -60,8 +54,6 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     assert replay.events == expected_events()
     again = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id)
     assert again.raw == replay.raw
-    # The first frame after the gate met a parked response: it was offered to the fast path.
-    assert offers(server) > first
 
 
 def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage(
@@ -69,7 +61,6 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
 ) -> None:
     key = uuid.uuid4().hex
     body = json.dumps({"data": {"before": BEFORE, "after": AFTER, "key": key}})
-    first = offers(server)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request(
         "POST",
@@ -90,6 +81,5 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     events, rest = protocol.parse_frames(raw.decode())
     assert rest == ""
     assert events == expected_events()
-    assert offers(server) >= first + AFTER  # the frames after the gate took the fast path
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=stream_id)
     assert replay.raw == raw

@@ -4,9 +4,7 @@
 
 SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager. The
 ``gated`` flow emits ``before`` chunks, waits until ``POST /gate/<key>`` opens its gate,
-then emits ``after`` more: a test can drop the client at a known point. ``GET /stats``
-says how many frames were offered to the live fast path (see ``_direct``), so a test can
-tell that path was taken.
+then emits ``after`` more: a test can drop the client at a known point.
 """
 
 from __future__ import annotations
@@ -18,19 +16,9 @@ from typing import Any
 
 from flask import Flask
 
-from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager, _direct
+from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager
 
 _gates: dict[str, threading.Event] = {}
-_offers = [0]
-_offer = _direct.DirectSink.offer
-
-
-def _counted_offer(sink: _direct.DirectSink, frame: bytes) -> bool:
-    _offers[0] += 1
-    return _offer(sink, frame)
-
-
-_direct.DirectSink.offer = _counted_offer  # type: ignore[method-assign]
 
 
 def _gate(key: str) -> threading.Event:
@@ -42,7 +30,7 @@ def gated(data: Any, ctx: FlowContext) -> str:
         ctx.send_chunk(i)
     _gate(str(data["key"])).wait()
     for i in range(int(data["before"]), int(data["before"]) + int(data["after"])):
-        time.sleep(0.001)  # paced like a model, so the fast path has a parked reader to serve
+        time.sleep(0.001)  # paced like a model
         ctx.send_chunk(i)
     return "done"
 
@@ -57,9 +45,5 @@ def create_app() -> Flask:
     def open_gate(key: str) -> dict[str, bool]:
         _gate(key).set()
         return {"open": True}
-
-    @app.get("/stats")
-    def stats() -> dict[str, int]:
-        return {"offers": _offers[0]}
 
     return app
