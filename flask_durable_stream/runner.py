@@ -189,7 +189,7 @@ class Runner:
         stream_writer = None
         if durable and manager is not None:
             try:
-                stream_writer = manager.open(stream_id, owner=owner)
+                stream_writer = manager.open(stream_id, owner=owner, flow=name)
             except StreamError:
                 raise
             except Exception as exc:  # unclassified: transient, like in the writer

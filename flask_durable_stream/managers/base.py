@@ -219,6 +219,7 @@ class StreamInfo:
     cancel_requested: bool = False
     heartbeat_at: float | None = None
     expires_at: float | None = None
+    flow: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -231,6 +232,7 @@ class StreamInfo:
             "cancel_requested": self.cancel_requested,
             "heartbeat_at": self.heartbeat_at,
             "expires_at": self.expires_at,
+            "flow": self.flow,
         }
 
 
@@ -372,8 +374,14 @@ class StreamManager:
         """:attr:`backend_name`, or the class name without ``StreamManager``."""
         return self.backend_name or type(self).__name__.removesuffix("StreamManager") or "storage"
 
-    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
-        """Create a stream; :class:`StreamExists` (ALREADY_EXISTS) if the id is taken."""
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> StreamWriter:
+        """Create a stream; :class:`StreamExists` (ALREADY_EXISTS) if the id is taken.
+
+        ``owner`` and ``flow`` (the name of the flow that produces it) are kept
+        with the stream and come back in :class:`StreamInfo`.
+        """
         raise NotImplementedError
 
     def subscribe(

@@ -236,7 +236,9 @@ class FirestoreStreamManager(StreamManager):
         return at(now + self.lease_seconds + self.ttl_seconds)
 
     # -- producer --------------------------------------------------------------
-    def open(self, stream_id: str, *, owner: str | None = None) -> FirestoreStreamWriter:
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> FirestoreStreamWriter:
         ref = self._meta_ref(stream_id)
         for _ in range(3):
             now = self.now()

@@ -77,13 +77,17 @@ class InMemoryStreamManager(StreamManager):
         self._stopping = threading.Event()
 
     # -- producer ------------------------------------------------------------
-    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> StreamWriter:
         now = self.now()
         with self._lock:
             existing = self._streams.get(stream_id)
             if existing is not None and not self._expired(existing, now):
                 raise StreamExists(f"stream {stream_id} already exists")
-            info = StreamInfo(stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now)
+            info = StreamInfo(
+                stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now, flow=flow
+            )
             stream = self._streams[stream_id] = _Stream(info)
             self._ensure_sweeper()
         return _MemoryWriter(self, stream)

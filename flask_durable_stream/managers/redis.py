@@ -243,7 +243,9 @@ class RedisStreamManager(StreamManager):
         )
 
     # -- producer ----------------------------------------------------------------------------
-    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> StreamWriter:
         token = os.urandom(12).hex()
         meta, events = self._keys(stream_id)
         created = self._script(

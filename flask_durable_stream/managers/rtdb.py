@@ -302,7 +302,9 @@ class RtdbStreamManager(StreamManager):
         raise StorageUnavailable(f"stream {key}: too much contention on its metadata")
 
     # -- producer ------------------------------------------------------------
-    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> StreamWriter:
         if not valid_stream_id(stream_id):
             raise InvalidRequest(f"invalid stream id {stream_id!r}")
         key = node_key(stream_id)

@@ -357,7 +357,9 @@ class SQLiteStreamManager(SQLiteOperations):
             signal.set()
 
     # -- producer ----------------------------------------------------------------------
-    def open(self, stream_id: str, *, owner: str | None = None) -> StreamWriter:
+    def open(
+        self, stream_id: str, *, owner: str | None = None, flow: str | None = None
+    ) -> StreamWriter:
         token = self._submit(self._op_open, stream_id, owner)
         self._ensure_sweeper()
         return _SQLiteWriter(self, stream_id, token)
