@@ -5,13 +5,15 @@ the library's background work runs in greenlets. Under ``flask run`` (no
 patching) the same work runs in daemon threads, so flows still outlive their
 requests and a blocking flow does not stall the others. Primitives are taken
 from :mod:`threading` at call time: once gevent has patched it they are
-cooperative, before that they are real.
+cooperative, before that they are real. A real OS thread hands a wake-up (or
+items) to a greenlet only through :class:`Signal` (or :class:`Inbox`, built on it).
 """
 
 from __future__ import annotations
 
 import _thread
 import asyncio
+import collections
 import queue
 import selectors
 import threading
@@ -241,3 +243,87 @@ class AsyncioThread:
     def submit(self, coro: Any) -> Future[Any]:
         """Schedule ``coro`` on the loop; the future completes in the loop thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class Signal:
+    """A wake-up that any OS thread may fire and one thread or greenlet waits on.
+
+    The one way the library hands a wake-up from a real OS thread (SQLite's
+    writer thread, gRPC's callback threads, the asyncio loop thread) to a
+    greenlet. Under gevent the waiter starts an ``async`` watcher on its own
+    hub for the length of the wait: the only thing another thread may safely
+    poke on a hub, and it keeps the hub's loop alive while nothing else would
+    (a plain ``gevent.event.Event`` waited on with no timeout would end in
+    ``LoopExit``). A :meth:`set` before the wait is kept in a flag the waiter
+    reads after starting its watcher, so no wake-up is lost. Without gevent it
+    is a :class:`threading.Event`.
+    """
+
+    __slots__ = ("_event", "_watcher", "_fired", "_gevent")
+
+    def __init__(self) -> None:
+        self._fired = False
+        self._watcher: Any = None
+        self._gevent = gevent_patched()
+        if self._gevent:
+            from gevent.event import Event as GeventEvent
+
+            self._event: Any = GeventEvent()
+        else:
+            self._event = threading.Event()
+
+    def set(self) -> None:
+        """Wake the waiter (now, or at its next :meth:`wait`); safe from any thread."""
+        if not self._gevent:
+            self._event.set()
+            return
+        self._fired = True  # read by wait() after it started the watcher: no lost wake-up
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.send()
+
+    def clear(self) -> None:
+        self._fired = False
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._fired or bool(self._event.is_set())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set or ``timeout`` seconds passed; True when set. One waiter at a time."""
+        if not self._gevent:
+            return bool(self._event.wait(timeout))
+        if self._watcher is None:
+            import gevent
+
+            self._watcher = gevent.get_hub().loop.async_()
+        self._watcher.start(self._event.set)
+        try:
+            return self._fired or bool(self._event.wait(timeout))
+        finally:
+            self._watcher.stop()
+
+
+class Inbox:
+    """Hands items from any thread (or greenlet) to one waiting consumer, in order."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = Signal()
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item, or None after ``timeout`` seconds (or a spurious wake-up)."""
+        if not self._items:
+            self._ready.clear()  # before looking again, so a put() after the look still wakes
+            if not self._items:
+                self._ready.wait(None if timeout is None else max(0.0, timeout))
+        return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -10,7 +10,8 @@ Supported shapes (``data`` is the request's input, ``ctx`` a :class:`FlowContext
 
 Coroutines never run on the gevent hub: under gevent they run on one shared
 asyncio event loop in a real OS thread, and their chunks are handed back to the
-hub thread-safely, so an ``await`` never blocks other greenlets.
+flow's greenlet through an :class:`~._concurrency.Inbox`, so an ``await`` never
+blocks other greenlets.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol
-from ._concurrency import AsyncioThread, gevent_patched
+from ._concurrency import AsyncioThread, Inbox, gevent_patched
 from .exceptions import DurableStreamError, EventTooLarge, FlowError
 
 log = logging.getLogger("flask_durable_stream")
@@ -252,28 +253,30 @@ class _LoopThread:
         self.pid = os.getpid()  # a forked child (gunicorn --preload) needs a thread of its own
 
     def run(self, flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:
-        import gevent
-        from gevent.event import AsyncResult
-
-        hub_loop = gevent.get_hub().loop
+        # Chunks are produced on the loop thread; this greenlet emits them, in order,
+        # then takes the result, which the loop thread queues after the last chunk.
+        inbox = Inbox()
         emit = ctx._emit
         if emit is not None:
-            # Chunks are produced on the loop thread; hand them to the hub in order.
-            ctx._emit = lambda payload: hub_loop.run_callback_threadsafe(emit, payload)
-        done: AsyncResult = AsyncResult()
+            ctx._emit = inbox.put
         future: Future[Any] = asyncio.run_coroutine_threadsafe(_consume(flow, args, ctx), self.loop)
-        future.add_done_callback(lambda f: hub_loop.run_callback_threadsafe(done.set, f))
+        future.add_done_callback(inbox.put)
         try:
-            while not done.ready():
-                if done.wait(0.5) is None and ctx.cancelled and not future.done():
-                    future.cancel()
+            while True:
+                item = inbox.get(0.5)
+                if item is None:
+                    if ctx.cancelled and not future.done():
+                        future.cancel()
+                elif item is future:
+                    break
+                elif emit is not None:
+                    emit(item)
         except BaseException:
             future.cancel()
             raise
-        finished: Future[Any] = done.get()
-        if finished.cancelled():
+        if future.cancelled():
             raise FlowError("CANCELLED", "Cancelled by client.")
-        return finished.result()
+        return future.result()
 
 
 _LOOP: _LoopThread | None = None

@@ -14,13 +14,11 @@ finishes or is closed.
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._concurrency import gevent_patched
+from .._concurrency import Inbox
 from ..exceptions import StreamNotFound, StreamTimeout
 from .base import Event, ProducerWatch, StreamStatus
 from .firestore_io import FieldFilter, events_of, seconds
@@ -30,45 +28,6 @@ if TYPE_CHECKING:
 
 #: Documents a batch listener may accumulate before it is replaced by a fresh one.
 REANCHOR_DOCS = 64
-
-
-class Inbox:
-    """Hands items from any thread (or greenlet) to one waiting consumer."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._async: Any = None
-        if gevent_patched():
-            import gevent
-            from gevent.event import Event as GeventEvent
-
-            self._ready: Any = GeventEvent()
-            # A loop watcher may be signalled from any real thread; it wakes this hub.
-            self._async = gevent.get_hub().loop.async_()
-            self._async.start(self._ready.set)
-        else:
-            self._ready = threading.Event()
-
-    def put(self, item: Any) -> None:
-        self._items.append(item)
-        if self._async is not None:
-            self._async.send()
-        else:
-            self._ready.set()
-
-    def get(self, timeout: float) -> Any:
-        """The next item, or None after ``timeout`` seconds."""
-        if not self._items:
-            self._ready.clear()
-            if not self._items:
-                self._ready.wait(max(0.0, timeout))
-        return self._items.popleft() if self._items else None
-
-    def close(self) -> None:
-        if self._async is not None:
-            self._async.stop()
-            self._async.close()
-            self._async = None
 
 
 #: Stored events handed to a reader at once (one HTTP write).
@@ -165,7 +124,6 @@ def follow(
     finally:
         for watch in watches:
             watch.unsubscribe()
-        inbox.close()
 
 
 def _listen(manager: FirestoreStreamManager, stream_id: str, cursor: int, inbox: Inbox) -> Any:

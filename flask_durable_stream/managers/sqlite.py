@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._concurrency import Task, TaskGroup
+from .._concurrency import Signal, Task, TaskGroup
 from ..exceptions import (
     StorageUnavailable,
     StreamError,
@@ -69,7 +69,6 @@ from .sqlite_io import (
     _Request,
     _rollback_quietly,
     _row_info,
-    _Signal,
     _stop,
     check_path,
 )
@@ -144,7 +143,7 @@ class SQLiteStreamManager(SQLiteOperations):
         self._in_flight = 0  # submitted, not yet answered
         self._lock = _real_lock()
         self._start_lock = threading.Lock()  # held while connecting: greenlet-aware
-        self._watchers: dict[str, set[_Signal]] = {}
+        self._watchers: dict[str, set[Signal]] = {}
         self._tasks = TaskGroup()
         self._sweeper: Task | None = None
         self._poller: Task | None = None
@@ -384,7 +383,7 @@ class SQLiteStreamManager(SQLiteOperations):
     def _follow(
         self, stream_id: str, token: int, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
-        signal = _Signal()
+        signal = Signal()
         with self._lock:
             self._watchers.setdefault(stream_id, set()).add(signal)
         last_activity = time.monotonic()

@@ -9,11 +9,10 @@ import json
 import operator
 import os
 import sqlite3
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._concurrency import gevent_patched
+from .._concurrency import Signal
 from .._retry import Backoff
 from .base import StreamInfo, StreamStatus
 
@@ -82,54 +81,6 @@ _RealQueue = _original("_queue", "SimpleQueue")
 _ABANDONED: list[Any] = []
 
 
-class _Signal:
-    """A wake-up that any OS thread may fire and one thread or greenlet waits on.
-
-    Under gevent the waiter starts an ``async`` watcher: the only thing another
-    thread may safely poke on a hub, and it keeps the hub's loop alive while
-    nothing else would.
-    """
-
-    __slots__ = ("_event", "_hub", "_async", "_fired")
-
-    def __init__(self) -> None:
-        self._fired = False
-        self._async: Any = None
-        if gevent_patched():
-            import gevent
-            import gevent.event
-
-            self._hub: Any = gevent.get_hub()
-            self._event: Any = gevent.event.Event()
-        else:
-            self._hub = None
-            self._event = threading.Event()
-
-    def set(self) -> None:
-        if self._hub is None:
-            self._event.set()
-            return
-        self._fired = True  # read by wait() after it started the watcher: no lost wake-up
-        watcher = self._async
-        if watcher is not None:
-            watcher.send()
-
-    def clear(self) -> None:
-        self._fired = False
-        self._event.clear()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._hub is None:
-            return bool(self._event.wait(timeout))
-        if self._async is None:
-            self._async = self._hub.loop.async_()
-        self._async.start(self._event.set)
-        try:
-            return self._fired or bool(self._event.wait(timeout))
-        finally:
-            self._async.stop()
-
-
 def _busy(exc: sqlite3.Error) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; the next try may work."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -179,7 +130,7 @@ class _Request:
         self.op = op
         self.args = args
         self.stream_id = stream_id
-        self.done = _Signal()
+        self.done = Signal()
         self.result: Any = None
         self.error: BaseException | None = None
 
