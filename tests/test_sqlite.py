@@ -119,6 +119,80 @@ def test_restart_replays_finished_streams_byte_for_byte(db: Path) -> None:
     assert info is not None and info.status is StreamStatus.DONE and info.owner == "alice"
 
 
+#: The schema of version 1 files, before streams kept their flow's name.
+SCHEMA_V1 = """
+CREATE TABLE ds_streams (
+    stream_id TEXT PRIMARY KEY, token INTEGER NOT NULL, status TEXT NOT NULL, owner TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, heartbeat_at REAL, expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, last_seq INTEGER NOT NULL DEFAULT -1
+);
+CREATE INDEX ds_streams_expires ON ds_streams (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX ds_streams_created ON ds_streams (created_at);
+CREATE TABLE ds_events (
+    stream_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE ds_pointers (key TEXT PRIMARY KEY, stream_id TEXT NOT NULL) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+def test_the_flow_name_is_stored_with_the_stream_and_survives_a_restart(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        manager.open("named", owner="alice", flow="story").done("end")
+        manager.open("anonymous").write("x")
+    with SQLiteStreamManager(db) as manager:
+        named, anonymous = manager.info("named"), manager.info("anonymous")
+        listed = {info.stream_id: info.flow for info in manager.list_streams()}
+    assert named is not None and named.flow == "story" and named.owner == "alice"
+    assert anonymous is not None and anonymous.flow is None
+    assert listed == {"named": "story", "anonymous": None}
+
+
+@pytest.mark.parametrize("first", ["read", "write"])
+def test_a_version_1_file_gains_the_flow_column_and_keeps_its_streams(
+    db: Path, first: str
+) -> None:
+    raw = sqlite3.connect(db)
+    raw.executescript(SCHEMA_V1)
+    raw.execute(
+        "INSERT INTO ds_streams (stream_id, token, status, owner, created_at, updated_at,"
+        " last_seq) VALUES ('old', 7, 'done', 'bob', 1.0, 2.0, 1)"
+    )
+    raw.executemany(
+        "INSERT INTO ds_events VALUES ('old', ?, ?, ?)",
+        [(0, protocol.CHUNK, '"a"'), (1, protocol.DONE, '"b"')],
+    )
+    raw.commit()
+    raw.close()
+    with SQLiteStreamManager(db) as manager:
+        if first == "write":  # the writer migrates when it first connects
+            manager.open("new", flow="story").done(None)
+        old = manager.info("old")  # a read first makes the writer migrate, then reads again
+        assert old is not None and old.owner == "bob" and old.flow is None
+        assert [e.payload for e in manager.subscribe("old")] == ['"a"', '"b"']
+        if first == "read":
+            manager.open("new", flow="story").done(None)
+        listed = {info.stream_id: info.flow for info in manager.list_streams()}
+    assert listed == {"old": None, "new": "story"}
+    check = sqlite3.connect(db)
+    try:
+        columns = [row[1] for row in check.execute("PRAGMA table_info(ds_streams)")]
+        version = check.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        check.close()
+    assert columns.count("flow") == 1 and version == 2
+
+
+def test_a_file_of_a_newer_schema_is_refused(db: Path) -> None:
+    raw = sqlite3.connect(db)
+    raw.execute("PRAGMA user_version = 99")
+    raw.close()
+    with SQLiteStreamManager(db) as manager:
+        with pytest.raises(StorageUnavailable, match="unknown schema version 99"):
+            manager.open("s")
+
+
 def test_corrupt_file_fails_calls_not_the_constructor(db: Path) -> None:
     db.write_bytes(b"this is not a database" * 300)
     with SQLiteStreamManager(db) as manager:  # the worker boots

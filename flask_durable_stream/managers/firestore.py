@@ -246,6 +246,7 @@ class FirestoreStreamManager(StreamManager):
                 "status": StreamStatus.OPEN.value,
                 "last_seq": -1,
                 "owner": owner,
+                "flow": flow,
                 "cancel_requested": False,
                 "createdAt": at(now),
                 "updatedAt": at(now),
@@ -384,6 +385,7 @@ class FirestoreStreamManager(StreamManager):
             bool(data.get("cancel_requested")),
             seconds(data.get("heartbeatAt")),
             seconds(data.get("expiresAt")),
+            flow=data.get("flow"),
         )
 
     def info(self, stream_id: str) -> StreamInfo | None:

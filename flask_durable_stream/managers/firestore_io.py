@@ -3,7 +3,7 @@
 Layout of one stream in ``<collection>``::
 
     <collection>/<stream_id>                       metadata document
-        status, last_seq, owner, cancel_requested,
+        status, last_seq, owner, flow, cancel_requested,
         createdAt, updatedAt, heartbeatAt, expiresAt
     <collection>/<stream_id>/batches/<first_seq:012d>   one per flush
         first_seq, last_seq, events: [{seq, kind, payload}, ...], expiresAt

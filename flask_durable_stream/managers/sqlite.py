@@ -58,8 +58,6 @@ from .sqlite_io import (
     _ROW,
     _SYNC_MODES,
     MAX_EVENT_BYTES,
-    SCHEMA,
-    SCHEMA_VERSION,
     _busy,
     _close_quietly,
     _noop,
@@ -71,6 +69,7 @@ from .sqlite_io import (
     _row_info,
     _stop,
     check_path,
+    migrate,
 )
 from .sqlite_ops import SQLiteOperations
 
@@ -175,13 +174,7 @@ class SQLiteStreamManager(SQLiteOperations):
                     raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.execute("BEGIN IMMEDIATE")  # also proves the file is writable
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
-                    raise sqlite3.DatabaseError(f"unknown schema version {version}")
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                migrate(conn, conn.execute("PRAGMA user_version").fetchone()[0])
                 conn.execute("COMMIT")
             else:
                 conn.execute("PRAGMA query_only=1")
@@ -237,10 +230,11 @@ class SQLiteStreamManager(SQLiteOperations):
         except sqlite3.Error as exc:
             if conn is not None:
                 conn.close()
-            if "no such table" in str(exc) and not schema_made:
-                # A new file nobody has written yet: the writer creates the schema (the
-                # start is lazy), then read again. A read-only database with its schema
-                # never gets here, so finished streams stay readable from it.
+            if ("no such table" in str(exc) or "no such column" in str(exc)) and not schema_made:
+                # A new file nobody has written yet, or one of an older schema: the
+                # writer creates or migrates the schema (the start is lazy), then read
+                # again. A read-only database with its schema never gets here, so
+                # finished streams stay readable from it.
                 self._submit(_noop)
                 return self._read(sql, args, schema_made=True)
             log.warning("SQLite read failed on %r: %s", self.path, exc)
@@ -359,7 +353,7 @@ class SQLiteStreamManager(SQLiteOperations):
     def open(
         self, stream_id: str, *, owner: str | None = None, flow: str | None = None
     ) -> StreamWriter:
-        token = self._submit(self._op_open, stream_id, owner)
+        token = self._submit(self._op_open, stream_id, owner, flow)
         self._ensure_sweeper()
         return _SQLiteWriter(self, stream_id, token)
 

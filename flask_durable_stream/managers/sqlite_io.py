@@ -16,7 +16,8 @@ from .._concurrency import Signal
 from .._retry import Backoff
 from .base import StreamInfo, StreamStatus
 
-SCHEMA_VERSION = 1
+#: 2 added ``ds_streams.flow``; a version 1 file gets the column when first opened for writing.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ds_streams (
     stream_id TEXT PRIMARY KEY,
@@ -28,7 +29,8 @@ CREATE TABLE IF NOT EXISTS ds_streams (
     heartbeat_at REAL,
     expires_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT -1
+    last_seq INTEGER NOT NULL DEFAULT -1,
+    flow TEXT
 );
 CREATE INDEX IF NOT EXISTS ds_streams_expires ON ds_streams (expires_at)
     WHERE expires_at IS NOT NULL;
@@ -47,7 +49,7 @@ CREATE TABLE IF NOT EXISTS ds_pointers (
 """
 _ROW = (
     "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
-    " heartbeat_at, expires_at, token FROM ds_streams"
+    " heartbeat_at, expires_at, token, flow FROM ds_streams"
 )
 _INSERT_PACKED = (
     "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
@@ -137,8 +139,35 @@ class _Request:
 
 def _row_info(row: tuple[Any, ...]) -> StreamInfo:
     return StreamInfo(
-        row[0], StreamStatus(row[1]), row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8]
+        row[0],
+        StreamStatus(row[1]),
+        row[2],
+        row[3],
+        row[4],
+        row[5],
+        bool(row[6]),
+        row[7],
+        row[8],
+        flow=row[10],
     )
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a file of an older schema version up to :data:`SCHEMA_VERSION`, in place.
+
+    Runs in the writer's first transaction, so every process sees the old
+    schema or the new one. Columns are only ever added (with NULL for the rows
+    already there), so an older version of the library keeps reading the file.
+    """
+    if version not in (0, 1, SCHEMA_VERSION):
+        raise sqlite3.DatabaseError(f"unknown schema version {version}")
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)  # CREATE ... IF NOT EXISTS: a new file gets it all
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ds_streams)")}
+    if "flow" not in columns:
+        conn.execute("ALTER TABLE ds_streams ADD COLUMN flow TEXT")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def _stop(conn: sqlite3.Connection) -> None:

@@ -20,7 +20,9 @@ from .sqlite_io import _INSERT_PACKED, _LENGTH_LIMIT, _PACK, _payload_of
 class SQLiteOperations(StreamManager):
     """The writer thread's operations; :class:`~.sqlite.SQLiteStreamManager` runs them."""
 
-    def _op_open(self, conn: sqlite3.Connection, stream_id: str, owner: str | None) -> int:
+    def _op_open(
+        self, conn: sqlite3.Connection, stream_id: str, owner: str | None, flow: str | None
+    ) -> int:
         now = self.now()
         row = conn.execute(
             "SELECT expires_at FROM ds_streams WHERE stream_id = ?", (stream_id,)
@@ -33,8 +35,8 @@ class SQLiteOperations(StreamManager):
         token = int.from_bytes(os.urandom(7), "big")
         conn.execute(
             "INSERT INTO ds_streams (stream_id, token, status, owner, created_at, updated_at,"
-            " heartbeat_at) VALUES (?, ?, 'open', ?, ?, ?, ?)",
-            (stream_id, token, owner, now, now, now),
+            " heartbeat_at, flow) VALUES (?, ?, 'open', ?, ?, ?, ?, ?)",
+            (stream_id, token, owner, now, now, now, flow),
         )
         return token
 
