@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from google.cloud import firestore
 from google.cloud.firestore_v1.types import CommitRequest
 
 from flask_durable_stream import (
@@ -29,7 +30,6 @@ from flask_durable_stream import (
     StreamManager,
 )
 from flask_durable_stream._retry import Backoff
-from flask_durable_stream.managers.firestore_writer import store_events
 from tests.support.firestore_emulator import FirestoreEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,13 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def store_events(manager: FirestoreStreamManager, sid: str, events: list[Event]) -> int:
+    """The storage layer's append, as the writer calls it."""
+    return manager.store.append(sid, events, manager.batch_bytes)
+
+
 def batch_docs(manager: FirestoreStreamManager, sid: str) -> list[dict[str, Any]]:
-    docs = manager._batches_ref(sid).order_by("last_seq").stream()
+    docs = manager.store.batches_ref(sid).order_by("last_seq").stream()
     return [{"id": d.id, **d.to_dict()} for d in docs]
 
 
@@ -132,6 +137,25 @@ def test_batch_documents_hold_contiguous_ranges_with_sortable_ids(make: MakeMana
         for d in docs
     )
     assert all("expiresAt" in d for d in docs)
+
+
+def test_the_flow_name_is_a_field_of_the_stream_and_older_documents_have_none(
+    make: MakeManager,
+) -> None:
+    manager = make()
+    named, older = new_id(), new_id()
+    manager.open(named, owner="alice", flow="story").done("end")
+    manager.open(older).write("x")
+    # A stream written before streams kept their flow: its document has no such field.
+    manager.store.meta_ref(older).update({"flow": firestore.DELETE_FIELD})
+    assert "flow" not in (manager.store.meta_ref(older).get().to_dict() or {})
+    assert manager.store.meta_ref(named).get().to_dict()["flow"] == "story"
+    info = make().info(named)  # another manager (process) on the same collection
+    assert info is not None and info.flow == "story" and info.owner == "alice"
+    older_info = manager.info(older)
+    assert older_info is not None and older_info.flow is None
+    listed = {i.stream_id: i.flow for i in manager.list_streams()}
+    assert listed == {named: "story", older: None}
 
 
 def test_subscribe_from_every_offset_across_batch_boundaries(make: MakeManager) -> None:
@@ -237,7 +261,8 @@ def test_storage_level_retry_is_idempotent_and_detects_conflicts(make: MakeManag
             if store_events(manager, sid, [Event(3, "chunk", '"theirs"')]) == 3
             else [],
         )
-    assert [e.payload for e in manager._stored_events(sid, -1)] == ['"a"', '"b"', '"c"', '"theirs"']
+    stored = [e.payload for e in manager.store.stored_events(sid, -1)]
+    assert stored == ['"a"', '"b"', '"c"', '"theirs"']
 
 
 def test_closing_a_subscription_stops_its_listeners(make: MakeManager) -> None:

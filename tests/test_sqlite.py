@@ -150,9 +150,7 @@ def test_the_flow_name_is_stored_with_the_stream_and_survives_a_restart(db: Path
 
 
 @pytest.mark.parametrize("first", ["read", "write"])
-def test_a_version_1_file_gains_the_flow_column_and_keeps_its_streams(
-    db: Path, first: str
-) -> None:
+def test_a_version_1_file_gains_the_flow_column_and_keeps_its_streams(db: Path, first: str) -> None:
     raw = sqlite3.connect(db)
     raw.executescript(SCHEMA_V1)
     raw.execute(

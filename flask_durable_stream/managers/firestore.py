@@ -5,8 +5,10 @@ stops at Firestore's 1 MiB document limit, rewrites that document for every
 chunk (Firestore sustains about one write per second per document) and sends
 the whole array to every listener on every chunk. Here each stream is a
 metadata document and a ``batches`` subcollection of documents holding
-contiguous seq ranges (see :mod:`.firestore_io` for the layout). The producer
-coalesces chunks for ``linger`` seconds per commit (:mod:`.firestore_writer`);
+contiguous seq ranges (see :mod:`.firestore_io` for the layout). Every request
+goes through one :class:`~.firestore_store.FirestoreStore` (client, references,
+error mapping, commit splitting). The producer coalesces chunks for ``linger``
+seconds per commit (:mod:`.firestore_writer`);
 the metadata document is written at open, on heartbeats, on cancel and
 together with the terminal event, in one atomic commit. Subscribers replay
 stored batches and then listen for new ones (:mod:`.firestore_reader`).
@@ -21,21 +23,12 @@ its own client after the fork.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .. import protocol
 from .._concurrency import TaskGroup
-from ..exceptions import (
-    StorageUnavailable,
-    StreamClosed,
-    StreamError,
-    StreamExists,
-    StreamNotFound,
-)
+from ..exceptions import StorageUnavailable, StreamClosed, StreamError, StreamExists, StreamNotFound
 from .base import (
-    PRODUCER_LOST,
     Event,
     StreamInfo,
     StreamManager,
@@ -43,22 +36,10 @@ from .base import (
     check_pointer_key,
     common_options,
 )
-from .firestore_io import (
-    BATCHES,
-    COMMIT_DOCS,
-    DOC_LIMIT,
-    MAX_EVENT_BYTES,
-    FieldFilter,
-    at,
-    batch_id,
-    edge,
-    ensure_grpc_gevent,
-    events_of,
-    firestore,
-    seconds,
-)
+from .firestore_io import DOC_LIMIT, MAX_EVENT_BYTES, FieldFilter, at, seconds
 from .firestore_reader import follow
-from .firestore_writer import FirestoreStreamWriter
+from .firestore_store import CONTENTION_ATTEMPTS, FirestoreStore
+from .firestore_writer import FirestoreStreamWriter, WriterOptions
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -176,70 +157,31 @@ class FirestoreStreamManager(StreamManager):
         self.project = project
         if client is None and firebase_app is None:
             check_default_credentials(project)
-        self._source = client
-        self._firebase_app = firebase_app
-        self._client: Any = client if isinstance(client, firestore.Client) else None
-        self._client_pid = os.getpid()
-        self._client_lock = threading.Lock()
         self._tasks = TaskGroup()
+        #: Every request of this manager, its reader and its writers goes through it.
+        self.store = FirestoreStore(
+            source=client,
+            firebase_app=firebase_app,
+            project=project,
+            collection=collection,
+            rpc_timeout=rpc_timeout,
+            ttl_seconds=ttl_seconds,
+            lease_seconds=lease_seconds,
+            max_stream_seconds=max_stream_seconds,
+            now=self.now,
+        )
 
-    # -- the client ------------------------------------------------------------
     @property
     def client(self) -> Any:
         """The Firestore client of this process, created on first use."""
-        ensure_grpc_gevent()
-        pid = os.getpid()
-        if self._client is not None and self._client_pid == pid:
-            return self._client
-        with self._client_lock:
-            if self._client is not None and self._client_pid != pid:
-                if self._client is self._source and getattr(
-                    self._client, "_firestore_api_internal", None
-                ):
-                    raise RuntimeError(
-                        "This Firestore client was used before the process forked and cannot "
-                        "be used in a worker. Pass client=<a function returning a Client> "
-                        "(or create the manager inside each worker)."
-                    )
-                if self._client is not self._source:
-                    self._client = None
-            if self._client is None or self._client_pid != pid:
-                self._client = self._make_client()
-                self._client_pid = pid
-            return self._client
-
-    def _make_client(self) -> Any:
-        if isinstance(self._source, firestore.Client):
-            return self._source
-        if callable(self._source):
-            return self._source()
-        if self._firebase_app is not None:
-            from firebase_admin import firestore as admin_firestore
-
-            return admin_firestore.client(self._firebase_app)
-        with edge("create client"):
-            return firestore.Client(project=self.project)
-
-    def _meta_ref(self, stream_id: str) -> Any:
-        return self.client.collection(self.collection).document(stream_id)
-
-    def _batches_ref(self, stream_id: str) -> Any:
-        return self._meta_ref(stream_id).collection(BATCHES)
-
-    def _expired(self, data: dict[str, Any], now: float | None = None) -> bool:
-        expires = seconds(data.get("expiresAt"))
-        return expires is not None and expires <= (self.now() if now is None else now)
-
-    def _open_expiry(self, now: float) -> Any:
-        # An open stream whose producer stops heartbeating is lost after the lease,
-        # then kept for the TTL like any finished stream.
-        return at(now + self.lease_seconds + self.ttl_seconds)
+        return self.store.client
 
     # -- producer --------------------------------------------------------------
     def open(
         self, stream_id: str, *, owner: str | None = None, flow: str | None = None
     ) -> FirestoreStreamWriter:
-        ref = self._meta_ref(stream_id)
+        store = self.store
+        ref = store.meta_ref(stream_id)
         for _ in range(3):
             now = self.now()
             data = {
@@ -251,129 +193,42 @@ class FirestoreStreamManager(StreamManager):
                 "createdAt": at(now),
                 "updatedAt": at(now),
                 "heartbeatAt": at(now),
-                "expiresAt": self._open_expiry(now),
+                "expiresAt": store.open_expiry(now),
             }
             try:
-                with edge(f"open stream {stream_id}"):
-                    ref.create(data, retry=None, timeout=self.rpc_timeout)
-                return FirestoreStreamWriter(self, stream_id)
+                store.create(ref, data, f"open stream {stream_id}")
+                return FirestoreStreamWriter(store, stream_id, self._writer_options())
             except StreamExists:
-                snap = self._get(ref, f"open stream {stream_id}")
-                if snap.exists and not self._expired(snap.to_dict()):
+                snap = store.get(ref, f"open stream {stream_id}")
+                if snap.exists and not store.expired(snap.to_dict()):
                     raise StreamExists(f"stream {stream_id} already exists") from None
                 if snap.exists:
-                    self._purge(snap)  # an expired id is free again
+                    store.purge(snap)  # an expired id is free again
         raise StreamExists(f"stream {stream_id} is being created concurrently")
 
-    def _write_heartbeat(self, writer: FirestoreStreamWriter) -> bool | None:
-        """Refresh the producer's heartbeat; the cancel flag, or None if the stream ended."""
-        ref = self._meta_ref(writer.stream_id)
-        for _ in range(5):
-            snap = self._get(ref, f"heartbeat of stream {writer.stream_id}")
-            data = snap.to_dict() if snap.exists else None
-            if data is None or data.get("status") != StreamStatus.OPEN.value:
-                return None
-            now = self.now()
-            update = {"heartbeatAt": at(now), "expiresAt": self._open_expiry(now)}
-            if writer.stored_seq > int(data.get("last_seq", -1)):
-                update["last_seq"] = writer.stored_seq
-            try:
-                with edge(f"heartbeat of stream {writer.stream_id}", conditional=True):
-                    ref.update(
-                        update,
-                        option=self.client.write_option(last_update_time=snap.update_time),
-                        retry=None,
-                        timeout=self.rpc_timeout,
-                    )
-            except StreamClosed:
-                continue  # changed meanwhile (a cancel, a lease check): read again
-            writer._alive_at = now
-            return bool(data.get("cancel_requested"))
-        raise StreamError(
-            f"heartbeat of stream {writer.stream_id}: too much contention", status="UNAVAILABLE"
+    def _writer_options(self) -> WriterOptions:
+        return WriterOptions(
+            tasks=self._tasks,
+            linger=self.linger,
+            batch_bytes=self.batch_bytes,
+            rpc_timeout=self.rpc_timeout,
+            lease_seconds=self.lease_seconds,
+            max_event_bytes=self.max_event_bytes,
+            backend=self.display_name,
         )
 
     # -- consumer --------------------------------------------------------------
     def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[list[Event]]:
-        data = self._live_meta(stream_id)
-        return follow(self, stream_id, data, after, self.timeout if timeout is None else timeout)
-
-    def _stored_events(self, stream_id: str, after: int) -> Iterator[Event]:
-        query = (
-            self._batches_ref(stream_id)
-            .where(filter=FieldFilter("last_seq", ">", after))
-            .order_by("last_seq")
+        data = self.store.live_meta(stream_id)
+        return follow(
+            self.store, stream_id, data, after, self.timeout if timeout is None else timeout
         )
-        with edge(f"read stream {stream_id}"):
-            docs = list(query.stream(retry=None, timeout=self.rpc_timeout))
-        expected = after + 1
-        for doc in docs:
-            for event in events_of(doc.to_dict()):
-                if event.seq == expected:
-                    yield event
-                    expected += 1
-
-    def _mark_lost(self, stream_id: str) -> None:
-        """Store the PRODUCER_LOST error if the producer's lease really expired."""
-        ref = self._meta_ref(stream_id)
-        snap = self._get(ref, f"lease of stream {stream_id}")
-        data = snap.to_dict() if snap.exists else None
-        if data is None or data.get("status") != StreamStatus.OPEN.value:
-            return
-        newest = self._batches_ref(stream_id).order_by("last_seq", direction="DESCENDING").limit(1)
-        with edge(f"lease of stream {stream_id}"):
-            docs = list(newest.stream(retry=None, timeout=self.rpc_timeout))
-        last_seq = docs[0].get("last_seq") if docs else -1
-        alive_at = max(
-            seconds(data.get("heartbeatAt")) or 0.0,
-            docs[0].update_time.timestamp() if docs else 0.0,
-        )
-        now = self.now()
-        if now - alive_at <= self.lease_seconds:
-            return
-        seq = last_seq + 1
-        error = {"seq": seq, "kind": protocol.ERROR, "payload": protocol.encode(PRODUCER_LOST)}
-        write = self.client.batch()
-        write.create(
-            self._batches_ref(stream_id).document(batch_id(seq)),
-            {
-                "first_seq": seq,
-                "last_seq": seq,
-                "events": [error],
-                "expiresAt": at(now + self.ttl_seconds + self.max_stream_seconds),
-            },
-        )
-        write.update(
-            ref,
-            {
-                "status": StreamStatus.ERROR.value,
-                "last_seq": seq,
-                "updatedAt": at(now),
-                "expiresAt": at(now + self.ttl_seconds),
-            },
-            option=self.client.write_option(last_update_time=snap.update_time),
-        )
-        try:
-            with edge(f"lease of stream {stream_id}", conditional=True):
-                write.commit(retry=None, timeout=self.rpc_timeout)
-        except (StreamExists, StreamClosed):
-            pass  # the producer (or another subscriber) moved first: look again later
 
     # -- metadata --------------------------------------------------------------
-    def _get(self, ref: Any, what: str) -> Any:
-        with edge(what):
-            return ref.get(retry=None, timeout=self.rpc_timeout)
-
-    def _live_meta(self, stream_id: str) -> dict[str, Any]:
-        snap = self._get(self._meta_ref(stream_id), f"read stream {stream_id}")
-        data = snap.to_dict() if snap.exists else None
-        if data is None or self._expired(data):
-            raise StreamNotFound(f"stream {stream_id} not found")
-        return dict(data)
-
-    def _info(self, stream_id: str, data: dict[str, Any]) -> StreamInfo:
+    @staticmethod
+    def _info(stream_id: str, data: dict[str, Any]) -> StreamInfo:
         status = StreamStatus(data.get("status", StreamStatus.OPEN.value))
         return StreamInfo(
             stream_id,
@@ -390,50 +245,44 @@ class FirestoreStreamManager(StreamManager):
 
     def info(self, stream_id: str) -> StreamInfo | None:
         try:
-            return self._info(stream_id, self._live_meta(stream_id))
+            return self._info(stream_id, self.store.live_meta(stream_id))
         except StreamNotFound:
             return None
 
     def request_cancel(self, stream_id: str) -> bool:
-        ref = self._meta_ref(stream_id)
-        for _ in range(5):
-            snap = self._get(ref, f"cancel stream {stream_id}")
-            data = snap.to_dict() if snap.exists else None
-            if data is None or self._expired(data):
+        store = self.store
+        ref = store.meta_ref(stream_id)
+        what = f"cancel stream {stream_id}"
+        for _ in range(CONTENTION_ATTEMPTS):
+            snap, data = store.data(ref, what)
+            if data is None or store.expired(data):
                 raise StreamNotFound(f"stream {stream_id} not found")
             if data.get("status") != StreamStatus.OPEN.value:
                 return False
             try:
-                with edge(f"cancel stream {stream_id}", conditional=True):
-                    ref.update(
-                        {"cancel_requested": True, "updatedAt": at(self.now())},
-                        option=self.client.write_option(last_update_time=snap.update_time),
-                        retry=None,
-                        timeout=self.rpc_timeout,
-                    )
+                store.update_unchanged(
+                    ref, {"cancel_requested": True, "updatedAt": at(self.now())}, snap, what
+                )
                 return True
             except StreamClosed:
                 continue
-        raise StreamError(f"cancel stream {stream_id}: too much contention", status="UNAVAILABLE")
+        raise StreamError(f"{what}: too much contention", status="UNAVAILABLE")
 
     def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
         found: list[StreamInfo] = []
-        query = (
-            self.client.collection(self.collection)
-            .order_by("createdAt", direction="DESCENDING")
-            .limit(max(limit, 50))
-        )
+        page_size = max(limit, 50)
+        query = self.store.streams_ref().order_by("createdAt", direction="DESCENDING")
+        query = query.limit(page_size)
         last = None
         now = self.now()
         while len(found) < limit:
             page_query = query.start_after(last) if last is not None else query
-            with edge("list streams"):
-                page = list(page_query.stream(retry=None, timeout=self.rpc_timeout))
+            page = self.store.query(page_query, "list streams")
             for snap in page:
                 data = snap.to_dict()
-                if not self._expired(data, now):
+                if not self.store.expired(data, now):
                     found.append(self._info(snap.id, data))
-            if len(page) < max(limit, 50):
+            if len(page) < page_size:
                 break
             last = page[-1]
         return found[:limit]
@@ -442,69 +291,36 @@ class FirestoreStreamManager(StreamManager):
     def gc(self, now: float | None = None) -> int:
         now = self.now() if now is None else now
         expired = (
-            self.client.collection(self.collection)
+            self.store.streams_ref()
             .where(filter=FieldFilter("expiresAt", "<=", at(now)))
             .limit(200)
         )
         removed = 0
         while True:
-            with edge("gc"):
-                page = list(expired.stream(retry=None, timeout=self.rpc_timeout))
-            removed += sum(1 for snap in page if self._purge(snap))
+            page = self.store.query(expired, "gc")
+            removed += sum(1 for snap in page if self.store.purge(snap))
             if len(page) < 200:
                 return removed
 
-    def _purge(self, meta: Any) -> bool:
-        """Delete one stream's batches and metadata unless either changed since read."""
-        ref = meta.reference
-        with edge(f"gc of stream {ref.id}"):
-            batches = list(
-                ref.collection(BATCHES)
-                .select(["last_seq"])
-                .stream(retry=None, timeout=self.rpc_timeout)
-            )
-        refs = [(b.reference, b.update_time) for b in batches] + [(ref, meta.update_time)]
-        for start in range(0, len(refs), COMMIT_DOCS):
-            write = self.client.batch()
-            for doc, updated in refs[start : start + COMMIT_DOCS]:
-                write.delete(doc, option=self.client.write_option(last_update_time=updated))
-            try:
-                with edge(f"gc of stream {ref.id}", conditional=True):
-                    write.commit(retry=None, timeout=self.rpc_timeout)
-            except (StreamClosed, StreamNotFound):
-                return False  # written (re-opened) or deleted meanwhile
-        return True
-
-    # -- pointers: one document each, in the collection ``<collection>-pointers`` -----
-    def _pointer_ref(self, key: str) -> Any:
-        return self.client.collection(f"{self.collection}-pointers").document(
-            check_pointer_key(key)
-        )
-
+    # -- pointers --------------------------------------------------------------
     def set_pointer(self, key: str, stream_id: str) -> None:
-        ref = self._pointer_ref(key)
-        with edge(f"set pointer {key}"):
-            ref.set({"stream_id": stream_id}, retry=None, timeout=self.rpc_timeout)
+        ref = self.store.pointer_ref(check_pointer_key(key))
+        self.store.set(ref, {"stream_id": stream_id}, f"set pointer {key}")
 
     def get_pointer(self, key: str) -> str | None:
-        snap = self._get(self._pointer_ref(key), f"read pointer {key}")
-        data = snap.to_dict() if snap.exists else None
+        ref = self.store.pointer_ref(check_pointer_key(key))
+        _, data = self.store.data(ref, f"read pointer {key}")
         return None if not data else data.get("stream_id")
 
     def clear_pointer(self, key: str, stream_id: str) -> bool:
-        ref = self._pointer_ref(key)
-        for _ in range(5):
-            snap = self._get(ref, f"read pointer {key}")
-            data = snap.to_dict() if snap.exists else None
+        store = self.store
+        ref = store.pointer_ref(check_pointer_key(key))
+        for _ in range(CONTENTION_ATTEMPTS):
+            snap, data = store.data(ref, f"read pointer {key}")
             if not data or data.get("stream_id") != stream_id:
                 return False
             try:
-                with edge(f"clear pointer {key}", conditional=True):
-                    ref.delete(
-                        option=self.client.write_option(last_update_time=snap.update_time),
-                        retry=None,
-                        timeout=self.rpc_timeout,
-                    )
+                store.delete_unchanged(ref, snap, f"clear pointer {key}")
                 return True
             except (StreamClosed, StreamNotFound):
                 continue  # changed or removed meanwhile: look again

@@ -53,6 +53,7 @@ __all__ = [
     "FieldFilter",
     "at",
     "batch_id",
+    "commit_size",
     "edge",
     "ensure_grpc_gevent",
     "event_bytes",
@@ -62,6 +63,7 @@ __all__ = [
     "firestore",
     "gexc",
     "seconds",
+    "split",
 ]
 
 #: Name of the per-stream subcollection (and of its collection group, for the TTL policy).
@@ -111,6 +113,37 @@ def request_bytes(write: Any) -> int:
         raw = type(pb).pb(pb) if hasattr(type(pb), "pb") else pb
         total += raw.ByteSize() + 6  # the repeated field's tag and length
     return total
+
+
+def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]]:
+    """Events per batch document, with each document's size.
+
+    Greedy, so the split of a prefix is a prefix of the split: a retry with
+    more events buffered recreates the same first documents.
+    """
+    docs: list[tuple[list[Event], int]] = []
+    current: list[Event] = []
+    size = 0
+    for event in events:
+        n = event_bytes(event)
+        if current and (size + n > batch_bytes or len(current) >= DOC_EVENTS):
+            docs.append((current, size))
+            current, size = [], 0
+        current.append(event)
+        size += n
+    if current:
+        docs.append((current, size))
+    return docs
+
+
+def commit_size(docs: list[tuple[list[Event], int]]) -> int:
+    """How many of ``docs`` go in the next commit (at least one)."""
+    size = 0
+    for count, (part, _) in enumerate(docs):
+        size += sum(map(wire_bytes, part)) + 256  # the document's name and other fields
+        if count and (size > COMMIT_WIRE_BYTES or count >= COMMIT_DOCS):
+            return count
+    return len(docs)
 
 
 def events_of(data: dict[str, Any]) -> list[Event]:

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._concurrency import Inbox
 from ..exceptions import StreamNotFound, StreamTimeout
 from .base import Event, ProducerWatch, StreamStatus
-from .firestore_io import FieldFilter, events_of, seconds
-
-if TYPE_CHECKING:
-    from .firestore import FirestoreStreamManager
+from .firestore_io import events_of, seconds
+from .firestore_store import FirestoreStore
 
 #: Documents a batch listener may accumulate before it is replaced by a fresh one.
 REANCHOR_DOCS = 64
@@ -49,13 +47,17 @@ def _pages(events: Iterator[Event]) -> Iterator[list[Event]]:
 
 
 def follow(
-    manager: FirestoreStreamManager, stream_id: str, meta: Any, after: int, timeout: float
+    store: FirestoreStore, stream_id: str, meta: Any, after: int, timeout: float
 ) -> Iterator[list[Event]]:
-    meta_ref = manager._meta_ref(stream_id)
+    """The batches of ``stream_id`` past ``after``, live until its terminal event.
+
+    ``meta``: its metadata document as just read (it exists and has not expired).
+    """
+    meta_ref = store.meta_ref(stream_id)
     cursor = after
     if meta.get("status") != StreamStatus.OPEN.value:
         # Finished: everything is stored, no listener needed.
-        yield from _pages(manager._stored_events(stream_id, cursor))
+        yield from _pages(store.stored_events(stream_id, cursor))
         return
 
     inbox = Inbox()
@@ -68,17 +70,17 @@ def follow(
         watches.append(
             meta_ref.on_snapshot(lambda docs, changes, read_time: inbox.put(("meta", docs)))
         )
-        for page in _pages(manager._stored_events(stream_id, cursor)):
+        for page in _pages(store.stored_events(stream_id, cursor)):
             yield page
             cursor = page[-1].seq
             if page[-1].terminal:
                 return
-        watches.append(_listen(manager, stream_id, cursor, inbox))
+        watches.append(_listen(store, stream_id, cursor, inbox))
         last_activity = time.monotonic()
         status_open = True
-        watch = ProducerWatch(manager.lease_seconds)
+        watch = ProducerWatch(store.lease_seconds)
         while True:
-            wait = min(timeout - (time.monotonic() - last_activity), manager.lease_seconds / 2, 1.0)
+            wait = min(timeout - (time.monotonic() - last_activity), store.lease_seconds / 2, 1.0)
             item = inbox.get(wait)
             if item is not None:
                 kind, docs = item
@@ -92,7 +94,7 @@ def follow(
                         last_activity = time.monotonic()
                     status_open = data.get("status") == StreamStatus.OPEN.value
                     if not status_open:  # the terminal event is stored: fetch it directly
-                        for event in manager._stored_events(stream_id, cursor):
+                        for event in store.stored_events(stream_id, cursor):
                             pending[event.seq] = event
                 else:
                     anchored_docs += len(docs)
@@ -113,25 +115,21 @@ def follow(
                         return
                 if anchored_docs >= REANCHOR_DOCS:
                     watches.pop().unsubscribe()
-                    watches.append(_listen(manager, stream_id, cursor, inbox))
+                    watches.append(_listen(store, stream_id, cursor, inbox))
                     anchored_docs = 0
                 continue
             if time.monotonic() - last_activity >= timeout:
                 raise StreamTimeout("Stream timed out.")
             alive_at = max(heartbeat_at, written_at)
-            if status_open and watch.observe(alive_at, manager.now()) <= 0:
-                manager._mark_lost(stream_id)  # the listeners then deliver the error event
+            if status_open and watch.observe(alive_at, store.now()) <= 0:
+                store.mark_lost(stream_id)  # the listeners then deliver the error event
     finally:
         for watch in watches:
             watch.unsubscribe()
 
 
-def _listen(manager: FirestoreStreamManager, stream_id: str, cursor: int, inbox: Inbox) -> Any:
-    query = (
-        manager._batches_ref(stream_id)
-        .where(filter=FieldFilter("last_seq", ">", cursor))
-        .order_by("last_seq")
-    )
+def _listen(store: FirestoreStore, stream_id: str, cursor: int, inbox: Inbox) -> Any:
+    query = store.batches_after(stream_id, cursor)
 
     def on_snapshot(docs: list[Any], changes: list[Any], read_time: Any) -> None:
         inbox.put(("batches", [c.document for c in changes if c.type.name != "REMOVED"]))

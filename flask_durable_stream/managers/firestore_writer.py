@@ -10,7 +10,7 @@ events, or its next events) commits it again and raises
 :class:`StorageUnavailable` until that works, and ``close()`` flushes what is
 left. Retries are idempotent because batch documents are *created*: a retry
 of a commit that did land fails with ALREADY_EXISTS and is reconciled by
-reading back what is stored.
+reading back what is stored (:meth:`.FirestoreStore.append`).
 """
 
 from __future__ import annotations
@@ -18,38 +18,33 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-from .._concurrency import Task
-from .._retry import Backoff
-from ..exceptions import (
-    StorageUnavailable,
-    StreamClosed,
-    StreamError,
-    StreamExists,
-    StreamNotFound,
-)
-from .base import Event, StreamWriter, check_event_sizes, status_after
-from .firestore_io import (
-    COMMIT_DOCS,
-    COMMIT_WIRE_BYTES,
-    DOC_EVENTS,
-    at,
-    batch_id,
-    edge,
-    event_bytes,
-    request_bytes,
-    wire_bytes,
-)
+from .._concurrency import Task, TaskGroup
+from ..exceptions import StreamClosed, StreamError
+from .base import Event, StreamWriter, check_event_sizes
+from .firestore_io import event_bytes
+from .firestore_store import FirestoreStore
 
-if TYPE_CHECKING:
-    from .firestore import FirestoreStreamManager
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """What a writer takes from its manager: limits, batching, and where to spawn flushes."""
+
+    tasks: TaskGroup
+    linger: float
+    batch_bytes: int
+    rpc_timeout: float
+    lease_seconds: float
+    max_event_bytes: int | None
+    backend: str
 
 
 class FirestoreStreamWriter(StreamWriter):
-    def __init__(self, manager: FirestoreStreamManager, stream_id: str) -> None:
+    def __init__(self, store: FirestoreStore, stream_id: str, options: WriterOptions) -> None:
         super().__init__(stream_id)
-        self._manager = manager
+        self._store = store
+        self._options = options
         self._state = threading.Lock()  # guards the fields below; never held across an RPC
         self._commit_lock = threading.Lock()  # one commit in flight, so batches land in order
         self._buffer: list[Event] = []
@@ -66,7 +61,7 @@ class FirestoreStreamWriter(StreamWriter):
     def store(self, events: Sequence[Event]) -> None:
         # Before anything is buffered: an event no document can hold is a permanent
         # error for this call, and the stream stays writable at the same seq.
-        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
+        check_event_sizes(events, self._options.max_event_bytes, self._options.backend)
         self._check_lease()
         with self._state:
             self._raise_if_ended()
@@ -80,11 +75,11 @@ class FirestoreStreamWriter(StreamWriter):
                 self._accepted = events[-1].seq
             urgent = (
                 events[-1].terminal
-                or self._buffered_bytes >= self._manager.batch_bytes
+                or self._buffered_bytes >= self._options.batch_bytes
                 or self._failed is not None
             )
             if not urgent and self._buffer and self._flusher is None:
-                self._flusher = self._manager._tasks.spawn(
+                self._flusher = self._options.tasks.spawn(
                     self._linger_then_flush, name=f"durable-stream-flush-{self.stream_id}"
                 )
         if urgent:
@@ -114,9 +109,9 @@ class FirestoreStreamWriter(StreamWriter):
 
     def _check_lease(self) -> None:
         """A producer late on its heartbeats may have been declared lost: ask before writing."""
-        if time.time() - self._alive_at <= self._manager.lease_seconds:
+        if time.time() - self._alive_at <= self._options.lease_seconds:
             return
-        if self._manager._write_heartbeat(self) is None:
+        if self._beat() is None:
             with self._state:
                 self._ended = f"stream {self.stream_id} already ended (producer lease expired)"
             raise StreamClosed(self._ended)
@@ -127,7 +122,7 @@ class FirestoreStreamWriter(StreamWriter):
                 if not self._buffer or self._failed is not None or self._ended:
                     self._flusher = None
                     return
-                wait = self._oldest_at + self._manager.linger - time.monotonic()
+                wait = self._oldest_at + self._options.linger - time.monotonic()
             if wait > 0:
                 time.sleep(wait)  # cooperative under gevent
                 continue
@@ -145,7 +140,7 @@ class FirestoreStreamWriter(StreamWriter):
                 return
             started = time.monotonic()
             try:
-                stored = store_events(self._manager, self.stream_id, pending)
+                stored = self._store.append(self.stream_id, pending, self._options.batch_bytes)
             except StreamClosed as exc:
                 with self._state:
                     self._ended = exc.message
@@ -164,10 +159,18 @@ class FirestoreStreamWriter(StreamWriter):
                 self._oldest_at = started  # later events arrived after the commit began
 
     # -- liveness ------------------------------------------------------------
+    def _beat(self) -> bool | None:
+        """Write the heartbeat; the cancel flag, or None if the stream ended."""
+        beat = self._store.heartbeat(self.stream_id, self._stored)
+        if beat is None:
+            return None
+        cancel, self._alive_at = beat
+        return cancel
+
     def heartbeat(self) -> bool:
         # The heartbeat first: a producer whose commits fail is still alive, and
         # readers must not declare it lost while it retries.
-        state = self._manager._write_heartbeat(self)
+        state = self._beat()
         if state is None:  # ended by someone else: the producer should stop
             with self._state:
                 self._ended = self._ended or f"stream {self.stream_id} already ended"
@@ -195,132 +198,4 @@ class FirestoreStreamWriter(StreamWriter):
                 self._flush()
         finally:
             if flusher is not None:
-                flusher.join(self._manager.linger + self._manager.rpc_timeout)
-
-
-# -- storage ------------------------------------------------------------------
-def store_events(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
-    """Commit contiguous events as new batch documents; return the last stored seq.
-
-    Large buffers take several commits, each under gRPC's message limit and
-    Firestore's write count. Document boundaries depend only on the events, and
-    documents are *created*, so a retry after any failure (even of a commit
-    that landed unseen) meets ALREADY_EXISTS and is reconciled by reading back.
-    """
-    stored = events[0].seq - 1 if events else -1
-    docs = split(events, manager.batch_bytes)
-    while docs:
-        count = _commit_size(docs)
-        while True:
-            write = _batch_write(manager, stream_id, docs[:count])
-            if count == 1 or request_bytes(write) <= COMMIT_WIRE_BYTES:
-                break
-            count = max(1, count // 2)  # the estimate was short: never send an oversized request
-        try:
-            _commit(manager, write, f"append to stream {stream_id}")
-            stored = docs[count - 1][0][-1].seq
-            docs = docs[count:]
-        except StreamExists:  # a retry of a commit that landed, or someone else wrote
-            stored = _reconcile(manager, stream_id, events)
-            docs = split([e for e in events if e.seq > stored], manager.batch_bytes)
-        except StreamNotFound:
-            raise StreamClosed(f"stream {stream_id} no longer exists") from None
-    return stored
-
-
-def _commit_size(docs: list[tuple[list[Event], int]]) -> int:
-    """How many of ``docs`` go in the next commit (at least one)."""
-    size = 0
-    for count, (part, _) in enumerate(docs):
-        size += sum(map(wire_bytes, part)) + 256  # the document's name and other fields
-        if count and (size > COMMIT_WIRE_BYTES or count >= COMMIT_DOCS):
-            return count
-    return len(docs)
-
-
-def _batch_write(
-    manager: FirestoreStreamManager, stream_id: str, docs: list[tuple[list[Event], int]]
-) -> Any:
-    batches = manager._batches_ref(stream_id)
-    now = manager.now()
-    expires = at(now + manager.ttl_seconds + manager.max_stream_seconds)
-    write = manager.client.batch()
-    for part, _ in docs:
-        write.create(
-            batches.document(batch_id(part[0].seq)),
-            {
-                "first_seq": part[0].seq,
-                "last_seq": part[-1].seq,
-                "events": [{"seq": e.seq, "kind": e.kind, "payload": e.payload} for e in part],
-                "expiresAt": expires,
-            },
-        )
-    last = docs[-1][0][-1]
-    if last.terminal:
-        write.update(
-            manager._meta_ref(stream_id),
-            {
-                "status": status_after(last).value,
-                "last_seq": last.seq,
-                "updatedAt": at(now),
-                "heartbeatAt": at(now),
-                "expiresAt": at(now + manager.ttl_seconds),
-            },
-        )
-    return write
-
-
-#: Quick retries of a commit that failed transiently (the runner retries longer).
-COMMIT_ATTEMPTS = 3
-_QUICK = Backoff(initial=0.05, maximum=0.5)
-
-
-def _commit(manager: FirestoreStreamManager, write: Any, what: str) -> None:
-    """Commit, retrying a transient failure a few times: creates are idempotent
-    (a retry of a commit that did land gets ALREADY_EXISTS and is reconciled)."""
-    delays = _QUICK.delays()
-    for attempt in range(COMMIT_ATTEMPTS):
-        try:
-            with edge(what):
-                write.commit(retry=None, timeout=manager.rpc_timeout)
-            return
-        except StorageUnavailable:
-            if attempt == COMMIT_ATTEMPTS - 1:
-                raise
-            time.sleep(next(delays))
-
-
-def split(events: list[Event], batch_bytes: int) -> list[tuple[list[Event], int]]:
-    """Events per batch document, with each document's size.
-
-    Greedy, so the split of a prefix is a prefix of the split: a retry with
-    more events buffered recreates the same first documents.
-    """
-    docs: list[tuple[list[Event], int]] = []
-    current: list[Event] = []
-    size = 0
-    for event in events:
-        n = event_bytes(event)
-        if current and (size + n > batch_bytes or len(current) >= DOC_EVENTS):
-            docs.append((current, size))
-            current, size = [], 0
-        current.append(event)
-        size += n
-    if current:
-        docs.append((current, size))
-    return docs
-
-
-def _reconcile(manager: FirestoreStreamManager, stream_id: str, events: list[Event]) -> int:
-    """How far ``events`` are already stored, identically; StreamClosed if they differ."""
-    stored = events[0].seq - 1
-    mine = {e.seq: e for e in events}
-    for event in manager._stored_events(stream_id, events[0].seq - 1):
-        if event.seq not in mine:
-            break
-        if mine[event.seq] != event:
-            raise StreamClosed(f"stream {stream_id} already ended")
-        stored = event.seq
-    if stored < events[0].seq:
-        raise StreamClosed(f"stream {stream_id} already ended")
-    return stored
+                flusher.join(self._options.linger + self._options.rpc_timeout)
