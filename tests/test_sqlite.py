@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from flask_durable_stream import (
     protocol,
 )
 from flask_durable_stream.managers.sqlite import SQLiteStreamManager
+from flask_durable_stream.managers.sqlite_reader import Reader
 
 PRODUCER = """
 import sys, threading, time
@@ -271,9 +273,9 @@ def test_group_commit_puts_queued_appends_in_one_transaction(db: Path) -> None:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while manager._in_flight < 16 and time.monotonic() < deadline:
+        while manager.in_flight < 16 and time.monotonic() < deadline:
             time.sleep(0.005)  # the first append(s) wait for the lock, the rest queue behind
-        assert manager._in_flight == 16
+        assert manager.in_flight == 16
         transactions, operations = manager.transactions, manager.operations
         blocker.execute("COMMIT")
         blocker.close()
@@ -359,20 +361,22 @@ def test_two_managers_on_one_file_share_streams_and_leases(db: Path) -> None:
         assert a.request_cancel("shared") is False
 
 
-def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(db: Path) -> None:
+def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Two managers on one file stand for two worker processes: b learns of a's
     # commits only through the file.
     with SQLiteStreamManager(db) as a, SQLiteStreamManager(db, timeout=30) as b:
         writers = [a.open(f"s{i}") for i in range(20)]
         results: dict[int, list[str]] = {}
         reads = [0]
-        original_read = b._read
+        original_read = Reader.read
 
-        def counting_read(sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
-            reads[0] += 1
-            return original_read(sql, args)
+        def counting_read(reader: Reader, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+            reads[0] += 1  # only b follows: a's writes read nothing
+            return original_read(reader, *args, **kwargs)
 
-        b._read = counting_read  # type: ignore[method-assign]
+        monkeypatch.setattr(Reader, "read", counting_read)
 
         def follow(i: int) -> None:
             results[i] = [e.payload for e in b.subscribe(f"s{i}")]
@@ -380,7 +384,7 @@ def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(db
         threads = [threading.Thread(target=follow, args=(i,)) for i in range(20)]
         for thread in threads:
             thread.start()
-        while len(b._watchers) < 20:  # every follower has read and waits
+        while b.watched_streams < 20:  # every follower has read and waits
             time.sleep(0.01)
         time.sleep(0.2)
         before = reads[0]
@@ -388,7 +392,7 @@ def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(db
         # Waiting followers do not poll on their own (one poll each per 100 ms would
         # be 200 reads here); only the shared poller looks at the file.
         assert reads[0] - before < 20
-        assert b._poller is not None
+        assert b.polling
         for round_ in range(3):
             for i, writer in enumerate(writers):
                 writer.write([i, round_])
@@ -399,7 +403,7 @@ def test_followers_of_another_managers_streams_are_woken_by_one_shared_poller(db
             thread.join(10)
         assert results == {i: [f"[{i},{r}]" for r in range(3)] + [str(i)] for i in range(20)}
     # The poller ended with its last follower (the leak check also holds it to that).
-    assert b._poller is None
+    assert not b.polling
 
 
 def test_expired_stream_is_not_found_before_gc_then_gc_deletes_rows(db: Path) -> None:
@@ -627,7 +631,9 @@ def test_wal_made_unwritable_mid_stream_is_transient_then_recovers(db: Path) -> 
     assert replay[-1].payload == '"end"'
 
 
-def test_declaring_a_producer_lost_never_waits_for_the_write_lock(db: Path) -> None:
+def test_declaring_a_producer_lost_never_waits_for_the_write_lock(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The follower gives up at once while another connection writes, and looks again.
 
     Before, it queued the marking on its process's writer thread, which then
@@ -640,14 +646,14 @@ def test_declaring_a_producer_lost_never_waits_for_the_write_lock(db: Path) -> N
     ):
         producer_side.open("quiet").write("one")  # then its producer goes silent
         attempts: list[bool] = []
-        original = reader_side._mark_lost
+        original = Reader.mark_lost
 
-        def counted(*args: object) -> bool:
-            result = original(*args)  # type: ignore[arg-type]
+        def counted(reader: Reader, *args: Any) -> bool:
+            result = original(reader, *args)  # only reader_side follows, so only it marks
             attempts.append(result)
             return result
 
-        reader_side._mark_lost = counted  # type: ignore[method-assign]
+        monkeypatch.setattr(Reader, "mark_lost", counted)
         blocker = sqlite3.connect(db, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")  # a writer elsewhere holds the lock
         sub = reader_side.subscribe("quiet")
@@ -659,7 +665,7 @@ def test_declaring_a_producer_lost_never_waits_for_the_write_lock(db: Path) -> N
         while attempts.count(False) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert attempts.count(False) >= 3  # tried, found the lock taken, came back
-        assert reader_side._in_flight == 0  # nothing of it waits in the writer thread
+        assert reader_side.in_flight == 0  # nothing of it waits in the writer thread
         blocker.execute("COMMIT")
         blocker.close()
         follower.join(30)

@@ -47,26 +47,26 @@ CREATE TABLE IF NOT EXISTS ds_pointers (
     stream_id TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-_ROW = (
+ROW = (
     "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
     " heartbeat_at, expires_at, token, flow FROM ds_streams"
 )
-_INSERT_PACKED = (
+INSERT_PACKED = (
     "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
     " SELECT ?1, ?2 + key, CASE WHEN key = ?3 THEN ?4 ELSE 'chunk' END, value FROM json_each(?5)"
 )
-_PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-_READ_BATCH = 256
-_HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
-_RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
-_payload_of = operator.itemgetter(2)  # Event.payload
+PACK = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+READ_BATCH = 256
+HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
+RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
+payload_of = operator.itemgetter(2)  # Event.payload
 #: SQLite's longest string or row (SQLITE_MAX_LENGTH, 1,000,000,000 bytes unless
 #: the library was built otherwise), less room for the row's other columns.
-_LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
-MAX_EVENT_BYTES = _LENGTH_LIMIT - 1024
+LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+MAX_EVENT_BYTES = LENGTH_LIMIT - 1024
 #: A follower's next look after a lease check found the write lock taken.
-_BUSY = Backoff(initial=0.02, maximum=0.5)
+BUSY = Backoff(initial=0.02, maximum=0.5)
 
 
 def _original(module: str, name: str) -> Any:
@@ -76,14 +76,14 @@ def _original(module: str, name: str) -> Any:
     return monkey.get_original(module, name)
 
 
-_real_lock = _original("_thread", "allocate_lock")
-_real_start_thread = _original("_thread", "start_new_thread")
-_RealQueue = _original("_queue", "SimpleQueue")
+real_lock = _original("_thread", "allocate_lock")
+real_start_thread = _original("_thread", "start_new_thread")
+RealQueue = _original("_queue", "SimpleQueue")
 # Connections inherited through fork(): kept referenced so the child never closes them.
-_ABANDONED: list[Any] = []
+ABANDONED: list[Any] = []
 
 
-def _busy(exc: sqlite3.Error) -> bool:
+def is_busy(exc: sqlite3.Error) -> bool:
     """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; the next try may work."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -91,7 +91,7 @@ def _busy(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
+def rollback_quietly(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("ROLLBACK")
     except sqlite3.Error:
@@ -118,14 +118,14 @@ def check_path(path: str) -> None:
         )
 
 
-def _close_quietly(conn: sqlite3.Connection) -> None:
+def close_quietly(conn: sqlite3.Connection) -> None:
     try:
         conn.close()
     except sqlite3.Error:
         pass
 
 
-class _Request:
+class Request:
     __slots__ = ("op", "args", "stream_id", "done", "result", "error")
 
     def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], stream_id: str | None):
@@ -137,7 +137,7 @@ class _Request:
         self.error: BaseException | None = None
 
 
-def _row_info(row: tuple[Any, ...]) -> StreamInfo:
+def row_info(row: tuple[Any, ...]) -> StreamInfo:
     return StreamInfo(
         row[0],
         StreamStatus(row[1]),
@@ -170,9 +170,37 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
-def _stop(conn: sqlite3.Connection) -> None:
+def stop_writer(conn: sqlite3.Connection) -> None:
     """The writer thread's last request."""
 
 
-def _noop(conn: sqlite3.Connection) -> None:
+def noop(conn: sqlite3.Connection) -> None:
     """A request that only makes the writer connect (and create the schema)."""
+
+
+def connect(
+    path: str, *, busy_timeout: float, synchronous: str | None = None
+) -> sqlite3.Connection:
+    """A connection in autocommit mode: the writer's (``synchronous`` given) or a reader's.
+
+    The writer's switches the file to WAL, proves it is writable and creates or
+    migrates the schema; a reader's is query-only.
+    """
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        if synchronous is not None:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute("BEGIN IMMEDIATE")  # also proves the file is writable
+            migrate(conn, conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute("COMMIT")
+        else:
+            conn.execute("PRAGMA query_only=1")
+    except BaseException:
+        conn.close()
+        raise
+    return conn

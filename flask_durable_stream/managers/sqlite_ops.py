@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import protocol
 from ..exceptions import StreamClosed, StreamExists, StreamNotFound
 from .base import PRODUCER_LOST, Event, StreamManager, StreamStatus, status_after
-from .sqlite_io import _INSERT_PACKED, _LENGTH_LIMIT, _PACK, _payload_of
+from .sqlite_io import INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
 
 
 class SQLiteOperations(StreamManager):
@@ -85,10 +85,10 @@ class SQLiteOperations(StreamManager):
             # payload texts in C, about twice as fast as a row-by-row executemany.
             # StreamWriter.append checked that only the last event may be terminal.
             # JSON text never holds a raw NUL, which would end SQLite's string early.
-            packed = _PACK.encode(list(map(_payload_of, events)))
-            if "\x00" not in packed and len(packed) * 4 < _LENGTH_LIMIT:
+            packed = PACK.encode(list(map(payload_of, events)))
+            if "\x00" not in packed and len(packed) * 4 < LENGTH_LIMIT:
                 conn.execute(
-                    _INSERT_PACKED,
+                    INSERT_PACKED,
                     (stream_id, events[0].seq, len(events) - 1, events[-1].kind, packed),
                 )
                 return
@@ -162,3 +162,16 @@ class SQLiteOperations(StreamManager):
         dead = "SELECT stream_id FROM ds_streams WHERE expires_at <= ?"
         conn.execute(f"DELETE FROM ds_events WHERE stream_id IN ({dead})", (now,))
         return conn.execute("DELETE FROM ds_streams WHERE expires_at <= ?", (now,)).rowcount
+
+    @staticmethod
+    def _op_set_pointer(conn: sqlite3.Connection, key: str, stream_id: str) -> None:
+        conn.execute(
+            "INSERT INTO ds_pointers (key, stream_id) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET stream_id = excluded.stream_id",
+            (key, stream_id),
+        )
+
+    @staticmethod
+    def _op_clear_pointer(conn: sqlite3.Connection, key: str, stream_id: str) -> bool:
+        sql = "DELETE FROM ds_pointers WHERE key = ? AND stream_id = ?"
+        return bool(conn.execute(sql, (key, stream_id)).rowcount > 0)
