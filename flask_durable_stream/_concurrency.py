@@ -146,8 +146,11 @@ def sleep(seconds: float) -> None:
     time.sleep(seconds)  # cooperative once gevent has patched time
 
 
-def _original(module: str, name: str, default: Any) -> Any:
-    """The object gevent's monkey patching replaced (``default`` when nothing was patched)."""
+def original(module: str, name: str, default: Any) -> Any:
+    """The object gevent's monkey patching replaced (``default`` when nothing was patched).
+
+    What code that must block a real OS thread (a native thread's lock or queue) uses.
+    """
     if not gevent_patched():
         return default
     from gevent import monkey
@@ -157,7 +160,7 @@ def _original(module: str, name: str, default: Any) -> Any:
 
 def start_native_thread(fn: Callable[..., Any], *args: Any) -> None:
     """A real OS thread even under monkey patching (``threading.Thread`` then makes a greenlet)."""
-    _original("_thread", "start_new_thread", _thread.start_new_thread)(fn, args)
+    original("_thread", "start_new_thread", _thread.start_new_thread)(fn, args)
 
 
 class NativeExecutor(ThreadPoolExecutor):
@@ -171,8 +174,8 @@ class NativeExecutor(ThreadPoolExecutor):
 
     def __init__(self, max_workers: int = 8) -> None:
         super().__init__(max_workers)  # asyncio accepts ThreadPoolExecutors only; submit is ours
-        self._jobs: Any = _original("queue", "SimpleQueue", queue.SimpleQueue)()
-        self._lock = _original("_thread", "allocate_lock", _thread.allocate_lock)()
+        self._jobs: Any = original("queue", "SimpleQueue", queue.SimpleQueue)()
+        self._lock = original("_thread", "allocate_lock", _thread.allocate_lock)()
         self._workers = 0
         self._idle = 0
 
@@ -223,12 +226,12 @@ class AsyncioThread:
     """
 
     def __init__(self, name: str = "durable-stream-asyncio") -> None:
-        selector = _original("selectors", "DefaultSelector", selectors.DefaultSelector)()
+        selector = original("selectors", "DefaultSelector", selectors.DefaultSelector)()
         self.loop = asyncio.SelectorEventLoop(selector)
         self.loop.set_default_executor(NativeExecutor())
         self.name = name
         self.thread_id: int | None = None
-        started = _original("_thread", "allocate_lock", _thread.allocate_lock)()
+        started = original("_thread", "allocate_lock", _thread.allocate_lock)()
         started.acquire()
 
         def main() -> None:

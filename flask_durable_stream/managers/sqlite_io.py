@@ -5,6 +5,8 @@ under gevent, a cross-thread wake-up, the request a caller queues for the writer
 
 from __future__ import annotations
 
+import _queue
+import _thread
 import json
 import operator
 import os
@@ -12,7 +14,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from .._concurrency import Signal
+from .._concurrency import Signal, original
 from .._retry import Backoff
 from .base import StreamInfo, StreamStatus
 
@@ -69,16 +71,10 @@ MAX_EVENT_BYTES = LENGTH_LIMIT - 1024
 BUSY = Backoff(initial=0.02, maximum=0.5)
 
 
-def _original(module: str, name: str) -> Any:
-    """The unpatched primitive even after gevent's monkey patching: a real OS thread or lock."""
-    from gevent import monkey
-
-    return monkey.get_original(module, name)
-
-
-real_lock = _original("_thread", "allocate_lock")
-real_start_thread = _original("_thread", "start_new_thread")
-RealQueue = _original("_queue", "SimpleQueue")
+#: The unpatched primitives even after gevent's monkey patching: a real OS thread, lock, queue.
+real_lock = original("_thread", "allocate_lock", _thread.allocate_lock)
+real_start_thread = original("_thread", "start_new_thread", _thread.start_new_thread)
+RealQueue = original("_queue", "SimpleQueue", _queue.SimpleQueue)
 # Connections inherited through fork(): kept referenced so the child never closes them.
 ABANDONED: list[Any] = []
 
