@@ -222,7 +222,7 @@ class AsyncioThread:
     Flask's ``async def`` views then fail), and it would depend on gevent's
     selector. In its own native thread the loop is plain asyncio: it waits in a
     real selector, with the GIL released, and hands results back to greenlets
-    through :meth:`submit`'s future (``hub.loop.run_callback_threadsafe``).
+    through :meth:`submit`'s future, whose done callback may feed an :class:`Inbox`.
     """
 
     def __init__(self, name: str = "durable-stream-asyncio") -> None:
