@@ -39,8 +39,6 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from firebase_admin import db
-
 from .._concurrency import TaskGroup
 from ..exceptions import InvalidRequest, StreamError, StreamExists, StreamNotFound
 from .base import (
@@ -63,6 +61,7 @@ from .rtdb_io import (
     Meta,
     RtdbStorage,
     call,
+    database_root,
     firebase_app_for,
     node_key,
 )
@@ -122,7 +121,7 @@ class RtdbStreamManager(StreamManager):
             lease_seconds=lease_seconds,
             heartbeat_interval=heartbeat_interval,
         )
-        base = reference if reference is not None else db.reference("/", app=firebase_app)
+        base = reference if reference is not None else database_root(firebase_app)
         self.linger = linger
         self.page_size = page_size
         self._tasks = TaskGroup()

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 try:
     import firebase_admin
+    from firebase_admin import db
     from firebase_admin import exceptions as fb_exceptions
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -122,6 +123,11 @@ def firebase_app_for(database_url: str) -> Any:
         return firebase_admin.get_app(name)
     except ValueError:
         return firebase_admin.initialize_app(options={"databaseURL": database_url}, name=name)
+
+
+def database_root(firebase_app: Any = None) -> Any:
+    """The root reference of ``firebase_app``'s database (default: the default app's)."""
+    return db.reference("/", app=firebase_app)
 
 
 class RtdbStorage:
