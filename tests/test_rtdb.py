@@ -24,6 +24,7 @@ from flask_durable_stream import (
     StreamExists,
     StreamNotFound,
 )
+from flask_durable_stream._concurrency import running_tasks
 from flask_durable_stream.managers.base import StreamManager
 from flask_durable_stream.managers.rtdb import RtdbStreamManager
 from flask_durable_stream.managers.rtdb_io import call, node_key
@@ -244,7 +245,8 @@ def test_closing_a_subscription_is_immediate(backend_rtdb: Make, rtdb_server: Rt
     wait_for_streams(server, sid)
     manager.close()  # what a worker shutting down does
     thread.join(5)
-    assert not thread.is_alive() and len(manager._tasks) == 0
+    assert not thread.is_alive()
+    assert not [t for t in running_tasks() if t.name.startswith("rtdb-watch")]
     assert ended == ["UNAVAILABLE"]
     assert server.keepalive >= 30
 
