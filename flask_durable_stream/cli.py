@@ -44,12 +44,14 @@ def list_command(limit: int) -> None:
     """Newest streams first."""
     infos = _manager().list_streams(limit=limit)
     click.echo(
-        f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED':20}  {'UPDATED':20}  OWNER"
+        f"{'STREAM ID':34} {'STATUS':9} {'EVENTS':>7}  {'CREATED':20}  {'UPDATED':20}  "
+        f"{'FLOW':20}  OWNER"
     )
     for i in infos:
         click.echo(
             f"{i.stream_id:34} {i.status.value:9} {i.last_seq + 1:>7}  "
-            f"{_when(i.created_at):20}  {_when(i.updated_at):20}  {i.owner or '-'}"
+            f"{_when(i.created_at):20}  {_when(i.updated_at):20}  {i.flow or '-':20}  "
+            f"{i.owner or '-'}"
         )
 
 

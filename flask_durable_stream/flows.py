@@ -28,7 +28,8 @@ from typing import Any
 
 from . import protocol
 from ._concurrency import AsyncioThread, Inbox, gevent_patched
-from .exceptions import DurableStreamError, EventTooLarge, FlowError
+from .exceptions import DurableStreamError, FlowError
+from .managers.common import event_size_error
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -109,18 +110,8 @@ class FlowContext:
         return self._cancel.wait(timeout)
 
 
-def size_error(what: str, payload: str, limit: int | None, backend: str) -> EventTooLarge | None:
-    """The error for an event payload over ``limit`` UTF-8 bytes, or None when it fits."""
-    if limit is None or len(payload) <= limit // 4:
-        return None
-    size = len(payload.encode("utf-8", "surrogatepass"))
-    if size <= limit:
-        return None
-    return EventTooLarge(
-        f"{what} is {size:,} bytes; the {backend} backend stores at most {limit:,}",
-        size=size,
-        limit=limit,
-    )
+#: The emit side's size check, the one the storage side raises too (the same message).
+size_error = event_size_error
 
 
 def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:

@@ -27,10 +27,11 @@ from flask_durable_stream import (
     SQLiteStreamManager,
     StreamManager,
 )
+from flask_durable_stream.testing import ManualClock
 from flask_durable_stream.views import runner_for
 from tests.support import servers
 
-SHORT_TTL = 0.3  # streams written with this TTL are expired by the time gc runs
+SHORT_TTL = 30.0  # streams written with this TTL are expired once the clock moves past it
 
 
 @dataclass
@@ -39,11 +40,14 @@ class Setup:
     cli: FlaskCliRunner
     #: writer(ttl_seconds) -> a manager whose writes the app's commands must see
     writer: Callable[[float], StreamManager]
+    #: the storage clock of every manager of the test, moved on instead of sleeping
+    clock: ManualClock
 
 
 @pytest.fixture(params=["sqlite", "memory"])
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
     managers: list[StreamManager] = []
+    clock = ManualClock()
     if request.param == "sqlite":
         path = tmp_path / "streams.sqlite3"
         app = create_app({"DURABLE_STREAM_SQLITE_PATH": str(path)})
@@ -51,11 +55,13 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         def writer(ttl: float) -> StreamManager:
             # Its own sweep would delete expired streams before `gc` gets to count them.
             manager = SQLiteStreamManager(path, ttl_seconds=ttl, sweep_interval=3600)
+            manager.clock = clock
             managers.append(manager)
             return manager
 
     else:
         short = InMemoryStreamManager(SHORT_TTL, sweep_interval=3600)
+        short.clock = clock
         app = Flask(__name__)
         DurableStream(app, flows=FLOWS, stream_manager=short)
 
@@ -65,7 +71,8 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
             return short
 
     app_manager = app.extensions["durable_stream"].manager
-    yield Setup(app, app.test_cli_runner(), writer)
+    app_manager.clock = clock
+    yield Setup(app, app.test_cli_runner(), writer, clock)
     for manager in [*managers, app_manager]:
         runner_for(manager).shutdown(5)
         manager.close()
@@ -90,9 +97,9 @@ def invoke(setup: Setup, *args: str) -> tuple[int, str]:
 def test_list_shows_ids_status_and_event_counts(setup: Setup) -> None:
     manager = setup.writer(300)
     write_stream(manager, "finished-1", 3, "done")
-    time.sleep(0.01)  # distinct creation times: the list is newest first
+    setup.clock.advance(1)  # distinct creation times: the list is newest first
     write_stream(manager, "failed-2", 2, "error")
-    time.sleep(0.01)
+    setup.clock.advance(1)
     write_stream(manager, "open-3", 5, None)
 
     code, output = invoke(setup, "list")
@@ -113,16 +120,36 @@ def test_list_shows_ids_status_and_event_counts(setup: Setup) -> None:
 def test_list_shows_the_owner(setup: Setup) -> None:
     manager = setup.writer(300)
     manager.open("anyone").done(None)
-    time.sleep(0.01)
+    setup.clock.advance(1)
     manager.open("alices", owner="alice").done(None)
     code, output = invoke(setup, "list")
     assert code == 0, output
     lines = output.splitlines()
-    assert lines[0].split()[-1] == "OWNER"
+    assert lines[0].split()[-2:] == ["FLOW", "OWNER"]
     assert [(line.split()[0], line.split()[-1]) for line in lines[1:]] == [
         ("alices", "alice"),
         ("anyone", "-"),
     ]
+
+
+def test_list_and_show_name_the_flow(setup: Setup) -> None:
+    manager = setup.writer(300)
+    manager.open("unnamed").done(None)
+    setup.clock.advance(1)
+    writer = manager.open("told", owner="alice", flow="tellStory")
+    code, output = invoke(setup, "list")
+    assert code == 0, output
+    rows = [line.split() for line in output.splitlines()[1:]]
+    assert [(row[0], row[-2], row[-1]) for row in rows] == [
+        ("told", "tellStory", "alice"),
+        ("unnamed", "-", "-"),
+    ]
+    code, output = invoke(setup, "show", "told")
+    assert code == 0, output
+    assert json.loads(output)["flow"] == "tellStory"
+    writer.done(None)
+    code, output = invoke(setup, "show", "unnamed")
+    assert code == 0 and json.loads(output)["flow"] is None
 
 
 def test_show_prints_the_metadata_as_json(setup: Setup) -> None:
@@ -194,7 +221,7 @@ def test_gc_removes_expired_finished_streams_and_reports_the_count(setup: Setup)
     write_stream(short, "old-but-open", 1, None)  # open streams never expire
     long = setup.writer(300)
     write_stream(long, "fresh", 2, "done")
-    time.sleep(SHORT_TTL + 0.2)
+    setup.clock.advance(SHORT_TTL + 1)
 
     code, output = invoke(setup, "gc")
     assert code == 0, output

@@ -35,9 +35,9 @@ def test_finished_streams_get_a_redis_ttl_open_ones_none(manager: RedisStreamMan
     finished.done("b")
     still_open = manager.open("open")
     still_open.write("a")
-    for key in manager._keys("finished"):
+    for key in manager.storage.keys("finished"):
         assert 0 < manager.client.pttl(key) <= manager.ttl_seconds * 1000
-    for key in manager._keys("open"):
+    for key in manager.storage.keys("open"):
         assert manager.client.pttl(key) == -1  # no expiry while the producer lives
 
 
@@ -105,7 +105,7 @@ def test_a_long_batch_that_fails_part_way_is_retried_without_duplicates(
 
     writer = manager.open("long")
     events = [Event(seq, "chunk", str(seq)) for seq in range(2500)]  # three append pages
-    real_script = manager._script
+    real_script = manager.storage.script
     calls = []
 
     def failing_second_page(name: str, keys: list[str], args: list[Any]) -> Any:
@@ -114,7 +114,7 @@ def test_a_long_batch_that_fails_part_way_is_retried_without_duplicates(
             raise StorageUnavailable("Redis unavailable: connection reset")
         return real_script(name, keys, args)
 
-    monkeypatch.setattr(manager, "_script", failing_second_page)
+    monkeypatch.setattr(manager.storage, "script", failing_second_page)
     with pytest.raises(StorageUnavailable):
         writer.append(events)
     assert writer.next_seq == 0  # the writer's state did not move
@@ -152,9 +152,7 @@ def test_waiting_followers_hold_no_pooled_connection(redis_server: RedisServer) 
             t.start()
 
         def waiting() -> int:
-            reader = manager._reader()
-            with reader._lock:
-                return sum(len(w) for w in reader._waiters.values())
+            return manager.shared_reader().waiting()
 
         deadline = time.monotonic() + 60
         while waiting() < 300 and time.monotonic() < deadline:
@@ -185,9 +183,9 @@ def test_oversized_command_is_permanent_busy_redis_transient(manager: RedisStrea
         raise ResponseError("ERR Protocol error: invalid bulk length at 127.0.0.1")
 
     with pytest.raises(StorageUnavailable, match="busy"):
-        manager._call(busy)
+        manager.storage.call(busy)
     with pytest.raises(StoragePermanentError) as info:
-        manager._call(refused)
+        manager.storage.call(refused)
     assert "127.0.0.1" not in info.value.message
 
 

@@ -24,8 +24,11 @@ from flask_durable_stream import (
     StreamExists,
     StreamNotFound,
 )
+from flask_durable_stream._concurrency import running_tasks
 from flask_durable_stream.managers.base import StreamManager
 from flask_durable_stream.managers.rtdb import RtdbStreamManager
+from flask_durable_stream.managers.rtdb_io import call, node_key
+from flask_durable_stream.testing import ManualClock
 from tests.backends.rtdb import RtdbServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,22 +182,25 @@ def test_existence_checks_read_only_meta(backend_rtdb: Make, rtdb_server: RtdbSe
 def test_lease_cannot_clobber_a_terminal_event(
     backend_rtdb: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manager = backend_rtdb(lease_seconds=0.3)
+    manager = backend_rtdb(lease_seconds=5)
     assert isinstance(manager, RtdbStreamManager)
+    clock = ManualClock()
+    manager.clock = clock
+    storage = manager.storage
     sid = new_id()
     writer = manager.open(sid)
     writer.write("a")
-    time.sleep(0.4)  # the heartbeat is now stale
-    real_last_seq = manager._last_seq
+    clock.advance(6)  # the heartbeat is now stale
+    real_last_seq = storage.last_seq
 
     def racing_last_seq(key: str) -> int:
         # The marker has read meta; the producer finishes before the marker's conditional write.
-        monkeypatch.setattr(manager, "_last_seq", real_last_seq)
+        monkeypatch.setattr(storage, "last_seq", real_last_seq)
         writer.done("finished by the producer")
         return real_last_seq(key)
 
-    monkeypatch.setattr(manager, "_last_seq", racing_last_seq)
-    manager._mark_lost(manager.root.child(sid).key)
+    monkeypatch.setattr(storage, "last_seq", racing_last_seq)
+    storage.mark_lost(node_key(sid))
     events = [(e.seq, e.kind, e.payload) for e in manager.subscribe(sid)]
     assert events == [(0, "chunk", '"a"'), (1, "done", '"finished by the producer"')]
     info = manager.info(sid)
@@ -202,12 +208,14 @@ def test_lease_cannot_clobber_a_terminal_event(
 
 
 def test_expired_streams_are_not_found_before_gc(backend_rtdb: Make) -> None:
-    manager = backend_rtdb(ttl_seconds=0.2)
+    manager = backend_rtdb(ttl_seconds=30)
+    clock = ManualClock()
+    manager.clock = clock
     sid = "dotted.id.v1"  # '.' is stored as ',' in keys
     manager.open(sid).done("x")
     assert [e.payload for e in manager.subscribe(sid)] == ['"x"']
     assert manager.list_streams()[0].stream_id == sid
-    time.sleep(0.3)
+    clock.advance(31)
     with pytest.raises(StreamNotFound):
         manager.subscribe(sid)
     assert manager.info(sid) is None
@@ -237,7 +245,8 @@ def test_closing_a_subscription_is_immediate(backend_rtdb: Make, rtdb_server: Rt
     wait_for_streams(server, sid)
     manager.close()  # what a worker shutting down does
     thread.join(5)
-    assert not thread.is_alive() and len(manager._tasks) == 0
+    assert not thread.is_alive()
+    assert not [t for t in running_tasks() if t.name.startswith("rtdb-watch")]
     assert ended == ["UNAVAILABLE"]
     assert server.keepalive >= 30
 
@@ -370,8 +379,6 @@ def test_a_large_batch_is_split_into_writes_under_16_mb(
 
 
 def test_refused_data_is_permanent_and_names_no_url(backend_rtdb: Make) -> None:
-    from flask_durable_stream.managers.rtdb import call
-
     manager = backend_rtdb()
     bad = manager.root.child("bad")  # type: ignore[attr-defined]
     with pytest.raises(StoragePermanentError) as info:

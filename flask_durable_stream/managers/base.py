@@ -1,6 +1,7 @@
 """The StreamManager contract, defined once for every backend.
 
-Over 400 lines on purpose: the whole contract a backend implements reads in one place.
+What backends share besides the contract (the common options, the size check,
+the producer-lease rule) is in :mod:`.common` and importable from here too.
 
 A *stream* is an append-only sequence of events numbered 0, 1, 2, ...: any
 number of ``chunk`` events followed by exactly one terminal event (``done`` or
@@ -29,6 +30,7 @@ alive and retrying) does not end a live stream.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import operator
@@ -37,10 +39,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from .. import protocol
-from ..exceptions import EventTooLarge, StorageUnavailable, StreamClosed
+from ..exceptions import StorageUnavailable, StreamClosed
+from .common import CommonOptions as CommonOptions
+from .common import ProducerWatch as ProducerWatch
+from .common import check_event_sizes as check_event_sizes
+from .common import common_options as common_options
+from .common import event_size_error as event_size_error
+from .common import payload_bytes as payload_bytes
+from .common import required_setting as required_setting
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -57,111 +66,8 @@ _kind_of = operator.itemgetter(1)
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
 
-_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "Output", protocol.ERROR: "Error"}
-
-
-def payload_bytes(payload: str) -> int:
-    return len(payload.encode("utf-8", "surrogatepass"))
-
-
-def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) -> None:
-    """Raise :class:`EventTooLarge` for the first event whose payload is over ``limit`` bytes.
-
-    Backends call it before any write, so an event that can never be stored is
-    a permanent error at once instead of a write retried until the lease ends.
-    """
-    if limit is None:
-        return
-    quick = limit // 4  # a payload this short cannot be over the limit in UTF-8
-    for event in events:
-        if len(event.payload) <= quick:
-            continue
-        size = payload_bytes(event.payload)
-        if size > limit:
-            what = _WHAT.get(event.kind, "Event {seq}").format(seq=event.seq)
-            raise EventTooLarge(
-                f"{what} is {size:,} bytes; the {backend} backend stores at most {limit:,}",
-                size=size,
-                limit=limit,
-            )
-
-
-class CommonOptions(TypedDict):
-    ttl_seconds: float
-    timeout: float
-    lease_seconds: float
-
-
-def common_options(config: Mapping[str, Any]) -> CommonOptions:
-    """The options every backend takes, from ``DURABLE_STREAM_TTL``, ``_TIMEOUT`` and ``_LEASE``."""
-    return {
-        "ttl_seconds": float(config.get("DURABLE_STREAM_TTL", 300.0)),
-        "timeout": float(config.get("DURABLE_STREAM_TIMEOUT", 60.0)),
-        "lease_seconds": float(config.get("DURABLE_STREAM_LEASE", 10.0)),
-    }
-
-
 def valid_stream_id(stream_id: str) -> bool:
     return bool(STREAM_ID_RE.match(stream_id)) and ".." not in stream_id
-
-
-class ProducerWatch:
-    """A reader's judgement of whether a stream's producer is gone: the one rule for every backend.
-
-    The producer refreshes its heartbeat every ``heartbeat_interval`` and keeps
-    doing so while it retries a failed write, so a heartbeat that stops changing
-    means the producer is gone, *unless storage itself was down*: then nobody
-    could write, and the stored heartbeat is stale although the producer is
-    alive. So the lease is measured on the reader's own clock, from the first
-    moment the reader saw the current heartbeat value, and it restarts whenever
-    the reader's own storage calls fail. The producer is lost when both hold:
-    the reader saw no change for ``lease_seconds``, and the stored heartbeat is
-    older than ``lease_seconds`` by the storage clock.
-
-    That keeps ``kill -9`` detection within a lease for a reader that arrives
-    right after the kill (it sees the last heartbeat at once), and gives a
-    producer that comes back with storage a whole lease to heartbeat.
-
-    Backends use it inside ``subscribe``::
-
-        watch = ProducerWatch(self.lease_seconds)
-        ...  # each successful read of the stream's metadata:
-        left = watch.observe(heartbeat_at, self.now())
-        if left <= 0: mark the stream lost (conditionally: heartbeat unchanged)
-        else: wait at most ``left`` before looking again
-        ...  # a read or write of storage failed (StorageUnavailable):
-        watch.storage_failed()
-    """
-
-    __slots__ = ("lease_seconds", "_clock", "_beat", "_since")
-
-    def __init__(
-        self, lease_seconds: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.lease_seconds = lease_seconds
-        self._clock = clock
-        self._beat: float | None = None
-        self._since: float | None = None
-
-    def observe(self, heartbeat_at: float | None, now: float) -> float:
-        """Seconds left before the producer counts as lost (<= 0: lost now).
-
-        ``heartbeat_at`` is the stored heartbeat (storage clock), ``now`` the
-        storage clock now (``manager.now()``). ``None`` (no heartbeat stored)
-        never counts as lost.
-        """
-        seen = self._clock()
-        if heartbeat_at != self._beat or self._since is None:
-            self._beat, self._since = heartbeat_at, seen
-        if heartbeat_at is None:
-            return self.lease_seconds
-        own = self._since + self.lease_seconds - seen
-        stored = heartbeat_at + self.lease_seconds - now
-        return max(own, stored)
-
-    def storage_failed(self) -> None:
-        """A storage call of this reader failed: the producer may have failed too; start over."""
-        self._since = None
 
 
 def check_pointer_key(key: str) -> str:
@@ -222,18 +128,7 @@ class StreamInfo:
     flow: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "stream_id": self.stream_id,
-            "status": self.status.value,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "last_seq": self.last_seq,
-            "owner": self.owner,
-            "cancel_requested": self.cancel_requested,
-            "heartbeat_at": self.heartbeat_at,
-            "expires_at": self.expires_at,
-            "flow": self.flow,
-        }
+        return {**dataclasses.asdict(self), "status": self.status.value}
 
 
 class StreamWriter:

@@ -3,7 +3,7 @@
 Layout, under ``prefix`` (the ``{id}`` hash tag keeps one stream's keys in one
 Redis Cluster slot):
 
-* ``<prefix>:{<id>}:meta``: hash (token, status, owner, created/updated/heartbeat
+* ``<prefix>:{<id>}:meta``: hash (token, status, owner, flow, created/updated/heartbeat
   times, expires_at, cancel flag, last_seq);
 * ``<prefix>:{<id>}:events``: a Redis Stream whose entry ids are ``0-<seq + 1>``,
   fields ``k`` (kind) and ``p`` (payload);
@@ -28,26 +28,22 @@ for a free connection instead of failing, and only then raises
 :class:`StorageUnavailable`, which the runner retries. Plan
 ``workers x max_connections`` below Redis's ``maxclients`` (10,000 by default).
 See ``docs/redis.md`` and ``docs/backend-limits.md``.
+
+Modules, each depending only on those after it: this manager; the writer
+(:mod:`.redis_writer`) and the shared reader (:mod:`.redis_reader`); the
+storage object (:mod:`.redis_io`: client, keys, error mapping, scripts).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
-from ..exceptions import (
-    StoragePermanentError,
-    StorageUnavailable,
-    StreamClosed,
-    StreamExists,
-    StreamNotFound,
-    StreamTimeout,
-)
+from ..exceptions import StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
     Event,
@@ -56,54 +52,23 @@ from .base import (
     StreamManager,
     StreamStatus,
     StreamWriter,
-    check_event_sizes,
     check_pointer_key,
     common_options,
-    payload_bytes,
-    status_after,
+    required_setting,
 )
-from .redis_reader import PAGE as _PAGE
-from .redis_reader import SharedReader, poke_key
-from .redis_scripts import _APPEND, _CANCEL, _CLEAR_POINTER, _HEARTBEAT, _MARK_LOST, _OPEN
+from .redis_io import RedisStorage, expired, make_client, text, to_event
+from .redis_reader import PAGE, SharedReader, poke_key
+from .redis_writer import RedisWriter
 
 if TYPE_CHECKING:
     from flask import Flask
 
-log = logging.getLogger(__name__)
+    from ..durable_streams.store import DSStore
 
-_APPEND_PAGE = 1000  # events per append script
-#: Payload bytes per append script: a script blocks Redis while it runs, and its
-#: arguments are one request in Redis's query buffer (1 GiB at most by default).
-_APPEND_PAGE_BYTES = 8 * 1024 * 1024
 #: Redis's largest string (``proto-max-bulk-len``, 512 MiB by default): a payload
 #: is one argument of the append script and one field of a stream entry.
 MAX_EVENT_BYTES = 512 * 1024 * 1024
-#: Replies of a Redis that is busy or failing over: the same command may work later.
-_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "OOM", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 _LONGEST_WAIT = 1.0  # a blocked follower re-checks heartbeat and lease at least this often
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def _expired(meta: dict[str, str], now: float) -> bool:
-    return bool(meta.get("expires_at")) and float(meta["expires_at"]) <= now
-
-
-def _event(entry_id: Any, fields: dict[Any, Any]) -> Event:
-    """An event from a stream entry (``0-<seq + 1>``, fields k and p), str or bytes alike."""
-    kind = fields["k"] if "k" in fields else fields[b"k"]
-    payload = fields["p"] if "p" in fields else fields[b"p"]
-    return Event(int(_text(entry_id).split("-", 1)[1]) - 1, _text(kind), _text(payload))
-
-
-if TYPE_CHECKING:
-    from ..durable_streams.store import DSStore
 
 
 class RedisStreamManager(StreamManager):
@@ -127,9 +92,7 @@ class RedisStreamManager(StreamManager):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], app: Flask) -> RedisStreamManager:
         """``DURABLE_STREAM_REDIS_URL`` (required) and ``DURABLE_STREAM_REDIS_PREFIX``."""
-        url = config["DURABLE_STREAM_REDIS_URL"]
-        if not url:
-            raise ValueError("DURABLE_STREAM_BACKEND='redis' needs DURABLE_STREAM_REDIS_URL")
+        url = required_setting(config, "DURABLE_STREAM_REDIS_URL", "redis")
         return cls(url=url, prefix=config["DURABLE_STREAM_REDIS_PREFIX"], **common_options(config))
 
     def __init__(
@@ -151,82 +114,24 @@ class RedisStreamManager(StreamManager):
             lease_seconds=lease_seconds,
             heartbeat_interval=heartbeat_interval,
         )
-        import redis
-
-        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-        self._reply_error = redis.exceptions.ResponseError
-        if client is None:
-            if url is None:
-                raise ValueError("RedisStreamManager needs a client or a url")
-            pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=pool_timeout
-            )
-            client = redis.Redis(connection_pool=pool)
-        elif callable(client) and not isinstance(client, redis.Redis):
-            client = client()
-        self.client = client
+        self.client = make_client(client, url, max_connections, pool_timeout)
         self.prefix = prefix
-        self._index = f"{prefix}:index"
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("open", _OPEN),
-                ("append", _APPEND),
-                ("heartbeat", _HEARTBEAT),
-                ("cancel", _CANCEL),
-                ("mark_lost", _MARK_LOST),
-                ("clear_pointer", _CLEAR_POINTER),
-            )
-        }
+        #: The one object that calls Redis (see :mod:`.redis_io`).
+        self.storage = RedisStorage(self.client, prefix, self)
         self._reader_lock = threading.Lock()
         self._shared: SharedReader | None = None
 
-    def _reader(self) -> SharedReader:
+    def shared_reader(self) -> SharedReader:
         """This process's shared reader (a forked child makes its own)."""
         shared = self._shared
         if shared is not None and shared.pid == os.getpid():
             return shared
         with self._reader_lock:
             if self._shared is None or self._shared.pid != os.getpid():
-                self._shared = SharedReader(self.client, poke_key(self.prefix), self._call, _event)
+                self._shared = SharedReader(
+                    self.client, poke_key(self.prefix), self.storage.call, to_event
+                )
             return self._shared
-
-    # -- plumbing --------------------------------------------------------------------------
-    def _keys(self, stream_id: str) -> list[str]:
-        base = f"{self.prefix}:{{{stream_id}}}"
-        return [f"{base}:meta", f"{base}:events"]
-
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one Redis call, mapping its errors to the fault model.
-
-        Unreachable, timed out, pool exhausted, busy, loading or failing over:
-        :class:`StorageUnavailable` (retried). Any other error reply (an
-        argument Redis refuses): :class:`StoragePermanentError`. Redis's own
-        text, which can name the host, goes to the log, not to clients.
-        """
-        try:
-            return fn(*args, **kwargs)
-        except self._redis_errors as exc:
-            log.warning("Redis unavailable: %s", exc)
-            raise StorageUnavailable(f"Redis unavailable ({type(exc).__name__})") from exc
-        except self._reply_error as exc:
-            code = str(exc).split(" ", 1)[0].upper()
-            if code in _TRANSIENT_REPLIES:
-                log.warning("Redis is busy: %s", exc)
-                raise StorageUnavailable(f"Redis is busy ({code})") from exc
-            log.error("Redis refused a command: %s", exc)
-            raise StoragePermanentError(f"Redis refused the command ({code})") from exc
-
-    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return self._call(self._scripts[name], keys=keys, args=args)
-
-    def _ttl_args(self, now: float) -> tuple[int, str]:
-        return max(1, int(self.ttl_seconds * 1000)), repr(now + self.ttl_seconds)
-
-    def _meta(self, stream_id: str) -> dict[str, str] | None:
-        """The stream's metadata; None when it does not exist or has expired."""
-        meta = _decode(self._call(self.client.hgetall, self._keys(stream_id)[0]))
-        return None if not meta or _expired(meta, self.now()) else meta
 
     @staticmethod
     def _info(stream_id: str, meta: dict[str, str]) -> StreamInfo:
@@ -240,6 +145,7 @@ class RedisStreamManager(StreamManager):
             cancel_requested=meta.get("cancel") == "1",
             heartbeat_at=float(meta["heartbeat_at"]) if meta.get("heartbeat_at") else None,
             expires_at=float(meta["expires_at"]) if meta.get("expires_at") else None,
+            flow=meta.get("flow") or None,
         )
 
     # -- producer ----------------------------------------------------------------------------
@@ -247,19 +153,18 @@ class RedisStreamManager(StreamManager):
         self, stream_id: str, *, owner: str | None = None, flow: str | None = None
     ) -> StreamWriter:
         token = os.urandom(12).hex()
-        meta, events = self._keys(stream_id)
-        created = self._script(
-            "open", [meta, events, self._index], [stream_id, token, owner or "", repr(self.now())]
-        )
-        if not int(created):
+        storage = self.storage
+        keys = [*storage.keys(stream_id), storage.index]
+        args = [stream_id, token, owner or "", repr(self.now()), flow or ""]
+        if not int(storage.script("open", keys, args)):
             raise StreamExists(f"stream {stream_id} already exists")
-        return _RedisWriter(self, stream_id, token)
+        return RedisWriter(storage, stream_id, token)
 
     # -- consumer ----------------------------------------------------------------------------
     def subscribe_batches(
         self, stream_id: str, after: int = -1, *, timeout: float | None = None
     ) -> Iterator[list[Event]]:
-        meta = self._meta(stream_id)
+        meta = self.storage.meta(stream_id)
         if meta is None:
             raise StreamNotFound(f"stream {stream_id} not found")
         return self._follow(
@@ -269,7 +174,7 @@ class RedisStreamManager(StreamManager):
     def _follow(
         self, stream_id: str, token: str, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
-        events_key = self._keys(stream_id)[1]
+        events_key = self.storage.keys(stream_id)[1]
         last_activity = time.monotonic()
         seen_heartbeat = None
         watch = ProducerWatch(self.lease_seconds)
@@ -284,12 +189,12 @@ class RedisStreamManager(StreamManager):
                     return
                 cursor = batch[-1].seq
                 last_activity = time.monotonic()
-                if len(batch) >= _PAGE:  # more may be stored: read on without waiting
+                if len(batch) >= PAGE:  # more may be stored: read on without waiting
                     batch = self._range(events_key, cursor)
                     continue
                 # The producer just wrote, so its lease is fresh; it is checked when quiet.
             else:
-                meta = self._meta(stream_id)
+                meta = self.storage.meta(stream_id)
                 if meta is None or meta["token"] != token:
                     raise StreamNotFound(f"stream {stream_id} not found")
                 last_seq = int(meta["last_seq"])
@@ -311,20 +216,22 @@ class RedisStreamManager(StreamManager):
                 if remaining <= 0:
                     raise StreamTimeout("Stream timed out.")
                 wait = min(wait, remaining, lease_left + 0.001)
-            batch = self._reader().wait(events_key, cursor, wait)
+            batch = self.shared_reader().wait(events_key, cursor, wait)
             if not batch:  # nothing came, or the reader asks us to look ourselves
                 batch = self._range(events_key, cursor)
 
     def _range(self, events_key: str, cursor: int) -> list[Event]:
-        entries = self._call(self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=_PAGE)
-        return [_event(entry_id, fields) for entry_id, fields in entries]
+        entries = self.storage.call(
+            self.client.xrange, events_key, f"(0-{cursor + 1}", "+", count=PAGE
+        )
+        return [to_event(entry_id, fields) for entry_id, fields in entries]
 
     def _mark_lost(self, stream_id: str, meta: dict[str, str], now: float) -> None:
         """End an open stream whose producer stopped beating (only if still so, atomically)."""
-        ttl_ms, expires = self._ttl_args(now)
-        self._script(
+        ttl_ms, expires = self.storage.ttl_args(now)
+        self.storage.script(
             "mark_lost",
-            self._keys(stream_id),
+            self.storage.keys(stream_id),
             [
                 meta["token"],
                 meta["last_seq"],
@@ -338,11 +245,12 @@ class RedisStreamManager(StreamManager):
 
     # -- metadata ----------------------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:
-        meta = self._meta(stream_id)
+        meta = self.storage.meta(stream_id)
         return None if meta is None else self._info(stream_id, meta)
 
     def request_cancel(self, stream_id: str) -> bool:
-        result = int(self._script("cancel", self._keys(stream_id)[:1], [repr(self.now())]))
+        keys = self.storage.keys(stream_id)[:1]
+        result = int(self.storage.script("cancel", keys, [repr(self.now())]))
         if result < 0:
             raise StreamNotFound(f"stream {stream_id} not found")
         return result == 1
@@ -351,13 +259,15 @@ class RedisStreamManager(StreamManager):
         infos: list[StreamInfo] = []
         start = 0
         while len(infos) < limit:
-            ids = self._call(self.client.zrevrange, self._index, start, start + limit - 1)
+            ids = self.storage.call(
+                self.client.zrevrange, self.storage.index, start, start + limit - 1
+            )
             if not ids:
                 break
             start += len(ids)
             for raw in ids:
-                stream_id = _text(raw)
-                meta = self._meta(stream_id)
+                stream_id = text(raw)
+                meta = self.storage.meta(stream_id)
                 if meta is not None:
                     infos.append(self._info(stream_id, meta))
         return infos[:limit]
@@ -367,13 +277,14 @@ class RedisStreamManager(StreamManager):
         """Drop index entries of streams Redis has expired; end abandoned open streams."""
         now = self.now() if now is None else now
         removed = 0
-        for raw in self._call(self.client.zrange, self._index, 0, -1):
-            stream_id = _text(raw)
-            meta = _decode(self._call(self.client.hgetall, self._keys(stream_id)[0]))
-            if not meta or _expired(meta, now):
+        storage = self.storage
+        for raw in storage.call(self.client.zrange, storage.index, 0, -1):
+            stream_id = text(raw)
+            meta = storage.stored_meta(stream_id)
+            if not meta or expired(meta, now):
                 if meta:  # Redis has not deleted it yet
-                    self._call(self.client.delete, *self._keys(stream_id))
-                removed += int(self._call(self.client.zrem, self._index, stream_id))
+                    storage.call(self.client.delete, *storage.keys(stream_id))
+                removed += int(storage.call(self.client.zrem, storage.index, stream_id))
                 continue
             stale = float(meta["heartbeat_at"]) + self.lease_seconds < now
             if meta["status"] == StreamStatus.OPEN.value and stale:
@@ -382,17 +293,17 @@ class RedisStreamManager(StreamManager):
 
     # -- pointers --------------------------------------------------------------------------
     def _pointer_key(self, key: str) -> str:
-        return f"{self.prefix}:pointer:{check_pointer_key(key)}"
+        return self.storage.pointer_key(check_pointer_key(key))
 
     def set_pointer(self, key: str, stream_id: str) -> None:
-        self._call(self.client.set, self._pointer_key(key), stream_id)
+        self.storage.call(self.client.set, self._pointer_key(key), stream_id)
 
     def get_pointer(self, key: str) -> str | None:
-        value = self._call(self.client.get, self._pointer_key(key))
-        return None if value is None else _text(value)
+        value = self.storage.call(self.client.get, self._pointer_key(key))
+        return None if value is None else text(value)
 
     def clear_pointer(self, key: str, stream_id: str) -> bool:
-        return bool(self._script("clear_pointer", [self._pointer_key(key)], [stream_id]))
+        return bool(self.storage.script("clear_pointer", [self._pointer_key(key)], [stream_id]))
 
     def close(self) -> None:
         with self._reader_lock:
@@ -411,52 +322,3 @@ class RedisStreamManager(StreamManager):
 
             store = self._ds_store = RedisDSStore(self.client, prefix=self.prefix)
         return store
-
-
-class _RedisWriter(StreamWriter):
-    def __init__(self, manager: RedisStreamManager, stream_id: str, token: str) -> None:
-        super().__init__(stream_id)
-        self._manager = manager
-        self._token = token
-
-    def store(self, events: Sequence[Event]) -> None:
-        # A script blocks Redis while it runs: long batches go in pages. A failure
-        # part-way leaves a stored prefix, which the retry of the batch finds identical.
-        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
-        start = 0
-        while start < len(events):
-            end, size = start, 0
-            while end < len(events) and end - start < _APPEND_PAGE:
-                size += payload_bytes(events[end].payload)
-                if end > start and size > _APPEND_PAGE_BYTES:
-                    break
-                end += 1
-            self._append_page(events[start:end])
-            start = end
-
-    def _append_page(self, events: Sequence[Event]) -> None:
-        manager = self._manager
-        now = manager.now()
-        ttl_ms, expires = manager._ttl_args(now)
-        last = events[-1]
-        terminal = status_after(last).value if last.terminal else ""
-        args: list[Any] = [self._token, repr(now), ttl_ms, expires, terminal, events[0].seq]
-        for event in events:
-            args.append(event.kind)
-            args.append(event.payload)
-        result = _text(manager._script("append", manager._keys(self.stream_id), args))
-        if result == "gone":
-            raise StreamClosed(f"stream {self.stream_id} no longer exists")
-        if result == "ended":
-            raise StreamClosed(f"stream {self.stream_id} already ended")
-        if result == "conflict":
-            raise StreamClosed(f"stream {self.stream_id}: conflicting event at an existing seq")
-
-    def heartbeat(self) -> bool:
-        manager = self._manager
-        result = int(
-            manager._script(
-                "heartbeat", manager._keys(self.stream_id)[:1], [self._token, repr(manager.now())]
-            )
-        )
-        return result == 1

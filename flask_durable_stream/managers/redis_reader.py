@@ -109,6 +109,11 @@ class SharedReader:
             self._forget(waiter)
         return waiter.events
 
+    def waiting(self) -> int:
+        """How many followers wait now (what an operator or a test can watch)."""
+        with self._lock:
+            return sum(len(waiters) for waiters in self._waiters.values())
+
     def _forget(self, waiter: Waiter) -> None:
         with self._lock:
             waiters = self._waiters.get(waiter.key)

@@ -1,6 +1,6 @@
 """The Redis manager's Lua scripts: one per write, so its checks and effects are atomic."""
 
-# KEYS: meta, events, index. ARGV: id, token, owner ("" for none), now.
+# KEYS: meta, events, index. ARGV: id, token, owner ("" for none), now, flow ("" for none).
 _OPEN = """
 local expires = redis.call('HGET', KEYS[1], 'expires_at')
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -11,7 +11,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], 'token', ARGV[2], 'status', 'open', 'owner', ARGV[3],
   'created_at', ARGV[4], 'updated_at', ARGV[4], 'heartbeat_at', ARGV[4], 'expires_at', '',
-  'cancel', '0', 'last_seq', '-1')
+  'cancel', '0', 'last_seq', '-1', 'flow', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 1
 """

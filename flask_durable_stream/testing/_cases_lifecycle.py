@@ -250,7 +250,7 @@ class LifecycleCases:
             pytest.skip("this backend's managers do not share storage (shares_storage = False)")
         producer, reader = make_manager(), make_manager()
         sid = new_id()
-        writer = producer.open(sid, owner="u")
+        writer = producer.open(sid, owner="u", flow="story")
         writer.write("one")
         live = reader.subscribe(sid)
         assert next(live).payload == '"one"'
@@ -261,4 +261,5 @@ class LifecycleCases:
         thread.join(5)
         assert collect(reader.subscribe(sid)) == collect(producer.subscribe(sid))
         info = reader.info(sid)
-        assert info is not None and info.status is StreamStatus.DONE and info.owner == "u"
+        assert info is not None and info.status is StreamStatus.DONE
+        assert (info.owner, info.flow) == ("u", "story")

@@ -195,6 +195,23 @@ class StreamCases:
         assert info.updated_at >= info.created_at
         assert sid in [i.stream_id for i in manager.list_streams()]
 
+    def test_the_flow_name_is_kept_with_the_stream(self, manager: StreamManager) -> None:
+        named, unnamed = new_id(), new_id()
+        writer = manager.open(named, owner="u", flow="f")
+        produce(manager.open(unnamed), [], None)
+        info = manager.info(named)
+        assert info is not None and info.flow == "f" and info.owner == "u"
+        unnamed_info = manager.info(unnamed)
+        assert unnamed_info is not None and unnamed_info.flow is None
+        listed = {i.stream_id: i.flow for i in manager.list_streams(limit=1000)}
+        assert listed[named] == "f" and listed[unnamed] is None
+        assert manager.request_cancel(named) is True
+        writer.heartbeat()
+        produce(writer, ["a"], "b")  # kept through heartbeats, cancel and the terminal event
+        info = manager.info(named)
+        assert info is not None and info.flow == "f" and info.status is StreamStatus.DONE
+        assert info.to_dict()["flow"] == "f"
+
     def test_cancelled_terminal_sets_cancelled_status(self, manager: StreamManager) -> None:
         sid = new_id()
         manager.open(sid).error(FlowError("CANCELLED", "Cancelled by client."))

@@ -1,0 +1,145 @@
+"""What every backend shares besides the contract in :mod:`.base`.
+
+The options built from the app config, the one size check (the storage side's
+``append`` and the flow's ``send_chunk`` both raise its error, so the message
+is the same wherever an event is too large), and the one rule for calling a
+producer lost. It imports nothing of the contract at run time, so the emitting
+side (:mod:`..flows`) can use it without importing a backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from .. import protocol
+from ..exceptions import EventTooLarge
+
+if TYPE_CHECKING:
+    from .base import Event
+
+_WHAT = {protocol.CHUNK: "Chunk {seq}", protocol.DONE: "Output", protocol.ERROR: "Error"}
+
+
+class CommonOptions(TypedDict):
+    ttl_seconds: float
+    timeout: float
+    lease_seconds: float
+
+
+def common_options(config: Mapping[str, Any]) -> CommonOptions:
+    """The options every backend takes, from ``DURABLE_STREAM_TTL``, ``_TIMEOUT`` and ``_LEASE``."""
+    return {
+        "ttl_seconds": float(config.get("DURABLE_STREAM_TTL", 300.0)),
+        "timeout": float(config.get("DURABLE_STREAM_TIMEOUT", 60.0)),
+        "lease_seconds": float(config.get("DURABLE_STREAM_LEASE", 10.0)),
+    }
+
+
+def required_setting(config: Mapping[str, Any], key: str, backend: str) -> Any:
+    """``config[key]``, or the ``ValueError`` ``from_config`` raises when it is not set."""
+    value = config.get(key)
+    if not value:
+        raise ValueError(f"DURABLE_STREAM_BACKEND={backend!r} needs {key}")
+    return value
+
+
+def payload_bytes(payload: str) -> int:
+    return len(payload.encode("utf-8", "surrogatepass"))
+
+
+def event_size_error(
+    what: str, payload: str, limit: int | None, backend: str
+) -> EventTooLarge | None:
+    """The error for ``payload`` over ``limit`` UTF-8 bytes, or None when it fits.
+
+    ``what`` names the event for the client ("Chunk 3", "Output").
+    """
+    if limit is None or len(payload) <= limit // 4:  # too short to be over, even in UTF-8
+        return None
+    size = payload_bytes(payload)
+    if size <= limit:
+        return None
+    return EventTooLarge(
+        f"{what} is {size:,} bytes; the {backend} backend stores at most {limit:,}",
+        size=size,
+        limit=limit,
+    )
+
+
+def check_event_sizes(events: Sequence[Event], limit: int | None, backend: str) -> None:
+    """Raise :class:`EventTooLarge` for the first event whose payload is over ``limit`` bytes.
+
+    Backends call it before any write, so an event that can never be stored is
+    a permanent error at once instead of a write retried until the lease ends.
+    """
+    if limit is None:
+        return
+    quick = limit // 4
+    for event in events:
+        if len(event.payload) <= quick:
+            continue
+        what = _WHAT.get(event.kind, "Event {seq}").format(seq=event.seq)
+        error = event_size_error(what, event.payload, limit, backend)
+        if error is not None:
+            raise error
+
+
+class ProducerWatch:
+    """A reader's judgement of whether a stream's producer is gone: the one rule for every backend.
+
+    The producer refreshes its heartbeat every ``heartbeat_interval`` and keeps
+    doing so while it retries a failed write, so a heartbeat that stops changing
+    means the producer is gone, *unless storage itself was down*: then nobody
+    could write, and the stored heartbeat is stale although the producer is
+    alive. So the lease is measured on the reader's own clock, from the first
+    moment the reader saw the current heartbeat value, and it restarts whenever
+    the reader's own storage calls fail. The producer is lost when both hold:
+    the reader saw no change for ``lease_seconds``, and the stored heartbeat is
+    older than ``lease_seconds`` by the storage clock.
+
+    That keeps ``kill -9`` detection within a lease for a reader that arrives
+    right after the kill (it sees the last heartbeat at once), and gives a
+    producer that comes back with storage a whole lease to heartbeat.
+
+    Backends use it inside ``subscribe``::
+
+        watch = ProducerWatch(self.lease_seconds)
+        ...  # each successful read of the stream's metadata:
+        left = watch.observe(heartbeat_at, self.now())
+        if left <= 0: mark the stream lost (conditionally: heartbeat unchanged)
+        else: wait at most ``left`` before looking again
+        ...  # a read or write of storage failed (StorageUnavailable):
+        watch.storage_failed()
+    """
+
+    __slots__ = ("lease_seconds", "_clock", "_beat", "_since")
+
+    def __init__(
+        self, lease_seconds: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._beat: float | None = None
+        self._since: float | None = None
+
+    def observe(self, heartbeat_at: float | None, now: float) -> float:
+        """Seconds left before the producer counts as lost (<= 0: lost now).
+
+        ``heartbeat_at`` is the stored heartbeat (storage clock), ``now`` the
+        storage clock now (``manager.now()``). ``None`` (no heartbeat stored)
+        never counts as lost.
+        """
+        seen = self._clock()
+        if heartbeat_at != self._beat or self._since is None:
+            self._beat, self._since = heartbeat_at, seen
+        if heartbeat_at is None:
+            return self.lease_seconds
+        own = self._since + self.lease_seconds - seen
+        stored = heartbeat_at + self.lease_seconds - now
+        return max(own, stored)
+
+    def storage_failed(self) -> None:
+        """A storage call of this reader failed: the producer may have failed too; start over."""
+        self._since = None
