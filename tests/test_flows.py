@@ -14,7 +14,9 @@ import pydantic
 import pytest
 
 from flask_durable_stream import FlowContext, InMemoryStreamManager, StreamError
+from flask_durable_stream.managers.base import Event, StreamStatus
 from flask_durable_stream.runner import Runner
+from tests.support.fake_clock import PATIENCE, SteppedClock, wait_for
 
 
 @pytest.fixture
@@ -239,22 +241,49 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
 
 
 def test_quiet_flow_is_kept_alive_by_the_runners_heartbeats() -> None:
-    """Silent for longer than the subscriber timeout, yet alive: readers must not time out."""
-    # Heartbeats ten times per timeout: a busy machine may delay a few, never ten in a row.
-    manager = InMemoryStreamManager(timeout=1.0, heartbeat_interval=0.1)
-    runner = Runner(manager)
+    """Silent for many leases, yet alive: storage and its readers never count it as lost.
+
+    On a stepped clock: at each heartbeat interval the runner's ticker must refresh the
+    lease, whatever the machine's load; the sweep that ends abandoned streams runs at every
+    step and must leave it alone.
+    """
+    clock = SteppedClock()
+    manager = InMemoryStreamManager(lease_seconds=3.0, heartbeat_interval=1.0, timeout=PATIENCE)
+    manager.clock = clock
+    runner = Runner(manager, clock=clock)
+    speak = threading.Event()
+    followed: list[Event] = []
+
+    def quiet(data: Any) -> Any:
+        speak.wait()
+        return "still here"
+
     try:
-
-        def quiet(data: Any) -> Any:
-            time.sleep(3.0)
-            return "still here"
-
         run = runner.start("quiet", quiet, None)
-        events = list(manager.subscribe(run.stream_id))
-        assert [(e.kind, e.payload) for e in events] == [("done", '"still here"')]
+        sid = run.stream_id
+        reader = threading.Thread(target=lambda: followed.extend(manager.subscribe(sid)))
+        reader.start()
+        clock.settle(1)  # the ticker waits for the first interval
+        for _ in range(20):  # 20 s of silence: more than six leases
+            now = clock.advance(manager.heartbeat_interval)
+            wait_for(lambda t=now: heartbeat_at(manager, sid) == t, "the ticker's heartbeat")
+            clock.settle(1)
+            manager.gc()  # the sweep ends streams whose producer missed its lease
+            info = manager.info(sid)
+            assert info is not None and info.status is StreamStatus.OPEN
+        speak.set()
+        reader.join(PATIENCE)
+        assert [(e.kind, e.payload) for e in followed] == [("done", '"still here"')]
     finally:
+        speak.set()
+        clock.run_free()
         runner.shutdown(5)
         manager.close()
+
+
+def heartbeat_at(manager: InMemoryStreamManager, stream_id: str) -> float | None:
+    info = manager.info(stream_id)
+    return None if info is None else info.heartbeat_at
 
 
 def test_a_flow_still_emitting_after_shutdown_stops_quietly(caplog: Any) -> None:
