@@ -26,7 +26,7 @@ from flask_durable_stream._concurrency import Task, running_tasks  # noqa: E402
 from flask_durable_stream.runner import runner_for  # noqa: E402
 
 BACKENDS = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "backends")]))
-pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS]
+pytest_plugins = [f"tests.backends.{name}" for name in BACKENDS] + ["tests.support.browser"]
 
 
 #: The library's tasks already running when a test started: not that test's to answer for.

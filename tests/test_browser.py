@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
-import playwright.sync_api as playwright_api
 import pytest
+from playwright.sync_api import Browser
 
 from example_app import DEFAULT_TOPIC, story_words
 from tests.support import servers
 
 TOPIC = "whales in the deep"
-
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +20,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is required for the browser test (apt-get install chromium)"
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        yield browser
-        browser.close()
-
-
 def test_reload_mid_stream_shows_the_whole_story(
-    server: servers.Server, browser: object, tmp_path_factory: pytest.TempPathFactory
+    server: servers.Server, browser: Browser, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     shot_dir = tmp_path_factory.mktemp("screenshots")
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     failed: list[str] = []
     page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
     page.goto(server.url + "/")
@@ -77,9 +56,9 @@ def test_reload_mid_stream_shows_the_whole_story(
 
 
 def test_stop_button_cancels_the_flow_on_the_server(
-    server: servers.Server, browser: object
+    server: servers.Server, browser: Browser
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(server.url + "/")
     page.click("#start")
     page.wait_for_function("document.getElementById('story').textContent.split(' ').length > 5")
@@ -135,9 +114,9 @@ def short_lived_sse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def test_eventsource_resumes_by_itself_with_last_event_id(
-    short_lived_sse_server: servers.Server, browser: object
+    short_lived_sse_server: servers.Server, browser: Browser
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(short_lived_sse_server.url + "/")
     seen = page.evaluate(EVENTSOURCE_SCRIPT)
     page.close()
