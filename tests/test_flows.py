@@ -18,7 +18,8 @@ from flask_durable_stream import FlowContext, InMemoryStreamManager, StreamError
 from flask_durable_stream.managers.base import Event, StreamStatus
 from flask_durable_stream.runner import Runner
 from flask_durable_stream.writer import DEFAULT_BACKOFF
-from tests.support.fake_clock import PATIENCE, SteppedClock, wait_for
+from tests.support.fake_clock import SteppedClock
+from tests.support.waiting import PATIENCE, wait_for
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from flask_durable_stream import (
 from flask_durable_stream.managers.base import Event, StreamStatus
 from flask_durable_stream.runner import Runner
 from flask_durable_stream.writer import DEFAULT_BACKOFF
-from tests.support.fake_clock import PATIENCE, SteppedClock
+from tests.support.fake_clock import SteppedClock
+from tests.support.waiting import PATIENCE
 
 LEASE = 3.0
 HEARTBEAT = 1.0

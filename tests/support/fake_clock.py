@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
-#: Real seconds a condition may take before the test fails: only a hang gets there.
-PATIENCE = 60.0
+from tests.support.waiting import PATIENCE
+
 #: How often a waiter on the clock looks at its event (threading.Event cannot notify us).
 EVENT_POLL = 0.01
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = PATIENCE) -> None:
-    """Wait in real time until ``condition()`` holds; fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.002)
 
 
 class SteppedClock:
