@@ -28,8 +28,11 @@ from tests.support import servers
 from tests.support.client import StreamCall, post_stream
 
 APP = "example_app:create_app()"
-LEASE = 3.0
-GRACE = 3.0
+# Long enough that a live worker on a loaded machine always heartbeats within it (it
+# beats every LEASE / 5), short enough that a killed worker's streams end soon.
+LEASE = 6.0
+# The short flow of the SIGTERM test (1 s of delays) finishes well within it, even slowed down.
+GRACE = 8.0
 ACCESS_FORMAT = "%(p)s %(s)s in=%({x-genkit-stream-id}i)s out=%({x-genkit-stream-id}o)s"
 ACCESS_LINE = re.compile(r"<(\d+)> (\d+) in=(\S+) out=(\S+)")
 NO_CONTROL_SOCKET = ["--no-control-socket"]  # gunicorn's default is one fixed path per user
@@ -62,7 +65,7 @@ def served(log: Path) -> list[Served]:
     return rows
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -207,7 +210,7 @@ def test_fifty_streams_reconnect_to_any_worker_losing_and_duplicating_nothing(
 
 
 def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster) -> None:
-    n, delay = 60, 0.08  # about 5 s per flow
+    n, delay = 100, 0.15  # about 15 s per flow: the kill always lands mid-flow
     firsts = in_threads(
         [
             lambda: post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
@@ -242,8 +245,10 @@ def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster
         if owner[sid] == victim:
             assert call.terminal == PRODUCER_LOST
             assert len(got) < n
+            # Noticed by the lease, not by the reader's own inactivity timeout (60 s); the
+            # margin over the lease is for a loaded machine.
             took = ended_at[sid] - killed_at
-            assert took < LEASE + 2, f"producer loss noticed after {took:.1f}s"
+            assert took < LEASE + 20, f"producer loss noticed after {took:.1f}s"
         else:  # a flow on another worker does not notice
             assert (
                 call.terminal is not None and call.terminal[0] == "done" and got == list(range(n))
@@ -270,7 +275,7 @@ def cancelled_by(log: Path, stream_id: str) -> int | None:
 
 
 def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) -> None:
-    n, delay = 150, 0.04  # about 6 s per flow
+    n, delay = 2000, 0.04  # 80 s per flow: the cancel always lands mid-flow
     host, port = cluster.server.url.removeprefix("http://").split(":")
     for _ in range(10):  # until a cancel is answered by a worker that does not run the flow
         first = post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
