@@ -129,7 +129,8 @@ class Runner:
     Each stored run has a :class:`~.writer.RunWriter` whose flush task exists
     only while there is something to store; one *ticker* task per runner makes
     heartbeats due. An idle stream therefore costs no task of its own besides
-    its flow.
+    its flow. ``clock`` paces the heartbeats and retry pauses: real time, or a
+    clock a test moves by hand.
     """
 
     def __init__(

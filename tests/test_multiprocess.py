@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -217,7 +218,8 @@ def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster
             for _ in range(6)
         ]
     )
-    ids = [f.stream_id for f in firsts]
+    ids = [f.stream_id for f in firsts if f.stream_id is not None]
+    assert len(ids) == len(firsts)
     # The starting request is logged once its client is gone (the next write fails).
     wait_until(lambda: {s.stream_id for s in served(cluster.log) if not s.resumed} >= set(ids))
     owner = {
@@ -274,6 +276,10 @@ def cancelled_by(log: Path, stream_id: str) -> int | None:
     return None
 
 
+def logged(find: Callable[[Path, str], int | None], log: Path, stream_id: str) -> bool:
+    return find(log, stream_id) is not None
+
+
 def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) -> None:
     n, delay = 2000, 0.04  # 80 s per flow: the cancel always lands mid-flow
     host, port = cluster.server.url.removeprefix("http://").split(":")
@@ -281,13 +287,13 @@ def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) 
         first = post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
         sid = first.stream_id
         assert sid is not None
-        wait_until(lambda sid=sid: started_by(cluster.log, sid) is not None)
+        wait_until(partial(logged, started_by, cluster.log, sid))
         producer = started_by(cluster.log, sid)
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         conn.request("POST", "/flows/story/cancel", headers={protocol.STREAM_ID_HEADER: sid})
         assert conn.getresponse().status == 202
         conn.close()
-        wait_until(lambda sid=sid: cancelled_by(cluster.log, sid) is not None)
+        wait_until(partial(logged, cancelled_by, cluster.log, sid))
         if cancelled_by(cluster.log, sid) != producer:
             break
     else:
@@ -369,6 +375,7 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
         except BaseException as exc:  # a cut connection: reported below, in the test's thread
             follower.append(exc)
 
+    assert long.stream_id is not None
     response = attach(server.url, long.stream_id)  # still connected when the server stops
     follow = threading.Thread(target=follow_long, args=(response,))
     follow.start()
