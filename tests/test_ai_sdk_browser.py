@@ -39,7 +39,7 @@ def test_reload_mid_answer_continues_where_it_was(
     before = page.text_content(".message.assistant") or ""
     assert page.text_content("#status") == "answering"
     page.reload()
-    page.wait_for_selector("#messages[data-done='true']", timeout=30_000)
+    page.wait_for_selector("#messages[data-done='true']", timeout=60_000)
     texts = page.locator(".message").all_text_contents()
     assert texts == ["hello from Chromium", answer("hello from Chromium", 40)]
     assert texts[1].startswith(before)
@@ -63,7 +63,7 @@ def test_stop_button_stops_the_answer_on_the_server(
     page.click("#send")
     page.wait_for_function(f"{ASSISTANT} && {ASSISTANT}.textContent.split(' ').length > 5")
     page.click("#stop")
-    page.wait_for_selector("#messages[data-done='true']", timeout=30_000)
+    page.wait_for_selector("#messages[data-done='true']", timeout=60_000)
     text = page.text_content(".message.assistant") or ""
     full = answer("stop", 40)
     assert full.startswith(text) and len(text) < len(full)
