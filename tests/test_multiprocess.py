@@ -311,7 +311,12 @@ def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) 
 def gunicorn_with_config(env: dict[str, str], workers: int = 2) -> servers.Server:
     """The example's production gunicorn config, on a free port."""
     port = servers.free_port()
-    args = [
+    return servers.Server(config_args(port, workers), port, env)
+
+
+def config_args(port: int, workers: int) -> list[str]:
+    """The command line of gunicorn with the example's production config."""
+    return [
         str(servers.BIN / "gunicorn"),
         "-c",
         "example_app/gunicorn.conf.py",
@@ -321,7 +326,6 @@ def gunicorn_with_config(env: dict[str, str], workers: int = 2) -> servers.Serve
         str(workers),
         *NO_CONTROL_SOCKET,
     ]
-    return servers.Server(args, port, env)
 
 
 def test_restart_replays_finished_streams_byte_for_byte(
@@ -427,19 +431,8 @@ def test_sigterm_while_workers_boot_still_stops_them_gracefully(
         "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": str(GRACE),
         "PYTHONUNBUFFERED": "1",
     }
-    port = servers.free_port()
-    args = [
-        str(servers.BIN / "gunicorn"),
-        "-c",
-        "example_app/gunicorn.conf.py",
-        "-b",
-        f"127.0.0.1:{port}",
-        "-w",
-        "2",
-        *NO_CONTROL_SOCKET,
-    ]
     proc = subprocess.Popen(
-        args,
+        config_args(servers.free_port(), 2),
         cwd=servers.ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
