@@ -247,7 +247,7 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
     runner = Runner(manager)
     gate = threading.Event()
     try:
-        run = runner.start("stuck", lambda data: gate.wait(30), None)
+        run = runner.start("stuck", lambda data: gate.wait(), None)
         runner.shutdown(0.2)
         assert [e.kind for e in manager.subscribe(run.stream_id)] == ["error"]
         assert '"UNAVAILABLE"' in run.events[-1].payload

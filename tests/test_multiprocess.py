@@ -289,7 +289,7 @@ def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) 
         assert sid is not None
         wait_until(partial(logged, started_by, cluster.log, sid))
         producer = started_by(cluster.log, sid)
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request("POST", "/flows/story/cancel", headers={protocol.STREAM_ID_HEADER: sid})
         assert conn.getresponse().status == 202
         conn.close()

@@ -120,7 +120,7 @@ def test_an_unclassified_failure_to_open_is_unavailable(storage: LockedStorage) 
         assert refused.value.status == "RESOURCE_EXHAUSTED"
         storage.open_fails = None
         run = runner.start("f", lambda data: data, 7)  # it recovers by itself
-        terminal = run.wait(10)
+        terminal = run.wait(PATIENCE)
         assert terminal is not None and terminal.payload == "7"
     finally:
         runner.shutdown(5)

@@ -91,7 +91,7 @@ def test_concurrent_and_late_subscribers_see_identical_bytes(server: servers.Ser
     for r in readers:
         r.start()
     for r in readers:
-        r.join(30)
+        r.join(PATIENCE)
     late = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
     assert len(calls) == 2
     assert calls[0].raw == calls[1].raw == late.raw
@@ -155,7 +155,7 @@ def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> N
     assert post_stream(server.url, "/flows/story", {}, stream_id="f" * 32).status == 204
     host, port = server.url.removeprefix("http://").split(":")
     for body, status in [(b"{oops", 400), (b"[]", 400), (b'{"x":1}', 400)]:
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = http.client.HTTPConnection(host, int(port), timeout=PATIENCE)
         conn.request(
             "POST",
             "/flows/story",
@@ -170,7 +170,7 @@ def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> N
 
 def test_oversized_body_over_the_wire_is_413(server: servers.Server) -> None:
     host, port = server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = http.client.HTTPConnection(host, int(port), timeout=PATIENCE)
     body = b'{"data":"' + b"x" * (10 * 1024 * 1024) + b'"}'
     try:
         conn.request("POST", "/flows/echo", body=body, headers={"Content-Type": "application/json"})
