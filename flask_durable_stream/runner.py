@@ -5,7 +5,9 @@ readers with their own cursor) and, when stored, a :class:`~.writer.RunWriter`
 (the ordered writer: batching, retries, heartbeats, terminal markers). The
 runner keeps the registry of running flows, spawns them, runs one ticker that
 makes heartbeats due, and shuts down gracefully. Storage latency never delays
-live frames, and a client that goes away stops nothing.
+live frames, and a client that goes away stops nothing. Heartbeats and retry
+pauses follow the runner's :class:`~.writer.Clock`, real time unless a test
+passes a fake one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .flows import Flow, FlowContext, call_flow
 from .managers.base import StreamManager
 from .metrics import NULL_OBSERVER, Observer
 from .run import DEFAULT_BUFFER_LIMIT, Run
-from .writer import RunWriter
+from .writer import REAL_CLOCK, Clock, RunWriter
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -127,7 +129,8 @@ class Runner:
     Each stored run has a :class:`~.writer.RunWriter` whose flush task exists
     only while there is something to store; one *ticker* task per runner makes
     heartbeats due. An idle stream therefore costs no task of its own besides
-    its flow.
+    its flow. ``clock`` paces the heartbeats and retry pauses: real time, or a
+    clock a test moves by hand.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Runner:
         write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT,
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         if write_retry_timeout < 0 or shutdown_grace < 0:
             raise ValueError("write_retry_timeout and shutdown_grace must be >= 0")
@@ -146,6 +150,7 @@ class Runner:
         self.write_retry_timeout = write_retry_timeout
         self.shutdown_grace = shutdown_grace
         self.live_buffer_bytes = live_buffer_bytes
+        self.clock = clock
         self.metrics: Observer = NULL_OBSERVER  # PrometheusMetrics() records them
         self.tasks = TaskGroup()
         self._runs: dict[str, Run] = {}
@@ -217,6 +222,8 @@ class Runner:
                 heartbeat_interval=manager.heartbeat_interval,
                 inline=self._inline,
                 on_finished=self._writer_finished,
+                clock=self.clock.monotonic,
+                sleep=self.clock.sleep,
             )
             run.on_emit = self.metrics.emitting(stream_writer, writer.on_emit)
         else:
@@ -314,7 +321,7 @@ class Runner:
         assert self.manager is not None
         interval = self.manager.heartbeat_interval
         while True:
-            self._idle.wait(interval)
+            self.clock.wait(self._idle, interval)
             with self._lock:
                 self._idle.clear()
                 writers = list(self._writers.values())

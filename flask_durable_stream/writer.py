@@ -18,7 +18,9 @@ other processes. Storage faults follow the model in :mod:`.exceptions`:
   terminal marker the writer adds, is retried until stored or the process exits.
 
 It needs only a :class:`~.run.Run` and a :class:`~.StreamWriter`, so it can be
-tested alone with a faulty manager, a fake clock and a fake sleep.
+tested alone with a faulty manager, a fake clock and a fake sleep. The runner
+takes the same seam as one :class:`Clock`, so heartbeat and retry timing can be
+driven step by step in tests instead of waited for on a busy machine.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from . import protocol
 from ._concurrency import sleep as _sleep
@@ -53,6 +55,34 @@ class Outcome(enum.Enum):
     CLOSED = "closed"  # another process ended the stream (our lease expired)
     PERMANENT = "permanent"  # storage refused an event for good
     TIMED_OUT = "timed out"  # storage stayed down for retry_timeout
+
+
+class Clock(Protocol):
+    """The time the runner and its writers pace heartbeats and retries by (monotonic seconds)."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        """``event.wait(timeout)``, with ``timeout`` measured on this clock."""
+        ...
+
+
+class RealClock:
+    """The process's own time: what every runner uses unless a test gives another clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        _sleep(seconds)  # looked up at call time: cooperative once gevent has patched time
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        return event.wait(timeout)
+
+
+REAL_CLOCK = RealClock()
 
 
 def data_loss_body(seconds: float) -> dict[str, Any]:

@@ -3,52 +3,33 @@ Chromium: reload mid-answer, and the answer continues where it was."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 
-import playwright.sync_api as playwright_api
 import pytest
+from playwright.sync_api import Browser
 
 from example_app.chat import NODE_MODULES
 from tests.support import servers
+from tests.support.node import npm_ci
 from tests.test_ai_sdk_client import answer
-from tests.test_browser import FLAGS
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
-    if not (NODE_MODULES / "ai").is_dir():
-        assert shutil.which("npm"), "npm is required for the chat page (apt-get install npm)"
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund"],
-            cwd=NODE_MODULES.parent,
-            check=True,
-            timeout=600,
-        )
+    npm_ci(NODE_MODULES.parent, "ai")
     env = servers.sqlite_env(tmp_path_factory)
     server = servers.gunicorn("example_app:create_app()", workers=2, env=env)
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is required for the browser test (apt-get install chromium)"
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        yield browser
-        browser.close()
-
-
 ASSISTANT = "document.querySelector('.message.assistant')"
 
 
 def test_reload_mid_answer_continues_where_it_was(
-    server: servers.Server, browser: object, tmp_path_factory: pytest.TempPathFactory
+    server: servers.Server, browser: Browser, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server.url + "/chat")
@@ -58,7 +39,7 @@ def test_reload_mid_answer_continues_where_it_was(
     before = page.text_content(".message.assistant") or ""
     assert page.text_content("#status") == "answering"
     page.reload()
-    page.wait_for_selector("#messages[data-done='true']", timeout=30_000)
+    page.wait_for_selector("#messages[data-done='true']", timeout=60_000)
     texts = page.locator(".message").all_text_contents()
     assert texts == ["hello from Chromium", answer("hello from Chromium", 40)]
     assert texts[1].startswith(before)
@@ -74,15 +55,15 @@ def test_reload_mid_answer_continues_where_it_was(
 
 
 def test_stop_button_stops_the_answer_on_the_server(
-    server: servers.Server, browser: object
+    server: servers.Server, browser: Browser
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(server.url + "/chat")
     page.fill("#input", "stop")
     page.click("#send")
     page.wait_for_function(f"{ASSISTANT} && {ASSISTANT}.textContent.split(' ').length > 5")
     page.click("#stop")
-    page.wait_for_selector("#messages[data-done='true']", timeout=30_000)
+    page.wait_for_selector("#messages[data-done='true']", timeout=60_000)
     text = page.text_content(".message.assistant") or ""
     full = answer("stop", 40)
     assert full.startswith(text) and len(text) < len(full)

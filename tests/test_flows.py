@@ -7,14 +7,19 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
+from functools import partial
 from typing import Any
 
 import pydantic
 import pytest
 
 from flask_durable_stream import FlowContext, InMemoryStreamManager, StreamError
+from flask_durable_stream.managers.base import Event, StreamStatus
 from flask_durable_stream.runner import Runner
+from flask_durable_stream.writer import DEFAULT_BACKOFF
+from tests.support.fake_clock import SteppedClock
+from tests.support.waiting import PATIENCE, wait_for
 
 
 @pytest.fixture
@@ -28,14 +33,14 @@ def runner() -> Iterator[Runner]:
 
 def run_to_end(runner: Runner, flow: Any, data: Any = None) -> list[tuple[str, str]]:
     run = runner.start("f", flow, data)
-    assert run.wait(10) is not None
-    assert runner.tasks.join(10)
+    assert run.wait(PATIENCE) is not None
+    assert runner.tasks.join(PATIENCE)
     stored = [(e.kind, e.payload) for e in runner.manager.subscribe(run.stream_id)]  # type: ignore[union-attr]
     assert stored == [(e.kind, e.payload) for e in run.events]  # storage matches the live stream
     return stored
 
 
-def gen_flow(data: Any) -> Iterator[Any]:
+def gen_flow(data: Any) -> Generator[Any, None, str]:
     yield 1
     yield 2
     return "out"
@@ -71,7 +76,7 @@ class Model(pydantic.BaseModel):
     tags: list[str]
 
 
-def typed_flow(data: Any) -> Iterator[Any]:
+def typed_flow(data: Any) -> Generator[Any, None, Point]:
     yield Point(1, 2)
     yield Model(name="m", tags=["t"])
     return Point(3, 4)
@@ -121,29 +126,38 @@ def test_flow_keeps_running_without_readers(runner: Runner) -> None:
     assert len(run_to_end(runner, slow)) == 6
 
 
-def test_cancel_reaches_the_flow_through_the_manager(runner: Runner) -> None:
+def test_cancel_reaches_the_flow_through_the_manager() -> None:
+    """A cancel stored by another process reaches the flow with the runner's next heartbeat."""
+    clock = SteppedClock()
+    manager = InMemoryStreamManager(heartbeat_interval=1.0)
+    manager.clock = clock
+    runner = Runner(manager, clock=clock)
     started = threading.Event()
 
     def patient(data: Any, ctx: FlowContext) -> Any:
         started.set()
-        while not ctx.wait_cancelled(0.01):
-            pass
+        ctx.wait_cancelled()
         ctx.raise_if_cancelled()
 
-    manager = runner.manager
-    assert isinstance(manager, InMemoryStreamManager)
-    manager.heartbeat_interval = 0.05
-    run = runner.start("patient", patient, None)
-    assert started.wait(5)
-    assert manager.request_cancel(run.stream_id)
-    terminal = run.wait(5)
-    assert (
-        terminal is not None
-        and terminal.payload == '{"status":"CANCELLED","message":"Cancelled by client."}'
-    )
-    runner.tasks.join(5)
-    info = manager.info(run.stream_id)
-    assert info is not None and info.status.value == "cancelled"
+    try:
+        run = runner.start("patient", patient, None)
+        assert started.wait(PATIENCE)
+        clock.settle(1)  # the ticker waits for the first interval
+        assert manager.request_cancel(run.stream_id)
+        assert not run.ctx.cancelled  # this process learns it from storage, when it heartbeats
+        clock.advance(manager.heartbeat_interval)
+        terminal = run.wait(PATIENCE)
+        assert (
+            terminal is not None
+            and terminal.payload == '{"status":"CANCELLED","message":"Cancelled by client."}'
+        )
+        assert runner.tasks.join(PATIENCE)
+        info = manager.info(run.stream_id)
+        assert info is not None and info.status.value == "cancelled"
+    finally:
+        clock.run_free()  # shutdown cancels the flow if the test failed before it ended
+        runner.shutdown(5)
+        manager.close()
 
 
 def test_generator_flow_is_closed_on_cancel(runner: Runner) -> None:
@@ -160,11 +174,11 @@ def test_generator_flow_is_closed_on_cancel(runner: Runner) -> None:
             closed.set()
 
     run = runner.start("endless", endless, None)
-    time.sleep(0.05)
+    wait_for(lambda: run.count > 0, "the first chunk")
     assert runner.request_cancel(run.stream_id)
-    terminal = run.wait(5)
+    terminal = run.wait(PATIENCE)
     assert terminal is not None and '"CANCELLED"' in terminal.payload
-    assert closed.wait(5)
+    assert closed.wait(PATIENCE)
 
 
 class FlakyManager(InMemoryStreamManager):
@@ -189,11 +203,11 @@ class FlakyManager(InMemoryStreamManager):
 
 def test_transient_storage_failures_are_retried_without_loss(caplog: Any) -> None:
     manager = FlakyManager(failures=3)
-    runner = Runner(manager, write_retry_timeout=10)
+    runner = Runner(manager)
     try:
         run = runner.start("gen", gen_flow, None)
-        assert run.wait(5) is not None
-        assert runner.tasks.join(10)
+        assert run.wait(PATIENCE) is not None
+        assert runner.tasks.join(PATIENCE)
         assert [e.payload for e in manager.subscribe(run.stream_id)] == ["1", "2", '"out"']
         assert manager.attempts >= 4 and "retrying" in caplog.text
     finally:
@@ -202,21 +216,29 @@ def test_transient_storage_failures_are_retried_without_loss(caplog: Any) -> Non
 
 
 def test_storage_down_ends_readers_and_spares_the_live_client() -> None:
-    manager = FlakyManager(failures=-1)
-    runner = Runner(manager, write_retry_timeout=0.3)
+    clock = SteppedClock()
+    manager = FlakyManager(failures=-1, heartbeat_interval=1.0)
+    manager.clock = clock
+    runner = Runner(manager, write_retry_timeout=30, clock=clock)
     try:
         run = runner.start("gen", gen_flow, None)
         live = [e for batch in run.batches() for e in batch]
         assert [e.payload for e in live] == ["1", "2", '"out"']  # the live client is unaffected
-        assert manager.data_loss_tried.wait(10)  # past the retry timeout: the marker, retried
-        assert run.durable_failed
+        clock.settle(2)  # the ticker, and the writer pausing between retries
+        assert not run.durable_failed and not manager.data_loss_tried.is_set()
+        clock.advance(runner.write_retry_timeout)
+        clock.settle(2)  # the writer gave up, and now retries the DATA_LOSS marker
+        assert run.durable_failed and manager.data_loss_tried.is_set()
         manager.failures = 0  # storage is back: the marker lands, readers get a clear end
-        assert runner.tasks.join(10)
-        events = list(manager.subscribe(run.stream_id, timeout=30))
+        clock.advance(DEFAULT_BACKOFF.maximum)
+        assert runner.tasks.join(PATIENCE)
+        events = list(manager.subscribe(run.stream_id))
         assert [e.kind for e in events] == ["error"]
         assert events[0].value["status"] == "DATA_LOSS"
     finally:
-        runner.shutdown(1)
+        manager.failures = 0
+        clock.run_free()
+        runner.shutdown(5)
         manager.close()
 
 
@@ -225,7 +247,7 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
     runner = Runner(manager)
     gate = threading.Event()
     try:
-        run = runner.start("stuck", lambda data: gate.wait(30), None)
+        run = runner.start("stuck", lambda data: gate.wait(), None)
         runner.shutdown(0.2)
         assert [e.kind for e in manager.subscribe(run.stream_id)] == ["error"]
         assert '"UNAVAILABLE"' in run.events[-1].payload
@@ -234,27 +256,54 @@ def test_shutdown_ends_unfinished_flows_unavailable() -> None:
         assert refused.value.status == "UNAVAILABLE"
     finally:
         gate.set()
-        runner.tasks.join(5)
+        runner.tasks.join(PATIENCE)
         manager.close()
 
 
 def test_quiet_flow_is_kept_alive_by_the_runners_heartbeats() -> None:
-    """Silent for longer than the subscriber timeout, yet alive: readers must not time out."""
-    # Heartbeats ten times per timeout: a busy machine may delay a few, never ten in a row.
-    manager = InMemoryStreamManager(timeout=1.0, heartbeat_interval=0.1)
-    runner = Runner(manager)
+    """Silent for many leases, yet alive: storage and its readers never count it as lost.
+
+    On a stepped clock: at each heartbeat interval the runner's ticker must refresh the
+    lease, whatever the machine's load; the sweep that ends abandoned streams runs at every
+    step and must leave it alone.
+    """
+    clock = SteppedClock()
+    manager = InMemoryStreamManager(lease_seconds=3.0, heartbeat_interval=1.0, timeout=PATIENCE)
+    manager.clock = clock
+    runner = Runner(manager, clock=clock)
+    speak = threading.Event()
+    followed: list[Event] = []
+
+    def quiet(data: Any) -> Any:
+        speak.wait()
+        return "still here"
+
     try:
-
-        def quiet(data: Any) -> Any:
-            time.sleep(3.0)
-            return "still here"
-
         run = runner.start("quiet", quiet, None)
-        events = list(manager.subscribe(run.stream_id))
-        assert [(e.kind, e.payload) for e in events] == [("done", '"still here"')]
+        sid = run.stream_id
+        reader = threading.Thread(target=lambda: followed.extend(manager.subscribe(sid)))
+        reader.start()
+        clock.settle(1)  # the ticker waits for the first interval
+        for _ in range(20):  # 20 s of silence: more than six leases
+            now = clock.advance(manager.heartbeat_interval)
+            wait_for(partial(beat_at, manager, sid, now), "the ticker's heartbeat")
+            clock.settle(1)
+            manager.gc()  # the sweep ends streams whose producer missed its lease
+            info = manager.info(sid)
+            assert info is not None and info.status is StreamStatus.OPEN
+        speak.set()
+        reader.join(PATIENCE)
+        assert [(e.kind, e.payload) for e in followed] == [("done", '"still here"')]
     finally:
+        speak.set()
+        clock.run_free()
         runner.shutdown(5)
         manager.close()
+
+
+def beat_at(manager: InMemoryStreamManager, stream_id: str, when: float) -> bool:
+    info = manager.info(stream_id)
+    return info is not None and info.heartbeat_at == when
 
 
 def test_a_flow_still_emitting_after_shutdown_stops_quietly(caplog: Any) -> None:
@@ -273,10 +322,10 @@ def test_a_flow_still_emitting_after_shutdown_stops_quietly(caplog: Any) -> None
 
     try:
         run = runner.start("stubborn", stubborn, None)
-        time.sleep(0.05)
+        wait_for(lambda: run.count > 0, "the first chunk")
         runner.shutdown(0.1)
-        assert emitted_after_end.wait(5)
-        assert runner.tasks.join(5)
+        assert emitted_after_end.wait(PATIENCE)
+        assert runner.tasks.join(PATIENCE)
         events = list(manager.subscribe(run.stream_id))
         assert events[-1].value["status"] == "UNAVAILABLE"
         assert "Traceback" not in caplog.text and "failed" not in caplog.text

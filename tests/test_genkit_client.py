@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import servers
-
-JS = Path(__file__).parent / "js"
+from tests.support import node, servers
 
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    node = shutil.which("node")
-    assert node, "node is required for the Genkit client test (apt-get install nodejs)"
-    if not (JS / "node_modules" / "genkit").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=600)
-    return JS / "genkit_client.mjs"
+    return node.genkit_client()
 
 
 @pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent"])
@@ -42,25 +33,5 @@ def server(
 def test_genkit_stream_flow_aborts_and_resumes(
     node_client: Path, server: servers.Server, abort_after: int
 ) -> None:
-    n = 25
-    proc = subprocess.run(
-        [
-            "node",
-            str(node_client),
-            f"{server.url}/flows/story",
-            json.dumps({"chunks": n, "delay": 0.03}),
-            str(abort_after),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    report = json.loads(proc.stdout)
-    assert len(report["streamId"]) == 32 and report["resumedStreamId"] == report["streamId"]
-    assert [c["index"] for c in report["first"]] == list(range(abort_after))
-    assert [c["index"] for c in report["resumed"]] == list(range(n))  # every chunk, once, in order
-    assert report["output"]["words"] == n
-    assert "resumedError" not in report
-    assert report["unknownError"] == "Error: NOT_FOUND: Stream not found."
-    assert report["plain"] == {"echo": {"hello": "world"}}
+    report = node.drop_and_resume(node_client, f"{server.url}/flows/story", 25, abort_after)
+    node.assert_resumed_whole(report, 25, abort_after)

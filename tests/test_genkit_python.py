@@ -7,7 +7,6 @@ with ``genkit_flask_handler``, Genkit's own Flask integration, for comparison.
 from __future__ import annotations
 
 import gc
-import json
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from flask.testing import FlaskClient
 from flask_durable_stream import flow_view, protocol
 from tests.support import (
     genkit_app,  # genkit and genkit-flask come with the test extra
+    node,
     servers,
 )
 
@@ -236,36 +236,11 @@ def test_cancel_stops_a_genkit_flow(gunicorn: servers.Server) -> None:
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    import shutil
-
-    assert shutil.which("node"), "node is required (apt-get install nodejs)"
-    if not (JS / "node_modules" / "genkit").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=600)
-    return JS / "genkit_client.mjs"
+    return node.genkit_client()
 
 
 def test_genkit_js_client_drops_and_resumes_a_genkit_python_flow(
     node_client: Path, gunicorn: servers.Server
 ) -> None:
-    n, abort_after = 25, 3
-    proc = subprocess.run(
-        [
-            "node",
-            str(node_client),
-            f"{gunicorn.url}/flows/joke",
-            json.dumps({"chunks": n, "delay": 0.03}),
-            str(abort_after),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    report = json.loads(proc.stdout)
-    assert report["resumedStreamId"] == report["streamId"]
-    assert [c["index"] for c in report["first"]] == list(range(abort_after))
-    assert [c["index"] for c in report["resumed"]] == list(range(n))  # everything, once
-    assert report["output"]["words"] == n
-    assert "resumedError" not in report
-    assert report["unknownError"] == "Error: NOT_FOUND: Stream not found."
-    assert report["plain"] == {"echo": {"hello": "world"}}
+    report = node.drop_and_resume(node_client, f"{gunicorn.url}/flows/joke", 25, 3)
+    node.assert_resumed_whole(report, 25, 3)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,11 @@ from tests.support import servers
 from tests.support.client import StreamCall, post_stream
 
 APP = "example_app:create_app()"
-LEASE = 3.0
-GRACE = 3.0
+# Long enough that a live worker on a loaded machine always heartbeats within it (it
+# beats every LEASE / 5), short enough that a killed worker's streams end soon.
+LEASE = 6.0
+# The short flow of the SIGTERM test (1 s of delays) finishes well within it, even slowed down.
+GRACE = 8.0
 ACCESS_FORMAT = "%(p)s %(s)s in=%({x-genkit-stream-id}i)s out=%({x-genkit-stream-id}o)s"
 ACCESS_LINE = re.compile(r"<(\d+)> (\d+) in=(\S+) out=(\S+)")
 NO_CONTROL_SOCKET = ["--no-control-socket"]  # gunicorn's default is one fixed path per user
@@ -62,7 +66,7 @@ def served(log: Path) -> list[Served]:
     return rows
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -207,14 +211,15 @@ def test_fifty_streams_reconnect_to_any_worker_losing_and_duplicating_nothing(
 
 
 def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster) -> None:
-    n, delay = 60, 0.08  # about 5 s per flow
+    n, delay = 100, 0.15  # about 15 s per flow: the kill always lands mid-flow
     firsts = in_threads(
         [
             lambda: post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
             for _ in range(6)
         ]
     )
-    ids = [f.stream_id for f in firsts]
+    ids = [f.stream_id for f in firsts if f.stream_id is not None]
+    assert len(ids) == len(firsts)
     # The starting request is logged once its client is gone (the next write fails).
     wait_until(lambda: {s.stream_id for s in served(cluster.log) if not s.resumed} >= set(ids))
     owner = {
@@ -242,8 +247,10 @@ def test_killed_worker_streams_end_unavailable_within_the_lease(cluster: Cluster
         if owner[sid] == victim:
             assert call.terminal == PRODUCER_LOST
             assert len(got) < n
+            # Noticed by the lease, not by the reader's own inactivity timeout (60 s); the
+            # margin over the lease is for a loaded machine.
             took = ended_at[sid] - killed_at
-            assert took < LEASE + 2, f"producer loss noticed after {took:.1f}s"
+            assert took < LEASE + 20, f"producer loss noticed after {took:.1f}s"
         else:  # a flow on another worker does not notice
             assert (
                 call.terminal is not None and call.terminal[0] == "done" and got == list(range(n))
@@ -269,20 +276,24 @@ def cancelled_by(log: Path, stream_id: str) -> int | None:
     return None
 
 
+def logged(find: Callable[[Path, str], int | None], log: Path, stream_id: str) -> bool:
+    return find(log, stream_id) is not None
+
+
 def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) -> None:
-    n, delay = 150, 0.04  # about 6 s per flow
+    n, delay = 2000, 0.04  # 80 s per flow: the cancel always lands mid-flow
     host, port = cluster.server.url.removeprefix("http://").split(":")
     for _ in range(10):  # until a cancel is answered by a worker that does not run the flow
         first = post_stream(cluster.server.url, "/flows/story", story(n, delay), stop_after=1)
         sid = first.stream_id
         assert sid is not None
-        wait_until(lambda sid=sid: started_by(cluster.log, sid) is not None)
+        wait_until(partial(logged, started_by, cluster.log, sid))
         producer = started_by(cluster.log, sid)
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
         conn.request("POST", "/flows/story/cancel", headers={protocol.STREAM_ID_HEADER: sid})
         assert conn.getresponse().status == 202
         conn.close()
-        wait_until(lambda sid=sid: cancelled_by(cluster.log, sid) is not None)
+        wait_until(partial(logged, cancelled_by, cluster.log, sid))
         if cancelled_by(cluster.log, sid) != producer:
             break
     else:
@@ -300,7 +311,12 @@ def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) 
 def gunicorn_with_config(env: dict[str, str], workers: int = 2) -> servers.Server:
     """The example's production gunicorn config, on a free port."""
     port = servers.free_port()
-    args = [
+    return servers.Server(config_args(port, workers), port, env)
+
+
+def config_args(port: int, workers: int) -> list[str]:
+    """The command line of gunicorn with the example's production config."""
+    return [
         str(servers.BIN / "gunicorn"),
         "-c",
         "example_app/gunicorn.conf.py",
@@ -310,7 +326,6 @@ def gunicorn_with_config(env: dict[str, str], workers: int = 2) -> servers.Serve
         str(workers),
         *NO_CONTROL_SOCKET,
     ]
-    return servers.Server(args, port, env)
 
 
 def test_restart_replays_finished_streams_byte_for_byte(
@@ -364,6 +379,7 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
         except BaseException as exc:  # a cut connection: reported below, in the test's thread
             follower.append(exc)
 
+    assert long.stream_id is not None
     response = attach(server.url, long.stream_id)  # still connected when the server stops
     follow = threading.Thread(target=follow_long, args=(response,))
     follow.start()
@@ -415,19 +431,8 @@ def test_sigterm_while_workers_boot_still_stops_them_gracefully(
         "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": str(GRACE),
         "PYTHONUNBUFFERED": "1",
     }
-    port = servers.free_port()
-    args = [
-        str(servers.BIN / "gunicorn"),
-        "-c",
-        "example_app/gunicorn.conf.py",
-        "-b",
-        f"127.0.0.1:{port}",
-        "-w",
-        "2",
-        *NO_CONTROL_SOCKET,
-    ]
     proc = subprocess.Popen(
-        args,
+        config_args(servers.free_port(), 2),
         cwd=servers.ROOT,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,

@@ -8,13 +8,18 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
+from flask_durable_stream import SQLiteStreamManager, StreamStatus, protocol
 from tests.support import servers
 from tests.support.client import StreamCall, post_stream
+from tests.support.waiting import PATIENCE, wait_for
+
+SQLITE_PATH = "FLASK_DURABLE_STREAM_SQLITE_PATH"
+CANCELLED = {"status": "CANCELLED", "message": "Cancelled by client."}
 
 N = 30
 STORY = {"data": {"chunks": N, "delay": 0.01}}
@@ -63,9 +68,16 @@ def test_flow_finishes_with_nobody_listening(server: servers.Server) -> None:
     first = post_stream(
         server.url, "/flows/story", {"data": {"chunks": 10, "delay": 0.02}}, stop_after=1
     )
-    time.sleep(0.6)  # the flow ends while no client is connected
+    assert first.stream_id
+    with SQLiteStreamManager(server.env[SQLITE_PATH]) as storage:  # the server's own file
+        wait_for(partial(ended, storage, first.stream_id), "the flow to end with nobody listening")
     again = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
     assert indexes(again) == list(range(10)) and again.terminal is not None
+
+
+def ended(storage: SQLiteStreamManager, stream_id: str) -> bool:
+    info = storage.info(stream_id)
+    return info is not None and info.status is not StreamStatus.OPEN
 
 
 def test_concurrent_and_late_subscribers_see_identical_bytes(server: servers.Server) -> None:
@@ -79,7 +91,7 @@ def test_concurrent_and_late_subscribers_see_identical_bytes(server: servers.Ser
     for r in readers:
         r.start()
     for r in readers:
-        r.join(30)
+        r.join(PATIENCE)
     late = post_stream(server.url, "/flows/story", {}, stream_id=first.stream_id)
     assert len(calls) == 2
     assert calls[0].raw == calls[1].raw == late.raw
@@ -96,32 +108,54 @@ def test_error_frames_identical_live_and_replayed(server: servers.Server) -> Non
 
 
 def test_headers_arrive_before_a_slow_first_chunk(server: servers.Server) -> None:
-    """The first chunk comes after 4 s; the headers must not wait for it (a 2.5 s socket
-    timeout turns waiting into a failure)."""
+    """The first chunk comes after 5 s; the headers must not wait for it.
+
+    The client cancels the flow as soon as it has the headers. Headers sent before the
+    chunk leave a stream without a chunk; headers held back until the first chunk let
+    that chunk through. A machine that stalls the client for the whole 5 s between the
+    headers and the cancel can also let it through, so such a run is tried again: the
+    bug shows in every attempt.
+    """
+    attempts = []
+    for _ in range(3):
+        stream_id = start_slow_story(server)
+        response = post_stream(
+            server.url, "/flows/story/cancel", {}, stream_id=stream_id, timeout=PATIENCE
+        )
+        assert response.status in (202, 409)  # 409: the flow had already ended
+        again = post_stream(server.url, "/flows/story", {}, stream_id=stream_id)
+        attempts.append(indexes(again))
+        if again.chunks == []:
+            assert again.terminal == ("error", CANCELLED)
+            return
+    raise AssertionError(f"the first chunk came before the headers every time: {attempts}")
+
+
+def start_slow_story(server: servers.Server) -> str:
+    """Start a story whose first chunk comes after 5 s; return its id once headers are in."""
     host, port = server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=2.5)
+    conn = http.client.HTTPConnection(host, int(port), timeout=PATIENCE)
     conn.request(
         "POST",
         "/flows/story",
-        body=json.dumps({"data": {"chunks": 1, "delay": 4}}),
+        body=json.dumps({"data": {"chunks": 1, "delay": 5}}),
         headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
     )
     try:
-        response = conn.getresponse()  # socket.timeout here: headers waited for the chunk
+        response = conn.getresponse()
         assert response.status == 200
-        stream_id = response.getheader("x-genkit-stream-id")
+        stream_id = response.getheader(protocol.STREAM_ID_HEADER)
         assert stream_id
+        return stream_id
     finally:
         conn.close()
-    again = post_stream(server.url, "/flows/story", {}, stream_id=stream_id)
-    assert [c["index"] for c in again.chunks] == [0] and again.terminal is not None
 
 
 def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> None:
     assert post_stream(server.url, "/flows/story", {}, stream_id="f" * 32).status == 204
     host, port = server.url.removeprefix("http://").split(":")
     for body, status in [(b"{oops", 400), (b"[]", 400), (b'{"x":1}', 400)]:
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn = http.client.HTTPConnection(host, int(port), timeout=PATIENCE)
         conn.request(
             "POST",
             "/flows/story",
@@ -136,7 +170,7 @@ def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> N
 
 def test_oversized_body_over_the_wire_is_413(server: servers.Server) -> None:
     host, port = server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn = http.client.HTTPConnection(host, int(port), timeout=PATIENCE)
     body = b'{"data":"' + b"x" * (10 * 1024 * 1024) + b'"}'
     try:
         conn.request("POST", "/flows/echo", body=body, headers={"Content-Type": "application/json"})

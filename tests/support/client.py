@@ -38,7 +38,7 @@ def post_stream(
     *,
     stream_id: str | None = None,
     stop_after: int | None = None,
-    timeout: float = 30,
+    timeout: float = 60,
     headers: dict[str, str] | None = None,
 ) -> StreamCall:
     """POST with ``Accept: text/event-stream``; ``stop_after=k`` drops the socket after k chunks."""

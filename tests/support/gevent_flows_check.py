@@ -2,7 +2,10 @@
 
 Used by tests/test_gevent.py: the pytest process itself is never patched. Every chunk
 and every tick of a hub greenlet is recorded, in order, in ORDER, so the test can check
-how they interleaved (a logical property, not a timing).
+how they interleaved (a logical property, not a timing). An async flow sends its next
+chunk only once the hub has ticked again, so however the machine schedules the threads,
+ticks land between its chunks; an await that blocked the hub would stop the flow instead
+(its chunks stop, the test fails).
 """
 
 from gevent import monkey
@@ -20,11 +23,24 @@ from flask_durable_stream._concurrency import running_tasks  # noqa: E402
 from flask_durable_stream.runner import Runner  # noqa: E402
 
 ORDER: list[str] = []  # "<flow>:<i>" per chunk, "tick" per hub tick
+TICKS = [0]  # hub ticks so far
+PATIENCE = 60.0  # seconds an async flow waits for the hub to tick before it gives up
+
+
+async def hub_ticked() -> None:
+    """Return once the hub has ticked since the call (the hub must run while we await)."""
+    seen = TICKS[0]
+    deadline = time.monotonic() + PATIENCE
+    while TICKS[0] == seen:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the hub did not tick while an async flow awaited")
+        await asyncio.sleep(0.005)
 
 
 async def async_flow(data, ctx):  # type: ignore[no-untyped-def]
     for i in range(10):
         await asyncio.sleep(0.02)
+        await hub_ticked()
         ORDER.append(f"async-{data}:{i}")
         ctx.send_chunk(i)
     return data
@@ -33,6 +49,7 @@ async def async_flow(data, ctx):  # type: ignore[no-untyped-def]
 async def async_gen(data):  # type: ignore[no-untyped-def]
     for i in range(10):
         await asyncio.sleep(0.02)
+        await hub_ticked()
         ORDER.append(f"agen-{data}:{i}")
         yield i
 
@@ -54,14 +71,15 @@ def main() -> None:
         while not stop:
             gevent.sleep(0.005)
             ORDER.append("tick")
+            TICKS[0] += 1
 
     tick = gevent.spawn(ticker)
     runs = [
         runner.start("f", flow, n) for n in range(30) for flow in (async_flow, async_gen, sync_gen)
     ]
     for run in runs:
-        run.wait(30)
-    runner.tasks.join(10)
+        run.wait(PATIENCE)
+    runner.tasks.join(PATIENCE)
     stop = True
     tick.join()
     stored = [[e.payload for e in manager.subscribe(r.stream_id)] for r in runs]

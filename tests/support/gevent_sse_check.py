@@ -11,6 +11,7 @@ monkey.patch_all()
 
 import json  # noqa: E402
 import socket  # noqa: E402
+import time  # noqa: E402
 
 import gevent  # noqa: E402
 from flask import Flask  # noqa: E402
@@ -19,9 +20,11 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 from flask_durable_stream import InMemoryStreamManager, durable_stream_blueprint  # noqa: E402
 from flask_durable_stream._concurrency import running_tasks  # noqa: E402
 
+PATIENCE = 60.0  # seconds before a wait counts as a hang
+
 
 def silent(data, ctx):  # type: ignore[no-untyped-def]
-    ctx.wait_cancelled(30)  # says nothing until cancelled
+    ctx.wait_cancelled(10 * PATIENCE)  # says nothing until cancelled
     return "cancelled" if ctx.cancelled else "timed out"
 
 
@@ -57,13 +60,12 @@ def main() -> None:
         received += reader.recv(4096)
     connected = sse_tasks()
     reader.close()  # the client goes away mid-stream
-    for _ in range(100):  # the server notices at its next write (a keep-alive)
+    deadline = time.monotonic() + PATIENCE
+    while sse_tasks() and time.monotonic() < deadline:  # noticed at its next write (a keep-alive)
         gevent.sleep(0.02)
-        if sse_tasks() == 0:
-            break
     after = sse_tasks()
     runner.request_cancel(run.stream_id)
-    terminal = run.wait(5)
+    terminal = run.wait(PATIENCE)
     runner.shutdown(5)
     server.stop()
     manager.close()

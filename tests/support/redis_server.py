@@ -47,7 +47,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # generous: a loaded machine may take a while to start it
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:

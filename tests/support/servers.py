@@ -24,7 +24,7 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -45,7 +45,8 @@ class Server:
     def __init__(self, args: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = dict(env or {})  # what the test set, e.g. the path of the server's storage
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             list(args),
             cwd=ROOT,
