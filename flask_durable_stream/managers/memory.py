@@ -184,6 +184,7 @@ class InMemoryStreamManager(StreamManager):
                 i.cancel_requested,
                 i.heartbeat_at,
                 i.expires_at,
+                i.flow,
             )
 
     def request_cancel(self, stream_id: str) -> bool:
