@@ -39,6 +39,7 @@ from ..fronts.core import (
     Front,
     FrontOptions,
     check_owner,
+    closer,
     json_response,
     owner_of,
     read_json_object,
@@ -151,7 +152,10 @@ class ChatEndpoints(Front):
                 self.manager.set_pointer(self.pointer_key(chat_id), run.stream_id)
             except Exception as exc:  # the answer is running: still send it
                 log.warning("chat %s: storing its active stream failed: %s", chat_id, exc)
-        return self._respond(sse(run.batches()), run.stream_id)
+        # A client that stops reading is dropped past the runner's live buffer bound:
+        # its connection is closed and it resumes from storage (``reconnectToStream``).
+        batches = run.batches(on_drop=closer(request.environ))
+        return self._respond(sse(batches), run.stream_id)
 
     def _stream(self, ident: str) -> Response:
         start = _start_index(request.args.get("startIndex"))
