@@ -1,7 +1,7 @@
 """HTTP: the per-flow view (Genkit's ``expressHandler`` analogue) and the blueprint factory.
 
 Each flow gets ``POST /<flow>`` and ``POST /<flow>/cancel`` (Genkit's protocol,
-:mod:`.fronts.genkit`) and ``GET /<flow>/events`` (standard SSE,
+:mod:`.fronts.genkit_http`) and ``GET /<flow>/events`` (standard SSE,
 :mod:`.fronts.sse`); what they share lives in :mod:`.fronts.core`. Every bad
 input gets a JSON error with a 4xx status.
 """
@@ -28,7 +28,7 @@ from .fronts.core import (
     public_error,
     request_context,
 )
-from .fronts.genkit import GenkitFront
+from .fronts.genkit_http import GenkitFront
 from .fronts.sse import SseFront
 from .managers.base import StreamManager
 from .managers.memory import InMemoryStreamManager

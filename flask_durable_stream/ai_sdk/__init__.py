@@ -117,15 +117,18 @@ class ChatEndpoints(Front):
             return None
         return info
 
-    def _resolve(self, ident: str) -> tuple[StreamInfo | None, bool]:
-        """``(stream, by_chat)`` for a path id: a chat's active stream first, else a run id."""
+    def _resolve(self, ident: str, *, any_flow: bool = False) -> tuple[StreamInfo | None, bool]:
+        """``(stream, by_chat)`` for a path id: a chat's active stream first, else a run id
+        (another flow's run only with ``any_flow``: stopping, like Genkit's cancel)."""
         if not valid_stream_id(ident):
             raise InvalidRequest("Invalid id: expected a chat id or a run id.")
         if len(self.pointer_key(ident)) <= 128:
             info = self.active_stream(ident)
             if info is not None:
                 return info, True
-        return self.stream_info(ident), False  # another flow's run is as unknown
+        if any_flow:
+            return self.manager.info(ident), False
+        return self.stream_info(ident), False  # another flow's run reads as unknown
 
     # -- views ----------------------------------------------------------------------------
     def post(self) -> Response:
@@ -183,7 +186,7 @@ class ChatEndpoints(Front):
 
     def _stop(self, ident: str) -> Response:
         self._read_body(allow_empty=True)
-        info, by_chat = self._resolve(ident)
+        info, by_chat = self._resolve(ident, any_flow=True)
         if info is None or info.status is not StreamStatus.OPEN:
             return Response(status=204)  # nothing running: stopping is done
         context = self.context(None, info.stream_id)

@@ -2,7 +2,7 @@
 
 :mod:`.core` parses and checks requests (ids, offsets, bodies, context provider,
 owner, flow), shapes errors and streaming responses and holds the one keep-alive
-pump; :mod:`.genkit` (``POST <flow>``, ``POST <flow>/cancel``) and :mod:`.sse`
+pump; :mod:`.genkit_http` (``POST <flow>``, ``POST <flow>/cancel``) and :mod:`.sse`
 (``GET <flow>/events``) only map requests to runner and manager calls and events
 to bytes. The AI SDK front (:mod:`flask_durable_stream.ai_sdk`) stands on the same core.
 """
@@ -16,7 +16,7 @@ from .core import (
     keepalive_pump,
     request_context,
 )
-from .genkit import GenkitFront
+from .genkit_http import GenkitFront
 from .sse import SseFront
 
 __all__ = [

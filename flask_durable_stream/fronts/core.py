@@ -1,7 +1,7 @@
 """What every front shares: options, request parsing and checks, error replies, the
 streaming response and the one keep-alive pump.
 
-A front (:mod:`.genkit`, :mod:`.sse`, :mod:`flask_durable_stream.ai_sdk`) only maps
+A front (:mod:`.genkit_http`, :mod:`.sse`, :mod:`flask_durable_stream.ai_sdk`) only maps
 requests to runner and manager calls and events to bytes. Everything a client can
 get wrong (ids, offsets, bodies) and everything that decides who may read a stream
 (context provider, owner, flow) is checked here, once, the same way for each.
