@@ -297,7 +297,8 @@ def chat_blueprint(
     process only); pass the app's manager (``app.extensions["durable_stream"].manager``)
     to share storage and runner with the other flows. ``options``
     (:class:`~..fronts.core.FrontOptions`), with any of its fields given as keyword
-    arguments on top; ``live_buffer_bytes`` and ``sse_lifetime`` do not apply.
+    arguments on top. ``sse_lifetime`` does not apply, and ``live_buffer_bytes`` (how far
+    a client may fall behind before its connection is closed) is the runner's own.
     """
     manager = stream_manager if stream_manager is not None else InMemoryStreamManager()
     if not isinstance(manager, StreamManager):
