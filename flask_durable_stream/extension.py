@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,17 +19,16 @@ from flask import Flask, Response, current_app
 from .backends import build_manager
 from .exceptions import DurableStreamError
 from .flows import Flow
-from .managers.base import StreamManager
-from .run import DEFAULT_BUFFER_LIMIT
-from .runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
-from .views import (
+from .fronts.core import (
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_MAX_CONTENT_LENGTH,
     ContextProvider,
-    add_flow_rules,
-    durable_stream_blueprint,
-    flow_view,
+    FrontOptions,
 )
+from .managers.base import StreamManager
+from .run import DEFAULT_BUFFER_LIMIT
+from .runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
+from .views import add_flow_rules, durable_stream_blueprint, flow_view
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -63,6 +62,7 @@ class State:
     manager: StreamManager | None
     runner: Runner
     flows: dict[str, Flow]
+    options: FrontOptions = FrontOptions()
 
 
 class DurableStream:
@@ -115,21 +115,15 @@ class DurableStream:
             app.config.setdefault(key, value)
         config = app.config
         manager = self.stream_manager if self.stream_manager is not None else build_manager(app)
+        options = options_from_config(config, self.context_provider)
         bp = durable_stream_blueprint(
-            self.flows,
-            stream_manager=manager,
-            context_provider=self.context_provider,
-            name=EXTENSION_KEY,
-            write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
-            shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
-            live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
-            **_view_options(app),
+            self.flows, stream_manager=manager, name=EXTENSION_KEY, options=options
         )
-        runner: Runner = bp.runner  # type: ignore[attr-defined]
+        runner = bp.runner
         if config["DURABLE_STREAM_READY_ENDPOINT"]:
             bp.add_url_rule("/_ready", "ready", lambda: self._ready_view(), methods=["GET"])
         app.register_blueprint(bp, url_prefix=config["DURABLE_STREAM_URL_PREFIX"])
-        app.extensions[EXTENSION_KEY] = State(manager, runner, dict(self.flows))
+        app.extensions[EXTENSION_KEY] = State(manager, runner, dict(self.flows), options)
         self._apps.add(app)
         if config["DURABLE_STREAM_METRICS"]:
             from .metrics import PrometheusMetrics, metrics_response
@@ -156,13 +150,7 @@ class DurableStream:
         state: State = app.extensions[EXTENSION_KEY]
         if flow_name in state.flows:
             raise ValueError(f"flow {flow_name!r} is already registered on {app.name!r}")
-        view = flow_view(
-            fn,
-            name=flow_name,
-            runner=state.runner,
-            context_provider=self.context_provider,
-            **_view_options(app),
-        )
+        view = flow_view(fn, name=flow_name, runner=state.runner, options=state.options)
         prefix = str(app.config["DURABLE_STREAM_URL_PREFIX"] or "").rstrip("/")
 
         def add_url_rule(rule: str, *, endpoint: str, **options: Any) -> None:
@@ -211,14 +199,20 @@ class Readiness:
         return self.ok
 
 
-def _view_options(app: Flask) -> dict[str, Any]:
-    """The per-view options, from config: the same for the blueprint and late flows."""
-    config = app.config
-    return {
-        "max_content_length": int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
-        "keepalive_interval": float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
-        "sse_lifetime": _optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
-    }
+def options_from_config(
+    config: Mapping[str, Any], provider: ContextProvider | None
+) -> FrontOptions:
+    """The options of every front, from ``DURABLE_STREAM_*`` config: read once, shared by
+    the blueprint and the flows added later."""
+    return FrontOptions(
+        context_provider=provider,
+        max_content_length=int(config["DURABLE_STREAM_MAX_CONTENT_LENGTH"]),
+        keepalive_interval=float(config["DURABLE_STREAM_KEEPALIVE_INTERVAL"]),
+        sse_lifetime=_optional_float(config["DURABLE_STREAM_SSE_LIFETIME"]),
+        write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
+        shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
+        live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
+    )
 
 
 def _optional_float(value: Any) -> float | None:

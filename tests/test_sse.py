@@ -258,4 +258,4 @@ def test_a_failed_connection_is_a_comment_then_close_not_the_streams_end(
         {"comment": 'failure {"status":"DEADLINE_EXCEEDED","message":"Stream timed out."}'}
     ]
     assert "event:" not in text  # no result or failure: a client resumes after seq 0
-    assert bp.runner.request_cancel(sid)  # type: ignore[attr-defined]
+    assert bp.runner.request_cancel(sid)

@@ -34,10 +34,10 @@ class OutageManager(InMemoryStreamManager):
 
     down = False
 
-    def open(self, stream_id: str, *, owner: str | None = None) -> Any:
+    def open(self, stream_id: str, *, owner: str | None = None, flow: str | None = None) -> Any:
         if self.down:
             raise StorageUnavailable("The test backend is unreachable (connection refused).")
-        return super().open(stream_id, owner=owner)
+        return super().open(stream_id, owner=owner, flow=flow)
 
     def info(self, stream_id: str) -> Any:
         if self.down:

@@ -23,70 +23,68 @@ See docs/ai-sdk.md.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import protocol
 from .._concurrency import gevent_patched
 from ..exceptions import DurableStreamError, InvalidRequest, StreamNotFound
 from ..flows import Flow
+from ..fronts.core import (
+    Front,
+    FrontOptions,
+    check_owner,
+    closer,
+    json_response,
+    owner_of,
+    read_json_object,
+    stream_response,
+)
 from ..managers.base import StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..managers.memory import InMemoryStreamManager
-from ..runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner, runner_for
-from ..views import (
-    DEFAULT_KEEPALIVE_INTERVAL,
-    DEFAULT_MAX_CONTENT_LENGTH,
-    ContextProvider,
-    _check_owner,
-    _owner_of,
-    _StreamResponse,
-    error_response,
-    request_context,
-)
+from ..runner import Runner, runner_for
 from ._chunks import SSE_DONE, chat_flow, sse
 
-__all__ = ["RUN_ID_HEADER", "UI_STREAM_HEADER", "ChatEndpoints", "chat_blueprint"]
+__all__ = [
+    "RUN_ID_HEADER",
+    "UI_STREAM_HEADER",
+    "ChatBlueprint",
+    "ChatEndpoints",
+    "chat_blueprint",
+]
 
 log = logging.getLogger("flask_durable_stream")
 
 UI_STREAM_HEADER = "x-vercel-ai-ui-message-stream"
 RUN_ID_HEADER = "x-workflow-run-id"
 TAIL_INDEX_HEADER = "x-workflow-stream-tail-index"
-_END = object()
 
 
-class ChatEndpoints:
+class ChatEndpoints(Front):
     """The views of one chat flow. Build them with :func:`chat_blueprint`."""
 
+    kind = "chat"
+
     def __init__(
-        self,
-        name: str,
-        flow: Flow,
-        *,
-        runner: Runner,
-        context_provider: ContextProvider | None = None,
-        max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
-        subscribe_timeout: float | None = None,
-        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        self, name: str, flow: Flow, *, runner: Runner, options: FrontOptions | None = None
     ) -> None:
         if not callable(flow):
             raise TypeError(f"chat flow {name!r} is not callable")
         if runner.manager is None:
             raise TypeError("a chat needs a stream manager: its streams must outlive connections")
-        self.name = name
-        self.manager: StreamManager = runner.manager
+        super().__init__(name, runner=runner, options=options or FrontOptions())
         self.flow = chat_flow(flow, self.manager, self._key_of_body)
-        self.runner = runner
-        self.context_provider = context_provider
-        self.max_content_length = max_content_length
-        self.subscribe_timeout = subscribe_timeout
-        self.keepalive_interval = keepalive_interval
+
+    @property
+    def manager(self) -> StreamManager:
+        manager = self.runner.manager
+        assert manager is not None  # checked when built
+        return manager
 
     # -- the chat -> active stream pointer -------------------------------------------
     def pointer_key(self, chat_id: str) -> str:
@@ -119,61 +117,56 @@ class ChatEndpoints:
             return None
         return info
 
-    def _resolve(self, ident: str) -> tuple[StreamInfo | None, bool]:
-        """``(stream, by_chat)`` for a path id: a chat's active stream first, else a run id."""
+    def _resolve(self, ident: str, *, any_flow: bool = False) -> tuple[StreamInfo | None, bool]:
+        """``(stream, by_chat)`` for a path id: a chat's active stream first, else a run id
+        (another flow's run only with ``any_flow``: stopping, like Genkit's cancel)."""
         if not valid_stream_id(ident):
             raise InvalidRequest("Invalid id: expected a chat id or a run id.")
         if len(self.pointer_key(ident)) <= 128:
             info = self.active_stream(ident)
             if info is not None:
                 return info, True
-        return self.manager.info(ident), False
+        if any_flow:
+            return self.manager.info(ident), False
+        return self.stream_info(ident), False  # another flow's run reads as unknown
 
     # -- views ----------------------------------------------------------------------------
     def post(self) -> Response:
-        return self._guarded(self._post)
+        return self.guarded(self._post)
 
     def stream(self, ident: str) -> Response:
-        return self._guarded(lambda: self._stream(ident))
+        return self.guarded(lambda: self._stream(ident))
 
     def stop(self, ident: str) -> Response:
-        return self._guarded(lambda: self._stop(ident))
-
-    def _guarded(self, handle: Callable[[], Response]) -> Response:
-        try:
-            return handle()
-        except DurableStreamError as exc:
-            return error_response(exc)
-        except Exception:  # a bug in a context provider or a backend: logged, redacted
-            log.exception("chat %r: request failed", self.name)
-            return Response(
-                protocol.encode(protocol.INTERNAL_ERROR), 500, mimetype="application/json"
-            )
+        return self.guarded(lambda: self._stop(ident))
 
     def _post(self) -> Response:
         body = self._read_body()
         chat_id = self._chat_id(body["id"]) if body.get("id") is not None else None
-        context = self._context(body, None)
-        owner = _owner_of(context)
+        context = self.context(body, None)
+        owner = owner_of(context)
         if chat_id is not None:
             current = self.active_stream(chat_id)
             if current is not None:
-                _check_owner(current.owner, context)  # nobody takes over another's chat
+                check_owner(current.owner, context)  # nobody takes over another's chat
         run = self.runner.start(self.name, self.flow, body, context=context, owner=owner)
         if chat_id is not None:
             try:
                 self.manager.set_pointer(self.pointer_key(chat_id), run.stream_id)
             except Exception as exc:  # the answer is running: still send it
                 log.warning("chat %s: storing its active stream failed: %s", chat_id, exc)
-        return self._respond(sse(run.batches()), run.stream_id)
+        # A client that stops reading is dropped past the runner's live buffer bound:
+        # its connection is closed and it resumes from storage (``reconnectToStream``).
+        batches = run.batches(on_drop=closer(request.environ))
+        return self._respond(sse(batches), run.stream_id)
 
     def _stream(self, ident: str) -> Response:
         start = _start_index(request.args.get("startIndex"))
         info, _ = self._resolve(ident)
         if info is None:
             return Response(status=204)
-        context = self._context(None, info.stream_id)
-        _check_owner(info.owner, context)
+        context = self.context(None, info.stream_id)
+        check_owner(info.owner, context)
         count = _chunk_count(info)
         if start < 0:  # the tail: resolved against what is stored now
             start = max(0, count + start)
@@ -183,7 +176,7 @@ class ChatEndpoints:
         after = min(start, info.last_seq if ended else start) - 1
         try:
             batches = self.manager.subscribe_batches(
-                info.stream_id, after=after, timeout=self.subscribe_timeout
+                info.stream_id, after=after, timeout=self.options.subscribe_timeout
             )
         except StreamNotFound:
             return Response(status=204)
@@ -193,11 +186,11 @@ class ChatEndpoints:
 
     def _stop(self, ident: str) -> Response:
         self._read_body(allow_empty=True)
-        info, by_chat = self._resolve(ident)
+        info, by_chat = self._resolve(ident, any_flow=True)
         if info is None or info.status is not StreamStatus.OPEN:
             return Response(status=204)  # nothing running: stopping is done
-        context = self._context(None, info.stream_id)
-        _check_owner(info.owner, context)
+        context = self.context(None, info.stream_id)
+        check_owner(info.owner, context)
         stream_id = info.stream_id
         self.runner.request_cancel(stream_id)  # a flow of this process stops at once
         try:
@@ -206,78 +199,33 @@ class ChatEndpoints:
             pass
         if by_chat:
             self.manager.clear_pointer(self.pointer_key(ident), stream_id)
-        body = {"streamId": stream_id, "status": "stopping"}
-        return Response(protocol.encode(body), 202, mimetype="application/json")
+        return json_response({"streamId": stream_id, "status": "stopping"}, 202)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _read_body(self, *, allow_empty: bool = False) -> dict[str, Any]:
-        request.max_content_length = self.max_content_length
-        try:
-            raw = request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise InvalidRequest(
-                f"Request body exceeds {self.max_content_length} bytes.",
-                status="RESOURCE_EXHAUSTED",
-                http_status=413,
-            ) from None
-        if allow_empty and not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise InvalidRequest("Request body must be valid JSON.") from None
-        if not isinstance(body, dict) or not isinstance(body.get("messages", []), list):
-            raise InvalidRequest('Request body must be a JSON object with a "messages" list.')
+        shape = 'a JSON object with a "messages" list'
+        limit = self.options.max_content_length
+        body = read_json_object(limit, allow_empty=allow_empty, shape=shape)
+        if not isinstance(body.get("messages", []), list):
+            raise InvalidRequest(f"Request body must be {shape}.")
         return body
 
-    def _context(self, data: Any, stream_id: str | None) -> dict[str, Any]:
-        return request_context(self.context_provider, data, self.name, stream_id)
-
     def _respond(self, body: Iterator[bytes], stream_id: str) -> Response:
-        if gevent_patched():
-            body = self._with_keepalives(body)
-        response = _StreamResponse(body, status=200, mimetype="text/event-stream")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        response.headers[UI_STREAM_HEADER] = "v1"
-        response.headers[RUN_ID_HEADER] = stream_id
-        response.headers["Access-Control-Expose-Headers"] = f"{RUN_ID_HEADER}, {TAIL_INDEX_HEADER}"
-        return response
+        if gevent_patched():  # a comment after each silence, so proxies keep a chat open
+            body = _keepalive_comments(self.keepalives(body, name="durable-stream-chat-sse"))
+        headers = {
+            UI_STREAM_HEADER: "v1",
+            RUN_ID_HEADER: stream_id,
+            "Access-Control-Expose-Headers": f"{RUN_ID_HEADER}, {TAIL_INDEX_HEADER}",
+        }
+        return stream_response(body, headers)
 
-    def _with_keepalives(self, body: Iterator[bytes]) -> Iterator[bytes]:
-        """``body``, with an SSE comment after every ``keepalive_interval`` of silence
-        (gevent), so proxies keep a chat open while the model thinks. The AI SDK's
-        parser skips comments, and they are not chunks: indexes do not move.
 
-        The body runs in its own greenlet, killed when the client goes away.
-        """
-        import gevent.queue
-
-        queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
-
-        def pump() -> None:
-            try:
-                for data in body:
-                    queue.put(data)
-                queue.put(_END)
-            except Exception as exc:
-                queue.put(exc)
-
-        task = self.runner.tasks.spawn(pump, name="durable-stream-chat-sse")
-        try:
-            while True:
-                try:
-                    item = queue.get(timeout=self.keepalive_interval)
-                except gevent.queue.Empty:
-                    yield protocol.SSE_KEEPALIVE
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            task.kill(timeout=5)
+def _keepalive_comments(items: Iterator[bytes | None]) -> Iterator[bytes]:
+    """An SSE comment for each silence: the AI SDK's parser skips comments, and they
+    are not chunks, so indexes do not move."""
+    for item in items:
+        yield protocol.SSE_KEEPALIVE if item is None else item
 
 
 def _chunk_count(info: StreamInfo) -> int:
@@ -313,50 +261,51 @@ def _guard(body: Iterator[bytes]) -> Iterator[bytes]:
         yield b'data: {"type":"error","errorText":"Internal Error"}\n\n' + SSE_DONE
 
 
+class ChatBlueprint(Blueprint):
+    """The blueprint of :func:`chat_blueprint`; ``chat`` is its endpoints' object."""
+
+    def __init__(self, name: str, import_name: str, *, chat: ChatEndpoints) -> None:
+        super().__init__(name, import_name)
+        self.chat = chat
+        self.add_url_rule("", endpoint="chat", view_func=chat.post, methods=["POST"])
+        self.add_url_rule("/<ident>/stream", endpoint="stream", view_func=chat.stream)
+        self.add_url_rule("/<ident>/stop", endpoint="stop", view_func=chat.stop, methods=["POST"])
+        self.add_url_rule("/client.js", endpoint="client", view_func=_client_js)
+
+
+@functools.cache
+def _client_script() -> bytes:
+    return resources.files(__name__).joinpath("client.js").read_bytes()
+
+
+def _client_js() -> Response:
+    return Response(_client_script(), mimetype="text/javascript")
+
+
 def chat_blueprint(
     flow: Flow,
     *,
     stream_manager: StreamManager | None = None,
-    context_provider: ContextProvider | None = None,
     name: str = "ai_chat",
     import_name: str = __name__,
-    max_content_length: int = DEFAULT_MAX_CONTENT_LENGTH,
-    subscribe_timeout: float | None = None,
-    write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT,
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
-    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
-) -> Blueprint:
+    options: FrontOptions | None = None,
+    **overrides: Any,
+) -> ChatBlueprint:
     """A blueprint for one chat flow; register it with ``url_prefix`` = the transport's ``api``.
 
     ``stream_manager=None`` gives it its own :class:`InMemoryStreamManager` (one
     process only); pass the app's manager (``app.extensions["durable_stream"].manager``)
-    to share storage and runner with the other flows.
+    to share storage and runner with the other flows. ``options``
+    (:class:`~..fronts.core.FrontOptions`), with any of its fields given as keyword
+    arguments on top. ``sse_lifetime`` does not apply, and ``live_buffer_bytes`` (how far
+    a client may fall behind before its connection is closed) is the runner's own.
     """
     manager = stream_manager if stream_manager is not None else InMemoryStreamManager()
     if not isinstance(manager, StreamManager):
         raise TypeError("stream_manager must be a StreamManager or None (in-memory)")
-    runner = runner_for(
-        manager, write_retry_timeout=write_retry_timeout, shutdown_grace=shutdown_grace
-    )
-    chat = ChatEndpoints(
-        name,
-        flow,
-        runner=runner,
-        context_provider=context_provider,
-        max_content_length=max_content_length,
-        subscribe_timeout=subscribe_timeout,
-        keepalive_interval=keepalive_interval,
-    )
-    bp = Blueprint(name, import_name)
-    bp.chat = chat  # type: ignore[attr-defined]
-    bp.add_url_rule("", endpoint="chat", view_func=chat.post, methods=["POST"])
-    bp.add_url_rule("/<ident>/stream", endpoint="stream", view_func=chat.stream, methods=["GET"])
-    bp.add_url_rule("/<ident>/stop", endpoint="stop", view_func=chat.stop, methods=["POST"])
-
-    client_js = resources.files(__name__).joinpath("client.js").read_bytes()
-
-    def client() -> Response:
-        return Response(client_js, mimetype="text/javascript")
-
-    bp.add_url_rule("/client.js", endpoint="client", view_func=client, methods=["GET"])
-    return bp
+    options = FrontOptions.of(options, overrides)
+    runner_options = options.runner_options()
+    # The runner may be the app's flows' too: their live buffer bound stays theirs.
+    del runner_options["live_buffer_bytes"]
+    chat = ChatEndpoints(name, flow, runner=runner_for(manager, **runner_options), options=options)
+    return ChatBlueprint(name, import_name, chat=chat)

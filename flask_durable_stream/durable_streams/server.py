@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
+from ..fronts.core import ContextProvider
 from ..managers.base import StreamManager
-from ..views import ContextProvider
 from .blueprint import DurableStreamsView
 from .flow_streams import FlowStreams
 from .replies import Reply, add_common_headers, to_response
@@ -22,6 +22,15 @@ def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
     return stream_manager.durable_streams_store()
 
 
+class DurableStreamsBlueprint(Blueprint):
+    """The blueprint of :func:`durable_streams_server`; ``durable_streams_store`` keeps its
+    streams."""
+
+    def __init__(self, name: str, import_name: str, *, store: DSStore) -> None:
+        super().__init__(name, import_name)
+        self.durable_streams_store = store
+
+
 def durable_streams_server(
     stream_manager: StreamManager | DSStore | None = None,
     *,
@@ -34,7 +43,7 @@ def durable_streams_server(
     max_body_bytes: int = 64 * 1024 * 1024,
     max_read_bytes: int = 1024 * 1024,
     gc_interval: float = 60.0,
-) -> Blueprint:
+) -> DurableStreamsBlueprint:
     """A blueprint that serves the Durable Streams protocol at every path under its prefix.
 
     ``stream_manager``: the manager whose storage keeps the streams (its
@@ -57,8 +66,7 @@ def durable_streams_server(
         max_read_bytes=max_read_bytes,
         gc_interval=gc_interval,
     )
-    bp = Blueprint(name, import_name)
-    bp.durable_streams_store = store  # type: ignore[attr-defined]
+    bp = DurableStreamsBlueprint(name, import_name, store=store)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405
     for rule in ("/", "/<path:path>"):
         bp.add_url_rule(
