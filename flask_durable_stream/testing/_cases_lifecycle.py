@@ -128,8 +128,9 @@ class LifecycleCases:
         manager = make_manager(timeout=0.5, lease_seconds=30)
         sid = new_id()
         manager.open(sid).write("only")
-        sub = manager.subscribe(sid)
-        assert next(sub).seq == 0
+        # Reading from after the stored event, the first wait is the silent one: how fast a busy
+        # backend delivers "only" cannot eat into the 0.5 s.
+        sub = manager.subscribe(sid, after=0)
         started = time.monotonic()
         with pytest.raises(StreamTimeout) as info:
             next(sub)
@@ -137,13 +138,15 @@ class LifecycleCases:
         assert 0.4 <= time.monotonic() - started
 
     def test_heartbeats_keep_a_quiet_stream_alive(self, make_manager: MakeManager) -> None:
-        manager = make_manager(timeout=0.6, lease_seconds=30)
+        # Beats every 0.1 s against a 1.5 s timeout: a busy machine has 15 beats of slack, and the
+        # 3 s of silence is twice the timeout, so the stream only survives because of the beats.
+        manager = make_manager(timeout=1.5, lease_seconds=30)
         sid = new_id()
         writer = manager.open(sid)
         stop = threading.Event()
 
         def beat() -> None:
-            for _ in range(15):  # 1.5 s of silence, heartbeats only
+            for _ in range(30):  # 3 s of silence, heartbeats only
                 if stop.wait(0.1):
                     return
                 writer.heartbeat()
