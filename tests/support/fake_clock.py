@@ -4,7 +4,7 @@ Heartbeat, lease and retry cases then assert what happens at each moment
 instead of hoping a loaded machine schedules a thread within a lease: the
 runner's sleeps and waits end only when :meth:`SteppedClock.advance` passes
 their deadline, and the storage clock (``manager.clock``) reads the same time.
-The test waits on conditions (:meth:`SteppedClock.settle`, :func:`wait_for`)
+The test waits on conditions (:meth:`SteppedClock.settle`, ``waiting.wait_for``)
 with generous real deadlines that only a broken runner reaches.
 """
 
