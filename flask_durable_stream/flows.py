@@ -28,7 +28,7 @@ from typing import Any
 
 from . import protocol
 from ._concurrency import AsyncioThread, Inbox, gevent_patched
-from .exceptions import DurableStreamError, FlowError
+from .exceptions import DurableStreamError, EventTooLarge, FlowError
 from .managers.common import event_size_error
 
 log = logging.getLogger("flask_durable_stream")
@@ -111,7 +111,7 @@ class FlowContext:
 
 
 #: The emit side's size check, the one the storage side raises too (the same message).
-size_error = event_size_error
+size_error: Callable[[str, str, int | None, str], EventTooLarge | None] = event_size_error
 
 
 def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:

@@ -152,6 +152,18 @@ def test_list_and_show_name_the_flow(setup: Setup) -> None:
     assert code == 0 and json.loads(output)["flow"] is None
 
 
+def test_a_flow_run_through_the_app_is_listed_under_its_name(setup: Setup) -> None:
+    response = setup.app.test_client().post(
+        "/flows/echo", json={"data": "hi"}, headers={"Accept": "text/event-stream"}
+    )
+    assert response.status_code == 200 and b'"result"' in response.get_data()
+    sid = response.headers["x-genkit-stream-id"]
+    code, output = invoke(setup, "list")
+    assert code == 0, output
+    rows = {line.split()[0]: line.split() for line in output.splitlines()[1:]}
+    assert rows[sid][1] == "done" and rows[sid][-2:] == ["echo", "-"]
+
+
 def test_show_prints_the_metadata_as_json(setup: Setup) -> None:
     write_stream(setup.writer(300), "kept", 4, "done")
     code, output = invoke(setup, "show", "kept")

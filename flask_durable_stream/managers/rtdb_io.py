@@ -218,7 +218,7 @@ class RtdbStorage:
             ok, value, etag = call(ref.set_if_unchanged, etag, new)
             if ok:
                 return new, True
-        raise StorageUnavailable(f"{path}: too much contention")
+        raise StorageUnavailable(f"Realtime Database: too much contention on {path}")
 
     def open_expiry(self, now: float) -> float:
         """Index expiry of an open stream: past lease and TTL, with slack so that
