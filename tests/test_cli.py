@@ -26,10 +26,12 @@ from flask_durable_stream import (
     InMemoryStreamManager,
     SQLiteStreamManager,
     StreamManager,
+    StreamStatus,
 )
 from flask_durable_stream.testing import ManualClock
 from flask_durable_stream.views import runner_for
 from tests.support import servers
+from tests.support.waiting import wait_for
 
 SHORT_TTL = 30.0  # streams written with this TTL are expired once the clock moves past it
 
@@ -158,6 +160,11 @@ def test_a_flow_run_through_the_app_is_listed_under_its_name(setup: Setup) -> No
     )
     assert response.status_code == 200 and b'"result"' in response.get_data()
     sid = response.headers["x-genkit-stream-id"]
+    # The client has the result from the live path; its storage write may still be on the way.
+    manager = setup.app.extensions["durable_stream"].manager
+    wait_for(
+        lambda: getattr(manager.info(sid), "status", None) is StreamStatus.DONE, "the stored end"
+    )
     code, output = invoke(setup, "list")
     assert code == 0, output
     rows = {line.split()[0]: line.split() for line in output.splitlines()[1:]}
