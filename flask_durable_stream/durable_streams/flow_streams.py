@@ -31,7 +31,7 @@ from .replies import (
     sse_response,
     to_response,
 )
-from .request import NOW, START, format_offset
+from .request import NOW, START, Req, format_offset
 from .store import Meta
 
 if TYPE_CHECKING:
@@ -144,6 +144,7 @@ class FlowStreams:
         live: str | None,
         cursor: str | None,
         view: DurableStreamsView,
+        req: Req,
     ) -> Response:
         info = self._owned(path, owner)
         if info is None:
@@ -151,7 +152,7 @@ class FlowStreams:
         meta = self.meta(info)
         chunk = self.chunk(path, meta, offset)
         if live is None:
-            return view._catch_up(chunk, offset)
+            return to_response(view.catch_up(req, chunk, offset))
         if live == "long-poll":
             deadline = time.monotonic() + view.long_poll_timeout
             current: Meta | None = meta
