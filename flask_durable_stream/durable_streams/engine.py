@@ -23,7 +23,7 @@ from .request import (
     is_json,
     media_type,
 )
-from .store import DSStore, Meta, Txn
+from .store import DSStore, Meta, Txn, Wakeups
 
 
 def _closed_headers(meta: Meta) -> dict[str, str]:
@@ -47,6 +47,7 @@ class Engine:
         self.max_read_bytes = max_read_bytes
         # Stores outside the process: recent records are read from here, not from storage.
         self.cache = RecordCache(cache_bytes) if store.remote and cache_bytes else None
+        self.wakeups: Wakeups | None = getattr(store, "wakeups", None)
 
     # -- lifecycle ----------------------------------------------------------------------
     def _live(self, txn: Txn, path: str, now: float) -> Meta | None:
@@ -281,6 +282,10 @@ class Engine:
         if stored and self.cache is not None:  # a live reader is about to ask for it
             gen, index, data = stored[0]
             self.cache.put(gen, index, [data])
+        if self.wakeups is not None and self.wakeups.waiting(path):
+            # Live readers in this process first: under gevent they answer before
+            # this writer's reply goes out (elsewhere a yield of the GIL at most).
+            time.sleep(0)
         return reply
 
     # -- delete -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ holding it never yields. Readers in another process learn of appends by
 polling ``tail``/``closed`` of the one row they follow: every 2 ms for the
 first quarter second of a wait (a live reader is usually back within
 milliseconds of its last answer), then backing off to 50 ms; readers in the
-writing process are woken at once.
+writing process are woken at once (:class:`~.store.Wakeups`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
-from .store import DSStore, Meta, Txn
+from .store import DSStore, Meta, Txn, Wakeups
 
 _T = TypeVar("_T")
 
@@ -49,7 +49,7 @@ _PAGE = 256
 class _SQLiteTxn(Txn):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.wrote = False
+        self.touched: set[str] = set()
 
     def get(self, path: str) -> Meta | None:
         row = self._conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
@@ -60,19 +60,19 @@ class _SQLiteTxn(Txn):
             "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)",
             (path, json.dumps(meta.to_dict()), meta.tail, int(meta.closed)),
         )
-        self.wrote = True
+        self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
         self._conn.executemany(
             "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)",
             [(path, first + i, record) for i, record in enumerate(records)],
         )
-        self.wrote = True
+        self.touched.add(path)
 
     def drop(self, path: str) -> None:
         self._conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
         self._conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
-        self.wrote = True
+        self.touched.add(path)
 
 
 class SQLiteDSStore(DSStore):
@@ -97,7 +97,7 @@ class SQLiteDSStore(DSStore):
         self._pool: list[sqlite3.Connection] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(threading.Lock())
+        self.wakeups = Wakeups()
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
@@ -158,9 +158,8 @@ class SQLiteDSStore(DSStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-        if txn.wrote:
-            with self._changed:
-                self._changed.notify_all()
+        if txn.touched:
+            self.wakeups.wake(txn.touched)
         return result
 
     def get(self, path: str) -> Meta | None:
@@ -198,17 +197,21 @@ class SQLiteDSStore(DSStore):
         deadline = time.monotonic() + timeout
         fast_until = time.monotonic() + self.fast_poll_seconds
         delay = self.poll_interval[0]
-        while True:
-            state = self._state(path)
-            if state is None or state[0] > tail or bool(state[1]) != closed:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            with self._changed:
-                self._changed.wait(min(delay, remaining))
-            if time.monotonic() > fast_until:  # quiet for a while: back off
-                delay = min(delay * 2, self.poll_interval[1])
+        woken = self.wakeups.register(path)  # before the first look: no write is missed
+        try:
+            while True:
+                state = self._state(path)
+                if state is None or state[0] > tail or bool(state[1]) != closed:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if woken.wait(min(delay, remaining)):  # a write of this process
+                    woken.clear()
+                elif time.monotonic() > fast_until:  # quiet for a while: back off
+                    delay = min(delay * 2, self.poll_interval[1])
+        finally:
+            self.wakeups.unregister(path, woken)
 
     def paths(self) -> Iterator[str]:
         with self._connection() as conn:

@@ -16,8 +16,9 @@ lives in one place, every backend answers the protocol the same way.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -102,6 +103,8 @@ class DSStore:
 
     #: True when reads leave the process (worth caching records in front of them).
     remote: bool = True
+    #: Live readers of this process, woken by this process's writes.
+    wakeups: Wakeups
 
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
         raise NotImplementedError
@@ -124,6 +127,45 @@ class DSStore:
 
     def now(self) -> float:
         return time.time()
+
+
+class Wakeups:
+    """Per-stream wake-ups for the live readers of one process.
+
+    A reader registers before it checks the stream and waits on its own event;
+    a write that committed sets the events of the streams it touched. Readers
+    in this process are so woken at once, without polling, and only those of
+    the streams that changed. (Other processes' writes are found by each
+    store's own means: polling in SQLite and Redis.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, set[threading.Event]] = {}
+
+    def register(self, path: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(path, set()).add(event)
+        return event
+
+    def unregister(self, path: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(path)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[path]
+
+    def wake(self, paths: Iterable[str]) -> None:
+        with self._lock:
+            events = [e for path in paths for e in self._events.get(path, ())]
+        for event in events:
+            event.set()
+
+    def waiting(self, path: str) -> bool:
+        """Whether a reader of ``path`` is registered (woken or not, it has not answered yet)."""
+        return path in self._events
 
 
 def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:
