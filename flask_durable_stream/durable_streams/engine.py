@@ -23,7 +23,7 @@ from .request import (
     is_json,
     media_type,
 )
-from .store import DSStore, Meta, Txn, Wakeups
+from .store import DSStore, Meta, Txn, Wakeups, yield_to_greenlets
 
 
 def _closed_headers(meta: Meta) -> dict[str, str]:
@@ -284,8 +284,8 @@ class Engine:
             self.cache.put(gen, index, [data])
         if self.wakeups is not None and self.wakeups.waiting(path):
             # Live readers in this process first: under gevent they answer before
-            # this writer's reply goes out (elsewhere a yield of the GIL at most).
-            time.sleep(0)
+            # this writer's reply goes out.
+            yield_to_greenlets()
         return reply
 
     # -- delete -------------------------------------------------------------------------

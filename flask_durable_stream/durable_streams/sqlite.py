@@ -5,7 +5,9 @@ stream with its metadata as JSON, plus ``tail`` and ``closed`` for cheap
 polling; ``durable_records``: one row per record). A write is one
 ``BEGIN IMMEDIATE`` transaction, so it is atomic across every worker process
 of the host; the engine's function never waits on I/O inside it, so a greenlet
-holding it never yields. Readers in another process learn of appends by
+holding it never yields. Writes that arrive together share the transaction,
+each in a savepoint, and are answered once it committed
+(:mod:`.group_commit`). Readers in another process learn of appends by
 polling ``tail``/``closed`` of the one row they follow: every 2 ms for the
 first quarter second of a wait (a live reader is usually back within
 milliseconds of its last answer), then backing off to 50 ms; readers in the
@@ -21,10 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
+from .group_commit import GroupCommit, Job
 from .store import DSStore, Meta, Txn, Wakeups
 
 _T = TypeVar("_T")
@@ -98,6 +101,7 @@ class SQLiteDSStore(DSStore):
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.wakeups = Wakeups()
+        self._group = GroupCommit(self._commit)
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
@@ -149,18 +153,42 @@ class SQLiteDSStore(DSStore):
 
     # -- the contract ---------------------------------------------------------------
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            txn = _SQLiteTxn(conn)
-            try:
-                result = fn(txn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        if txn.touched:
-            self.wakeups.wake(txn.touched)
-        return result
+        return self._group.run(fn)
+
+    def _commit(self, jobs: Sequence[Job[Any]]) -> None:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` for the batch, a savepoint per job in it."""
+        touched: set[str] = set()
+        try:
+            with self._connection() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for job in jobs:
+                        txn = _SQLiteTxn(conn)
+                        alone = len(jobs) == 1
+                        if not alone:
+                            conn.execute("SAVEPOINT job")
+                        try:
+                            job.value = job.fn(txn)
+                        except BaseException as exc:
+                            job.error = exc
+                            conn.execute("ROLLBACK" if alone else "ROLLBACK TO job")
+                            if alone:
+                                return
+                        else:
+                            touched |= txn.touched
+                        if not alone:
+                            conn.execute("RELEASE job")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        except BaseException as exc:  # nothing of the batch committed
+            for job in jobs:
+                job.error = job.error or exc
+            return
+        if touched:
+            self.wakeups.wake(touched)
 
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:

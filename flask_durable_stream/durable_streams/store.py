@@ -16,6 +16,7 @@ lives in one place, every backend answers the protocol the same way.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -127,6 +128,20 @@ class DSStore:
 
     def now(self) -> float:
         return time.time()
+
+
+def yield_to_greenlets() -> None:
+    """Under gevent (``time`` patched), let the other runnable greenlets run first.
+
+    Threads need no such turn (they run meanwhile) and a real ``sleep(0)``
+    would hand the CPU to other processes, so elsewhere this does nothing.
+    """
+    if "gevent.monkey" not in sys.modules:
+        return
+    from gevent import monkey, sleep
+
+    if monkey.is_module_patched("time"):
+        sleep(0)
 
 
 class Wakeups:
