@@ -12,12 +12,12 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_durable_stream import durable_streams_server
 from flask_durable_stream.durable_streams.blueprint import DurableStreamsView
 from flask_durable_stream.durable_streams.engine import Engine
 from flask_durable_stream.durable_streams.fast import FastPath
 from flask_durable_stream.durable_streams.group_commit import Job
 from flask_durable_stream.durable_streams.memory import MemoryDSStore
+from flask_durable_stream.durable_streams.server import durable_streams_server
 from flask_durable_stream.durable_streams.sqlite import SQLiteDSStore
 from flask_durable_stream.durable_streams.store import Meta, Txn
 
