@@ -20,6 +20,7 @@ from flask import Response
 from .. import protocol
 from ..exceptions import DurableStreamError
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
+from .engine import start_of
 from .replies import (
     CLOSED,
     OFFSET,
@@ -31,7 +32,7 @@ from .replies import (
     sse_response,
     to_response,
 )
-from .request import NOW, START, Req, format_offset
+from .request import Req, format_offset
 from .store import Meta
 
 if TYPE_CHECKING:
@@ -103,12 +104,7 @@ class FlowStreams:
         return info
 
     def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
-        if offset == NOW:
-            start = meta.tail
-        elif offset == START:
-            start = 0
-        else:
-            start = min(offset, meta.tail)
+        start = start_of(meta, offset)
         records: list[bytes] = []
         if start < meta.tail:
             batches = self.manager.subscribe_batches(path, start - 1)

@@ -17,12 +17,11 @@ writing process are woken at once (:class:`~.store.Wakeups`).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import StorageUnavailable
-from .store import DSStore, Meta, Txn, Wakeups
+from .store import Meta, PolledStore, Txn, Wakeups
 
 _T = TypeVar("_T")
 _PAGE = 512
@@ -67,7 +66,7 @@ class _RedisTxn(Txn):
         self.writes.append(lambda pipe: pipe.delete(*keys))
 
 
-class RedisDSStore(DSStore):
+class RedisDSStore(PolledStore):
     """``client``: a ``redis.Redis`` (the manager's); ``prefix``: the manager's key prefix."""
 
     def __init__(
@@ -152,26 +151,9 @@ class RedisDSStore(DSStore):
             if text.startswith(head) and text.endswith(tail):
                 yield text[len(head) : -len(tail)]
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
-        key = self.meta_key(path)
-        woken = self.wakeups.register(path)  # before the first look: no write is missed
+    def state(self, path: str) -> tuple[int, bool] | None:
         try:
-            while True:
-                try:
-                    t, c = self.client.hmget(key, "t", "c")
-                except self._errors as exc:
-                    raise StorageUnavailable(f"Redis: {exc}") from exc
-                if t is None or int(t) > tail or bool(int(c)) != closed:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                if woken.wait(min(delay, remaining)):  # a write of this process
-                    woken.clear()
-                elif time.monotonic() > fast_until:  # quiet for a while: back off
-                    delay = min(delay * 2, self.poll_interval[1])
-        finally:
-            self.wakeups.unregister(path, woken)
+            t, c = self.client.hmget(self.meta_key(path), "t", "c")
+        except self._errors as exc:
+            raise StorageUnavailable(f"Redis: {exc}") from exc
+        return None if t is None else (int(t), bool(int(c)))

@@ -5,13 +5,11 @@ stream with its metadata as JSON, plus ``tail`` and ``closed`` for cheap
 polling; ``durable_records``: one row per record). A write is one
 ``BEGIN IMMEDIATE`` transaction, so it is atomic across every worker process
 of the host; the engine's function never waits on I/O inside it, so a greenlet
-holding it never yields. Writes that arrive together share the transaction,
-each in a savepoint, and are answered once it committed
-(:mod:`.group_commit`). Readers in another process learn of appends by
-polling ``tail``/``closed`` of the one row they follow: every 2 ms for the
-first quarter second of a wait (a live reader is usually back within
-milliseconds of its last answer), then backing off to 50 ms; readers in the
-writing process are woken at once (:class:`~.store.Wakeups`).
+holding it never yields. Writes that arrive together share the transaction
+and are answered once it committed (:mod:`.group_commit`). Readers in another
+process learn of appends by polling ``tail``/``closed`` of the one row they
+follow (:class:`~.store.PolledStore`); readers in the writing process are
+woken at once (:class:`~.store.Wakeups`).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any, TypeVar
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
 from .group_commit import GroupCommit, Job
-from .store import DSStore, Meta, Txn, Wakeups
+from .store import Meta, PolledStore, Txn, Wakeups
 
 _T = TypeVar("_T")
 
@@ -78,7 +76,11 @@ class _SQLiteTxn(Txn):
         self.touched.add(path)
 
 
-class SQLiteDSStore(DSStore):
+class _PartialWrite(Exception):
+    """A job of a batch failed after writing: the batch must be run job by job."""
+
+
+class SQLiteDSStore(PolledStore):
     """``path``: the SQLite file (the manager's). Safe to share between processes and greenlets."""
 
     def __init__(
@@ -156,7 +158,21 @@ class SQLiteDSStore(DSStore):
         return self._group.run(fn)
 
     def _commit(self, jobs: Sequence[Job[Any]]) -> None:
-        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` for the batch, a savepoint per job in it."""
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` for the batch.
+
+        The engine's functions validate first and write last, so one that
+        refuses has written nothing and the batch goes on without it. One that
+        fails after writing (a storage error) would leave part of its writes in
+        the batch: the batch is rolled back and each job run again on its own.
+        """
+        try:
+            self._commit_batch(jobs)
+        except _PartialWrite:
+            for job in jobs:
+                job.value = job.error = None
+                self._commit_batch([job])
+
+    def _commit_batch(self, jobs: Sequence[Job[Any]]) -> None:
         touched: set[str] = set()
         try:
             with self._connection() as conn:
@@ -164,27 +180,25 @@ class SQLiteDSStore(DSStore):
                 try:
                     for job in jobs:
                         txn = _SQLiteTxn(conn)
-                        alone = len(jobs) == 1
-                        if not alone:
-                            conn.execute("SAVEPOINT job")
                         try:
                             job.value = job.fn(txn)
-                        except BaseException as exc:
+                        except Exception as exc:
+                            if txn.touched and len(jobs) > 1:
+                                raise _PartialWrite from exc
                             job.error = exc
-                            conn.execute("ROLLBACK" if alone else "ROLLBACK TO job")
-                            if alone:
-                                return
-                        else:
-                            touched |= txn.touched
-                        if not alone:
-                            conn.execute("RELEASE job")
+                            if txn.touched:  # alone: nothing of it may stay
+                                raise
+                        touched |= txn.touched
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
+        except _PartialWrite:
+            raise
         except BaseException as exc:  # nothing of the batch committed
             for job in jobs:
+                job.value = None
                 job.error = job.error or exc
             return
         if touched:
@@ -214,32 +228,12 @@ class SQLiteDSStore(DSStore):
                 if len(rows) < _PAGE:
                     return out
 
-    def _state(self, path: str) -> tuple[int, int] | None:
+    def state(self, path: str) -> tuple[int, bool] | None:
         with self._connection() as conn:
             row = conn.execute(
                 "SELECT tail, closed FROM durable_meta WHERE path = ?", (path,)
             ).fetchone()
-        return (int(row[0]), int(row[1])) if row else None
-
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
-        woken = self.wakeups.register(path)  # before the first look: no write is missed
-        try:
-            while True:
-                state = self._state(path)
-                if state is None or state[0] > tail or bool(state[1]) != closed:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                if woken.wait(min(delay, remaining)):  # a write of this process
-                    woken.clear()
-                elif time.monotonic() > fast_until:  # quiet for a while: back off
-                    delay = min(delay * 2, self.poll_interval[1])
-        finally:
-            self.wakeups.unregister(path, woken)
+        return (int(row[0]), bool(row[1])) if row else None
 
     def paths(self) -> Iterator[str]:
         with self._connection() as conn:

@@ -183,6 +183,44 @@ class Wakeups:
         return path in self._events
 
 
+class PolledStore(DSStore):
+    """A store shared by processes: live readers poll :meth:`state` for other processes' writes.
+
+    Writes of this process wake the reader at once (:class:`Wakeups`); other
+    processes' writes are found by polling: every ``poll_interval[0]`` for the
+    first ``fast_poll_seconds`` of a wait (a live reader is usually back
+    within milliseconds of its last answer), then backing off to
+    ``poll_interval[1]``.
+    """
+
+    poll_interval: tuple[float, float] = (0.002, 0.05)
+    fast_poll_seconds: float = 0.25
+
+    def state(self, path: str) -> tuple[int, bool] | None:
+        """The stream's (tail, closed), None if there is no such stream: one cheap read."""
+        raise NotImplementedError
+
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        fast_until = time.monotonic() + self.fast_poll_seconds
+        delay = self.poll_interval[0]
+        woken = self.wakeups.register(path)  # before the first look: no write is missed
+        try:
+            while True:
+                now = self.state(path)
+                if now is None or now[0] > tail or now[1] != closed:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if woken.wait(min(delay, remaining)):
+                    return  # a write of this process: the caller reads what it did
+                if time.monotonic() > fast_until:  # quiet for a while: back off
+                    delay = min(delay * 2, self.poll_interval[1])
+        finally:
+            self.wakeups.unregister(path, woken)
+
+
 def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:
     """The longest prefix of ``records`` within ``max_bytes`` (at least one record)."""
     out: list[bytes] = []
