@@ -34,6 +34,7 @@ from .replies import (
     Gone,
     Reply,
     cursor_for,
+    empty_poll,
     sse_control,
     sse_data,
     sse_response,
@@ -349,28 +350,18 @@ class DurableStreamsView:
         while not chunk.records:
             assert meta is not None
             if meta.closed:
-                return self.empty_poll(meta, chunk.start, None)
+                return empty_poll(meta, chunk.start, None)
             meta = self.engine.wait(path, meta, deadline)
             if meta is None:
                 return Reply(404, body=b"stream not found")
             if meta.tail <= chunk.start and not meta.closed:
-                return self.empty_poll(meta, chunk.start, cursor)
+                return empty_poll(meta, chunk.start, cursor)
             chunk = self.engine.chunk(path, meta, chunk.start)
         reply = self._chunkto_response(chunk)
         reply.headers["Cache-Control"] = self.cache_control
         if not chunk.closed:
             reply.headers[CURSOR] = cursor_for(cursor, time.time())
         return reply
-
-    @staticmethod
-    def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
-        headers = {OFFSET: rq.format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
-        headers["Cache-Control"] = "no-store"
-        if meta.closed:
-            headers[CLOSED] = "true"
-        else:
-            headers[CURSOR] = cursor_for(cursor, time.time())
-        return Reply(204, headers)
 
     # -- SSE ----------------------------------------------------------------------------
     def _sse(self, req: Req, path: str, meta: Meta, offset: int) -> Response:

@@ -27,6 +27,7 @@ from .replies import (
     Chunk,
     Reply,
     cursor_for,
+    empty_poll,
     sse_control,
     sse_data,
     sse_response,
@@ -155,12 +156,12 @@ class FlowStreams:
             while not chunk.records:
                 assert current is not None
                 if current.closed:
-                    return to_response(view.empty_poll(current, chunk.start, None))
+                    return to_response(empty_poll(current, chunk.start, None))
                 current = self.wait(path, current, deadline)
                 if current is None:
                     return to_response(Reply(404, body=b"stream not found"))
                 if current.tail <= chunk.start and not current.closed:
-                    return to_response(view.empty_poll(current, chunk.start, cursor))
+                    return to_response(empty_poll(current, chunk.start, cursor))
                 chunk = self.chunk(path, current, chunk.start)
             reply = view._chunkto_response(chunk)
             reply.headers["Cache-Control"] = view.cache_control

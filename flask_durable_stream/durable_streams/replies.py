@@ -87,6 +87,17 @@ def cursor_for(client: str | None, now: float) -> str:
     return str(interval)
 
 
+def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
+    """A long-poll that timed out (or found the stream closed): 204 at the tail."""
+    headers = {OFFSET: format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
+    headers["Cache-Control"] = "no-store"
+    if meta.closed:
+        headers[CLOSED] = "true"
+    else:
+        headers[CURSOR] = cursor_for(cursor, time.time())
+    return Reply(204, headers)
+
+
 def sse_data(body: bytes, encode: bool) -> bytes:
     if encode:
         text = base64.b64encode(body).decode()
