@@ -17,7 +17,9 @@ the machine falls on every server alike), with the same Python client (keep-aliv
 ``http.client`` connections) for each:
 
 (a) small-message append throughput: ``--writers`` threads, each POSTing 32-byte
-    messages to one stream, ``--appends`` in all; appends per second (median of rounds).
+    messages to one stream, ``--appends`` in all; appends per second (median of rounds),
+    and the server's CPU time per append (user + system of its processes over the phase:
+    steadier than rates on a machine whose load changes).
 (b) long-poll round trip: a reader long-polls the tail; the writer POSTs a message and
     times until the reader has it; p50 / p99 of ``--polls`` round trips per round.
 (c) catch-up: a stream of ``--catch-up-mib`` MiB (64 KiB appends) read from ``-1`` to
@@ -56,7 +58,7 @@ class Conn:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self.base = parts.path.rstrip("/")
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
 
     def call(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
@@ -181,10 +183,31 @@ def ours(backend: str, tmp: Path, workers: int = 1) -> servers.Server:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its children alive now (Linux ``/proc``)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    pids += [int(c) for c in children]
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 class Figures:
     """One server's samples over every round."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cpu: list[float] = []  # server CPU seconds per append, per round
         self.rates: list[float] = []
         self.lags: list[float] = []
         self.reads: list[float] = []
@@ -194,6 +217,7 @@ class Figures:
         p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
         return (
             f"{label:<10} appends {statistics.median(self.rates):8.0f}/s"
+            f" ({statistics.median(self.cpu) * 1e6:4.0f} us server CPU each)"
             f" | long-poll p50 {statistics.median(lags) * 1e3:6.2f} ms p99 {p99 * 1e3:6.2f} ms"
             f" | catch-up {mib} MiB best {min(self.reads) * 1e3:7.1f} ms"
             f" median {statistics.median(self.reads) * 1e3:7.1f} ms"
@@ -201,7 +225,9 @@ class Figures:
 
 
 def measure(url: str, args: argparse.Namespace, figures: Figures) -> None:
+    before = cpu_seconds(figures.pid)
     figures.rates.append(appends(url, args.appends, args.writers))
+    figures.cpu.append((cpu_seconds(figures.pid) - before) / args.appends)
     figures.lags.extend(long_poll(url, args.polls))
     figures.reads.extend(catch_up(url, args.catch_up_mib))
 
@@ -218,8 +244,10 @@ def main() -> None:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=DS, check=True)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         proc, url = reference_server()
-        stack.callback(lambda: (os.killpg(proc.pid, signal.SIGTERM), proc.wait(30)))
+        stack.callback(proc.wait, 30)
+        stack.callback(os.killpg, proc.pid, signal.SIGTERM)  # callbacks run last first
         urls = {"reference": url}
+        pids = {"reference": proc.pid}
         for label, backend, workers in (
             ("sqlite", "sqlite", 1),
             ("sqlite x2", "sqlite", 2),
@@ -228,7 +256,8 @@ def main() -> None:
             server = ours(backend, Path(tmp), workers)
             stack.callback(server.stop)
             urls[label] = f"{server.url}/ds/bench"
-        figures = {label: Figures() for label in urls}
+            pids[label] = server.proc.pid  # gunicorn's master; its workers are its children
+        figures = {label: Figures(pids[label]) for label in urls}
         # Rounds interleave the servers, so a change in the machine's load falls on all of them.
         for _ in range(args.rounds):
             for label, server_url in urls.items():
