@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_durable_streams.py [--appends 2000] [--writers 4]
                                                      [--polls 200] [--catch-up-mib 10]
+                                                     [--rounds 3]
 
 Servers, each on 127.0.0.1 and a free port, started and stopped here:
 
@@ -11,14 +12,18 @@ Servers, each on 127.0.0.1 and a free port, started and stopped here:
   (requests land on either; the reference server's in-memory mode cannot have two);
 * ``memory``: the same on the in-memory store, for scale.
 
-Measures, with the same Python client (keep-alive ``http.client`` connections) for each:
+All four run at once; ``--rounds`` rounds measure each in turn (so a change in the load of
+the machine falls on every server alike), with the same Python client (keep-alive
+``http.client`` connections) for each:
 
 (a) small-message append throughput: ``--writers`` threads, each POSTing 32-byte
-    messages to one stream, ``--appends`` in all; appends per second.
+    messages to one stream, ``--appends`` in all; appends per second (median of rounds),
+    and the server's CPU time per append (user + system of its processes over the phase:
+    steadier than rates on a machine whose load changes).
 (b) long-poll round trip: a reader long-polls the tail; the writer POSTs a message and
-    times until the reader has it; p50 / p99 of ``--polls`` round trips.
+    times until the reader has it; p50 / p99 of ``--polls`` round trips per round.
 (c) catch-up: a stream of ``--catch-up-mib`` MiB (64 KiB appends) read from ``-1`` to
-    up-to-date following ``Stream-Next-Offset``; best and median of 5 reads, MiB/s.
+    up-to-date following ``Stream-Next-Offset``; best and median of 5 reads per round.
 
 Prints figures only; nothing here asserts on time.
 """
@@ -26,6 +31,7 @@ Prints figures only; nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import signal
@@ -52,7 +58,7 @@ class Conn:
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         self.base = parts.path.rstrip("/")
-        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
 
     def call(
         self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
@@ -177,18 +183,53 @@ def ours(backend: str, tmp: Path, workers: int = 1) -> servers.Server:
     )
 
 
-def measure(label: str, url: str, args: argparse.Namespace) -> None:
-    rate = appends(url, args.appends, args.writers)
-    lags = sorted(long_poll(url, args.polls))
-    reads = catch_up(url, args.catch_up_mib)
-    p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
-    print(
-        f"{label:<10} appends {rate:8.0f}/s | long-poll p50 {statistics.median(lags) * 1e3:6.2f} ms"
-        f" p99 {p99 * 1e3:6.2f} ms | catch-up {args.catch_up_mib} MiB best"
-        f" {min(reads) * 1e3:7.1f} ms median {statistics.median(reads) * 1e3:7.1f} ms"
-        f" ({args.catch_up_mib / min(reads):6.0f} MiB/s)",
-        flush=True,
-    )
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its children alive now (Linux ``/proc``)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    pids += [int(c) for c in children]
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+class Figures:
+    """One server's samples over every round."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cpu: list[float] = []  # server CPU seconds per append, per round
+        self.rates: list[float] = []
+        self.lags: list[float] = []
+        self.reads: list[float] = []
+
+    def line(self, label: str, mib: int) -> str:
+        lags = sorted(self.lags)
+        p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        return (
+            f"{label:<10} appends {statistics.median(self.rates):8.0f}/s"
+            f" ({statistics.median(self.cpu) * 1e6:4.0f} us server CPU each)"
+            f" | long-poll p50 {statistics.median(lags) * 1e3:6.2f} ms p99 {p99 * 1e3:6.2f} ms"
+            f" | catch-up {mib} MiB best {min(self.reads) * 1e3:7.1f} ms"
+            f" median {statistics.median(self.reads) * 1e3:7.1f} ms"
+        )
+
+
+def measure(url: str, args: argparse.Namespace, figures: Figures) -> None:
+    before = cpu_seconds(figures.pid)
+    figures.rates.append(appends(url, args.appends, args.writers))
+    figures.cpu.append((cpu_seconds(figures.pid) - before) / args.appends)
+    figures.lags.extend(long_poll(url, args.polls))
+    figures.reads.extend(catch_up(url, args.catch_up_mib))
 
 
 def main() -> None:
@@ -197,26 +238,32 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--polls", type=int, default=200)
     parser.add_argument("--catch-up-mib", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not (DS / "node_modules" / "@durable-streams" / "server").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=DS, check=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         proc, url = reference_server()
-        try:
-            measure("reference", url, args)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        stack.callback(proc.wait, 30)
+        stack.callback(os.killpg, proc.pid, signal.SIGTERM)  # callbacks run last first
+        urls = {"reference": url}
+        pids = {"reference": proc.pid}
         for label, backend, workers in (
             ("sqlite", "sqlite", 1),
             ("sqlite x2", "sqlite", 2),
             ("memory", "memory", 1),
         ):
             server = ours(backend, Path(tmp), workers)
-            try:
-                measure(label, f"{server.url}/ds/bench", args)
-            finally:
-                server.stop()
+            stack.callback(server.stop)
+            urls[label] = f"{server.url}/ds/bench"
+            pids[label] = server.proc.pid  # gunicorn's master; its workers are its children
+        figures = {label: Figures(pids[label]) for label in urls}
+        # Rounds interleave the servers, so a change in the machine's load falls on all of them.
+        for _ in range(args.rounds):
+            for label, server_url in urls.items():
+                measure(server_url, args, figures[label])
+        for label, figs in figures.items():
+            print(figs.line(label, args.catch_up_mib), flush=True)
 
 
 if __name__ == "__main__":

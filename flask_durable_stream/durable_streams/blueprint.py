@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from flask import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .._concurrency import TaskGroup
 from ..exceptions import DurableStreamError
@@ -33,11 +34,13 @@ from .replies import (
     Gone,
     Reply,
     cursor_for,
+    empty_poll,
     sse_control,
     sse_data,
     sse_response,
     to_response,
 )
+from .request import FLASK, Req
 from .store import DSStore, Meta
 
 log = logging.getLogger("flask_durable_stream")
@@ -89,27 +92,38 @@ class DurableStreamsView:
 
     # -- dispatch -----------------------------------------------------------------------
     def __call__(self, path: str = "") -> Response:
+        """The Flask view: every request the fast path (:mod:`.fast`) leaves to Flask."""
+        result = self.handle(Req(request.environ, request.stream), path)
+        if isinstance(result, Response):
+            return result
+        assert isinstance(result, Reply)
+        return to_response(result)
+
+    def handle(self, req: Req, path: str) -> Reply | Response | object:
+        """The reply to one request, or :data:`FLASK` when ``req.fast`` and Flask must answer."""
         self._maybe_gc()
         try:
-            if request.method == "OPTIONS":
-                return to_response(Reply(204))
+            if req.method == "OPTIONS":
+                return Reply(204)
             if not path or _BAD_PATH.search(path):
-                return to_response(Reply(400, body=b"invalid stream path"))
+                return Reply(400, body=b"invalid stream path")
             owner = self._owner(path)
-            handler = getattr(self, "_" + request.method.lower(), None)
+            handler = getattr(self, "_" + req.method.lower(), None)
             if handler is None:
-                return to_response(Reply(405, {"Allow": ALLOW_METHODS}))
-            result: Response = handler(path, owner)
+                return Reply(405, {"Allow": ALLOW_METHODS})
+            result: Reply | Response | object = handler(req, path, owner)
             return result
         except rq.BadRequest as exc:
-            return to_response(Reply(400, body=str(exc).encode()))
+            return Reply(400, body=str(exc).encode())
         except Gone:
-            return to_response(Reply(410, body=b"stream is deleted"))
+            return Reply(410, body=b"stream is deleted")
+        except RequestEntityTooLarge:
+            return Reply(413, body=b"request body too large")
         except DurableStreamError as exc:
-            return to_response(Reply(exc.http_status, body=exc.message.encode()))
+            return Reply(exc.http_status, body=exc.message.encode())
         except Exception:  # a backend or a context provider failed: logged, never shown
             log.exception("Durable Streams request failed")
-            return to_response(Reply(500, body=b"internal error"))
+            return Reply(500, body=b"internal error")
 
     def _owner(self, path: str) -> str | None:
         if self.context_provider is None:
@@ -124,10 +138,12 @@ class DurableStreamsView:
         return meta.owner is not None and meta.owner != owner
 
     # -- PUT ----------------------------------------------------------------------------
-    def _put(self, path: str, owner: str | None) -> Response:
-        h = rq.Headers(request.environ)
+    def _put(self, req: Req, path: str, owner: str | None) -> Reply | object:
+        if req.fast:  # rare, and needs Flask's view of the URL
+            return FLASK
+        h = req.headers
         if self.flows is not None and self.flows.exists(path):
-            return to_response(Reply(409, body=b"a flow stream lives at this path"))
+            return Reply(409, body=b"a flow stream lives at this path")
         ttl = h.get("Stream-TTL")
         expires = h.get("Stream-Expires-At")
         if ttl is not None and expires is not None:
@@ -149,7 +165,7 @@ class DurableStreamsView:
         if sub and fork_offset is None:
             raise rq.BadRequest("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
         source = self._source_key(fork_of) if fork_of is not None else None
-        body = self._body()
+        body = self._body(req)
         effective_ct = content_type
         if effective_ct is None and source is not None:
             meta = self.engine.current(source)
@@ -173,7 +189,7 @@ class DurableStreamsView:
         )
         if reply.status == 201:
             reply.headers["Location"] = request.base_url
-        return to_response(reply)
+        return reply
 
     def _source_key(self, value: str) -> str:
         """``Stream-Forked-From`` is a path on this server: with or without our prefix."""
@@ -186,50 +202,46 @@ class DurableStreamsView:
             raise rq.BadRequest("invalid Stream-Forked-From")
         return value
 
-    def _body(self) -> bytes:
-        from werkzeug.exceptions import RequestEntityTooLarge
-
-        length = request.content_length
+    def _body(self, req: Req) -> bytes:
+        length = req.content_length
         if length is not None:
             if length > self.max_body_bytes:
                 raise RequestEntityTooLarge()
-            return request.stream.read(length) if length else b""
-        data = request.stream.read(self.max_body_bytes + 1)  # chunked: read up to the limit
+            return req.stream.read(length) if length else b""
+        data = req.stream.read(self.max_body_bytes + 1)  # chunked: read up to the limit
         if len(data) > self.max_body_bytes:
             raise RequestEntityTooLarge()
         return data
 
     # -- POST ---------------------------------------------------------------------------
-    def _read_only(self, path: str, owner: str | None) -> Response | None:
+    def _read_only(self, path: str, owner: str | None) -> Reply | None:
         """The refusal for a write to a flow stream, or None if ``path`` is not one."""
         if self.flows is None or not self.flows.exists(path):
             return None
         self.flows.check_owner(path, owner)
-        return to_response(
-            Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
-        )
+        return Reply(405, {"Allow": "GET, HEAD, OPTIONS"}, b"flow streams are read-only")
 
-    def _post(self, path: str, owner: str | None) -> Response:
+    def _post(self, req: Req, path: str, owner: str | None) -> Reply:
         # Flow streams are looked up only when the store has no such stream (or the
         # request is malformed), so an ordinary append costs no extra read.
         try:
-            reply = self._append(path, owner)
+            reply = self._append(req, path, owner)
         except rq.BadRequest:
             refusal = self._read_only(path, owner)
             if refusal is not None:
                 return refusal
             raise
         if reply.status == 404:
-            return self._read_only(path, owner) or to_response(reply)
-        return to_response(reply)
+            return self._read_only(path, owner) or reply
+        return reply
 
-    def _append(self, path: str, owner: str | None) -> Reply:
-        h = rq.Headers(request.environ)
+    def _append(self, req: Req, path: str, owner: str | None) -> Reply:
+        h = req.headers
         producer = rq.parse_producer(
             h.get("Producer-Id"), h.get("Producer-Epoch"), h.get("Producer-Seq")
         )
         close = rq.is_true(h.get("Stream-Closed"))
-        body = self._body()
+        body = self._body(req)
         content_type = h.get("Content-Type")
         record: bytes | None = None
         if body:
@@ -249,21 +261,21 @@ class DurableStreamsView:
         )
 
     # -- DELETE -------------------------------------------------------------------------
-    def _delete(self, path: str, owner: str | None) -> Response:
+    def _delete(self, req: Req, path: str, owner: str | None) -> Reply:
         reply = self.engine.delete(
             path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
         )
         if reply.status == 404:
-            return self._read_only(path, owner) or to_response(reply)
-        return to_response(reply)
+            return self._read_only(path, owner) or reply
+        return reply
 
     # -- HEAD ---------------------------------------------------------------------------
-    def _head(self, path: str, owner: str | None) -> Response:
+    def _head(self, req: Req, path: str, owner: str | None) -> Reply | Response | object:
         meta = self._readable(path, owner)
         if meta is None:
-            return (
-                self.flows.head(path, owner) if self.flows is not None else to_response(Reply(404))
-            )
+            if self.flows is None:
+                return Reply(404)
+            return FLASK if req.fast else self.flows.head(path, owner)
         headers = {"Content-Type": meta.content_type, OFFSET: rq.format_offset(meta.tail)}
         headers["Cache-Control"] = "no-store"
         if meta.ttl is not None:
@@ -272,7 +284,7 @@ class DurableStreamsView:
             headers["Stream-Expires-At"] = meta.expires_at
         if meta.closed:
             headers[CLOSED] = "true"
-        return to_response(Reply(200, headers))
+        return Reply(200, headers)
 
     def _readable(self, path: str, owner: str | None) -> Meta | None:
         meta = self.engine.current(path)
@@ -281,12 +293,12 @@ class DurableStreamsView:
         return meta
 
     # -- GET ----------------------------------------------------------------------------
-    def _get(self, path: str, owner: str | None) -> Response:
-        args = request.args
-        offsets = args.getlist("offset")
+    def _get(self, req: Req, path: str, owner: str | None) -> Reply | Response | object:
+        args = req.args
+        offsets = args.get("offset", [])
         if len(offsets) > 1:
             raise rq.BadRequest("one offset only")
-        live = args.get("live")
+        live = req.arg("live")
         if live not in (None, "long-poll", "sse"):
             raise rq.BadRequest("live must be long-poll or sse")
         if live is not None and not offsets:
@@ -295,28 +307,32 @@ class DurableStreamsView:
         meta = self._readable(path, owner)
         if meta is None:
             if self.flows is not None and self.flows.exists(path):
-                return self.flows.get(path, owner, offset, live, args.get("cursor"), self)
-            return to_response(Reply(404, body=b"stream not found"))
+                if req.fast:
+                    return FLASK
+                return self.flows.get(path, owner, offset, live, req.arg("cursor"), self, req)
+            return Reply(404, body=b"stream not found")
+        if live == "sse" and req.fast:  # long-lived: Flask's cost per request does not matter
+            return FLASK
         if meta.ttl is not None:
             self.engine.touch(path)
         if live == "sse":
-            return self._sse(path, meta, offset)
+            return self._sse(req, path, meta, offset)
         chunk = self.engine.chunk(path, meta, offset)
         if live == "long-poll":
-            return self._long_poll(path, chunk, offset)
-        return self._catch_up(chunk, offset)
+            return self._long_poll(req, path, chunk)
+        return self.catch_up(req, chunk, offset)
 
-    def _catch_up(self, chunk: Chunk, offset: int) -> Response:
+    def catch_up(self, req: Req, chunk: Chunk, offset: int) -> Reply:
         reply = self._chunkto_response(chunk)
         if offset == rq.NOW:
             reply.headers["Cache-Control"] = "no-store"
-            return to_response(reply)
+            return reply
         etag = f'"{chunk.meta.gen}:{chunk.start}:{chunk.end}{":c" if chunk.closed else ""}"'
         reply.headers["ETag"] = etag
         reply.headers["Cache-Control"] = self.cache_control
-        if rq.Headers(request.environ).get("If-None-Match") == etag:
-            return to_response(Reply(304, {"ETag": etag, "Cache-Control": self.cache_control}))
-        return to_response(reply)
+        if req.headers.get("If-None-Match") == etag:
+            return Reply(304, {"ETag": etag, "Cache-Control": self.cache_control})
+        return reply
 
     @staticmethod
     def _chunkto_response(chunk: Chunk) -> Reply:
@@ -327,40 +343,30 @@ class DurableStreamsView:
             headers[CLOSED] = "true"
         return Reply(200, headers, chunk.body())
 
-    def _long_poll(self, path: str, chunk: Chunk, offset: int) -> Response:
-        cursor = request.args.get("cursor")
+    def _long_poll(self, req: Req, path: str, chunk: Chunk) -> Reply:
+        cursor = req.arg("cursor")
         deadline = time.monotonic() + self.long_poll_timeout
         meta: Meta | None = chunk.meta
         while not chunk.records:
             assert meta is not None
             if meta.closed:
-                return to_response(self.empty_poll(meta, chunk.start, None))
+                return empty_poll(meta, chunk.start, None)
             meta = self.engine.wait(path, meta, deadline)
             if meta is None:
-                return to_response(Reply(404, body=b"stream not found"))
+                return Reply(404, body=b"stream not found")
             if meta.tail <= chunk.start and not meta.closed:
-                return to_response(self.empty_poll(meta, chunk.start, cursor))
+                return empty_poll(meta, chunk.start, cursor)
             chunk = self.engine.chunk(path, meta, chunk.start)
         reply = self._chunkto_response(chunk)
         reply.headers["Cache-Control"] = self.cache_control
         if not chunk.closed:
             reply.headers[CURSOR] = cursor_for(cursor, time.time())
-        return to_response(reply)
-
-    @staticmethod
-    def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
-        headers = {OFFSET: rq.format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
-        headers["Cache-Control"] = "no-store"
-        if meta.closed:
-            headers[CLOSED] = "true"
-        else:
-            headers[CURSOR] = cursor_for(cursor, time.time())
-        return Reply(204, headers)
+        return reply
 
     # -- SSE ----------------------------------------------------------------------------
-    def _sse(self, path: str, meta: Meta, offset: int) -> Response:
+    def _sse(self, req: Req, path: str, meta: Meta, offset: int) -> Response:
         encode = not rq.is_text(meta.content_type)
-        cursor = request.args.get("cursor")
+        cursor = req.arg("cursor")
         start = self.engine.chunk(path, meta, offset).start
         engine, lifetime = self.engine, self.sse_lifetime
 

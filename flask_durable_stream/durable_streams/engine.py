@@ -23,7 +23,7 @@ from .request import (
     is_json,
     media_type,
 )
-from .store import DSStore, Meta, Txn
+from .store import DSStore, Meta, Txn, Wakeups, yield_to_greenlets
 
 
 def _closed_headers(meta: Meta) -> dict[str, str]:
@@ -47,6 +47,7 @@ class Engine:
         self.max_read_bytes = max_read_bytes
         # Stores outside the process: recent records are read from here, not from storage.
         self.cache = RecordCache(cache_bytes) if store.remote and cache_bytes else None
+        self.wakeups: Wakeups | None = getattr(store, "wakeups", None)
 
     # -- lifecycle ----------------------------------------------------------------------
     def _live(self, txn: Txn, path: str, now: float) -> Meta | None:
@@ -108,6 +109,18 @@ class Engine:
                 txn.put(path, meta)
 
         self.store.transact(run)
+
+    def _writable(
+        self, txn: Txn, path: str, now: float, check: Callable[[Meta], Reply | None] | None
+    ) -> Meta | Reply:
+        """The stream a write may change, or the refusal (404, 410, or ``check``'s)."""
+        meta = self._live(txn, path, now)
+        if meta is None:
+            return Reply(404, body=b"stream not found")
+        if meta.deleted:
+            return Reply(410, body=b"stream is deleted")
+        refusal = check(meta) if check is not None else None
+        return refusal if refusal is not None else meta
 
     # -- create -------------------------------------------------------------------------
     def create(
@@ -215,15 +228,9 @@ class Engine:
         def run(txn: Txn) -> Reply:
             stored.clear()  # a store may run this again (optimistic transactions)
             now = self.store.now()
-            meta = self._live(txn, path, now)
-            if meta is None:
-                return Reply(404, body=b"stream not found")
-            if meta.deleted:
-                return Reply(410, body=b"stream is deleted")
-            if may_write is not None:
-                refusal = may_write(meta)
-                if refusal is not None:
-                    return refusal
+            meta = self._writable(txn, path, now, may_write)
+            if isinstance(meta, Reply):
+                return meta
             if meta.ttl is not None:
                 meta.touched = now
             p = producer
@@ -281,20 +288,18 @@ class Engine:
         if stored and self.cache is not None:  # a live reader is about to ask for it
             gen, index, data = stored[0]
             self.cache.put(gen, index, [data])
+        if self.wakeups is not None and self.wakeups.waiting(path):
+            # Live readers in this process first: under gevent they answer before
+            # this writer's reply goes out.
+            yield_to_greenlets()
         return reply
 
     # -- delete -------------------------------------------------------------------------
     def delete(self, path: str, may_delete: Callable[[Meta], Reply | None] | None = None) -> Reply:
         def run(txn: Txn) -> Reply:
-            meta = self._live(txn, path, self.store.now())
-            if meta is None:
-                return Reply(404, body=b"stream not found")
-            if meta.deleted:
-                return Reply(410, body=b"stream is deleted")
-            if may_delete is not None:
-                refusal = may_delete(meta)
-                if refusal is not None:
-                    return refusal
+            meta = self._writable(txn, path, self.store.now(), may_delete)
+            if isinstance(meta, Reply):
+                return meta
             self._remove(txn, path, meta)
             return Reply(204)
 
@@ -338,12 +343,7 @@ class Engine:
 
     def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
         """Records from ``offset`` (the start for -1, the tail for now), one response's worth."""
-        if offset == NOW:
-            start = meta.tail
-        elif offset == START:
-            start = 0
-        else:
-            start = min(offset, meta.tail)
+        start = start_of(meta, offset)
         records = self._read(path, meta, start, meta.tail, self.max_read_bytes)
         return Chunk(meta, start, start + len(records), records)
 
@@ -360,6 +360,15 @@ class Engine:
             if fresh.tail != meta.tail or fresh.closed != meta.closed:
                 return fresh
             meta = fresh
+
+
+def start_of(meta: Meta, offset: int) -> int:
+    """The record a read from ``offset`` starts at: -1 is the start, now (and past it) the tail."""
+    if offset == NOW:
+        return meta.tail
+    if offset == START:
+        return 0
+    return min(offset, meta.tail)
 
 
 def _gap(expected: int, received: int) -> Reply:

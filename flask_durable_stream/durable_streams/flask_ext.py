@@ -28,7 +28,6 @@ def register_durable_streams(
     )
     app.register_blueprint(bp, url_prefix=prefix)
 
-    @app.after_request
     def advertise(response: Response) -> Response:
         stream_id = response.headers.get(protocol.STREAM_ID_HEADER)
         if stream_id and request.blueprint == flows_bp.name:
@@ -40,3 +39,7 @@ def register_durable_streams(
                 f"{exposed}, {STREAM_URL_HEADER}" if exposed else STREAM_URL_HEADER
             )
         return response
+
+    # Scoped to the flows' blueprint (not the app), so the Durable Streams fast path
+    # stays on; first in the list, so it runs after the blueprint's other hooks.
+    app.after_request_funcs.setdefault(flows_bp.name, []).insert(0, advertise)

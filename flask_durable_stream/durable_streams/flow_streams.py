@@ -20,18 +20,20 @@ from flask import Response
 from .. import protocol
 from ..exceptions import DurableStreamError
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
+from .engine import start_of
 from .replies import (
     CLOSED,
     OFFSET,
     Chunk,
     Reply,
     cursor_for,
+    empty_poll,
     sse_control,
     sse_data,
     sse_response,
     to_response,
 )
-from .request import NOW, START, format_offset
+from .request import Req, format_offset
 from .store import Meta
 
 if TYPE_CHECKING:
@@ -103,12 +105,7 @@ class FlowStreams:
         return info
 
     def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
-        if offset == NOW:
-            start = meta.tail
-        elif offset == START:
-            start = 0
-        else:
-            start = min(offset, meta.tail)
+        start = start_of(meta, offset)
         records: list[bytes] = []
         if start < meta.tail:
             batches = self.manager.subscribe_batches(path, start - 1)
@@ -144,6 +141,7 @@ class FlowStreams:
         live: str | None,
         cursor: str | None,
         view: DurableStreamsView,
+        req: Req,
     ) -> Response:
         info = self._owned(path, owner)
         if info is None:
@@ -151,19 +149,19 @@ class FlowStreams:
         meta = self.meta(info)
         chunk = self.chunk(path, meta, offset)
         if live is None:
-            return view._catch_up(chunk, offset)
+            return to_response(view.catch_up(req, chunk, offset))
         if live == "long-poll":
             deadline = time.monotonic() + view.long_poll_timeout
             current: Meta | None = meta
             while not chunk.records:
                 assert current is not None
                 if current.closed:
-                    return to_response(view.empty_poll(current, chunk.start, None))
+                    return to_response(empty_poll(current, chunk.start, None))
                 current = self.wait(path, current, deadline)
                 if current is None:
                     return to_response(Reply(404, body=b"stream not found"))
                 if current.tail <= chunk.start and not current.closed:
-                    return to_response(view.empty_poll(current, chunk.start, cursor))
+                    return to_response(empty_poll(current, chunk.start, cursor))
                 chunk = self.chunk(path, current, chunk.start)
             reply = view._chunkto_response(chunk)
             reply.headers["Cache-Control"] = view.cache_control

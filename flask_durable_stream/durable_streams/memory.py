@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from .store import DSStore, Meta, Txn, take
+from .store import DSStore, Meta, Txn, Wakeups, take
 
 _T = TypeVar("_T")
 
@@ -50,7 +51,7 @@ class MemoryDSStore(DSStore):
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        self.wakeups = Wakeups()
         self._meta: dict[str, Meta] = {}
         self._records: dict[str, list[bytes]] = {}
 
@@ -58,9 +59,9 @@ class MemoryDSStore(DSStore):
         with self._lock:
             txn = _MemoryTxn(self)
             result = fn(txn)
-            if txn.touched:
-                self._cond.notify_all()
-            return result
+        if txn.touched:
+            self.wakeups.wake(txn.touched)
+        return result
 
     def get(self, path: str) -> Meta | None:
         with self._lock:
@@ -76,9 +77,17 @@ class MemoryDSStore(DSStore):
             return iter(list(self._meta))
 
     def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
-        def changed() -> bool:
-            meta = self._meta.get(path)
-            return meta is None or meta.tail > tail or meta.closed != closed or meta.deleted
-
-        with self._lock:
-            self._cond.wait_for(changed, timeout)
+        deadline = time.monotonic() + timeout
+        woken = self.wakeups.register(path)  # before the first look: no write is missed
+        try:
+            while True:
+                with self._lock:
+                    meta = self._meta.get(path)
+                    if meta is None or meta.tail > tail or meta.closed != closed or meta.deleted:
+                        return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not woken.wait(remaining):
+                    return
+                woken.clear()
+        finally:
+            self.wakeups.unregister(path, woken)

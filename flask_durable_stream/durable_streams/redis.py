@@ -10,18 +10,18 @@ under ``WATCH``, its writes go out in one ``MULTI``/``EXEC``, and the whole
 function runs again if another client changed a watched key in between (every
 write to a stream changes its metadata, so two appends cannot both win).
 Readers poll ``t``/``c`` of the one stream they follow: every 2 ms for the
-first quarter second of a wait, then backing off to 50 ms.
+first quarter second of a wait, then backing off to 50 ms; readers in the
+writing process are woken at once (:class:`~.store.Wakeups`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import StorageUnavailable
-from .store import DSStore, Meta, Txn
+from .store import Meta, PolledStore, Txn, Wakeups
 
 _T = TypeVar("_T")
 _PAGE = 512
@@ -33,6 +33,7 @@ class _RedisTxn(Txn):
         self._pipe = pipe
         self._seen: dict[str, Meta | None] = {}
         self.writes: list[Callable[[Any], None]] = []
+        self.touched: set[str] = set()
 
     def get(self, path: str) -> Meta | None:
         if path not in self._seen:
@@ -47,11 +48,13 @@ class _RedisTxn(Txn):
         self._seen[path] = Meta.from_dict(meta.to_dict())
         key = self._store.meta_key(path)
         mapping = {"j": json.dumps(meta.to_dict()), "t": meta.tail, "c": int(meta.closed)}
+        self.touched.add(path)
         self.writes.append(lambda pipe: pipe.hset(key, mapping=mapping))
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
         key = self._store.records_key(path)
         items = list(records)
+        self.touched.add(path)
         if first == 0:
             self.writes.append(lambda pipe: pipe.delete(key))
         self.writes.append(lambda pipe: pipe.rpush(key, *items))
@@ -59,10 +62,11 @@ class _RedisTxn(Txn):
     def drop(self, path: str) -> None:
         self._seen[path] = None
         keys = (self._store.meta_key(path), self._store.records_key(path))
+        self.touched.add(path)
         self.writes.append(lambda pipe: pipe.delete(*keys))
 
 
-class RedisDSStore(DSStore):
+class RedisDSStore(PolledStore):
     """``client``: a ``redis.Redis`` (the manager's); ``prefix``: the manager's key prefix."""
 
     def __init__(
@@ -79,6 +83,7 @@ class RedisDSStore(DSStore):
         self.prefix = prefix
         self.poll_interval = poll_interval
         self.fast_poll_seconds = fast_poll_seconds
+        self.wakeups = Wakeups()
         self._watch_error = redis.WatchError
         self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -102,6 +107,7 @@ class RedisDSStore(DSStore):
                         for write in txn.writes:
                             write(pipe)
                         pipe.execute()
+                        self.wakeups.wake(txn.touched)
                         return result
                     except self._watch_error:
                         continue
@@ -145,21 +151,9 @@ class RedisDSStore(DSStore):
             if text.startswith(head) and text.endswith(tail):
                 yield text[len(head) : -len(tail)]
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
-        key = self.meta_key(path)
-        while True:
-            try:
-                t, c = self.client.hmget(key, "t", "c")
-            except self._errors as exc:
-                raise StorageUnavailable(f"Redis: {exc}") from exc
-            if t is None or int(t) > tail or bool(int(c)) != closed:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            time.sleep(min(delay, remaining))
-            if time.monotonic() > fast_until:  # quiet for a while: back off
-                delay = min(delay * 2, self.poll_interval[1])
+    def state(self, path: str) -> tuple[int, bool] | None:
+        try:
+            t, c = self.client.hmget(self.meta_key(path), "t", "c")
+        except self._errors as exc:
+            raise StorageUnavailable(f"Redis: {exc}") from exc
+        return None if t is None else (int(t), bool(int(c)))

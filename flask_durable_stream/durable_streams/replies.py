@@ -87,6 +87,17 @@ def cursor_for(client: str | None, now: float) -> str:
     return str(interval)
 
 
+def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
+    """A long-poll that timed out (or found the stream closed): 204 at the tail."""
+    headers = {OFFSET: format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
+    headers["Cache-Control"] = "no-store"
+    if meta.closed:
+        headers[CLOSED] = "true"
+    else:
+        headers[CURSOR] = cursor_for(cursor, time.time())
+    return Reply(204, headers)
+
+
 def sse_data(body: bytes, encode: bool) -> bytes:
     if encode:
         text = base64.b64encode(body).decode()
@@ -141,20 +152,36 @@ def to_response(reply: Reply) -> Response:
     return response
 
 
-def add_common_headers(response: Response) -> Response:
-    """Security headers and CORS on every response, errors included."""
-    headers = response.headers
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers["Cross-Origin-Resource-Policy"] = "cross-origin"
-    origin = request.environ.get("HTTP_ORIGIN")
-    headers["Access-Control-Allow-Origin"] = origin or "*"
+_COMMON = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+    ("Access-Control-Allow-Methods", ALLOW_METHODS),
+    ("Access-Control-Allow-Headers", ALLOW_HEADERS),
+    ("Access-Control-Expose-Headers", EXPOSE_HEADERS),
+)
+
+
+def common_headers(
+    origin: str | None, method: str, has_cache_control: bool
+) -> list[tuple[str, str]]:
+    """Security headers and CORS on every response, errors included (absent from the reply)."""
+    out = list(_COMMON)
+    out.append(("Access-Control-Allow-Origin", origin or "*"))
     if origin:
-        headers["Vary"] = "Origin"
-    headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
-    headers["Access-Control-Allow-Headers"] = ALLOW_HEADERS
-    headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-    if request.method == "OPTIONS":
-        headers["Access-Control-Max-Age"] = "86400"
-    if request.method == "HEAD" or "Cache-Control" not in headers:
-        headers.setdefault("Cache-Control", "no-store")
+        out.append(("Vary", "Origin"))
+    if method == "OPTIONS":
+        out.append(("Access-Control-Max-Age", "86400"))
+    if not has_cache_control:
+        out.append(("Cache-Control", "no-store"))
+    return out
+
+
+def add_common_headers(response: Response) -> Response:
+    """:func:`common_headers` on a Flask response (the blueprint's ``after_request``)."""
+    headers = response.headers
+    extra = common_headers(
+        request.environ.get("HTTP_ORIGIN"), request.method, "Cache-Control" in headers
+    )
+    for key, value in extra:
+        headers[key] = value
     return response

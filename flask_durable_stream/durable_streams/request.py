@@ -12,7 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
+from urllib.parse import parse_qs
 
 START = -1
 NOW = -2
@@ -42,6 +43,49 @@ class Headers:
             key = "HTTP_" + key
         value = self._environ.get(key)
         return value if value is None or isinstance(value, str) else str(value)
+
+
+#: What a view answers on the fast path when only Flask can serve the request.
+FLASK = object()
+
+
+class Req:
+    """One request as the views need it: straight from the WSGI environ, with or without Flask.
+
+    ``stream`` is the body; ``fast`` is True on the WSGI fast path (:mod:`.fast`),
+    where the views hand back :data:`FLASK` for what needs Flask's request.
+    """
+
+    __slots__ = ("environ", "method", "headers", "stream", "fast", "_args")
+
+    def __init__(self, environ: dict[str, Any], stream: IO[bytes], *, fast: bool = False) -> None:
+        self.environ = environ
+        self.method: str = environ.get("REQUEST_METHOD", "GET").upper()
+        self.headers = Headers(environ)
+        self.stream = stream
+        self.fast = fast
+        self._args: dict[str, list[str]] | None = None
+
+    @property
+    def args(self) -> dict[str, list[str]]:
+        if self._args is None:
+            query = self.environ.get("QUERY_STRING", "").encode("latin-1").decode(errors="replace")
+            self._args = parse_qs(query, keep_blank_values=True)
+        return self._args
+
+    def arg(self, name: str) -> str | None:
+        values = self.args.get(name)
+        return values[0] if values else None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.environ.get("CONTENT_LENGTH")
+        if not value:
+            return None
+        try:
+            return max(0, int(value))
+        except ValueError:
+            return None
 
 
 class BadRequest(ValueError):

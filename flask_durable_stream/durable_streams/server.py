@@ -7,6 +7,7 @@ from flask import Blueprint, Response
 from ..fronts.core import ContextProvider
 from ..managers.base import StreamManager
 from .blueprint import DurableStreamsView
+from .fast import install as install_fast_path
 from .flow_streams import FlowStreams
 from .replies import Reply, add_common_headers, to_response
 from .store import DSStore
@@ -77,6 +78,7 @@ def durable_streams_server(
             provide_automatic_options=False,
         )
     bp.after_request(add_common_headers)
+    bp.record_once(install_fast_path(view, add_common_headers))
 
     @bp.errorhandler(413)
     def too_large(exc: Exception) -> Response:

@@ -5,11 +5,11 @@ stream with its metadata as JSON, plus ``tail`` and ``closed`` for cheap
 polling; ``durable_records``: one row per record). A write is one
 ``BEGIN IMMEDIATE`` transaction, so it is atomic across every worker process
 of the host; the engine's function never waits on I/O inside it, so a greenlet
-holding it never yields. Readers in another process learn of appends by
-polling ``tail``/``closed`` of the one row they follow: every 2 ms for the
-first quarter second of a wait (a live reader is usually back within
-milliseconds of its last answer), then backing off to 50 ms; readers in the
-writing process are woken at once.
+holding it never yields. Writes that arrive together share the transaction
+and are answered once it committed (:mod:`.group_commit`). Readers in another
+process learn of appends by polling ``tail``/``closed`` of the one row they
+follow (:class:`~.store.PolledStore`); readers in the writing process are
+woken at once (:class:`~.store.Wakeups`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
-from .store import DSStore, Meta, Txn
+from .group_commit import GroupCommit, Job
+from .store import Meta, PolledStore, Txn, Wakeups
 
 _T = TypeVar("_T")
 
@@ -49,7 +50,7 @@ _PAGE = 256
 class _SQLiteTxn(Txn):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.wrote = False
+        self.touched: set[str] = set()
 
     def get(self, path: str) -> Meta | None:
         row = self._conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
@@ -60,22 +61,26 @@ class _SQLiteTxn(Txn):
             "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)",
             (path, json.dumps(meta.to_dict()), meta.tail, int(meta.closed)),
         )
-        self.wrote = True
+        self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
         self._conn.executemany(
             "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)",
             [(path, first + i, record) for i, record in enumerate(records)],
         )
-        self.wrote = True
+        self.touched.add(path)
 
     def drop(self, path: str) -> None:
         self._conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
         self._conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
-        self.wrote = True
+        self.touched.add(path)
 
 
-class SQLiteDSStore(DSStore):
+class _PartialWrite(Exception):
+    """A job of a batch failed after writing: the batch must be run job by job."""
+
+
+class SQLiteDSStore(PolledStore):
     """``path``: the SQLite file (the manager's). Safe to share between processes and greenlets."""
 
     def __init__(
@@ -97,7 +102,8 @@ class SQLiteDSStore(DSStore):
         self._pool: list[sqlite3.Connection] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(threading.Lock())
+        self.wakeups = Wakeups()
+        self._group = GroupCommit(self._commit)
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
@@ -149,19 +155,54 @@ class SQLiteDSStore(DSStore):
 
     # -- the contract ---------------------------------------------------------------
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            txn = _SQLiteTxn(conn)
-            try:
-                result = fn(txn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        if txn.wrote:
-            with self._changed:
-                self._changed.notify_all()
-        return result
+        return self._group.run(fn)
+
+    def _commit(self, jobs: Sequence[Job[Any]]) -> None:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` for the batch.
+
+        The engine's functions validate first and write last, so one that
+        refuses has written nothing and the batch goes on without it. One that
+        fails after writing (a storage error) would leave part of its writes in
+        the batch: the batch is rolled back and each job run again on its own.
+        """
+        try:
+            self._commit_batch(jobs)
+        except _PartialWrite:
+            for job in jobs:
+                job.value = job.error = None
+                self._commit_batch([job])
+
+    def _commit_batch(self, jobs: Sequence[Job[Any]]) -> None:
+        touched: set[str] = set()
+        try:
+            with self._connection() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for job in jobs:
+                        txn = _SQLiteTxn(conn)
+                        try:
+                            job.value = job.fn(txn)
+                        except Exception as exc:
+                            if txn.touched and len(jobs) > 1:
+                                raise _PartialWrite from exc
+                            job.error = exc
+                            if txn.touched:  # alone: nothing of it may stay
+                                raise
+                        touched |= txn.touched
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        except _PartialWrite:
+            raise
+        except BaseException as exc:  # nothing of the batch committed
+            for job in jobs:
+                job.value = None
+                job.error = job.error or exc
+            return
+        if touched:
+            self.wakeups.wake(touched)
 
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
@@ -187,28 +228,12 @@ class SQLiteDSStore(DSStore):
                 if len(rows) < _PAGE:
                     return out
 
-    def _state(self, path: str) -> tuple[int, int] | None:
+    def state(self, path: str) -> tuple[int, bool] | None:
         with self._connection() as conn:
             row = conn.execute(
                 "SELECT tail, closed FROM durable_meta WHERE path = ?", (path,)
             ).fetchone()
-        return (int(row[0]), int(row[1])) if row else None
-
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
-        while True:
-            state = self._state(path)
-            if state is None or state[0] > tail or bool(state[1]) != closed:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            with self._changed:
-                self._changed.wait(min(delay, remaining))
-            if time.monotonic() > fast_until:  # quiet for a while: back off
-                delay = min(delay * 2, self.poll_interval[1])
+        return (int(row[0]), bool(row[1])) if row else None
 
     def paths(self) -> Iterator[str]:
         with self._connection() as conn:

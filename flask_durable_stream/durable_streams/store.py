@@ -16,8 +16,10 @@ lives in one place, every backend answers the protocol the same way.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -102,6 +104,8 @@ class DSStore:
 
     #: True when reads leave the process (worth caching records in front of them).
     remote: bool = True
+    #: Live readers of this process, woken by this process's writes.
+    wakeups: Wakeups
 
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
         raise NotImplementedError
@@ -124,6 +128,97 @@ class DSStore:
 
     def now(self) -> float:
         return time.time()
+
+
+def yield_to_greenlets() -> None:
+    """Under gevent (``time`` patched), let the other runnable greenlets run first.
+
+    Threads need no such turn (they run meanwhile) and a real ``sleep(0)``
+    would hand the CPU to other processes, so elsewhere this does nothing.
+    """
+    if "gevent.monkey" not in sys.modules:
+        return
+    from gevent import monkey, sleep
+
+    if monkey.is_module_patched("time"):
+        sleep(0)
+
+
+class Wakeups:
+    """Per-stream wake-ups for the live readers of one process.
+
+    A reader registers before it checks the stream and waits on its own event;
+    a write that committed sets the events of the streams it touched. Readers
+    in this process are so woken at once, without polling, and only those of
+    the streams that changed. (Other processes' writes are found by each
+    store's own means: polling in SQLite and Redis.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, set[threading.Event]] = {}
+
+    def register(self, path: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(path, set()).add(event)
+        return event
+
+    def unregister(self, path: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(path)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[path]
+
+    def wake(self, paths: Iterable[str]) -> None:
+        with self._lock:
+            events = [e for path in paths for e in self._events.get(path, ())]
+        for event in events:
+            event.set()
+
+    def waiting(self, path: str) -> bool:
+        """Whether a reader of ``path`` is registered (woken or not, it has not answered yet)."""
+        return path in self._events
+
+
+class PolledStore(DSStore):
+    """A store shared by processes: live readers poll :meth:`state` for other processes' writes.
+
+    Writes of this process wake the reader at once (:class:`Wakeups`); other
+    processes' writes are found by polling: every ``poll_interval[0]`` for the
+    first ``fast_poll_seconds`` of a wait (a live reader is usually back
+    within milliseconds of its last answer), then backing off to
+    ``poll_interval[1]``.
+    """
+
+    poll_interval: tuple[float, float] = (0.002, 0.05)
+    fast_poll_seconds: float = 0.25
+
+    def state(self, path: str) -> tuple[int, bool] | None:
+        """The stream's (tail, closed), None if there is no such stream: one cheap read."""
+        raise NotImplementedError
+
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        fast_until = time.monotonic() + self.fast_poll_seconds
+        delay = self.poll_interval[0]
+        woken = self.wakeups.register(path)  # before the first look: no write is missed
+        try:
+            while True:
+                now = self.state(path)
+                if now is None or now[0] > tail or now[1] != closed:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if woken.wait(min(delay, remaining)):
+                    return  # a write of this process: the caller reads what it did
+                if time.monotonic() > fast_until:  # quiet for a while: back off
+                    delay = min(delay * 2, self.poll_interval[1])
+        finally:
+            self.wakeups.unregister(path, woken)
 
 
 def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:
