@@ -8,6 +8,9 @@ makes heartbeats due, and shuts down gracefully. Storage latency never delays
 live frames, and a client that goes away stops nothing. Heartbeats and retry
 pauses follow the runner's :class:`~.writer.Clock`, real time unless a test
 passes a fake one.
+
+A little over ~400 lines: the module-level registry (``runner_for``, ``shutdown_all``) and the
+class it registers belong together.
 """
 
 from __future__ import annotations
