@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class CuttingProxy:
     """Forwards 127.0.0.1:<port> to ``upstream``; connection ``i`` is cut after ``cuts[i]`` bytes.
 
     Only server-to-client bytes count. Connections beyond ``cuts`` (or with ``None``)
-    are never cut. ``connections`` counts accepted connections.
+    are never cut. Connection ``i`` in ``answers`` never reaches upstream: the proxy reads
+    the request and answers ``answers[i]`` itself (a restarting server behind a load
+    balancer). ``connections`` counts accepted connections.
     """
 
-    def __init__(self, upstream_port: int, cuts: Sequence[int | None]) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        cuts: Sequence[int | None] = (),
+        *,
+        answers: Mapping[int, bytes] | None = None,
+    ) -> None:
         self.upstream_port = upstream_port
         self.cuts = list(cuts)
+        self.answers = dict(answers or {})
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -31,10 +40,30 @@ class CuttingProxy:
             except OSError:
                 return
             index, self.connections = self.connections, self.connections + 1
+            if index in self.answers:
+                threading.Thread(
+                    target=self._answer, args=(client, self.answers[index]), daemon=True
+                ).start()
+                continue
             cut = self.cuts[index] if index < len(self.cuts) else None
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, cut), daemon=True).start()
+
+    @staticmethod
+    def _answer(client: socket.socket, answer: bytes) -> None:
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:  # the GETs this answers have no body
+                data = client.recv(65536)
+                if not data:
+                    break
+                request += data
+            client.sendall(answer)
+        except OSError:
+            pass
+        finally:
+            client.close()
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket, cut: int | None) -> None:
