@@ -255,3 +255,12 @@ def test_expires_at_is_decided_at_the_requests_arrival(stores: tuple[DSStore, DS
     assert create(engine, "fork", fork_of="src", at=1000.9) == 201  # its source lived then
     assert engine.current("fixed", 1003.0) is None  # arrived at the deadline: gone
     assert engine.current("fixed", 1002.0) is None  # once removed, a late request cannot revive it
+
+
+def test_the_sweep_lets_other_requests_in(stores: tuple[DSStore, DSStore]) -> None:
+    engine = Engine(stores[0])
+    for i in range(10):
+        create(engine, f"s{i}")
+    pauses: list[int] = []
+    assert engine.gc(pause=lambda: pauses.append(1), every=3) == 0
+    assert len(pauses) == 3  # after streams 3, 6 and 9 of 10
