@@ -218,3 +218,49 @@ def test_the_sweep_expires_streams_nobody_touches(stores: tuple[DSStore, DSStore
     assert src is not None and src.deleted  # its fork still reads it
     assert sorted(store.paths()) == ["fork", "src", "stays"]
     assert read_all(engine, "fork") == b"y"
+
+
+def test_expiry_is_decided_at_the_requests_arrival(stores: tuple[DSStore, DSStore]) -> None:
+    """A request that arrived before the TTL ran out but reached the store after it (a
+    loaded process) still finds the stream, and restarts the TTL from its own write."""
+    clock = [1000.0]
+    store = stores[0]
+    store.now = lambda: clock[0]  # type: ignore[method-assign]
+    engine = Engine(store)
+    create(engine, "slow", ttl=2)
+    arrived = clock[0] + 1.5
+    clock[0] += 2.5  # the request waited a second for a CPU
+    assert engine.current("slow", arrived) is not None
+    assert append(engine, "slow", b"x", at=arrived) == 204
+    clock[0] += 1.9  # within 2 s of the write, though 2.4 s after the request arrived
+    assert engine.current("slow") is not None
+    engine.touch("slow", clock[0] - 0.5)
+    clock[0] += 1.9
+    assert engine.current("slow") is not None  # the read restarted it at its write too
+    clock[0] += 0.2
+    assert engine.current("slow") is None  # gone by the time it is asked, however late
+    assert engine.current("slow", clock[0] - 5) is None  # and stays gone
+    assert append(engine, "slow", b"y", at=clock[0] - 5) == 404
+
+
+def test_expires_at_is_decided_at_the_requests_arrival(stores: tuple[DSStore, DSStore]) -> None:
+    clock = [1000.0]
+    store = stores[0]
+    store.now = lambda: clock[0]  # type: ignore[method-assign]
+    engine = Engine(store)
+    create(engine, "fixed", record=b"a", expires_at="x", expires_ts=1003.0)
+    create(engine, "src", record=b"b", ttl=1)
+    clock[0] += 3.5
+    assert append(engine, "fixed", b"b", at=1002.9) == 204  # arrived in time
+    assert create(engine, "fork", fork_of="src", at=1000.9) == 201  # its source lived then
+    assert engine.current("fixed", 1003.0) is None  # arrived at the deadline: gone
+    assert engine.current("fixed", 1002.0) is None  # once removed, a late request cannot revive it
+
+
+def test_the_sweep_lets_other_requests_in(stores: tuple[DSStore, DSStore]) -> None:
+    engine = Engine(stores[0])
+    for i in range(10):
+        create(engine, f"s{i}")
+    pauses: list[int] = []
+    assert engine.gc(pause=lambda: pauses.append(1), every=3) == 0
+    assert len(pauses) == 3  # after streams 3, 6 and 9 of 10

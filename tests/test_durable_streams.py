@@ -161,3 +161,32 @@ def test_backends_without_durable_streams_say_so() -> None:
         assert cls.durable_streams_store is StreamManager.durable_streams_store
     with pytest.raises(NotImplementedError, match="does not support Durable Streams"):
         StreamManager().durable_streams_store()
+
+
+def test_a_slow_request_is_judged_at_its_arrival() -> None:
+    """A request that waits a second for the store (a loaded machine, a busy lock) after
+    arriving before the TTL ran out finds its stream: expiry is not decided by the delay."""
+    store = MemoryDSStore()
+    clock = [1000.0]
+    store.now = lambda: clock[0]  # type: ignore[method-assign]
+    transact = store.transact
+
+    def slow_transact(fn: Any) -> Any:
+        clock[0] += 1.0
+        return transact(fn)
+
+    app = Flask(__name__)
+    app.register_blueprint(durable_streams_server(store), url_prefix="/s")
+    client = app.test_client()
+    headers = {"Stream-TTL": "2", "Content-Type": "text/plain"}
+    assert client.put("/s/t", headers=headers).status_code == 201  # lives from 1000
+    store.transact = slow_transact  # type: ignore[method-assign]
+    clock[0] = 1001.5  # arrives in time, reaches the store at 1002.5
+    assert client.post("/s/t", data=b"x", content_type="text/plain").status_code == 204
+    clock[0] = 1004.4  # within 2 s of the append's write
+    assert client.head("/s/t").status_code == 200
+    assert client.get("/s/t").status_code == 200  # touched at 1005.4
+    clock[0] = 1007.3
+    assert client.head("/s/t").status_code == 200
+    clock[0] = 1007.5
+    assert client.head("/s/t").status_code == 404

@@ -101,6 +101,7 @@ class DurableStreamsView:
 
     def handle(self, req: Req, path: str) -> Reply | Response | object:
         """The reply to one request, or :data:`FLASK` when ``req.fast`` and Flask must answer."""
+        req.at = self.engine.store.now()
         self._maybe_gc()
         try:
             if req.method == "OPTIONS":
@@ -168,7 +169,7 @@ class DurableStreamsView:
         body = self._body(req)
         effective_ct = content_type
         if effective_ct is None and source is not None:
-            meta = self.engine.current(source)
+            meta = self.engine.current(source, req.at)
             effective_ct = meta.content_type if meta is not None else None
         if effective_ct is not None and rq.is_json(effective_ct):
             record = rq.json_record(body, allow_empty=True)
@@ -186,6 +187,7 @@ class DurableStreamsView:
             fork_offset=fork_offset,
             fork_sub=sub,
             owner=owner,
+            at=req.at,
         )
         if reply.status == 201:
             reply.headers["Location"] = request.base_url
@@ -258,12 +260,13 @@ class DurableStreamsView:
             stream_seq=h.get("Stream-Seq"),
             producer=producer,
             may_write=lambda meta: Reply(403) if self._forbidden(meta, owner) else None,
+            at=req.at,
         )
 
     # -- DELETE -------------------------------------------------------------------------
     def _delete(self, req: Req, path: str, owner: str | None) -> Reply:
         reply = self.engine.delete(
-            path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None
+            path, lambda meta: Reply(403) if self._forbidden(meta, owner) else None, req.at
         )
         if reply.status == 404:
             return self._read_only(path, owner) or reply
@@ -271,7 +274,7 @@ class DurableStreamsView:
 
     # -- HEAD ---------------------------------------------------------------------------
     def _head(self, req: Req, path: str, owner: str | None) -> Reply | Response | object:
-        meta = self._readable(path, owner)
+        meta = self._readable(path, owner, req.at)
         if meta is None:
             if self.flows is None:
                 return Reply(404)
@@ -286,8 +289,8 @@ class DurableStreamsView:
             headers[CLOSED] = "true"
         return Reply(200, headers)
 
-    def _readable(self, path: str, owner: str | None) -> Meta | None:
-        meta = self.engine.current(path)
+    def _readable(self, path: str, owner: str | None, at: float | None) -> Meta | None:
+        meta = self.engine.current(path, at)
         if meta is not None and self._forbidden(meta, owner):
             raise Forbidden()
         return meta
@@ -304,7 +307,7 @@ class DurableStreamsView:
         if live is not None and not offsets:
             raise rq.BadRequest("live reads need an offset")
         offset = rq.parse_offset(offsets[0]) if offsets else rq.START
-        meta = self._readable(path, owner)
+        meta = self._readable(path, owner, req.at)
         if meta is None:
             if self.flows is not None and self.flows.exists(path):
                 if req.fast:
@@ -314,7 +317,7 @@ class DurableStreamsView:
         if live == "sse" and req.fast:  # long-lived: Flask's cost per request does not matter
             return FLASK
         if meta.ttl is not None:
-            self.engine.touch(path)
+            self.engine.touch(path, req.at)
         if live == "sse":
             return self._sse(req, path, meta, offset)
         chunk = self.engine.chunk(path, meta, offset)

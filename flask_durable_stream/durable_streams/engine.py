@@ -77,9 +77,21 @@ class Engine:
                 txn.put(source, parent)
                 return
 
-    def current(self, path: str) -> Meta | None:
-        """Metadata for a reader; raises :class:`Gone` for a soft-deleted stream."""
+    def _at(self, at: float | None) -> float:
+        """When a request's expiry is decided: when it arrived, if the view said.
+
+        A loaded process may take a while to reach the store; a stream that was
+        alive when the request arrived answers as alive, and one whose time was
+        up by then as gone, however long the request then waited for a CPU or a
+        lock. Sliding TTLs are restarted from the moment of the write instead
+        (later, never earlier than the request).
+        """
         now = self.store.now()
+        return now if at is None else min(at, now)
+
+    def current(self, path: str, at: float | None = None) -> Meta | None:
+        """Metadata for a reader; raises :class:`Gone` for a soft-deleted stream."""
+        now = self._at(at)
         meta = self.store.get(path)
         if meta is not None and not meta.deleted and meta.expired(now):
             meta = self.store.transact(lambda txn: self._live(txn, path, now))
@@ -87,25 +99,33 @@ class Engine:
             raise Gone(path)
         return meta
 
-    def gc(self) -> int:
-        """Expire every stream whose time is up, touched or not; return how many."""
+    def gc(self, pause: Callable[[], None] = yield_to_greenlets, every: int = 32) -> int:
+        """Expire every stream whose time is up, touched or not; return how many.
+
+        The sweep runs in the background of a worker that serves requests: it
+        calls ``pause`` every ``every`` streams, so that under gevent a sweep over
+        thousands of streams on a blocking store (SQLite) never holds the other
+        requests back for long (which, on a loaded machine, made sliding TTLs run
+        out while their renewing request waited).
+        """
         now = self.store.now()
         count = 0
-        for path in self.store.paths():
+        for i, path in enumerate(self.store.paths()):
+            if i and i % every == 0:
+                pause()
             meta = self.store.get(path)
             if meta is not None and not meta.deleted and meta.expired(now):
                 self.store.transact(partial(self._live, path=path, now=now))
                 count += 1
         return count
 
-    def touch(self, path: str) -> None:
+    def touch(self, path: str, at: float | None = None) -> None:
         """Restart a sliding TTL: reads count as activity."""
-        now = self.store.now()
 
         def run(txn: Txn) -> None:
-            meta = self._live(txn, path, now)
+            meta = self._live(txn, path, self._at(at))
             if meta is not None and meta.ttl is not None and not meta.deleted:
-                meta.touched = now
+                meta.touched = self.store.now()  # when it is written, not when it was asked
                 txn.put(path, meta)
 
         self.store.transact(run)
@@ -137,16 +157,18 @@ class Engine:
         fork_offset: int | None = None,
         fork_sub: int = 0,
         owner: str | None = None,
+        at: float | None = None,
     ) -> Reply:
         def run(txn: Txn) -> Reply:
-            now = self.store.now()
+            now = self.store.now()  # the new stream's life starts at its commit
+            alive_at = self._at(at)
             want_ct = content_type
             want_ttl, want_exp, want_ts = ttl, expires_at, expires_ts
             inherited: list[bytes] = []
             base = 0
             source: Meta | None = None
             if fork_of is not None:
-                source = self._live(txn, fork_of, now)
+                source = self._live(txn, fork_of, alive_at)
                 if source is None:
                     return Reply(404, body=b"source stream not found")
                 if source.deleted:
@@ -166,7 +188,7 @@ class Engine:
                     [anchor] = self._read(fork_of, source, base, base + 1, 1)
                     inherited = [_prefix(anchor, fork_sub, source.content_type)]
             ct = want_ct or "application/octet-stream"
-            existing = self._live(txn, path, now)
+            existing = self._live(txn, path, alive_at)
             if existing is not None:
                 same = (
                     not existing.deleted
@@ -222,17 +244,17 @@ class Engine:
         stream_seq: str | None,
         producer: Producer | None,
         may_write: Callable[[Meta], Reply | None] | None = None,
+        at: float | None = None,
     ) -> Reply:
         stored: list[tuple[str, int, bytes]] = []  # for the cache, once committed
 
         def run(txn: Txn) -> Reply:
             stored.clear()  # a store may run this again (optimistic transactions)
-            now = self.store.now()
-            meta = self._writable(txn, path, now, may_write)
+            meta = self._writable(txn, path, self._at(at), may_write)
             if isinstance(meta, Reply):
                 return meta
             if meta.ttl is not None:
-                meta.touched = now
+                meta.touched = self.store.now()
             p = producer
             if meta.closed:
                 if p is not None and meta.closed_by == [p.id, p.epoch, p.seq]:
@@ -295,9 +317,14 @@ class Engine:
         return reply
 
     # -- delete -------------------------------------------------------------------------
-    def delete(self, path: str, may_delete: Callable[[Meta], Reply | None] | None = None) -> Reply:
+    def delete(
+        self,
+        path: str,
+        may_delete: Callable[[Meta], Reply | None] | None = None,
+        at: float | None = None,
+    ) -> Reply:
         def run(txn: Txn) -> Reply:
-            meta = self._writable(txn, path, self.store.now(), may_delete)
+            meta = self._writable(txn, path, self._at(at), may_delete)
             if isinstance(meta, Reply):
                 return meta
             self._remove(txn, path, meta)

@@ -56,7 +56,7 @@ class Req:
     where the views hand back :data:`FLASK` for what needs Flask's request.
     """
 
-    __slots__ = ("environ", "method", "headers", "stream", "fast", "_args")
+    __slots__ = ("environ", "method", "headers", "stream", "fast", "at", "_args")
 
     def __init__(self, environ: dict[str, Any], stream: IO[bytes], *, fast: bool = False) -> None:
         self.environ = environ
@@ -64,6 +64,8 @@ class Req:
         self.headers = Headers(environ)
         self.stream = stream
         self.fast = fast
+        #: When the request arrived, on the store's clock: expiry is decided at this time.
+        self.at: float | None = None
         self._args: dict[str, list[str]] | None = None
 
     @property
