@@ -3,6 +3,9 @@
 Each operation validates first and writes last inside one store transaction,
 so a refusal never leaves a partial change, and answers with a :class:`Reply`
 whose status and headers are the ones the protocol names.
+
+A little over ~400 lines: every operation of the protocol is here, side by side, because they
+share the validation order and the expiry decision; split by operation they would repeat it.
 """
 
 from __future__ import annotations
