@@ -98,7 +98,8 @@ def test_killed_producer_process_ends_stream_with_unavailable(db: Path) -> None:
         proc.wait(10)
         killed = time.monotonic()
         terminal = next(sub)
-        assert time.monotonic() - killed < lease + 2
+        # The lease ended it (well before the 30 s reader timeout), however slow the machine.
+        assert time.monotonic() - killed < lease + 15
         assert terminal.seq == 5 and terminal.kind == "error"
         assert terminal.value["status"] == "UNAVAILABLE"
         assert list(manager.subscribe("doomed", after=4)) == [terminal]
