@@ -327,6 +327,3 @@ class Inbox:
             if not self._items:
                 self._ready.wait(None if timeout is None else max(0.0, timeout))
         return self._items.popleft() if self._items else None
-
-    def __len__(self) -> int:
-        return len(self._items)

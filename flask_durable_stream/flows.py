@@ -28,7 +28,7 @@ from typing import Any
 
 from . import protocol
 from ._concurrency import AsyncioThread, Inbox, gevent_patched
-from .exceptions import DurableStreamError, EventTooLarge, FlowError
+from .exceptions import DurableStreamError, FlowError
 from .managers.common import event_size_error
 
 log = logging.getLogger("flask_durable_stream")
@@ -82,7 +82,7 @@ class FlowContext:
         payload = protocol.encode(chunk)
         limit = self._max_event_bytes
         if limit is not None and len(payload) * 4 > limit:  # else it fits whatever its text
-            too_large = size_error(f"Chunk {self._sent}", payload, limit, self._backend)
+            too_large = event_size_error(f"Chunk {self._sent}", payload, limit, self._backend)
             if too_large is not None:
                 raise too_large
         if self._emit is not None:
@@ -108,10 +108,6 @@ class FlowContext:
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on cancel. Returns ``cancelled``."""
         return self._cancel.wait(timeout)
-
-
-#: The emit side's size check, the one the storage side raises too (the same message).
-size_error: Callable[[str, str, int | None, str], EventTooLarge | None] = event_size_error
 
 
 def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:
@@ -250,7 +246,7 @@ class _LoopThread:
         emit = ctx._emit
         if emit is not None:
             ctx._emit = inbox.put
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(_consume(flow, args, ctx), self.loop)
+        future: Future[Any] = self.native.submit(_consume(flow, args, ctx))
         future.add_done_callback(inbox.put)
         try:
             while True:

@@ -31,8 +31,9 @@ from typing import Any
 from . import protocol
 from ._concurrency import gevent_patched
 from .exceptions import StreamClosed
-from .flows import FlowContext, fit_error, size_error
+from .flows import FlowContext, fit_error
 from .managers.base import Event
+from .managers.common import event_size_error
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -188,7 +189,7 @@ class Run:
             )
             self.fail(protocol.INTERNAL_ERROR)
             return
-        too_large = size_error("Output", payload, self.max_event_bytes, self.backend)
+        too_large = event_size_error("Output", payload, self.max_event_bytes, self.backend)
         if too_large is not None:
             log.error("stream %s: %s", self.stream_id, too_large.message)
             self.fail(too_large.to_dict())

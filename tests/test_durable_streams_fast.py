@@ -112,16 +112,55 @@ def test_the_fast_path_answers_every_request_exactly_as_flask(
     assert not slow.wsgi_app.enabled()  # type: ignore[attr-defined]
     fast_client, slow_client = fast.test_client(), slow.test_client()
     for method, path, headers, body in REQUESTS:
+        # An empty POST says "Content-Length: 0", as real clients do (the test client
+        # sends none), so it is the fast path's to answer.
+        environ = {"CONTENT_LENGTH": "0"} if method == "POST" and not body else {}
         flask_calls.clear()
-        expected = normalized(slow_client.open(path, method=method, headers=headers, data=body))
+        expected = normalized(
+            slow_client.open(
+                path, method=method, headers=headers, data=body, environ_overrides=environ
+            )
+        )
         assert flask_calls or path == "/ds/a/../b", (method, path)
         flask_calls.clear()
-        got = normalized(fast_client.open(path, method=method, headers=headers, data=body))
+        got = normalized(
+            fast_client.open(
+                path, method=method, headers=headers, data=body, environ_overrides=environ
+            )
+        )
         assert got == expected, (method, path)
-        # PUT and PATCH are Flask's, and a POST whose length is unknown (the test
-        # client sends no Content-Length for an empty body); the rest never reach it
-        to_flask = method in ("PUT", "PATCH") or (method == "POST" and not body)
+        # PUT and PATCH are Flask's; the rest never reach it
+        to_flask = method in ("PUT", "PATCH")
         assert bool(flask_calls) == to_flask, (method, path, flask_calls)
+
+
+def test_flasks_body_limit_and_earlier_middleware_are_never_bypassed() -> None:
+    limited = Flask(__name__)
+    limited.config["MAX_CONTENT_LENGTH"] = 10
+    limited.register_blueprint(durable_streams_server(MemoryDSStore()), url_prefix="/ds")
+    client = limited.test_client()
+    assert client.put("/ds/a", headers={"Content-Type": "text/plain"}).status_code == 201
+    big = client.post("/ds/a", headers={"Content-Type": "text/plain"}, data=b"x" * 100)
+    assert big.status_code == 413
+
+    guarded = Flask(__name__)
+    inner = guarded.wsgi_app
+
+    def refuse_without_key(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("HTTP_X_KEY") != "k":
+            start_response("401 Unauthorized", [("Content-Length", "0")])
+            return [b""]
+        return inner(environ, start_response)
+
+    guarded.wsgi_app = refuse_without_key  # type: ignore[method-assign]
+    guarded.register_blueprint(durable_streams_server(MemoryDSStore()), url_prefix="/ds")
+    client = guarded.test_client()
+    ok = {"Content-Type": "text/plain", "X-Key": "k"}
+    assert client.put("/ds/a", headers=ok).status_code == 201
+    plain = {"Content-Type": "text/plain"}
+    assert client.post("/ds/a", headers=plain, data=b"x").status_code == 401
+    assert client.get("/ds/a?offset=-1").status_code == 401
+    assert client.get("/ds/a?offset=-1", headers={"X-Key": "k"}).get_data() == b""
 
 
 def test_a_route_of_the_app_under_the_prefix_keeps_flask_in_charge() -> None:

@@ -209,7 +209,10 @@ class DurableStreamsView:
         if length is not None:
             if length > self.max_body_bytes:
                 raise RequestEntityTooLarge()
-            return req.stream.read(length) if length else b""
+            data = req.stream.read(length) if length else b""
+            if len(data) < length:  # the client went away mid-body: store nothing of it
+                raise rq.BadRequest("request body ended early")
+            return data
         data = req.stream.read(self.max_body_bytes + 1)  # chunked: read up to the limit
         if len(data) > self.max_body_bytes:
             raise RequestEntityTooLarge()

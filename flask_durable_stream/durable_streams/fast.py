@@ -45,6 +45,8 @@ def install(view: DurableStreamsView, after_request: Callable[..., Any]) -> Call
         app = state.app
         if not isinstance(app, Flask):
             return
+        if getattr(app.wsgi_app, "__func__", None) is not Flask.wsgi_app:
+            return  # WSGI middleware already wraps the app: every request goes through it
         endpoint = f"{state.name}.stream"
         app.wsgi_app = FastPath(  # type: ignore[method-assign]
             app, app.wsgi_app, view, prefix, state.name, endpoint, after_request
@@ -88,8 +90,11 @@ class FastPath:
         if not path or path[0] == "/" or "//" in path:
             return self.inner(environ, start_response)  # Flask's own slash handling
         stream = environ.get("wsgi.input")
+        length = environ.get("CONTENT_LENGTH")
+        if length and not length.isdigit():  # Flask's own 400
+            return self.inner(environ, start_response)
         if environ["REQUEST_METHOD"] == "POST" and not (
-            environ.get("CONTENT_LENGTH") or environ.get("wsgi.input_terminated")
+            length or environ.get("wsgi.input_terminated")
         ):
             return self.inner(environ, start_response)
         try:
@@ -108,8 +113,8 @@ class FastPath:
     def enabled(self) -> bool:
         """Whether Flask would answer exactly what the view answers on its own."""
         app = self.app
-        if self.view.context_provider is not None:
-            return False
+        if self.view.context_provider is not None or app.config.get("MAX_CONTENT_LENGTH"):
+            return False  # the provider, and Flask's own body limit, are Flask's to apply
         names = (None, self.blueprint)
         for hooks in (
             app.before_request_funcs,

@@ -63,11 +63,29 @@ class GroupCommit:
             lead = not self._busy
             self._busy = True
         if not lead:
-            job.done.wait()
+            try:
+                job.done.wait()
+            except BaseException:  # killed while queued: never leave a dead job to lead
+                self._withdraw(job)
+                raise
             if not job.lead:
                 return job.outcome()
         self._lead(job)
         return job.outcome()
+
+    def _withdraw(self, job: Job[Any]) -> None:
+        """Take a waiting caller's job out; if the lead was just handed to it, pass it on."""
+        with self._lock:
+            if job not in self._queue:
+                return  # its batch was taken: it commits (or not) with it
+            self._queue.remove(job)
+            if not job.lead:
+                return
+            if self._queue:
+                self._queue[0].lead = True
+                self._queue[0].done.set()
+            else:
+                self._busy = False
 
     def _lead(self, job: Job[Any]) -> None:
         batch: list[Job[Any]] | None = None

@@ -197,9 +197,13 @@ class SQLiteDSStore(PolledStore):
         except _PartialWrite:
             raise
         except BaseException as exc:  # nothing of the batch committed
+            # A kill or timeout of the leading request is its own: the others get a storage error.
+            failure = exc if isinstance(exc, Exception) else StorageUnavailable("write interrupted")
             for job in jobs:
                 job.value = None
-                job.error = job.error or exc
+                job.error = job.error or failure
+            if failure is not exc:
+                raise
             return
         if touched:
             self.wakeups.wake(touched)

@@ -25,7 +25,6 @@ from .core import (
     closer,
     error_response,
     json_response,
-    of_another_flow,
     owner_of,
     public_error,
     read_json_object,
@@ -143,11 +142,10 @@ class GenkitFront(Front):
         manager = self.manager
         if manager is None:
             return Response(status=204)
-        info = manager.info(stream_id)
-        if of_another_flow(info, self.name):
-            return Response(status=204)  # as for an unknown id
-        if info is not None:  # an unknown id passes, and finds nothing below
-            check_owner(info.owner, context)
+        info = self.stream_info(stream_id)
+        if info is None:  # unknown, expired, or another flow's: nothing to resume
+            return Response(status=204)
+        check_owner(info.owner, context)
         try:
             batches = manager.subscribe_batches(stream_id, timeout=self.options.subscribe_timeout)
         except StreamNotFound:

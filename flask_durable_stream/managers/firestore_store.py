@@ -264,7 +264,9 @@ class FirestoreStore:
                 stored = docs[count - 1][0][-1].seq
                 docs = docs[count:]
             except StreamExists:  # a retry of a commit that landed, or someone else wrote
-                stored = self._reconcile(stream_id, events)
+                before, stored = stored, self._reconcile(stream_id, events)
+                if stored <= before:  # what is in the way is not ours: the same commit would
+                    raise StreamClosed(f"stream {stream_id} already ended") from None  # loop
                 docs = split([e for e in events if e.seq > stored], batch_bytes)
             except StreamNotFound:
                 raise StreamClosed(f"stream {stream_id} no longer exists") from None

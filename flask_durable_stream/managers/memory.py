@@ -11,6 +11,7 @@ SQLite manager (one host) or a networked backend.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -173,19 +174,7 @@ class InMemoryStreamManager(StreamManager):
         except StreamNotFound:
             return None
         with stream.cond:
-            i = stream.info
-            return StreamInfo(
-                i.stream_id,
-                i.status,
-                i.created_at,
-                i.updated_at,
-                i.last_seq,
-                i.owner,
-                i.cancel_requested,
-                i.heartbeat_at,
-                i.expires_at,
-                i.flow,
-            )
+            return dataclasses.replace(stream.info)  # a copy: the stored one keeps changing
 
     def request_cancel(self, stream_id: str) -> bool:
         stream = self._get(stream_id)

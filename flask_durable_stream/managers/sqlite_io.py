@@ -1,6 +1,6 @@
 """What the SQLite manager's modules share: the schema, statements, limits, and the
-primitives its writer thread and followers use (real OS locks and threads even
-under gevent, a cross-thread wake-up, the request a caller queues for the writer).
+primitives its writer thread and followers use (real OS locks and queues even
+under gevent, the request a caller queues for the writer).
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ BUSY = Backoff(initial=0.02, maximum=0.5)
 
 #: The unpatched primitives even after gevent's monkey patching: a real OS thread, lock, queue.
 real_lock = original("_thread", "allocate_lock", _thread.allocate_lock)
-real_start_thread = original("_thread", "start_new_thread", _thread.start_new_thread)
 RealQueue = original("_queue", "SimpleQueue", _queue.SimpleQueue)
 # Connections inherited through fork(): kept referenced so the child never closes them.
 ABANDONED: list[Any] = []

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._concurrency import start_native_thread
 from ..exceptions import StorageUnavailable, StreamError
 from .sqlite_io import (
     RealQueue,
@@ -25,7 +26,6 @@ from .sqlite_io import (
     connect,
     is_busy,
     real_lock,
-    real_start_thread,
     rollback_quietly,
     stop_writer,
 )
@@ -71,7 +71,7 @@ class WriterThread:
             with self._start_lock:
                 if self._queue is None and not self.closed:
                     self._queue = RealQueue()
-                    real_start_thread(self._run, ())
+                    start_native_thread(self._run)
         with self._lock:
             queue = self._queue
             if self.closed or queue is None:
