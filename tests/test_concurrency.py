@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
 from flask_durable_stream._concurrency import gevent_patched
 from tests.support import signal_cases
+from tests.support.waiting import PATIENCE
 from tests.test_gevent import run_check
 
 EXPECTED = {
@@ -26,7 +28,13 @@ def patched_report() -> Any:
 
 def test_cases_run_unpatched_here() -> None:
     assert not gevent_patched()
-    assert signal_cases.run_all() == EXPECTED
+    results: list[Any] = []
+    # In a thread with a deadline: a lost wake-up hangs its case, and must fail, not hang the suite.
+    thread = threading.Thread(target=lambda: results.append(signal_cases.run_all()), daemon=True)
+    thread.start()
+    thread.join(PATIENCE)
+    assert not thread.is_alive(), f"a wake-up was lost: the cases still wait after {PATIENCE} s"
+    assert results == [EXPECTED]
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))

@@ -24,7 +24,7 @@ from flask_durable_stream.runner import Runner  # noqa: E402
 
 ORDER: list[str] = []  # "<flow>:<i>" per chunk, "tick" per hub tick
 TICKS = [0]  # hub ticks so far
-PATIENCE = 60.0  # seconds an async flow waits for the hub to tick before it gives up
+from tests.support.waiting import PATIENCE  # noqa: E402  (how long an async flow waits for a hub tick)
 
 
 async def hub_ticked() -> None:

@@ -19,8 +19,7 @@ from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from flask_durable_stream import InMemoryStreamManager, durable_stream_blueprint  # noqa: E402
 from flask_durable_stream._concurrency import running_tasks  # noqa: E402
-
-PATIENCE = 60.0  # seconds before a wait counts as a hang
+from tests.support.waiting import PATIENCE  # noqa: E402  (seconds before a wait counts as a hang)
 
 
 def silent(data, ctx):  # type: ignore[no-untyped-def]
