@@ -10,7 +10,11 @@ need a server start it themselves, on a free port on 127.0.0.1.
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import pkgutil
+import signal
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -34,6 +38,33 @@ _BEFORE = pytest.StashKey["weakref.WeakSet[Any]"]()
 #: How long, in all, a test's teardown waits for its tasks to end before calling them leaked.
 #: Generous: on a loaded machine a task that was told to stop may take a while to get there.
 LEAK_WAIT = 30.0
+
+
+#: A test still running after this many seconds is stuck: it fails, with every thread's stack
+#: on stderr, and the run goes on. Far above the slowest test (about a minute), so a slow
+#: machine never trips it; it exists so that one hang cannot stall a whole run unexplained.
+HANG_LIMIT = float(os.environ.get("DURABLE_STREAM_TEST_HANG_LIMIT", "600"))
+
+
+class TestHung(Exception):
+    """Raised in the main thread of a test that ran past HANG_LIMIT."""
+
+
+def _hung(signum: int, frame: Any) -> None:
+    sys.stderr.write(f"\n!!! test still running after {HANG_LIMIT:.0f} s; every thread's stack:\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    raise TestHung(f"still running after {HANG_LIMIT:.0f} s (stacks above, on stderr)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[Any]:
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.setitimer(signal.ITIMER_REAL, HANG_LIMIT)
+    try:
+        return (yield)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _impl(task: Task) -> Any:
