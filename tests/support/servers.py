@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,19 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60
+    port: int,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 60,
+    output: Any = None,
 ) -> None:
+    """``output``: a callable returning what ``proc`` printed (when something else reads it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            if output is not None:
+                out = output()
+            else:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
             raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -40,7 +48,13 @@ def wait_for_port(
 
 
 class Server:
-    """A server process; ``url`` is its base URL."""
+    """A server process; ``url`` is its base URL.
+
+    What it prints is read all along by a thread of its own: a pipe that nobody
+    drains fills up (64 KiB) and then blocks every process of the server that
+    logs, which would stall flows and heartbeats and make tests fail for a
+    reason that is not the library's.
+    """
 
     def __init__(self, args: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
@@ -55,7 +69,22 @@ class Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for_port(port, self.proc)
+        self._printed = bytearray()
+        self._drain = threading.Thread(target=self._read_output, name="server-output", daemon=True)
+        self._drain.start()
+        wait_for_port(port, self.proc, output=self.output)
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            self._printed += chunk
+
+    def output(self) -> str:
+        """What the server printed so far (all of it once it has exited)."""
+        if self.proc.poll() is not None:
+            self._drain.join(10)  # EOF comes once every process of the group has exited
+        return bytes(self._printed).decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> str:
         """Stop the whole process group; return what it printed."""
@@ -65,11 +94,11 @@ class Server:
             except ProcessLookupError:
                 pass
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            out, _ = self.proc.communicate()
-        return out.decode(errors="replace") if out else ""
+            self.proc.wait()
+        return self.output()
 
 
 def sqlite_env(tmp_path_factory: Any, name: str = "streams") -> dict[str, str]:
