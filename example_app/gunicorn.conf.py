@@ -23,8 +23,11 @@ soon as the worker is told to stop: the flows end within the grace, their
 followers receive the terminal frame, the connections close and the worker exits.
 The hooks come from ``flask_durable_stream.gunicorn``.
 
-So ``graceful_timeout`` must exceed the grace plus the time to store the final
-events (usually milliseconds, at most 5 s): here grace + 5 s. A worker killed
+So ``graceful_timeout`` must exceed the grace, plus the time to store the final
+events (usually milliseconds, at most 5 s), plus ``keepalive``: a client that got
+its last frame keeps its idle connection open, and gunicorn's handler waits up to
+``keepalive`` seconds for its next request before the worker can exit (and checks
+for open connections once a second). Here: grace + 5 + keepalive + 2. A worker killed
 before that loses the clean ending: its unfinished streams end only when a
 reader finds the producer lease expired ("Producer lost", DURABLE_STREAM_LEASE
 seconds later). Both values are read from the same environment variable, which
@@ -49,7 +52,8 @@ preload_app = False  # each worker opens its own SQLite connections and writer t
 keepalive = 5
 
 SHUTDOWN_GRACE = float(os.environ.get("FLASK_DURABLE_STREAM_SHUTDOWN_GRACE", 25.0))
-graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5
+# grace + storing the last events (at most 5 s) + an idle keep-alive connection + 2 s of checks
+graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5 + keepalive + 2
 
 accesslog = "-"
 errorlog = "-"

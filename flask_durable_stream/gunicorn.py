@@ -15,7 +15,8 @@ finish before the process ends. ``post_fork`` keeps a stop that arrives while th
 worker is still booting: gunicorn installs the worker's own signal handlers only
 after importing gevent and before loading the app, and a SIGTERM that comes
 earlier is lost, so that worker would serve until the master kills it. Keep
-``graceful_timeout`` above the grace plus a few seconds.
+``graceful_timeout`` above the grace + 5 s (storing the last events) + ``keepalive``
+(an idle keep-alive connection holds the worker that long) + 2 s.
 """
 
 from __future__ import annotations
