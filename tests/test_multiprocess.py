@@ -29,9 +29,11 @@ from tests.support import servers
 from tests.support.client import StreamCall, post_stream
 
 APP = "example_app:create_app()"
-# Long enough that a live worker on a loaded machine always heartbeats within it (it
-# beats every LEASE / 5), short enough that a killed worker's streams end soon.
-LEASE = 6.0
+# Longer than anything that can keep a live worker from storing for a while: SQLite's busy
+# timeout (10 s, the longest a commit waits for another connection's write lock), so a lock
+# wait on a live worker never looks like its death. A killed worker's streams still end
+# within the test's reader timeout.
+LEASE = 12.0
 # The short flow of the SIGTERM test (1 s of delays) finishes well within it, even slowed down.
 GRACE = 8.0
 ACCESS_FORMAT = "%(p)s %(s)s in=%({x-genkit-stream-id}i)s out=%({x-genkit-stream-id}o)s"
