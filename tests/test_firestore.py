@@ -416,6 +416,8 @@ def test_emulator_gone_is_storage_unavailable_at_the_edge(
         manager.gc()
     with pytest.raises(StorageUnavailable):
         writer.close()  # the unflushed terminal event is reported, not dropped
+    live.close()
+    reading.close()
     manager.close()
 
 
@@ -514,12 +516,19 @@ factory = FirestoreStreamManager(client=make, collection="fork")
 factory.info("x")
 pid = os.fork()
 if pid == 0:
+    import traceback
     try:
-        used.info("x")
-        os._exit(3)
-    except RuntimeError as exc:
-        ok = "client=<a function returning a Client>" in str(exc)
-    os._exit(0 if ok and unused.info("x") is None and factory.info("x") is None else 4)
+        try:
+            used.info("x")
+            verdict = 3
+        except RuntimeError as exc:
+            ok = "client=<a function returning a Client>" in str(exc)
+            verdict = 0 if ok and unused.info("x") is None and factory.info("x") is None else 4
+    except BaseException:
+        traceback.print_exc()  # the parent's stderr: the test shows it
+        verdict = 5
+    sys.stderr.flush()
+    os._exit(verdict)
 print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
@@ -538,7 +547,9 @@ def test_client_used_before_fork_fails_fast_in_the_child(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "0"  # the child's verdict
+    # The child's verdict: 3 the used client worked, 4 wrong message or a fresh client failed,
+    # 5 an exception (its traceback is in stderr).
+    assert result.stdout.strip().splitlines()[-1] == "0", result.stderr[-3000:]
 
 
 def test_missing_google_cloud_firestore_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
