@@ -45,35 +45,77 @@ CREATE TABLE IF NOT EXISTS durable_records (
 ) WITHOUT ROWID
 """
 _PAGE = 256
+# One string per statement: sqlite3 reuses a connection's prepared statement for the same SQL.
+_GET = "SELECT meta, tail FROM durable_meta WHERE path = ?"
+_PUT = "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)"
+_SET_TAIL = "UPDATE durable_meta SET tail = ? WHERE path = ?"
+_ADD = "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)"
 
 
 class _SQLiteTxn(Txn):
+    """One job's view of the batch's transaction.
+
+    The ``tail`` column is the stream's tail (the JSON's copy may lag behind
+    it): a plain append changes nothing else, so :meth:`put` then updates that
+    one column instead of re-serialising and replacing the whole row.
+    """
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self.touched: set[str] = set()
+        self._rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
 
     def get(self, path: str) -> Meta | None:
-        row = self._conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
-        return Meta.from_dict(json.loads(row[0])) if row else None
+        row = self._conn.execute(_GET, (path,)).fetchone()
+        if row is None:
+            self._rows.pop(path, None)
+            return None
+        return _meta(row, self._rows, path)
 
     def put(self, path: str, meta: Meta) -> None:
-        self._conn.execute(
-            "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)",
-            (path, json.dumps(meta.to_dict()), meta.tail, int(meta.closed)),
-        )
+        data = meta.to_dict()
+        tail = data.pop("tail")
+        if self._rows.get(path) == data:  # only the tail moved
+            self._conn.execute(_SET_TAIL, (tail, path))
+        else:
+            row = json.dumps({**data, "tail": tail})  # the JSON's tail: for older versions only
+            self._conn.execute(_PUT, (path, row, tail, int(meta.closed)))
+            self._rows[path] = data
         self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)",
-            [(path, first + i, record) for i, record in enumerate(records)],
-        )
+        if len(records) == 1:
+            self._conn.execute(_ADD, (path, first, records[0]))
+        else:
+            self._conn.executemany(
+                _ADD, [(path, first + i, record) for i, record in enumerate(records)]
+            )
         self.touched.add(path)
 
     def drop(self, path: str) -> None:
         self._conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
         self._conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
+        self._rows.pop(path, None)
         self.touched.add(path)
+
+
+def _meta(row: tuple[str, int], rows: dict[str, dict[str, Any]] | None, path: str) -> Meta:
+    """The stream's metadata from its row; the ``tail`` column wins over the JSON's."""
+    data = json.loads(row[0])
+    data.pop("tail", None)
+    if rows is None:
+        return Meta(tail=int(row[1]), **data)
+    rows[path] = data  # as stored: the meta gets its own copies of what the engine changes
+    producers = data["producers"]
+    closed_by = data["closed_by"]
+    return Meta(
+        tail=int(row[1]),
+        **{
+            **data,
+            "producers": {k: list(v) for k, v in producers.items()} if producers else {},
+            "closed_by": list(closed_by) if closed_by is not None else None,
+        },
+    )
 
 
 class _PartialWrite(Exception):
@@ -210,8 +252,8 @@ class SQLiteDSStore(PolledStore):
 
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
-            row = conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
-        return Meta.from_dict(json.loads(row[0])) if row else None
+            row = conn.execute(_GET, (path,)).fetchone()
+        return _meta(row, None, path) if row else None
 
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         out: list[bytes] = []
