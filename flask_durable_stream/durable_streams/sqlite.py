@@ -6,10 +6,11 @@ polling; ``durable_records``: one row per record). A write is one
 ``BEGIN IMMEDIATE`` transaction, so it is atomic across every worker process
 of the host; the engine's function never waits on I/O inside it, so a greenlet
 holding it never yields. Writes that arrive together share the transaction
-and are answered once it committed (:mod:`.group_commit`). Readers in another
-process learn of appends by polling ``tail``/``closed`` of the one row they
-follow (:class:`~.store.PolledStore`); readers in the writing process are
-woken at once (:class:`~.store.Wakeups`).
+and are answered once it committed (:mod:`.group_commit`). Readers in the
+writing process are woken at once (:class:`~.store.Wakeups`); readers in
+another process by its doorbell (:mod:`.doorbell`, under gevent), and in any
+case by polling ``tail``/``closed`` of the one row they follow
+(:class:`~.store.PolledStore`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
+from .doorbell import Doorbell
 from .group_commit import GroupCommit, Job
 from .store import Meta, PolledStore, Txn, Wakeups
 
@@ -145,6 +147,7 @@ class SQLiteDSStore(PolledStore):
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.wakeups = Wakeups()
+        self.doorbell = Doorbell(path, self.wakeups.wake)  # other workers' readers
         self._group = GroupCommit(self._commit)
         self._ready = False
 
@@ -249,6 +252,7 @@ class SQLiteDSStore(PolledStore):
             return
         if touched:
             self.wakeups.wake(touched)
+            self.doorbell.ring(touched)
 
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
@@ -274,6 +278,9 @@ class SQLiteDSStore(PolledStore):
                 if len(rows) < _PAGE:
                     return out
 
+    def listen(self) -> None:
+        self.doorbell.listen()
+
     def state(self, path: str) -> tuple[int, bool] | None:
         with self._connection() as conn:
             row = conn.execute(
@@ -287,6 +294,7 @@ class SQLiteDSStore(PolledStore):
         return (row[0] for row in rows)
 
     def close(self) -> None:
+        self.doorbell.close()
         with self._lock:
             pool, self._pool = self._pool, []
         for conn in pool:

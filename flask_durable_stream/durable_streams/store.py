@@ -196,6 +196,9 @@ class PolledStore(DSStore):
     poll_interval: tuple[float, float] = (0.002, 0.05)
     fast_poll_seconds: float = 0.25
 
+    def listen(self) -> None:
+        """Before a reader's first look: a store that can hear other processes' writes starts to."""
+
     def state(self, path: str) -> tuple[int, bool] | None:
         """The stream's (tail, closed), None if there is no such stream: one cheap read."""
         raise NotImplementedError
@@ -204,6 +207,7 @@ class PolledStore(DSStore):
         deadline = time.monotonic() + timeout
         fast_until = time.monotonic() + self.fast_poll_seconds
         delay = self.poll_interval[0]
+        self.listen()
         woken = self.wakeups.register(path)  # before the first look: no write is missed
         try:
             while True:
