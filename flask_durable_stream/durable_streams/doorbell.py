@@ -18,6 +18,7 @@ nothing.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -73,6 +74,7 @@ class Doorbell:
             self._enabled = False  # polling only
             return
         self._listener, self._name = sock, name
+        atexit.register(self._remove, name)
         self._tasks.spawn(self._serve, sock, name="durable-streams-doorbell")
 
     def _serve(self, sock: socket.socket) -> None:
@@ -121,11 +123,18 @@ class Doorbell:
             self._peers = [os.path.join(self.directory, n) for n in names if n != own]
         return self._peers
 
+    def _remove(self, name: str) -> None:
+        """The socket's name, and the directory once no process listens there."""
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None and self._pid == os.getpid():
-            with contextlib.suppress(OSError):
-                os.unlink(self._name)
+            atexit.unregister(self._remove)
+            self._remove(self._name)
             listener.close()
             for task in self._tasks.tasks():
                 task.kill(timeout=1)
