@@ -62,8 +62,9 @@ class _SQLiteTxn(Txn):
     one column instead of re-serialising and replacing the whole row.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, parsed: _Parsed) -> None:
         self._conn = conn
+        self._parsed = parsed
         self.touched: set[str] = set()
         self._rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
 
@@ -72,7 +73,7 @@ class _SQLiteTxn(Txn):
         if row is None:
             self._rows.pop(path, None)
             return None
-        return _meta(row, self._rows, path)
+        return _meta(row, self._rows, path, self._parsed)
 
     def put(self, path: str, meta: Meta) -> None:
         data = meta.to_dict()
@@ -101,13 +102,32 @@ class _SQLiteTxn(Txn):
         self.touched.add(path)
 
 
-def _meta(row: tuple[str, int], rows: dict[str, dict[str, Any]] | None, path: str) -> Meta:
+class _Parsed(dict[str, tuple[str, dict[str, Any]]]):
+    """path -> (JSON text, parsed): a row read again unchanged (every append) is not re-parsed."""
+
+    limit = 4096
+
+
+def _meta(
+    row: tuple[str, int],
+    rows: dict[str, dict[str, Any]] | None,
+    path: str,
+    parsed: _Parsed | None = None,
+) -> Meta:
     """The stream's metadata from its row; the ``tail`` column wins over the JSON's."""
-    data = json.loads(row[0])
-    data.pop("tail", None)
-    if rows is None:
-        return Meta(tail=int(row[1]), **data)
-    rows[path] = data  # as stored: the meta gets its own copies of what the engine changes
+    text = row[0]
+    known = parsed.get(path) if parsed is not None else None
+    if known is not None and known[0] == text:
+        data = known[1]  # never changed: the meta below gets copies of what may change
+    else:
+        data = json.loads(text)
+        data.pop("tail", None)
+        if parsed is not None:
+            if len(parsed) >= parsed.limit:
+                parsed.clear()
+            parsed[path] = (text, data)
+    if rows is not None:
+        rows[path] = data  # as stored: the meta gets its own copies of what the engine changes
     producers = data["producers"]
     closed_by = data["closed_by"]
     return Meta(
@@ -149,6 +169,7 @@ class SQLiteDSStore(PolledStore):
         self.wakeups = Wakeups()
         self.doorbell = Doorbell(path, self.wakeups.wake)  # other workers' readers
         self._group = GroupCommit(self._commit)
+        self._parsed = _Parsed()
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
@@ -224,7 +245,7 @@ class SQLiteDSStore(PolledStore):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for job in jobs:
-                        txn = _SQLiteTxn(conn)
+                        txn = _SQLiteTxn(conn, self._parsed)
                         try:
                             job.value = job.fn(txn)
                         except Exception as exc:
@@ -257,7 +278,7 @@ class SQLiteDSStore(PolledStore):
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
             row = conn.execute(_GET, (path,)).fetchone()
-        return _meta(row, None, path) if row else None
+        return _meta(row, None, path, self._parsed) if row else None
 
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         out: list[bytes] = []

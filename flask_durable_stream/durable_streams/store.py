@@ -130,17 +130,25 @@ class DSStore:
         return time.time()
 
 
+_gevent_sleep: Callable[[float], None] | None = None  # once time is patched (for good)
+
+
 def yield_to_greenlets() -> None:
     """Under gevent (``time`` patched), let the other runnable greenlets run first.
 
     Threads need no such turn (they run meanwhile) and a real ``sleep(0)``
     would hand the CPU to other processes, so elsewhere this does nothing.
     """
+    global _gevent_sleep
+    if _gevent_sleep is not None:
+        _gevent_sleep(0)
+        return
     if "gevent.monkey" not in sys.modules:
         return
     from gevent import monkey, sleep
 
     if monkey.is_module_patched("time"):
+        _gevent_sleep = sleep
         sleep(0)
 
 
