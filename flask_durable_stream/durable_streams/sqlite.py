@@ -164,6 +164,7 @@ class SQLiteDSStore(PolledStore):
         self.poll_interval = poll_interval
         self.fast_poll_seconds = fast_poll_seconds
         self._pool: list[sqlite3.Connection] = []
+        self._writers: list[sqlite3.Connection] = []  # busy_timeout 0: see _begin
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.wakeups = Wakeups()
@@ -173,7 +174,7 @@ class SQLiteDSStore(PolledStore):
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, write: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -186,6 +187,8 @@ class SQLiteDSStore(PolledStore):
         conn.execute(f"PRAGMA mmap_size={self.mmap_size}")
         if not self._ready:
             self._create_tables(conn)
+        if write:
+            conn.execute("PRAGMA busy_timeout=0")
         return conn
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
@@ -203,21 +206,48 @@ class SQLiteDSStore(PolledStore):
                 time.sleep(next(delays))
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._pid != os.getpid():  # a forked worker: the parent's connections are not ours
-                self._pool, self._pid = [], os.getpid()
-            conn = self._pool.pop() if self._pool else None
+                self._pool, self._writers, self._pid = [], [], os.getpid()
+            pool = self._writers if write else self._pool
+            conn = pool.pop() if pool else None
         try:
             if conn is None:
-                conn = self._connect()
+                conn = self._connect(write)
             yield conn
         except sqlite3.OperationalError as exc:
             raise StorageUnavailable(f"SQLite: {exc}") from exc
         finally:
             if conn is not None:
                 with self._lock:
-                    self._pool.append(conn)
+                    pool.append(conn)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another process's write without stopping this one.
+
+        SQLite's own busy handler sleeps the whole process (every greenlet of a
+        gevent worker) while another worker holds the write lock; here the wait
+        is a patched ``time.sleep``, so this worker's other requests go on.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        delays = Backoff(initial=0.0005, maximum=0.02).delays()
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            time.sleep(next(delays))
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
 
     # -- the contract ---------------------------------------------------------------
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
@@ -241,8 +271,8 @@ class SQLiteDSStore(PolledStore):
     def _commit_batch(self, jobs: Sequence[Job[Any]]) -> None:
         touched: set[str] = set()
         try:
-            with self._connection() as conn:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._connection(write=True) as conn:
+                self._begin(conn)
                 try:
                     for job in jobs:
                         txn = _SQLiteTxn(conn, self._parsed)
@@ -317,6 +347,6 @@ class SQLiteDSStore(PolledStore):
     def close(self) -> None:
         self.doorbell.close()
         with self._lock:
-            pool, self._pool = self._pool, []
+            pool, self._pool, self._writers = self._pool + self._writers, [], []
         for conn in pool:
             conn.close()
