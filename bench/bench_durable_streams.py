@@ -2,17 +2,22 @@
 
     .venv/bin/python bench/bench_durable_streams.py [--appends 2000] [--writers 4]
                                                      [--polls 200] [--catch-up-mib 10]
-                                                     [--rounds 3]
+                                                     [--rounds 3] [--workers gevent,pywsgi]
 
 Servers, each on 127.0.0.1 and a free port, started and stopped here:
 
 * ``reference``: ``@durable-streams/server`` (tests/ds, pinned) in its in-memory mode;
-* ``sqlite``: ``gunicorn -k gevent -w 1`` serving ``tests.support.ds_app`` on SQLite
+* ``sqlite``: gunicorn with one worker serving ``tests.support.ds_app`` on SQLite
   (durable: every append committed to a file); ``sqlite x2``: the same with two workers
   (requests land on either; the reference server's in-memory mode cannot have two);
 * ``memory``: the same on the in-memory store, for scale.
 
-All four run at once; ``--rounds`` rounds measure each in turn (so a change in the load of
+Each of ours once per gunicorn worker class named by ``--workers``, the label saying which:
+``[gevent]`` is ``-k gevent`` (the default recipe), ``[pywsgi]`` is
+``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (gevent's own WSGI server with a
+cheaper header parser; an option, see docs/durable-streams.md).
+
+All run at once; ``--rounds`` rounds measure each in turn (so a change in the load of
 the machine falls on every server alike), with the same Python client (keep-alive
 ``http.client`` connections) for each:
 
@@ -176,11 +181,22 @@ def reference_server() -> tuple[subprocess.Popen[str], str]:
     return proc, f"http://127.0.0.1:{port}/v1/stream"
 
 
-def ours(backend: str, tmp: Path, workers: int = 1) -> servers.Server:
-    env = {"DS_BACKEND": backend, "DS_SQLITE_PATH": str(tmp / f"{backend}{workers}.sqlite3")}
-    return servers.gunicorn(
-        "tests.support.ds_app:app", workers=workers, env=env, extra=["--keep-alive", "30"]
+#: The ``--workers`` names: gunicorn worker classes.
+WORKER_CLASSES = {
+    "gevent": "gevent",
+    "pywsgi": "flask_durable_stream.gunicorn_worker.PyWSGIWorker",
+}
+
+
+def ours(backend: str, tmp: Path, workers: int = 1, worker: str = "gevent") -> servers.Server:
+    db = tmp / f"{backend}{workers}-{worker}.sqlite3"
+    env = {"DS_BACKEND": backend, "DS_SQLITE_PATH": str(db)}
+    port = servers.free_port()
+    args = servers.gunicorn_args(
+        "tests.support.ds_app:app", port, workers=workers, extra=["--keep-alive", "30"]
     )
+    args[args.index("-k") + 1] = WORKER_CLASSES[worker]
+    return servers.Server(args, port, env)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -212,15 +228,23 @@ class Figures:
         self.lags: list[float] = []
         self.reads: list[float] = []
 
-    def line(self, label: str, mib: int) -> str:
+    def p50(self) -> float:
+        return statistics.median(self.lags)
+
+    def line(self, label: str, mib: int, ref: Figures | None = None) -> str:
         lags = sorted(self.lags)
         p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+        vs = ""
+        if ref is not None and ref is not self:  # >1 is ahead of the reference, on both
+            rate = statistics.median(self.rates) / statistics.median(ref.rates)
+            lag = ref.p50() / self.p50()
+            vs = f" | vs reference: appends {rate:4.2f}x, long-poll p50 {lag:4.2f}x"
         return (
-            f"{label:<10} appends {statistics.median(self.rates):8.0f}/s"
+            f"{label:<20} appends {statistics.median(self.rates):8.0f}/s"
             f" ({statistics.median(self.cpu) * 1e6:4.0f} us server CPU each)"
             f" | long-poll p50 {statistics.median(lags) * 1e3:6.2f} ms p99 {p99 * 1e3:6.2f} ms"
             f" | catch-up {mib} MiB best {min(self.reads) * 1e3:7.1f} ms"
-            f" median {statistics.median(self.reads) * 1e3:7.1f} ms"
+            f" median {statistics.median(self.reads) * 1e3:7.1f} ms{vs}"
         )
 
 
@@ -239,7 +263,14 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=200)
     parser.add_argument("--catch-up-mib", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workers", default="gevent,pywsgi", help="gunicorn worker classes: gevent, pywsgi"
+    )
     args = parser.parse_args()
+    kinds = [k.strip() for k in args.workers.split(",") if k.strip()]
+    unknown = set(kinds) - set(WORKER_CLASSES)
+    if unknown:
+        parser.error(f"unknown worker classes: {', '.join(sorted(unknown))}")
     if not (DS / "node_modules" / "@durable-streams" / "server").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=DS, check=True)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -248,22 +279,24 @@ def main() -> None:
         stack.callback(os.killpg, proc.pid, signal.SIGTERM)  # callbacks run last first
         urls = {"reference": url}
         pids = {"reference": proc.pid}
-        for label, backend, workers in (
-            ("sqlite", "sqlite", 1),
-            ("sqlite x2", "sqlite", 2),
-            ("memory", "memory", 1),
-        ):
-            server = ours(backend, Path(tmp), workers)
-            stack.callback(server.stop)
-            urls[label] = f"{server.url}/ds/bench"
-            pids[label] = server.proc.pid  # gunicorn's master; its workers are its children
+        for kind in kinds:
+            for name, backend, workers in (
+                ("sqlite", "sqlite", 1),
+                ("sqlite x2", "sqlite", 2),
+                ("memory", "memory", 1),
+            ):
+                label = f"{name} [{kind}]"
+                server = ours(backend, Path(tmp), workers, kind)
+                stack.callback(server.stop)
+                urls[label] = f"{server.url}/ds/bench"
+                pids[label] = server.proc.pid  # gunicorn's master; its workers are its children
         figures = {label: Figures(pids[label]) for label in urls}
         # Rounds interleave the servers, so a change in the machine's load falls on all of them.
         for _ in range(args.rounds):
             for label, server_url in urls.items():
                 measure(server_url, args, figures[label])
         for label, figs in figures.items():
-            print(figs.line(label, args.catch_up_mib), flush=True)
+            print(figs.line(label, args.catch_up_mib, figures["reference"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ BACKENDS = {
     "bench_rtdb.py": ([], ["--seconds", "3", "--replay", "2000"]),
     "bench_firestore.py": ([], ["--seconds", "3"]),
     "bench_genkit.py": ([], ["--streams", "1,10,50"]),
+    "bench_durable_streams.py": (
+        [],
+        ["--rounds", "1", "--appends", "1000", "--polls", "100", "--catch-up-mib", "2"],
+    ),
 }
 
 

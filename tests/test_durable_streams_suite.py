@@ -2,8 +2,10 @@
 
 A real ``gunicorn -k gevent`` serves :mod:`tests.support.ds_app` on each backend:
 one worker for memory (its streams live in the process), two for SQLite and
-Redis (the suite's requests then land on either process). The suite's summary
-line is printed, so ``pytest -s`` or the captured output shows it.
+Redis (the suite's requests then land on either process). SQLite runs again under
+the optional worker class :class:`flask_durable_stream.gunicorn_worker.PyWSGIWorker`
+(the summary line names it). The suite's summary line is printed, so ``pytest -s``
+or the captured output shows it.
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ def ensure_node_modules() -> None:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=DS, check=True, timeout=600)
 
 
+PYWSGI = "flask_durable_stream.gunicorn_worker.PyWSGIWorker"
+
+
 def ds_server(
-    backend: str, tmp_path: Path, redis: RedisServer | None = None, workers: int = 2
+    backend: str,
+    tmp_path: Path,
+    redis: RedisServer | None = None,
+    workers: int = 2,
+    worker_class: str = "gevent",
 ) -> servers.Server:
     env = {
         "DS_BACKEND": backend,
@@ -44,14 +53,18 @@ def ds_server(
     # Keep-alive longer than node's (4 s): the client, not the server, closes idle
     # connections, so no request is ever sent on a connection the server just closed.
     extra = ["--keep-alive", "30"]
-    return servers.gunicorn("tests.support.ds_app:app", workers=workers, env=env, extra=extra)
+    port = servers.free_port()
+    args = servers.gunicorn_args("tests.support.ds_app:app", port, workers=workers, extra=extra)
+    args[args.index("-k") + 1] = worker_class
+    return servers.Server(args, port, env)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "sqlite-pywsgi"])
 def backend_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
-    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
-    workers = 1 if request.param == "memory" else 2
-    server = ds_server(request.param, tmp_path, redis, workers)
+    backend, _, worker = request.param.partition("-")
+    redis = request.getfixturevalue("redis_server") if backend == "redis" else None
+    workers = 1 if backend == "memory" else 2
+    server = ds_server(backend, tmp_path, redis, workers, PYWSGI if worker else "gevent")
     yield server
     server.stop()
 
@@ -65,7 +78,9 @@ def summary(output: str) -> dict[str, int]:
 
 
 def test_official_conformance_suite(
-    backend_server: servers.Server, capsys: pytest.CaptureFixture[str]
+    backend_server: servers.Server,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     ensure_node_modules()
     proc = subprocess.run(
@@ -90,8 +105,9 @@ def test_official_conformance_suite(
     output = proc.stdout + proc.stderr
     counts = summary(output)
     with capsys.disabled():  # the summary belongs in every run's output, -s or not
+        worker = " (-k PyWSGIWorker)" if "pywsgi" in request.node.callspec.id else ""
         print(
-            f"\nDurable Streams conformance suite: {counts['passed']} passed, "
+            f"\nDurable Streams conformance suite{worker}: {counts['passed']} passed, "
             f"{counts['failed']} failed, {counts['skipped']} skipped of {counts['total']}"
         )
     failures = [ln for ln in _ANSI.sub("", output).splitlines() if ln.startswith(" FAIL ")]

@@ -6,10 +6,11 @@ polling; ``durable_records``: one row per record). A write is one
 ``BEGIN IMMEDIATE`` transaction, so it is atomic across every worker process
 of the host; the engine's function never waits on I/O inside it, so a greenlet
 holding it never yields. Writes that arrive together share the transaction
-and are answered once it committed (:mod:`.group_commit`). Readers in another
-process learn of appends by polling ``tail``/``closed`` of the one row they
-follow (:class:`~.store.PolledStore`); readers in the writing process are
-woken at once (:class:`~.store.Wakeups`).
+and are answered once it committed (:mod:`.group_commit`). Readers in the
+writing process are woken at once (:class:`~.store.Wakeups`); readers in
+another process by its doorbell (:mod:`.doorbell`, under gevent), and in any
+case by polling ``tail``/``closed`` of the one row they follow
+(:class:`~.store.PolledStore`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
+from .doorbell import Doorbell
 from .group_commit import GroupCommit, Job
 from .store import Meta, PolledStore, Txn, Wakeups
 
@@ -45,35 +47,97 @@ CREATE TABLE IF NOT EXISTS durable_records (
 ) WITHOUT ROWID
 """
 _PAGE = 256
+# One string per statement: sqlite3 reuses a connection's prepared statement for the same SQL.
+_GET = "SELECT meta, tail FROM durable_meta WHERE path = ?"
+_PUT = "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)"
+_SET_TAIL = "UPDATE durable_meta SET tail = ? WHERE path = ?"
+_ADD = "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)"
 
 
 class _SQLiteTxn(Txn):
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """One job's view of the batch's transaction.
+
+    The ``tail`` column is the stream's tail (the JSON's copy may lag behind
+    it): a plain append changes nothing else, so :meth:`put` then updates that
+    one column instead of re-serialising and replacing the whole row.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, parsed: _Parsed) -> None:
         self._conn = conn
+        self._parsed = parsed
         self.touched: set[str] = set()
+        self._rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
 
     def get(self, path: str) -> Meta | None:
-        row = self._conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
-        return Meta.from_dict(json.loads(row[0])) if row else None
+        row = self._conn.execute(_GET, (path,)).fetchone()
+        if row is None:
+            self._rows.pop(path, None)
+            return None
+        return _meta(row, self._rows, path, self._parsed)
 
     def put(self, path: str, meta: Meta) -> None:
-        self._conn.execute(
-            "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)",
-            (path, json.dumps(meta.to_dict()), meta.tail, int(meta.closed)),
-        )
+        data = meta.to_dict()
+        tail = data.pop("tail")
+        if self._rows.get(path) == data:  # only the tail moved
+            self._conn.execute(_SET_TAIL, (tail, path))
+        else:
+            row = json.dumps({**data, "tail": tail})  # the JSON's tail: for older versions only
+            self._conn.execute(_PUT, (path, row, tail, int(meta.closed)))
+            self._rows[path] = data
         self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)",
-            [(path, first + i, record) for i, record in enumerate(records)],
-        )
+        if len(records) == 1:
+            self._conn.execute(_ADD, (path, first, records[0]))
+        else:
+            self._conn.executemany(
+                _ADD, [(path, first + i, record) for i, record in enumerate(records)]
+            )
         self.touched.add(path)
 
     def drop(self, path: str) -> None:
         self._conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
         self._conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
+        self._rows.pop(path, None)
         self.touched.add(path)
+
+
+class _Parsed(dict[str, tuple[str, dict[str, Any]]]):
+    """path -> (JSON text, parsed): a row read again unchanged (every append) is not re-parsed."""
+
+    limit = 4096
+
+
+def _meta(
+    row: tuple[str, int],
+    rows: dict[str, dict[str, Any]] | None,
+    path: str,
+    parsed: _Parsed | None = None,
+) -> Meta:
+    """The stream's metadata from its row; the ``tail`` column wins over the JSON's."""
+    text = row[0]
+    known = parsed.get(path) if parsed is not None else None
+    if known is not None and known[0] == text:
+        data = known[1]  # never changed: the meta below gets copies of what may change
+    else:
+        data = json.loads(text)
+        data.pop("tail", None)
+        if parsed is not None:
+            if len(parsed) >= parsed.limit:
+                parsed.clear()
+            parsed[path] = (text, data)
+    if rows is not None:
+        rows[path] = data  # as stored: the meta gets its own copies of what the engine changes
+    producers = data["producers"]
+    closed_by = data["closed_by"]
+    return Meta(
+        tail=int(row[1]),
+        **{
+            **data,
+            "producers": {k: list(v) for k, v in producers.items()} if producers else {},
+            "closed_by": list(closed_by) if closed_by is not None else None,
+        },
+    )
 
 
 class _PartialWrite(Exception):
@@ -100,14 +164,17 @@ class SQLiteDSStore(PolledStore):
         self.poll_interval = poll_interval
         self.fast_poll_seconds = fast_poll_seconds
         self._pool: list[sqlite3.Connection] = []
+        self._writers: list[sqlite3.Connection] = []  # busy_timeout 0: see _begin
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.wakeups = Wakeups()
+        self.doorbell = Doorbell(path, self.wakeups.wake)  # other workers' readers
         self._group = GroupCommit(self._commit)
+        self._parsed = _Parsed()
         self._ready = False
 
     # -- connections ----------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, write: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -120,6 +187,8 @@ class SQLiteDSStore(PolledStore):
         conn.execute(f"PRAGMA mmap_size={self.mmap_size}")
         if not self._ready:
             self._create_tables(conn)
+        if write:
+            conn.execute("PRAGMA busy_timeout=0")
         return conn
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
@@ -137,21 +206,48 @@ class SQLiteDSStore(PolledStore):
                 time.sleep(next(delays))
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._pid != os.getpid():  # a forked worker: the parent's connections are not ours
-                self._pool, self._pid = [], os.getpid()
-            conn = self._pool.pop() if self._pool else None
+                self._pool, self._writers, self._pid = [], [], os.getpid()
+            pool = self._writers if write else self._pool
+            conn = pool.pop() if pool else None
         try:
             if conn is None:
-                conn = self._connect()
+                conn = self._connect(write)
             yield conn
         except sqlite3.OperationalError as exc:
             raise StorageUnavailable(f"SQLite: {exc}") from exc
         finally:
             if conn is not None:
                 with self._lock:
-                    self._pool.append(conn)
+                    pool.append(conn)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another process's write without stopping this one.
+
+        SQLite's own busy handler sleeps the whole process (every greenlet of a
+        gevent worker) while another worker holds the write lock; here the wait
+        is a patched ``time.sleep``, so this worker's other requests go on.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        delays = Backoff(initial=0.0005, maximum=0.02).delays()
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            time.sleep(next(delays))
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
 
     # -- the contract ---------------------------------------------------------------
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
@@ -175,11 +271,11 @@ class SQLiteDSStore(PolledStore):
     def _commit_batch(self, jobs: Sequence[Job[Any]]) -> None:
         touched: set[str] = set()
         try:
-            with self._connection() as conn:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._connection(write=True) as conn:
+                self._begin(conn)
                 try:
                     for job in jobs:
-                        txn = _SQLiteTxn(conn)
+                        txn = _SQLiteTxn(conn, self._parsed)
                         try:
                             job.value = job.fn(txn)
                         except Exception as exc:
@@ -207,11 +303,12 @@ class SQLiteDSStore(PolledStore):
             return
         if touched:
             self.wakeups.wake(touched)
+            self.doorbell.ring(touched)
 
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
-            row = conn.execute("SELECT meta FROM durable_meta WHERE path = ?", (path,)).fetchone()
-        return Meta.from_dict(json.loads(row[0])) if row else None
+            row = conn.execute(_GET, (path,)).fetchone()
+        return _meta(row, None, path, self._parsed) if row else None
 
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         out: list[bytes] = []
@@ -232,6 +329,9 @@ class SQLiteDSStore(PolledStore):
                 if len(rows) < _PAGE:
                     return out
 
+    def listen(self) -> None:
+        self.doorbell.listen()
+
     def state(self, path: str) -> tuple[int, bool] | None:
         with self._connection() as conn:
             row = conn.execute(
@@ -245,7 +345,8 @@ class SQLiteDSStore(PolledStore):
         return (row[0] for row in rows)
 
     def close(self) -> None:
+        self.doorbell.close()
         with self._lock:
-            pool, self._pool = self._pool, []
+            pool, self._pool, self._writers = self._pool + self._writers, [], []
         for conn in pool:
             conn.close()

@@ -130,17 +130,25 @@ class DSStore:
         return time.time()
 
 
+_gevent_sleep: Callable[[float], None] | None = None  # once time is patched (for good)
+
+
 def yield_to_greenlets() -> None:
     """Under gevent (``time`` patched), let the other runnable greenlets run first.
 
     Threads need no such turn (they run meanwhile) and a real ``sleep(0)``
     would hand the CPU to other processes, so elsewhere this does nothing.
     """
+    global _gevent_sleep
+    if _gevent_sleep is not None:
+        _gevent_sleep(0)
+        return
     if "gevent.monkey" not in sys.modules:
         return
     from gevent import monkey, sleep
 
     if monkey.is_module_patched("time"):
+        _gevent_sleep = sleep
         sleep(0)
 
 
@@ -196,6 +204,9 @@ class PolledStore(DSStore):
     poll_interval: tuple[float, float] = (0.002, 0.05)
     fast_poll_seconds: float = 0.25
 
+    def listen(self) -> None:
+        """Before a reader's first look: a store that can hear other processes' writes starts to."""
+
     def state(self, path: str) -> tuple[int, bool] | None:
         """The stream's (tail, closed), None if there is no such stream: one cheap read."""
         raise NotImplementedError
@@ -204,6 +215,7 @@ class PolledStore(DSStore):
         deadline = time.monotonic() + timeout
         fast_until = time.monotonic() + self.fast_poll_seconds
         delay = self.poll_interval[0]
+        self.listen()
         woken = self.wakeups.register(path)  # before the first look: no write is missed
         try:
             while True:

@@ -1,0 +1,151 @@
+"""A cheaper gevent worker for gunicorn: ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker``.
+
+gunicorn's ``gevent`` worker spends about as much CPU per request as a small
+append costs in all the rest of the server (its parser checks every request
+against ``forwarded_allow_ips``, builds a full environ and formats the reply
+through several layers). Its ``gevent_pywsgi`` worker, which serves through
+gevent's own WSGI server, costs less; this one is that worker with the two
+costs left in gevent's handler taken out: request headers are parsed by
+:func:`parse_headers` instead of through the standard library's e-mail parser,
+and nothing is built for the access log when gunicorn's access log is off;
+and two smaller ones: the ``Date`` header is formatted once a second, and a
+response is written with one ``send`` (gevent's ``sendall`` asks the socket
+for its buffer size first, a system call per response).
+Everything else (keep-alive, chunked bodies, ``Expect: 100-continue``,
+streaming responses, graceful stops, the server hooks) is gevent's and
+gunicorn's own.
+
+It is an option, measured for the Durable Streams server
+(``docs/durable-streams.md``); the default recipe stays ``-k gevent``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from gevent.pywsgi import format_date_time
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+#: The standard library's limits (``http.client``): longer lines or more headers get a 400.
+MAX_LINE = 65536
+MAX_HEADERS = 100
+_IGNORED = ("CONTENT_TYPE", "CONTENT_LENGTH")
+
+
+class Headers:
+    """What gevent's handler reads of a request's headers (``http.client.HTTPMessage``'s API).
+
+    ``status`` is empty, or why the request is refused with a 400.
+    """
+
+    __slots__ = ("items_", "first", "status")
+
+    def __init__(self, items: list[tuple[str, str]], status: str = "") -> None:
+        self.items_ = items
+        self.status = status
+        self.first: dict[str, str] = {}
+        for key, value in reversed(items):
+            self.first[key.lower()] = value
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.first.get(name.lower(), default)
+
+    getheader = get
+
+    def __delitem__(self, name: str) -> None:
+        name = name.lower()
+        self.items_ = [(k, v) for k, v in self.items_ if k.lower() != name]
+        self.first.pop(name, None)
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self.items_)
+
+    @property
+    def typeheader(self) -> str | None:
+        return self.get("content-type")
+
+    @property
+    def headers(self) -> Iterator[str]:
+        return (f"{key}: {value}\r\n" for key, value in self.items_)
+
+
+def parse_headers(rfile: Any) -> Headers:
+    """The header lines up to the empty line, as ``http.client.parse_headers`` would keep them.
+
+    A line folded onto the previous one (obsolete in HTTP/1.1) or without a
+    colon is refused rather than guessed at.
+    """
+    items: list[tuple[str, str]] = []
+    while True:
+        line = rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            return Headers(items, "Line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return Headers(items)
+        if len(items) >= MAX_HEADERS:
+            return Headers(items, "Too many headers")
+        text = line.decode("latin-1")
+        name, colon, value = text.partition(":")
+        if not colon or not name or name[0] in " \t" or name != name.rstrip():
+            return Headers(items, "Invalid header line")
+        items.append((name, value.lstrip(" \t").rstrip("\r\n")))
+
+
+class Handler(PyWSGIHandler):  # type: ignore[misc]
+    """gunicorn's pywsgi handler with :func:`parse_headers` and a lazy access log."""
+
+    provided_date: Any  # gevent's, set per response
+    code: Any
+
+    def MessageClass(self, rfile: Any, *args: Any) -> Headers:  # noqa: N802 - gevent's name
+        return parse_headers(rfile)
+
+    def _headers(self) -> Iterator[tuple[str, str]]:
+        """``HTTP_*`` environ entries, as gevent makes them (names with ``_`` dropped)."""
+        for name, value in self.headers.items_:
+            if "_" in name:
+                continue
+            key = name.replace("-", "_").upper()
+            if key not in _IGNORED:
+                yield "HTTP_" + key, value.strip()
+
+    def log_request(self) -> None:
+        if self.server.log.access_log_enabled:
+            super().log_request()
+
+    def finalize_headers(self) -> None:
+        if self.provided_date is None:  # gevent's own Date, formatted once a second
+            self.provided_date = _date()
+            self.response_headers.append((b"Date", self.provided_date))
+        super().finalize_headers()
+
+    def _sendall(self, data: bytes) -> None:
+        """gevent's, but one ``send`` first: a small response leaves in one system call."""
+        try:
+            sent = self.socket.send(data) if data else 0
+            if sent < len(data):
+                self.socket.sendall(memoryview(data)[sent:])
+        except OSError as ex:
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
+
+
+_DATE: list[Any] = [0, b""]  # [second, its Date value]
+
+
+def _date() -> bytes:
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[:] = [now, format_date_time(now)]
+    return _DATE[1]  # type: ignore[no-any-return]
+
+
+class PyWSGIWorker(GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's ``gevent_pywsgi`` worker serving through :class:`Handler`."""
+
+    wsgi_handler = Handler

@@ -1,0 +1,137 @@
+"""SQLite's Durable Streams rows: a plain append moves the ``tail`` column only, and every
+other change still reaches the JSON metadata, read back by another connection (another worker).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from flask_durable_stream.durable_streams.engine import Engine
+from flask_durable_stream.durable_streams.request import Producer
+from flask_durable_stream.durable_streams.sqlite import SCHEMA, SQLiteDSStore
+
+
+def _engine(path: Path) -> Engine:
+    return Engine(SQLiteDSStore(str(path)), cache_bytes=0)  # every read from the file
+
+
+def _create(engine: Engine, name: str = "s") -> None:
+    reply = engine.create(
+        name,
+        content_type="text/plain",
+        ttl=None,
+        expires_at=None,
+        expires_ts=None,
+        closed=False,
+        record=None,
+    )
+    assert reply.status == 201
+
+
+def _append(
+    engine: Engine, data: bytes | None, producer: Producer | None = None, close: bool = False
+) -> tuple[int, dict[str, str]]:
+    reply = engine.append(
+        "s",
+        content_type="text/plain",
+        record=data,
+        close=close,
+        stream_seq=None,
+        producer=producer,
+    )
+    return reply.status, reply.headers
+
+
+def _row(path: Path) -> tuple[str, int, int]:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT meta, tail, closed FROM durable_meta WHERE path = 's'")
+        row = row.fetchone()
+    finally:
+        conn.close()
+    return str(row[0]), int(row[1]), int(row[2])
+
+
+def test_a_plain_append_updates_the_tail_column_and_nothing_else(tmp_path: Path) -> None:
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    _create(engine)
+    before, tail, _ = _row(db)
+    assert tail == 0
+    for i in range(3):
+        assert _append(engine, f"r{i}".encode())[0] == 204
+    after, tail, closed = _row(db)
+    assert (after, tail, closed) == (before, 3, 0)  # the JSON row was not rewritten
+    other = _engine(db)  # another worker's connection reads the column's tail
+    meta = other.current("s")
+    assert meta is not None and meta.tail == 3
+    assert other.store.records("s", 0, 10, 1 << 20) == [b"r0", b"r1", b"r2"]
+
+
+def test_producer_state_and_closing_still_reach_the_json_row(tmp_path: Path) -> None:
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    _create(engine)
+    assert _append(engine, b"a")[0] == 204
+    status, headers = _append(engine, b"b", Producer("p", 0, 0))
+    assert status == 200 and headers["Producer-Seq"] == "0"
+    assert _append(engine, b"c")[0] == 204
+    stored = json.loads(_row(db)[0])
+    assert stored["producers"] == {"p": [0, 0]}
+    other = _engine(db)
+    # The retry of the producer's append, on another worker: a duplicate, not a second copy.
+    status, headers = _append(other, b"b", Producer("p", 0, 0))
+    assert status == 204 and headers["Producer-Seq"] == "0"
+    assert _append(other, b"d", Producer("p", 0, 2))[0] == 409  # a gap
+    assert _append(other, None, close=True)[0] == 204
+    meta_json, tail, closed = _row(db)
+    assert (tail, closed) == (3, 1) and json.loads(meta_json)["closed"] is True
+    assert _append(engine, b"e")[0] == 409  # closed, seen by the first worker too
+    assert engine.store.records("s", 0, 10, 1 << 20) == [b"a", b"b", b"c"]
+
+
+def test_a_file_written_before_keeps_working(tmp_path: Path) -> None:
+    """Rows as earlier versions wrote them: the JSON carries the tail, equal to the column's."""
+    db = tmp_path / "ds.sqlite3"
+    meta = {
+        "gen": "0123456789abcdef",
+        "content_type": "text/plain",
+        "created": 1.0,
+        "touched": 1.0,
+        "tail": 2,
+        "base": 0,
+        "closed": False,
+        "ttl": None,
+        "expires_at": None,
+        "expires_ts": None,
+        "fork_of": None,
+        "fork_offset": None,
+        "fork_sub": 0,
+        "stream_seq": None,
+        "producers": {"p": [1, 4]},
+        "closed_by": None,
+        "refs": 0,
+        "deleted": False,
+        "owner": None,
+    }
+    with sqlite3.connect(db) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT INTO durable_meta (path, meta, tail, closed) VALUES ('s', ?, 2, 0)",
+            (json.dumps(meta),),
+        )
+        conn.executemany(
+            "INSERT INTO durable_records (path, idx, data) VALUES ('s', ?, ?)",
+            [(0, b"old0"), (1, b"old1")],
+        )
+    conn.close()
+    engine = _engine(db)
+    current = engine.current("s")
+    assert current is not None and current.tail == 2 and current.producers == {"p": [1, 4]}
+    assert _append(engine, b"new")[0] == 204
+    assert _append(engine, b"dup", Producer("p", 1, 4))[0] == 204  # a duplicate of seq 4
+    assert _append(engine, b"p5", Producer("p", 1, 5))[0] == 200
+    assert engine.store.records("s", 0, 10, 1 << 20) == [b"old0", b"old1", b"new", b"p5"]
+    assert _row(db)[1] == 4
