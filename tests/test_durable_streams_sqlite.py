@@ -8,9 +8,12 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from flask_durable_stream.durable_streams.engine import Engine
 from flask_durable_stream.durable_streams.request import Producer
-from flask_durable_stream.durable_streams.sqlite import SCHEMA, SQLiteDSStore
+from flask_durable_stream.durable_streams.sqlite import SCHEMA, TAIL_MARK, SQLiteDSStore
+from flask_durable_stream.durable_streams.store import Meta
 
 
 def _engine(path: Path) -> Engine:
@@ -135,3 +138,36 @@ def test_a_file_written_before_keeps_working(tmp_path: Path) -> None:
     assert _append(engine, b"p5", Producer("p", 1, 5))[0] == 200
     assert engine.store.records("s", 0, 10, 1 << 20) == [b"old0", b"old1", b"new", b"p5"]
     assert _row(db)[1] == 4
+
+
+def test_an_older_version_refuses_rows_whose_tail_lives_in_the_column(tmp_path: Path) -> None:
+    """Earlier versions built the metadata from the JSON alone (``Meta(**json)``) and would
+    append at its stale tail, overwriting records. Every row this version writes carries a
+    key they do not know, so to them it is an error, never a stale tail."""
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    _create(engine)
+    for i in range(3):
+        assert _append(engine, f"r{i}".encode())[0] == 204
+    stored = json.loads(_row(db)[0])
+    assert stored[TAIL_MARK] is True and stored["tail"] == 0  # the JSON's tail is stale
+    with pytest.raises(TypeError):
+        Meta.from_dict(stored)  # what an earlier version does with the row
+
+
+def test_a_row_of_an_earlier_version_is_marked_by_its_first_write(tmp_path: Path) -> None:
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    _create(engine)
+    meta_json, tail, closed = _row(db)
+    old = json.loads(meta_json)
+    del old[TAIL_MARK]  # as an earlier version wrote it
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE durable_meta SET meta = ? WHERE path = 's'", (json.dumps(old),))
+    conn.close()
+    fresh = _engine(db)
+    assert _append(fresh, b"a")[0] == 204  # a plain append, yet the whole row is written
+    stored = json.loads(_row(db)[0])
+    assert stored[TAIL_MARK] is True and stored["tail"] == 1
+    assert _append(fresh, b"b")[0] == 204  # marked now: the column alone moves
+    assert json.loads(_row(db)[0]) == stored and _row(db)[1] == 2

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS durable_records (
 ) WITHOUT ROWID
 """
 _PAGE = 256
+#: Marks a metadata row whose ``tail`` column is authoritative. Versions before it took the
+#: tail from the JSON: to them the unknown key is an error, never a stale tail to append at.
+TAIL_MARK = "tail_column"
 # One string per statement: sqlite3 reuses a connection's prepared statement for the same SQL.
 _GET = "SELECT meta, tail FROM durable_meta WHERE path = ?"
 _PUT = "INSERT OR REPLACE INTO durable_meta (path, meta, tail, closed) VALUES (?, ?, ?, ?)"
@@ -81,7 +84,9 @@ class _SQLiteTxn(Txn):
         if self._rows.get(path) == data:  # only the tail moved
             self._conn.execute(_SET_TAIL, (tail, path))
         else:
-            row = json.dumps({**data, "tail": tail})  # the JSON's tail: for older versions only
+            # "tail_column" makes an older version (which read the tail from the JSON, and
+            # would append at a stale one, overwriting records) refuse the row instead.
+            row = json.dumps({**data, "tail": tail, TAIL_MARK: True})
             self._conn.execute(_PUT, (path, row, tail, int(meta.closed)))
             self._rows[path] = data
         self.touched.add(path)
@@ -102,8 +107,9 @@ class _SQLiteTxn(Txn):
         self.touched.add(path)
 
 
-class _Parsed(dict[str, tuple[str, dict[str, Any]]]):
-    """path -> (JSON text, parsed): a row read again unchanged (every append) is not re-parsed."""
+class _Parsed(dict[str, tuple[str, dict[str, Any], bool]]):
+    """path -> (JSON text, parsed, marked): a row read again unchanged (every append) is not
+    re-parsed."""
 
     limit = 4096
 
@@ -118,16 +124,20 @@ def _meta(
     text = row[0]
     known = parsed.get(path) if parsed is not None else None
     if known is not None and known[0] == text:
-        data = known[1]  # never changed: the meta below gets copies of what may change
+        _, data, marked = known  # never changed: the meta below gets copies of what may change
     else:
         data = json.loads(text)
         data.pop("tail", None)
+        marked = bool(data.pop(TAIL_MARK, False))
         if parsed is not None:
             if len(parsed) >= parsed.limit:
                 parsed.clear()
-            parsed[path] = (text, data)
+            parsed[path] = (text, data, marked)
     if rows is not None:
-        rows[path] = data  # as stored: the meta gets its own copies of what the engine changes
+        if marked:
+            rows[path] = data  # as stored: the meta gets its own copies of what may change
+        else:  # written by an older version: the first write marks it (a whole row)
+            rows.pop(path, None)
     producers = data["producers"]
     closed_by = data["closed_by"]
     return Meta(
