@@ -626,7 +626,10 @@ def test_firestore_down_at_startup_then_up_needs_no_restart() -> None:
         try:
             writer = None
             delays = Backoff(initial=0.2, maximum=2.0).delays()
-            deadline = time.monotonic() + 60
+            # gRPC reconnects with its own backoff, which grew while the emulator was down
+            # and starting (1 s, x1.6 per attempt, at most 120 s): recovery comes within 120 s
+            # of the emulator being up, however long its start took (54 s in one full run).
+            deadline = time.monotonic() + 150
             while writer is None:  # as a client retries a 503: gRPC reconnects with backoff
                 sid = new_id()  # a new stream each time, as a client's new POST: a timed-out
                 try:  # create may have landed
