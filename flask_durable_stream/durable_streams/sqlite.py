@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
+from ..managers.sqlite_io import is_busy
 from .doorbell import Doorbell
 from .group_commit import GroupCommit, Job
 from .store import Meta, PolledStore, Txn, Wakeups
@@ -240,24 +241,21 @@ class SQLiteDSStore(PolledStore):
         gevent worker) while another worker holds the write lock; here the wait
         is a patched ``time.sleep``, so this worker's other requests go on.
         """
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-        delays = Backoff(initial=0.0005, maximum=0.02).delays()
-        deadline = time.monotonic() + self.busy_timeout
+        delays: Iterator[float] | None = None  # made on the first wait: commits rarely wait
+        deadline = 0.0
         while True:
-            time.sleep(next(delays))
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not is_busy(exc):
                     raise
-                if time.monotonic() > deadline:
+                if delays is None:
+                    delays = Backoff(initial=0.0005, maximum=0.02).delays()
+                    deadline = time.monotonic() + self.busy_timeout
+                elif time.monotonic() > deadline:
                     raise
+            time.sleep(next(delays))
 
     # -- the contract ---------------------------------------------------------------
     def transact(self, fn: Callable[[Txn], _T]) -> _T:
