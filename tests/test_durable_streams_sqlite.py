@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flask_durable_stream.durable_streams.engine import Engine
+from flask_durable_stream.durable_streams.group_commit import Job
 from flask_durable_stream.durable_streams.request import Producer
 from flask_durable_stream.durable_streams.sqlite import SCHEMA, TAIL_MARK, SQLiteDSStore
-from flask_durable_stream.durable_streams.store import Meta
+from flask_durable_stream.durable_streams.store import Meta, Txn
 
 
 def _engine(path: Path) -> Engine:
@@ -171,3 +174,83 @@ def test_a_row_of_an_earlier_version_is_marked_by_its_first_write(tmp_path: Path
     assert stored[TAIL_MARK] is True and stored["tail"] == 1
     assert _append(fresh, b"b")[0] == 204  # marked now: the column alone moves
     assert json.loads(_row(db)[0]) == stored and _row(db)[1] == 2
+
+
+def _queue(
+    engine: Engine, data: bytes | None, producer: Producer | None = None, close: bool = False
+) -> None:
+    """An append whose transaction is only queued (``store.transact`` collects it)."""
+    engine.append(
+        "s", content_type="text/plain", record=data, close=close, stream_seq=None, producer=producer
+    )
+
+
+def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: Path) -> None:
+    """The jobs of one batch see each other's writes without reading the file again."""
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    store = engine.store
+    assert isinstance(store, SQLiteDSStore)
+    _create(engine)
+    assert _append(engine, b"first")[0] == 204  # the writer's connection exists from here
+    statements: list[str] = []
+    store._writers[0].set_trace_callback(statements.append)
+    queued: list[Callable[[Txn], Any]] = []
+    store.transact = queued.append  # type: ignore[method-assign,assignment]
+    _queue(engine, b"a", Producer("p", 0, 0))  # producer state: the JSON row is rewritten
+    _queue(engine, b"b")  # plain appends: the tail alone moves
+    _queue(engine, b"c")
+    _queue(engine, b"c", Producer("p", 0, 0))  # a duplicate, told from the batch's own write
+    engine.append(
+        "s",
+        content_type="application/json",  # refused: nothing of it is stored
+        record=b"[1]",
+        close=False,
+        stream_seq=None,
+        producer=None,
+    )
+    del store.transact
+    jobs = [Job(fn) for fn in queued]
+    store._commit(jobs)  # one batch, as if the five had arrived together
+    assert [job.error for job in jobs] == [None] * 5
+    assert [job.value.status for job in jobs] == [200, 204, 204, 204, 409]
+    assert jobs[3].value.headers["Producer-Seq"] == "0"
+
+    def count(prefix: str) -> int:
+        return sum(s.startswith(prefix) for s in statements)
+
+    assert count("SELECT meta, tail FROM durable_meta") == 1
+    assert count("INSERT OR REPLACE INTO durable_meta") == 1  # job 1's producer state
+    assert count("UPDATE durable_meta SET tail") == 1  # jobs 2 and 3, once, before COMMIT
+    assert count("INSERT OR REPLACE INTO durable_records") == 3
+    # Another worker's connection sees everything the batch acknowledged.
+    meta_json, tail, closed = _row(db)
+    assert (tail, closed) == (4, 0) and json.loads(meta_json)["producers"] == {"p": [0, 0]}
+    other = _engine(db)
+    assert other.store.records("s", 0, 10, 1 << 20) == [b"first", b"a", b"b", b"c"]
+    current = other.current("s")
+    assert current is not None and current.tail == 4
+
+
+def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "ds.sqlite3"
+    engine = _engine(db)
+    store = engine.store
+    assert isinstance(store, SQLiteDSStore)
+    _create(engine)
+    _create(engine, "gone")
+    queued: list[Callable[[Txn], Any]] = []
+    store.transact = queued.append  # type: ignore[method-assign,assignment]
+    _queue(engine, b"a")
+    _queue(engine, None, close=True)
+    _queue(engine, b"late")  # after the batch's own close: refused
+    engine.delete("gone")
+    engine.delete("gone")  # already deleted by this batch
+    del store.transact
+    jobs = [Job(fn) for fn in queued]
+    store._commit(jobs)
+    assert [job.value.status for job in jobs] == [204, 204, 409, 204, 404]
+    assert _row(db)[1:] == (1, 1)
+    other = _engine(db)
+    assert other.store.records("s", 0, 10, 1 << 20) == [b"a"]
+    assert other.current("gone") is None

@@ -25,6 +25,10 @@ from .store import yield_to_greenlets
 _T = TypeVar("_T")
 
 
+_SET = threading.Event()  # the leader's: it never waits
+_SET.set()
+
+
 class Job(Generic[_T]):
     """One caller's function and, once its batch committed, its outcome."""
 
@@ -32,7 +36,7 @@ class Job(Generic[_T]):
 
     def __init__(self, fn: Callable[..., _T]) -> None:
         self.fn = fn
-        self.done = threading.Event()
+        self.done: threading.Event = _SET  # a caller that queues gets one to wait on
         self.lead = False
         self.value: Any = None
         self.error: BaseException | None = None
@@ -62,6 +66,8 @@ class GroupCommit:
             self._queue.append(job)
             lead = not self._busy
             self._busy = True
+            if not lead:
+                job.done = threading.Event()
         if not lead:
             try:
                 job.done.wait()

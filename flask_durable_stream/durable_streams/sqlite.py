@@ -58,53 +58,88 @@ _SET_TAIL = "UPDATE durable_meta SET tail = ? WHERE path = ?"
 _ADD = "INSERT OR REPLACE INTO durable_records (path, idx, data) VALUES (?, ?, ?)"
 
 
-class _SQLiteTxn(Txn):
-    """One job's view of the batch's transaction.
+class _Batch:
+    """What the jobs of one batch know of the rows they wrote, shared between them.
 
     The ``tail`` column is the stream's tail (the JSON's copy may lag behind
-    it): a plain append changes nothing else, so :meth:`put` then updates that
-    one column instead of re-serialising and replacing the whole row.
+    it): a plain append changes nothing else, so its metadata write is only a
+    new tail, kept here and written once per stream just before ``COMMIT``.
+    The batch holds the write lock, so a row it has read changes only by its
+    own writes: later jobs read it from here, not from the file. Consecutive
+    appends to one stream cost one ``SELECT`` and one ``UPDATE`` per batch,
+    not per append.
     """
 
+    __slots__ = ("conn", "parsed", "rows", "tails", "seen")
+
     def __init__(self, conn: sqlite3.Connection, parsed: _Parsed) -> None:
-        self._conn = conn
-        self._parsed = parsed
+        self.conn = conn
+        self.parsed = parsed
+        self.rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
+        self.tails: dict[str, int] = {}  # path -> a tail not written yet
+        #: path -> (JSON, tail) of the row as read or written by the batch; None: no row
+        self.seen: dict[str, tuple[str, int] | None] = {}
+
+    def flush(self) -> None:
+        """Write the tails the batch moved (inside its transaction, before ``COMMIT``)."""
+        for path, tail in self.tails.items():
+            self.conn.execute(_SET_TAIL, (tail, path))
+        self.tails.clear()
+
+
+class _SQLiteTxn(Txn):
+    """One job's view of the batch's transaction (see :class:`_Batch`)."""
+
+    __slots__ = ("_batch", "touched")
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
         self.touched: set[str] = set()
-        self._rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
 
     def get(self, path: str) -> Meta | None:
-        row = self._conn.execute(_GET, (path,)).fetchone()
+        batch = self._batch
+        if path in batch.seen:
+            row = batch.seen[path]
+        else:
+            row = batch.seen[path] = batch.conn.execute(_GET, (path,)).fetchone()
         if row is None:
-            self._rows.pop(path, None)
+            batch.rows.pop(path, None)
             return None
-        return _meta(row, self._rows, path, self._parsed)
+        return _meta(row, batch.rows, path, batch.parsed)
 
     def put(self, path: str, meta: Meta) -> None:
+        batch = self._batch
         data = meta.to_dict()
         tail = data.pop("tail")
-        if self._rows.get(path) == data:  # only the tail moved
-            self._conn.execute(_SET_TAIL, (tail, path))
+        known = batch.seen.get(path)
+        if known is not None and batch.rows.get(path) == data:  # only the tail moved
+            batch.tails[path] = tail
+            batch.seen[path] = (known[0], tail)
         else:
             # "tail_column" makes an older version (which read the tail from the JSON, and
             # would append at a stale one, overwriting records) refuse the row instead.
             row = json.dumps({**data, "tail": tail, TAIL_MARK: True})
-            self._conn.execute(_PUT, (path, row, tail, int(meta.closed)))
-            self._rows[path] = data
+            batch.conn.execute(_PUT, (path, row, tail, int(meta.closed)))
+            batch.tails.pop(path, None)
+            batch.rows[path] = data
+            batch.seen[path] = (row, tail)
         self.touched.add(path)
 
     def append(self, path: str, first: int, records: Sequence[bytes]) -> None:
+        conn = self._batch.conn
         if len(records) == 1:
-            self._conn.execute(_ADD, (path, first, records[0]))
+            conn.execute(_ADD, (path, first, records[0]))
         else:
-            self._conn.executemany(
-                _ADD, [(path, first + i, record) for i, record in enumerate(records)]
-            )
+            conn.executemany(_ADD, [(path, first + i, record) for i, record in enumerate(records)])
         self.touched.add(path)
 
     def drop(self, path: str) -> None:
-        self._conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
-        self._conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
-        self._rows.pop(path, None)
+        batch = self._batch
+        batch.conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
+        batch.conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
+        batch.rows.pop(path, None)
+        batch.tails.pop(path, None)
+        batch.seen[path] = None
         self.touched.add(path)
 
 
@@ -149,6 +184,12 @@ def _meta(
             "closed_by": list(closed_by) if closed_by is not None else None,
         },
     )
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> StorageUnavailable:
+    failure = StorageUnavailable(f"SQLite: {exc}")
+    failure.__cause__ = exc
+    return failure
 
 
 class _PartialWrite(Exception):
@@ -216,23 +257,29 @@ class SQLiteDSStore(PolledStore):
                     raise
                 time.sleep(next(delays))
 
-    @contextmanager
-    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _take(self, write: bool) -> sqlite3.Connection:
         with self._lock:
             if self._pid != os.getpid():  # a forked worker: the parent's connections are not ours
                 self._pool, self._writers, self._pid = [], [], os.getpid()
             pool = self._writers if write else self._pool
             conn = pool.pop() if pool else None
+        return conn if conn is not None else self._connect(write)
+
+    def _give(self, conn: sqlite3.Connection, write: bool) -> None:
+        with self._lock:
+            (self._writers if write else self._pool).append(conn)
+
+    @contextmanager
+    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        conn = None
         try:
-            if conn is None:
-                conn = self._connect(write)
+            conn = self._take(write)
             yield conn
         except sqlite3.OperationalError as exc:
-            raise StorageUnavailable(f"SQLite: {exc}") from exc
+            raise _unavailable(exc) from exc
         finally:
             if conn is not None:
-                with self._lock:
-                    pool.append(conn)
+                self._give(conn, write)
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """``BEGIN IMMEDIATE``, waiting for another process's write without stopping this one.
@@ -278,37 +325,48 @@ class SQLiteDSStore(PolledStore):
 
     def _commit_batch(self, jobs: Sequence[Job[Any]]) -> None:
         touched: set[str] = set()
+        conn = None  # taken and given back by hand: this runs once per batch of writes
         try:
-            with self._connection(write=True) as conn:
-                self._begin(conn)
-                try:
-                    for job in jobs:
-                        txn = _SQLiteTxn(conn, self._parsed)
-                        try:
-                            job.value = job.fn(txn)
-                        except Exception as exc:
-                            if txn.touched and len(jobs) > 1:
-                                raise _PartialWrite from exc
-                            job.error = exc
-                            if txn.touched:  # alone: nothing of it may stay
-                                raise
-                        touched |= txn.touched
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+            conn = self._take(write=True)
+            self._begin(conn)
+            batch = _Batch(conn, self._parsed)
+            try:
+                for job in jobs:
+                    txn = _SQLiteTxn(batch)
+                    try:
+                        job.value = job.fn(txn)
+                    except Exception as exc:
+                        if txn.touched and len(jobs) > 1:
+                            raise _PartialWrite from exc
+                        job.error = exc
+                        if txn.touched:  # alone: nothing of it may stay
+                            raise
+                    touched |= txn.touched
+                batch.flush()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except _PartialWrite:
             raise
         except BaseException as exc:  # nothing of the batch committed
             # A kill or timeout of the leading request is its own: the others get a storage error.
-            failure = exc if isinstance(exc, Exception) else StorageUnavailable("write interrupted")
+            if isinstance(exc, sqlite3.OperationalError):
+                failure: BaseException = _unavailable(exc)
+            elif isinstance(exc, Exception):
+                failure = exc
+            else:
+                failure = StorageUnavailable("write interrupted")
             for job in jobs:
                 job.value = None
                 job.error = job.error or failure
-            if failure is not exc:
+            if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            if conn is not None:
+                self._give(conn, write=True)
         if touched:
             self.wakeups.wake(touched)
             self.doorbell.ring(touched)
