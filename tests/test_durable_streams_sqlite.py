@@ -4,9 +4,10 @@ other change still reaches the JSON metadata, read back by another connection (a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,21 @@ def _queue(
     )
 
 
+@contextlib.contextmanager
+def _one_batch(store: SQLiteDSStore) -> Iterator[list[Job[Any]]]:
+    """The writes made inside are queued, then committed as one batch, as if they had
+    arrived together; the list yielded holds their jobs afterwards."""
+    queued: list[Callable[[Txn], Any]] = []
+    jobs: list[Job[Any]] = []
+    store.transact = queued.append  # type: ignore[method-assign,assignment]
+    try:
+        yield jobs
+    finally:
+        del store.transact
+    jobs.extend(Job(fn) for fn in queued)
+    store._commit(jobs)
+
+
 def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: Path) -> None:
     """The jobs of one batch see each other's writes without reading the file again."""
     db = tmp_path / "ds.sqlite3"
@@ -195,23 +211,19 @@ def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: P
     assert _append(engine, b"first")[0] == 204  # the writer's connection exists from here
     statements: list[str] = []
     store._writers[0].set_trace_callback(statements.append)
-    queued: list[Callable[[Txn], Any]] = []
-    store.transact = queued.append  # type: ignore[method-assign,assignment]
-    _queue(engine, b"a", Producer("p", 0, 0))  # producer state: the JSON row is rewritten
-    _queue(engine, b"b")  # plain appends: the tail alone moves
-    _queue(engine, b"c")
-    _queue(engine, b"c", Producer("p", 0, 0))  # a duplicate, told from the batch's own write
-    engine.append(
-        "s",
-        content_type="application/json",  # refused: nothing of it is stored
-        record=b"[1]",
-        close=False,
-        stream_seq=None,
-        producer=None,
-    )
-    del store.transact
-    jobs = [Job(fn) for fn in queued]
-    store._commit(jobs)  # one batch, as if the five had arrived together
+    with _one_batch(store) as jobs:
+        _queue(engine, b"a", Producer("p", 0, 0))  # producer state: the JSON row is rewritten
+        _queue(engine, b"b")  # plain appends: the tail alone moves
+        _queue(engine, b"c")
+        _queue(engine, b"c", Producer("p", 0, 0))  # a duplicate, told from the batch's write
+        engine.append(
+            "s",
+            content_type="application/json",  # refused: nothing of it is stored
+            record=b"[1]",
+            close=False,
+            stream_seq=None,
+            producer=None,
+        )
     assert [job.error for job in jobs] == [None] * 5
     assert [job.value.status for job in jobs] == [200, 204, 204, 204, 409]
     assert jobs[3].value.headers["Producer-Seq"] == "0"
@@ -239,16 +251,12 @@ def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
     assert isinstance(store, SQLiteDSStore)
     _create(engine)
     _create(engine, "gone")
-    queued: list[Callable[[Txn], Any]] = []
-    store.transact = queued.append  # type: ignore[method-assign,assignment]
-    _queue(engine, b"a")
-    _queue(engine, None, close=True)
-    _queue(engine, b"late")  # after the batch's own close: refused
-    engine.delete("gone")
-    engine.delete("gone")  # already deleted by this batch
-    del store.transact
-    jobs = [Job(fn) for fn in queued]
-    store._commit(jobs)
+    with _one_batch(store) as jobs:
+        _queue(engine, b"a")
+        _queue(engine, None, close=True)
+        _queue(engine, b"late")  # after the batch's own close: refused
+        engine.delete("gone")
+        engine.delete("gone")  # already deleted by this batch
     assert [job.value.status for job in jobs] == [204, 204, 409, 204, 404]
     assert _row(db)[1:] == (1, 1)
     other = _engine(db)
