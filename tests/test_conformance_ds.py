@@ -16,6 +16,7 @@ import pytest
 from flask_durable_stream import StreamManager
 from flask_durable_stream.durable_streams import DSStore, Engine
 from flask_durable_stream.durable_streams.request import START, Producer, encode_messages
+from tests.support.ds import append, create
 
 DS_BACKENDS = ["memory", "sqlite", "redis"]
 
@@ -31,29 +32,6 @@ def stores(request: pytest.FixtureRequest) -> tuple[DSStore, DSStore]:
 @pytest.fixture
 def engine(stores: tuple[DSStore, DSStore]) -> Engine:
     return Engine(stores[0])
-
-
-def create(engine: Engine, path: str, ct: str = "text/plain", **options: object) -> int:
-    defaults: dict[str, object] = {
-        "content_type": ct,
-        "ttl": None,
-        "expires_at": None,
-        "expires_ts": None,
-        "closed": False,
-        "record": None,
-    }
-    return engine.create(path, **{**defaults, **options}).status  # type: ignore[arg-type]
-
-
-def append(engine: Engine, path: str, data: bytes | None, **options: object) -> int:
-    defaults: dict[str, object] = {
-        "content_type": "text/plain",
-        "record": data,
-        "close": False,
-        "stream_seq": None,
-        "producer": None,
-    }
-    return engine.append(path, **{**defaults, **options}).status  # type: ignore[arg-type]
 
 
 def read_all(engine: Engine, path: str) -> bytes:

@@ -20,6 +20,7 @@ from flask_durable_stream.durable_streams.memory import MemoryDSStore
 from flask_durable_stream.durable_streams.server import durable_streams_server
 from flask_durable_stream.durable_streams.sqlite import SQLiteDSStore
 from flask_durable_stream.durable_streams.store import Meta, Txn
+from tests.support.ds import create
 
 #: (method, path, headers, body): every kind of request the fast path serves, errors included.
 REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
@@ -190,16 +191,7 @@ def _append(engine: Engine, record: bytes) -> Callable[[Txn], Any]:
 def test_group_commit_runs_each_job_in_its_own_savepoint(tmp_path: Path) -> None:
     store = SQLiteDSStore(str(tmp_path / "ds.sqlite3"))
     engine = Engine(store)
-    reply = engine.create(
-        "s",
-        content_type="text/plain",
-        ttl=None,
-        expires_at=None,
-        expires_ts=None,
-        closed=False,
-        record=None,
-    )
-    assert reply.status == 201
+    assert create(engine, "s") == 201
 
     def half_then_fail(txn: Txn) -> None:
         meta = txn.get("s")
@@ -225,15 +217,7 @@ def test_group_commit_runs_each_job_in_its_own_savepoint(tmp_path: Path) -> None
 def test_concurrent_appends_from_threads_are_each_committed_once(tmp_path: Path) -> None:
     store = SQLiteDSStore(str(tmp_path / "ds.sqlite3"))
     engine = Engine(store)
-    engine.create(
-        "s",
-        content_type="text/plain",
-        ttl=None,
-        expires_at=None,
-        expires_ts=None,
-        closed=False,
-        record=None,
-    )
+    assert create(engine, "s") == 201
     offsets: list[str] = []
     lock = threading.Lock()
 

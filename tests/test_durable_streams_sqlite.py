@@ -18,36 +18,17 @@ from flask_durable_stream.durable_streams.group_commit import Job
 from flask_durable_stream.durable_streams.request import Producer
 from flask_durable_stream.durable_streams.sqlite import SCHEMA, TAIL_MARK, SQLiteDSStore
 from flask_durable_stream.durable_streams.store import Meta, Txn
+from tests.support.ds import append_reply, create
 
 
 def _engine(path: Path) -> Engine:
     return Engine(SQLiteDSStore(str(path)), cache_bytes=0)  # every read from the file
 
 
-def _create(engine: Engine, name: str = "s") -> None:
-    reply = engine.create(
-        name,
-        content_type="text/plain",
-        ttl=None,
-        expires_at=None,
-        expires_ts=None,
-        closed=False,
-        record=None,
-    )
-    assert reply.status == 201
-
-
 def _append(
     engine: Engine, data: bytes | None, producer: Producer | None = None, close: bool = False
 ) -> tuple[int, dict[str, str]]:
-    reply = engine.append(
-        "s",
-        content_type="text/plain",
-        record=data,
-        close=close,
-        stream_seq=None,
-        producer=producer,
-    )
+    reply = append_reply(engine, "s", data, producer=producer, close=close)
     return reply.status, reply.headers
 
 
@@ -64,7 +45,7 @@ def _row(path: Path) -> tuple[str, int, int]:
 def test_a_plain_append_updates_the_tail_column_and_nothing_else(tmp_path: Path) -> None:
     db = tmp_path / "ds.sqlite3"
     engine = _engine(db)
-    _create(engine)
+    assert create(engine, "s") == 201
     before, tail, _ = _row(db)
     assert tail == 0
     for i in range(3):
@@ -80,7 +61,7 @@ def test_a_plain_append_updates_the_tail_column_and_nothing_else(tmp_path: Path)
 def test_producer_state_and_closing_still_reach_the_json_row(tmp_path: Path) -> None:
     db = tmp_path / "ds.sqlite3"
     engine = _engine(db)
-    _create(engine)
+    assert create(engine, "s") == 201
     assert _append(engine, b"a")[0] == 204
     status, headers = _append(engine, b"b", Producer("p", 0, 0))
     assert status == 200 and headers["Producer-Seq"] == "0"
@@ -150,7 +131,7 @@ def test_an_older_version_refuses_rows_whose_tail_lives_in_the_column(tmp_path: 
     key they do not know, so to them it is an error, never a stale tail."""
     db = tmp_path / "ds.sqlite3"
     engine = _engine(db)
-    _create(engine)
+    assert create(engine, "s") == 201
     for i in range(3):
         assert _append(engine, f"r{i}".encode())[0] == 204
     stored = json.loads(_row(db)[0])
@@ -162,7 +143,7 @@ def test_an_older_version_refuses_rows_whose_tail_lives_in_the_column(tmp_path: 
 def test_a_row_of_an_earlier_version_is_marked_by_its_first_write(tmp_path: Path) -> None:
     db = tmp_path / "ds.sqlite3"
     engine = _engine(db)
-    _create(engine)
+    assert create(engine, "s") == 201
     meta_json, tail, closed = _row(db)
     old = json.loads(meta_json)
     del old[TAIL_MARK]  # as an earlier version wrote it
@@ -181,9 +162,7 @@ def _queue(
     engine: Engine, data: bytes | None, producer: Producer | None = None, close: bool = False
 ) -> None:
     """An append whose transaction is only queued (``store.transact`` collects it)."""
-    engine.append(
-        "s", content_type="text/plain", record=data, close=close, stream_seq=None, producer=producer
-    )
+    append_reply(engine, "s", data, producer=producer, close=close)
 
 
 @contextlib.contextmanager
@@ -207,7 +186,7 @@ def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: P
     engine = _engine(db)
     store = engine.store
     assert isinstance(store, SQLiteDSStore)
-    _create(engine)
+    assert create(engine, "s") == 201
     assert _append(engine, b"first")[0] == 204  # the writer's connection exists from here
     statements: list[str] = []
     store._writers[0].set_trace_callback(statements.append)
@@ -216,14 +195,8 @@ def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: P
         _queue(engine, b"b")  # plain appends: the tail alone moves
         _queue(engine, b"c")
         _queue(engine, b"c", Producer("p", 0, 0))  # a duplicate, told from the batch's write
-        engine.append(
-            "s",
-            content_type="application/json",  # refused: nothing of it is stored
-            record=b"[1]",
-            close=False,
-            stream_seq=None,
-            producer=None,
-        )
+        # Refused (not the stream's content type): nothing of it is stored.
+        append_reply(engine, "s", b"[1]", content_type="application/json")
     assert [job.error for job in jobs] == [None] * 5
     assert [job.value.status for job in jobs] == [200, 204, 204, 204, 409]
     assert jobs[3].value.headers["Producer-Seq"] == "0"
@@ -249,8 +222,8 @@ def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
     engine = _engine(db)
     store = engine.store
     assert isinstance(store, SQLiteDSStore)
-    _create(engine)
-    _create(engine, "gone")
+    assert create(engine, "s") == 201
+    assert create(engine, "gone") == 201
     with _one_batch(store) as jobs:
         _queue(engine, b"a")
         _queue(engine, None, close=True)
