@@ -158,17 +158,11 @@ def test_a_row_of_an_earlier_version_is_marked_by_its_first_write(tmp_path: Path
     assert json.loads(_row(db)[0]) == stored and _row(db)[1] == 2
 
 
-def _queue(
-    engine: Engine, data: bytes | None, producer: Producer | None = None, close: bool = False
-) -> None:
-    """An append whose transaction is only queued (``store.transact`` collects it)."""
-    append_reply(engine, "s", data, producer=producer, close=close)
-
-
 @contextlib.contextmanager
 def _one_batch(store: SQLiteDSStore) -> Iterator[list[Job[Any]]]:
     """The writes made inside are queued, then committed as one batch, as if they had
-    arrived together; the list yielded holds their jobs afterwards."""
+    arrived together; the list yielded holds their jobs afterwards. (Inside, the engine's
+    calls return None: only their transactions are collected.)"""
     queued: list[Callable[[Txn], Any]] = []
     jobs: list[Job[Any]] = []
     store.transact = queued.append  # type: ignore[method-assign,assignment]
@@ -191,10 +185,12 @@ def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: P
     statements: list[str] = []
     store._writers[0].set_trace_callback(statements.append)
     with _one_batch(store) as jobs:
-        _queue(engine, b"a", Producer("p", 0, 0))  # producer state: the JSON row is rewritten
-        _queue(engine, b"b")  # plain appends: the tail alone moves
-        _queue(engine, b"c")
-        _queue(engine, b"c", Producer("p", 0, 0))  # a duplicate, told from the batch's write
+        # Producer state: the JSON row is rewritten.
+        append_reply(engine, "s", b"a", producer=Producer("p", 0, 0))
+        append_reply(engine, "s", b"b")  # plain appends: the tail alone moves
+        append_reply(engine, "s", b"c")
+        # A duplicate, told from the batch's own write.
+        append_reply(engine, "s", b"c", producer=Producer("p", 0, 0))
         # Refused (not the stream's content type): nothing of it is stored.
         append_reply(engine, "s", b"[1]", content_type="application/json")
     assert [job.error for job in jobs] == [None] * 5
@@ -225,9 +221,9 @@ def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
     assert create(engine, "s") == 201
     assert create(engine, "gone") == 201
     with _one_batch(store) as jobs:
-        _queue(engine, b"a")
-        _queue(engine, None, close=True)
-        _queue(engine, b"late")  # after the batch's own close: refused
+        append_reply(engine, "s", b"a")
+        append_reply(engine, "s", None, close=True)
+        append_reply(engine, "s", b"late")  # after the batch's own close: refused
         engine.delete("gone")
         engine.delete("gone")  # already deleted by this batch
     assert [job.value.status for job in jobs] == [204, 204, 409, 204, 404]

@@ -70,12 +70,11 @@ class _Batch:
     not per append.
     """
 
-    __slots__ = ("conn", "parsed", "rows", "tails", "seen")
+    __slots__ = ("conn", "parsed", "tails", "seen")
 
     def __init__(self, conn: sqlite3.Connection, parsed: _Parsed) -> None:
         self.conn = conn
         self.parsed = parsed
-        self.rows: dict[str, dict[str, Any]] = {}  # as stored, tail aside: what put compares
         self.tails: dict[str, int] = {}  # path -> a tail not written yet
         #: path -> (JSON, tail) of the row as read or written by the batch; None: no row
         self.seen: dict[str, tuple[str, int] | None] = {}
@@ -102,18 +101,15 @@ class _SQLiteTxn(Txn):
             row = batch.seen[path]
         else:
             row = batch.seen[path] = batch.conn.execute(_GET, (path,)).fetchone()
-        if row is None:
-            batch.rows.pop(path, None)
-            return None
-        return _meta(row, batch.rows, path, batch.parsed)
+        return _meta(row, path, batch.parsed) if row is not None else None
 
     def put(self, path: str, meta: Meta) -> None:
         batch = self._batch
         data = meta.to_dict()
         tail = data.pop("tail")
         known = batch.seen.get(path)
-        if known is not None and batch.rows.get(path) == data:  # only the tail moved
-            batch.tails[path] = tail
+        if known is not None and _stored(known[0], path, batch.parsed) == (data, True):
+            batch.tails[path] = tail  # only the tail moved, in a row this version marked
             batch.seen[path] = (known[0], tail)
         else:
             # "tail_column" makes an older version (which read the tail from the JSON, and
@@ -121,7 +117,7 @@ class _SQLiteTxn(Txn):
             row = json.dumps({**data, "tail": tail, TAIL_MARK: True})
             batch.conn.execute(_PUT, (path, row, tail, int(meta.closed)))
             batch.tails.pop(path, None)
-            batch.rows[path] = data
+            batch.parsed.remember(path, row, data, True)
             batch.seen[path] = (row, tail)
         self.touched.add(path)
 
@@ -137,7 +133,6 @@ class _SQLiteTxn(Txn):
         batch = self._batch
         batch.conn.execute("DELETE FROM durable_meta WHERE path = ?", (path,))
         batch.conn.execute("DELETE FROM durable_records WHERE path = ?", (path,))
-        batch.rows.pop(path, None)
         batch.tails.pop(path, None)
         batch.seen[path] = None
         self.touched.add(path)
@@ -149,34 +144,38 @@ class _Parsed(dict[str, tuple[str, dict[str, Any], bool]]):
 
     limit = 4096
 
+    def remember(self, path: str, text: str, data: dict[str, Any], marked: bool) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        self[path] = (text, data, marked)
 
-def _meta(
-    row: tuple[str, int],
-    rows: dict[str, dict[str, Any]] | None,
-    path: str,
-    parsed: _Parsed | None = None,
-) -> Meta:
-    """The stream's metadata from its row; the ``tail`` column wins over the JSON's."""
-    text = row[0]
+
+def _stored(text: str, path: str, parsed: _Parsed | None) -> tuple[dict[str, Any], bool]:
+    """A row's JSON as stored, tail aside, and whether this version marked it (``TAIL_MARK``).
+
+    Never to be changed by the caller: it is the cache's copy.
+    """
     known = parsed.get(path) if parsed is not None else None
     if known is not None and known[0] == text:
-        _, data, marked = known  # never changed: the meta below gets copies of what may change
-    else:
-        data = json.loads(text)
-        data.pop("tail", None)
-        marked = bool(data.pop(TAIL_MARK, False))
-        if parsed is not None:
-            if len(parsed) >= parsed.limit:
-                parsed.clear()
-            parsed[path] = (text, data, marked)
-    if rows is not None:
-        if marked:
-            rows[path] = data  # as stored: the meta gets its own copies of what may change
-        else:  # written by an older version: the first write marks it (a whole row)
-            rows.pop(path, None)
+        return known[1], known[2]
+    data = json.loads(text)
+    data.pop("tail", None)
+    marked = bool(data.pop(TAIL_MARK, False))
+    if parsed is not None:
+        parsed.remember(path, text, data, marked)
+    return data, marked
+
+
+def _meta(row: tuple[str, int], path: str, parsed: _Parsed | None = None) -> Meta:
+    """The stream's metadata from its row; the ``tail`` column wins over the JSON's.
+
+    A row written by an older version (not marked) reads the same; the first write of this
+    version rewrites it whole, marked (see :meth:`_SQLiteTxn.put`).
+    """
+    data, _ = _stored(row[0], path, parsed)
     producers = data["producers"]
     closed_by = data["closed_by"]
-    return Meta(
+    return Meta(  # its own copies of what may change
         tail=int(row[1]),
         **{
             **data,
@@ -374,7 +373,7 @@ class SQLiteDSStore(PolledStore):
     def get(self, path: str) -> Meta | None:
         with self._connection() as conn:
             row = conn.execute(_GET, (path,)).fetchone()
-        return _meta(row, None, path, self._parsed) if row else None
+        return _meta(row, path, self._parsed) if row else None
 
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         out: list[bytes] = []

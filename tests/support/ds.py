@@ -7,7 +7,7 @@ from flask_durable_stream.durable_streams import Engine
 from flask_durable_stream.durable_streams.replies import Reply
 
 
-def create_reply(engine: Engine, path: str, ct: str = "text/plain", **options: object) -> Reply:
+def create(engine: Engine, path: str, ct: str = "text/plain", **options: object) -> int:
     defaults: dict[str, object] = {
         "content_type": ct,
         "ttl": None,
@@ -16,11 +16,7 @@ def create_reply(engine: Engine, path: str, ct: str = "text/plain", **options: o
         "closed": False,
         "record": None,
     }
-    return engine.create(path, **{**defaults, **options})  # type: ignore[arg-type]
-
-
-def create(engine: Engine, path: str, ct: str = "text/plain", **options: object) -> int:
-    return create_reply(engine, path, ct, **options).status
+    return engine.create(path, **{**defaults, **options}).status  # type: ignore[arg-type]
 
 
 def append_reply(engine: Engine, path: str, data: bytes | None, **options: object) -> Reply:
