@@ -1,15 +1,18 @@
 """A client that goes away stops nothing, whichever path its frames took.
 
-Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: a stream
-whose client disconnected must still run to its end and be stored whole, and a client
-that stays gets every frame once, in order, equal to storage. A faster live path must
-keep passing this. Nothing here depends on timing: the flow waits at a gate the test opens.
+Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: while a
+live client keeps up, the flow's task writes its frames itself (the live fast path);
+otherwise the response's task does. Either way a stream whose client disconnected must
+still run to its end and be stored whole, and a client that stays gets every frame once,
+in order, equal to storage. Nothing here depends on timing: the flow waits at a gate the
+test opens.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,10 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.S
     server.stop()
 
 
+def offers(server: servers.Server) -> int:
+    return int(requests.get(f"{server.url}/stats", timeout=30).json()["offers"])
+
+
 def open_gate(server: servers.Server, key: str) -> None:
     requests.post(f"{server.url}/gate/{key}", timeout=30).raise_for_status()
 
@@ -46,6 +53,7 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
 ) -> None:
     key = uuid.uuid4().hex
     body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+    first = offers(server)
     live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
     assert live.chunks == list(range(BEFORE))
     assert live.stream_id is not None
@@ -54,6 +62,8 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     assert replay.events == expected_events()
     again = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id)
     assert again.raw == replay.raw
+    # The first frame after the gate found the response caught up: the fast path took it.
+    assert offers(server) > first
 
 
 def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage(
@@ -61,6 +71,7 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
 ) -> None:
     key = uuid.uuid4().hex
     body = json.dumps({"data": {"before": BEFORE, "after": AFTER, "key": key}})
+    first = offers(server)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request(
         "POST",
@@ -81,5 +92,47 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     events, rest = protocol.parse_frames(raw.decode())
     assert rest == ""
     assert events == expected_events()
+    assert offers(server) >= first + AFTER  # the frames after the gate took the fast path
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=stream_id)
+    assert replay.raw == raw
+
+
+def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
+    server: servers.Server,
+) -> None:
+    key = uuid.uuid4().hex
+    body = json.dumps({"data": {"after": AFTER, "key": key}})
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", server.port))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.sock = sock
+    conn.request(
+        "POST",
+        "/flows/fill",
+        body=body,
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
+    response = conn.getresponse()
+    stream_id = response.getheader(protocol.STREAM_ID_HEADER)
+    raw = b""
+    while b"\n\n" not in raw:  # the first frame
+        piece = response.read1(1)
+        assert piece, "the stream ended early"
+        raw += piece
+    open_gate(server, "go-" + key)
+    # Not reading: the flow fills the socket, then emits AFTER chunks the socket cannot take.
+    wait = requests.get(f"{server.url}/wait/full-{key}", timeout=150).json()
+    assert wait == {"open": True}
+    raw += response.read()
+    conn.close()
+    events, rest = protocol.parse_frames(raw.decode())
+    assert rest == ""
+    filled = events[-1][1]
+    assert isinstance(filled, int) and filled >= 1
+    fill = [("chunk", "x" * 16384)] * filled
+    after = [("chunk", i) for i in range(AFTER)]
+    assert events == [("chunk", "start"), *fill, *after, ("done", filled)]
+    replay = post_stream(server.url, "/flows/fill", {}, stream_id=stream_id, timeout=60)
     assert replay.raw == raw
