@@ -34,11 +34,11 @@ What keeps it durable and ordered:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .protocol import _PREFIX, CHUNK
+from . import protocol
+from .protocol import CHUNK
 
 if TYPE_CHECKING:
     from .run import LiveReader, Run
@@ -83,7 +83,7 @@ class DirectSink:
         """From ``Run._emit``, while armed: event ``seq`` is this sink's to send."""
         self.reader.cursor = seq + 1
         pending = self._pending
-        pending.append(_PREFIX[kind] + payload + "}\n\n")
+        pending.append(protocol.frame(kind, payload))
         self._size += len(payload)
         if kind != CHUNK:
             self.flush()  # the end: no reason to wait for the burst's
@@ -100,7 +100,7 @@ class DirectSink:
         self._pending.clear()
         self._size = 0
         last = self._run.ended and self.reader.cursor >= self._run.count
-        self._send(b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body, last)
+        self._send(self._wire(body), last)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:
@@ -116,6 +116,10 @@ class DirectSink:
             self._watch()
         elif last:
             self._finish()
+
+    def _wire(self, body: bytes) -> bytes:
+        """``body`` as the response sends it: one HTTP chunk, when the response is chunked."""
+        return b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
 
     # -- the watcher, while the client is behind --------------------------------
     def _watch(self) -> None:
@@ -143,13 +147,7 @@ class DirectSink:
                         return
                     continue
                 if reader.cursor < run.count:
-                    batch = run.since(reader.cursor, PUMP_BYTES)
-                    reader.cursor += len(batch)
-                    reader.moved_at = time.monotonic()
-                    run.reader_moved()
-                    body = "".join([_PREFIX[e.kind] + e.payload + "}\n\n" for e in batch])
-                    data = body.encode()
-                    self._rest = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+                    self._rest = self._wire(protocol.frames(run.read(reader, PUMP_BYTES)))
                     continue
                 if run.ended:  # caught up with an ended run: its terminal frame went out
                     self._finish()

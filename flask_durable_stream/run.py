@@ -455,20 +455,24 @@ class Run:
                 if reader.dropped:
                     return
                 try:
-                    batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                    batch = self.read(reader, READ_BATCH_BYTES)
                 except LookupError:  # dropped (by another thread) and released meanwhile
                     if reader.dropped:
                         return
                     raise
-                reader.cursor += len(batch)
-                reader.moved_at = time.monotonic()
-                self.reader_moved()
                 yield batch
                 if batch[-1].terminal:
                     return
         finally:
-            if reader in self._readers:
-                self._readers.remove(reader)
+            self.detach(reader)
+
+    def read(self, reader: LiveReader, max_bytes: int) -> list[Event]:
+        """The events at ``reader``'s cursor (up to ``max_bytes``), moving the cursor past them."""
+        batch = self.since(reader.cursor, max_bytes)
+        reader.cursor += len(batch)
+        reader.moved_at = time.monotonic()
+        self.reader_moved()
+        return batch
 
     def reader_moved(self) -> None:
         """A live reader took events: a flow waiting for it goes on."""

@@ -16,6 +16,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -38,6 +39,33 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.S
 
 def offers(server: servers.Server) -> int:
     return int(requests.get(f"{server.url}/stats", timeout=30).json()["offers"])
+
+
+def open_live(
+    server: servers.Server, path: str, body: Any, sock: socket.socket | None = None
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Start a flow and return its live response once the headers are in (over ``sock``,
+    a connected socket, when given)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    if sock is not None:
+        conn.sock = sock
+    conn.request(
+        "POST",
+        path,
+        body=json.dumps(body),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
+    return conn, conn.getresponse()
+
+
+def read_frames(response: http.client.HTTPResponse, count: int, size: int) -> bytes:
+    """Read (``size`` bytes at a time) until ``count`` whole frames are in."""
+    raw = b""
+    while raw.count(b"\n\n") < count:
+        piece = response.read1(size)
+        assert piece, "the stream ended early"
+        raw += piece
+    return raw
 
 
 def open_gate(server: servers.Server, key: str) -> None:
@@ -70,22 +98,11 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     server: servers.Server,
 ) -> None:
     key = uuid.uuid4().hex
-    body = json.dumps({"data": {"before": BEFORE, "after": AFTER, "key": key}})
+    body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
     first = offers(server)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request(
-        "POST",
-        "/flows/gated",
-        body=body,
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-    )
-    response = conn.getresponse()
+    conn, response = open_live(server, "/flows/gated", body)
     stream_id = response.getheader(protocol.STREAM_ID_HEADER)
-    raw = b""
-    while raw.count(b"\n\n") < BEFORE:  # every chunk before the gate, while connected
-        piece = response.read1(65536)
-        assert piece, "the stream ended early"
-        raw += piece
+    raw = read_frames(response, BEFORE, 65536)  # every chunk before the gate, while connected
     open_gate(server, key)
     raw += response.read()
     conn.close()
@@ -101,26 +118,13 @@ def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     server: servers.Server,
 ) -> None:
     key = uuid.uuid4().hex
-    body = json.dumps({"data": {"after": AFTER, "key": key}})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
     sock.settimeout(60)
     sock.connect(("127.0.0.1", server.port))
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.sock = sock
-    conn.request(
-        "POST",
-        "/flows/fill",
-        body=body,
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-    )
-    response = conn.getresponse()
+    conn, response = open_live(server, "/flows/fill", {"data": {"after": AFTER, "key": key}}, sock)
     stream_id = response.getheader(protocol.STREAM_ID_HEADER)
-    raw = b""
-    while b"\n\n" not in raw:  # the first frame
-        piece = response.read1(1)
-        assert piece, "the stream ended early"
-        raw += piece
+    raw = read_frames(response, 1, 1)  # the first frame, and not a byte more
     open_gate(server, "go-" + key)
     # Not reading: the flow fills the socket, then emits AFTER chunks the socket cannot take.
     wait = requests.get(f"{server.url}/wait/full-{key}", timeout=150).json()

@@ -174,13 +174,19 @@ def _one_batch(store: SQLiteDSStore) -> Iterator[list[Job[Any]]]:
     store._commit(jobs)
 
 
-def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: Path) -> None:
-    """The jobs of one batch see each other's writes without reading the file again."""
+def _with_stream(tmp_path: Path) -> tuple[Path, Engine, SQLiteDSStore]:
+    """A fresh file with one text stream ``s``."""
     db = tmp_path / "ds.sqlite3"
     engine = _engine(db)
     store = engine.store
     assert isinstance(store, SQLiteDSStore)
     assert create(engine, "s") == 201
+    return db, engine, store
+
+
+def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: Path) -> None:
+    """The jobs of one batch see each other's writes without reading the file again."""
+    db, engine, store = _with_stream(tmp_path)
     assert _append(engine, b"first")[0] == 204  # the writer's connection exists from here
     statements: list[str] = []
     store._writers[0].set_trace_callback(statements.append)
@@ -214,11 +220,7 @@ def test_a_batch_reads_each_row_once_and_writes_each_moved_tail_once(tmp_path: P
 
 
 def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
-    db = tmp_path / "ds.sqlite3"
-    engine = _engine(db)
-    store = engine.store
-    assert isinstance(store, SQLiteDSStore)
-    assert create(engine, "s") == 201
+    db, engine, store = _with_stream(tmp_path)
     assert create(engine, "gone") == 201
     with _one_batch(store) as jobs:
         append_reply(engine, "s", b"a")
