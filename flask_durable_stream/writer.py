@@ -147,7 +147,9 @@ class RunWriter:
         # yields, in one append; with threads it happens right here.
         if self._claim():
             if run.cooperative:
-                run.defer(self._store_inline)  # with the burst's live send, if any
+                import gevent
+
+                gevent.get_hub().loop.run_callback(self._store_inline)
             else:
                 self._store_inline()
 

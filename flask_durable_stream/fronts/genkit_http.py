@@ -15,7 +15,6 @@ from typing import Any
 from flask import Response, request
 
 from .. import _logging, protocol
-from .._direct import live_hook  # live fast path hook
 from ..exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
 from ..flows import Flow
 from ..managers.base import Event
@@ -134,9 +133,7 @@ class GenkitFront(Front):
             # connection is closed and it can resume from storage.
             batches = run.batches(reader=run.live, on_drop=closer(request.environ))
             batches = self.runner.metrics.subscriber(batches, self.name, "live")
-            response = self._stream(batches, headers)
-            live_hook(response, run)  # live fast path hook
-            return response
+            return self._stream(batches, headers)
         terminal = run.wait()
         assert terminal is not None
         return _plain(terminal)
