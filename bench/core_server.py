@@ -8,6 +8,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 from bench_flows import CHUNK, blast, llm  # noqa: E402
 from flask import Flask, Response, request  # noqa: E402
@@ -49,6 +50,9 @@ def create_app() -> Flask:
 
         return Response(generate(), mimetype="text/event-stream")
 
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        memory_routes(app)
+
     @app.get("/rss")
     def rss() -> dict[str, int]:
         with open("/proc/self/status") as f:
@@ -60,6 +64,51 @@ def create_app() -> Flask:
         }
 
     return app
+
+
+def memory_routes(app: Flask) -> None:
+    """``GET /memory/baseline`` then ``GET /memory?n=N``: what N open streams hold, per stream
+    (tracemalloc by line, greenlets, RSS); for bench/stream_memory.py only."""
+    import collections
+    import gc
+    import tracemalloc
+
+    import greenlet
+
+    tracemalloc.start(1)
+    state: dict[str, Any] = {}
+
+    def counts() -> tuple[int, int]:
+        gc.collect()
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return sum(isinstance(o, greenlet.greenlet) for o in gc.get_objects()), rss
+
+    @app.get("/memory/baseline")
+    def baseline() -> dict[str, int]:
+        state["greenlets"], state["rss"] = counts()
+        state["snapshot"] = tracemalloc.take_snapshot()
+        return {"greenlets": state["greenlets"]}
+
+    @app.get("/memory")
+    def memory() -> dict[str, Any]:
+        n = int(request.args["n"])
+        greenlets, rss = counts()
+        snapshot = tracemalloc.take_snapshot()
+        names = collections.Counter(
+            str(getattr(o, "name", None) or type(o).__name__)
+            for o in gc.get_objects()
+            if isinstance(o, greenlet.greenlet) and not o.dead
+        )
+        diff = snapshot.compare_to(state["snapshot"], "lineno")
+        traced = sum(d.size_diff for d in diff)
+        return {
+            "greenlets_per_stream": (greenlets - state["greenlets"]) / n,
+            "rss_per_stream_kib": (rss - state["rss"]) / n,
+            "traced_per_stream_bytes": traced / n,
+            "greenlets": dict(names.most_common(8)),
+            "top": [[str(d.traceback[0]), d.size_diff / n, d.count_diff / n] for d in diff[:120]],
+        }
 
 
 def main() -> None:

@@ -13,9 +13,11 @@ Events not yet stored are kept: storage that is down is retried for
 slower than the flow makes the flow wait once it is ``STORAGE_BACKLOG_BYTES``
 ahead, so a fast flow cannot pile up a long stream in memory either.
 
-At ~440 lines this module is over the project's ~400: :class:`Run` is one lock-free state
+At ~510 lines this module is over the project's ~400: :class:`Run` is one lock-free state
 machine (events, cursors, memory bounds, waiting) whose methods read each other's invariants;
-split across modules it would be harder to check, not easier.
+split across modules it would be harder to check, not easier. The live fast path's side of it
+(the sink handed each event, the deferred burst callback, detaching a reader) is here for the
+same reason; the sink itself is in :mod:`._direct`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from ._concurrency import gevent_patched
@@ -34,6 +36,9 @@ from .exceptions import StreamClosed
 from .flows import FlowContext, fit_error
 from .managers.base import Event
 from .managers.common import event_size_error
+
+if TYPE_CHECKING:
+    from ._direct import DirectSink
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -80,8 +85,17 @@ class Run:
     Emitting is the hot path (once per chunk): an append and, only when somebody
     is waiting, a wake-up. Under gevent greenlets never preempt each other, so no
     lock is needed; with real threads (``flask run``) a plain lock keeps sequence
-    numbers unique.
+    numbers unique. Slots and Events made only when a flow has to wait: a worker
+    holds thousands of runs at once.
     """
+
+    __slots__ = (
+        "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
+        "_deferred", "buffer_limit", "reader_grace", "_reader_progress",
+        "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
+        "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
+        "_waiters", "_check_at", "cooperative", "_lock", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -100,9 +114,12 @@ class Run:
         self.terminal: Event | None = None
         self.on_emit: Callable[[Run], None] | None = None  # called after every event
         self.live: LiveReader | None = None  # the reader attached when the run started
+        self.sink: DirectSink | None = None  # the live reader's fast path (see _direct)
+        self._deferred: list[Callable[[], None]] = []
         self.buffer_limit = buffer_limit
         self.reader_grace = reader_grace
-        self._reader_progress = threading.Event()  # a reader took a batch (wakes a pacing flow)
+        # A reader took a batch (wakes a pacing flow); made when a flow first paces.
+        self._reader_progress: threading.Event | None = None
         self._pacing = False
         self.max_event_bytes = max_event_bytes
         self.backend = backend
@@ -114,7 +131,8 @@ class Run:
         self._trimmed_bytes = 0  # payload bytes before _base
         self._stored = _EVERYTHING  # events below this seq are in storage (or need none)
         self.storage_failing = False  # set by the writer while it retries
-        self._progress = threading.Event()  # storage took more events (wakes a waiting flow)
+        # Storage took more events (wakes a waiting flow); made when a flow first waits.
+        self._progress: threading.Event | None = None
         self._readers: list[LiveReader] = []
         self._waiters: list[threading.Event] = []
         self._check_at = self._check_step()
@@ -165,6 +183,9 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
+        sink = self.sink
+        if sink is not None and sink.armed:  # the live reader is caught up (see _direct)
+            sink.take(self, seq, kind, payload)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -176,6 +197,23 @@ class Run:
             # waits for them. Only the flow's own chunks may wait: a terminal event can
             # come from the writer's task (abort) or a shutdown, never waiting on itself.
             self._check_memory()
+
+    def defer(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the emitting task yields (gevent): one hub callback does the
+        work of a whole burst of events (sending, storing), however many it had."""
+        self._deferred.append(action)
+        if len(self._deferred) == 1:
+            import gevent
+
+            gevent.get_hub().loop.run_callback(self._run_deferred)
+
+    def _run_deferred(self) -> None:
+        actions, self._deferred = self._deferred, []
+        for action in actions:
+            try:
+                action()
+            except Exception:  # pragma: no cover - one action's bug must not skip the store
+                log.exception("stream %s: a deferred action failed", self.stream_id)
 
     def emit_chunk(self, payload: str) -> None:
         self._emit(protocol.CHUNK, payload)
@@ -219,7 +257,9 @@ class Run:
     def mark_stored(self, next_seq: int) -> None:
         """Storage has every event below ``next_seq`` (``sys.maxsize``: needs none)."""
         self._stored = next_seq
-        self._progress.set()
+        progress = self._progress
+        if progress is not None:
+            progress.set()
 
     def storage_backlog(self) -> int:
         """Payload bytes emitted but not yet stored."""
@@ -242,10 +282,13 @@ class Run:
         """
         waited = False
         while not self.storage_failing and self.storage_backlog() > STORAGE_BACKLOG_BYTES:
-            self._progress.clear()
+            progress = self._progress
+            if progress is None:
+                progress = self._progress = threading.Event()
+            progress.clear()
             if self.storage_backlog() <= STORAGE_BACKLOG_BYTES:
                 break
-            self._progress.wait(1.0)  # re-checks storage_failing at least once a second
+            progress.wait(1.0)  # re-checks storage_failing at least once a second
             waited = True
         if waited:
             self.release()
@@ -329,10 +372,13 @@ class Run:
                 continue
             if not can_wait:
                 return
+            progress = self._reader_progress
+            if progress is None:
+                progress = self._reader_progress = threading.Event()
             self._pacing = True
-            self._reader_progress.clear()
+            progress.clear()
             first = min(r.stalled_since(now) for r in slow)
-            self._reader_progress.wait(first + self.reader_grace - now)
+            progress.wait(first + self.reader_grace - now)
             self._pacing = False
 
     def _drop(self, readers: list[LiveReader], limit: int) -> None:
@@ -399,27 +445,52 @@ class Run:
             reader = self.attach(after)
         reader.on_drop = on_drop
         try:
+            sink = self.sink
+            if sink is not None and sink.reader is reader:  # the live fast path (see _direct)
+                if not sink.serve():
+                    return  # the client went away; the flow goes on
             while not reader.dropped:
                 if not self.wait_for(reader.cursor, None):
                     return  # ended, and the caller already has the terminal event
                 if reader.dropped:
                     return
                 try:
-                    batch = self.since(reader.cursor, READ_BATCH_BYTES)
+                    batch = self.read(reader, READ_BATCH_BYTES)
                 except LookupError:  # dropped (by another thread) and released meanwhile
                     if reader.dropped:
                         return
                     raise
-                reader.cursor += len(batch)
-                reader.moved_at = time.monotonic()
-                if self._pacing:
-                    self._reader_progress.set()
                 yield batch
                 if batch[-1].terminal:
                     return
         finally:
+            self.detach(reader)
+
+    def read(self, reader: LiveReader, max_bytes: int) -> list[Event]:
+        """The events at ``reader``'s cursor (up to ``max_bytes``), moving the cursor past them."""
+        batch = self.since(reader.cursor, max_bytes)
+        reader.cursor += len(batch)
+        reader.moved_at = time.monotonic()
+        self.reader_moved()
+        return batch
+
+    def reader_moved(self) -> None:
+        """A live reader took events: a flow waiting for it goes on."""
+        progress = self._reader_progress
+        if self._pacing and progress is not None:
+            progress.set()
+
+    def detach(self, reader: LiveReader) -> None:
+        """Keep nothing more for ``reader`` (its client is gone)."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             if reader in self._readers:
                 self._readers.remove(reader)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def wait(self, timeout: float | None = None) -> Event | None:
         """Block until the terminal event (or timeout); return it."""

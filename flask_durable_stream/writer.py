@@ -147,9 +147,7 @@ class RunWriter:
         # yields, in one append; with threads it happens right here.
         if self._claim():
             if run.cooperative:
-                import gevent
-
-                gevent.get_hub().loop.run_callback(self._store_inline)
+                run.defer(self._store_inline)  # with the burst's live send, if any
             else:
                 self._store_inline()
 

@@ -1,18 +1,22 @@
 """A client that goes away stops nothing, whichever path its frames took.
 
-Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: a stream
-whose client disconnected must still run to its end and be stored whole, and a client
-that stays gets every frame once, in order, equal to storage. A faster live path must
-keep passing this. Nothing here depends on timing: the flow waits at a gate the test opens.
+Under ``gunicorn -k gevent -w 1``, with the in-memory and the SQLite manager: while a
+live client keeps up, the flow's task writes its frames itself (the live fast path);
+otherwise the response's task does. Either way a stream whose client disconnected must
+still run to its end and be stored whole, and a client that stays gets every frame once,
+in order, equal to storage. Nothing here depends on timing: the flow waits at a gate the
+test opens.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -33,6 +37,37 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.S
     server.stop()
 
 
+def offers(server: servers.Server) -> int:
+    return int(requests.get(f"{server.url}/stats", timeout=30).json()["offers"])
+
+
+def open_live(
+    server: servers.Server, path: str, body: Any, sock: socket.socket | None = None
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Start a flow and return its live response once the headers are in (over ``sock``,
+    a connected socket, when given)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    if sock is not None:
+        conn.sock = sock
+    conn.request(
+        "POST",
+        path,
+        body=json.dumps(body),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
+    return conn, conn.getresponse()
+
+
+def read_frames(response: http.client.HTTPResponse, count: int, size: int) -> bytes:
+    """Read (``size`` bytes at a time) until ``count`` whole frames are in."""
+    raw = b""
+    while raw.count(b"\n\n") < count:
+        piece = response.read1(size)
+        assert piece, "the stream ended early"
+        raw += piece
+    return raw
+
+
 def open_gate(server: servers.Server, key: str) -> None:
     requests.post(f"{server.url}/gate/{key}", timeout=30).raise_for_status()
 
@@ -46,6 +81,7 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
 ) -> None:
     key = uuid.uuid4().hex
     body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+    first = offers(server)
     live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
     assert live.chunks == list(range(BEFORE))
     assert live.stream_id is not None
@@ -54,32 +90,53 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     assert replay.events == expected_events()
     again = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id)
     assert again.raw == replay.raw
+    # The first frame after the gate found the response caught up: the fast path took it.
+    assert offers(server) > first
 
 
 def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage(
     server: servers.Server,
 ) -> None:
     key = uuid.uuid4().hex
-    body = json.dumps({"data": {"before": BEFORE, "after": AFTER, "key": key}})
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request(
-        "POST",
-        "/flows/gated",
-        body=body,
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-    )
-    response = conn.getresponse()
+    body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+    first = offers(server)
+    conn, response = open_live(server, "/flows/gated", body)
     stream_id = response.getheader(protocol.STREAM_ID_HEADER)
-    raw = b""
-    while raw.count(b"\n\n") < BEFORE:  # every chunk before the gate, while connected
-        piece = response.read1(65536)
-        assert piece, "the stream ended early"
-        raw += piece
+    raw = read_frames(response, BEFORE, 65536)  # every chunk before the gate, while connected
     open_gate(server, key)
     raw += response.read()
     conn.close()
     events, rest = protocol.parse_frames(raw.decode())
     assert rest == ""
     assert events == expected_events()
+    assert offers(server) >= first + AFTER  # the frames after the gate took the fast path
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=stream_id)
+    assert replay.raw == raw
+
+
+def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
+    server: servers.Server,
+) -> None:
+    key = uuid.uuid4().hex
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", server.port))
+    conn, response = open_live(server, "/flows/fill", {"data": {"after": AFTER, "key": key}}, sock)
+    stream_id = response.getheader(protocol.STREAM_ID_HEADER)
+    raw = read_frames(response, 1, 1)  # the first frame, and not a byte more
+    open_gate(server, "go-" + key)
+    # Not reading: the flow fills the socket, then emits AFTER chunks the socket cannot take.
+    wait = requests.get(f"{server.url}/wait/full-{key}", timeout=150).json()
+    assert wait == {"open": True}
+    raw += response.read()
+    conn.close()
+    events, rest = protocol.parse_frames(raw.decode())
+    assert rest == ""
+    filled = events[-1][1]
+    assert isinstance(filled, int) and filled >= 1
+    fill = [("chunk", "x" * 16384)] * filled
+    after = [("chunk", i) for i in range(AFTER)]
+    assert events == [("chunk", "start"), *fill, *after, ("done", filled)]
+    replay = post_stream(server.url, "/flows/fill", {}, stream_id=stream_id, timeout=60)
     assert replay.raw == raw

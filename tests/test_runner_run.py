@@ -160,13 +160,14 @@ def test_a_flow_far_ahead_of_working_storage_waits_for_it() -> None:
     run = Run("s", FlowContext("s"), buffer_limit=None)
     run.expect_storage()
     waiting, done = threading.Event(), threading.Event()
-    real_wait = run._progress.wait
+    progress = run._progress = threading.Event()  # made here to watch it: the flow uses it
+    real_wait = progress.wait
 
     def wait(timeout: float | None = None) -> bool:
         waiting.set()  # the flow is about to wait for storage
         return real_wait(timeout)
 
-    run._progress.wait = wait  # type: ignore[method-assign]
+    progress.wait = wait  # type: ignore[method-assign]
     chunk = '"' + "x" * (64 * KIB - 2) + '"'
 
     def flow() -> None:

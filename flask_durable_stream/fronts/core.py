@@ -245,10 +245,14 @@ class StreamResponse(Response):
     """Sends status and headers before the first frame, so the client learns the
     stream id at once even when the first chunk takes a minute."""
 
+    on_headers: Callable[[Callable[[bytes], Any]], None] | None = None  # live fast path hook
+
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
         app_iter, status, headers = self.get_wsgi_response(environ)
         write = start_response(status, headers)
         write(b"")
+        if self.on_headers is not None:  # live fast path hook (see _direct)
+            self.on_headers(write)
         # Tracked, so that a graceful stop lets it send the terminal frame first.
         return TrackedBody(app_iter)
 

@@ -15,6 +15,7 @@ from typing import Any
 from flask import Response, request
 
 from .. import _logging, protocol
+from .._direct import live_hook  # live fast path hook
 from ..exceptions import HTTP_STATUS, DurableStreamError, InvalidRequest, StreamNotFound
 from ..flows import Flow
 from ..managers.base import Event
@@ -133,7 +134,9 @@ class GenkitFront(Front):
             # connection is closed and it can resume from storage.
             batches = run.batches(reader=run.live, on_drop=closer(request.environ))
             batches = self.runner.metrics.subscriber(batches, self.name, "live")
-            return self._stream(batches, headers)
+            response = self._stream(batches, headers)
+            live_hook(response, run)  # live fast path hook
+            return response
         terminal = run.wait()
         assert terminal is not None
         return _plain(terminal)

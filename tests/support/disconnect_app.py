@@ -4,7 +4,14 @@
 
 SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager. The
 ``gated`` flow emits ``before`` chunks, waits until ``POST /gate/<key>`` opens its gate,
-then emits ``after`` more: a test can drop the client at a known point.
+then emits ``after`` more: a test can drop the client at a known point. ``GET /stats``
+says how many frames the live fast path took (see ``_direct``), so a test can tell that
+path was taken.
+
+The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
+chunks until its live client's socket is full (the client does not read meanwhile),
+opens the gate ``full-<key>``, then emits ``after`` more: they can only reach the client
+from the run, once it reads again.
 """
 
 from __future__ import annotations
@@ -16,9 +23,21 @@ from typing import Any
 
 from flask import Flask
 
-from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager
+from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager, _direct
 
 _gates: dict[str, threading.Event] = {}
+_runner: list[Any] = []
+FILL = "x" * 16384
+_offers = [0]
+_take = _direct.DirectSink.take
+
+
+def _counted_take(sink: _direct.DirectSink, run: Any, seq: int, kind: str, payload: str) -> None:
+    _offers[0] += 1
+    _take(sink, run, seq, kind, payload)
+
+
+_direct.DirectSink.take = _counted_take  # type: ignore[method-assign,assignment]
 
 
 def _gate(key: str) -> threading.Event:
@@ -30,20 +49,46 @@ def gated(data: Any, ctx: FlowContext) -> str:
         ctx.send_chunk(i)
     _gate(str(data["key"])).wait()
     for i in range(int(data["before"]), int(data["before"]) + int(data["after"])):
-        time.sleep(0.001)  # paced like a model
+        time.sleep(0.001)  # paced like a model, so the fast path has a parked reader to serve
         ctx.send_chunk(i)
     return "done"
+
+
+def fill(data: Any, ctx: FlowContext) -> int:
+    ctx.send_chunk("start")
+    _gate("go-" + str(data["key"])).wait()  # the client has the first frame: the sink is armed
+    run = _runner[0].get(ctx.stream_id)
+    assert run.sink is not None, "no live fast path for this response"
+    filled = 0
+    while run.sink.armed:  # until a send comes short: the client does not read
+        ctx.send_chunk(FILL)
+        filled += 1
+        time.sleep(0.001)  # the burst's send happens when the flow yields
+    _gate("full-" + str(data["key"])).set()
+    for i in range(int(data["after"])):
+        time.sleep(0.001)
+        ctx.send_chunk(i)
+    return filled
 
 
 def create_app() -> Flask:
     app = Flask(__name__)
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     manager = SQLiteStreamManager(path) if path else None
-    DurableStream(app, flows={"gated": gated}, stream_manager=manager)
+    DurableStream(app, flows={"gated": gated, "fill": fill}, stream_manager=manager)
+    _runner[:] = [app.extensions["durable_stream"].runner]
 
     @app.post("/gate/<key>")
     def open_gate(key: str) -> dict[str, bool]:
         _gate(key).set()
         return {"open": True}
+
+    @app.get("/wait/<key>")
+    def wait_gate(key: str) -> dict[str, bool]:
+        return {"open": _gate(key).wait(120)}
+
+    @app.get("/stats")
+    def stats() -> dict[str, int]:
+        return {"offers": _offers[0]}
 
     return app

@@ -1,0 +1,247 @@
+"""The live fast path: a live client's frames written without a task of their own.
+
+Under gevent the usual path costs, per chunk, a wake-up of the response's task
+(an Event, a hub callback and two switches), a batch list and a trip through
+the WSGI server's write, and every stream holds two greenlets (the flow and
+the response). With a server whose socket we can reach (gunicorn's gevent
+workers, gevent's WSGIServer) none of that is needed:
+
+* While the client keeps up, each event is formatted once as the flow emits
+  it and queued on the response's :class:`DirectSink`; one hub callback per
+  burst (``Run.defer``, shared with the in-process store) sends everything
+  queued with one non-blocking ``send``.
+* A send that cannot complete at once (a client that reads slowly) keeps the
+  unsent rest and the sink stops taking events: they stay in the run, for the
+  live reader, under the usual bound (``live_buffer_bytes``, reader pacing,
+  the slow-client disconnect). A write watcher of the hub's loop then sends
+  the rest and reads on from the run whenever the socket can take more, and
+  goes back to queueing once it has caught up.
+* The response's greenlet only waits (on a hub ``Waiter``) for the end: the
+  terminal frame sent, or the client gone, when it returns to the server.
+
+What keeps it durable and ordered:
+
+* The events stay the run's, exactly as on the usual path: the writer stores
+  them from the run whatever happens to the socket, and a burst's deferred send
+  runs before (never instead of) its in-process store.
+* One writer at a time: queued frames are sent before the watcher starts, and
+  the watcher sends its rest before queueing starts again. The live reader's
+  cursor is past exactly the events handed to the socket, so each frame goes
+  out once, in order, and equals a replay from storage.
+* A client that goes away stops nothing: its reader is detached, the response
+  ends, and the flow goes on in its own greenlet and is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .protocol import CHUNK
+
+if TYPE_CHECKING:
+    from .run import LiveReader, Run
+
+
+#: Frames a burst may queue before they are sent without waiting for the burst's end.
+FLUSH_BYTES = 64 * 1024
+#: The watcher takes at most this many payload bytes from the run per write.
+PUMP_BYTES = 256 * 1024
+
+
+class DirectSink:
+    """The socket of one live response, written without blocking from the hub's callbacks.
+
+    ``armed`` while caught up: :meth:`take` queues each new event's frame and
+    the first one of a burst asks for a deferred :meth:`flush`. Otherwise the
+    watcher's :meth:`_pump` sends the rest of the last write, then reads on from
+    the run at the reader's cursor.
+    """
+
+    __slots__ = (
+        "armed", "failed", "done", "reader", "_run", "_raw", "_chunked", "_pending",
+        "_size", "_rest", "_watcher", "_waiter",
+    )  # fmt: skip
+
+    def __init__(self, run: Run, reader: LiveReader, sock: Any, chunked: bool) -> None:
+        self.armed = False
+        self.failed = False  # the client went away (or was dropped)
+        self.done = False  # the terminal frame went out, or the client is gone
+        self.reader = reader
+        self._run = run
+        self._raw = sock._sock  # the OS socket under gevent's (non-blocking): sends from anywhere
+        self._chunked = chunked
+        self._pending: list[str] = []
+        self._size = 0
+        self._rest = b""  # the unsent end of the last write
+        self._watcher: Any = None  # the loop's write watcher, while a send is short
+        self._waiter: Any = None  # the response's greenlet, while it waits for the end
+
+    # -- queueing, while caught up ----------------------------------------------
+    def take(self, run: Run, seq: int, kind: str, payload: str) -> None:
+        """From ``Run._emit``, while armed: event ``seq`` is this sink's to send."""
+        self.reader.cursor = seq + 1
+        pending = self._pending
+        pending.append(protocol.frame(kind, payload))
+        self._size += len(payload)
+        if kind != CHUNK:
+            self.flush()  # the end: no reason to wait for the burst's
+        elif self._size >= FLUSH_BYTES:
+            self.flush()  # a long burst is sent as it goes
+        elif len(pending) == 1:
+            run.defer(self.flush)
+
+    def flush(self) -> None:
+        """Send what is queued, without waiting; a short send hands over to the watcher."""
+        if not self._pending:
+            return
+        body = "".join(self._pending).encode()
+        self._pending.clear()
+        self._size = 0
+        last = self._run.ended and self.reader.cursor >= self._run.count
+        self._send(self._wire(body), last)
+
+    def _send(self, data: bytes, last: bool) -> None:
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client went away: the flow goes on without it
+            self._fail()
+            return
+        if sent < len(data):
+            self._rest = data[sent:]
+            self.armed = False  # the watcher writes from here on
+            self._watch()
+        elif last:
+            self._finish()
+
+    def _wire(self, body: bytes) -> bytes:
+        """``body`` as the response sends it: one HTTP chunk, when the response is chunked."""
+        return b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
+
+    # -- the watcher, while the client is behind --------------------------------
+    def _watch(self) -> None:
+        watcher = self._watcher
+        if watcher is None:
+            import gevent
+
+            watcher = self._watcher = gevent.get_hub().loop.io(self._raw.fileno(), 2)
+        if not watcher.active:
+            watcher.start(self._pump)
+
+    def _pump(self) -> None:
+        """Send what the socket takes now: the rest of the last write, then the run's events."""
+        run, reader = self._run, self.reader
+        try:
+            while not self.done:
+                if reader.dropped:  # too far behind for too long: its connection was closed
+                    self._fail()
+                    return
+                if self._rest:
+                    sent = self._raw.send(self._rest)
+                    self._rest = self._rest[sent:]
+                    if self._rest:
+                        self._watch()  # called again once the socket takes more
+                        return
+                    continue
+                if reader.cursor < run.count:
+                    self._rest = self._wire(protocol.frames(run.read(reader, PUMP_BYTES)))
+                    continue
+                if run.ended:  # caught up with an ended run: its terminal frame went out
+                    self._finish()
+                    return
+                self._unwatch()
+                self.armed = True  # caught up: queue again
+                return
+        except BlockingIOError:
+            self._watch()
+        except OSError:
+            self._fail()
+        except LookupError:  # released meanwhile (only a dropped reader's events are)
+            if reader.on_drop is not None and not reader.dropped:
+                reader.on_drop()  # the client must see a cut, not an end, and resume
+            self._fail()
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+
+    # -- the end -----------------------------------------------------------------
+    def _fail(self) -> None:
+        self.failed = True
+        self._pending.clear()
+        self._rest = b""
+        self._run.detach(self.reader)  # nothing is kept for a client that is gone
+        self._run.reader_moved()  # a flow waiting for this reader goes on
+        self._finish()
+
+    def _finish(self) -> None:
+        self.armed = False
+        self.done = True
+        self._unwatch()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            import gevent
+
+            hub = gevent.get_hub()
+            if gevent.getcurrent() is hub:
+                waiter.switch(None)
+            else:
+                hub.loop.run_callback(waiter.switch, None)
+
+    def serve(self) -> bool:
+        """In the response's greenlet: wait until the client has every frame; False if it
+        went away (or was dropped). Events emitted before the sink existed go out first."""
+        try:
+            self._pump()  # catch up, then queue
+            if not self.done:
+                from gevent.hub import Waiter
+
+                waiter = self._waiter = Waiter()
+                waiter.get()
+        finally:
+            if not self.done:  # killed meanwhile: nothing more is written
+                self._waiter = None
+                self._fail()
+        return not self.failed
+
+
+def live_hook(response: Any, run: Run) -> None:
+    """Sets up ``response`` (the live stream of ``run``) for the fast path: once its headers
+    are out it calls ``on_headers`` with its server's ``write``, and the live reader gets a
+    sink when the server is one we know (under gevent only)."""
+    if not run.cooperative or run.live is None:
+        return
+    reader = run.live
+
+    def use(write: Callable[[bytes], Any]) -> None:
+        found = _socket_of(write)
+        if found is not None:
+            run.sink = DirectSink(run, reader, found[0], found[1])
+
+    response.on_headers = use
+
+
+def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool] | None:
+    """The gevent socket under a known server's WSGI ``write``, and whether it is chunked."""
+    owner: Any = getattr(write, "__self__", None)
+    module = type(owner).__module__
+    if module == "gunicorn.http.wsgi":
+        if not owner.headers_sent or owner.response_length is not None:
+            return None
+        if getattr(owner, "_omits_body", False):
+            return None
+        sock, chunked = owner.sock, bool(owner.chunked)
+    elif module == "gevent.pywsgi":
+        if not owner.headers_sent:
+            return None
+        sock, chunked = owner.socket, bool(owner.response_use_chunked)
+    else:
+        return None
+    if getattr(sock, "_sock", None) is None:
+        return None
+    return sock, chunked
