@@ -15,11 +15,16 @@ from flask import Flask, Response, request  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from flask_durable_stream import DurableStream, SQLiteStreamManager, protocol  # noqa: E402
+from flask_durable_stream import DurableStream, SQLiteStreamManager, protocol, tune_gc  # noqa: E402
 
 
 def create_app() -> Flask:
-    """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory."""
+    """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory.
+
+    Unless ``BENCH_GC=default``, the process's garbage collector is set up as the
+    production recipe does (:func:`flask_durable_stream.tune_gc`, which the example's
+    gunicorn.conf.py calls), for the plain endpoints as for the durable ones.
+    """
     app = Flask(__name__)
     app.config["DURABLE_STREAM_TTL"] = 600.0
     sqlite = os.environ.get("BENCH_SQLITE")
@@ -63,6 +68,8 @@ def create_app() -> Flask:
             "cpu": usage.ru_utime + usage.ru_stime,  # type: ignore[dict-item]
         }
 
+    if os.environ.get("BENCH_GC", "tuned") != "default":
+        tune_gc()  # last: what the app holds is frozen
     return app
 
 

@@ -2,15 +2,17 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000] [--servers memory,sqlite,plain,genkit]
-                        [--output BENCHMARKS.md]
+                        [--gc tuned|default] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks 20 ms apart, raw-socket clients in
    one gevent load process (bench/load.py), each server in a fresh process: ours with the
    in-memory and the SQLite manager under ``gunicorn -k gevent -w 1``; a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express handler with its
    InMemoryStreamManager when node is available (its npm packages are installed into
-   bench/genkit_express from its pinned package.json). CPU per chunk is the server
-   process's user + system time (every thread) over the run / chunks received.
+   bench/genkit_express from its pinned package.json). Both Python servers run with the
+   production recipe's garbage-collector settings (``tune_gc``), or CPython's defaults with
+   ``--gc default``. CPU per chunk is the server process's user + system time (every
+   thread) over the run / chunks received.
 2. Single stream: bench/bench_core.py (a).
 3. Per-backend figures: the other bench/bench_*.py scripts, their output as printed.
 """
@@ -87,10 +89,10 @@ def children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def server(kind: str) -> Iterator[tuple[int, int]]:
+def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
     """A fresh server process of ``kind``: (port, pid of the process that serves)."""
     port = free_port()
-    env = dict(os.environ)
+    env = dict(os.environ, BENCH_GC=gc)
     tmp = tempfile.mkdtemp(prefix="bench-run-")
     if kind in ("memory", "sqlite"):
         if kind == "sqlite":
@@ -141,8 +143,8 @@ def genkit_ready() -> str | None:
     return None
 
 
-def measure(kind: str, streams: int) -> dict[str, Any]:
-    with server(kind) as (port, pid):
+def measure(kind: str, streams: int, gc: str) -> dict[str, Any]:
+    with server(kind, gc) as (port, pid):
         load = [
             sys.executable, str(BENCH / "load.py"), "--port", str(port),
             "--path", PATHS[kind], "--pid", str(pid), "--streams", str(streams),
@@ -171,7 +173,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             for kind in kinds:
                 print(f"[concurrency] run {run}: {kind}, {n} streams", file=sys.stderr, flush=True)
                 try:
-                    figures = measure(kind, n)
+                    figures = measure(kind, n, args.gc)
                 except Exception as exc:  # noqa: BLE001 - reported in the file, loudly
                     print(f"!!! {kind} at {n} failed: {exc}", file=sys.stderr)
                     figures = {"failed": str(exc)[-300:]}
@@ -186,6 +188,15 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " they arrive together). RSS per stream: (peak - base RSS) / N. Complete: streams that"
         " got all 50 chunks and their result; stored = live: streams whose replay by"
         " `x-genkit-stream-id` is byte-identical to the live body.\n"
+    )
+    out.append(
+        "Garbage collector of both Python servers: "
+        + (
+            "CPython's defaults (`--gc default`).\n"
+            if args.gc == "default"
+            else "`flask_durable_stream.tune_gc()`, as in the production recipe"
+            " (example_app/gunicorn.conf.py).\n"
+        )
     )
     for kind, reason in skipped.items():
         out.append(f"**{SERVERS[kind]} not measured: {reason}**\n")
@@ -305,6 +316,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
     parser.add_argument("--servers", default="memory,sqlite,plain,genkit")
+    parser.add_argument(
+        "--gc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="the Python servers' garbage collector: tune_gc() (the recipe's) or CPython's",
+    )
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     if args.streams is None:

@@ -38,8 +38,11 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
-from flask_durable_stream.gunicorn import post_fork, post_worker_init, worker_exit  # noqa: F401
+from flask_durable_stream import gunicorn as hooks
+from flask_durable_stream import tune_gc
+from flask_durable_stream.gunicorn import post_fork, worker_exit  # noqa: F401
 
 wsgi_app = "example_app:create_app()"
 bind = ["127.0.0.1:5000"]
@@ -54,6 +57,14 @@ keepalive = 5
 SHUTDOWN_GRACE = float(os.environ.get("FLASK_DURABLE_STREAM_SHUTDOWN_GRACE", 25.0))
 # grace + storing the last events (at most 5 s) + an idle keep-alive connection + 2 s of checks
 graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5 + keepalive + 2
+
+
+def post_worker_init(worker: Any) -> None:
+    hooks.post_worker_init(worker)  # the graceful stop of running flows
+    # Many streams per worker: collections of the garbage collector rare and short
+    # (the app is loaded by now; see tune_gc and docs/performance.md).
+    tune_gc()
+
 
 accesslog = "-"
 errorlog = "-"

@@ -5,6 +5,7 @@ from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
 from . import backends as _backends
+from ._memory import tune_gc
 from .exceptions import (
     DurableStreamError,
     EventTooLarge,
@@ -88,4 +89,5 @@ __all__ = [
     "durable_stream_blueprint",
     "durable_streams_server",
     "flow_view",
+    "tune_gc",
 ]

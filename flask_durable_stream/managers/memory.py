@@ -1,7 +1,7 @@
 """In-process stream storage: the default for development and the test helper.
 
-Streams live in a dict guarded by a lock; each stream has its own condition
-variable that wakes its subscribers. Subscribers keep a cursor into the
+Streams live in a dict guarded by a lock; each stream has its own lock, and a
+condition variable that wakes its subscribers once one waits. Subscribers keep a cursor into the
 append-only event list, so a slow subscriber never makes the producer wait and
 never loses events. Finished streams expire ``ttl_seconds`` after their
 terminal event; a background sweep removes them whether or not new streams are
@@ -38,12 +38,31 @@ if TYPE_CHECKING:
 
 
 class _Stream:
-    __slots__ = ("events", "info", "cond")
+    """One stream's events and metadata, guarded by ``lock``.
+
+    The condition its followers wait on exists only once one waits: most
+    streams are only ever read live (from the run), and a condition is seven
+    objects the cyclic garbage collector tracks, per stream, for its lifetime.
+    """
+
+    __slots__ = ("events", "info", "lock", "_cond")
 
     def __init__(self, info: StreamInfo) -> None:
         self.events: list[Event] = []
         self.info = info
-        self.cond = threading.Condition()
+        self.lock = threading.RLock()
+        self._cond: threading.Condition | None = None
+
+    def wait(self, timeout: float) -> None:
+        """With ``lock`` held: wait for :meth:`notify` (or ``timeout``)."""
+        if self._cond is None:
+            self._cond = threading.Condition(self.lock)
+        self._cond.wait(timeout)
+
+    def notify(self) -> None:
+        """With ``lock`` held: wake every follower waiting."""
+        if self._cond is not None:
+            self._cond.notify_all()
 
 
 class InMemoryStreamManager(StreamManager):
@@ -94,7 +113,7 @@ class InMemoryStreamManager(StreamManager):
         return _MemoryWriter(self, stream)
 
     def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
-        with stream.cond:
+        with stream.lock:
             stored = len(stream.events)
             if events[-1].seq < stored and all(stream.events[e.seq] == e for e in events):
                 return  # a retry of events that did reach storage
@@ -112,12 +131,12 @@ class InMemoryStreamManager(StreamManager):
             if last.terminal:
                 info.status = status_after(last)
                 info.expires_at = now + self.ttl_seconds
-            stream.cond.notify_all()
+            stream.notify()
 
     def _heartbeat(self, stream: _Stream) -> bool:
-        with stream.cond:
+        with stream.lock:
             stream.info.heartbeat_at = self.now()
-            stream.cond.notify_all()
+            stream.notify()
             return stream.info.cancel_requested
 
     # -- consumer ------------------------------------------------------------
@@ -133,7 +152,7 @@ class InMemoryStreamManager(StreamManager):
         seen_heartbeat = stream.info.heartbeat_at
         watch = ProducerWatch(self.lease_seconds)
         while True:
-            with stream.cond:
+            with stream.lock:
                 while len(stream.events) <= cursor:
                     info = stream.info
                     if info.status is not StreamStatus.OPEN:
@@ -148,7 +167,7 @@ class InMemoryStreamManager(StreamManager):
                     remaining = timeout - (time.monotonic() - last_activity)
                     if remaining <= 0:
                         raise StreamTimeout("Stream timed out.")
-                    stream.cond.wait(min(remaining, lease_left + 0.001))
+                    stream.wait(min(remaining, lease_left + 0.001))
                 batch = stream.events[cursor:]
             last_activity = time.monotonic()
             yield batch
@@ -157,7 +176,7 @@ class InMemoryStreamManager(StreamManager):
             cursor += len(batch)
 
     def _mark_lost(self, stream: _Stream) -> None:
-        # Called with stream.cond held; the producer is gone, so nobody else appends.
+        # Called with stream.lock held; the producer is gone, so nobody else appends.
         seq = len(stream.events)
         stream.events.append(Event(seq, protocol.ERROR, protocol.encode(PRODUCER_LOST)))
         now = self.now()
@@ -165,7 +184,7 @@ class InMemoryStreamManager(StreamManager):
         stream.info.last_seq = seq
         stream.info.updated_at = now
         stream.info.expires_at = now + self.ttl_seconds
-        stream.cond.notify_all()
+        stream.notify()
 
     # -- metadata ------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:
@@ -173,17 +192,17 @@ class InMemoryStreamManager(StreamManager):
             stream = self._get(stream_id)
         except StreamNotFound:
             return None
-        with stream.cond:
+        with stream.lock:
             return dataclasses.replace(stream.info)  # a copy: the stored one keeps changing
 
     def request_cancel(self, stream_id: str) -> bool:
         stream = self._get(stream_id)
-        with stream.cond:
+        with stream.lock:
             if stream.info.status is not StreamStatus.OPEN:
                 return False
             stream.info.cancel_requested = True
             stream.info.updated_at = self.now()
-            stream.cond.notify_all()
+            stream.notify()
             return True
 
     def list_streams(self, *, limit: int = 100) -> list[StreamInfo]:
@@ -211,7 +230,7 @@ class InMemoryStreamManager(StreamManager):
         with self._lock:
             streams = list(self._streams.values())
         for stream in streams:  # producers gone with nobody reading: end them, to expire later
-            with stream.cond:
+            with stream.lock:
                 info = stream.info
                 if (
                     info.status is StreamStatus.OPEN

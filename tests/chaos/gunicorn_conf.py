@@ -11,6 +11,7 @@ import faulthandler
 from typing import Any
 
 from flask_durable_stream import gunicorn as hooks
+from flask_durable_stream import tune_gc
 from flask_durable_stream.gunicorn import worker_exit  # noqa: F401
 
 worker_class = "gevent"
@@ -21,5 +22,6 @@ graceful_timeout = 10
 
 def post_worker_init(worker: Any) -> None:
     hooks.post_worker_init(worker)
+    tune_gc()
     # After gunicorn's own handlers: a C-level handler runs even when Python code cannot.
     faulthandler.enable(all_threads=True)  # SIGABRT, SIGBUS, SIGSEGV: the stack, to the log

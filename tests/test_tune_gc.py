@@ -1,0 +1,66 @@
+"""``tune_gc``, the production recipe's call of it, and the library's greenlets' footprint.
+
+Each case runs in a fresh patched process: the collector's settings are process-wide.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_durable_stream import tune_gc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check(step: str) -> Any:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.gc_check", step],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tune_gc_freezes_what_is_loaded_and_collects_the_young_generation_less_often() -> None:
+    report = check("tune_gc")
+    assert report["before"] == [700, 10, 10]  # CPython's defaults: the process was untouched
+    assert report["after"] == [10_000, 10, 10]  # only the young generation's threshold moves
+    assert report["frozen"] > 10_000  # modules, gevent, Flask and the library, never scanned again
+
+
+def test_tune_gc_without_freeze_only_sets_the_threshold() -> None:
+    report = check("tune_gc_no_freeze")
+    assert report["after"] == [5_000, 10, 10]
+    assert report["frozen"] == 0
+
+
+def test_the_example_gunicorn_conf_tunes_the_collector_and_keeps_the_stop_hook() -> None:
+    report = check("example_conf")
+    assert report["stop_hook"] is True
+    assert report["after"] == [10_000, 10, 10]
+    assert report["frozen"] > 10_000
+
+
+def test_a_threshold_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        tune_gc(0)
+
+
+def test_library_greenlets_keep_no_record_of_their_spawner() -> None:
+    report = check("tasks")
+    assert report["ran"] is True
+    assert report["gevent_greenlet"] is True
+    assert report["name"] == "flow-x"
+    assert report["spawning_stack"] == "None"
+    assert (
+        report["plain_spawning_stack"] is True
+    )  # what gevent keeps by default, in the same process
