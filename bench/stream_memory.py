@@ -7,6 +7,7 @@ plain Flask on gevent's WSGIServer) with tracemalloc on, opens N LLM-paced strea
 stay open for several seconds, and while they are all open asks the server what it holds
 beyond a baseline taken before. tracemalloc sees Python allocations only: greenlet stacks
 and the interpreter's per-greenlet frame stacks show in RSS, not in the traced total.
+Also the objects the cyclic garbage collector tracks, per stream, by type.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     print(f"  greenlets per stream: {figures['greenlets_per_stream']:.2f}")
     print(f"  live greenlets by name: {figures['greenlets']}")
     print(f"  RSS per stream: {figures['rss_per_stream_kib']:.1f} KiB")
+    print(f"  objects the collector tracks, per stream: {figures['tracked_per_stream']:.0f}")
+    print("    " + ", ".join(f"{t} {c:.1f}" for t, c in figures["tracked_types"]))
     print(f"  traced (Python allocations) per stream: {figures['traced_per_stream_bytes']:.0f} B")
     for where, size, count in figures["top"][: args.top]:
         print(f"  {size:8.0f} B {count:6.1f} blocks  {where}")
