@@ -6,10 +6,11 @@ the WSGI server's write, and every stream holds two greenlets (the flow and
 the response). With a server whose socket we can reach (gunicorn's gevent
 workers, gevent's WSGIServer) none of that is needed:
 
-* While the client keeps up, each event is formatted once as the flow emits
-  it and queued on the response's :class:`DirectSink`; one hub callback per
-  burst (``Run.defer``, shared with the in-process store) sends everything
-  queued with one non-blocking ``send``.
+* While the client keeps up, the first event of a burst asks for one hub
+  callback (``Run.defer``, shared with the in-process store) that frames every
+  event the burst emitted, from the run at the reader's cursor, and sends them
+  with one non-blocking ``send``; the other events of the burst cost the flow
+  nothing here.
 * A send that cannot complete at once (a client that reads slowly) keeps the
   unsent rest and the sink stops taking events: they stay in the run, for the
   live reader, under the usual bound (``live_buffer_bytes``, reader pacing,
@@ -60,47 +61,45 @@ class DirectSink:
     """
 
     __slots__ = (
-        "armed", "failed", "done", "reader", "_run", "_raw", "_chunked", "_pending",
-        "_size", "_rest", "_watcher", "_waiter",
+        "armed", "queued", "flush_at", "failed", "done", "reader", "_run", "_raw", "_chunked",
+        "_rest", "_watcher", "_waiter",
     )  # fmt: skip
 
     def __init__(self, run: Run, reader: LiveReader, sock: Any, chunked: bool) -> None:
         self.armed = False
+        self.queued = False  # a flush is deferred to the end of the burst
+        self.flush_at = 0  # the run's total bytes at which a long burst is sent at once
         self.failed = False  # the client went away (or was dropped)
         self.done = False  # the terminal frame went out, or the client is gone
         self.reader = reader
         self._run = run
         self._raw = sock._sock  # the OS socket under gevent's (non-blocking): sends from anywhere
         self._chunked = chunked
-        self._pending: list[str] = []
-        self._size = 0
         self._rest = b""  # the unsent end of the last write
         self._watcher: Any = None  # the loop's write watcher, while a send is short
         self._waiter: Any = None  # the response's greenlet, while it waits for the end
 
     # -- queueing, while caught up ----------------------------------------------
-    def take(self, run: Run, seq: int, kind: str, payload: str) -> None:
-        """From ``Run._emit``, while armed: event ``seq`` is this sink's to send."""
-        self.reader.cursor = seq + 1
-        pending = self._pending
-        pending.append(protocol.frame(kind, payload))
-        self._size += len(payload)
-        if kind != CHUNK:
-            self.flush()  # the end: no reason to wait for the burst's
-        elif self._size >= FLUSH_BYTES:
-            self.flush()  # a long burst is sent as it goes
-        elif len(pending) == 1:
+    def take(self, run: Run, kind: str) -> None:
+        """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
+        event, and once a burst has passed ``FLUSH_BYTES``. The events stay in the run,
+        at the reader's cursor, until a send takes them."""
+        if kind != CHUNK or self.queued:  # the end, or a long burst: sent now
+            self.flush()
+        else:
+            self.queued = True
+            self.flush_at = run.total_bytes + FLUSH_BYTES
             run.defer(self.flush)
 
     def flush(self) -> None:
-        """Send what is queued, without waiting; a short send hands over to the watcher."""
-        if not self._pending:
+        """Send the events at the reader's cursor, framed at once, without waiting; a
+        short send hands over to the watcher (then, like once done, this sends nothing)."""
+        self.queued = False
+        run, reader = self._run, self.reader
+        if not self.armed or reader.cursor >= run.count:
             return
-        body = "".join(self._pending).encode()
-        self._pending.clear()
-        self._size = 0
-        last = self._run.ended and self.reader.cursor >= self._run.count
-        self._send(self._wire(body), last)
+        body = protocol.frames(run.read(reader, None))
+        self._send(self._wire(body), run.ended and reader.cursor >= run.count)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:
@@ -173,7 +172,6 @@ class DirectSink:
     # -- the end -----------------------------------------------------------------
     def _fail(self) -> None:
         self.failed = True
-        self._pending.clear()
         self._rest = b""
         self._run.detach(self.reader)  # nothing is kept for a client that is gone
         self._run.reader_moved()  # a flow waiting for this reader goes on

@@ -184,8 +184,12 @@ class Run:
             if lock is not None:
                 lock.release()
         sink = self.sink
-        if sink is not None and sink.armed:  # the live reader is caught up (see _direct)
-            sink.take(self, seq, kind, payload)
+        if (
+            sink is not None
+            and sink.armed  # the live reader is caught up (see _direct)
+            and (not sink.queued or kind != protocol.CHUNK or self._total >= sink.flush_at)
+        ):
+            sink.take(self, kind)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -466,8 +470,9 @@ class Run:
         finally:
             self.detach(reader)
 
-    def read(self, reader: LiveReader, max_bytes: int) -> list[Event]:
-        """The events at ``reader``'s cursor (up to ``max_bytes``), moving the cursor past them."""
+    def read(self, reader: LiveReader, max_bytes: int | None) -> list[Event]:
+        """The events at ``reader``'s cursor (up to ``max_bytes``; None: all of them), moving
+        the cursor past them."""
         batch = self.since(reader.cursor, max_bytes)
         reader.cursor += len(batch)
         reader.moved_at = time.monotonic()
