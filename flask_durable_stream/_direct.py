@@ -16,7 +16,7 @@ workers, gevent's WSGIServer) none of that is needed:
   live reader, under the usual bound (``live_buffer_bytes``, reader pacing,
   the slow-client disconnect). A write watcher of the hub's loop then sends
   the rest and reads on from the run whenever the socket can take more, and
-  goes back to queueing once it has caught up.
+  hands back to the bursts' sends once it has caught up.
 * The response's greenlet only waits (on a hub ``Waiter``) for the end: the
   terminal frame sent, or the client gone, when it returns to the server.
 
@@ -25,10 +25,11 @@ What keeps it durable and ordered:
 * The events stay the run's, exactly as on the usual path: the writer stores
   them from the run whatever happens to the socket, and a burst's deferred send
   runs before (never instead of) its in-process store.
-* One writer at a time: queued frames are sent before the watcher starts, and
-  the watcher sends its rest before queueing starts again. The live reader's
-  cursor is past exactly the events handed to the socket, so each frame goes
-  out once, in order, and equals a replay from storage.
+* One writer at a time: a send that comes up short hands over to the watcher
+  (a deferred send then sends nothing), and the watcher sends its rest before
+  the sink takes bursts again. The live reader's cursor is past exactly the
+  events handed to the socket, so each frame goes out once, in order, and
+  equals a replay from storage.
 * A client that goes away stops nothing: its reader is detached, the response
   ends, and the flow goes on in its own greenlet and is stored.
 """
