@@ -2,17 +2,17 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000] [--servers memory,sqlite,plain,genkit]
-                        [--gc tuned|default] [--output BENCHMARKS.md]
+                        [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
-1. Concurrency sweep: N concurrent streams of 50 chunks 20 ms apart, raw-socket clients in
-   one gevent load process (bench/load.py), each server in a fresh process: ours with the
-   in-memory and the SQLite manager under ``gunicorn -k gevent -w 1``; a plain Flask
-   generator on gevent's WSGIServer (not durable); Genkit's Express handler with its
-   InMemoryStreamManager when node is available (its npm packages are installed into
-   bench/genkit_express from its pinned package.json). Both Python servers run with the
-   production recipe's garbage-collector settings (``tune_gc``), or CPython's defaults with
-   ``--gc default``. CPU per chunk is the server process's user + system time (every
-   thread) over the run / chunks received.
+1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
+   raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
+   process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
+   -w 1``; a plain Flask generator on gevent's WSGIServer (not durable); Genkit's Express
+   handler with its InMemoryStreamManager when node is available (its npm packages are
+   installed into bench/genkit_express from its pinned package.json). Both Python servers
+   run with the production recipe's garbage-collector settings (``tune_gc``), or CPython's
+   defaults with ``--gc default``. CPU per chunk is the server process's user + system
+   time (every thread) over the run / chunks received.
 2. Single stream: bench/bench_core.py (a).
 3. Per-backend figures: the other bench/bench_*.py scripts, their output as printed.
 """
@@ -143,11 +143,12 @@ def genkit_ready() -> str | None:
     return None
 
 
-def measure(kind: str, streams: int, gc: str) -> dict[str, Any]:
+def measure(kind: str, streams: int, gc: str, chunks: int = 50) -> dict[str, Any]:
     with server(kind, gc) as (port, pid):
         load = [
             sys.executable, str(BENCH / "load.py"), "--port", str(port),
             "--path", PATHS[kind], "--pid", str(pid), "--streams", str(streams),
+            "--chunks", str(chunks),
         ]  # fmt: skip
         if kind != "plain":
             load.append("--replay")
@@ -173,20 +174,21 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             for kind in kinds:
                 print(f"[concurrency] run {run}: {kind}, {n} streams", file=sys.stderr, flush=True)
                 try:
-                    figures = measure(kind, n, args.gc)
+                    figures = measure(kind, n, args.gc, args.chunks)
                 except Exception as exc:  # noqa: BLE001 - reported in the file, loudly
                     print(f"!!! {kind} at {n} failed: {exc}", file=sys.stderr)
                     figures = {"failed": str(exc)[-300:]}
                 rows.append({"run": run, "streams": n, "server": kind, **figures})
     out.append("## 1. Concurrency sweep\n")
     out.append(
-        "N concurrent streams of 50 chunks 20 ms apart; one raw-socket client per stream in one"
-        " gevent load process (`bench/load.py`); each server in a fresh process. CPU per chunk:"
-        " the server process's user + system time (all threads, so SQLite's writer thread"
-        " counts) over the run / chunks received; the ratio is to plain Flask in the same run"
-        " and N. Gap: time between two chunks at the client minus the 20 ms pacing (0 when"
-        " they arrive together). RSS per stream: (peak - base RSS) / N. Complete: streams that"
-        " got all 50 chunks and their result; stored = live: streams whose replay by"
+        f"N concurrent streams of {args.chunks} chunks 20 ms apart; one raw-socket client per"
+        " stream in one gevent load process (`bench/load.py`); each server in a fresh"
+        " process. CPU per chunk: the server process's user + system time (all threads, so"
+        " SQLite's writer thread counts) over the run / chunks received; the ratio is to"
+        " plain Flask in the same run and N. Gap: time between two chunks at the client minus"
+        " the 20 ms pacing (0 when they arrive together). RSS per stream: (peak - base RSS)"
+        f" / N. Complete: streams that got all {args.chunks} chunks and their result; stored"
+        " = live: streams whose replay by"
         " `x-genkit-stream-id` is byte-identical to the live body.\n"
     )
     out.append(
@@ -321,6 +323,9 @@ def main() -> None:
         choices=["tuned", "default"],
         default="tuned",
         help="the Python servers' garbage collector: tune_gc() (the recipe's) or CPython's",
+    )
+    parser.add_argument(
+        "--chunks", type=int, default=50, help="chunks per stream in the sweep (per-stream costs)"
     )
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()

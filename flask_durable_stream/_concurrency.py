@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import collections
+import functools
 import queue
 import selectors
 import threading
@@ -65,9 +66,9 @@ class Task:
 
 
 _GROUPS: weakref.WeakSet[TaskGroup] = weakref.WeakSet()
-_GREENLET: Any = None
 
 
+@functools.cache
 def _greenlet_class() -> Any:
     """gevent's ``Greenlet`` without the record of where it was spawned.
 
@@ -76,15 +77,12 @@ def _greenlet_class() -> Any:
     lives): a debugging aid that, with thousands of flows alive, only lengthens
     every collection. The library's tasks carry a name instead.
     """
-    global _GREENLET
-    if _GREENLET is None:
-        import gevent
+    import gevent
 
-        class _Task(gevent.Greenlet):  # type: ignore[misc]
-            spawning_stack_limit = 0
+    class _Task(gevent.Greenlet):  # type: ignore[misc]
+        spawning_stack_limit = 0
 
-        _GREENLET = _Task
-    return _GREENLET
+    return _Task
 
 
 def running_tasks() -> list[Task]:

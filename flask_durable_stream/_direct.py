@@ -62,14 +62,15 @@ class DirectSink:
     """
 
     __slots__ = (
-        "armed", "queued", "flush_at", "failed", "done", "reader", "_run", "_raw", "_chunked",
-        "_rest", "_watcher", "_waiter",
+        "armed", "flush_at", "failed", "done", "reader", "_run", "_raw", "_chunked", "_rest",
+        "_watcher", "_waiter",
     )  # fmt: skip
 
     def __init__(self, run: Run, reader: LiveReader, sock: Any, chunked: bool) -> None:
         self.armed = False
-        self.queued = False  # a flush is deferred to the end of the burst
-        self.flush_at = 0  # the run's total bytes at which a long burst is sent at once
+        #: While a send is deferred to the end of the burst: the run's total bytes at which
+        #: the burst is sent at once (too long to wait for). 0: no send is deferred.
+        self.flush_at = 0
         self.failed = False  # the client went away (or was dropped)
         self.done = False  # the terminal frame went out, or the client is gone
         self.reader = reader
@@ -81,21 +82,21 @@ class DirectSink:
         self._waiter: Any = None  # the response's greenlet, while it waits for the end
 
     # -- queueing, while caught up ----------------------------------------------
-    def take(self, run: Run, kind: str) -> None:
+    def take(self, kind: str) -> None:
         """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
-        event, and once a burst has passed ``FLUSH_BYTES``. The events stay in the run,
-        at the reader's cursor, until a send takes them."""
-        if kind != CHUNK or self.queued:  # the end, or a long burst: sent now
+        event, and once a burst has passed ``flush_at``. The events stay in the run, at
+        the reader's cursor, until a send takes them."""
+        if kind != CHUNK or self.flush_at:  # the end, or a long burst: sent now
             self.flush()
         else:
-            self.queued = True
+            run = self._run
             self.flush_at = run.total_bytes + FLUSH_BYTES
             run.defer(self.flush)
 
     def flush(self) -> None:
         """Send the events at the reader's cursor, framed at once, without waiting; a
         short send hands over to the watcher (then, like once done, this sends nothing)."""
-        self.queued = False
+        self.flush_at = 0
         run, reader = self._run, self.reader
         if not self.armed or reader.cursor >= run.count:
             return

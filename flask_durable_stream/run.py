@@ -184,12 +184,14 @@ class Run:
             if lock is not None:
                 lock.release()
         sink = self.sink
+        # The live reader is caught up (see _direct): the sink hears of a burst's first
+        # event, of its end and of a burst too long to wait for; no call for the others.
         if (
             sink is not None
-            and sink.armed  # the live reader is caught up (see _direct)
-            and (not sink.queued or kind != protocol.CHUNK or self._total >= sink.flush_at)
+            and sink.armed
+            and (self._total >= sink.flush_at or kind != protocol.CHUNK)
         ):
-            sink.take(self, kind)
+            sink.take(kind)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:

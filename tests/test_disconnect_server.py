@@ -42,19 +42,21 @@ def offers(server: servers.Server) -> int:
 
 
 def open_live(
-    server: servers.Server, path: str, body: Any, sock: socket.socket | None = None
+    server: servers.Server,
+    path: str,
+    body: Any,
+    sock: socket.socket | None = None,
+    stream_id: str | None = None,
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """Start a flow and return its live response once the headers are in (over ``sock``,
-    a connected socket, when given)."""
+    """Start a flow (or resume ``stream_id``) and return its streamed response once the
+    headers are in (over ``sock``, a connected socket, when given)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     if sock is not None:
         conn.sock = sock
-    conn.request(
-        "POST",
-        path,
-        body=json.dumps(body),
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-    )
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if stream_id is not None:
+        headers[protocol.STREAM_ID_HEADER] = stream_id
+    conn.request("POST", path, body=json.dumps(body), headers=headers)
     return conn, conn.getresponse()
 
 
@@ -66,6 +68,20 @@ def read_frames(response: http.client.HTTPResponse, count: int, size: int) -> by
         assert piece, "the stream ended early"
         raw += piece
     return raw
+
+
+def read_to_end(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> bytes:
+    """The rest of the response, then the connection closed."""
+    rest = response.read()
+    conn.close()
+    return rest
+
+
+def whole_frames(raw: bytes) -> list[tuple[str, Any]]:
+    """The events of ``raw``, which must end with a whole frame."""
+    events, rest = protocol.parse_frames(raw.decode())
+    assert rest == ""
+    return events
 
 
 def open_gate(server: servers.Server, key: str) -> None:
@@ -94,6 +110,23 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     assert offers(server) > first
 
 
+def test_a_reader_that_resumes_while_the_flow_waits_follows_it_to_the_end(
+    server: servers.Server,
+) -> None:
+    """The storage's own wake-up: the resumed reader has every stored event before the gate
+    opens, so the rest can only reach it by waiting on the manager for the flow's appends."""
+    key = uuid.uuid4().hex
+    body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+    live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
+    assert live.stream_id is not None
+    conn, response = open_live(server, "/flows/gated", {}, stream_id=live.stream_id)
+    raw = read_frames(response, BEFORE, 65536)  # all there is: the flow waits at its gate
+    open_gate(server, key)
+    raw += read_to_end(conn, response)
+    events = whole_frames(raw)
+    assert events == expected_events()
+
+
 def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage(
     server: servers.Server,
 ) -> None:
@@ -104,10 +137,8 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     stream_id = response.getheader(protocol.STREAM_ID_HEADER)
     raw = read_frames(response, BEFORE, 65536)  # every chunk before the gate, while connected
     open_gate(server, key)
-    raw += response.read()
-    conn.close()
-    events, rest = protocol.parse_frames(raw.decode())
-    assert rest == ""
+    raw += read_to_end(conn, response)
+    events = whole_frames(raw)
     assert events == expected_events()
     assert offers(server) >= first + AFTER  # the frames after the gate took the fast path
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=stream_id)
@@ -129,10 +160,8 @@ def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     # Not reading: the flow fills the socket, then emits AFTER chunks the socket cannot take.
     wait = requests.get(f"{server.url}/wait/full-{key}", timeout=150).json()
     assert wait == {"open": True}
-    raw += response.read()
-    conn.close()
-    events, rest = protocol.parse_frames(raw.decode())
-    assert rest == ""
+    raw += read_to_end(conn, response)
+    events = whole_frames(raw)
     filled = events[-1][1]
     assert isinstance(filled, int) and filled >= 1
     fill = [("chunk", "x" * 16384)] * filled

@@ -9,16 +9,17 @@ from typing import Any
 from tests.support.servers import PYTHON, ROOT
 
 
-def run_check(module: str) -> Any:
-    """Run ``tests.support.<module>`` in a patched subprocess; its last line is a JSON report."""
+def run_check(module: str, *args: str) -> Any:
+    """Run ``tests.support.<module> [args]`` in a patched subprocess; its last line is a
+    JSON report."""
     proc = subprocess.run(
-        [PYTHON, "-m", f"tests.support.{module}"],
+        [PYTHON, "-m", f"tests.support.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
+    assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -5,29 +5,16 @@ Each case runs in a fresh patched process: the collector's settings are process-
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flask_durable_stream import tune_gc
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_gevent import run_check
 
 
 def check(step: str) -> Any:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.gc_check", step],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_check("gc_check", step)
 
 
 def test_tune_gc_freezes_what_is_loaded_and_collects_the_young_generation_less_often() -> None:

@@ -1,11 +1,11 @@
 """In-process stream storage: the default for development and the test helper.
 
 Streams live in a dict guarded by a lock; each stream has its own lock, and a
-condition variable that wakes its subscribers once one waits. Subscribers keep a cursor into the
-append-only event list, so a slow subscriber never makes the producer wait and
-never loses events. Finished streams expire ``ttl_seconds`` after their
-terminal event; a background sweep removes them whether or not new streams are
-opened. Streams are not shared across processes: with several workers use the
+condition variable that wakes its subscribers once one waits. Subscribers keep
+a cursor into the append-only event list, so a slow subscriber never makes the
+producer wait and never loses events. Finished streams expire ``ttl_seconds``
+after their terminal event; a background sweep removes them whether or not new
+streams are opened. Streams are not shared across processes: with several workers use the
 SQLite manager (one host) or a networked backend.
 """
 
