@@ -30,6 +30,7 @@ from flask_durable_stream import (
     StreamManager,
 )
 from flask_durable_stream._retry import Backoff
+from flask_durable_stream.managers.firestore_reader import Listener
 from tests.support.firestore_emulator import FirestoreEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +420,41 @@ def test_emulator_gone_is_storage_unavailable_at_the_edge(
     live.close()
     reading.close()
     manager.close()
+
+
+def test_a_listener_of_an_unreachable_emulator_backs_off_and_stops_when_closed(
+    private_emulator: FirestoreEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client library alone, once its listener is unsubscribed while Firestore is
+    unreachable, re-opens the stream at once and forever, a new thread each time: over a
+    thousand live threads within a second, until Firestore is back."""
+    snapshots = threading.Event()
+    doc = private_emulator.client().collection("unreachable").document("d")
+    doc.set({"n": 1})
+    before = threading.active_count()
+    listener = Listener(doc, lambda docs, changes, read_time: snapshots.set())
+    assert snapshots.wait(10), "the listener never delivered the first snapshot"
+    private_emulator.stop()
+    peak = 0
+
+    def watch_threads(seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        nonlocal peak
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            peak = max(peak, threading.active_count())
+            time.sleep(0.02)
+
+    watch_threads(2)  # unreachable, still subscribed
+    listener.unsubscribe()
+
+    def consumer_gone() -> bool:
+        return not any(t.name == "Thread-ConsumeBidirectionalStream" for t in threading.enumerate())
+
+    watch_threads(5, until=consumer_gone)
+    assert peak <= before + 10, f"{peak} threads while Firestore was unreachable ({before} before)"
+    assert consumer_gone(), "the listener's consumer thread outlived unsubscribe() by 5 s"
+    noisy = [r for r in caplog.records if r.name.startswith("google") and r.levelname == "ERROR"]
+    assert not noisy, [r.getMessage() for r in noisy]
 
 
 GEVENT_SCRIPT = r"""

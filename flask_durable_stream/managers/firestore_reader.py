@@ -10,15 +10,21 @@ replay/listen boundary has no gap and no duplicate. A listener's result set
 grows with every batch, so after ``reanchor_docs`` documents it is replaced by
 one starting at the cursor. Both listeners are closed when the generator
 finishes or is closed.
+
+A listener whose connection fails re-opens it after a growing delay, and not at
+all once it is closed (see :class:`Listener`).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._concurrency import Inbox
+from .._retry import Backoff
 from ..exceptions import StreamNotFound, StreamTimeout
 from .base import Event, ProducerWatch, StreamStatus
 from .firestore_io import events_of, seconds
@@ -27,6 +33,10 @@ from .firestore_store import FirestoreStore
 #: Documents a batch listener may accumulate before it is replaced by a fresh one.
 REANCHOR_DOCS = 64
 
+
+#: Delays before a failed listener re-opens its stream (a reset after a quiet minute).
+REOPEN_BACKOFF = Backoff(initial=0.1, maximum=5.0)
+REOPEN_RESET = 60.0
 
 #: Stored events handed to a reader at once (one HTTP write).
 PAGE = 1000
@@ -61,14 +71,14 @@ def follow(
         return
 
     inbox = Inbox()
-    watches: list[Any] = []
+    watches: list[Listener] = []
     pending: dict[int, Event] = {}
     heartbeat_at = seconds(meta.get("heartbeatAt")) or 0.0
     written_at = 0.0  # server time of the newest batch seen: the producer was alive then
     anchored_docs = 0
     try:
         watches.append(
-            meta_ref.on_snapshot(lambda docs, changes, read_time: inbox.put(("meta", docs)))
+            Listener(meta_ref, lambda docs, changes, read_time: inbox.put(("meta", docs)))
         )
         for page in _pages(store.stored_events(stream_id, cursor)):
             yield page
@@ -124,14 +134,75 @@ def follow(
             if status_open and watch.observe(alive_at, store.now()) <= 0:
                 store.mark_lost(stream_id)  # the listeners then deliver the error event
     finally:
-        for watch in watches:
-            watch.unsubscribe()
+        for listener in watches:
+            listener.unsubscribe()
 
 
-def _listen(store: FirestoreStore, stream_id: str, cursor: int, inbox: Inbox) -> Any:
+def _listen(store: FirestoreStore, stream_id: str, cursor: int, inbox: Inbox) -> Listener:
     query = store.batches_after(stream_id, cursor)
 
     def on_snapshot(docs: list[Any], changes: list[Any], read_time: Any) -> None:
         inbox.put(("batches", [c.document for c in changes if c.type.name != "REMOVED"]))
 
-    return query.on_snapshot(on_snapshot)
+    return Listener(query, on_snapshot)
+
+
+class Listener:
+    """``target.on_snapshot(callback)``, with the client library's re-open loop tamed.
+
+    The library's listener re-opens a failed stream at once and forever, each
+    attempt on a new thread of gRPC's, and does so even after ``unsubscribe()``
+    while its consumer thread is inside that loop: with Firestore unreachable, one
+    listener made and dropped over a thousand threads a second (measured with the
+    emulator stopped), in every process that had a reader. Here each re-open waits
+    ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and none happens once
+    unsubscribed, so the consumer thread ends. Readers are not the ones to report
+    the outage: their lease checks read storage and raise ``StorageUnavailable``.
+    """
+
+    def __init__(self, target: Any, callback: Callable[..., None]) -> None:
+        self._closed = threading.Event()
+        self._failures = 0
+        self._failed_at = 0.0
+        self._watch = target.on_snapshot(callback)
+        rpc: Any = getattr(self._watch, "_rpc", None)
+        recover = getattr(rpc, "_should_recover", None)
+        if recover is not None:  # google-cloud-firestore's Watch on api_core's ResumableBidiRpc
+            rpc._should_recover = lambda exc: self._should_recover(recover, exc)
+
+    def _should_recover(self, recover: Callable[[BaseException], bool], exc: BaseException) -> bool:
+        if not recover(exc):
+            return False
+        if self._closed.is_set():
+            _STOPPING.add(threading.get_ident())
+            return False
+        now = time.monotonic()
+        if now - self._failed_at > REOPEN_RESET:
+            self._failures = 0
+        self._failed_at = now
+        self._closed.wait(REOPEN_BACKOFF.delay(self._failures))
+        self._failures += 1
+        if self._closed.is_set():
+            _STOPPING.add(threading.get_ident())
+            return False
+        return True
+
+    def unsubscribe(self) -> None:
+        self._closed.set()
+        self._watch.unsubscribe()
+
+
+#: Consumer threads told to stop by a closed :class:`Listener`: the client library
+#: logs their exit as an unexpected error with a traceback; it is the stop asked for.
+_STOPPING: set[int] = set()
+
+
+class _QuietStop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.thread in _STOPPING:
+            _STOPPING.discard(record.thread)
+            return False
+        return True
+
+
+logging.getLogger("google.api_core.bidi").addFilter(_QuietStop())
