@@ -16,6 +16,8 @@ from ..exceptions import StreamClosed, StreamExists, StreamNotFound
 from .base import PRODUCER_LOST, Event, StreamManager, StreamStatus, status_after
 from .sqlite_io import INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
 
+_OPEN = StreamStatus.OPEN.value
+
 
 class SQLiteOperations(StreamManager):
     """The writer thread's operations; :class:`~.sqlite.SQLiteStreamManager` runs them."""
@@ -43,6 +45,14 @@ class SQLiteOperations(StreamManager):
     def _op_append(
         self, conn: sqlite3.Connection, stream_id: str, token: int, events: Sequence[Event]
     ) -> None:
+        # The usual case, events that follow the stored ones on an open stream: one UPDATE
+        # checks that and moves the tail, and the events are inserted. Otherwise (a retry,
+        # an ended or replaced stream) nothing was written and the checks below say why.
+        now, last = self.now(), events[-1]
+        guard = " AND token = ? AND status = ? AND last_seq = ?"
+        if self._advance(conn, stream_id, last, now, guard, (token, _OPEN, events[0].seq - 1)):
+            self._insert(conn, stream_id, events)
+            return
         row = conn.execute(
             "SELECT status, last_seq, token FROM ds_streams WHERE stream_id = ?", (stream_id,)
         ).fetchone()
@@ -61,22 +71,38 @@ class SQLiteOperations(StreamManager):
         new = events[len(stored) :]
         if not new:
             return
-        if status != StreamStatus.OPEN.value or new[0].seq != last_seq + 1:
+        if status != _OPEN or new[0].seq != last_seq + 1:
             raise StreamClosed(f"stream {stream_id} already ended")
         self._insert(conn, stream_id, new)
-        now, last = self.now(), new[-1]
+        self._advance(conn, stream_id, last, now)
+
+    def _advance(
+        self,
+        conn: sqlite3.Connection,
+        stream_id: str,
+        last: Event,
+        now: float,
+        guard: str = "",
+        guard_args: tuple[object, ...] = (),
+    ) -> bool:
+        """Move the stream's tail to ``last`` (ending the stream if it is terminal) where
+        ``guard`` holds; whether it did."""
         if last.terminal:
-            conn.execute(
-                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?, status = ?,"
-                " expires_at = ? WHERE stream_id = ?",
-                (last.seq, now, now, status_after(last).value, now + self.ttl_seconds, stream_id),
+            sql = (
+                "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?,"
+                " status = ?, expires_at = ? WHERE stream_id = ?"
+            )
+            args: tuple[object, ...] = (
+                *(last.seq, now, now, status_after(last).value, now + self.ttl_seconds),
+                stream_id,
             )
         else:
-            conn.execute(
+            sql = (
                 "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ?"
-                " WHERE stream_id = ?",
-                (last.seq, now, now, stream_id),
+                " WHERE stream_id = ?"
             )
+            args = (last.seq, now, now, stream_id)
+        return conn.execute(sql + guard, args + guard_args).rowcount == 1
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, stream_id: str, events: Sequence[Event]) -> None:
