@@ -21,6 +21,8 @@ import inspect
 import logging
 import os
 import threading
+import types
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -183,10 +185,29 @@ def takes_context(flow: Flow) -> bool:
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
+def _shape(flow: Flow) -> tuple[bool, bool]:
+    """(takes a context, is an ``async def``): how ``flow`` is called."""
+    return takes_context(flow), inspect.iscoroutinefunction(flow) or inspect.isasyncgenfunction(
+        flow
+    )
+
+
+#: What :func:`_shape` found, per flow function: ``inspect.signature`` is most of the
+#: cost of starting a small flow. Plain functions only (a callable object could change).
+_SHAPES: weakref.WeakKeyDictionary[Any, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
 def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
     """Run ``flow`` to completion in the current greenlet/thread; return its output."""
-    args = (data, ctx) if takes_context(flow) else (data,)
-    if inspect.iscoroutinefunction(flow) or inspect.isasyncgenfunction(flow):
+    if isinstance(flow, types.FunctionType):
+        shape = _SHAPES.get(flow)
+        if shape is None:
+            shape = _SHAPES[flow] = _shape(flow)
+    else:
+        shape = _shape(flow)
+    with_context, is_async = shape
+    args = (data, ctx) if with_context else (data,)
+    if is_async:
         return _run_async(flow, args, ctx)
     result = flow(*args)
     if inspect.isgenerator(result):

@@ -138,11 +138,14 @@ def read_raw(limit: int) -> bytes:
     # Bounded by Content-Length, or by a server that decodes chunked bodies and says
     # so (wsgi.input_terminated); empty otherwise. The limit is enforced below.
     stream = get_input_stream(request.environ)
+    # With a Content-Length, nothing past it is read; without one, one byte past the
+    # limit tells a body that is too large.
+    want = length if length is not None else limit + 1
     parts: list[bytes] = []
     size = 0
     try:
-        while size <= limit:
-            part = stream.read(min(64 * 1024, limit + 1 - size))
+        while size < want:
+            part = stream.read(min(64 * 1024, want - size))
             if not part:
                 break
             parts.append(part)
