@@ -13,7 +13,7 @@
    run with the production recipe's garbage-collector settings (``tune_gc``), or CPython's
    defaults with ``--gc default``. CPU per chunk is the server process's user + system
    time (every thread) over the run / chunks received.
-2. Single stream: bench/bench_core.py (a).
+2. Single stream: bench/bench_core.py (a); what starting a stream costs: bench/stream_start.py.
 3. Per-backend figures: the other bench/bench_*.py scripts, their output as printed.
 """
 
@@ -266,6 +266,11 @@ def single(args: argparse.Namespace, out: list[str]) -> None:
     text = run_script("bench_core.py", script_args, 1800)
     out.append("## 2. Single stream (bench/bench_core.py)\n")
     out.append(f"`python bench/bench_core.py {' '.join(script_args)}`\n")
+    out += ["```", text.rstrip(), "```", ""]
+    start_args = ["--rounds", "3", "--requests", "1000"] if args.quick else []
+    text = run_script("stream_start.py", start_args, 600)
+    out.append("### Starting a stream (bench/stream_start.py)\n")
+    out.append(f"`{' '.join(['python bench/stream_start.py', *start_args])}`\n")
     out += ["```", text.rstrip(), "```", ""]
 
 
