@@ -61,7 +61,7 @@ class FlowContext:
     context: dict[str, Any] = field(default_factory=dict)
     output: Any = None
     _emit: Callable[[str], None] | None = field(default=None, repr=False)
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)  # to wait on
+    _cancel: threading.Event | None = field(default=None, repr=False)  # made by the first wait
     _cancelled: bool = field(default=False, repr=False)  # to test: read once per chunk
     _sent: int = field(default=0, repr=False)
     _cooperative: bool = field(default=True, repr=False)
@@ -104,12 +104,23 @@ class FlowContext:
 
     def _request_cancel(self) -> None:
         """Ask the flow to stop: the flag its chunks test, and the event its waits wake on."""
-        self._cancelled = True
-        self._cancel.set()
+        self._cancelled = True  # before looking for the event: a wait that makes it sees this
+        if self._cancel is not None:
+            self._cancel.set()
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early on cancel. Returns ``cancelled``."""
+        if self._cancel is None:
+            with _CANCEL_EVENT_LOCK:  # two waiters share one event
+                if self._cancel is None:
+                    self._cancel = threading.Event()
+        if self._cancelled:
+            return True
         return self._cancel.wait(timeout)
+
+
+#: Most flows never wait for a cancel: their event is made by the first wait only.
+_CANCEL_EVENT_LOCK = threading.Lock()
 
 
 def fit_error(body: dict[str, Any], limit: int | None) -> dict[str, Any]:
