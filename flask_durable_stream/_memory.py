@@ -48,7 +48,7 @@ def tune_gc(young: int = YOUNG_THRESHOLD, *, freeze: bool = True) -> None:
     for you.
 
     Every open stream keeps objects the collector tracks (the request's, the
-    flow's, its events: ``bench/stream_memory.py`` counts them, some 136 per
+    flow's, its events: ``bench/stream_memory.py`` counts them, some 130 per
     in-memory stream against 60 for a plain Flask response), and CPython's
     default thresholds run a full
     collection each time the objects that survived grow by a quarter. With a
