@@ -651,7 +651,8 @@ def test_cancel_stored_by_another_process_reaches_the_flow(make: MakeManager) ->
         runner.shutdown(5)
 
 
-def test_firestore_down_at_startup_then_up_needs_no_restart() -> None:
+def test_firestore_down_at_startup_then_up_needs_no_restart(firestore_emulator: Any) -> None:
+    # firestore_emulator: fails (or skips, when asked to) loudly without java or the JAR
     emulator = FirestoreEmulator()  # its port, before anything listens there
     manager = FirestoreStreamManager(client=emulator.client, collection="late", rpc_timeout=2.0)
     try:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from flask_durable_stream import protocol
 from tests.support import servers
 
@@ -192,6 +194,19 @@ class RtdbStorage(ProcessStorage):
         self.server.stop()
 
 
+def _firestore_storage() -> Storage:
+    """The emulator, or the same loud skip (``DURABLE_STREAM_SKIP_FIRESTORE=1``) or failure
+    as every other Firestore test when it cannot run (no JAR on this machine, no java)."""
+    from tests.support.firestore_emulator import SKIP_ENV, EmulatorUnavailable
+
+    try:
+        return FirestoreStorage()
+    except EmulatorUnavailable as exc:
+        if os.environ.get(SKIP_ENV) == "1":
+            pytest.skip(f"{SKIP_ENV}=1 and {exc}")
+        pytest.fail(f"Firestore emulator unavailable: {exc} (set {SKIP_ENV}=1 to skip)")
+
+
 def start_storage(backend: str, workdir: Path) -> Storage:
     if backend == "memory":
         return Storage()
@@ -200,7 +215,7 @@ def start_storage(backend: str, workdir: Path) -> Storage:
     if backend == "redis":
         return RedisStorage(workdir)
     if backend == "firestore":
-        return FirestoreStorage()
+        return _firestore_storage()
     if backend == "rtdb":
         return RtdbStorage()
     raise ValueError(backend)
