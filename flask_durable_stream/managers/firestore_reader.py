@@ -152,10 +152,10 @@ class Listener:
 
     The library's listener re-opens a failed stream at once and forever, each
     attempt on a new thread of gRPC's, and does so even after ``unsubscribe()``
-    while its consumer thread is inside that loop: with Firestore unreachable, one
-    listener made and dropped over a thousand threads a second (measured with the
-    emulator stopped), in every process that had a reader. Here each re-open waits
-    ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and none happens once
+    while its consumer thread is inside that loop: with Firestore unreachable, threads
+    pile up (greenlets spinning a core, under gevent) in every process that had a
+    reader (``tests/test_firestore.py``, ``tests/chaos/test_storage_gone.py``). Here
+    each re-open waits ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and none happens once
     unsubscribed, so the consumer thread ends. Readers are not the ones to report
     the outage: their lease checks read storage and raise ``StorageUnavailable``.
     """
@@ -173,16 +173,14 @@ class Listener:
     def _should_recover(self, recover: Callable[[BaseException], bool], exc: BaseException) -> bool:
         if not recover(exc):
             return False
-        if self._closed.is_set():
-            _STOPPING.add(threading.get_ident())
-            return False
-        now = time.monotonic()
-        if now - self._failed_at > REOPEN_RESET:
-            self._failures = 0
-        self._failed_at = now
-        self._closed.wait(REOPEN_BACKOFF.delay(self._failures))
-        self._failures += 1
-        if self._closed.is_set():
+        if not self._closed.is_set():
+            now = time.monotonic()
+            if now - self._failed_at > REOPEN_RESET:
+                self._failures = 0
+            self._failed_at = now
+            self._closed.wait(REOPEN_BACKOFF.delay(self._failures))
+            self._failures += 1
+        if self._closed.is_set():  # closed before or during the wait: the thread ends
             _STOPPING.add(threading.get_ident())
             return False
         return True

@@ -9,6 +9,7 @@ outage module starts its own, so a stopped server disturbs no other test.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,3 +70,17 @@ def app_on(
         yield App(backend, storage, server)
     finally:
         server.stop()
+
+
+def app_on_own_storage(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[App]:
+    """:func:`app_on`, on storage of its own (started here, stopped afterwards): for the
+    modules that pause, kill or fill their storage, so no other test is disturbed.
+    A case that stopped the storage for good leaves nothing to stop."""
+    storage = start_storage(backend, tmp_path_factory.mktemp(f"{name}-{backend}"))
+    try:
+        yield from app_on(backend, storage, tmp_path_factory.mktemp("log") / "gunicorn.log")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            storage.stop()

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.chaos.conftest import App, app_on
+from tests.chaos.conftest import App, app_on_own_storage
 from tests.chaos.test_kill import paced_bytes
-from tests.support.chaos import assert_bytes, post, reattach_elsewhere, start_storage
+from tests.support.chaos import assert_bytes, post, reattach_elsewhere
 
 DURABLE = ["sqlite", "redis", "firestore", "rtdb"]
 NA = {"memory": "the memory backend has no storage outside the worker to take away"}
@@ -28,12 +28,7 @@ COUNT = 80  # chunks, one every 50 ms: the outage starts after chunk 10
 def chaos(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[App]:
-    storage = start_storage(request.param, tmp_path_factory.mktemp(f"outage-{request.param}"))
-    try:
-        log = tmp_path_factory.mktemp("log") / "gunicorn.log"
-        yield from app_on(request.param, storage, log)
-    finally:
-        storage.stop()
+    yield from app_on_own_storage(request.param, tmp_path_factory, "outage")
 
 
 def outage(chaos: App, seconds: float) -> None:

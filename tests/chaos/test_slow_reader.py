@@ -13,7 +13,7 @@ import pytest
 
 from flask_durable_stream import protocol
 from tests.chaos.app import filler
-from tests.chaos.conftest import App, app_on
+from tests.chaos.conftest import App, app_on_own_storage
 from tests.support.chaos import BACKENDS, Exchange, Reply, post, rss_bytes, worker_pids
 
 MiB = 1024 * 1024
@@ -27,13 +27,7 @@ def chaos(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[App]:
     # Storage of its own: 300 MB in a shared server would weigh on every later test.
-    from tests.support.chaos import start_storage
-
-    storage = start_storage(request.param, tmp_path_factory.mktemp(f"slow-{request.param}"))
-    try:
-        yield from app_on(request.param, storage, tmp_path_factory.mktemp("log") / "g.log")
-    finally:
-        storage.stop()
+    yield from app_on_own_storage(request.param, tmp_path_factory, "slow")
 
 
 def non_reading_request(url: str, data: dict[str, int]) -> tuple[socket.socket, dict[str, str]]:

@@ -9,7 +9,7 @@ as long as storage stays away, and every worker with readers would do the same.
 
 from __future__ import annotations
 
-import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import App, app_on
+from tests.chaos.conftest import App, app_on_own_storage
 from tests.support.chaos import (
     Exchange,
     post,
     reattach_elsewhere,
-    start_storage,
     worker_pids,
 )
 
@@ -42,18 +41,12 @@ CPU_BOUND = 1.0
 def chaos(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[App]:
-    storage = start_storage(request.param, tmp_path_factory.mktemp(f"gone-{request.param}"))
-    try:
-        log = tmp_path_factory.mktemp("log") / "gunicorn.log"
-        yield from app_on(request.param, storage, log)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the test took it away for good
-            storage.stop()
+    yield from app_on_own_storage(request.param, tmp_path_factory, "gone")
 
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 @pytest.mark.chaos_case("storage gone while readers follow: their worker goes idle", na=NA)
