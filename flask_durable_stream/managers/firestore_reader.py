@@ -155,8 +155,8 @@ class Listener:
     while its consumer thread is inside that loop: with Firestore unreachable, threads
     pile up (greenlets spinning a core, under gevent) in every process that had a
     reader (``tests/test_firestore.py``, ``tests/chaos/test_storage_gone.py``). Here
-    each re-open waits ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and none happens once
-    unsubscribed, so the consumer thread ends. Readers are not the ones to report
+    each re-open waits ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and
+    none happens once unsubscribed, so the consumer thread ends. Readers are not the ones to report
     the outage: their lease checks read storage and raise ``StorageUnavailable``.
     """
 
