@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from flask_durable_stream.durable_streams.engine import Engine
 from flask_durable_stream.durable_streams.group_commit import Job
 from flask_durable_stream.durable_streams.request import Producer
 from flask_durable_stream.durable_streams.sqlite import SCHEMA, TAIL_MARK, SQLiteDSStore
-from flask_durable_stream.durable_streams.store import Meta, Txn
+from flask_durable_stream.durable_streams.store import Meta, Txn, Wakeups
 from tests.support.ds import append_reply, create
 
 
@@ -233,3 +235,54 @@ def test_a_batch_sees_a_stream_it_closed_or_deleted(tmp_path: Path) -> None:
     other = _engine(db)
     assert other.store.records("s", 0, 10, 1 << 20) == [b"a"]
     assert other.current("gone") is None
+
+
+def test_a_long_poll_woken_by_this_process_gets_the_committed_metadata_unread(
+    tmp_path: Path,
+) -> None:
+    """The append hands the row it committed to the reader it wakes: no read of the file."""
+    _, engine, store = _with_stream(tmp_path)
+    store.poll_interval = (30.0, 30.0)  # only a wake-up ends this wait, never a poll
+    assert _append(engine, b"first")[0] == 204
+    meta = engine.current("s")
+    assert meta is not None and meta.tail == 1
+    looked = threading.Event()
+    real_state = store.state
+
+    def state(path: str) -> tuple[int, bool] | None:
+        now = real_state(path)
+        looked.set()  # the reader has looked once and is about to wait
+        return now
+
+    store.state = state  # type: ignore[method-assign]
+    gets: list[str] = []
+    real_get = store.get
+    store.get = lambda path: gets.append(path) or real_get(path)  # type: ignore[method-assign]
+    woken: list[Meta | None] = []
+    reader = threading.Thread(
+        target=lambda: woken.append(engine.wait("s", meta, time.monotonic() + 30))
+    )
+    reader.start()
+    assert looked.wait(10)
+    assert _append(engine, b"second")[0] == 204
+    reader.join(10)
+    assert not reader.is_alive()
+    fresh = woken[0]
+    assert fresh is not None and (fresh.tail, fresh.closed, fresh.gen) == (2, False, meta.gen)
+    assert gets == []  # the reader did not read the row back
+    assert engine.chunk("s", fresh, 1).records == [b"second"]
+
+
+def test_wakeups_hand_each_reader_its_own_metadata_and_a_bare_wake_drops_it() -> None:
+    wakeups = Wakeups()
+    meta = Meta(gen="g", content_type="text/plain", created=0.0, touched=0.0, tail=3)
+    first, second = wakeups.register("p"), wakeups.register("p")
+    wakeups.wake(["p"], {"p": meta})
+    assert first.is_set() and second.is_set()
+    one, two = wakeups.unregister("p", first), wakeups.unregister("p", second)
+    assert one == meta and two == meta and one is not two
+    later = wakeups.register("p")
+    wakeups.wake(["p"], {"p": meta})
+    wakeups.wake(["p"])  # e.g. another process's write, rung through the doorbell
+    assert wakeups.unregister("p", later) is None  # read again: never an older tail
+    assert not wakeups.waiting("p")

@@ -383,8 +383,9 @@ class Engine:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return meta
-            self.store.wait(path, meta.tail, meta.closed, remaining)
-            fresh = self.store.get(path)
+            fresh = self.store.wait(path, meta.tail, meta.closed, remaining)
+            if fresh is None:
+                fresh = self.store.get(path)
             if fresh is None or fresh.deleted:
                 return None
             if fresh.tail != meta.tail or fresh.closed != meta.closed:

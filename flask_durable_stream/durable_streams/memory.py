@@ -76,7 +76,7 @@ class MemoryDSStore(DSStore):
         with self._lock:
             return iter(list(self._meta))
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:  # reads are cheap
         deadline = time.monotonic() + timeout
         woken = self.wakeups.register(path)  # before the first look: no write is missed
         try:

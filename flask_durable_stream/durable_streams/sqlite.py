@@ -367,7 +367,17 @@ class SQLiteDSStore(PolledStore):
             if conn is not None:
                 self._give(conn, write=True)
         if touched:
-            self.wakeups.wake(touched)
+            wakeups = self.wakeups
+            # What the batch committed, for the readers it wakes here: a long-poll
+            # answers without reading the row back (a read after a commit is the
+            # slowest kind: the connection's page cache starts again).
+            seen = batch.seen
+            metas = {
+                path: _meta(row, path, self._parsed)
+                for path in touched
+                if wakeups.waiting(path) and (row := seen.get(path)) is not None
+            }
+            wakeups.wake(touched, metas)
             self.doorbell.ring(touched)
 
     def get(self, path: str) -> Meta | None:

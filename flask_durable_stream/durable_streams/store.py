@@ -98,8 +98,10 @@ class DSStore:
     ``[start, end)``, at most ``max_bytes`` of them (always at least one).
     ``wait(path, tail, closed, timeout)`` returns when the stream's tail
     passed ``tail``, its closed flag differs from ``closed``, it is gone, or
-    ``timeout`` elapsed; callers re-read the metadata afterwards, so a
-    spurious wake-up is harmless.
+    ``timeout`` elapsed. It returns the stream's metadata as a write of this
+    process committed it, when that write woke the reader (a read of storage
+    saved on the long-poll's path), else None; callers read the metadata
+    afterwards unless given, so a spurious wake-up is harmless.
     """
 
     #: True when reads leave the process (worth caching records in front of them).
@@ -116,7 +118,7 @@ class DSStore:
     def records(self, path: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         raise NotImplementedError
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> Meta | None:
         raise NotImplementedError
 
     def paths(self) -> Iterator[str]:
@@ -159,12 +161,17 @@ class Wakeups:
     a write that committed sets the events of the streams it touched. Readers
     in this process are so woken at once, without polling, and only those of
     the streams that changed. (Other processes' writes are found by each
-    store's own means: polling in SQLite and Redis.)
+    store's own means: polling in SQLite and Redis.) A write may hand each
+    reader it wakes the metadata it committed (``wake(paths, metas)``), which
+    :meth:`unregister` gives back: the reader need not read it again. A wake-up
+    without metadata drops what an earlier one handed over, so a reader never
+    gets metadata older than a write it was woken by.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: dict[str, set[threading.Event]] = {}
+        self._metas: dict[threading.Event, Meta] = {}
 
     def register(self, path: str) -> threading.Event:
         event = threading.Event()
@@ -172,18 +179,28 @@ class Wakeups:
             self._events.setdefault(path, set()).add(event)
         return event
 
-    def unregister(self, path: str, event: threading.Event) -> None:
+    def unregister(self, path: str, event: threading.Event) -> Meta | None:
+        """Stop waking ``event``; the metadata the write that woke it handed over, if any."""
         with self._lock:
             events = self._events.get(path)
             if events is not None:
                 events.discard(event)
                 if not events:
                     del self._events[path]
+            return self._metas.pop(event, None) if self._metas else None
 
-    def wake(self, paths: Iterable[str]) -> None:
+    def wake(self, paths: Iterable[str], metas: dict[str, Meta] | None = None) -> None:
         with self._lock:
-            events = [e for path in paths for e in self._events.get(path, ())]
-        for event in events:
+            woken = [(path, e) for path in paths for e in self._events.get(path, ())]
+            handed: set[str] = set()
+            for path, event in woken:
+                meta = metas.get(path) if metas is not None else None
+                if meta is not None:  # each reader its own
+                    self._metas[event] = meta.copy() if path in handed else meta
+                    handed.add(path)
+                elif self._metas:
+                    self._metas.pop(event, None)
+        for _, event in woken:
             event.set()
 
     def waiting(self, path: str) -> bool:
@@ -211,26 +228,32 @@ class PolledStore(DSStore):
         """The stream's (tail, closed), None if there is no such stream: one cheap read."""
         raise NotImplementedError
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> Meta | None:
         deadline = time.monotonic() + timeout
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
         self.listen()
         woken = self.wakeups.register(path)  # before the first look: no write is missed
         try:
-            while True:
-                now = self.state(path)
-                if now is None or now[0] > tail or now[1] != closed:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                if woken.wait(min(delay, remaining)):
-                    return  # a write of this process: the caller reads what it did
-                if time.monotonic() > fast_until:  # quiet for a while: back off
-                    delay = min(delay * 2, self.poll_interval[1])
+            self._wait(path, tail, closed, deadline, woken)
         finally:
-            self.wakeups.unregister(path, woken)
+            given = self.wakeups.unregister(path, woken)
+        return given
+
+    def _wait(
+        self, path: str, tail: int, closed: bool, deadline: float, woken: threading.Event
+    ) -> None:
+        fast_until = time.monotonic() + self.fast_poll_seconds
+        delay = self.poll_interval[0]
+        while True:
+            now = self.state(path)
+            if now is None or now[0] > tail or now[1] != closed:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if woken.wait(min(delay, remaining)):
+                return  # a write of this process
+            if time.monotonic() > fast_until:  # quiet for a while: back off
+                delay = min(delay * 2, self.poll_interval[1])
 
 
 def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:
