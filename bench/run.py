@@ -58,6 +58,7 @@ BACKENDS = {
         [],
         ["--rounds", "1", "--appends", "1000", "--polls", "100", "--catch-up-mib", "2"],
     ),
+    "bench_ds_flows.py": ([], ["--flows", "2", "--chunks", "20"]),
 }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,70 @@ def test_a_failed_flow_ends_with_the_same_error_as_on_the_genkit_endpoint(
         else {"status": "INTERNAL", "message": "Internal Error"}
     )
     assert messages == [{"message": {"i": 0}}, {"error": error}]
+
+
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
+def unpolled_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    """Flow streams whose live readers poll once an hour: only the manager's push can
+    answer them in time (the long-poll itself waits up to two minutes)."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    workers = 1 if request.param == "memory" else 2  # memory is one process's
+    env = {"DS_FLOW_POLL": "3600", "DS_LONG_POLL_TIMEOUT": "120"}
+    server = ds_server(
+        request.param, tmp_path_factory.mktemp("ds-push"), redis, workers=workers, env=env
+    )
+    yield server
+    server.stop()
+
+
+def test_live_reads_of_a_running_flow_are_pushed_not_polled(
+    unpolled_server: servers.Server, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    stream_id, url = start_flow(unpolled_server, "echo", {"chunks": 2, "gate": str(gate)})
+    head = requests.head(url, timeout=30)
+    assert head.status_code == 200 and "Stream-Closed" not in head.headers
+    offset = head.headers["Stream-Next-Offset"]
+    # A long-poll at the tail, waiting for chunk 0 (the flow waits for its gate).
+    answer: list[requests.Response] = []
+    poll = threading.Thread(
+        target=lambda: answer.append(
+            requests.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
+        )
+    )
+    poll.start()
+    time.sleep(0.5)  # the long-poll reaches its wait (if not, it finds the chunk at once)
+    open_gates(gate, range(1))
+    poll.join(60)
+    assert answer and answer[0].status_code == 200, answer
+    assert answer[0].json() == [{"message": {"i": 0}}]
+    offset = answer[0].headers["Stream-Next-Offset"]
+    # SSE from there: one subscription follows the rest of the flow.
+    with requests.get(
+        url, params={"offset": offset, "live": "sse"}, stream=True, timeout=60
+    ) as sse:
+        assert sse.status_code == 200
+        lines = sse.iter_lines(decode_unicode=True)
+        data: list[Any] = []
+        controls: list[dict[str, Any]] = []
+        event = None
+        opened = False
+        for line in lines:
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                value = json.loads(line.split(":", 1)[1])
+                if event == "control":
+                    controls.append(value)
+                    if not opened:  # the catch-up's control event: now the flow moves
+                        opened = True
+                        open_gates(gate, range(1, 2))
+                    if value.get("streamClosed"):
+                        break
+                else:
+                    data.extend(value)
+    assert data == [{"message": {"i": 1}}, {"result": {"done": 2}}]
+    assert controls[-1]["streamClosed"] is True
+    assert data == genkit_messages(unpolled_server, "echo", stream_id)[1:]

@@ -42,11 +42,13 @@ def ds_server(
     redis: RedisServer | None = None,
     workers: int = 2,
     worker_class: str = "gevent",
+    env: dict[str, str] | None = None,
 ) -> servers.Server:
     env = {
         "DS_BACKEND": backend,
         "DS_SQLITE_PATH": str(tmp_path / "ds.sqlite3"),
         "DS_LONG_POLL_TIMEOUT": "2",
+        **(env or {}),
     }
     if redis is not None:
         env["DS_REDIS_URL"] = redis.url

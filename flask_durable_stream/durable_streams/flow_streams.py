@@ -4,21 +4,33 @@ A flow stream's events (``seq`` 0, 1, ...) are its messages, one record each:
 ``{"message": <chunk>}``, then ``{"result": <output>}`` or ``{"error":
 <body>}``, the payloads of Genkit's frames byte for byte (an error body is
 stored already redacted). The offset after event ``seq`` is record ``seq + 1``;
-the stream is closed once its terminal event is stored. Live reads poll the
-manager's ``info`` (cheap on every backend) and then read what arrived with
-``subscribe_batches``, which returns stored events at once.
+the stream is closed once its terminal event is stored.
+
+Live reads follow the flow with the manager's own subscription
+(``subscribe_batches``, each backend's push: a condition in memory, the SQLite
+change poller, Redis, a Firestore listener, an RTDB event stream) under gevent:
+a long-poll answers as soon as the flow's next event is stored, and an SSE
+connection holds one subscription for its lifetime. The subscription runs in a
+task of its own (:func:`~..fronts.core.keepalive_pump`), so the request's
+deadline and the SSE keep-alives hold however the backend waits. Without
+gevent (threads, ``flask run``) a live read polls the manager's ``info`` every
+``poll`` seconds, backing off, then reads what arrived.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, cast
 
 from flask import Response
 
 from .. import protocol
-from ..exceptions import DurableStreamError
+from .._concurrency import TaskGroup, gevent_patched
+from ..exceptions import DurableStreamError, StreamNotFound
+from ..fronts.core import keepalive_pump
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from .engine import start_of
 from .replies import (
@@ -39,7 +51,11 @@ from .store import Meta
 if TYPE_CHECKING:
     from .blueprint import DurableStreamsView
 
+log = logging.getLogger("flask_durable_stream")
+
 CONTENT_TYPE = "application/json"
+#: An SSE connection on a silent flow stream sends a keep-alive comment this often (seconds).
+KEEPALIVE = 15.0
 _KEY = {
     protocol.CHUNK: b'[{"message":',
     protocol.DONE: b'[{"result":',
@@ -61,7 +77,8 @@ def record(event: Event) -> bytes:
 class FlowStreams:
     def __init__(self, manager: StreamManager, *, poll: tuple[float, float] = (0.005, 0.1)) -> None:
         self.manager = manager
-        self.poll = poll
+        self.poll = poll  # without gevent: how often a live read looks (first, at most)
+        self.tasks = TaskGroup()  # the subscriptions live reads follow (under gevent)
 
     def info(self, path: str) -> StreamInfo | None:
         if not valid_stream_id(path):
@@ -121,6 +138,10 @@ class FlowStreams:
         return Chunk(meta, start, start + len(records), records)
 
     def wait(self, path: str, meta: Meta, deadline: float) -> Meta | None:
+        """Until the stream has more than ``meta`` says, or ``deadline``: its fresh metadata
+        (``meta`` itself at the deadline), None once it is gone."""
+        if gevent_patched():
+            return self._follow(path, meta, deadline)
         delay = self.poll[0]
         while time.monotonic() < deadline:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -132,6 +153,38 @@ class FlowStreams:
             if fresh.tail != meta.tail or fresh.closed != meta.closed:
                 return fresh
         return meta
+
+    def _batches(
+        self, path: str, after: int, deadline: float, interval: float
+    ) -> Generator[list[Event] | None, None, None]:
+        """The stream's events after seq ``after`` as the manager pushes them, with None
+        after ``interval`` seconds of silence and at ``deadline`` (gevent only)."""
+        timeout = max(1.0, deadline - time.monotonic() + 1.0)  # the deadline ends it first
+        batches = self.manager.subscribe_batches(path, after, timeout=timeout)
+        pump = keepalive_pump(
+            batches,
+            self.tasks,
+            interval=interval,
+            maxsize=1,
+            deadline=deadline,
+            name="durable-streams-flow",
+        )
+        return cast("Generator[list[Event] | None, None, None]", pump)
+
+    def _follow(self, path: str, meta: Meta, deadline: float) -> Meta | None:
+        if time.monotonic() < deadline:
+            try:
+                source = self._batches(path, meta.tail - 1, deadline, deadline - time.monotonic())
+            except StreamNotFound:
+                return None
+            try:
+                next(source, None)  # the first events stored after ``meta``, or the deadline
+            except DurableStreamError as exc:  # lost, timed out: the stream's state says
+                log.debug("flow stream %s: its subscription ended: %s", path, exc)
+            finally:
+                source.close()
+        info = self.info(path)
+        return self.meta(info) if info is not None else None
 
     def get(
         self,
@@ -173,6 +226,9 @@ class FlowStreams:
 
         def events() -> Iterator[bytes]:
             deadline = time.monotonic() + lifetime
+            if gevent_patched():
+                yield from self._pushed(path, meta, chunk, deadline, cursor)
+                return
             current: Meta | None = meta
             position = chunk.start
             first = True
@@ -191,3 +247,39 @@ class FlowStreams:
                         yield b": keep-alive\n\n"
 
         return sse_response(events(), False)
+
+    def _pushed(
+        self, path: str, meta: Meta, chunk: Chunk, deadline: float, cursor: str | None
+    ) -> Iterator[bytes]:
+        """An SSE connection under gevent: what ``chunk`` read, then one subscription's
+        batches as the manager pushes them, each a data event and its control event."""
+        data = sse_data(chunk.body(), False) if chunk.records else b""
+        yield data + sse_control(chunk, cursor)
+        if chunk.closed or time.monotonic() >= deadline:
+            return
+        position = chunk.end
+        try:
+            source = self._batches(path, position - 1, deadline, KEEPALIVE)
+        except StreamNotFound:
+            return  # gone since: the client's next request gets its 404
+        try:
+            for batch in source:
+                if batch is None:
+                    if time.monotonic() >= deadline:
+                        return  # the client reconnects from its last offset
+                    yield b": keep-alive\n\n"
+                    continue
+                records = [record(e) for e in batch if e.seq >= position]
+                if not records:
+                    continue
+                end = position + len(records)
+                state = dataclasses.replace(meta, tail=end, closed=batch[-1].terminal)
+                part = Chunk(state, position, end, records)
+                yield sse_data(part.body(), False) + sse_control(part, cursor)
+                position = end
+                if part.closed or time.monotonic() >= deadline:
+                    return
+        except DurableStreamError as exc:  # lost or timed out: the client reconnects
+            log.debug("flow stream %s: its subscription ended: %s", path, exc)
+        finally:
+            source.close()

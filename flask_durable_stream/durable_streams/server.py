@@ -25,11 +25,14 @@ def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
 
 class DurableStreamsBlueprint(Blueprint):
     """The blueprint of :func:`durable_streams_server`; ``durable_streams_store`` keeps its
-    streams."""
+    streams, ``flow_streams`` serves the manager's flow streams (None when it does not)."""
 
-    def __init__(self, name: str, import_name: str, *, store: DSStore) -> None:
+    def __init__(
+        self, name: str, import_name: str, *, store: DSStore, flows: FlowStreams | None = None
+    ) -> None:
         super().__init__(name, import_name)
         self.durable_streams_store = store
+        self.flow_streams = flows
 
 
 def durable_streams_server(
@@ -67,7 +70,7 @@ def durable_streams_server(
         max_read_bytes=max_read_bytes,
         gc_interval=gc_interval,
     )
-    bp = DurableStreamsBlueprint(name, import_name, store=store)
+    bp = DurableStreamsBlueprint(name, import_name, store=store, flows=flows)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405
     for rule in ("/", "/<path:path>"):
         bp.add_url_rule(

@@ -1,7 +1,8 @@
 """A Durable Streams server for tests: ``gunicorn -k gevent tests.support.ds_app:app``.
 
 ``DS_BACKEND`` picks the storage (memory, sqlite with ``DS_SQLITE_PATH``, redis
-with ``DS_REDIS_URL``); ``DS_LONG_POLL_TIMEOUT`` the long-poll wait. Flows
+with ``DS_REDIS_URL``); ``DS_LONG_POLL_TIMEOUT`` the long-poll wait;
+``DS_FLOW_POLL`` the seconds between a flow stream's polls where nothing pushes. Flows
 ``echo`` and ``fail`` run on the same manager, so their streams are readable as
 Durable Streams at ``/ds/<stream id>`` too.
 """
@@ -56,6 +57,19 @@ def echo(data: Any, ctx: FlowContext) -> Any:
     return {"done": int(data.get("chunks", 3))}
 
 
+@ext.flow("paced")
+def paced(data: Any, ctx: FlowContext) -> Any:
+    """``data["chunks"]`` chunks ``data["delay"]`` seconds apart, each stamped with the time
+    it was sent (``bench/bench_ds_flows.py`` measures how late readers get them)."""
+    import time
+
+    chunks = int(data.get("chunks", 50))
+    for i in range(chunks):
+        time.sleep(float(data.get("delay", 0.02)))
+        ctx.send_chunk({"i": i, "sent": time.time()})
+    return {"done": chunks}
+
+
 @ext.flow("fail")
 def fail(data: Any, ctx: FlowContext) -> Any:
     """One chunk, then an error: public (``FlowError``) or redacted (anything else)."""
@@ -68,3 +82,6 @@ def fail(data: Any, ctx: FlowContext) -> Any:
 
 
 ext.init_app(app)
+if os.environ.get("DS_FLOW_POLL"):
+    flows = app.blueprints["durable_streams"].flow_streams
+    flows.poll = (float(os.environ["DS_FLOW_POLL"]),) * 2
