@@ -178,7 +178,9 @@ class FlowStreams:
             except StreamNotFound:
                 return None
             try:
-                next(source, None)  # the first events stored after ``meta``, or the deadline
+                for batch in source:
+                    if batch is None or batch:  # the deadline, or events stored after ``meta``
+                        break
             except DurableStreamError as exc:  # lost, timed out: the stream's state says
                 log.debug("flow stream %s: its subscription ended: %s", path, exc)
             finally:

@@ -76,7 +76,8 @@ class MemoryDSStore(DSStore):
         with self._lock:
             return iter(list(self._meta))
 
-    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:  # reads are cheap
+    def wait(self, path: str, tail: int, closed: bool, timeout: float) -> None:
+        # Hands no metadata to the reader it wakes: reading it again is a dict lookup.
         deadline = time.monotonic() + timeout
         woken = self.wakeups.register(path)  # before the first look: no write is missed
         try:
