@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import requests
 
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import servers  # noqa: E402
+from tests.support.ds import sse_events  # noqa: E402
 from tests.support.redis_server import RedisServer, RedisUnavailable  # noqa: E402
 
 
@@ -68,18 +68,13 @@ def follow_sse(url: str) -> list[float]:
     delays: list[float] = []
     params = {"offset": "-1", "live": "sse"}
     with requests.get(url, params=params, stream=True, timeout=60) as reply:
-        event = None
-        for line in reply.iter_lines(decode_unicode=True):
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                value: Any = json.loads(line.split(":", 1)[1])
-                now = time.time()
-                if event == "control":
-                    if value.get("streamClosed"):
-                        return delays
-                else:
-                    delays += [now - m["message"]["sent"] for m in value if "message" in m]
+        for event, value in sse_events(reply.iter_lines(decode_unicode=True)):
+            now = time.time()
+            if event == "control":
+                if value.get("streamClosed"):
+                    return delays
+            else:
+                delays += [now - m["message"]["sent"] for m in value if "message" in m]
     return delays
 
 

@@ -23,6 +23,7 @@ import requests
 from flask_durable_stream import protocol
 from tests.support import servers
 from tests.support.client import post_stream
+from tests.support.ds import sse_events
 from tests.test_durable_streams_suite import DS, ds_server, ensure_node_modules
 
 STREAM_URL_HEADER = "durable-stream-url"
@@ -218,25 +219,17 @@ def test_live_reads_of_a_running_flow_are_pushed_not_polled(
         url, params={"offset": offset, "live": "sse"}, stream=True, timeout=60
     ) as sse:
         assert sse.status_code == 200
-        lines = sse.iter_lines(decode_unicode=True)
         data: list[Any] = []
         controls: list[dict[str, Any]] = []
-        event = None
-        opened = False
-        for line in lines:
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                value = json.loads(line.split(":", 1)[1])
-                if event == "control":
-                    controls.append(value)
-                    if not opened:  # the catch-up's control event: now the flow moves
-                        opened = True
-                        open_gates(gate, range(1, 2))
-                    if value.get("streamClosed"):
-                        break
-                else:
-                    data.extend(value)
+        for event, value in sse_events(sse.iter_lines(decode_unicode=True)):
+            if event != "control":
+                data.extend(value)
+                continue
+            controls.append(value)
+            if len(controls) == 1:  # the catch-up's control event: now the flow moves
+                open_gates(gate, range(1, 2))
+            if value.get("streamClosed"):
+                break
     assert data == [{"message": {"i": 1}}, {"result": {"done": 2}}]
     assert controls[-1]["streamClosed"] is True
     assert data == genkit_messages(unpolled_server, "echo", stream_id)[1:]

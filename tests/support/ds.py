@@ -3,6 +3,10 @@ test varies is spelled out."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
 from flask_durable_stream.durable_streams import Engine
 from flask_durable_stream.durable_streams.replies import Reply
 
@@ -32,3 +36,14 @@ def append_reply(engine: Engine, path: str, data: bytes | None, **options: objec
 
 def append(engine: Engine, path: str, data: bytes | None, **options: object) -> int:
     return append_reply(engine, path, data, **options).status
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """A Durable Streams SSE body, line by line, as (event, JSON data): ``data`` events
+    carry a JSON-mode batch, ``control`` events the offsets and flags."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            yield event, json.loads(line.split(":", 1)[1])
