@@ -54,8 +54,11 @@ READ_BATCH_BYTES = 256 * 1024
 READER_GRACE = 5.0
 #: A flow this far ahead of working storage waits for it (not while storage is failing).
 STORAGE_BACKLOG_BYTES = 8 * 1024 * 1024
-#: Events are released in steps of at least this many payload bytes.
+#: Events are released in steps of at least this many payload bytes, or of events, once
+#: stored: a stream of small chunks (an LLM's) lets its stored and sent events go as it
+#: runs instead of holding them all to its end (some 150 bytes each beyond the payload).
 RELEASE_MIN_BYTES = 64 * 1024
+RELEASE_MIN_EVENTS = 4
 #: Sequence numbers below this are "stored" for a run that has no storage.
 _EVERYTHING = sys.maxsize
 
@@ -263,6 +266,8 @@ class Run:
     def mark_stored(self, next_seq: int) -> None:
         """Storage has every event below ``next_seq`` (``sys.maxsize``: needs none)."""
         self._stored = next_seq
+        if RELEASE_MIN_EVENTS <= next_seq - self._base and next_seq != _EVERYTHING:
+            self._release()
         progress = self._progress
         if progress is not None:
             progress.set()
@@ -338,15 +343,21 @@ class Run:
 
     def release(self) -> None:
         """Drop the events that storage has and every live reader has passed."""
+        self._check_at = self._check_step()
+        self._release()
+
+    def _release(self) -> None:
         lock = self._lock
         if lock is not None:
             lock.acquire()
         try:
-            self._check_at = self._check_step()
             low = min([self._stored, self._count, *(r.cursor for r in self._readers)])
             cut = low - self._base
-            # Small releases are not worth a list copy: a short run keeps its events.
-            if cut > 0 and self._ends[cut - 1] - self._trimmed_bytes >= RELEASE_MIN_BYTES:
+            # Tiny releases are not worth a list copy each: events go in steps.
+            if cut > 0 and (
+                cut >= RELEASE_MIN_EVENTS
+                or self._ends[cut - 1] - self._trimmed_bytes >= RELEASE_MIN_BYTES
+            ):
                 self._trimmed_bytes = self._ends[cut - 1]
                 del self._events[:cut]
                 del self._ends[:cut]

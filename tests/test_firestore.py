@@ -615,11 +615,12 @@ def test_runner_stores_a_flow_in_firestore(make: MakeManager) -> None:
         return {"total": 30}
 
     try:
-        run = runner.start("count", flow, None)
+        run = runner.start("count", flow, None, live=True)
+        live = [(e.seq, e.kind, e.payload) for b in run.batches(reader=run.live) for e in b]
         assert run.wait(20) is not None
         assert runner.tasks.join(20)
         stored = [(e.seq, e.kind, e.payload) for e in manager.subscribe(run.stream_id)]
-        assert stored == [(e.seq, e.kind, e.payload) for e in run.events]
+        assert stored == live
         assert stored[-1] == (30, "done", '{"total":30}')
     finally:
         runner.shutdown(5)

@@ -32,11 +32,12 @@ def runner() -> Iterator[Runner]:
 
 
 def run_to_end(runner: Runner, flow: Any, data: Any = None) -> list[tuple[str, str]]:
-    run = runner.start("f", flow, data)
+    run = runner.start("f", flow, data, live=True)
+    live = [(e.kind, e.payload) for batch in run.batches(reader=run.live) for e in batch]
     assert run.wait(PATIENCE) is not None
     assert runner.tasks.join(PATIENCE)
     stored = [(e.kind, e.payload) for e in runner.manager.subscribe(run.stream_id)]  # type: ignore[union-attr]
-    assert stored == [(e.kind, e.payload) for e in run.events]  # storage matches the live stream
+    assert stored == live  # storage matches the live stream
     return stored
 
 

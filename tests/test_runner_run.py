@@ -10,7 +10,7 @@ import pytest
 
 from flask_durable_stream import EventTooLarge, FlowContext, FlowError, InMemoryStreamManager
 from flask_durable_stream.flows import fit_error
-from flask_durable_stream.run import Run
+from flask_durable_stream.run import RELEASE_MIN_EVENTS, Run
 from flask_durable_stream.runner import Runner, runner_for
 
 KIB = 1024
@@ -55,6 +55,39 @@ def test_a_reader_that_keeps_up_is_never_dropped() -> None:
     received += sum(len(b) for b in reader)
     assert received == 2049 and dropped == []
     assert run.held_bytes < 64 * KIB + 64 * KIB
+
+
+def test_a_short_stream_of_small_chunks_lets_stored_and_sent_events_go_as_it_runs() -> None:
+    run = Run("s", FlowContext("s"))
+    run.expect_storage()
+    reader = run.batches()
+    for n in range(200):  # an LLM's stream: small chunks, each sent and stored
+        run.emit_chunk(f'"token {n}"')
+        assert [e.seq for e in next(reader)] == [n]
+        run.mark_stored(run.count)
+        assert len(run.events) <= 2 * RELEASE_MIN_EVENTS
+    run.finish("end")
+    assert [e.payload for e in next(reader)] == ['"end"']
+
+
+def test_events_a_reader_or_storage_still_needs_are_kept_however_many() -> None:
+    run = Run("s", FlowContext("s"))
+    run.expect_storage()
+    behind = run.attach()  # a live reader that has taken nothing yet
+    for n in range(100):
+        run.emit_chunk(f'"token {n}"')
+        run.mark_stored(run.count)
+    assert len(run.events) == 100  # all stored, all kept for the reader
+    assert [e.seq for e in run.read(behind, None)] == list(range(100))
+    run.emit_chunk('"token 100"')
+    run.mark_stored(run.count)
+    assert [e.seq for e in run.events] == [100]  # the reader has not taken this one yet
+    for n in range(101, 200):  # storage stops taking events; the reader keeps up
+        run.emit_chunk(f'"token {n}"')
+        run.read(behind, None)
+    assert [e.seq for e in run.events if e.seq > 100] == list(range(101, 200))  # for storage
+    run.mark_stored(run.count)
+    assert run.events == []
 
 
 class LimitedManager(InMemoryStreamManager):

@@ -149,7 +149,8 @@ class ChatEndpoints(Front):
             current = self.active_stream(chat_id)
             if current is not None:
                 check_owner(current.owner, context)  # nobody takes over another's chat
-        run = self.runner.start(self.name, self.flow, body, context=context, owner=owner)
+        # The live reader is attached before the flow starts: nothing is released before it reads.
+        run = self.runner.start(self.name, self.flow, body, context=context, owner=owner, live=True)
         if chat_id is not None:
             try:
                 self.manager.set_pointer(self.pointer_key(chat_id), run.stream_id)
@@ -157,7 +158,7 @@ class ChatEndpoints(Front):
                 log.warning("chat %s: storing its active stream failed: %s", chat_id, exc)
         # A client that stops reading is dropped past the runner's live buffer bound:
         # its connection is closed and it resumes from storage (``reconnectToStream``).
-        batches = run.batches(on_drop=closer(request.environ))
+        batches = run.batches(reader=run.live, on_drop=closer(request.environ))
         return self._respond(sse(batches), run.stream_id)
 
     def _stream(self, ident: str) -> Response:

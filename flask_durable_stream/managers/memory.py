@@ -40,18 +40,48 @@ if TYPE_CHECKING:
 class _Stream:
     """One stream's events and metadata, guarded by ``lock``.
 
+    The events are kept as their payloads alone: an event's seq is its index,
+    and only the last one can be terminal, so its kind is kept once
+    (``last_kind``). A stored event then costs its payload and a list slot,
+    where an :class:`Event` tuple and its seq would add some 100 bytes, per
+    event, for the stream's whole life; the tuples are made again only for a
+    reader that asks (a replay).
+
     The condition its followers wait on exists only once one waits: most
     streams are only ever read live (from the run), and a condition is seven
     objects the cyclic garbage collector tracks, per stream, for its lifetime.
     """
 
-    __slots__ = ("events", "info", "lock", "_cond")
+    __slots__ = ("payloads", "last_kind", "info", "lock", "_cond")
 
     def __init__(self, info: StreamInfo) -> None:
-        self.events: list[Event] = []
+        self.payloads: list[str] = []
+        self.last_kind = protocol.CHUNK
         self.info = info
         self.lock = threading.RLock()
         self._cond: threading.Condition | None = None
+
+    def add(self, events: Sequence[Event]) -> None:
+        """With ``lock`` held: store ``events`` (the next ones, in order)."""
+        self.payloads.extend([event.payload for event in events])
+        self.last_kind = events[-1].kind
+
+    def has(self, event: Event) -> bool:
+        """With ``lock`` held: whether ``event`` is stored, as it is."""
+        payloads = self.payloads
+        if event.seq >= len(payloads) or payloads[event.seq] != event.payload:
+            return False
+        last = event.seq == len(payloads) - 1
+        return event.kind == (self.last_kind if last else protocol.CHUNK)
+
+    def since(self, start: int) -> list[Event]:
+        """With ``lock`` held: the events from seq ``start`` on."""
+        payloads = self.payloads
+        chunk = protocol.CHUNK
+        events = [Event(seq, chunk, payloads[seq]) for seq in range(start, len(payloads))]
+        if events and self.last_kind != chunk:
+            events[-1] = events[-1]._replace(kind=self.last_kind)
+        return events
 
     def wait(self, timeout: float) -> None:
         """With ``lock`` held: wait for :meth:`notify` (or ``timeout``)."""
@@ -114,21 +144,20 @@ class InMemoryStreamManager(StreamManager):
 
     def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
         with stream.lock:
-            stored = len(stream.events)
-            if events[-1].seq < stored and all(stream.events[e.seq] == e for e in events):
+            stored = len(stream.payloads)
+            if events[-1].seq < stored and all(map(stream.has, events)):
                 return  # a retry of events that did reach storage
             if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
                 raise StreamClosed(f"stream {stream.info.stream_id} already ended")
-            if events[0].seq == stored:
-                stream.events.extend(events)
-            else:  # a retry that partly reached storage
-                stream.events.extend(e for e in events if e.seq >= stored)
+            if events[0].seq != stored:  # a retry that partly reached storage
+                events = [e for e in events if e.seq >= stored]
+            stream.add(events)
             info = stream.info
             now = self.now()
             info.updated_at = info.heartbeat_at = now
-            info.last_seq = stream.events[-1].seq
-            last = stream.events[-1]
-            if last.terminal:
+            last = events[-1]
+            info.last_seq = last.seq
+            if last.kind != protocol.CHUNK:
                 info.status = status_after(last)
                 info.expires_at = now + self.ttl_seconds
             stream.notify()
@@ -153,7 +182,7 @@ class InMemoryStreamManager(StreamManager):
         watch = ProducerWatch(self.lease_seconds)
         while True:
             with stream.lock:
-                while len(stream.events) <= cursor:
+                while len(stream.payloads) <= cursor:
                     info = stream.info
                     if info.status is not StreamStatus.OPEN:
                         return  # the caller already has the terminal event
@@ -168,7 +197,7 @@ class InMemoryStreamManager(StreamManager):
                     if remaining <= 0:
                         raise StreamTimeout("Stream timed out.")
                     stream.wait(min(remaining, lease_left + 0.001))
-                batch = stream.events[cursor:]
+                batch = stream.since(cursor)
             last_activity = time.monotonic()
             yield batch
             if batch[-1].terminal:
@@ -177,8 +206,8 @@ class InMemoryStreamManager(StreamManager):
 
     def _mark_lost(self, stream: _Stream) -> None:
         # Called with stream.lock held; the producer is gone, so nobody else appends.
-        seq = len(stream.events)
-        stream.events.append(Event(seq, protocol.ERROR, protocol.encode(PRODUCER_LOST)))
+        seq = len(stream.payloads)
+        stream.add([Event(seq, protocol.ERROR, protocol.encode(PRODUCER_LOST))])
         now = self.now()
         stream.info.status = StreamStatus.ERROR
         stream.info.last_seq = seq
