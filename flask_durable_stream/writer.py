@@ -128,6 +128,12 @@ class RunWriter:
         # gevent patches time (gunicorn.conf.py) would otherwise block the whole worker.
         self._sleep = sleep if sleep is not None else _sleep
         self._on_finished = on_finished
+        # Whether the writer can store without a task waiting (see _store_nowait): its own
+        # class's method, so a wrapper that measures appends keeps them measured.
+        self._nowait = run.cooperative and (
+            getattr(type(writer), "store_nowait", StreamWriter.store_nowait)
+            is not StreamWriter.store_nowait
+        )
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         self._beat_at = clock()  # opening the stream stored a heartbeat
@@ -140,6 +146,10 @@ class RunWriter:
     def on_emit(self, run: Run) -> None:
         """After each event: store it, from the emitting task for in-process storage."""
         if not self._inline:
+            if self._nowait:
+                if self._claim():
+                    run.defer(self._store_nowait)  # once the flow yields: the whole burst
+                return
             self.schedule()
             return
         # The manager's append never blocks (in-process storage): no task is needed.
@@ -182,6 +192,47 @@ class RunWriter:
         self.run.mark_stored(self.writer.next_seq)
         if batch[-1].terminal:
             self._finish()
+
+    def _store_nowait(self) -> None:
+        """Under gevent, the usual store of a backend that answers through the hub.
+
+        The run's new events go to storage with no task waiting for them; the
+        answer (:meth:`_stored_nowait`) sends what came meanwhile. Anything but a
+        plain success (an error, a heartbeat due) hands over to the flush task,
+        which retries from the same events and owns the fault model.
+        """
+        if self.finished:
+            self._flushing = False
+            return
+        next_seq = self.writer.next_seq
+        batch = self.run.since(next_seq, BATCH_BYTES) if self.run.count > next_seq else []
+        if not batch:
+            self._flushing = False
+            return
+        try:
+            started = self.writer.append_nowait(batch, self._stored_nowait)
+        except Exception:  # refused at once (a size limit, a closed writer): the task says why
+            started = False
+        if not started:
+            self._flushing = False
+            self.schedule()
+
+    def _stored_nowait(self, error: BaseException | None) -> None:
+        if error is None and not self.finished:
+            self._failing_since = None
+            self.run.mark_stored(self.writer.next_seq)
+            if self.writer.closed:
+                self._flushing = False
+                self._finish()
+                return
+            if not self.heartbeat_due() and self.run.count > self.writer.next_seq:
+                self._store_nowait()  # what the flow emitted meanwhile, still without a task
+                return
+        self._flushing = False
+        if not self.finished and (
+            error is not None or self.heartbeat_due() or self.run.count > self.writer.next_seq
+        ):
+            self.schedule()
 
     # -- the flush task --------------------------------------------------------
     def flush(self) -> None:

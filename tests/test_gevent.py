@@ -54,3 +54,13 @@ def test_an_sse_reader_that_leaves_releases_its_subscription() -> None:
     assert report["connected"] == 1  # one subscription task while the reader is there
     assert report["after"] == 0  # and none once it left, though the stream stays silent
     assert report["terminal"] == '"cancelled"'
+
+
+def test_sqlite_stores_a_running_flow_without_a_task_per_batch_and_retries_through_one() -> None:
+    report = run_check("gevent_sqlite_store_check")
+    working, failing = report["working"], report["failing"]
+    assert working["equal"]  # every stream stored whole, in order
+    assert working["flush_tasks"] == 0  # 20 streams x 31 events, none through a task
+    assert failing["faults_injected"] == 60  # 3 failed appends per stream
+    assert failing["equal"]  # retried until stored: nothing lost, nothing twice
+    assert 20 <= failing["flush_tasks"] <= 60  # the retries went through the flush task

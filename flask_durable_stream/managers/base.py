@@ -157,15 +157,48 @@ class StreamWriter:
             return
         if self.closed:
             raise StreamClosed(f"stream {self.stream_id} already ended")
+        self._check(events)
+        self.store(events)
+        self.next_seq = events[-1].seq + 1
+        self.closed = events[-1].terminal
+
+    def append_nowait(
+        self, events: Sequence[Event], done: Callable[[BaseException | None], None]
+    ) -> bool:
+        """Start :meth:`append` and return at once, where the backend can; False where not.
+
+        ``done(error)`` is called later, under gevent in the caller's hub, with
+        None once the events are stored (:attr:`next_seq` has moved past them
+        first) or with the error :meth:`append` would have raised (nothing of
+        the writer's state changed). No other append may start before it is
+        called. A writer that cannot answer this way (the default) returns
+        False and nothing is started.
+        """
+        if not events or self.closed:
+            return False  # the caller's append says what these mean
+        self._check(events)
+
+        def stored(error: BaseException | None) -> None:
+            if error is None:
+                self.next_seq = events[-1].seq + 1
+                self.closed = events[-1].terminal
+            done(error)
+
+        return self.store_nowait(events, stored)
+
+    def store_nowait(
+        self, events: Sequence[Event], done: Callable[[BaseException | None], None]
+    ) -> bool:
+        """The backend's side of :meth:`append_nowait`: False (the default) if it cannot."""
+        return False
+
+    def _check(self, events: Sequence[Event]) -> None:
         first = self.next_seq
         # Checked with C-level loops: this runs for every batch of a long stream.
         if list(map(_seq_of, events)) != list(range(first, first + len(events))):
             raise ValueError(f"events must be contiguous from seq {first}")
         if len(events) > 1 and set(map(_kind_of, events[:-1])) != {protocol.CHUNK}:
             raise StreamClosed("no event may follow a terminal event")
-        self.store(events)
-        self.next_seq = events[-1].seq + 1
-        self.closed = events[-1].terminal
 
     def store(self, events: Sequence[Event]) -> None:
         """The backend's write: persist ``events``, already checked by :meth:`append`.

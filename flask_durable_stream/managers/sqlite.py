@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._concurrency import Task, TaskGroup
+from .._concurrency import Task, TaskGroup, gevent_patched
 from ..exceptions import StorageUnavailable, StreamNotFound
 from .base import (
     Event,
@@ -276,6 +276,25 @@ class _SQLiteWriter(StreamWriter):
         manager._writer.submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )
+
+    def store_nowait(
+        self, events: Sequence[Event], done: Callable[[BaseException | None], None]
+    ) -> bool:
+        # Under gevent: the writer thread answers through the hub's loop, so the run's
+        # events go to storage without a task (and its stack) waiting for each commit.
+        if not gevent_patched():
+            return False
+        manager = self._manager
+        check_event_sizes(events, manager.max_event_bytes, manager.display_name)
+        manager._writer.submit_nowait(
+            manager._op_append,
+            self.stream_id,
+            self._token,
+            list(events),
+            stream_id=self.stream_id,
+            callback=done,
+        )
+        return True
 
     def heartbeat(self) -> bool:
         manager = self._manager

@@ -121,15 +121,39 @@ def close_quietly(conn: sqlite3.Connection) -> None:
 
 
 class Request:
-    __slots__ = ("op", "args", "stream_id", "done", "result", "error")
+    """One operation for the writer thread.
 
-    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], stream_id: str | None):
+    Its caller either waits on ``done`` or, with ``callback``, goes on: the
+    thread then has ``callback(error)`` run in the event loop ``loop`` (a
+    gevent hub's, which takes callbacks from any thread) once it is answered.
+    """
+
+    __slots__ = ("op", "args", "stream_id", "done", "callback", "loop", "result", "error")
+
+    def __init__(
+        self,
+        op: Callable[..., Any],
+        args: tuple[Any, ...],
+        stream_id: str | None,
+        callback: Callable[[BaseException | None], None] | None = None,
+        loop: Any = None,
+    ) -> None:
         self.op = op
         self.args = args
         self.stream_id = stream_id
-        self.done = Signal()
+        self.callback = callback
+        self.loop = loop
+        self.done = Signal() if callback is None else None
         self.result: Any = None
         self.error: BaseException | None = None
+
+    def answer(self) -> None:
+        """Wake the caller: called once, by the writer thread, result or error set."""
+        if self.callback is not None:
+            self.loop.run_callback_threadsafe(self.callback, self.error)
+        else:
+            assert self.done is not None
+            self.done.set()
 
 
 def row_info(row: tuple[Any, ...]) -> StreamInfo:

@@ -66,7 +66,30 @@ class WriterThread:
 
     def submit(self, op: Callable[..., Any], *args: Any, stream_id: str | None = None) -> Any:
         """Run ``op(conn, *args)`` in the next transaction; its result, or its error raised."""
-        request = Request(op, args, stream_id)
+        request = self._put(Request(op, args, stream_id))
+        assert request.done is not None
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def submit_nowait(
+        self,
+        op: Callable[..., Any],
+        *args: Any,
+        stream_id: str | None,
+        callback: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue ``op(conn, *args)`` and return; ``callback(error)`` runs in this greenlet's hub.
+
+        Under gevent only: the answer comes as a callback of the hub's loop, which
+        takes callbacks from other threads (the answers of one commit wake it once).
+        """
+        import gevent
+
+        self._put(Request(op, args, stream_id, callback, gevent.get_hub().loop))
+
+    def _put(self, request: Request) -> Request:
         if self._queue is None:
             with self._start_lock:
                 if self._queue is None and not self.closed:
@@ -78,10 +101,7 @@ class WriterThread:
                 raise StorageUnavailable("the SQLite stream manager is closed")
             self.in_flight += 1
             queue.put(request)
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result
+        return request
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, then stop the thread and close its connection."""
@@ -93,7 +113,8 @@ class WriterThread:
             if self._queue is not None:
                 self._queue.put(stop)
             else:
-                stop.done.set()
+                stop.answer()
+        assert stop.done is not None
         stop.done.wait(timeout)
 
     def _connect(self) -> sqlite3.Connection:
@@ -137,7 +158,7 @@ class WriterThread:
             if conn is not None:
                 conn.close()  # the last connection to close checkpoints and removes the WAL
             if stop is not None:
-                stop.done.set()
+                stop.answer()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Request]) -> bool:
         """Run ``batch`` in one transaction; False if the connection should be reopened."""
@@ -183,6 +204,6 @@ class WriterThread:
         with self._lock:
             self.in_flight -= len(batch)
         for request in batch:
-            request.done.set()
+            request.answer()
         if touched:
             self.on_commit(touched)

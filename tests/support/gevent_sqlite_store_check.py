@@ -1,0 +1,87 @@
+"""SQLite storage of running flows under gevent: without a flush task per batch, and whole.
+
+Used by tests/test_gevent.py. Runs concurrent flows on a SQLiteStreamManager in a
+patched process, first with working storage, then with storage failing for the
+first appends of each stream, and prints a JSON report: per phase, whether every
+stored stream equals what its flow emitted, and how many flush tasks the runner
+started (the task that retries with backoff and owns the fault model).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+
+from flask_durable_stream import FlowContext, SQLiteStreamManager  # noqa: E402
+from flask_durable_stream.exceptions import StorageUnavailable  # noqa: E402
+from flask_durable_stream.runner import Runner  # noqa: E402
+from tests.support.waiting import PATIENCE  # noqa: E402
+
+STREAMS = 20
+CHUNKS = 30
+
+
+def flow(data: Any, ctx: FlowContext) -> int:
+    for n in range(CHUNKS):
+        ctx.send_chunk({"stream": data, "n": n})
+        gevent.sleep(0.002)  # LLM-paced: each chunk stored on its own
+    return int(data)
+
+
+def phase(manager: SQLiteStreamManager, fail_first: int) -> dict[str, Any]:
+    """Run the flows; the first ``fail_first`` appends of each stream fail (transiently)."""
+    runner = Runner(manager, write_retry_timeout=30)
+    spawned = [0]
+    spawn = runner._spawn_flush
+
+    def counting(fn: Any) -> Any:
+        spawned[0] += 1
+        return spawn(fn)
+
+    runner._spawn_flush = counting  # type: ignore[method-assign]
+    append = manager._op_append
+    failing: dict[str, int] = {}
+
+    def flaky(conn: Any, stream_id: str, *args: Any) -> Any:
+        left = failing.setdefault(stream_id, fail_first)
+        if left > 0:
+            failing[stream_id] = left - 1
+            raise StorageUnavailable("injected: storage is down")
+        return append(conn, stream_id, *args)
+
+    manager._op_append = flaky  # type: ignore[method-assign]
+    runs = [runner.start("count", flow, n) for n in range(STREAMS)]
+    for run in runs:
+        assert run.wait(PATIENCE) is not None
+    assert runner.tasks.join(PATIENCE)
+    expected = [[{"stream": n, "n": i} for i in range(CHUNKS)] + [n] for n in range(STREAMS)]
+    stored = [[e.value for e in manager.subscribe(run.stream_id)] for run in runs]
+    runner.shutdown(PATIENCE)
+    manager._op_append = append  # type: ignore[method-assign]
+    return {
+        "equal": stored == expected,
+        "flush_tasks": spawned[0],
+        "faults_injected": fail_first * len(failing) - sum(failing.values()),
+    }
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = SQLiteStreamManager(str(Path(tmp) / "streams.db"))
+        try:
+            report = {"working": phase(manager, 0), "failing": phase(manager, 3)}
+        finally:
+            manager.close()
+    print(json.dumps(report))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
