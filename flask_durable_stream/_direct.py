@@ -195,7 +195,8 @@ class DirectSink:
 
     def serve(self) -> bool:
         """In the response's greenlet: wait until the client has every frame; False if it
-        went away (or was dropped). Events emitted before the sink existed go out first."""
+        went away (or was dropped). Events emitted before the sink existed go out first.
+        Once done, it answers the same again at once."""
         try:
             self._pump()  # catch up, then queue
             if not self.done:
@@ -218,10 +219,16 @@ def live_hook(response: Any, run: Run) -> None:
         return
     reader = run.live
 
-    def use(write: Callable[[bytes], Any]) -> None:
+    def use(write: Callable[[bytes], Any]) -> Callable[[], object] | None:
         found = _socket_of(write)
-        if found is not None:
-            run.sink = DirectSink(run, reader, found[0], found[1])
+        if found is None:
+            return None
+        sink = run.sink = DirectSink(run, reader, found[0], found[1])
+        # The response's greenlet waits in ``serve`` from the body's first step, not
+        # under its nested iterators (Werkzeug's, the front's, ``Run.batches``): each
+        # is a level of C stack that a switched-out greenlet keeps a copy of. The
+        # body then finds the sink served (``serve`` answers again at once).
+        return sink.serve
 
     response.on_headers = use
 

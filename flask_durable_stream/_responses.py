@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _OPEN: weakref.WeakSet[TrackedBody] = weakref.WeakSet()
 _LOCK = threading.Lock()
@@ -31,11 +31,14 @@ class TrackedBody:
     dropped without ``close()`` cannot either.
     """
 
-    __slots__ = ("_inner", "_it", "__weakref__")
+    __slots__ = ("_inner", "_it", "_first", "__weakref__")
 
-    def __init__(self, inner: Iterable[bytes]) -> None:
+    def __init__(self, inner: Iterable[bytes], first: Callable[[], object] | None = None) -> None:
         self._inner = inner
         self._it: Iterator[bytes] | None = None
+        # Called once, before the inner body is first iterated: the live fast path's
+        # wait, here rather than under the body's nested iterators (see _direct).
+        self._first = first
 
     def __iter__(self) -> TrackedBody:
         return self
@@ -46,6 +49,10 @@ class TrackedBody:
             with _LOCK:
                 _OPEN.add(self)
         try:
+            first = self._first
+            if first is not None:
+                self._first = None
+                first()
             return next(self._it)
         except BaseException:  # StopIteration (the end), or the server's task being killed
             self._done()

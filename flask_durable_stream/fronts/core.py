@@ -248,16 +248,17 @@ class StreamResponse(Response):
     """Sends status and headers before the first frame, so the client learns the
     stream id at once even when the first chunk takes a minute."""
 
-    on_headers: Callable[[Callable[[bytes], Any]], None] | None = None  # live fast path hook
+    #: The live fast path's hook (see _direct): given the server's ``write`` once the
+    #: headers are out, it returns what the body does before its first frame, if anything.
+    on_headers: Callable[[Callable[[bytes], Any]], Callable[[], object] | None] | None = None
 
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
         app_iter, status, headers = self.get_wsgi_response(environ)
         write = start_response(status, headers)
         write(b"")
-        if self.on_headers is not None:  # live fast path hook (see _direct)
-            self.on_headers(write)
+        first = self.on_headers(write) if self.on_headers is not None else None
         # Tracked, so that a graceful stop lets it send the terminal frame first.
-        return TrackedBody(app_iter)
+        return TrackedBody(app_iter, first)
 
 
 def stream_response(body: Iterable[bytes], headers: Mapping[str, str]) -> StreamResponse:
