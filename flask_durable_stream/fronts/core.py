@@ -129,12 +129,9 @@ def read_raw(limit: int) -> bytes:
     truncates it; reading one byte past the limit tells a body that is too
     large from one that is exactly at it.
     """
-    too_large = InvalidRequest(
-        f"Request body exceeds {limit} bytes.", status="RESOURCE_EXHAUSTED", http_status=413
-    )
     length = request.content_length
     if length is not None and length > limit:
-        raise too_large
+        raise _too_large(limit)
     # Bounded by Content-Length, or by a server that decodes chunked bodies and says
     # so (wsgi.input_terminated); empty otherwise. The limit is enforced below.
     stream = get_input_stream(request.environ)
@@ -153,8 +150,14 @@ def read_raw(limit: int) -> bytes:
     except ClientDisconnected:
         raise InvalidRequest("Request body ended early.") from None
     if size > limit:
-        raise too_large
-    return b"".join(parts)
+        raise _too_large(limit)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"Request body exceeds {limit} bytes.", status="RESOURCE_EXHAUSTED", http_status=413
+    )
 
 
 def read_json_object(limit: int, *, allow_empty: bool, shape: str) -> dict[str, Any]:
@@ -262,11 +265,14 @@ class StreamResponse(Response):
 
 
 def stream_response(body: Iterable[bytes], headers: Mapping[str, str]) -> StreamResponse:
-    """An event stream that no cache or proxy holds back."""
+    """An event stream that no cache or proxy holds back; ``headers`` are added to it
+    (names other than its own ``Content-Type``, ``Cache-Control`` and ``X-Accel-Buffering``)."""
     response = StreamResponse(body, status=200, mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.headers.update(headers)
+    add = response.headers.add  # the new response has none of these yet
+    add("Cache-Control", "no-cache")
+    add("X-Accel-Buffering", "no")
+    for name, value in headers.items():
+        add(name, value)
     return response
 
 

@@ -58,7 +58,7 @@ class _Stream:
         self.payloads: list[str] = []
         self.last_kind = protocol.CHUNK
         self.info = info
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()  # never taken twice: a plain lock is the cheaper one
         self._cond: threading.Condition | None = None
 
     def add(self, events: Sequence[Event]) -> None:
