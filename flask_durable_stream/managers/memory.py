@@ -11,6 +11,7 @@ SQLite manager (one host) or a networked backend.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import threading
 import time
@@ -40,45 +41,75 @@ if TYPE_CHECKING:
 class _Stream:
     """One stream's events and metadata, guarded by ``lock``.
 
-    The events are kept as their payloads alone: an event's seq is its index,
-    and only the last one can be terminal, so its kind is kept once
-    (``last_kind``). A stored event then costs its payload and a list slot,
-    where an :class:`Event` tuple and its seq would add some 100 bytes, per
-    event, for the stream's whole life; the tuples are made again only for a
-    reader that asks (a replay).
+    The events are kept as their payloads alone, one after the other in one
+    buffer of UTF-8 (``data``, with each one's end in ``ends``): an event's seq
+    is its index, and only the last one can be terminal, so its kind is kept
+    once (``last_kind``). A stored token-sized event then costs its bytes and
+    an offset, where a ``str`` and a list slot would be some 60 bytes more and
+    an :class:`Event` tuple with its seq some 100 more, per event, for the
+    stream's whole life; the events are made again only for a reader that asks
+    (a replay).
 
     The condition its followers wait on exists only once one waits: most
     streams are only ever read live (from the run), and a condition is seven
     objects the cyclic garbage collector tracks, per stream, for its lifetime.
     """
 
-    __slots__ = ("payloads", "last_kind", "info", "lock", "_cond")
+    __slots__ = ("data", "ends", "ascii", "last_kind", "info", "lock", "_cond")
 
     def __init__(self, info: StreamInfo) -> None:
-        self.payloads: list[str] = []
+        self.data = bytearray()
+        self.ends = array.array("Q")
+        self.ascii = True  # every payload so far: offsets in bytes are offsets in text
         self.last_kind = protocol.CHUNK
         self.info = info
         self.lock = threading.Lock()  # never taken twice: a plain lock is the cheaper one
         self._cond: threading.Condition | None = None
 
+    @property
+    def count(self) -> int:
+        """With ``lock`` held: the events stored."""
+        return len(self.ends)
+
     def add(self, events: Sequence[Event]) -> None:
         """With ``lock`` held: store ``events`` (the next ones, in order)."""
-        self.payloads.extend([event.payload for event in events])
+        data, ends = self.data, self.ends
+        for event in events:
+            payload = event.payload
+            if self.ascii and not payload.isascii():
+                self.ascii = False
+            data += payload.encode()
+            ends.append(len(data))
         self.last_kind = events[-1].kind
+
+    def _payload(self, seq: int) -> str:
+        start = self.ends[seq - 1] if seq else 0
+        return self.data[start : self.ends[seq]].decode()
 
     def has(self, event: Event) -> bool:
         """With ``lock`` held: whether ``event`` is stored, as it is."""
-        payloads = self.payloads
-        if event.seq >= len(payloads) or payloads[event.seq] != event.payload:
+        seq = event.seq
+        if seq >= len(self.ends) or self._payload(seq) != event.payload:
             return False
-        last = event.seq == len(payloads) - 1
+        last = seq == len(self.ends) - 1
         return event.kind == (self.last_kind if last else protocol.CHUNK)
 
     def since(self, start: int) -> list[Event]:
         """With ``lock`` held: the events from seq ``start`` on."""
-        payloads = self.payloads
-        chunk = protocol.CHUNK
-        events = [Event(seq, chunk, payloads[seq]) for seq in range(start, len(payloads))]
+        data, ends, chunk = self.data, self.ends, protocol.CHUNK
+        events = []
+        at = base = ends[start - 1] if 0 < start <= len(ends) else 0
+        if self.ascii:  # one decode for all of them, then slices of the text
+            text = data[base : ends[-1] if ends else 0].decode("ascii")
+            for seq in range(start, len(ends)):
+                end = ends[seq]
+                events.append(Event(seq, chunk, text[at - base : end - base]))
+                at = end
+        else:
+            for seq in range(start, len(ends)):
+                end = ends[seq]
+                events.append(Event(seq, chunk, data[at:end].decode()))
+                at = end
         if events and self.last_kind != chunk:
             events[-1] = events[-1]._replace(kind=self.last_kind)
         return events
@@ -144,7 +175,7 @@ class InMemoryStreamManager(StreamManager):
 
     def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
         with stream.lock:
-            stored = len(stream.payloads)
+            stored = stream.count
             if events[-1].seq < stored and all(map(stream.has, events)):
                 return  # a retry of events that did reach storage
             if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
@@ -182,7 +213,7 @@ class InMemoryStreamManager(StreamManager):
         watch = ProducerWatch(self.lease_seconds)
         while True:
             with stream.lock:
-                while len(stream.payloads) <= cursor:
+                while stream.count <= cursor:
                     info = stream.info
                     if info.status is not StreamStatus.OPEN:
                         return  # the caller already has the terminal event
@@ -206,7 +237,7 @@ class InMemoryStreamManager(StreamManager):
 
     def _mark_lost(self, stream: _Stream) -> None:
         # Called with stream.lock held; the producer is gone, so nobody else appends.
-        seq = len(stream.payloads)
+        seq = stream.count
         stream.add([Event(seq, protocol.ERROR, protocol.encode(PRODUCER_LOST))])
         now = self.now()
         stream.info.status = StreamStatus.ERROR
