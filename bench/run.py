@@ -309,9 +309,12 @@ def machine() -> list[str]:
     ]
     if shutil.which("node"):
         node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
-        lock = GENKIT_DIR / "node_modules" / "genkit" / "package.json"
-        genkit = json.loads(lock.read_text())["version"] if lock.exists() else "not installed"
-        lines.append(f"- Node {node.strip()}, genkit {genkit} (bench/genkit_express/package.json)")
+        found = []
+        for package in ("@genkit-ai/core", "@genkit-ai/express"):
+            manifest = GENKIT_DIR / "node_modules" / package / "package.json"
+            got = json.loads(manifest.read_text())["version"] if manifest.exists() else None
+            found.append(f"{package} {got or 'not installed'}")
+        lines.append(f"- Node {node.strip()}, {', '.join(found)} (bench/genkit_express)")
     return lines
 
 
