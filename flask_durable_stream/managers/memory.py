@@ -97,8 +97,10 @@ class _Stream:
     def since(self, start: int) -> list[Event]:
         """With ``lock`` held: the events from seq ``start`` on."""
         data, ends, chunk = self.data, self.ends, protocol.CHUNK
-        events = []
-        at = base = ends[start - 1] if 0 < start <= len(ends) else 0
+        events: list[Event] = []
+        if start >= len(ends):
+            return events
+        at = base = ends[start - 1] if start > 0 else 0
         if self.ascii:  # one decode for all of them, then slices of the text
             text = data[base : ends[-1] if ends else 0].decode("ascii")
             for seq in range(start, len(ends)):

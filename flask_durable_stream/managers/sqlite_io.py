@@ -8,6 +8,7 @@ from __future__ import annotations
 import _queue
 import _thread
 import json
+import logging
 import operator
 import os
 import sqlite3
@@ -17,6 +18,8 @@ from typing import Any
 from .._concurrency import Signal, original
 from .._retry import Backoff
 from .base import StreamInfo, StreamStatus
+
+log = logging.getLogger("flask_durable_stream.managers.sqlite")
 
 #: 2 added ``ds_streams.flow``; a version 1 file gets the column when first opened for writing.
 SCHEMA_VERSION = 2
@@ -150,7 +153,10 @@ class Request:
     def answer(self) -> None:
         """Wake the caller: called once, by the writer thread, result or error set."""
         if self.callback is not None:
-            self.loop.run_callback_threadsafe(self.callback, self.error)
+            try:
+                self.loop.run_callback_threadsafe(self.callback, self.error)
+            except Exception:  # its hub's loop is gone (the process is ending): nobody waits
+                log.debug("a SQLite write was answered after its event loop closed")
         else:
             assert self.done is not None
             self.done.set()
