@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
+import uuid
 import weakref
 from typing import Any
 
@@ -123,11 +123,7 @@ def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
 
 
 def new_stream_id() -> str:
-    """A random UUID (version 4) in hex, as ``uuid.uuid4().hex``, without the UUID object."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return raw.hex()
+    return uuid.uuid4().hex
 
 
 class Runner:

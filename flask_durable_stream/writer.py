@@ -181,7 +181,7 @@ class RunWriter:
 
     def _store_inline(self) -> None:
         self._flushing = False
-        batch = self.run.since(self.writer.next_seq)
+        batch = self._unstored(None)
         if not batch or self.finished:
             return
         try:
@@ -201,11 +201,7 @@ class RunWriter:
         plain success (an error, a heartbeat due) hands over to the flush task,
         which retries from the same events and owns the fault model.
         """
-        if self.finished:
-            self._flushing = False
-            return
-        next_seq = self.writer.next_seq
-        batch = self.run.since(next_seq, BATCH_BYTES) if self.run.count > next_seq else []
+        batch = [] if self.finished else self._unstored(BATCH_BYTES)
         if not batch:
             self._flushing = False
             return
@@ -225,14 +221,18 @@ class RunWriter:
                 self._flushing = False
                 self._finish()
                 return
-            if not self.heartbeat_due() and self.run.count > self.writer.next_seq:
-                self._store_nowait()  # what the flow emitted meanwhile, still without a task
-                return
+        more = self.run.count > self.writer.next_seq
+        if error is None and more and not self.heartbeat_due():
+            self._store_nowait()  # what the flow emitted meanwhile, still without a task
+            return
         self._flushing = False
-        if not self.finished and (
-            error is not None or self.heartbeat_due() or self.run.count > self.writer.next_seq
-        ):
-            self.schedule()
+        if not self.finished and (error is not None or more or self.heartbeat_due()):
+            self.schedule()  # the flush task retries, heartbeats, stores the rest
+
+    def _unstored(self, max_bytes: int | None) -> list[Event]:
+        """The run's events storage does not have yet (up to ``max_bytes``; None: all)."""
+        next_seq = self.writer.next_seq
+        return self.run.since(next_seq, max_bytes) if self.run.count > next_seq else []
 
     # -- the flush task --------------------------------------------------------
     def flush(self) -> None:
@@ -247,8 +247,7 @@ class RunWriter:
 
     def _drain(self) -> None:
         while not self.finished:
-            next_seq = self.writer.next_seq
-            batch = self.run.since(next_seq, BATCH_BYTES) if self.run.count > next_seq else []
+            batch = self._unstored(BATCH_BYTES)
             if batch:
                 outcome = self._store_splitting(batch)
                 if outcome is Outcome.STORED:

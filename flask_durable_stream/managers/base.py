@@ -159,8 +159,7 @@ class StreamWriter:
             raise StreamClosed(f"stream {self.stream_id} already ended")
         self._check(events)
         self.store(events)
-        self.next_seq = events[-1].seq + 1
-        self.closed = events[-1].terminal
+        self._moved_past(events)
 
     def append_nowait(
         self, events: Sequence[Event], done: Callable[[BaseException | None], None]
@@ -180,8 +179,7 @@ class StreamWriter:
 
         def stored(error: BaseException | None) -> None:
             if error is None:
-                self.next_seq = events[-1].seq + 1
-                self.closed = events[-1].terminal
+                self._moved_past(events)
             done(error)
 
         return self.store_nowait(events, stored)
@@ -191,6 +189,10 @@ class StreamWriter:
     ) -> bool:
         """The backend's side of :meth:`append_nowait`: False (the default) if it cannot."""
         return False
+
+    def _moved_past(self, events: Sequence[Event]) -> None:
+        self.next_seq = events[-1].seq + 1
+        self.closed = events[-1].terminal
 
     def _check(self, events: Sequence[Event]) -> None:
         first = self.next_seq

@@ -55,12 +55,11 @@ class _Stream:
     objects the cyclic garbage collector tracks, per stream, for its lifetime.
     """
 
-    __slots__ = ("data", "ends", "ascii", "last_kind", "info", "lock", "_cond")
+    __slots__ = ("data", "ends", "last_kind", "info", "lock", "_cond")
 
     def __init__(self, info: StreamInfo) -> None:
         self.data = bytearray()
         self.ends = array.array("Q")
-        self.ascii = True  # every payload so far: offsets in bytes are offsets in text
         self.last_kind = protocol.CHUNK
         self.info = info
         self.lock = threading.Lock()  # never taken twice: a plain lock is the cheaper one
@@ -75,10 +74,7 @@ class _Stream:
         """With ``lock`` held: store ``events`` (the next ones, in order)."""
         data, ends = self.data, self.ends
         for event in events:
-            payload = event.payload
-            if self.ascii and not payload.isascii():
-                self.ascii = False
-            data += payload.encode()
+            data += event.payload.encode()
             ends.append(len(data))
         self.last_kind = events[-1].kind
 
@@ -98,20 +94,11 @@ class _Stream:
         """With ``lock`` held: the events from seq ``start`` on."""
         data, ends, chunk = self.data, self.ends, protocol.CHUNK
         events: list[Event] = []
-        if start >= len(ends):
-            return events
-        at = base = ends[start - 1] if start > 0 else 0
-        if self.ascii:  # one decode for all of them, then slices of the text
-            text = data[base : ends[-1] if ends else 0].decode("ascii")
-            for seq in range(start, len(ends)):
-                end = ends[seq]
-                events.append(Event(seq, chunk, text[at - base : end - base]))
-                at = end
-        else:
-            for seq in range(start, len(ends)):
-                end = ends[seq]
-                events.append(Event(seq, chunk, data[at:end].decode()))
-                at = end
+        at = ends[start - 1] if 0 < start <= len(ends) else 0
+        for seq in range(start, len(ends)):
+            end = ends[seq]
+            events.append(Event(seq, chunk, data[at:end].decode()))
+            at = end
         if events and self.last_kind != chunk:
             events[-1] = events[-1]._replace(kind=self.last_kind)
         return events
