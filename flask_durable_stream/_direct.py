@@ -36,6 +36,7 @@ What keeps it durable and ordered:
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,9 @@ class DirectSink:
         Once done, it answers the same again at once."""
         try:
             self._pump()  # catch up, then queue
+            body = self._run.claim()
+            if body is not None:  # the flow runs here, its frames sent by the hub
+                contextvars.Context().run(body)  # as fresh as a greenlet of its own
             if not self.done:
                 from gevent.hub import Waiter
 

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_LIVE_BUFFER_BYTES": DEFAULT_BUFFER_LIMIT,
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
+    "DURABLE_STREAM_FLOW_IN_RESPONSE": False,
     "DURABLE_STREAM_METRICS": False,
     "DURABLE_STREAM_METRICS_PATH": "/metrics",
     "DURABLE_STREAM_READY_ENDPOINT": False,
@@ -212,7 +213,21 @@ def options_from_config(
         write_retry_timeout=float(config["DURABLE_STREAM_WRITE_RETRY_TIMEOUT"]),
         shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
         live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
+        flow_in_response=_flag(config, "DURABLE_STREAM_FLOW_IN_RESPONSE"),
     )
+
+
+def _flag(config: Mapping[str, Any], name: str) -> bool:
+    """A boolean setting, also from an environment string ("1", "true", "yes", "on")."""
+    value = config[name]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("", "0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be a boolean (true/false, 1/0, yes/no, on/off): {value!r}")
+    return bool(value)
 
 
 def _optional_float(value: Any) -> float | None:

@@ -97,7 +97,7 @@ class Run:
         "_deferred", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
         "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
-        "_waiters", "_check_at", "cooperative", "_lock", "__weakref__",
+        "_waiters", "_check_at", "cooperative", "_lock", "pending", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +118,8 @@ class Run:
         self.on_emit: Callable[[Run], None] | None = None  # called after every event
         self.live: LiveReader | None = None  # the reader attached when the run started
         self.sink: DirectSink | None = None  # the live reader's fast path (see _direct)
+        #: The flow, while nobody has started it yet (see :meth:`claim`).
+        self.pending: Callable[[], None] | None = None
         self._deferred: list[Callable[[], None]] = []
         self.buffer_limit = buffer_limit
         self.reader_grace = reader_grace
@@ -206,6 +208,16 @@ class Run:
             # waits for them. Only the flow's own chunks may wait: a terminal event can
             # come from the writer's task (abort) or a shutdown, never waiting on itself.
             self._check_memory()
+
+    def claim(self) -> Callable[[], None] | None:
+        """The flow's body, to run in the calling greenlet, if it has not started yet.
+
+        A live response claims it (see _direct) and runs the flow in its own
+        greenlet; unclaimed, the runner starts it in one of its own at the hub's
+        next turn. Either way it runs exactly once.
+        """
+        body, self.pending = self.pending, None
+        return body
 
     def defer(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the emitting task yields (gevent): one hub callback does the

@@ -16,6 +16,7 @@ class it registers belong together.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import threading
 import time
@@ -182,13 +183,17 @@ class Runner:
         durable: bool = True,
         owner: str | None = None,
         live: bool = False,
+        claimable: bool = False,
     ) -> Run:
         """Open the stream, then spawn the flow.
 
         Opening is synchronous: an id is only handed out once storage has it
         (a storage outage is the caller's :class:`~.StorageUnavailable`). With
         ``live`` a reader is attached before the flow starts (``run.live``), so
-        no event can be released before the response reads it.
+        no event can be released before the response reads it. With
+        ``claimable`` (under gevent) the caller's greenlet may run the flow
+        itself (:meth:`.Run.claim`, the live fast path's one greenlet per
+        stream) until it next yields; unclaimed then, the flow gets its own.
         """
         if self.closed:
             raise StreamError("Server shutting down.", status="UNAVAILABLE")
@@ -240,8 +245,22 @@ class Runner:
                 self._writers[stream_id] = writer
                 if self._ticker is None:
                     self._ticker = self.tasks.spawn(self._tick, name="durable-stream-heartbeat")
-        self.tasks.spawn(self._execute, name, run, flow, data, name=f"flow:{name}")
+        if claimable and run.cooperative:
+            # The live response may run the flow in its own greenlet (one greenlet per
+            # stream instead of two); if it has not claimed it when the hub next turns,
+            # the flow gets one of its own, as every other flow does.
+            run.pending = functools.partial(self._execute_claimed, name, run, flow, data)
+            import gevent
+
+            gevent.get_hub().loop.run_callback(self._start_unclaimed, run, name)
+        else:
+            self.tasks.spawn(self._execute, name, run, flow, data, name=f"flow:{name}")
         return run
+
+    def _start_unclaimed(self, run: Run, name: str) -> None:
+        body = run.claim()
+        if body is not None:
+            self.tasks.spawn(body, name=f"flow:{name}")
 
     def _spawn_flush(self, flush: Any) -> None:
         self.tasks.spawn(flush, name="durable-stream-flush")
@@ -267,6 +286,19 @@ class Runner:
         return True
 
     # -- the flow's task -----------------------------------------------------
+    def _execute_claimed(self, name: str, run: Run, flow: Flow, data: Any) -> None:
+        """:meth:`_execute` in whichever greenlet claimed the run (see :meth:`Run.claim`).
+
+        A greenlet the server kills (its graceful stop's timeout) ends the stream
+        UNAVAILABLE at once, as the shutdown would, instead of leaving a run that
+        nothing will finish."""
+        try:
+            self._execute(name, run, flow, data)
+        except BaseException:
+            if not run.ended:
+                self._end(run, lambda: run.fail(SHUTDOWN_ERROR))
+            raise
+
     def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
         _logging.bind(run.stream_id, name)
         try:

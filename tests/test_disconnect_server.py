@@ -29,16 +29,25 @@ APP = "tests.support.disconnect_app:create_app()"
 BEFORE, AFTER = 5, 200
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "memory, flow in response", "sqlite, flow in response"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
-    env = {"DISCONNECT_APP_SQLITE": str(tmp_path / "streams.db")}
-    server = servers.gunicorn(APP, env=env if request.param == "sqlite" else {})
+    env = {}
+    if request.param.startswith("sqlite"):
+        env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
+    if request.param.endswith("flow in response"):
+        env["DISCONNECT_APP_FLOW_IN_RESPONSE"] = "1"
+    server = servers.gunicorn(APP, env=env)
     yield server
     server.stop()
 
 
 def offers(server: servers.Server) -> int:
     return int(requests.get(f"{server.url}/stats", timeout=30).json()["offers"])
+
+
+def in_response(server: servers.Server) -> int:
+    """``gated`` flows run so far in their response's greenlet (one greenlet per stream)."""
+    return int(requests.get(f"{server.url}/stats", timeout=30).json()["in_response"])
 
 
 def open_live(
@@ -97,10 +106,14 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
 ) -> None:
     key = uuid.uuid4().hex
     body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
-    first = offers(server)
+    first, alone = offers(server), in_response(server)
     live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
     assert live.chunks == list(range(BEFORE))
     assert live.stream_id is not None
+    # With the setting, the flow runs in the greenlet of the response whose client just
+    # went away; without it, in a task of its own.
+    flow_in_response = server.env.get("DISCONNECT_APP_FLOW_IN_RESPONSE") == "1"
+    assert in_response(server) == alone + int(flow_in_response)
     open_gate(server, key)  # the flow goes on after its client is gone
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id, timeout=60)
     assert replay.events == expected_events()

@@ -64,3 +64,24 @@ def test_sqlite_stores_a_running_flow_without_a_task_per_batch_and_retries_throu
     assert failing["faults_injected"] == 60  # 3 failed appends per stream
     assert failing["equal"]  # retried until stored: nothing lost, nothing twice
     assert 20 <= failing["flush_tasks"] <= 60  # the retries went through the flush task
+
+
+def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled() -> None:
+    report = run_check("gevent_response_flow_check")
+    # A fresh context, as in a greenlet of its own: nothing the request set leaks in.
+    assert report["context"] == "unset"
+    # Where the fast path cannot serve the response, nobody claims the flow: it runs in a
+    # task of its own, and the stream is whole.
+    assert report["unclaimed"] == (
+        'data: {"message":"unset"}\n\ndata: {"message":true}\n\ndata: {"result":"ok"}\n\n'
+    )
+    # One greenlet per open live stream (the response's), which runs the flow.
+    assert report["in_response_greenlet"] is True
+    assert report["greenlets_per_stream"] == 1.0
+    # Its client gone, the flow goes on to its end in that greenlet and is stored whole.
+    whole = [["chunk", "start"], ["chunk", 0], ["chunk", 1], ["chunk", 2], ["done", "done"]]
+    assert report["after_disconnect"] == [whole] * 11
+    # The server killing that greenlet (its graceful stop's timeout) ends the stream
+    # UNAVAILABLE at once: stored, not left open until the producer lease runs out.
+    assert [kind for kind, _ in report["killed"]] == ["error"] * 3
+    assert {body["status"] for _, body in report["killed"]} == {"UNAVAILABLE"}

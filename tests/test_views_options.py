@@ -61,3 +61,25 @@ def test_the_extension_reads_its_options_once_for_every_flow(
     chat = chat_blueprint(echo, stream_manager=memory_manager, options=state.options)
     assert chat.chat.options is state.options and chat.chat.runner is state.runner
     state.runner.shutdown(5)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), ("1", True), ("yes", True), ("off", False), ("", False)],
+)
+def test_flow_in_response_reads_booleans_and_their_environment_spellings(
+    memory_manager: InMemoryStreamManager, value: Any, expected: bool
+) -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = value
+    DurableStream(app, stream_manager=memory_manager)
+    assert app.extensions["durable_stream"].options.flow_in_response is expected
+
+
+def test_flow_in_response_refuses_a_value_that_is_not_a_boolean(
+    memory_manager: InMemoryStreamManager,
+) -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = "sometimes"
+    with pytest.raises(ValueError, match="FLOW_IN_RESPONSE must be a boolean .*'sometimes'"):
+        DurableStream(app, stream_manager=memory_manager)

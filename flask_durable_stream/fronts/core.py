@@ -57,6 +57,10 @@ class FrontOptions:
     live client may fall behind before its connection is closed (it can resume
     from storage); None for no bound. ``sse_lifetime``: seconds after which an SSE
     connection is closed for the client to resume (None: never).
+    ``flow_in_response``: under gevent, a flow started by a streaming request of the
+    Genkit endpoint runs in that request's greenlet while the live fast path serves it
+    (one greenlet per stream instead of two); the request then lasts until the flow
+    ends, even once its client has gone (see docs/performance.md).
     """
 
     context_provider: ContextProvider | None = None
@@ -67,6 +71,7 @@ class FrontOptions:
     write_retry_timeout: float = DEFAULT_WRITE_RETRY_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT
+    flow_in_response: bool = False
 
     @classmethod
     def of(cls, options: FrontOptions | None, overrides: Mapping[str, Any]) -> FrontOptions:

@@ -124,6 +124,8 @@ class GenkitFront(Front):
             durable=streaming,
             owner=owner_of(context),
             live=streaming,
+            # The live fast path may run it in the response's greenlet (see _direct).
+            claimable=streaming and self.options.flow_in_response,
         )
         _logging.bind(run.stream_id, self.name)
         if streaming:

@@ -2,11 +2,13 @@
 
     gunicorn -k gevent -w 1 'tests.support.disconnect_app:create_app()'
 
-SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager. The
+SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager;
+``DISCONNECT_APP_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``. The
 ``gated`` flow emits ``before`` chunks, waits until ``POST /gate/<key>`` opens its gate,
 then emits ``after`` more: a test can drop the client at a known point. ``GET /stats``
 says how many frames the live fast path took (see ``_direct``), so a test can tell that
-path was taken.
+path was taken, and how many ``gated`` flows ran in their response's greenlet (the
+fast path's one greenlet per stream) rather than in a task of the runner's.
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
 chunks until its live client's socket is full (the client does not read meanwhile),
@@ -23,12 +25,19 @@ from typing import Any
 
 from flask import Flask
 
-from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager, _direct
+from flask_durable_stream import (
+    DurableStream,
+    FlowContext,
+    SQLiteStreamManager,
+    _concurrency,
+    _direct,
+)
 
 _gates: dict[str, threading.Event] = {}
 _runner: list[Any] = []
 FILL = "x" * 16384
 _offers = [0]
+_in_response = [0]
 _flush = _direct.DirectSink.flush
 
 
@@ -46,6 +55,10 @@ def _gate(key: str) -> threading.Event:
 
 
 def gated(data: Any, ctx: FlowContext) -> str:
+    import gevent
+
+    if not isinstance(gevent.getcurrent(), _concurrency._greenlet_class()):
+        _in_response[0] += 1
     for i in range(int(data["before"])):
         ctx.send_chunk(i)
     _gate(str(data["key"])).wait()
@@ -74,6 +87,9 @@ def fill(data: Any, ctx: FlowContext) -> int:
 
 def create_app() -> Flask:
     app = Flask(__name__)
+    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = os.environ.get(
+        "DISCONNECT_APP_FLOW_IN_RESPONSE", ""
+    )
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     manager = SQLiteStreamManager(path) if path else None
     DurableStream(app, flows={"gated": gated, "fill": fill}, stream_manager=manager)
@@ -90,6 +106,6 @@ def create_app() -> Flask:
 
     @app.get("/stats")
     def stats() -> dict[str, int]:
-        return {"offers": _offers[0]}
+        return {"offers": _offers[0], "in_response": _in_response[0]}
 
     return app
