@@ -1,13 +1,15 @@
 """Every benchmark in one command; writes BENCHMARKS.md. Asserts nothing about time.
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
-                        [--streams 500,1000,2000] [--servers memory,sqlite,plain,genkit]
+                        [--streams 500,1000,2000]
+                        [--servers memory,memory-1g,sqlite,sqlite-1g,plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
    raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
    process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
-   -w 1``; a plain Flask generator on gevent's WSGIServer (not durable); Genkit's Express
+   -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``); a plain Flask
+   generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
    run with the production recipe's garbage-collector settings (``tune_gc``), or CPython's
@@ -42,10 +44,19 @@ GENKIT_DIR = BENCH / "genkit_express"
 SERVERS = {
     "memory": "ours, in-memory",
     "sqlite": "ours, SQLite",
+    "memory-1g": "ours, in-memory, flow in response",
+    "sqlite-1g": "ours, SQLite, flow in response",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
-PATHS = {"memory": "/flows/llm", "sqlite": "/flows/llm", "plain": "/plain_llm", "genkit": "/llm"}
+PATHS = {
+    "memory": "/flows/llm",
+    "sqlite": "/flows/llm",
+    "memory-1g": "/flows/llm",
+    "sqlite-1g": "/flows/llm",
+    "plain": "/plain_llm",
+    "genkit": "/llm",
+}
 #: The per-backend scripts: arguments for a full run and for --quick.
 BACKENDS = {
     "bench_sqlite.py": ([], ["--quick"]),
@@ -95,9 +106,12 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
     port = free_port()
     env = dict(os.environ, BENCH_GC=gc)
     tmp = tempfile.mkdtemp(prefix="bench-run-")
-    if kind in ("memory", "sqlite"):
-        if kind == "sqlite":
+    ours = kind.split("-")[0] in ("memory", "sqlite")
+    if ours:
+        if kind.startswith("sqlite"):
             env["BENCH_SQLITE"] = os.path.join(tmp, "streams.db")
+        if kind.endswith("-1g"):
+            env["BENCH_FLOW_IN_RESPONSE"] = "1"
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
             "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
@@ -112,7 +126,7 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
     try:
         wait_for_port(port, proc)
         pid = proc.pid
-        if kind in ("memory", "sqlite"):  # gunicorn listens before it forks its worker
+        if ours:  # gunicorn listens before it forks its worker
             deadline = time.monotonic() + 60
             while not children(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -187,7 +201,12 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " process. CPU per chunk: the server process's user + system time (all threads, so"
         " SQLite's writer thread counts) over the run / chunks received; the ratio is to"
         " plain Flask in the same run and N. Gap: time between two chunks at the client minus"
-        " the 20 ms pacing (0 when they arrive together). RSS per stream: (peak - base RSS)"
+        " the 20 ms pacing (0 when they arrive together). First chunk: when a stream's first"
+        " chunk reached its client, from the moment every client was started (a server that"
+        " takes streams in one after another shows short gaps and late first chunks)."
+        " Load CPU: the load process's own CPU time over the run's wall time; near 100 % the"
+        " clients themselves read late, and part of the gaps is theirs, not the server's."
+        " RSS per stream: (peak - base RSS)"
         f" / N. Complete: streams that got all {args.chunks} chunks and their result; stored"
         " = live: streams whose replay by"
         " `x-genkit-stream-id` is byte-identical to the live body.\n"
@@ -205,14 +224,15 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         out.append(f"**{SERVERS[kind]} not measured: {reason}**\n")
     out.append(
         "| run | N | server | CPU/chunk µs | vs plain | gap p50 ms | gap p99 ms"
-        " | RSS/stream KiB | complete | stored = live | wall s |"
+        " | first chunk p50 / p99 ms | RSS/stream KiB | complete | stored = live | wall s"
+        " | load CPU |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "failed" in row:
             out.append(
                 f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]} |"
-                f" FAILED: {row['failed']} | | | | | | | |"
+                f" FAILED: {row['failed']} | | | | | | | | | |"
             )
             continue
         plain = next(
@@ -233,9 +253,10 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]}"
             f" | {row['cpu_per_chunk_us']:.1f} | {ratio}"
             f" | {row['gap_p50_ms']:.1f} | {row['gap_p99_ms']:.1f}"
+            f" | {row['first_chunk_p50_ms']:.0f} / {row['first_chunk_p99_ms']:.0f}"
             f" | {row['rss_per_stream_kib']:.1f} | {row['complete']} / {row['streams']}"
             f" | {stored_text}"
-            f" | {row['elapsed_s']:.1f} |"
+            f" | {row['elapsed_s']:.1f} | {row['client_cpu_share']:.0%} |"
         )
     out.append("")
     out.append("<details><summary>raw figures (JSON)</summary>\n")
@@ -326,7 +347,7 @@ def main() -> None:
     parser.add_argument("--only", default="concurrency,single,backends")
     parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
-    parser.add_argument("--servers", default="memory,sqlite,plain,genkit")
+    parser.add_argument("--servers", default="memory,memory-1g,sqlite,sqlite-1g,plain,genkit")
     parser.add_argument(
         "--gc",
         choices=["tuned", "default"],

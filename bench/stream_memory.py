@@ -46,7 +46,11 @@ def open_stream(port: int, path: str, chunks: int, delay: float) -> socket.socke
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=300)
-    parser.add_argument("--server", default="memory", choices=["memory", "sqlite", "plain"])
+    parser.add_argument(
+        "--server",
+        default="memory",
+        choices=["memory", "memory-1g", "sqlite", "sqlite-1g", "plain"],
+    )
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     os.environ["BENCH_TRACEMALLOC"] = "1"
