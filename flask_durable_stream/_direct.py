@@ -194,6 +194,10 @@ class DirectSink:
             else:
                 hub.loop.run_callback(waiter.switch, None)
 
+    def gone(self) -> bool:
+        """Whether the client went away (or was dropped)."""
+        return self.failed
+
     def serve(self) -> bool:
         """In the response's greenlet: wait until the client has every frame; False if it
         went away (or was dropped). Events emitted before the sink existed go out first.
@@ -202,6 +206,9 @@ class DirectSink:
             self._pump()  # catch up, then queue
             body = self._run.claim()
             if body is not None:  # the flow runs here, its frames sent by the hub
+                # A generator flow moves to a task of its own at its first chunk after
+                # the client left, so that this response ends then (see FlowMoved).
+                self._run.ctx._move_when = self.gone
                 contextvars.Context().run(body)  # as fresh as a greenlet of its own
             if not self.done:
                 from gevent.hub import Waiter

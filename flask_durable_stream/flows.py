@@ -67,6 +67,8 @@ class FlowContext:
     _cooperative: bool = field(default=True, repr=False)
     _max_event_bytes: int | None = field(default=None, repr=False)
     _backend: str = field(default="storage", repr=False)
+    #: Asked after each chunk of a generator flow: True hands the rest to another greenlet.
+    _move_when: Callable[[], bool] | None = field(default=None, repr=False)
 
     def send_chunk(self, chunk: Any) -> None:
         """Stream one chunk to every subscriber (and to storage). Must be JSON-serializable.
@@ -228,7 +230,21 @@ def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
     return result
 
 
+class FlowMoved(BaseException):
+    """A generator flow leaves the greenlet that ran it: ``rest()`` runs it on, elsewhere.
+
+    Raised between two chunks when ``FlowContext._move_when`` says so (a live response
+    whose client left, see the runner); a ``BaseException``, so that no handler of
+    flow errors takes it for one.
+    """
+
+    def __init__(self, rest: Callable[[], Any]) -> None:
+        super().__init__()
+        self.rest = rest
+
+
 def _drain(gen: Any, ctx: FlowContext) -> Any:
+    moving = False
     try:
         while True:
             try:
@@ -238,8 +254,14 @@ def _drain(gen: Any, ctx: FlowContext) -> Any:
             ctx.send_chunk(chunk)  # raises CANCELLED once cancelled
             if ctx._cancelled:  # do not ask the generator for more work
                 raise FlowError("CANCELLED", "Cancelled by client.")
+            move = ctx._move_when
+            if move is not None and move():
+                ctx._move_when = None
+                moving = True
+                raise FlowMoved(lambda: _drain(gen, ctx))
     finally:
-        gen.close()  # runs the generator's cleanup now; a no-op once it returned or raised
+        if not moving:
+            gen.close()  # runs the generator's cleanup now; a no-op once it returned or raised
 
 
 async def _consume(flow: Flow, args: tuple[Any, ...], ctx: FlowContext) -> Any:

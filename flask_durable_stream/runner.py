@@ -16,12 +16,14 @@ class it registers belong together.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import functools
 import logging
 import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from . import _logging, _responses, protocol
@@ -34,7 +36,7 @@ from .exceptions import (
     StreamClosed,
     StreamError,
 )
-from .flows import Flow, FlowContext, call_flow
+from .flows import Flow, FlowContext, FlowMoved, call_flow
 from .managers.base import StreamManager
 from .metrics import NULL_OBSERVER, Observer
 from .run import DEFAULT_BUFFER_LIMIT, Run
@@ -300,15 +302,30 @@ class Runner:
             raise
 
     def _execute(self, name: str, run: Run, flow: Flow, data: Any) -> None:
-        _logging.bind(run.stream_id, name)
-        try:
-            self._call(name, run, flow, data)
-        finally:
-            self.metrics.stream_ended(name, run)
+        self._run_flow(name, run, functools.partial(call_flow, flow, data, run.ctx))
 
-    def _call(self, name: str, run: Run, flow: Flow, data: Any) -> None:
+    def _run_flow(self, name: str, run: Run, produce: Callable[[], Any]) -> None:
+        """``produce()`` (the flow, or what is left of it) to the stream's end, in this
+        greenlet, unless the flow moves on to a task of its own (:class:`.FlowMoved`)."""
+        _logging.bind(run.stream_id, name)
+        moved = False
         try:
-            output = call_flow(flow, data, run.ctx)
+            self._call(name, run, produce)
+        except FlowMoved as move:
+            # Its response's client left: the rest runs in a task of its own, in the
+            # flow's own context, and the response ends now.
+            moved = True
+            context = contextvars.copy_context()
+            self.tasks.spawn(
+                context.run, self._run_flow, name, run, move.rest, name=f"flow:{name}"
+            )
+        finally:
+            if not moved:
+                self.metrics.stream_ended(name, run)
+
+    def _call(self, name: str, run: Run, produce: Callable[[], Any]) -> None:
+        try:
+            output = produce()
         except (StreamClosed, FlowError) as exc:
             if run.ended:
                 # The stream was ended for the flow (shutdown, or storage refused an

@@ -81,6 +81,13 @@ def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled(
     # Its client gone, the flow goes on to its end in that greenlet and is stored whole.
     whole = [["chunk", "start"], ["chunk", 0], ["chunk", 1], ["chunk", 2], ["done", "done"]]
     assert report["after_disconnect"] == [whole] * 11
+    # A generator flow moves to a task of its own at its first chunk after its client
+    # left, so that its response (and the server's request) ends then; it is stored whole.
+    # With its client there it never moves.
+    ended = {"own_task": True, "response_ended": True}
+    generator = [["chunk", "start"], *(["chunk", i] for i in range(10)), ["done", ended]]
+    assert report["generator_after_disconnect"] == [generator] * 3
+    assert report["generator_connected"] == ["done", {"own_task": False, "response_ended": False}]
     # The server killing that greenlet (its graceful stop's timeout) ends the stream
     # UNAVAILABLE at once: stored, not left open until the producer lease runs out.
     assert [kind for kind, _ in report["killed"]] == ["error"] * 3

@@ -12,6 +12,10 @@ WSGIServer with a pool (as gunicorn's gevent worker does) and prints a JSON repo
   runner's);
 * ``after_disconnect``: a flow whose client went away after its first frame: the
   events it stored once it ended;
+* ``generator_after_disconnect``: the same for a generator flow, which moves to a task of
+  its own at its first chunk after its client left, so its response ends then: it reports
+  where it ended and whether its response's greenlet had ended by then;
+  ``generator_connected``: the end of one whose client stayed (it never moved);
 * ``killed``: the terminal events stored for flows whose response greenlets the server
   killed when it stopped (its graceful stop's timeout).
 """
@@ -24,6 +28,7 @@ import contextvars  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from typing import Any  # noqa: E402
@@ -57,6 +62,23 @@ def parked(data: Any, ctx: FlowContext) -> str:
         gevent.sleep(0.001)
         ctx.send_chunk(i)
     return "done"
+
+
+gen_gate = threading.Event()
+
+
+def parked_generator(data: Any) -> Any:
+    """A generator flow: where it ends, and whether its response's greenlet had ended."""
+    response = gevent.getcurrent()
+    yield "start"
+    gen_gate.wait()
+    for i in range(10):
+        gevent.sleep(0.001)
+        yield i
+    return {
+        "own_task": isinstance(gevent.getcurrent(), _greenlet_class()),
+        "response_ended": response.dead,
+    }
 
 
 def forever(data: Any, ctx: FlowContext) -> str:
@@ -105,7 +127,8 @@ def main() -> None:
     manager = InMemoryStreamManager()
     app = Flask(__name__)
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = True
-    DurableStream(app, flows={"seen": seen, "parked": parked, "forever": forever},
+    DurableStream(app, flows={"seen": seen, "parked": parked, "forever": forever,
+                         "generator": parked_generator},
                   stream_manager=manager)  # fmt: skip
 
     @app.before_request
@@ -142,6 +165,19 @@ def main() -> None:
     gevent.sleep(0.05)
     gate.set()
     report["after_disconnect"] = [stored(manager, sid) for sid in ids]
+
+    gen_socks = [open_stream(port, "generator") for _ in range(4)]
+    gen_ids = [stream_id(read_until(s, b"start")) for s in gen_socks]
+    staying = gen_socks.pop()
+    for s in gen_socks:  # gone at once (a reset), so the next send fails
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    gevent.sleep(0.05)
+    gen_gate.set()
+    report["generator_after_disconnect"] = [stored(manager, sid) for sid in gen_ids[:3]]
+    read_until(staying, b"0\r\n\r\n")
+    staying.close()
+    report["generator_connected"] = stored(manager, gen_ids[3])[-1]
 
     killed = [open_stream(port, "forever") for _ in range(3)]
     killed_ids = [stream_id(read_until(s, b"start")) for s in killed]
