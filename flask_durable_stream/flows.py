@@ -233,9 +233,9 @@ def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
 class FlowMoved(BaseException):
     """A generator flow leaves the greenlet that ran it: ``rest()`` runs it on, elsewhere.
 
-    Raised between two chunks when ``FlowContext._move_when`` says so (a live response
-    whose client left, see the runner); a ``BaseException``, so that no handler of
-    flow errors takes it for one.
+    Raised between two chunks of a generator or ``async`` flow when
+    ``FlowContext._move_when`` says so (a live response whose client left, see the
+    runner); a ``BaseException``, so that no handler of flow errors takes it for one.
     """
 
     def __init__(self, rest: Callable[[], Any]) -> None:
@@ -302,22 +302,39 @@ class _LoopThread:
             ctx._emit = inbox.put
         future: Future[Any] = self.native.submit(_consume(flow, args, ctx))
         future.add_done_callback(inbox.put)
-        try:
-            while True:
-                item = inbox.get(0.5)
-                if item is None:
-                    if ctx.cancelled and not future.done():
-                        future.cancel()
-                elif item is future:
-                    break
-                elif emit is not None:
-                    emit(item)
-        except BaseException:
-            future.cancel()
-            raise
-        if future.cancelled():
-            raise FlowError("CANCELLED", "Cancelled by client.")
-        return future.result()
+        return _relay(inbox, future, emit, ctx)
+
+
+def _relay(
+    inbox: Inbox, future: Future[Any], emit: Callable[[str], None] | None, ctx: FlowContext
+) -> Any:
+    """Emit the async flow's chunks from ``inbox`` until its ``future`` is done; its result.
+
+    Like a generator flow, it may move to another greenlet between two chunks
+    (:class:`FlowMoved`): the flow itself runs on in the loop thread meanwhile.
+    """
+    try:
+        while True:
+            item = inbox.get(0.5)
+            if item is None:
+                if ctx.cancelled and not future.done():
+                    future.cancel()
+            elif item is future:
+                break
+            elif emit is not None:
+                emit(item)
+                move = ctx._move_when
+                if move is not None and move():
+                    ctx._move_when = None
+                    raise FlowMoved(lambda: _relay(inbox, future, emit, ctx))
+    except FlowMoved:
+        raise
+    except BaseException:
+        future.cancel()
+        raise
+    if future.cancelled():
+        raise FlowError("CANCELLED", "Cancelled by client.")
+    return future.result()
 
 
 _LOOP: _LoopThread | None = None

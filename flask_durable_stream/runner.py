@@ -316,9 +316,7 @@ class Runner:
             # flow's own context, and the response ends now.
             moved = True
             context = contextvars.copy_context()
-            self.tasks.spawn(
-                context.run, self._run_flow, name, run, move.rest, name=f"flow:{name}"
-            )
+            self.tasks.spawn(context.run, self._run_flow, name, run, move.rest, name=f"flow:{name}")
         finally:
             if not moved:
                 self.metrics.stream_ended(name, run)

@@ -88,6 +88,10 @@ def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled(
     generator = [["chunk", "start"], *(["chunk", i] for i in range(10)), ["done", ended]]
     assert report["generator_after_disconnect"] == [generator] * 3
     assert report["generator_connected"] == ["done", {"own_task": False, "response_ended": False}]
+    # An async flow's relay moves the same way; the flow itself goes on in the asyncio thread.
+    relayed = [["chunk", "start"], *(["chunk", i] for i in range(10)), ["done", None]]
+    assert report["async_after_disconnect"] == [relayed] * 3
+    assert report["moves"] == 6  # the three generators and the three async flows
     # The server killing that greenlet (its graceful stop's timeout) ends the stream
     # UNAVAILABLE at once: stored, not left open until the producer lease runs out.
     assert [kind for kind, _ in report["killed"]] == ["error"] * 3

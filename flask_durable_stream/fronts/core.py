@@ -59,8 +59,9 @@ class FrontOptions:
     connection is closed for the client to resume (None: never).
     ``flow_in_response``: under gevent, a flow started by a streaming request of the
     Genkit endpoint runs in that request's greenlet while the live fast path serves it
-    (one greenlet per stream instead of two); the request then lasts until the flow
-    ends, even once its client has gone (see docs/performance.md).
+    (one greenlet per stream instead of two). Once its client has gone, a generator
+    or ``async`` flow moves to a task of its own at its next chunk; a plain function
+    flow keeps the request until it ends (see docs/performance.md).
     """
 
     context_provider: ContextProvider | None = None

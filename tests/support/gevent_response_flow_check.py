@@ -16,6 +16,9 @@ WSGIServer with a pool (as gunicorn's gevent worker does) and prints a JSON repo
   its own at its first chunk after its client left, so its response ends then: it reports
   where it ended and whether its response's greenlet had ended by then;
   ``generator_connected``: the end of one whose client stayed (it never moved);
+* ``async_after_disconnect``: the same for async generator flows (a greenlet relays
+  their chunks from the asyncio thread; it is what moves); ``moves``: how many flows
+  moved, counted where each move is raised;
 * ``killed``: the terminal events stored for flows whose response greenlets the server
   killed when it stopped (its graceful stop's timeout).
 """
@@ -39,10 +42,25 @@ from flask import Flask  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from flask_durable_stream import DurableStream, FlowContext, InMemoryStreamManager  # noqa: E402
+from flask_durable_stream import (  # noqa: E402
+    DurableStream,
+    FlowContext,
+    InMemoryStreamManager,
+    flows,  # noqa: E402
+)
 from flask_durable_stream._concurrency import _greenlet_class  # noqa: E402
 
 STREAMS = 10
+moves: list[int] = []  # one per flow that moved to a task of its own
+_moved_init = flows.FlowMoved.__init__
+
+
+def _counted_move(self: flows.FlowMoved, rest: Any) -> None:
+    moves.append(1)
+    _moved_init(self, rest)
+
+
+flows.FlowMoved.__init__ = _counted_move  # type: ignore[method-assign]
 REQUEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("request_var", default="unset")
 gate = threading.Event()
 own_task: list[bool] = []
@@ -79,6 +97,18 @@ def parked_generator(data: Any) -> Any:
         "own_task": isinstance(gevent.getcurrent(), _greenlet_class()),
         "response_ended": response.dead,
     }
+
+
+async def parked_async_generator(data: Any) -> Any:
+    """An async generator flow (run on the asyncio thread; a greenlet relays its chunks)."""
+    import asyncio
+
+    yield "start"
+    while not gen_gate.is_set():  # a native thread: no gevent wait here
+        await asyncio.sleep(0.005)
+    for i in range(10):
+        await asyncio.sleep(0.001)
+        yield i
 
 
 def forever(data: Any, ctx: FlowContext) -> str:
@@ -128,7 +158,7 @@ def main() -> None:
     app = Flask(__name__)
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = True
     DurableStream(app, flows={"seen": seen, "parked": parked, "forever": forever,
-                         "generator": parked_generator},
+                         "generator": parked_generator, "async": parked_async_generator},
                   stream_manager=manager)  # fmt: skip
 
     @app.before_request
@@ -169,12 +199,16 @@ def main() -> None:
     gen_socks = [open_stream(port, "generator") for _ in range(4)]
     gen_ids = [stream_id(read_until(s, b"start")) for s in gen_socks]
     staying = gen_socks.pop()
-    for s in gen_socks:  # gone at once (a reset), so the next send fails
+    async_socks = [open_stream(port, "async") for _ in range(3)]
+    async_ids = [stream_id(read_until(s, b"start")) for s in async_socks]
+    for s in gen_socks + async_socks:  # gone at once (a reset), so the next send fails
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
     gevent.sleep(0.05)
     gen_gate.set()
     report["generator_after_disconnect"] = [stored(manager, sid) for sid in gen_ids[:3]]
+    report["async_after_disconnect"] = [stored(manager, sid) for sid in async_ids]
+    report["moves"] = len(moves)
     read_until(staying, b"0\r\n\r\n")
     staying.close()
     report["generator_connected"] = stored(manager, gen_ids[3])[-1]
