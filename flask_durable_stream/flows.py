@@ -67,7 +67,8 @@ class FlowContext:
     _cooperative: bool = field(default=True, repr=False)
     _max_event_bytes: int | None = field(default=None, repr=False)
     _backend: str = field(default="storage", repr=False)
-    #: Asked after each chunk of a generator flow: True hands the rest to another greenlet.
+    #: Asked after each chunk of a generator or async flow: True hands the rest to another
+    #: greenlet (see FlowMoved).
     _move_when: Callable[[], bool] | None = field(default=None, repr=False)
 
     def send_chunk(self, chunk: Any) -> None:
@@ -243,6 +244,15 @@ class FlowMoved(BaseException):
         self.rest = rest
 
 
+def _moves(ctx: FlowContext) -> bool:
+    """Whether the flow should leave its greenlet now (asked once, between two chunks)."""
+    move = ctx._move_when
+    if move is None or not move():
+        return False
+    ctx._move_when = None
+    return True
+
+
 def _drain(gen: Any, ctx: FlowContext) -> Any:
     moving = False
     try:
@@ -254,9 +264,7 @@ def _drain(gen: Any, ctx: FlowContext) -> Any:
             ctx.send_chunk(chunk)  # raises CANCELLED once cancelled
             if ctx._cancelled:  # do not ask the generator for more work
                 raise FlowError("CANCELLED", "Cancelled by client.")
-            move = ctx._move_when
-            if move is not None and move():
-                ctx._move_when = None
+            if _moves(ctx):
                 moving = True
                 raise FlowMoved(lambda: _drain(gen, ctx))
     finally:
@@ -323,9 +331,7 @@ def _relay(
                 break
             elif emit is not None:
                 emit(item)
-                move = ctx._move_when
-                if move is not None and move():
-                    ctx._move_when = None
+                if _moves(ctx):
                     raise FlowMoved(lambda: _relay(inbox, future, emit, ctx))
     except FlowMoved:
         raise

@@ -123,6 +123,22 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     assert offers(server) > first
 
 
+def test_a_generator_flow_whose_client_left_ends_in_a_task_of_its_own_and_is_stored_whole(
+    server: servers.Server,
+) -> None:
+    """With the setting a generator flow starts in its response's greenlet and moves to a
+    task of its own once its client has gone (so the server's request ends); without it,
+    it runs in its own task from the start. Either way every event is stored."""
+    key = uuid.uuid4().hex
+    body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+    live = post_stream(server.url, "/flows/generator", body, stop_after=BEFORE)
+    assert live.chunks == list(range(BEFORE))
+    assert live.stream_id is not None
+    open_gate(server, key)
+    replay = post_stream(server.url, "/flows/generator", {}, stream_id=live.stream_id, timeout=60)
+    assert replay.events == [("chunk", i) for i in range(BEFORE + AFTER)] + [("done", True)]
+
+
 def test_a_reader_that_resumes_while_the_flow_waits_follows_it_to_the_end(
     server: servers.Server,
 ) -> None:

@@ -68,6 +68,20 @@ def gated(data: Any, ctx: FlowContext) -> str:
     return "done"
 
 
+def gated_generator(data: Any) -> Any:
+    """``gated`` as a generator; its result says whether it ended in a task of the runner's
+    (where it moves, with the setting on, once its client has gone)."""
+    import gevent
+
+    for i in range(int(data["before"])):
+        yield i
+    _gate(str(data["key"])).wait()
+    for i in range(int(data["before"]), int(data["before"]) + int(data["after"])):
+        time.sleep(0.001)
+        yield i
+    return isinstance(gevent.getcurrent(), _concurrency._greenlet_class())
+
+
 def fill(data: Any, ctx: FlowContext) -> int:
     ctx.send_chunk("start")
     _gate("go-" + str(data["key"])).wait()  # the client has the first frame: the sink is armed
@@ -92,7 +106,11 @@ def create_app() -> Flask:
     )
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     manager = SQLiteStreamManager(path) if path else None
-    DurableStream(app, flows={"gated": gated, "fill": fill}, stream_manager=manager)
+    DurableStream(
+        app,
+        flows={"gated": gated, "generator": gated_generator, "fill": fill},
+        stream_manager=manager,
+    )
     _runner[:] = [app.extensions["durable_stream"].runner]
 
     @app.post("/gate/<key>")
