@@ -317,10 +317,23 @@ class Signal:
 
             self._watcher = gevent.get_hub().loop.async_()
         self._watcher.start(self._event.set)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return self._fired or bool(self._event.wait(timeout))
+            while True:
+                # In slices: a timer keeps the hub from finding nothing to wait for (a
+                # LoopExit was seen once with the async watcher not counted), and a
+                # wake-up that did not reach the hub is still seen through ``_fired``.
+                left = _SIGNAL_SLICE if deadline is None else deadline - time.monotonic()
+                if self._fired or self._event.wait(max(0.0, min(left, _SIGNAL_SLICE))):
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
+                    return self._fired
         finally:
             self._watcher.stop()
+
+
+#: Seconds a greenlet waiting on a :class:`Signal` sleeps at most before it looks again.
+_SIGNAL_SLICE = 1.0
 
 
 class Inbox:
