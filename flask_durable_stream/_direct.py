@@ -6,11 +6,13 @@ the WSGI server's write, and every stream holds two greenlets (the flow and
 the response). With a server whose socket we can reach (gunicorn's gevent
 workers, gevent's WSGIServer) none of that is needed:
 
-* While the client keeps up, the first event of a burst asks for one hub
-  callback (``Run.defer``, shared with the in-process store) that frames every
-  event the burst emitted, from the run at the reader's cursor, and sends them
-  with one non-blocking ``send``; the other events of the burst cost the flow
-  nothing here.
+* While the client keeps up, the first event of a burst (the first the flow
+  emits in a turn of the hub's loop: every chunk of an LLM-paced flow) is framed
+  and sent at once, with one non-blocking ``send`` from the emitting task. Its
+  second event asks for one hub callback (``Run.defer``, shared with the
+  in-process store) that frames every event the burst emitted since, from the
+  run at the reader's cursor, and sends them in one ``send``; the other events
+  of the burst cost the flow nothing here.
 * A send that cannot complete at once (a client that reads slowly) keeps the
   unsent rest and the sink stops taking events: they stay in the run, for the
   live reader, under the usual bound (``live_buffer_bytes``, reader pacing,
@@ -56,22 +58,31 @@ PUMP_BYTES = 256 * 1024
 class DirectSink:
     """The socket of one live response, written without blocking from the hub's callbacks.
 
-    ``armed`` while caught up: :meth:`take` queues each new event's frame and
-    the first one of a burst asks for a deferred :meth:`flush`. Otherwise the
+    ``armed`` while caught up: :meth:`take` sends a burst's first event at once,
+    and its second asks for a deferred :meth:`flush` of the rest. Otherwise the
     watcher's :meth:`_pump` sends the rest of the last write, then reads on from
     the run at the reader's cursor.
     """
 
     __slots__ = (
-        "armed", "flush_at", "failed", "done", "reader", "_run", "_raw", "_chunked", "_rest",
-        "_watcher", "_waiter",
+        "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
+        "_run", "_raw", "_chunked", "_rest", "_watcher", "_waiter",
     )  # fmt: skip
 
     def __init__(self, run: Run, reader: LiveReader, sock: Any, chunked: bool) -> None:
+        import gevent
+
         self.armed = False
         #: While a send is deferred to the end of the burst: the run's total bytes at which
         #: the burst is sent at once (too long to wait for). 0: no send is deferred.
         self.flush_at = 0
+        #: The hub loop's time (``loop.now()``, the same all through one turn of the loop)
+        #: at the burst's first event, and that clock: an event emitted at a later turn
+        #: starts a new burst, sent at once even if the last one's deferred send has not
+        #: run yet.
+        self.burst_at = 0.0
+        self.deferred = False  # a send of the burst's rest is asked for
+        self.clock: Callable[[], float] = gevent.get_hub().loop.now
         self.failed = False  # the client went away (or was dropped)
         self.done = False  # the terminal frame went out, or the client is gone
         self.reader = reader
@@ -87,17 +98,19 @@ class DirectSink:
         """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
         event, and once a burst has passed ``flush_at``. The events stay in the run, at
         the reader's cursor, until a send takes them."""
-        if kind != CHUNK or self.flush_at:  # the end, or a long burst: sent now
-            self.flush()
-        else:
-            run = self._run
-            self.flush_at = run.total_bytes + FLUSH_BYTES
-            run.defer(self.flush)
+        self.flush()  # sent now, from the emitting task
+        if kind == CHUNK and self.armed:
+            # A new burst: the rest of it waits for one deferred send (asked for by its
+            # second event, see Run._emit), up to FLUSH_BYTES. Its first event does not
+            # wait (see Run.defer): an LLM-paced flow emits one event per burst.
+            self.flush_at = self._run.total_bytes + FLUSH_BYTES
+            self.burst_at = self.clock()
 
     def flush(self) -> None:
         """Send the events at the reader's cursor, framed at once, without waiting; a
         short send hands over to the watcher (then, like once done, this sends nothing)."""
         self.flush_at = 0
+        self.deferred = False
         run, reader = self._run, self.reader
         if not self.armed or reader.cursor >= run.count:
             return

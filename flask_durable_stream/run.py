@@ -94,7 +94,7 @@ class Run:
 
     __slots__ = (
         "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
-        "_deferred", "buffer_limit", "reader_grace", "_reader_progress",
+        "_deferred", "_turn", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
         "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
         "_waiters", "_check_at", "cooperative", "_lock", "pending", "__weakref__",
@@ -121,6 +121,7 @@ class Run:
         #: The flow, while nobody has started it yet (see :meth:`claim`).
         self.pending: Callable[[], None] | None = None
         self._deferred: list[Callable[[], None]] = []
+        self._turn = 0.0  # the loop's time at the last action run at once (see defer)
         self.buffer_limit = buffer_limit
         self.reader_grace = reader_grace
         # A reader took a batch (wakes a pacing flow); made when a flow first paces.
@@ -189,14 +190,20 @@ class Run:
             if lock is not None:
                 lock.release()
         sink = self.sink
-        # The live reader is caught up (see _direct): the sink hears of a burst's first
-        # event, of its end and of a burst too long to wait for; no call for the others.
-        if (
-            sink is not None
-            and sink.armed
-            and (self._total >= sink.flush_at or kind != protocol.CHUNK)
-        ):
-            sink.take(kind)
+        # The live reader is caught up (see _direct): the sink sends a burst's first
+        # event (the first of this turn of the hub's loop) at once, and its end and a
+        # burst too long to wait for; its second event asks for one send of the rest
+        # once the flow yields; the others cost nothing here.
+        if sink is not None and sink.armed:
+            if (
+                self._total >= sink.flush_at
+                or kind != protocol.CHUNK
+                or sink.burst_at != sink.clock()
+            ):
+                sink.take(kind)
+            elif not sink.deferred:  # the burst's second event: the rest go at its end
+                sink.deferred = True
+                self.defer(sink.flush)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -220,13 +227,31 @@ class Run:
         return body
 
     def defer(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once the emitting task yields (gevent): one hub callback does the
-        work of a whole burst of events (sending, storing), however many it had."""
-        self._deferred.append(action)
-        if len(self._deferred) == 1:
+        """Under gevent, ``action`` (sending, storing) for the event just emitted: at once
+        for the first event of a turn of the hub's loop, else once the emitting task
+        yields, when one hub callback does the work of the rest of the burst.
+
+        An LLM-paced flow emits one event per turn (it sleeps between two), and a hub
+        callback waits behind every callback queued before it: while a worker takes a
+        storm of new requests, each a greenlet started by a callback, that can be long.
+        A flow that emits many events without yielding still costs one action for all
+        but the first.
+        """
+        deferred = self._deferred
+        if not deferred:
             import gevent
 
-            gevent.get_hub().loop.run_callback(self._run_deferred)
+            loop = gevent.get_hub().loop
+            now = loop.now()
+            if now != self._turn:
+                self._turn = now
+                try:
+                    action()
+                except Exception:  # pragma: no cover - as in _run_deferred
+                    log.exception("stream %s: an action failed", self.stream_id)
+                return
+            loop.run_callback(self._run_deferred)
+        deferred.append(action)
 
     def _run_deferred(self) -> None:
         actions, self._deferred = self._deferred, []

@@ -66,6 +66,20 @@ def test_sqlite_stores_a_running_flow_without_a_task_per_batch_and_retries_throu
     assert 20 <= failing["flush_tasks"] <= 60  # the retries went through the flush task
 
 
+def test_a_paced_chunk_is_sent_and_stored_before_the_hubs_queued_callbacks_run() -> None:
+    report = run_check("gevent_burst_send_check")
+    # Each chunk of a flow that sleeps between chunks was at the client, and stored, by
+    # the time send_chunk returned, though the hub's callback queue was never empty.
+    assert report["paced"] == [{"at_client": True, "stored": True}] * 5
+    burst = report["burst"]
+    # A burst: its first event at once, the other 49 in one write once the flow yielded.
+    assert burst["first"] == ['data: {"message":0}\n\n']
+    assert burst["rest_before_yield"] == 0
+    assert (burst["rest_writes"], burst["rest_frames"]) == (1, 49)
+    assert burst["last"] == ['data: {"result":"end"}\n\n']
+    assert burst["sent_equals_stored"]  # every frame once, in order, equal to storage
+
+
 def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled() -> None:
     report = run_check("gevent_response_flow_check")
     # A fresh context, as in a greenlet of its own: nothing the request set leaks in.
