@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import http.client
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,14 @@ def post_stream(
     finally:
         call.raw = bytes(raw)
         if conn.sock is not None:
+            # At once: close() alone leaves the connection open while the response's
+            # file still refers to the socket (until it is freed), and a server that
+            # goes on writing to it sees a client that is still there.
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the server closed it first
             conn.sock.close()
+        response.close()
         conn.close()
     return call
