@@ -94,7 +94,7 @@ class Run:
 
     __slots__ = (
         "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
-        "_deferred", "_turn", "buffer_limit", "reader_grace", "_reader_progress",
+        "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
         "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
         "_waiters", "_check_at", "cooperative", "_lock", "pending", "__weakref__",
@@ -122,6 +122,7 @@ class Run:
         self.pending: Callable[[], None] | None = None
         self._deferred: list[Callable[[], None]] = []
         self._turn = 0.0  # the loop's time at the last action run at once (see defer)
+        self._loop: Any = None  # the hub's loop, once an action was deferred
         self.buffer_limit = buffer_limit
         self.reader_grace = reader_grace
         # A reader took a batch (wakes a pacing flow); made when a flow first paces.
@@ -239,9 +240,11 @@ class Run:
         """
         deferred = self._deferred
         if not deferred:
-            import gevent
+            loop = self._loop
+            if loop is None:
+                import gevent
 
-            loop = gevent.get_hub().loop
+                loop = self._loop = gevent.get_hub().loop
             now = loop.now()
             if now != self._turn:
                 self._turn = now

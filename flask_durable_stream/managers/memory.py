@@ -11,6 +11,7 @@ SQLite manager (one host) or a networked backend.
 
 from __future__ import annotations
 
+import _thread
 import array
 import dataclasses
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .. import protocol
-from .._concurrency import Task, TaskGroup
+from .._concurrency import Task, TaskGroup, original
 from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
@@ -36,6 +37,10 @@ from .base import (
 
 if TYPE_CHECKING:
     from ..durable_streams.store import DSStore
+
+
+def _native_lock() -> threading.Lock:
+    return original("_thread", "allocate_lock", _thread.allocate_lock)()  # type: ignore[no-any-return]
 
 
 class _Stream:
@@ -62,7 +67,10 @@ class _Stream:
         self.ends = array.array("Q")
         self.last_kind = protocol.CHUNK
         self.info = info
-        self.lock = threading.Lock()  # never taken twice: a plain lock is the cheaper one
+        # Never taken twice, and nothing under it waits or switches (a follower's wait
+        # releases it): a native lock, also under gevent, whose own lock is Python code
+        # (this one is taken for every stored batch).
+        self.lock = _native_lock()
         self._cond: threading.Condition | None = None
 
     @property
@@ -341,8 +349,10 @@ class _MemoryWriter(StreamWriter):
         self._stream = stream
 
     def store(self, events: Sequence[Event]) -> None:
-        check_event_sizes(events, self._manager.max_event_bytes, self._manager.display_name)
-        self._manager._append(self._stream, events)
+        manager = self._manager
+        if manager.max_event_bytes is not None:
+            check_event_sizes(events, manager.max_event_bytes, manager.display_name)
+        manager._append(self._stream, events)
 
     def heartbeat(self) -> bool:
         return self._manager._heartbeat(self._stream)
