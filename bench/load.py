@@ -103,6 +103,7 @@ def stream(port: int, path: str, body: bytes, headers: dict[str, str]) -> dict[s
         body_out = bytearray()
         pending = b""
         times: list[float] = []
+        lags: list[float] = []  # receive time - the emit time the chunk carries
         finished = False
         data = rest
         while True:
@@ -115,6 +116,7 @@ def stream(port: int, path: str, body: bytes, headers: dict[str, str]) -> dict[s
             for frame in frames:
                 if frame.startswith(CHUNK_PREFIX):
                     times.append(now)
+                    lags.append(now - float(frame[len(CHUNK_PREFIX) : -1]))
                 elif frame.startswith(RESULT_PREFIX):
                     finished = True
             if decoder.done:
@@ -127,6 +129,7 @@ def stream(port: int, path: str, body: bytes, headers: dict[str, str]) -> dict[s
             "body": bytes(body_out),
             "id": fields.get(b"x-genkit-stream-id", b"").decode(),
             "times": times,
+            "lags": lags,
             "finished": finished,
         }
     finally:
@@ -194,6 +197,9 @@ def main() -> None:
     for r in results:
         times = r["times"]
         gaps += [max(0.0, b - a - args.delay) for a, b in zip(times, times[1:], strict=False)]
+    # How late each chunk reached its client: the flows of all servers put their emit time
+    # (the wall clock, shared by the processes of one machine) in each chunk.
+    lags = [lag for r in results for lag in r["lags"]]
     # When each stream's first chunk arrived, from the moment all clients were started.
     firsts = [r["times"][0] - started_wall for r in results if r["times"]]
     chunks_sent = sum(len(r["times"]) for r in results)
@@ -207,6 +213,8 @@ def main() -> None:
         "cpu_per_chunk_us": server_cpu / max(1, chunks_sent) * 1e6,
         "gap_p50_ms": percentile(gaps, 50) * 1000,
         "gap_p99_ms": percentile(gaps, 99) * 1000,
+        "lag_p50_ms": percentile(lags, 50) * 1000,
+        "lag_p99_ms": percentile(lags, 99) * 1000,
         "client_cpu_share": client_cpu / elapsed,
         "first_chunk_p50_ms": percentile(firsts, 50) * 1000,
         "first_chunk_p99_ms": percentile(firsts, 99) * 1000,

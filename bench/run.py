@@ -201,9 +201,12 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " process. CPU per chunk: the server process's user + system time (all threads, so"
         " SQLite's writer thread counts) over the run / chunks received; the ratio is to"
         " plain Flask in the same run and N. Gap: time between two chunks at the client minus"
-        " the 20 ms pacing (0 when they arrive together). First chunk: when a stream's first"
-        " chunk reached its client, from the moment every client was started (a server that"
-        " takes streams in one after another shows short gaps and late first chunks)."
+        " the 20 ms pacing (0 when they arrive together). Lag: a chunk's arrival at its"
+        " client minus the time its flow emitted it (carried in the chunk): the server's"
+        " delay in sending what the flow emitted, and the client's in reading it. First"
+        " chunk: when a stream's first chunk reached its client, from the moment every"
+        " client was started (a server that takes streams in one after another shows short"
+        " gaps and late first chunks)."
         " Load CPU: the load process's own CPU time over the run's wall time; near 100 % the"
         " clients themselves read late, and part of the gaps is theirs, not the server's."
         " RSS per stream: (peak - base RSS)"
@@ -224,15 +227,15 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         out.append(f"**{SERVERS[kind]} not measured: {reason}**\n")
     out.append(
         "| run | N | server | CPU/chunk µs | vs plain | gap p50 ms | gap p99 ms"
-        " | first chunk p50 / p99 ms | RSS/stream KiB | complete | stored = live | wall s"
-        " | load CPU |"
+        " | lag p50 / p99 ms | first chunk p50 / p99 ms | RSS/stream KiB | complete"
+        " | stored = live | wall s | load CPU |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "failed" in row:
             out.append(
                 f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]} |"
-                f" FAILED: {row['failed']} | | | | | | | | | |"
+                f" FAILED: {row['failed']} | | | | | | | | | | |"
             )
             continue
         plain = next(
@@ -253,6 +256,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]}"
             f" | {row['cpu_per_chunk_us']:.1f} | {ratio}"
             f" | {row['gap_p50_ms']:.1f} | {row['gap_p99_ms']:.1f}"
+            f" | {row['lag_p50_ms']:.1f} / {row['lag_p99_ms']:.1f}"
             f" | {row['first_chunk_p50_ms']:.0f} / {row['first_chunk_p99_ms']:.0f}"
             f" | {row['rss_per_stream_kib']:.1f} | {row['complete']} / {row['streams']}"
             f" | {stored_text}"

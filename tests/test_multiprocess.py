@@ -357,7 +357,16 @@ def test_restart_replays_finished_streams_byte_for_byte(
     assert_clean(output)
 
 
-@pytest.mark.parametrize("kind", ["python -m example_app", "gunicorn -c gunicorn.conf.py"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "python -m example_app",
+        "gunicorn -c gunicorn.conf.py",
+        # The flows run in their requests' greenlets (the story flow is a plain function,
+        # which keeps its request to its end): the worker still exits by itself.
+        "gunicorn -c gunicorn.conf.py, DURABLE_STREAM_FLOW_IN_RESPONSE",
+    ],
+)
 def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
     kind: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -365,6 +374,8 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
         **servers.sqlite_env(tmp_path_factory, "sigterm"),
         "FLASK_DURABLE_STREAM_SHUTDOWN_GRACE": str(GRACE),
     }
+    if kind.endswith("FLOW_IN_RESPONSE"):
+        env["FLASK_DURABLE_STREAM_FLOW_IN_RESPONSE"] = "true"
 
     def start() -> servers.Server:
         return servers.example_app(env) if kind.startswith("python") else gunicorn_with_config(env)
@@ -397,6 +408,13 @@ def test_sigterm_finishes_short_flows_and_ends_long_ones_unavailable(
     if kind.startswith("gunicorn"):  # every worker exited by itself, none was killed
         assert output.count("Worker exiting") == 2, output
         assert "Worker graceful timeout" not in output, output
+    # The requests that ended after the long flow's grace ran out: the follower's, and with
+    # the flow in its request's greenlet that request too (by default it ended when its
+    # client left, seconds before).
+    after_grace = output[output.index("did not finish within the grace period") :]
+    in_response = kind.endswith("FLOW_IN_RESPONSE")
+    if kind.startswith("gunicorn"):  # the access log
+        assert after_grace.count("POST /flows/story") == (2 if in_response else 1), output
     # The contract: grace, then at most SHUTDOWN_FLUSH_WAIT to store the ends and send the
     # last frames (gunicorn's graceful_timeout). The margin is for a loaded machine: this
     # catches a stop that waits for the flow or the producer lease, not a slow one.
