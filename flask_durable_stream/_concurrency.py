@@ -117,6 +117,21 @@ class TaskGroup:
         impl.start()
         return Task(impl, name)
 
+    def run_now(self, fn: Callable[..., Any], *args: Any, name: str = "flow") -> None:
+        """Under gevent, from a greenlet that has nothing to do until something switches
+        back to it: start ``fn`` in a task of its own by switching to it at once.
+
+        :meth:`spawn` starts a greenlet from a hub callback, which runs behind every
+        callback queued before it (a storm of new requests' greenlets). This one runs
+        now, up to its first wait; the caller then stays switched out until whoever
+        holds it switches back to it (its own switch, from a hub callback).
+        """
+        impl = _greenlet_class()(self._run_greenlet, fn, args)
+        impl.name = name
+        with self._lock:
+            self._impls.add(impl)
+        impl.switch()
+
     def _run_greenlet(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         import gevent
 

@@ -19,8 +19,12 @@ workers, gevent's WSGIServer) none of that is needed:
   the slow-client disconnect). A write watcher of the hub's loop then sends
   the rest and reads on from the run whenever the socket can take more, and
   hands back to the bursts' sends once it has caught up.
-* The response's greenlet only waits (on a hub ``Waiter``) for the end: the
-  terminal frame sent, or the client gone, when it returns to the server.
+* The response's greenlet only waits for the end: the terminal frame sent, or
+  the client gone, when it returns to the server. It starts the flow first: in
+  itself with ``DURABLE_STREAM_FLOW_IN_RESPONSE``, else in the flow's task, by
+  switching to it at once (a task started by a hub callback would start behind
+  every callback queued before it, a storm of new requests' greenlets); it
+  then stays switched out until the end.
 
 What keeps it durable and ordered:
 
@@ -66,10 +70,12 @@ class DirectSink:
 
     __slots__ = (
         "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
-        "_run", "_raw", "_chunked", "_rest", "_watcher", "_waiter",
+        "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_waiter", "_parked",
     )  # fmt: skip
 
-    def __init__(self, run: Run, reader: LiveReader, sock: Any, chunked: bool) -> None:
+    def __init__(
+        self, run: Run, reader: LiveReader, sock: Any, chunked: bool, in_response: bool = False
+    ) -> None:
         import gevent
 
         self.armed = False
@@ -92,6 +98,10 @@ class DirectSink:
         self._rest = b""  # the unsent end of the last write
         self._watcher: Any = None  # the loop's write watcher, while a send is short
         self._waiter: Any = None  # the response's greenlet, while it waits for the end
+        #: The response's greenlet, while it is switched out to the flow's task it started.
+        self._parked: Any = None
+        #: Whether the flow runs in the response's greenlet (DURABLE_STREAM_FLOW_IN_RESPONSE).
+        self.in_response = in_response
 
     # -- queueing, while caught up ----------------------------------------------
     def take(self, kind: str) -> None:
@@ -206,6 +216,11 @@ class DirectSink:
                 waiter.switch(None)
             else:
                 hub.loop.run_callback(waiter.switch, None)
+        parked, self._parked = self._parked, None
+        if parked is not None:
+            import gevent
+
+            gevent.get_hub().loop.run_callback(_wake, parked)
 
     def gone(self) -> bool:
         """Whether the client went away (or was dropped)."""
@@ -217,12 +232,24 @@ class DirectSink:
         Once done, it answers the same again at once."""
         try:
             self._pump()  # catch up, then queue
-            body = self._run.claim()
-            if body is not None:  # the flow runs here, its frames sent by the hub
+            run = self._run
+            body, run_now = run.claim(), run.run_now
+            run.run_now = None
+            if body is not None and self.in_response:  # the flow runs here
                 # A generator flow moves to a task of its own at its first chunk after
                 # the client left, so that this response ends then (see FlowMoved).
-                self._run.ctx._move_when = self.gone
+                run.ctx._move_when = self.gone
                 contextvars.Context().run(body)  # as fresh as a greenlet of its own
+            elif body is not None and run_now is not None and not self.done:
+                # The flow's own task, started now rather than by a hub callback (behind
+                # a storm of new requests' greenlets): this greenlet switches to it and
+                # stays switched out until the stream is over for its client.
+                import gevent
+
+                self._parked = gevent.getcurrent()
+                run_now(body)
+            elif body is not None:  # the stream is over already: the runner's callback
+                run.pending = body  # (due at the hub's next turn) starts it as usual
             if not self.done:
                 from gevent.hub import Waiter
 
@@ -230,15 +257,22 @@ class DirectSink:
                 waiter.get()
         finally:
             if not self.done:  # killed meanwhile: nothing more is written
-                self._waiter = None
+                self._waiter = self._parked = None
                 self._fail()
         return not self.failed
 
 
-def live_hook(response: Any, run: Run) -> None:
+def _wake(parked: Any) -> None:
+    """From the hub: switch back to a response's greenlet that started its flow's task."""
+    if not parked.dead:
+        parked.switch()
+
+
+def live_hook(response: Any, run: Run, *, in_response: bool = False) -> None:
     """Sets up ``response`` (the live stream of ``run``) for the fast path: once its headers
     are out it calls ``on_headers`` with its server's ``write``, and the live reader gets a
-    sink when the server is one we know (under gevent only)."""
+    sink when the server is one we know (under gevent only). ``in_response``: the flow
+    runs in the response's greenlet (``DURABLE_STREAM_FLOW_IN_RESPONSE``)."""
     if not run.cooperative or run.live is None:
         return
     reader = run.live
@@ -247,7 +281,7 @@ def live_hook(response: Any, run: Run) -> None:
         found = _socket_of(write)
         if found is None:
             return None
-        sink = run.sink = DirectSink(run, reader, found[0], found[1])
+        sink = run.sink = DirectSink(run, reader, found[0], found[1], in_response)
         # The response's greenlet waits in ``serve`` from the body's first step, not
         # under its nested iterators (Werkzeug's, the front's, ``Run.batches``): each
         # is a level of C stack that a switched-out greenlet keeps a copy of. The

@@ -97,7 +97,7 @@ class Run:
         "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
         "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
-        "_waiters", "_check_at", "cooperative", "_lock", "pending", "__weakref__",
+        "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +120,8 @@ class Run:
         self.sink: DirectSink | None = None  # the live reader's fast path (see _direct)
         #: The flow, while nobody has started it yet (see :meth:`claim`).
         self.pending: Callable[[], None] | None = None
+        #: With ``pending``: starts a claimed flow in a task of its own at once (see _direct).
+        self.run_now: Callable[[Callable[[], None]], None] | None = None
         self._deferred: list[Callable[[], None]] = []
         self._turn = 0.0  # the loop's time at the last action run at once (see defer)
         self._loop: Any = None  # the hub's loop, once an action was deferred

@@ -193,9 +193,11 @@ class Runner:
         (a storage outage is the caller's :class:`~.StorageUnavailable`). With
         ``live`` a reader is attached before the flow starts (``run.live``), so
         no event can be released before the response reads it. With
-        ``claimable`` (under gevent) the caller's greenlet may run the flow
-        itself (:meth:`.Run.claim`, the live fast path's one greenlet per
-        stream) until it next yields; unclaimed then, the flow gets its own.
+        ``claimable`` (under gevent) the caller's greenlet may claim the flow
+        (:meth:`.Run.claim`) until the hub next turns: the live fast path then runs
+        it in its own greenlet (one greenlet per stream) or starts its task by
+        switching to it (``run.run_now``), not from a hub callback behind
+        every callback queued before it; unclaimed, the flow gets its task then.
         """
         if self.closed:
             raise StreamError("Server shutting down.", status="UNAVAILABLE")
@@ -249,9 +251,13 @@ class Runner:
                     self._ticker = self.tasks.spawn(self._tick, name="durable-stream-heartbeat")
         if claimable and run.cooperative:
             # The live response may run the flow in its own greenlet (one greenlet per
-            # stream instead of two); if it has not claimed it when the hub next turns,
-            # the flow gets one of its own, as every other flow does.
+            # stream instead of two) or start the flow's task at once (see _direct); if
+            # it has not claimed it when the hub next turns, the flow gets a task then,
+            # as every other flow does.
             run.pending = functools.partial(self._execute_claimed, name, run, flow, data)
+            # A bound method, not a partial: a partial is called through C, and the
+            # response's greenlet would keep that C frame in its saved stack.
+            run.run_now = self.tasks.run_now
             import gevent
 
             gevent.get_hub().loop.run_callback(self._start_unclaimed, run, name)

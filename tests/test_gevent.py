@@ -6,6 +6,8 @@ import json
 import subprocess
 from typing import Any
 
+import pytest
+
 from tests.support.servers import PYTHON, ROOT
 
 
@@ -78,6 +80,18 @@ def test_a_paced_chunk_is_sent_and_stored_before_the_hubs_queued_callbacks_run()
     assert (burst["rest_writes"], burst["rest_frames"]) == (1, 49)
     assert burst["last"] == ['data: {"result":"end"}\n\n']
     assert burst["sent_equals_stored"]  # every frame once, in order, equal to storage
+
+
+@pytest.mark.parametrize("mode", ["own task", "in-response"])
+def test_a_live_streams_flow_starts_before_the_hubs_queued_callbacks_run(mode: str) -> None:
+    report = run_check("gevent_flow_start_check", mode)
+    # No queued callback ran between the view's return and the flow's first line (by a
+    # hub callback, the flow would have started behind the 20 queued ahead of it).
+    assert report["callbacks_between"] == [0] * 5
+    # By default each flow still runs in a task of its own; with the setting, in the
+    # response's greenlet.
+    assert report["own_task"] == [mode == "own task"] * 5
+    assert report["bodies_ok"]  # every frame once, in order, and equal to a replay
 
 
 def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled() -> None:

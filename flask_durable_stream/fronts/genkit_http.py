@@ -124,8 +124,9 @@ class GenkitFront(Front):
             durable=streaming,
             owner=owner_of(context),
             live=streaming,
-            # The live fast path may run it in the response's greenlet (see _direct).
-            claimable=streaming and self.options.flow_in_response,
+            # The live fast path starts it at once, in the response's greenlet with
+            # flow_in_response, else in a task of its own (see _direct).
+            claimable=streaming,
         )
         _logging.bind(run.stream_id, self.name)
         if streaming:
@@ -137,7 +138,7 @@ class GenkitFront(Front):
             batches = run.batches(reader=run.live, on_drop=closer(request.environ))
             batches = self.runner.metrics.subscriber(batches, self.name, "live")
             response = self._stream(batches, headers)
-            live_hook(response, run)  # live fast path hook
+            live_hook(response, run, in_response=self.options.flow_in_response)
             return response
         terminal = run.wait()
         assert terminal is not None

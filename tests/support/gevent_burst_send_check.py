@@ -30,6 +30,7 @@ from flask_durable_stream import FlowContext, InMemoryStreamManager, protocol  #
 from flask_durable_stream._direct import DirectSink  # noqa: E402
 from flask_durable_stream.run import Run  # noqa: E402
 from flask_durable_stream.writer import RunWriter  # noqa: E402
+from tests.support.busy_hub import busy_hub  # noqa: E402
 
 
 def available(sock: socket.socket) -> bytes:
@@ -76,25 +77,6 @@ def setup(manager: InMemoryStreamManager, stream_id: str) -> tuple[Run, Any, soc
     return run, stream_writer, client
 
 
-def busy_hub() -> list[bool]:
-    """Keeps the hub's callback queue long until the returned flag is set."""
-    stop = [False]
-    loop = gevent.get_hub().loop
-
-    def noop() -> None:
-        pass
-
-    def refill() -> None:
-        if stop[0]:
-            return
-        for _ in range(20):
-            loop.run_callback(noop)
-        loop.run_callback(refill)
-
-    loop.run_callback(refill)
-    return stop
-
-
 def stored_count(manager: InMemoryStreamManager, stream_id: str) -> int:
     info = manager.info(stream_id)
     return -1 if info is None else info.last_seq + 1
@@ -103,7 +85,7 @@ def stored_count(manager: InMemoryStreamManager, stream_id: str) -> int:
 def main() -> None:
     manager = InMemoryStreamManager()
     report: dict[str, Any] = {}
-    stop = busy_hub()
+    stop = busy_hub([0])
     gevent.sleep(0.01)  # the queue is filling
 
     run, _, client = setup(manager, "paced")
