@@ -189,6 +189,14 @@ def original(module: str, name: str, default: Any) -> Any:
     return monkey.get_original(module, name)
 
 
+def real_lock() -> Any:
+    """A lock of the OS's, also after gevent's monkey patching (whose lock is Python code).
+
+    For code that must block a real OS thread, and for short sections that never wait or
+    switch while they hold it (no greenlet can then find it taken)."""
+    return original("_thread", "allocate_lock", _thread.allocate_lock)()
+
+
 def start_native_thread(fn: Callable[..., Any], *args: Any) -> None:
     """A real OS thread even under monkey patching (``threading.Thread`` then makes a greenlet)."""
     original("_thread", "start_new_thread", _thread.start_new_thread)(fn, args)
@@ -206,7 +214,7 @@ class NativeExecutor(ThreadPoolExecutor):
     def __init__(self, max_workers: int = 8) -> None:
         super().__init__(max_workers)  # asyncio accepts ThreadPoolExecutors only; submit is ours
         self._jobs: Any = original("queue", "SimpleQueue", queue.SimpleQueue)()
-        self._lock = original("_thread", "allocate_lock", _thread.allocate_lock)()
+        self._lock = real_lock()
         self._workers = 0
         self._idle = 0
 
@@ -262,7 +270,7 @@ class AsyncioThread:
         self.loop.set_default_executor(NativeExecutor())
         self.name = name
         self.thread_id: int | None = None
-        started = original("_thread", "allocate_lock", _thread.allocate_lock)()
+        started = real_lock()
         started.acquire()
 
         def main() -> None:

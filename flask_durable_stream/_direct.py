@@ -70,7 +70,7 @@ class DirectSink:
 
     __slots__ = (
         "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
-        "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_waiter", "_parked",
+        "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
     )  # fmt: skip
 
     def __init__(
@@ -97,9 +97,7 @@ class DirectSink:
         self._chunked = chunked
         self._rest = b""  # the unsent end of the last write
         self._watcher: Any = None  # the loop's write watcher, while a send is short
-        self._waiter: Any = None  # the response's greenlet, while it waits for the end
-        #: The response's greenlet, while it is switched out to the flow's task it started.
-        self._parked: Any = None
+        self._parked: Any = None  # the response's greenlet, while it waits for the end
         #: Whether the flow runs in the response's greenlet (DURABLE_STREAM_FLOW_IN_RESPONSE).
         self.in_response = in_response
 
@@ -207,20 +205,15 @@ class DirectSink:
         self.armed = False
         self.done = True
         self._unwatch()
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            import gevent
-
-            hub = gevent.get_hub()
-            if gevent.getcurrent() is hub:
-                waiter.switch(None)
-            else:
-                hub.loop.run_callback(waiter.switch, None)
         parked, self._parked = self._parked, None
         if parked is not None:
             import gevent
 
-            gevent.get_hub().loop.run_callback(_wake, parked)
+            hub = gevent.get_hub()
+            if gevent.getcurrent() is hub:
+                _wake(parked)
+            else:
+                hub.loop.run_callback(_wake, parked)
 
     def gone(self) -> bool:
         """Whether the client went away (or was dropped)."""
@@ -240,30 +233,30 @@ class DirectSink:
                 # the client left, so that this response ends then (see FlowMoved).
                 run.ctx._move_when = self.gone
                 contextvars.Context().run(body)  # as fresh as a greenlet of its own
-            elif body is not None and run_now is not None and not self.done:
-                # The flow's own task, started now rather than by a hub callback (behind
-                # a storm of new requests' greenlets): this greenlet switches to it and
-                # stays switched out until the stream is over for its client.
+                body = None
+            elif body is not None and (self.done or run_now is None):
+                run.pending = body  # the runner's callback (due at the hub's next turn)
+                body = None  # starts it as usual
+            if not self.done:
+                # Switched out until the stream is over for its client (_finish switches
+                # back): to the flow's new task, started now rather than by a hub callback
+                # behind a storm of new requests' greenlets, or else to the hub.
                 import gevent
 
                 self._parked = gevent.getcurrent()
-                run_now(body)
-            elif body is not None:  # the stream is over already: the runner's callback
-                run.pending = body  # (due at the hub's next turn) starts it as usual
-            if not self.done:
-                from gevent.hub import Waiter
-
-                waiter = self._waiter = Waiter()
-                waiter.get()
+                if body is not None and run_now is not None:
+                    run_now(body)
+                else:
+                    gevent.get_hub().switch()
         finally:
             if not self.done:  # killed meanwhile: nothing more is written
-                self._waiter = self._parked = None
+                self._parked = None
                 self._fail()
         return not self.failed
 
 
 def _wake(parked: Any) -> None:
-    """From the hub: switch back to a response's greenlet that started its flow's task."""
+    """From the hub: switch back to a response's greenlet that waits for its stream's end."""
     if not parked.dead:
         parked.switch()
 

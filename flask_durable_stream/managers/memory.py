@@ -11,7 +11,6 @@ SQLite manager (one host) or a networked backend.
 
 from __future__ import annotations
 
-import _thread
 import array
 import dataclasses
 import threading
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .. import protocol
-from .._concurrency import Task, TaskGroup, original
+from .._concurrency import Task, TaskGroup, real_lock
 from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
@@ -37,10 +36,6 @@ from .base import (
 
 if TYPE_CHECKING:
     from ..durable_streams.store import DSStore
-
-
-def _native_lock() -> threading.Lock:
-    return original("_thread", "allocate_lock", _thread.allocate_lock)()  # type: ignore[no-any-return]
 
 
 class _Stream:
@@ -70,7 +65,7 @@ class _Stream:
         # Never taken twice, and nothing under it waits or switches (a follower's wait
         # releases it): a native lock, also under gevent, whose own lock is Python code
         # (this one is taken for every stored batch).
-        self.lock = _native_lock()
+        self.lock = real_lock()
         self._cond: threading.Condition | None = None
 
     @property

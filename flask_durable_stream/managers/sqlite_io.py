@@ -6,7 +6,6 @@ under gevent, the request a caller queues for the writer).
 from __future__ import annotations
 
 import _queue
-import _thread
 import json
 import logging
 import operator
@@ -74,8 +73,7 @@ MAX_EVENT_BYTES = LENGTH_LIMIT - 1024
 BUSY = Backoff(initial=0.02, maximum=0.5)
 
 
-#: The unpatched primitives even after gevent's monkey patching: a real OS thread, lock, queue.
-real_lock = original("_thread", "allocate_lock", _thread.allocate_lock)
+#: The unpatched queue even after gevent's monkey patching (the lock: ``real_lock``).
 RealQueue = original("_queue", "SimpleQueue", _queue.SimpleQueue)
 # Connections inherited through fork(): kept referenced so the child never closes them.
 ABANDONED: list[Any] = []

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .._concurrency import Signal, Task, TaskGroup
+from .._concurrency import Signal, Task, TaskGroup, real_lock
 from ..exceptions import StorageUnavailable, StreamNotFound, StreamTimeout
 from .base import Event, ProducerWatch, StreamStatus
 from .sqlite_io import (
@@ -33,7 +33,6 @@ from .sqlite_io import (
     ROW,
     connect,
     is_busy,
-    real_lock,
     rollback_quietly,
 )
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._concurrency import start_native_thread
+from .._concurrency import real_lock, start_native_thread
 from ..exceptions import StorageUnavailable, StreamError
 from .sqlite_io import (
     RealQueue,
@@ -25,7 +25,6 @@ from .sqlite_io import (
     close_quietly,
     connect,
     is_busy,
-    real_lock,
     rollback_quietly,
     stop_writer,
 )
