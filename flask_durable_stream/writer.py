@@ -3,7 +3,8 @@
 One :class:`RunWriter` per stored run. It copies new events in batches from a
 *flush* task (never two at once for a run, so writes stay in order) and keeps
 the producer's heartbeat fresh, which also carries a cancel request back from
-other processes. Storage faults follow the model in :mod:`.exceptions`:
+other processes (where the writer's appends do a heartbeat's work, only a quiet
+run sends heartbeats of its own). Storage faults follow the model in :mod:`.exceptions`:
 
 * transient (:class:`~.StorageUnavailable`, or any exception it does not know):
   the same batch is retried with :class:`~._retry.Backoff` (full jitter) for up
@@ -137,6 +138,7 @@ class RunWriter:
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         self._beat_at = clock()  # opening the stream stored a heartbeat
+        self._append_at = self._beat_at  # when the append in flight began (_store_nowait)
         self._beat_failed = False
         self._failing_since: float | None = None
         self._rejected: StoragePermanentError | None = None
@@ -184,11 +186,13 @@ class RunWriter:
         batch = self._unstored(None)
         if not batch or self.finished:
             return
+        at = self._clock()
         try:
             self.writer.append(batch)
         except Exception:
             self.schedule()  # a flush task retries with backoff, away from the flow
             return
+        self._appended(at)
         self.run.mark_stored(self.writer.next_seq)
         if batch[-1].terminal:
             self._finish()
@@ -205,6 +209,7 @@ class RunWriter:
         if not batch:
             self._flushing = False
             return
+        self._append_at = self._clock()
         try:
             started = self.writer.append_nowait(batch, self._stored_nowait)
         except Exception:  # refused at once (a size limit, a closed writer): the task says why
@@ -216,6 +221,7 @@ class RunWriter:
     def _stored_nowait(self, error: BaseException | None) -> None:
         if error is None and not self.finished:
             self._failing_since = None
+            self._appended(self._append_at)
             self.run.mark_stored(self.writer.next_seq)
             if self.writer.closed:
                 self._flushing = False
@@ -285,6 +291,7 @@ class RunWriter:
         delays = self.backoff.delays()
         loud_at = 0.0
         while True:
+            at = self._clock()
             try:
                 self.writer.append(events)
             except StreamClosed:
@@ -332,6 +339,7 @@ class RunWriter:
                 continue
             self._failing_since = None
             self.run.storage_failing = False
+            self._appended(at)
             return Outcome.STORED
 
     # -- heartbeats ------------------------------------------------------------
@@ -353,6 +361,15 @@ class RunWriter:
             if now >= end:
                 return
             self._sleep(min(end - now, self._next_beat() - now))
+
+    def _appended(self, at: float) -> None:
+        """An append begun at ``at`` was stored: where the writer's appends beat, a heartbeat."""
+        writer = self.writer
+        if writer.append_beats:
+            self._beat_at = at
+            self._beat_failed = False
+            if writer.cancel_requested:
+                self.run.ctx._request_cancel()
 
     def _heartbeat_if_due(self, *, force: bool = False) -> None:
         if not force and not self.heartbeat_due():

@@ -60,7 +60,7 @@ class FaultyManager(InMemoryStreamManager):
         self.refuse_over: int | None = None  # longer chunks are refused for good
         self.calls: list[str] = []
 
-    def _append(self, stream: Any, events: Any) -> None:
+    def _append(self, stream: Any, events: Any) -> bool:
         kinds = ",".join(e.kind for e in events)
         if self.down or self.appends_down:
             self.calls.append(f"append-failed[{kinds}]")
@@ -73,7 +73,7 @@ class FaultyManager(InMemoryStreamManager):
                         f"event {event.seq} is too large", size=len(event.payload), limit=1
                     )
         self.calls.append(f"append[{kinds}]")
-        super()._append(stream, events)
+        return super()._append(stream, events)
 
     def _heartbeat(self, stream: Any) -> bool:
         if self.down:
@@ -154,6 +154,33 @@ def test_heartbeats_succeed_while_appends_are_retried(harness: Harness) -> None:
     harness.run_tasks()
     assert harness.stored() == live
     assert harness.writer.heartbeats >= 60 / 2.0 / 2  # at least one per interval's half
+
+
+def test_a_flow_that_keeps_emitting_needs_no_heartbeats_and_learns_of_cancel(
+    harness: Harness,
+) -> None:
+    """The in-memory writer's appends do a heartbeat's work (``append_beats``): a run that
+    stores an event at least every interval's half sends no heartbeat of its own, and a
+    cancel request reaches its flow with the next append."""
+    run = harness.run
+    assert harness.writer.heartbeat_due() is False
+    for _ in range(20):  # 18 s, an event every 0.9 s
+        harness.time.now += 0.9
+        run.emit_chunk('"x"')
+        harness.run_tasks()
+        assert harness.writer.heartbeat_due() is False
+    assert "heartbeat" not in harness.manager.calls
+    assert harness.manager.calls.count("append[chunk]") == 20
+    assert not run.ctx.cancelled
+    assert harness.manager.request_cancel("s1") is True
+    run.emit_chunk('"y"')
+    harness.run_tasks()
+    assert run.ctx.cancelled
+    harness.time.now += 1.0  # quiet for an interval's half: the heartbeat is due again
+    assert harness.writer.heartbeat_due() is True
+    harness.writer.schedule()
+    harness.run_tasks()
+    assert harness.manager.calls[-1] == "heartbeat"
 
 
 def test_a_permanent_error_ends_the_stream_at_once_for_every_reader(harness: Harness) -> None:

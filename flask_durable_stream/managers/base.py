@@ -134,10 +134,18 @@ class StreamInfo:
 class StreamWriter:
     """The producer's handle on one stream. Not shared between producers."""
 
+    #: Whether every stored append also does a heartbeat's work: refreshes the
+    #: producer's lease and reads the stream's cancel flag into
+    #: :attr:`cancel_requested`. The runner then heartbeats only a stream whose
+    #: flow has been quiet for a while, instead of every stream every interval.
+    append_beats: ClassVar[bool] = False
+
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
         self.next_seq = 0
         self.closed = False
+        #: The stream's cancel flag as the last stored append read it (``append_beats``).
+        self.cancel_requested = False
 
     # -- the primitive -------------------------------------------------------
     def append(self, events: Sequence[Event]) -> None:

@@ -165,11 +165,13 @@ class InMemoryStreamManager(StreamManager):
             self._ensure_sweeper()
         return _MemoryWriter(self, stream)
 
-    def _append(self, stream: _Stream, events: Sequence[Event]) -> None:
+    def _append(self, stream: _Stream, events: Sequence[Event]) -> bool:
+        """Store ``events``; the stream's cancel flag (an append is also a heartbeat)."""
         with stream.lock:
             stored = stream.count
             if events[-1].seq < stored and all(map(stream.has, events)):
-                return  # a retry of events that did reach storage
+                stream.info.heartbeat_at = self.now()
+                return stream.info.cancel_requested  # a retry of events that did reach storage
             if stream.info.status is not StreamStatus.OPEN or events[0].seq < stored:
                 raise StreamClosed(f"stream {stream.info.stream_id} already ended")
             if events[0].seq != stored:  # a retry that partly reached storage
@@ -184,6 +186,7 @@ class InMemoryStreamManager(StreamManager):
                 info.status = status_after(last)
                 info.expires_at = now + self.ttl_seconds
             stream.notify()
+            return info.cancel_requested
 
     def _heartbeat(self, stream: _Stream) -> bool:
         with stream.lock:
@@ -338,6 +341,8 @@ class InMemoryStreamManager(StreamManager):
 
 
 class _MemoryWriter(StreamWriter):
+    append_beats = True
+
     def __init__(self, manager: InMemoryStreamManager, stream: _Stream) -> None:
         super().__init__(stream.info.stream_id)
         self._manager = manager
@@ -347,7 +352,7 @@ class _MemoryWriter(StreamWriter):
         manager = self._manager
         if manager.max_event_bytes is not None:
             check_event_sizes(events, manager.max_event_bytes, manager.display_name)
-        manager._append(self._stream, events)
+        self.cancel_requested = manager._append(self._stream, events)
 
     def heartbeat(self) -> bool:
         return self._manager._heartbeat(self._stream)

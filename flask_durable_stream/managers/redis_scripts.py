@@ -17,10 +17,13 @@ return 1
 """
 
 # KEYS: meta, events. ARGV: token, now, ttl_ms, expires_at, terminal_status ('' if none),
-# first_seq, then kind, payload pairs. Returns 'ok', 'gone', 'ended' or 'conflict'.
+# first_seq, then kind, payload pairs. Returns 'ok' ('cancel' where the cancel flag is
+# raised: the append refreshed the lease, a heartbeat's work), 'gone', 'ended' or 'conflict'.
 _APPEND = """
-local meta = redis.call('HMGET', KEYS[1], 'token', 'status', 'last_seq')
+local meta = redis.call('HMGET', KEYS[1], 'token', 'status', 'last_seq', 'cancel')
 if meta[1] == false or meta[1] ~= ARGV[1] then return 'gone' end
+local ok = 'ok'
+if meta[4] == '1' then ok = 'cancel' end
 local last = tonumber(meta[3])
 local first = tonumber(ARGV[6])
 local count = (#ARGV - 6) / 2
@@ -33,7 +36,10 @@ if stored > 0 then
     if fields[2] ~= ARGV[5 + 2 * i] or fields[4] ~= ARGV[6 + 2 * i] then return 'conflict' end
   end
 end
-if stored == count then return 'ok' end
+if stored == count then
+  redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[2])
+  return ok
+end
 if meta[2] ~= 'open' then return 'ended' end
 for i = stored + 1, count do
   redis.call('XADD', KEYS[2], '0-' .. (first + i), 'k', ARGV[5 + 2 * i], 'p', ARGV[6 + 2 * i])
@@ -45,7 +51,7 @@ if ARGV[5] ~= '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-return 'ok'
+return ok
 """
 
 # KEYS: meta. ARGV: token, now. Returns 1 (cancel requested), 0, or -1 (not this producer's).

@@ -16,6 +16,8 @@ APPEND_PAGE_BYTES = 8 * 1024 * 1024
 
 
 class RedisWriter(StreamWriter):
+    append_beats = True  # the append script refreshes the lease and reads the cancel flag
+
     def __init__(self, storage: RedisStorage, stream_id: str, token: str) -> None:
         super().__init__(stream_id)
         self._storage = storage
@@ -54,6 +56,7 @@ class RedisWriter(StreamWriter):
             raise StreamClosed(f"stream {self.stream_id} already ended")
         if result == "conflict":
             raise StreamClosed(f"stream {self.stream_id}: conflicting event at an existing seq")
+        self.cancel_requested = result == "cancel"
 
     def heartbeat(self) -> bool:
         storage = self._storage

@@ -265,6 +265,8 @@ class SQLiteStreamManager(SQLiteOperations):
 
 
 class _SQLiteWriter(StreamWriter):
+    append_beats = True  # the append's UPDATE refreshes the lease and reads the cancel flag
+
     def __init__(self, manager: SQLiteStreamManager, stream_id: str, token: int) -> None:
         super().__init__(stream_id)
         self._manager = manager
@@ -273,7 +275,7 @@ class _SQLiteWriter(StreamWriter):
     def store(self, events: Sequence[Event]) -> None:
         manager = self._manager
         check_event_sizes(events, manager.max_event_bytes, manager.display_name)
-        manager._writer.submit(
+        self.cancel_requested = manager._writer.submit(
             manager._op_append, self.stream_id, self._token, list(events), stream_id=self.stream_id
         )
 
@@ -286,13 +288,19 @@ class _SQLiteWriter(StreamWriter):
             return False
         manager = self._manager
         check_event_sizes(events, manager.max_event_bytes, manager.display_name)
+
+        def answered(cancel: bool, error: BaseException | None) -> None:
+            if error is None:
+                self.cancel_requested = cancel
+            done(error)
+
         manager._writer.submit_nowait(
             manager._op_append,
             self.stream_id,
             self._token,
             list(events),
             stream_id=self.stream_id,
-            callback=done,
+            callback=answered,
         )
         return True
 

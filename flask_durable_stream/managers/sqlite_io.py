@@ -55,6 +55,7 @@ ROW = (
     "SELECT stream_id, status, created_at, updated_at, last_seq, owner, cancel_requested,"
     " heartbeat_at, expires_at, token, flow FROM ds_streams"
 )
+INSERT_EVENT = "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)"
 INSERT_PACKED = (
     "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload)"
     " SELECT ?1, ?2 + key, CASE WHEN key = ?3 THEN ?4 ELSE 'chunk' END, value FROM json_each(?5)"
@@ -125,7 +126,7 @@ class Request:
     """One operation for the writer thread.
 
     Its caller either waits on ``done`` or, with ``callback``, goes on: the
-    thread then has ``callback(error)`` run in the event loop ``loop`` (a
+    thread then has ``callback(result, error)`` run in the event loop ``loop`` (a
     gevent hub's, which takes callbacks from any thread) once it is answered.
     """
 
@@ -136,7 +137,7 @@ class Request:
         op: Callable[..., Any],
         args: tuple[Any, ...],
         stream_id: str | None,
-        callback: Callable[[BaseException | None], None] | None = None,
+        callback: Callable[[Any, BaseException | None], None] | None = None,
         loop: Any = None,
     ) -> None:
         self.op = op
@@ -152,7 +153,7 @@ class Request:
         """Wake the caller: called once, by the writer thread, result or error set."""
         if self.callback is not None:
             try:
-                self.loop.run_callback_threadsafe(self.callback, self.error)
+                self.loop.run_callback_threadsafe(self.callback, self.result, self.error)
             except Exception:  # its hub's loop is gone (the process is ending): nobody waits
                 log.debug("a SQLite write was answered after its event loop closed")
         else:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from .. import protocol
 from ..exceptions import StreamClosed, StreamExists, StreamNotFound
 from .base import PRODUCER_LOST, Event, StreamManager, StreamStatus, status_after
-from .sqlite_io import INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
+from .sqlite_io import INSERT_EVENT, INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
 
 _OPEN = StreamStatus.OPEN.value
 
@@ -44,17 +44,21 @@ class SQLiteOperations(StreamManager):
 
     def _op_append(
         self, conn: sqlite3.Connection, stream_id: str, token: int, events: Sequence[Event]
-    ) -> None:
-        # The usual case, events that follow the stored ones on an open stream: one UPDATE
-        # checks that and moves the tail, and the events are inserted. Otherwise (a retry,
-        # an ended or replaced stream) nothing was written and the checks below say why.
+    ) -> bool:
+        """Store ``events``; the stream's cancel flag (an append is also a heartbeat)."""
+        # The usual case, events that follow the stored ones on an open stream that nobody
+        # asked to cancel: one UPDATE checks that, moves the tail and refreshes the lease,
+        # and the events are inserted (a RETURNING of the flag would cost that UPDATE a
+        # third more). Otherwise (a retry, an ended or replaced stream, the cancel flag)
+        # nothing was written yet and the checks below say what to do.
         now, last = self.now(), events[-1]
-        guard = " AND token = ? AND status = ? AND last_seq = ?"
+        guard = " AND token = ? AND status = ? AND last_seq = ? AND cancel_requested = 0"
         if self._advance(conn, stream_id, last, now, guard, (token, _OPEN, events[0].seq - 1)):
             self._insert(conn, stream_id, events)
-            return
+            return False
         row = conn.execute(
-            "SELECT status, last_seq, token FROM ds_streams WHERE stream_id = ?", (stream_id,)
+            "SELECT status, last_seq, token, cancel_requested FROM ds_streams WHERE stream_id = ?",
+            (stream_id,),
         ).fetchone()
         if row is None or row[2] != token:
             raise StreamClosed(f"stream {stream_id} no longer exists")
@@ -70,11 +74,12 @@ class SQLiteOperations(StreamManager):
                 raise StreamClosed(f"stream {stream_id}: conflicting event at an existing seq")
         new = events[len(stored) :]
         if not new:
-            return
+            return self._op_heartbeat(conn, stream_id, token)
         if status != _OPEN or new[0].seq != last_seq + 1:
             raise StreamClosed(f"stream {stream_id} already ended")
         self._insert(conn, stream_id, new)
         self._advance(conn, stream_id, last, now)
+        return bool(row[3])
 
     def _advance(
         self,
@@ -118,10 +123,11 @@ class SQLiteOperations(StreamManager):
                     (stream_id, events[0].seq, len(events) - 1, events[-1].kind, packed),
                 )
                 return
-        conn.executemany(
-            "INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES (?, ?, ?, ?)",
-            [(stream_id, e.seq, e.kind, e.payload) for e in events],
-        )
+        if len(events) == 1:  # an LLM-paced stream's every append
+            event = events[0]
+            conn.execute(INSERT_EVENT, (stream_id, event.seq, event.kind, event.payload))
+            return
+        conn.executemany(INSERT_EVENT, [(stream_id, e.seq, e.kind, e.payload) for e in events])
 
     def _op_heartbeat(self, conn: sqlite3.Connection, stream_id: str, token: int) -> bool:
         row = conn.execute(

@@ -77,9 +77,10 @@ class WriterThread:
         op: Callable[..., Any],
         *args: Any,
         stream_id: str | None,
-        callback: Callable[[BaseException | None], None],
+        callback: Callable[[Any, BaseException | None], None],
     ) -> None:
-        """Queue ``op(conn, *args)`` and return; ``callback(error)`` runs in this greenlet's hub.
+        """Queue ``op(conn, *args)`` and return; ``callback(result, error)`` runs in this
+        greenlet's hub.
 
         Under gevent only: the answer comes as a callback of the hub's loop, which
         takes callbacks from other threads (the answers of one commit wake it once).

@@ -120,6 +120,24 @@ class LifecycleCases:
         info = manager.info(alive)  # a producer that keeps beating keeps its stream
         assert info is not None and info.status is StreamStatus.OPEN
 
+    def test_a_producer_that_keeps_appending_keeps_its_lease(
+        self, make_manager: MakeManager, clock: ManualClock
+    ) -> None:
+        """Where appends do a heartbeat's work (``append_beats``), appends alone keep the
+        lease; elsewhere the producer heartbeats between them, as the runner does."""
+        manager = make_manager(lease_seconds=5, ttl_seconds=5)
+        self.use_clock(manager, clock)
+        sid = new_id()
+        writer = manager.open(sid)
+        for n in range(6):  # 18 s, more than three leases
+            clock.advance(3)
+            if not writer.append_beats:
+                writer.heartbeat()
+            writer.write(n)
+            manager.gc()
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.OPEN
+
     # -- a reader's own patience, in real time ----------------------------------------------------
 
     def test_subscriber_times_out_without_events_or_heartbeats(

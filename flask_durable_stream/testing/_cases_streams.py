@@ -228,3 +228,17 @@ class StreamCases:
         assert info is not None and info.cancel_requested
         writer.done(None)
         assert manager.request_cancel(sid) is False  # already finished
+
+    def test_an_append_that_beats_carries_the_cancel_flag_back(
+        self, manager: StreamManager
+    ) -> None:
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("a")
+        assert writer.cancel_requested is False
+        assert manager.request_cancel(sid) is True
+        writer.write("b")
+        # Where appends do a heartbeat's work the producer learns of it from its append;
+        # elsewhere from its next heartbeat, and the attribute stays unset.
+        assert writer.cancel_requested is writer.append_beats
+        assert writer.heartbeat() is True
