@@ -2,13 +2,14 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
-                        [--servers memory,memory-1g,sqlite,sqlite-1g,plain,genkit]
+                        [--servers memory,memory-1g,memory-dr,sqlite,sqlite-1g,plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
    raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
    process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
-   -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``); a plain Flask
+   -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``) and with
+   ``DURABLE_STREAM_DETACH_RESPONSE`` (``-dr``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -46,6 +47,8 @@ SERVERS = {
     "sqlite": "ours, SQLite",
     "memory-1g": "ours, in-memory, flow in response",
     "sqlite-1g": "ours, SQLite, flow in response",
+    "memory-dr": "ours, in-memory, detached response",
+    "sqlite-dr": "ours, SQLite, detached response",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -54,6 +57,8 @@ PATHS = {
     "sqlite": "/flows/llm",
     "memory-1g": "/flows/llm",
     "sqlite-1g": "/flows/llm",
+    "memory-dr": "/flows/llm",
+    "sqlite-dr": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
@@ -112,6 +117,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_SQLITE"] = os.path.join(tmp, "streams.db")
         if kind.endswith("-1g"):
             env["BENCH_FLOW_IN_RESPONSE"] = "1"
+        if kind.endswith("-dr"):
+            env["BENCH_DETACH_RESPONSE"] = "1"
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
             "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
@@ -351,7 +358,9 @@ def main() -> None:
     parser.add_argument("--only", default="concurrency,single,backends")
     parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
-    parser.add_argument("--servers", default="memory,memory-1g,sqlite,sqlite-1g,plain,genkit")
+    parser.add_argument(
+        "--servers", default="memory,memory-1g,memory-dr,sqlite,sqlite-1g,plain,genkit"
+    )
     parser.add_argument(
         "--gc",
         choices=["tuned", "default"],

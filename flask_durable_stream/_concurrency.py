@@ -189,12 +189,22 @@ def original(module: str, name: str, default: Any) -> Any:
     return monkey.get_original(module, name)
 
 
+_patched_allocate_lock: Callable[[], Any] | None = None  # found once: patching is for good
+
+
 def real_lock() -> Any:
     """A lock of the OS's, also after gevent's monkey patching (whose lock is Python code).
 
     For code that must block a real OS thread, and for short sections that never wait or
-    switch while they hold it (no greenlet can then find it taken)."""
-    return original("_thread", "allocate_lock", _thread.allocate_lock)()
+    switch while they hold it (no greenlet can then find it taken). Made once per
+    in-memory stream, so the patched module's original is looked up once."""
+    global _patched_allocate_lock
+    allocate = _patched_allocate_lock
+    if allocate is None:
+        if not gevent_patched():
+            return _thread.allocate_lock()
+        allocate = _patched_allocate_lock = original("_thread", "allocate_lock", None)
+    return allocate()
 
 
 def start_native_thread(fn: Callable[..., Any], *args: Any) -> None:

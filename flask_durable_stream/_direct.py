@@ -42,7 +42,10 @@ What keeps it durable and ordered:
 
 from __future__ import annotations
 
+import _socket
 import contextvars
+import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -70,11 +73,18 @@ class DirectSink:
 
     __slots__ = (
         "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
-        "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
+        "in_response", "detach", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
+        "_owner", "_detached",
     )  # fmt: skip
 
     def __init__(
-        self, run: Run, reader: LiveReader, sock: Any, chunked: bool, in_response: bool = False
+        self,
+        run: Run,
+        reader: LiveReader,
+        sock: Any,
+        chunked: bool,
+        in_response: bool = False,
+        owner: Any = None,
     ) -> None:
         import gevent
 
@@ -100,6 +110,11 @@ class DirectSink:
         self._parked: Any = None  # the response's greenlet, while it waits for the end
         #: Whether the flow runs in the response's greenlet (DURABLE_STREAM_FLOW_IN_RESPONSE).
         self.in_response = in_response
+        #: The server's response (its WSGI ``write``'s owner), where the sink may take the
+        #: connection over and end the request at once (DURABLE_STREAM_DETACH_RESPONSE).
+        self._owner = owner
+        self.detach = owner is not None and not in_response
+        self._detached = False  # the sink owns the connection (a duplicate of its socket)
 
     # -- queueing, while caught up ----------------------------------------------
     def take(self, kind: str) -> None:
@@ -123,7 +138,8 @@ class DirectSink:
         if not self.armed or reader.cursor >= run.count:
             return
         body = protocol.frames(run.read(reader, None))
-        self._send(self._wire(body), run.ended and reader.cursor >= run.count)
+        last = run.ended and reader.cursor >= run.count
+        self._send(self._wire(body, last), last)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:
@@ -140,9 +156,14 @@ class DirectSink:
         elif last:
             self._finish()
 
-    def _wire(self, body: bytes) -> bytes:
-        """``body`` as the response sends it: one HTTP chunk, when the response is chunked."""
-        return b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
+    def _wire(self, body: bytes, last: bool = False) -> bytes:
+        """``body`` as the response sends it: one HTTP chunk, when the response is chunked
+        (and the chunked body's end after the last, once the sink owns the connection)."""
+        if not self._chunked:
+            return body
+        if last and self._detached:
+            return b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        return b"%x\r\n%b\r\n" % (len(body), body)
 
     # -- the watcher, while the client is behind --------------------------------
     def _watch(self) -> None:
@@ -170,7 +191,8 @@ class DirectSink:
                         return
                     continue
                 if reader.cursor < run.count:
-                    self._rest = self._wire(protocol.frames(run.read(reader, PUMP_BYTES)))
+                    body = protocol.frames(run.read(reader, PUMP_BYTES))
+                    self._rest = self._wire(body, run.ended and reader.cursor >= run.count)
                     continue
                 if run.ended:  # caught up with an ended run: its terminal frame went out
                     self._finish()
@@ -205,6 +227,12 @@ class DirectSink:
         self.armed = False
         self.done = True
         self._unwatch()
+        if self._detached:  # the connection is the sink's: it ends with the stream
+            self._run.detach(self.reader)
+            try:
+                self._raw.close()
+            except OSError:  # pragma: no cover - closing a socket does not fail here
+                pass
         parked, self._parked = self._parked, None
         if parked is not None:
             import gevent
@@ -219,15 +247,67 @@ class DirectSink:
         """Whether the client went away (or was dropped)."""
         return self.failed
 
+    @property
+    def owns_connection(self) -> bool:
+        """Whether the sink took the connection over (the request has nothing more to do)."""
+        return self._detached
+
+    def _take_over(self) -> bool:
+        """Own the connection: a duplicate of its socket, written from the hub to the
+        stream's end, and the server told to end the request without a body end of its
+        own and to close its side (the duplicate keeps the connection open)."""
+        owner = self._owner
+        try:
+            # The OS socket type (gevent's patched class would wait on the hub).
+            raw = _socket.socket(fileno=os.dup(self._raw.fileno()))
+        except OSError:  # out of descriptors: the response keeps the connection
+            return False
+        raw.setblocking(False)
+        if type(owner).__module__ == "gunicorn.http.wsgi":
+            owner.chunked = False
+            owner.force_close()
+        else:  # gevent.pywsgi's handler, or a subclass of it
+            owner.response_use_chunked = False
+            owner.close_connection = True
+        watching = self._watcher is not None
+        self._unwatch()
+        self._raw = raw
+        self._detached = True
+        self.reader.on_drop = self._cut
+        if watching:
+            self._watch()
+        return True
+
+    def _cut(self) -> None:
+        """A client too far behind is dropped (``Run._drop``): its connection is cut, which
+        the watcher (waiting for the socket to take more) then finds."""
+        try:
+            self._raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+
     def serve(self) -> bool:
         """In the response's greenlet: wait until the client has every frame; False if it
         went away (or was dropped). Events emitted before the sink existed go out first.
         Once done, it answers the same again at once."""
+        if self._detached:
+            return False  # the sink writes the rest; the request ends
         try:
             self._pump()  # catch up, then queue
             run = self._run
             body, run_now = run.claim(), run.run_now
             run.run_now = None
+            if not self.done and self.detach and self._take_over():
+                # The request ends now and its greenlet goes back to the server; it
+                # starts the flow's task first, and is switched back to once that yields.
+                if body is not None and run_now is not None:
+                    import gevent
+
+                    gevent.get_hub().loop.run_callback(_wake, gevent.getcurrent())
+                    run_now(body)
+                elif body is not None:
+                    run.pending = body
+                return False
             if body is not None and self.in_response:  # the flow runs here
                 # A generator flow moves to a task of its own at its first chunk after
                 # the client left, so that this response ends then (see FlowMoved).
@@ -249,7 +329,7 @@ class DirectSink:
                 else:
                     gevent.get_hub().switch()
         finally:
-            if not self.done:  # killed meanwhile: nothing more is written
+            if not self.done and not self._detached:  # killed meanwhile: nothing more is written
                 self._parked = None
                 self._fail()
         return not self.failed
@@ -261,7 +341,7 @@ def _wake(parked: Any) -> None:
         parked.switch()
 
 
-def live_hook(response: Any, run: Run, *, in_response: bool = False) -> None:
+def live_hook(response: Any, run: Run, *, in_response: bool = False, detach: bool = False) -> None:
     """Sets up ``response`` (the live stream of ``run``) for the fast path: once its headers
     are out it calls ``on_headers`` with its server's ``write``, and the live reader gets a
     sink when the server is one we know (under gevent only). ``in_response``: the flow
@@ -274,7 +354,8 @@ def live_hook(response: Any, run: Run, *, in_response: bool = False) -> None:
         found = _socket_of(write)
         if found is None:
             return None
-        sink = run.sink = DirectSink(run, reader, found[0], found[1], in_response)
+        owner = found[2] if detach and not in_response else None
+        sink = run.sink = DirectSink(run, reader, found[0], found[1], in_response, owner)
         # The response's greenlet waits in ``serve`` from the body's first step, not
         # under its nested iterators (Werkzeug's, the front's, ``Run.batches``): each
         # is a level of C stack that a switched-out greenlet keeps a copy of. The
@@ -284,8 +365,9 @@ def live_hook(response: Any, run: Run, *, in_response: bool = False) -> None:
     response.on_headers = use
 
 
-def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool] | None:
-    """The gevent socket under a known server's WSGI ``write``, and whether it is chunked."""
+def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool, Any] | None:
+    """The gevent socket under a known server's WSGI ``write``, whether it is chunked,
+    and the server's object that ``write`` belongs to."""
     owner: Any = getattr(write, "__self__", None)
     module = type(owner).__module__
     if module == "gunicorn.http.wsgi":
@@ -302,4 +384,4 @@ def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool] | None:
         return None
     if getattr(sock, "_sock", None) is None:
         return None
-    return sock, chunked
+    return sock, chunked, owner

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_STREAM_KEEPALIVE_INTERVAL": DEFAULT_KEEPALIVE_INTERVAL,
     "DURABLE_STREAM_SSE_LIFETIME": None,
     "DURABLE_STREAM_FLOW_IN_RESPONSE": False,
+    "DURABLE_STREAM_DETACH_RESPONSE": False,
     "DURABLE_STREAM_METRICS": False,
     "DURABLE_STREAM_METRICS_PATH": "/metrics",
     "DURABLE_STREAM_READY_ENDPOINT": False,
@@ -214,6 +215,7 @@ def options_from_config(
         shutdown_grace=float(config["DURABLE_STREAM_SHUTDOWN_GRACE"]),
         live_buffer_bytes=_optional_int(config["DURABLE_STREAM_LIVE_BUFFER_BYTES"]),
         flow_in_response=_flag(config, "DURABLE_STREAM_FLOW_IN_RESPONSE"),
+        detach_response=_flag(config, "DURABLE_STREAM_DETACH_RESPONSE"),
     )
 
 

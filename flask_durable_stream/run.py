@@ -507,7 +507,9 @@ class Run:
             sink = self.sink
             if sink is not None and sink.reader is reader:  # the live fast path (see _direct)
                 if not sink.serve():
-                    return  # the client went away; the flow goes on
+                    if sink.owns_connection:  # the sink sends the rest, and lets go of it
+                        reader = None
+                    return  # the client went away, or the sink took it over; the flow goes on
             while not reader.dropped:
                 if not self.wait_for(reader.cursor, None):
                     return  # ended, and the caller already has the terminal event
@@ -523,7 +525,8 @@ class Run:
                 if batch[-1].terminal:
                     return
         finally:
-            self.detach(reader)
+            if reader is not None:
+                self.detach(reader)
 
     def read(self, reader: LiveReader, max_bytes: int | None) -> list[Event]:
         """The events at ``reader``'s cursor (up to ``max_bytes``; None: all of them), moving

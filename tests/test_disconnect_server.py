@@ -29,13 +29,24 @@ APP = "tests.support.disconnect_app:create_app()"
 BEFORE, AFTER = 5, 200
 
 
-@pytest.fixture(params=["memory", "sqlite", "memory, flow in response", "sqlite, flow in response"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "memory, flow in response",
+        "sqlite, flow in response",
+        "memory, detached response",
+        "sqlite, detached response",
+    ]
+)
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
     env = {}
     if request.param.startswith("sqlite"):
         env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
     if request.param.endswith("flow in response"):
         env["DISCONNECT_APP_FLOW_IN_RESPONSE"] = "1"
+    if request.param.endswith("detached response"):
+        env["DISCONNECT_APP_DETACH_RESPONSE"] = "1"
     server = servers.gunicorn(APP, env=env)
     yield server
     server.stop()
@@ -48,6 +59,14 @@ def offers(server: servers.Server) -> int:
 def in_response(server: servers.Server) -> int:
     """``gated`` flows run so far in their response's greenlet (one greenlet per stream)."""
     return int(requests.get(f"{server.url}/stats", timeout=30).json()["in_response"])
+
+
+def stats(server: servers.Server) -> dict[str, int]:
+    return dict(requests.get(f"{server.url}/stats", timeout=30).json())
+
+
+def detached(server: servers.Server) -> bool:
+    return server.env.get("DISCONNECT_APP_DETACH_RESPONSE") == "1"
 
 
 def open_live(
@@ -106,7 +125,7 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
 ) -> None:
     key = uuid.uuid4().hex
     body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
-    first, alone = offers(server), in_response(server)
+    first, alone, taken = offers(server), in_response(server), stats(server)["detached"]
     live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
     assert live.chunks == list(range(BEFORE))
     assert live.stream_id is not None
@@ -114,6 +133,8 @@ def test_a_disconnected_client_stops_nothing_and_the_stream_is_stored_whole(
     # went away; without it, in a task of its own.
     flow_in_response = server.env.get("DISCONNECT_APP_FLOW_IN_RESPONSE") == "1"
     assert in_response(server) == alone + int(flow_in_response)
+    # A detached response's connection was the sink's from its headers on.
+    assert stats(server)["detached"] == taken + int(detached(server))
     open_gate(server, key)  # the flow goes on after its client is gone
     replay = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id, timeout=60)
     assert replay.events == expected_events()
@@ -165,8 +186,17 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     conn, response = open_live(server, "/flows/gated", body)
     stream_id = response.getheader(protocol.STREAM_ID_HEADER)
     raw = read_frames(response, BEFORE, 65536)  # every chunk before the gate, while connected
+    # The flow waits at its gate. A detached response's request has ended (the body the
+    # server iterated is done; the sink writes the rest), any other's is still open.
+    assert stats(server)["open_bodies"] == (0 if detached(server) else 1)
     open_gate(server, key)
-    raw += read_to_end(conn, response)
+    rest = response.read()  # to the chunked body's end
+    if detached(server):  # then the sink closes the connection, whose request ended before
+        assert conn.sock is not None
+        conn.sock.settimeout(60)
+        assert conn.sock.recv(1) == b""
+    conn.close()
+    raw += rest
     events = whole_frames(raw)
     assert events == expected_events()
     assert offers(server) >= first + AFTER  # the frames after the gate took the fast path

@@ -67,19 +67,21 @@ def test_the_extension_reads_its_options_once_for_every_flow(
     ("value", "expected"),
     [(True, True), (False, False), ("1", True), ("yes", True), ("off", False), ("", False)],
 )
-def test_flow_in_response_reads_booleans_and_their_environment_spellings(
-    memory_manager: InMemoryStreamManager, value: Any, expected: bool
+@pytest.mark.parametrize("setting", ["FLOW_IN_RESPONSE", "DETACH_RESPONSE"])
+def test_the_live_response_settings_read_booleans_and_their_environment_spellings(
+    memory_manager: InMemoryStreamManager, value: Any, expected: bool, setting: str
 ) -> None:
     app = Flask(__name__)
-    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = value
+    app.config[f"DURABLE_STREAM_{setting}"] = value
     DurableStream(app, stream_manager=memory_manager)
-    assert app.extensions["durable_stream"].options.flow_in_response is expected
+    assert getattr(app.extensions["durable_stream"].options, setting.lower()) is expected
 
 
-def test_flow_in_response_refuses_a_value_that_is_not_a_boolean(
-    memory_manager: InMemoryStreamManager,
+@pytest.mark.parametrize("setting", ["FLOW_IN_RESPONSE", "DETACH_RESPONSE"])
+def test_the_live_response_settings_refuse_a_value_that_is_not_a_boolean(
+    memory_manager: InMemoryStreamManager, setting: str
 ) -> None:
     app = Flask(__name__)
-    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = "sometimes"
-    with pytest.raises(ValueError, match="FLOW_IN_RESPONSE must be a boolean .*'sometimes'"):
+    app.config[f"DURABLE_STREAM_{setting}"] = "sometimes"
+    with pytest.raises(ValueError, match=f"{setting} must be a boolean .*'sometimes'"):
         DurableStream(app, stream_manager=memory_manager)

@@ -62,6 +62,10 @@ class FrontOptions:
     (one greenlet per stream instead of two). Once its client has gone, a generator
     or ``async`` flow moves to a task of its own at its next chunk; a plain function
     flow keeps the request until it ends (see docs/performance.md).
+    ``detach_response``: under gevent, once a live stream's headers are out, the live
+    fast path takes its connection over and the request ends at once: the stream is
+    written from the hub to its end, then the connection is closed (one greenlet per
+    stream, the flow's; see docs/performance.md). ``flow_in_response`` wins over it.
     """
 
     context_provider: ContextProvider | None = None
@@ -73,6 +77,7 @@ class FrontOptions:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT
     flow_in_response: bool = False
+    detach_response: bool = False
 
     @classmethod
     def of(cls, options: FrontOptions | None, overrides: Mapping[str, Any]) -> FrontOptions:

@@ -138,7 +138,13 @@ class GenkitFront(Front):
             batches = run.batches(reader=run.live, on_drop=closer(request.environ))
             batches = self.runner.metrics.subscriber(batches, self.name, "live")
             response = self._stream(batches, headers)
-            live_hook(response, run, in_response=self.options.flow_in_response)
+            options = self.options
+            live_hook(
+                response,
+                run,
+                in_response=options.flow_in_response,
+                detach=options.detach_response,
+            )
             return response
         terminal = run.wait()
         assert terminal is not None

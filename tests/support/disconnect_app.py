@@ -3,12 +3,15 @@
     gunicorn -k gevent -w 1 'tests.support.disconnect_app:create_app()'
 
 SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager;
-``DISCONNECT_APP_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``. The
+``DISCONNECT_APP_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``,
+``DISCONNECT_APP_DETACH_RESPONSE=1`` ``DURABLE_STREAM_DETACH_RESPONSE``. The
 ``gated`` flow emits ``before`` chunks, waits until ``POST /gate/<key>`` opens its gate,
 then emits ``after`` more: a test can drop the client at a known point. ``GET /stats``
 says how many frames the live fast path took (see ``_direct``), so a test can tell that
 path was taken, and how many ``gated`` flows ran in their response's greenlet (the
-fast path's one greenlet per stream) rather than in a task of the runner's.
+fast path's one greenlet per stream) rather than in a task of the runner's, how many
+live responses the fast path took the connection of (ending their requests), and how
+many response bodies the server is iterating now.
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
 chunks until its live client's socket is full (the client does not read meanwhile),
@@ -31,6 +34,7 @@ from flask_durable_stream import (
     SQLiteStreamManager,
     _concurrency,
     _direct,
+    _responses,
 )
 
 _gates: dict[str, threading.Event] = {}
@@ -38,7 +42,9 @@ _runner: list[Any] = []
 FILL = "x" * 16384
 _offers = [0]
 _in_response = [0]
+_detached = [0]
 _flush = _direct.DirectSink.flush
+_take_over = _direct.DirectSink._take_over
 
 
 def _counted_flush(sink: _direct.DirectSink) -> None:
@@ -47,7 +53,14 @@ def _counted_flush(sink: _direct.DirectSink) -> None:
     _offers[0] += sink.reader.cursor - before
 
 
+def _counted_take_over(sink: _direct.DirectSink) -> bool:
+    taken = _take_over(sink)
+    _detached[0] += taken
+    return taken
+
+
 _direct.DirectSink.flush = _counted_flush  # type: ignore[method-assign]
+_direct.DirectSink._take_over = _counted_take_over  # type: ignore[method-assign]
 
 
 def _gate(key: str) -> threading.Event:
@@ -104,6 +117,9 @@ def create_app() -> Flask:
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = os.environ.get(
         "DISCONNECT_APP_FLOW_IN_RESPONSE", ""
     )
+    app.config["DURABLE_STREAM_DETACH_RESPONSE"] = os.environ.get(
+        "DISCONNECT_APP_DETACH_RESPONSE", ""
+    )
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     manager = SQLiteStreamManager(path) if path else None
     DurableStream(
@@ -124,6 +140,11 @@ def create_app() -> Flask:
 
     @app.get("/stats")
     def stats() -> dict[str, int]:
-        return {"offers": _offers[0], "in_response": _in_response[0]}
+        return {
+            "offers": _offers[0],
+            "in_response": _in_response[0],
+            "detached": _detached[0],
+            "open_bodies": len(_responses._OPEN),
+        }
 
     return app

@@ -3,7 +3,8 @@
     gunicorn -k gevent 'tests.support.fault_app:create_app()'
 
 SQLite storage at ``FAULT_APP_SQLITE``; when ``FAULT_APP_MAX_EVENT_BYTES`` is set the
-manager stores no event larger than that, as a backend with a size limit does.
+manager stores no event larger than that, as a backend with a size limit does;
+``FAULT_APP_DETACH_RESPONSE=1`` sets ``DURABLE_STREAM_DETACH_RESPONSE``.
 """
 
 from __future__ import annotations
@@ -46,5 +47,6 @@ def create_app() -> Flask:
     buffer = os.environ.get("FAULT_APP_LIVE_BUFFER_BYTES")
     if buffer:
         app.config["DURABLE_STREAM_LIVE_BUFFER_BYTES"] = int(buffer)
+    app.config["DURABLE_STREAM_DETACH_RESPONSE"] = os.environ.get("FAULT_APP_DETACH_RESPONSE", "")
     DurableStream(app, flows={"big_chunk": big_chunk, "firehose": firehose}, stream_manager=manager)
     return app

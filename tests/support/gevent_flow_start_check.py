@@ -5,14 +5,16 @@ WSGIServer with a pool (as gunicorn's gevent worker does) while the hub's callba
 queue is kept long (a callback that queues 20 more and itself again: what a worker
 taking a storm of new requests has queued, each a greenlet started by a callback).
 Each callback counts itself. For streams of a flow, with ``DURABLE_STREAM_FLOW_IN_RESPONSE``
-on (argument ``in-response``) or off, prints a JSON report, measured with no clock:
+on (argument ``in-response``), with ``DURABLE_STREAM_DETACH_RESPONSE`` (``detached``) or
+neither, prints a JSON report, measured with no clock:
 
 * ``callbacks_between``: per stream, how many of those callbacks ran between the
   view's return (Flask's ``after_request``, in the response's greenlet) and the flow's
   first line; ``own_task``: whether each flow ran in a task of its own (not the
   response's greenlet);
 * ``bodies_ok``: whether every client got its chunks and result, in order, and the same
-  bytes again on a replay from storage.
+  bytes again on a replay from storage;
+* ``detached``: how many responses' connections the live fast path took over.
 """
 
 from gevent import monkey
@@ -29,7 +31,12 @@ from flask import Flask, Response  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from flask_durable_stream import DurableStream, FlowContext, InMemoryStreamManager  # noqa: E402
+from flask_durable_stream import (  # noqa: E402
+    DurableStream,
+    FlowContext,
+    InMemoryStreamManager,
+    _direct,
+)
 from flask_durable_stream._concurrency import _greenlet_class  # noqa: E402
 from tests.support.busy_hub import busy_hub  # noqa: E402
 
@@ -38,6 +45,17 @@ counted = [0]  # callbacks of the busy queue run so far
 view_ends: list[int] = []
 flow_starts: list[int] = []
 own_task: list[bool] = []
+detached = [0]
+_take_over = _direct.DirectSink._take_over
+
+
+def counted_take_over(sink: _direct.DirectSink) -> bool:
+    taken = _take_over(sink)
+    detached[0] += taken
+    return taken
+
+
+_direct.DirectSink._take_over = counted_take_over  # type: ignore[method-assign]
 
 
 def counted_flow(data: Any, ctx: FlowContext) -> str:
@@ -88,6 +106,7 @@ def dechunk(raw: bytes) -> tuple[str, bytes]:
 def main() -> None:
     app = Flask(__name__)
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = "in-response" in sys.argv[1:]
+    app.config["DURABLE_STREAM_DETACH_RESPONSE"] = "detached" in sys.argv[1:]
     DurableStream(app, flows={"counted": counted_flow}, stream_manager=InMemoryStreamManager())
 
     @app.after_request
@@ -119,6 +138,7 @@ def main() -> None:
                 "callbacks_between": [start - end for end, start in starts],
                 "own_task": own_task,
                 "bodies_ok": bodies_ok,
+                "detached": detached[0],
             }
         )
     )
