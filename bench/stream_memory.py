@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument(
         "--server",
         default="memory",
-        choices=["memory", "memory-1g", "sqlite", "sqlite-1g", "plain"],
+        choices=["memory", "memory-1g", "memory-dr", "sqlite", "sqlite-1g", "sqlite-dr", "plain"],
     )
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()

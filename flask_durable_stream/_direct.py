@@ -256,7 +256,9 @@ class DirectSink:
         """Own the connection: a duplicate of its socket, written from the hub to the
         stream's end, and the server told to end the request without a body end of its
         own and to close its side (the duplicate keeps the connection open)."""
-        owner = self._owner
+        owner, self._owner = self._owner, None  # the request's objects go with it
+        if owner is None:
+            return False
         try:
             # The OS socket type (gevent's patched class would wait on the hub).
             raw = _socket.socket(fileno=os.dup(self._raw.fileno()))

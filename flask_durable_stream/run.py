@@ -502,9 +502,10 @@ class Run:
         """
         if reader is None:
             reader = self.attach(after)
-        reader.on_drop = on_drop
+        sink = self.sink
+        if sink is None or not sink.owns_connection:  # else the sink cuts its own connection
+            reader.on_drop = on_drop
         try:
-            sink = self.sink
             if sink is not None and sink.reader is reader:  # the live fast path (see _direct)
                 if not sink.serve():
                     if sink.owns_connection:  # the sink sends the rest, and lets go of it

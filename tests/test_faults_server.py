@@ -203,3 +203,5 @@ def test_a_client_that_stops_reading_costs_a_bounded_buffer(tmp_path: Path, endp
     finally:
         output = server.stop()
     assert "Traceback" not in output, output
+    # A detached response's connection is the sink's: the drop cuts it there.
+    assert ("the sink cut the connection it took over" in output) is detach

@@ -4,18 +4,30 @@
 
 SQLite storage at ``FAULT_APP_SQLITE``; when ``FAULT_APP_MAX_EVENT_BYTES`` is set the
 manager stores no event larger than that, as a backend with a size limit does;
-``FAULT_APP_DETACH_RESPONSE=1`` sets ``DURABLE_STREAM_DETACH_RESPONSE``.
+``FAULT_APP_DETACH_RESPONSE=1`` sets ``DURABLE_STREAM_DETACH_RESPONSE``, and the live fast
+path's sink then says on stderr when it cuts a connection it took over.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask
 
-from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager
+from flask_durable_stream import DurableStream, FlowContext, SQLiteStreamManager, _direct
+
+_cut = _direct.DirectSink._cut
+
+
+def _told_cut(sink: _direct.DirectSink) -> None:
+    print("fault_app: the sink cut the connection it took over", file=sys.stderr, flush=True)
+    _cut(sink)
+
+
+_direct.DirectSink._cut = _told_cut  # type: ignore[method-assign]
 
 
 class LimitedSQLite(SQLiteStreamManager):
