@@ -129,7 +129,9 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
         args = [sys.executable, str(BENCH / "core_server.py"), "--port", str(port)]
     else:
         args = ["node", str(GENKIT_DIR / "server.mjs"), str(port)]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    log_path = os.path.join(tmp, "server.log")  # kept for a failure's report
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=log)
     try:
         wait_for_port(port, proc)
         pid = proc.pid
@@ -139,6 +141,10 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
                 time.sleep(0.05)
             pid = children(proc.pid)[0]
         yield port, pid
+    except Exception as exc:
+        with open(log_path, "rb") as log:
+            output = log.read()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"{exc}\n--- the server's output (its end):\n{output}") from exc
     finally:
         proc.terminate()
         try:
