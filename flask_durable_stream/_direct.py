@@ -73,7 +73,7 @@ class DirectSink:
 
     __slots__ = (
         "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
-        "in_response", "detach", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
+        "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
         "_owner", "_detached",
     )  # fmt: skip
 
@@ -113,7 +113,6 @@ class DirectSink:
         #: The server's response (its WSGI ``write``'s owner), where the sink may take the
         #: connection over and end the request at once (DURABLE_STREAM_DETACH_RESPONSE).
         self._owner = owner
-        self.detach = owner is not None and not in_response
         self._detached = False  # the sink owns the connection (a duplicate of its socket)
 
     # -- queueing, while caught up ----------------------------------------------
@@ -299,17 +298,6 @@ class DirectSink:
             run = self._run
             body, run_now = run.claim(), run.run_now
             run.run_now = None
-            if not self.done and self.detach and self._take_over():
-                # The request ends now and its greenlet goes back to the server; it
-                # starts the flow's task first, and is switched back to once that yields.
-                if body is not None and run_now is not None:
-                    import gevent
-
-                    gevent.get_hub().loop.run_callback(_wake, gevent.getcurrent())
-                    run_now(body)
-                elif body is not None:
-                    run.pending = body
-                return False
             if body is not None and self.in_response:  # the flow runs here
                 # A generator flow moves to a task of its own at its first chunk after
                 # the client left, so that this response ends then (see FlowMoved).
@@ -319,6 +307,15 @@ class DirectSink:
             elif body is not None and (self.done or run_now is None):
                 run.pending = body  # the runner's callback (due at the hub's next turn)
                 body = None  # starts it as usual
+            if not self.done and self._take_over():
+                # The request ends now and its greenlet goes back to the server; it
+                # starts the flow's task first, and is switched back to once that yields.
+                if body is not None and run_now is not None:  # (else it is pending above)
+                    import gevent
+
+                    gevent.get_hub().loop.run_callback(_wake, gevent.getcurrent())
+                    run_now(body)
+                return False
             if not self.done:
                 # Switched out until the stream is over for its client (_finish switches
                 # back): to the flow's new task, started now rather than by a hub callback

@@ -138,7 +138,6 @@ class RunWriter:
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         self._beat_at = clock()  # opening the stream stored a heartbeat
-        self._append_at = self._beat_at  # when the append in flight began (_store_nowait)
         self._beat_failed = False
         self._failing_since: float | None = None
         self._rejected: StoragePermanentError | None = None
@@ -186,13 +185,12 @@ class RunWriter:
         batch = self._unstored(None)
         if not batch or self.finished:
             return
-        at = self._clock()
         try:
             self.writer.append(batch)
         except Exception:
             self.schedule()  # a flush task retries with backoff, away from the flow
             return
-        self._appended(at)
+        self._appended()
         self.run.mark_stored(self.writer.next_seq)
         if batch[-1].terminal:
             self._finish()
@@ -209,7 +207,6 @@ class RunWriter:
         if not batch:
             self._flushing = False
             return
-        self._append_at = self._clock()
         try:
             started = self.writer.append_nowait(batch, self._stored_nowait)
         except Exception:  # refused at once (a size limit, a closed writer): the task says why
@@ -221,7 +218,7 @@ class RunWriter:
     def _stored_nowait(self, error: BaseException | None) -> None:
         if error is None and not self.finished:
             self._failing_since = None
-            self._appended(self._append_at)
+            self._appended()
             self.run.mark_stored(self.writer.next_seq)
             if self.writer.closed:
                 self._flushing = False
@@ -291,7 +288,6 @@ class RunWriter:
         delays = self.backoff.delays()
         loud_at = 0.0
         while True:
-            at = self._clock()
             try:
                 self.writer.append(events)
             except StreamClosed:
@@ -339,7 +335,7 @@ class RunWriter:
                 continue
             self._failing_since = None
             self.run.storage_failing = False
-            self._appended(at)
+            self._appended()
             return Outcome.STORED
 
     # -- heartbeats ------------------------------------------------------------
@@ -362,11 +358,12 @@ class RunWriter:
                 return
             self._sleep(min(end - now, self._next_beat() - now))
 
-    def _appended(self, at: float) -> None:
-        """An append begun at ``at`` was stored: where the writer's appends beat, a heartbeat."""
+    def _appended(self) -> None:
+        """An append was stored: where the writer's appends beat, a heartbeat. Timed from
+        its answer, a little after storage took it: the lease (many intervals) has room."""
         writer = self.writer
         if writer.append_beats:
-            self._beat_at = at
+            self._beat_at = self._clock()
             self._beat_failed = False
             if writer.cancel_requested:
                 self.run.ctx._request_cancel()

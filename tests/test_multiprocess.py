@@ -300,7 +300,8 @@ def test_a_cancel_that_lands_on_another_worker_stops_the_flow(cluster: Cluster) 
             break
     else:
         pytest.fail("no cancel was answered by another worker than the flow's in 10 tries")
-    # The flag went through SQLite; the producing worker saw it at its next heartbeat.
+    # The flag went through SQLite; the producing worker saw it at its next stored chunk
+    # (an append reads the flag back: the flow emits one every 40 ms, so no heartbeat is due).
     call = post_stream(cluster.server.url, "/flows/story", {}, stream_id=sid, timeout=60)
     assert call.terminal == ("error", {"status": "CANCELLED", "message": "Cancelled by client."})
     got = indexes(call)

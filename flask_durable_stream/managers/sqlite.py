@@ -271,6 +271,8 @@ class _SQLiteWriter(StreamWriter):
         super().__init__(stream_id)
         self._manager = manager
         self._token = token
+        self._done: Callable[[BaseException | None], None] | None = None  # store_nowait's
+        self._answered_cb = self._answered  # one bound method, not one per append
 
     def store(self, events: Sequence[Event]) -> None:
         manager = self._manager
@@ -288,21 +290,23 @@ class _SQLiteWriter(StreamWriter):
             return False
         manager = self._manager
         check_event_sizes(events, manager.max_event_bytes, manager.display_name)
-
-        def answered(cancel: bool, error: BaseException | None) -> None:
-            if error is None:
-                self.cancel_requested = cancel
-            done(error)
-
+        self._done = done  # one append at a time (append_nowait's contract)
         manager._writer.submit_nowait(
             manager._op_append,
             self.stream_id,
             self._token,
             list(events),
             stream_id=self.stream_id,
-            callback=answered,
+            callback=self._answered_cb,
         )
         return True
+
+    def _answered(self, cancel: bool, error: BaseException | None) -> None:
+        done, self._done = self._done, None
+        if error is None:
+            self.cancel_requested = cancel
+        assert done is not None
+        done(error)
 
     def heartbeat(self) -> bool:
         manager = self._manager
