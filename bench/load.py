@@ -136,6 +136,27 @@ def stream(port: int, path: str, body: bytes, headers: dict[str, str]) -> dict[s
         sock.close()
 
 
+def difference(stream_id: str, live: bytes, replay: bytes) -> dict[str, Any]:
+    """Where a replay's body first departs from the live one, and how each ends."""
+    live_frames, replay_frames = live.split(b"\n\n"), replay.split(b"\n\n")
+    at = next(
+        (i for i, (a, b) in enumerate(zip(live_frames, replay_frames, strict=False)) if a != b),
+        min(len(live_frames), len(replay_frames)),
+    )
+
+    def frame(frames: list[bytes]) -> str:
+        return frames[at][:200].decode(errors="replace") if at < len(frames) else "(ended)"
+
+    return {
+        "id": stream_id,
+        "frames": [len(live_frames), len(replay_frames)],
+        "first_difference": at,
+        "live": frame(live_frames),
+        "replay": frame(replay_frames),
+        "replay_end": replay[-200:].decode(errors="replace"),
+    }
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -224,17 +245,24 @@ def main() -> None:
     }
     if args.replay:
         same = [0]
+        differ: list[dict[str, Any]] = []
 
         def check(r: dict[str, Any]) -> None:
             if not r["id"]:
+                differ.append({"live": "no x-genkit-stream-id", "body": r["body"][-200:].decode()})
                 return
             again = stream(args.port, args.path, b"", {"x-genkit-stream-id": r["id"]})
             if again["body"] == r["body"]:
                 same[0] += 1
+            else:
+                differ.append(difference(r["id"], r["body"], again["body"]))
 
         pool = gevent.pool.Pool(200)
         pool.map(check, results)
         out["stored_equal_live"] = same[0]
+        if differ:  # what a replay that differs looks like, to trace it (a few are enough)
+            out["replays_differing"] = len(differ)
+            out["replay_differences"] = differ[:3]
     print(json.dumps(out))
 
 

@@ -265,6 +265,8 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         ratio = f"{row['cpu_per_chunk_us'] / plain['cpu_per_chunk_us']:.2f}x" if plain else "-"
         stored = row.get("stored_equal_live")
         stored_text = "-" if stored is None else f"{stored} / {row['streams']}"
+        if row.get("replays_differing"):  # examples in the raw figures below
+            stored_text += " (see replay_differences)"
         out.append(
             f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]}"
             f" | {row['cpu_per_chunk_us']:.1f} | {ratio}"
