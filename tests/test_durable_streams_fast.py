@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from werkzeug.test import TestResponse
+from werkzeug.test import EnvironBuilder, TestResponse
 
+from flask_durable_stream.durable_streams import fast
 from flask_durable_stream.durable_streams.blueprint import DurableStreamsView
 from flask_durable_stream.durable_streams.engine import Engine
 from flask_durable_stream.durable_streams.fast import FastPath
@@ -247,3 +249,95 @@ def test_concurrent_appends_from_threads_are_each_committed_once(tmp_path: Path)
         mine = [r for r in records if r.startswith(f"{n}-".encode())]
         assert mine == [f"{n}-{i};".encode() for i in range(50)]
     store.close()
+
+
+class _GunicornRequest:
+    """What gunicorn's ``Response`` reads of its request."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.version = (1, 1)
+
+    def should_close(self) -> bool:
+        return False
+
+
+class _CountingSocket:
+    """One end of a socket pair, counting the writes made to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writes = 0
+
+    def sendall(self, data: bytes) -> None:
+        self.writes += 1
+        self.sock.sendall(data)
+
+
+def _through_gunicorn(app: Flask, method: str, path: str, headers: dict[str, str], body: bytes):  # type: ignore[no-untyped-def]
+    """What gunicorn's worker writes for one request (its ``handle_request``, in short):
+    the bytes, with ``Date`` blanked, and how many writes they took."""
+    from gunicorn.config import Config
+    from gunicorn.http.wsgi import Response as GunicornResponse
+
+    ours, theirs = socket.socketpair()
+    counting = _CountingSocket(ours)
+    response = GunicornResponse(_GunicornRequest(method), counting, Config())
+    environ = EnvironBuilder(path, method=method, headers=headers, data=body).get_environ()
+    if method == "POST" and not body:
+        environ["CONTENT_LENGTH"] = "0"
+    for item in app.wsgi_app(environ, response.start_response):
+        response.write(item)
+    response.close()
+    ours.close()
+    out = b""
+    while data := theirs.recv(65536):
+        out += data
+    theirs.close()
+    out = re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", out)
+    out = re.sub(rb'ETag: "[0-9a-f]+:', b'ETag: "gen:', out)
+    out = re.sub(rb"Stream-Cursor: [^\r]*", b"Stream-Cursor: -", out)
+    return out, counting.writes, response
+
+
+def test_under_gunicorn_a_fast_answer_with_a_body_is_one_write_of_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn writes a response's head and body in two writes; the fast path writes what
+    gunicorn would have, head and body, in one, and gunicorn's response knows the body is
+    out (its keep-alive and access log go on as before)."""
+    by_gunicorn, by_fast_path = make_app(hook=False), make_app(hook=False)
+    seen_bodies = 0
+    for method, path, headers, body in REQUESTS:
+        if method in ("PUT", "PATCH"):
+            _through_gunicorn(by_gunicorn, method, path, headers, body)
+            _through_gunicorn(by_fast_path, method, path, headers, body)
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(fast, "_sent_whole", lambda start_response, body: False)
+            expected, expected_writes, _ = _through_gunicorn(
+                by_gunicorn, method, path, headers, body
+            )
+        got, writes, response = _through_gunicorn(by_fast_path, method, path, headers, body)
+        assert got == expected, (method, path)
+        head, _, content = got.partition(b"\r\n\r\n")
+        assert b"Connection: keep-alive" in head, (method, path)
+        if content:  # gunicorn needed two writes; the fast path one
+            seen_bodies += 1
+            assert (expected_writes, writes) == (2, 1), (method, path)
+            assert response.sent == len(content) and not response.should_close()
+        else:
+            assert writes == expected_writes == 1, (method, path)
+    assert seen_bodies >= 8
+    # A longer body keeps gunicorn's two writes (joining it to its head would copy it).
+    big = b"z" * (fast.ONE_WRITE_BYTES + 1)
+    for app in (by_gunicorn, by_fast_path):
+        _through_gunicorn(app, "PUT", "/ds/big", {"Content-Type": "text/plain"}, b"")
+        _through_gunicorn(app, "POST", "/ds/big", {"Content-Type": "text/plain"}, big)
+    with monkeypatch.context() as m:
+        m.setattr(fast, "_sent_whole", lambda start_response, body: False)
+        expected, expected_writes, _ = _through_gunicorn(
+            by_gunicorn, "GET", "/ds/big?offset=-1", {}, b""
+        )
+    got, writes, _ = _through_gunicorn(by_fast_path, "GET", "/ds/big?offset=-1", {}, b"")
+    assert got == expected and got.endswith(big) and writes == expected_writes == 2

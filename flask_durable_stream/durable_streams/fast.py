@@ -33,6 +33,8 @@ WSGIApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
 
 _STATUS = {code: f"{code} {phrase.upper()}" for code, phrase in HTTP_STATUS_CODES.items()}
 _FAST_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
+#: Bodies up to this many bytes go out in one write with their head under gunicorn.
+ONE_WRITE_BYTES = 64 * 1024
 
 
 def install(view: DurableStreamsView, after_request: Callable[..., Any]) -> Callable[..., None]:
@@ -151,4 +153,43 @@ def _send(reply: Reply, req: Req, start_response: Any) -> Iterable[bytes]:
     origin = req.environ.get("HTTP_ORIGIN")
     out.extend(common_headers(origin, req.method, "Cache-Control" in headers))
     start_response(_STATUS.get(status, str(status)), out)
-    return [body] if body and req.method != "HEAD" else []
+    if not body or req.method == "HEAD":
+        return []
+    if _sent_whole(start_response, body):
+        return []
+    return [body]
+
+
+def _sent_whole(start_response: Any, body: bytes) -> bool:
+    """Under gunicorn, write the response's head and body in one ``send``; whether it did.
+
+    gunicorn writes the head and the body of a response with two system calls
+    (and two segments the client reads one after the other); a long-poll's or
+    a short catch-up's answer is one short body. A longer one keeps the two
+    writes: joining it to its head would copy it, which costs more than a call.
+    The head is the one gunicorn would have written (its ``default_headers``
+    and the headers it kept), and its response is told the body is out, so its
+    keep-alive, access log and closing go on as usual.
+    """
+    owner: Any = getattr(start_response, "__self__", None)
+    if type(owner).__module__ != "gunicorn.http.wsgi":
+        return False
+    if (
+        len(body) > ONE_WRITE_BYTES
+        or owner.headers_sent
+        or owner.chunked
+        or owner.response_length != len(body)
+        or getattr(owner, "_omits_body", False)
+    ):
+        return False
+    head = owner.default_headers()
+    head.extend(["%s: %s\r\n" % (k, v) for k, v in owner.headers])  # noqa: UP031 - as gunicorn
+    head.append("\r\n")
+    owner.headers_sent = True
+    try:
+        owner.sock.sendall("".join(head).encode("latin-1") + body)
+    except OSError:
+        owner.force_close()  # the client is gone: gunicorn closes the connection
+        return True
+    owner.sent = len(body)
+    return True
