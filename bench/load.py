@@ -249,7 +249,8 @@ def main() -> None:
 
         def check(r: dict[str, Any]) -> None:
             if not r["id"]:
-                differ.append({"live": "no x-genkit-stream-id", "body": r["body"][-200:].decode()})
+                body = r["body"][-200:].decode(errors="replace")
+                differ.append({"live": "no x-genkit-stream-id", "body": body})
                 return
             again = stream(args.port, args.path, b"", {"x-genkit-stream-id": r["id"]})
             if again["body"] == r["body"]:

@@ -264,7 +264,7 @@ class DirectSink:
         except OSError:  # out of descriptors: the response keeps the connection
             return False
         raw.setblocking(False)
-        if type(owner).__module__ == "gunicorn.http.wsgi":
+        if is_gunicorn_response(owner):
             owner.chunked = False
             owner.force_close()
         else:  # gevent.pywsgi's handler, or a subclass of it
@@ -368,14 +368,13 @@ def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool, Any] | None:
     """The gevent socket under a known server's WSGI ``write``, whether it is chunked,
     and the server's object that ``write`` belongs to."""
     owner: Any = getattr(write, "__self__", None)
-    module = type(owner).__module__
-    if module == "gunicorn.http.wsgi":
+    if is_gunicorn_response(owner):
         if not owner.headers_sent or owner.response_length is not None:
             return None
         if getattr(owner, "_omits_body", False):
             return None
         sock, chunked = owner.sock, bool(owner.chunked)
-    elif module == "gevent.pywsgi":
+    elif type(owner).__module__ == "gevent.pywsgi":
         if not owner.headers_sent:
             return None
         sock, chunked = owner.socket, bool(owner.response_use_chunked)
@@ -384,3 +383,9 @@ def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool, Any] | None:
     if getattr(sock, "_sock", None) is None:
         return None
     return sock, chunked, owner
+
+
+def is_gunicorn_response(owner: Any) -> bool:
+    """Whether ``owner`` (a WSGI ``write``'s or ``start_response``'s ``__self__``) is gunicorn's
+    ``Response``, whose state (``sock``, ``chunked``, ``headers_sent``...) the fast paths use."""
+    return type(owner).__module__ == "gunicorn.http.wsgi"

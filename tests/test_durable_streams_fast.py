@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import threading
@@ -22,6 +23,7 @@ from flask_durable_stream.durable_streams.memory import MemoryDSStore
 from flask_durable_stream.durable_streams.server import durable_streams_server
 from flask_durable_stream.durable_streams.sqlite import SQLiteDSStore
 from flask_durable_stream.durable_streams.store import Meta, Txn
+from tests.support import servers
 from tests.support.ds import create
 
 #: (method, path, headers, body): every kind of request the fast path serves, errors included.
@@ -341,3 +343,45 @@ def test_under_gunicorn_a_fast_answer_with_a_body_is_one_write_of_the_same_bytes
         )
     got, writes, _ = _through_gunicorn(by_fast_path, "GET", "/ds/big?offset=-1", {}, b"")
     assert got == expected and got.endswith(big) and writes == expected_writes == 2
+
+
+def test_one_write_answers_keep_gunicorns_connection_and_access_log(tmp_path: Path) -> None:
+    """Through ``gunicorn -k gevent``: answers written whole by the fast path leave the
+    keep-alive connection open for the next request, and gunicorn's access log records
+    each one's status and body bytes (the response was told what went out)."""
+    log = tmp_path / "access.log"
+    server = servers.gunicorn(
+        "tests.support.ds_app:app",
+        extra=["--keep-alive", "30", "--access-logfile", str(log), "--access-logformat",
+               "%(m)s %(U)s %(s)s %(B)s"],
+    )  # fmt: skip
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        bodies: list[tuple[str, str, int, int]] = []  # method, path, status, body bytes
+
+        def call(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            assert not response.will_close, (method, path)
+            bodies.append((method, path, response.status, len(data)))
+            return data
+
+        call("PUT", "/ds/kept", **{"Content-Type": "text/plain"})
+        sock = conn.sock  # every request below goes over this one connection
+        for i in range(3):
+            call("POST", "/ds/kept", b"part %d;" % i, **{"Content-Type": "text/plain"})
+        assert call("GET", "/ds/kept?offset=-1") == b"part 0;part 1;part 2;"
+        assert call("GET", "/ds/missing?offset=-1")  # an error answer with a body
+        call("HEAD", "/ds/kept")
+        assert call("GET", "/ds/kept?offset=-1") == b"part 0;part 1;part 2;"
+        assert conn.sock is sock
+        conn.close()
+    finally:
+        server.stop()
+    logged = [line.split() for line in log.read_text().splitlines()]
+    expected = [
+        [method, path.partition("?")[0], str(status), str(size)]
+        for method, path, status, size in bodies
+    ]
+    assert logged == expected

@@ -23,6 +23,7 @@ from flask import Flask, Response
 from flask.blueprints import BlueprintSetupState
 from werkzeug.http import HTTP_STATUS_CODES
 
+from .._direct import is_gunicorn_response
 from .replies import Reply, common_headers
 from .request import FLASK, Req
 
@@ -172,14 +173,14 @@ def _sent_whole(start_response: Any, body: bytes) -> bool:
     keep-alive, access log and closing go on as usual.
     """
     owner: Any = getattr(start_response, "__self__", None)
-    if type(owner).__module__ != "gunicorn.http.wsgi":
+    if not is_gunicorn_response(owner):
         return False
+    # A body gunicorn would drop (HEAD, 204, 304) never gets here: it has no Content-Length.
     if (
         len(body) > ONE_WRITE_BYTES
         or owner.headers_sent
         or owner.chunked
         or owner.response_length != len(body)
-        or getattr(owner, "_omits_body", False)
     ):
         return False
     head = owner.default_headers()
