@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 from google.cloud.firestore_v1.types import CommitRequest
 
@@ -586,6 +588,60 @@ def test_client_used_before_fork_fails_fast_in_the_child(
     # The child's verdict: 3 the used client worked, 4 wrong message or a fresh client failed,
     # 5 an exception (its traceback is in stderr).
     assert result.stdout.strip().splitlines()[-1] == "0", result.stderr[-3000:]
+
+
+class Refusing:
+    """A document reference (and write batch) whose first ``refusals`` calls fail with ``error``."""
+
+    def __init__(self, error: Exception, refusals: int = 1) -> None:
+        self.error = error
+        self.refusals = refusals
+        self.calls = 0
+
+    def _call(self, result: Any = None) -> Any:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise self.error
+        return result
+
+    def get(self, **kwargs: Any) -> str:
+        return self._call("snapshot")
+
+    def commit(self, **kwargs: Any) -> None:
+        return self._call()
+
+
+INHERITED = "Stream removed (sendmsg: Wrong file descriptor generation)"
+
+
+@pytest.mark.parametrize(
+    ("error", "refusals", "calls", "outcome"),
+    [
+        (gexc.ServiceUnavailable(INHERITED), 1, 2, "snapshot"),
+        (gexc.ServiceUnavailable(INHERITED), 2, 2, StorageUnavailable),
+        (gexc.ServiceUnavailable("Connection reset by peer"), 1, 1, StorageUnavailable),
+        (gexc.DeadlineExceeded("Wrong file descriptor generation"), 1, 1, StorageUnavailable),
+    ],
+    ids=["inherited-once", "inherited-twice", "other-unavailable", "other-code"],
+)
+def test_a_request_refused_on_a_connection_from_before_fork_is_sent_once_more(
+    error: Exception, refusals: int, calls: int, outcome: Any
+) -> None:
+    """A channel created after ``fork()`` can be handed the parent's connection; gRPC then
+    refuses the first call before sending anything. The store sends it once more, and only then."""
+    client = firestore.Client(project="demo-fork", credentials=AnonymousCredentials())
+    store = FirestoreStreamManager(client=client, collection="fork").store
+    ref = Refusing(error, refusals)
+    write = Refusing(error, refusals)
+    if outcome is StorageUnavailable:
+        with pytest.raises(StorageUnavailable):
+            store.get(ref, "read stream x")
+        with pytest.raises(StorageUnavailable):
+            store.commit(write, "append to stream x")
+    else:
+        assert store.get(ref, "read stream x") == outcome
+        store.commit(write, "append to stream x")
+    assert (ref.calls, write.calls) == (calls, calls)
 
 
 def test_missing_google_cloud_firestore_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

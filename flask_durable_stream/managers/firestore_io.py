@@ -19,8 +19,8 @@ import contextlib
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 try:
     from google.api_core import exceptions as gexc
@@ -63,6 +63,7 @@ __all__ = [
     "firestore",
     "gexc",
     "seconds",
+    "sent_once_more_after_fork",
     "split",
 ]
 
@@ -235,6 +236,40 @@ def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
     except (TimeoutError, ConnectionError, OSError) as exc:
         log.warning("Firestore %s: %s", what, exc)
         raise StorageUnavailable(f"{what}: Firestore unreachable") from exc
+
+
+T = TypeVar("T")
+
+
+def inherited_connection(exc: BaseException) -> bool:
+    """gRPC refused to send on a connection this process inherited through ``fork()``.
+
+    gRPC's fork support marks the sockets a process had when it forked as of an
+    older generation and refuses every system call on them; a channel created
+    in the child can still be handed the parent's connection (gRPC shares
+    connections between channels to the same target). The call then fails with
+    UNAVAILABLE "Wrong file descriptor generation" before anything is sent, and
+    gRPC drops that connection.
+    """
+    return isinstance(exc, gexc.ServiceUnavailable) and "file descriptor generation" in str(
+        exc.message
+    )
+
+
+def sent_once_more_after_fork(call: Callable[[], T]) -> T:
+    """``call()``, and once more when gRPC refused it on a connection from before a fork.
+
+    Nothing was sent the first time (see :func:`inherited_connection`), so this
+    holds for conditional writes too; the second call opens a connection of this
+    process. Any other failure, and a second refusal, go to :func:`edge` as they are.
+    """
+    try:
+        return call()
+    except gexc.ServiceUnavailable as exc:
+        if not inherited_connection(exc):
+            raise
+        log.info("Firestore: a connection opened before this process forked was refused; resent")
+    return call()
 
 
 _gevent_lock = threading.Lock()

@@ -52,6 +52,7 @@ from .firestore_io import (
     seconds,
     split,
 )
+from .firestore_io import sent_once_more_after_fork as resend
 
 #: Quick retries of a commit that failed transiently (the runner retries longer).
 COMMIT_ATTEMPTS = 3
@@ -157,7 +158,7 @@ class FirestoreStore:
     # -- requests, each with the deadline and the error mapping ----------------
     def get(self, ref: Any, what: str) -> Any:
         with edge(what):
-            return ref.get(retry=None, timeout=self.rpc_timeout)
+            return resend(lambda: ref.get(retry=None, timeout=self.rpc_timeout))
 
     def data(self, ref: Any, what: str) -> tuple[Any, dict[str, Any] | None]:
         """The snapshot and its data (None when the document does not exist)."""
@@ -166,16 +167,16 @@ class FirestoreStore:
 
     def query(self, query: Any, what: str) -> list[Any]:
         with edge(what):
-            return list(query.stream(retry=None, timeout=self.rpc_timeout))
+            return resend(lambda: list(query.stream(retry=None, timeout=self.rpc_timeout)))
 
     def create(self, ref: Any, data: dict[str, Any], what: str) -> None:
         """Create ``ref``; :class:`StreamExists` if it exists."""
         with edge(what):
-            ref.create(data, retry=None, timeout=self.rpc_timeout)
+            resend(lambda: ref.create(data, retry=None, timeout=self.rpc_timeout))
 
     def set(self, ref: Any, data: dict[str, Any], what: str) -> None:
         with edge(what):
-            ref.set(data, retry=None, timeout=self.rpc_timeout)
+            resend(lambda: ref.set(data, retry=None, timeout=self.rpc_timeout))
 
     def unchanged(self, snap: Any) -> Any:
         """The precondition that a document is as ``snap`` read it."""
@@ -184,16 +185,18 @@ class FirestoreStore:
     def update_unchanged(self, ref: Any, update: dict[str, Any], snap: Any, what: str) -> None:
         """Update unless written since ``snap``; :class:`StreamClosed` if it was."""
         with edge(what, conditional=True):
-            ref.update(update, option=self.unchanged(snap), retry=None, timeout=self.rpc_timeout)
+            option = self.unchanged(snap)
+            resend(lambda: ref.update(update, option=option, retry=None, timeout=self.rpc_timeout))
 
     def delete_unchanged(self, ref: Any, snap: Any, what: str) -> None:
         """Delete unless written since ``snap``; StreamClosed/StreamNotFound if it was."""
         with edge(what, conditional=True):
-            ref.delete(option=self.unchanged(snap), retry=None, timeout=self.rpc_timeout)
+            option = self.unchanged(snap)
+            resend(lambda: ref.delete(option=option, retry=None, timeout=self.rpc_timeout))
 
     def commit(self, write: Any, what: str, *, conditional: bool = False) -> None:
         with edge(what, conditional=conditional):
-            write.commit(retry=None, timeout=self.rpc_timeout)
+            resend(lambda: write.commit(retry=None, timeout=self.rpc_timeout))
 
     # -- stream metadata -------------------------------------------------------
     def expired(self, data: dict[str, Any], now: float | None = None) -> bool:
