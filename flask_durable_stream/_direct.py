@@ -46,6 +46,7 @@ import _socket
 import contextvars
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -374,7 +375,7 @@ def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool, Any] | None:
         if getattr(owner, "_omits_body", False):
             return None
         sock, chunked = owner.sock, bool(owner.chunked)
-    elif type(owner).__module__ == "gevent.pywsgi":
+    elif is_pywsgi_handler(owner):
         if not owner.headers_sent:
             return None
         sock, chunked = owner.socket, bool(owner.response_use_chunked)
@@ -389,3 +390,10 @@ def is_gunicorn_response(owner: Any) -> bool:
     """Whether ``owner`` (a WSGI ``write``'s or ``start_response``'s ``__self__``) is gunicorn's
     ``Response``, whose state (``sock``, ``chunked``, ``headers_sent``...) the fast paths use."""
     return type(owner).__module__ == "gunicorn.http.wsgi"
+
+
+def is_pywsgi_handler(owner: Any) -> bool:
+    """Whether ``owner`` is a handler of gevent's WSGI server: ``gevent.pywsgi.WSGIHandler``
+    or a subclass (gunicorn's ``gevent_pywsgi`` worker's, ``PyWSGIWorker``'s)."""
+    pywsgi = sys.modules.get("gevent.pywsgi")  # never imported: no handler of it exists
+    return pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler)

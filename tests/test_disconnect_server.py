@@ -27,6 +27,10 @@ from tests.support.client import post_stream
 
 APP = "tests.support.disconnect_app:create_app()"
 BEFORE, AFTER = 5, 200
+WORKERS = {
+    "gevent_pywsgi": "gevent_pywsgi",
+    "PyWSGIWorker": "flask_durable_stream.gunicorn_worker.PyWSGIWorker",
+}
 
 
 @pytest.fixture(
@@ -37,17 +41,24 @@ BEFORE, AFTER = 5, 200
         "sqlite, flow in response",
         "memory, detached response",
         "sqlite, detached response",
+        # gevent's own WSGI server under gunicorn: the same fast path (its handler's socket)
+        "memory, -k gevent_pywsgi",
+        "sqlite, -k PyWSGIWorker",
+        "memory, flow in response, -k PyWSGIWorker",
+        "memory, detached response, -k PyWSGIWorker",
     ]
 )
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
     env = {}
-    if request.param.startswith("sqlite"):
+    mode, _, worker = request.param.partition(", -k ")
+    if mode.startswith("sqlite"):
         env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
-    if request.param.endswith("flow in response"):
+    if mode.endswith("flow in response"):
         env["DISCONNECT_APP_FLOW_IN_RESPONSE"] = "1"
-    if request.param.endswith("detached response"):
+    if mode.endswith("detached response"):
         env["DISCONNECT_APP_DETACH_RESPONSE"] = "1"
-    server = servers.gunicorn(APP, env=env)
+    extra = ["-k", WORKERS[worker]] if worker else []
+    server = servers.gunicorn(APP, env=env, extra=extra)
     yield server
     server.stop()
 
