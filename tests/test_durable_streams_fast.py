@@ -275,6 +275,10 @@ class _CountingSocket:
         self.writes += 1
         self.sock.sendall(data)
 
+    def send(self, data: bytes) -> int:
+        self.writes += 1
+        return self.sock.send(data)
+
 
 def _through_gunicorn(app: Flask, method: str, path: str, headers: dict[str, str], body: bytes):  # type: ignore[no-untyped-def]
     """What gunicorn's worker writes for one request (its ``handle_request``, in short):

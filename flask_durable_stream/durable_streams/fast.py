@@ -187,8 +187,14 @@ def _sent_whole(start_response: Any, body: bytes) -> bool:
     head.extend(["%s: %s\r\n" % (k, v) for k, v in owner.headers])  # noqa: UP031 - as gunicorn
     head.append("\r\n")
     owner.headers_sent = True
+    data = "".join(head).encode("latin-1") + body
+    sock = owner.sock
     try:
-        owner.sock.sendall("".join(head).encode("latin-1") + body)
+        # One send takes a short answer whole; gevent's sendall would first ask the socket
+        # for its buffer size (a system call) on every answer.
+        sent = sock.send(data)
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
     except OSError:
         owner.force_close()  # the client is gone: gunicorn closes the connection
         return True
