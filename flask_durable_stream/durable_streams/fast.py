@@ -155,6 +155,7 @@ def _send(reply: Reply, req: Req, start_response: Any) -> Iterable[bytes]:
     out.extend(common_headers(origin, req.method, "Cache-Control" in headers))
     start_response(_STATUS.get(status, str(status)), out)
     if not body or req.method == "HEAD":
+        _sent_whole(start_response, b"")  # the head alone (an append's 204, a HEAD)
         return []
     if _sent_whole(start_response, body):
         return []
@@ -170,17 +171,19 @@ def _sent_whole(start_response: Any, body: bytes) -> bool:
     writes: joining it to its head would copy it, which costs more than a call.
     The head is the one gunicorn would have written (its ``default_headers``
     and the headers it kept), and its response is told the body is out, so its
-    keep-alive, access log and closing go on as usual.
+    keep-alive, access log and closing go on as usual. An empty ``body`` writes
+    the head alone, for an answer without one (gunicorn's own write of it is a
+    ``sendall``, which costs a system call more).
     """
     owner: Any = getattr(start_response, "__self__", None)
     if not is_gunicorn_response(owner):
         return False
-    # A body gunicorn would drop (HEAD, 204, 304) never gets here: it has no Content-Length.
+    # A body gunicorn would drop (HEAD, 204, 304) is never passed: only its head is written.
     if (
         len(body) > ONE_WRITE_BYTES
         or owner.headers_sent
         or owner.chunked
-        or owner.response_length != len(body)
+        or (body and owner.response_length != len(body))
     ):
         return False
     head = owner.default_headers()
