@@ -397,3 +397,11 @@ def is_pywsgi_handler(owner: Any) -> bool:
     or a subclass (gunicorn's ``gevent_pywsgi`` worker's, ``PyWSGIWorker``'s)."""
     pywsgi = sys.modules.get("gevent.pywsgi")  # never imported: no handler of it exists
     return pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler)
+
+
+def send_whole(sock: Any, data: bytes) -> None:
+    """``sock.sendall(data)``, one ``send`` first: a short write leaves in one system call
+    (gevent's ``sendall`` first asks the socket for its buffer size, a system call of its own)."""
+    sent = sock.send(data) if data else 0
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])

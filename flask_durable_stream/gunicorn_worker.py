@@ -28,6 +28,8 @@ from typing import Any
 from gevent.pywsgi import format_date_time
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
+from ._direct import send_whole
+
 #: The standard library's limits (``http.client``): longer lines or more headers get a 400.
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -124,9 +126,7 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
     def _sendall(self, data: bytes) -> None:
         """gevent's, but one ``send`` first: a small response leaves in one system call."""
         try:
-            sent = self.socket.send(data) if data else 0
-            if sent < len(data):
-                self.socket.sendall(memoryview(data)[sent:])
+            send_whole(self.socket, data)
         except OSError as ex:
             self.status = f"socket error: {ex}"
             if self.code > 0:

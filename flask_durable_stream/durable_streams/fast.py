@@ -23,7 +23,7 @@ from flask import Flask, Response
 from flask.blueprints import BlueprintSetupState
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .._direct import is_gunicorn_response
+from .._direct import is_gunicorn_response, send_whole
 from .replies import Reply, common_headers
 from .request import FLASK, Req
 
@@ -190,14 +190,8 @@ def _sent_whole(start_response: Any, body: bytes) -> bool:
     head.extend(["%s: %s\r\n" % (k, v) for k, v in owner.headers])  # noqa: UP031 - as gunicorn
     head.append("\r\n")
     owner.headers_sent = True
-    data = "".join(head).encode("latin-1") + body
-    sock = owner.sock
     try:
-        # One send takes a short answer whole; gevent's sendall would first ask the socket
-        # for its buffer size (a system call) on every answer.
-        sent = sock.send(data)
-        if sent < len(data):
-            sock.sendall(memoryview(data)[sent:])
+        send_whole(owner.sock, "".join(head).encode("latin-1") + body)
     except OSError:
         owner.force_close()  # the client is gone: gunicorn closes the connection
         return True

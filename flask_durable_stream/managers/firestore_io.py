@@ -238,7 +238,7 @@ def edge(what: str, *, conditional: bool = False) -> Iterator[None]:
         raise StorageUnavailable(f"{what}: Firestore unreachable") from exc
 
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def inherited_connection(exc: BaseException) -> bool:
@@ -256,7 +256,7 @@ def inherited_connection(exc: BaseException) -> bool:
     )
 
 
-def sent_once_more_after_fork(call: Callable[[], T]) -> T:
+def sent_once_more_after_fork(call: Callable[[], _T]) -> _T:
     """``call()``, and once more when gRPC refused it on a connection from before a fork.
 
     Nothing was sent the first time (see :func:`inherited_connection`), so this

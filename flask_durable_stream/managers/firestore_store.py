@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import protocol
 from .._retry import Backoff
@@ -50,9 +50,11 @@ from .firestore_io import (
     firestore,
     request_bytes,
     seconds,
+    sent_once_more_after_fork,
     split,
 )
-from .firestore_io import sent_once_more_after_fork as resend
+
+_T = TypeVar("_T")
 
 #: Quick retries of a commit that failed transiently (the runner retries longer).
 COMMIT_ATTEMPTS = 3
@@ -156,9 +158,15 @@ class FirestoreStore:
         return self.client.collection(f"{self.collection}-pointers").document(key)
 
     # -- requests, each with the deadline and the error mapping ----------------
+    def request(self, what: str, call: Callable[[], _T], *, conditional: bool = False) -> _T:
+        """``call()`` (one RPC, made with ``retry=None`` and the deadline): its errors mapped
+        to ours by :func:`edge`, and sent once more if gRPC refused it on a connection from
+        before a fork (:func:`sent_once_more_after_fork`)."""
+        with edge(what, conditional=conditional):
+            return sent_once_more_after_fork(call)
+
     def get(self, ref: Any, what: str) -> Any:
-        with edge(what):
-            return resend(lambda: ref.get(retry=None, timeout=self.rpc_timeout))
+        return self.request(what, lambda: ref.get(retry=None, timeout=self.rpc_timeout))
 
     def data(self, ref: Any, what: str) -> tuple[Any, dict[str, Any] | None]:
         """The snapshot and its data (None when the document does not exist)."""
@@ -166,17 +174,14 @@ class FirestoreStore:
         return snap, (snap.to_dict() if snap.exists else None)
 
     def query(self, query: Any, what: str) -> list[Any]:
-        with edge(what):
-            return resend(lambda: list(query.stream(retry=None, timeout=self.rpc_timeout)))
+        return self.request(what, lambda: list(query.stream(retry=None, timeout=self.rpc_timeout)))
 
     def create(self, ref: Any, data: dict[str, Any], what: str) -> None:
         """Create ``ref``; :class:`StreamExists` if it exists."""
-        with edge(what):
-            resend(lambda: ref.create(data, retry=None, timeout=self.rpc_timeout))
+        self.request(what, lambda: ref.create(data, retry=None, timeout=self.rpc_timeout))
 
     def set(self, ref: Any, data: dict[str, Any], what: str) -> None:
-        with edge(what):
-            resend(lambda: ref.set(data, retry=None, timeout=self.rpc_timeout))
+        self.request(what, lambda: ref.set(data, retry=None, timeout=self.rpc_timeout))
 
     def unchanged(self, snap: Any) -> Any:
         """The precondition that a document is as ``snap`` read it."""
@@ -184,19 +189,28 @@ class FirestoreStore:
 
     def update_unchanged(self, ref: Any, update: dict[str, Any], snap: Any, what: str) -> None:
         """Update unless written since ``snap``; :class:`StreamClosed` if it was."""
-        with edge(what, conditional=True):
-            option = self.unchanged(snap)
-            resend(lambda: ref.update(update, option=option, retry=None, timeout=self.rpc_timeout))
+        option = self.unchanged(snap)
+        self.request(
+            what,
+            lambda: ref.update(update, option=option, retry=None, timeout=self.rpc_timeout),
+            conditional=True,
+        )
 
     def delete_unchanged(self, ref: Any, snap: Any, what: str) -> None:
         """Delete unless written since ``snap``; StreamClosed/StreamNotFound if it was."""
-        with edge(what, conditional=True):
-            option = self.unchanged(snap)
-            resend(lambda: ref.delete(option=option, retry=None, timeout=self.rpc_timeout))
+        option = self.unchanged(snap)
+        self.request(
+            what,
+            lambda: ref.delete(option=option, retry=None, timeout=self.rpc_timeout),
+            conditional=True,
+        )
 
     def commit(self, write: Any, what: str, *, conditional: bool = False) -> None:
-        with edge(what, conditional=conditional):
-            resend(lambda: write.commit(retry=None, timeout=self.rpc_timeout))
+        self.request(
+            what,
+            lambda: write.commit(retry=None, timeout=self.rpc_timeout),
+            conditional=conditional,
+        )
 
     # -- stream metadata -------------------------------------------------------
     def expired(self, data: dict[str, Any], now: float | None = None) -> bool:
