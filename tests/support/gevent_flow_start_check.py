@@ -68,7 +68,10 @@ def counted_flow(data: Any, ctx: FlowContext) -> str:
 
 
 def request(port: int, headers: bytes = b"") -> bytes:
-    sock = socket.create_connection(("127.0.0.1", port))
+    # Not create_connection: its getaddrinfo goes through gevent's resolver thread, whose
+    # answer waits for the busy hub to give up the interpreter lock, turn after turn.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.connect(("127.0.0.1", port))
     body = b'{"data": null}'
     sock.sendall(
         b"POST /flows/counted HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
