@@ -24,14 +24,20 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+_patched = False  # once patched, for good
+
 
 def gevent_patched() -> bool:
     """True when gevent has monkey-patched :mod:`threading` in this process."""
+    global _patched
+    if _patched:
+        return True
     try:
         from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a hard dependency
         return False
-    return bool(monkey.is_module_patched("threading"))
+    _patched = bool(monkey.is_module_patched("threading"))
+    return _patched
 
 
 class Task:
@@ -99,7 +105,7 @@ class TaskGroup:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # taken twice per task; never held across a switch
         self._impls: set[Any] = set()
         _GROUPS.add(self)
 

@@ -139,7 +139,10 @@ class DirectSink:
             return
         body = protocol.frames(run.read(reader, None))
         last = run.ended and reader.cursor >= run.count
-        self._send(self._wire(body, last), last)
+        if self._chunked and not last:  # _wire's usual case, without its call
+            self._send(b"%x\r\n%b\r\n" % (len(body), body), False)
+        else:
+            self._send(self._wire(body, last), last)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:

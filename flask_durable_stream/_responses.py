@@ -16,8 +16,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
+from ._concurrency import real_lock
+
 _OPEN: weakref.WeakSet[TrackedBody] = weakref.WeakSet()
-_LOCK = threading.Lock()
+_LOCK = real_lock()  # taken twice per stream; never held across a switch
 _CHANGED = threading.Event()
 #: A body dropped without ``close()`` leaves the set silently: look again this often.
 _RECHECK = 0.5

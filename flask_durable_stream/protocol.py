@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .exceptions import DurableStreamError
@@ -77,9 +77,12 @@ def frame(kind: str, payload: str) -> str:
         raise ValueError(f"unknown event kind {kind!r}") from None
 
 
-def frames(events: Iterable[tuple[int, str, str]]) -> bytes:
+def frames(events: Sequence[tuple[int, str, str]]) -> bytes:
     """The wire bytes of ``(seq, kind, payload)`` events, for one write."""
     prefix = _PREFIX
+    if len(events) == 1:  # a live chunk's (a list comprehension is a call of its own)
+        _, kind, payload = events[0]
+        return (prefix[kind] + payload + "}\n\n").encode()
     return "".join([prefix[kind] + payload + "}\n\n" for _, kind, payload in events]).encode()
 
 

@@ -23,6 +23,7 @@ same reason; the sink itself is in :mod:`._direct`.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import sys
 import threading
@@ -61,6 +62,8 @@ RELEASE_MIN_BYTES = 64 * 1024
 RELEASE_MIN_EVENTS = 4
 #: Sequence numbers below this are "stored" for a run that has no storage.
 _EVERYTHING = sys.maxsize
+#: ``Event(seq, kind, payload)`` without the Python-level ``__new__`` a NamedTuple has.
+_new_tuple = tuple.__new__
 
 
 class LiveReader:
@@ -95,8 +98,8 @@ class Run:
     __slots__ = (
         "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
         "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
-        "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "_count",
-        "_total", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
+        "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "count",
+        "total_bytes", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
         "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "__weakref__",
     )  # fmt: skip
 
@@ -135,8 +138,10 @@ class Run:
         self._events: list[Event] = []
         self._ends: list[int] = []  # cumulative payload bytes at the end of each event
         self._base = 0  # seq of _events[0]
-        self._count = 0  # events emitted
-        self._total = 0  # payload bytes emitted
+        #: Events emitted so far (the next event's seq), and their payload bytes: plain
+        #: attributes, not properties, read for every event; only the run sets them.
+        self.count = 0
+        self.total_bytes = 0
         self._trimmed_bytes = 0  # payload bytes before _base
         self._stored = _EVERYTHING  # events below this seq are in storage (or need none)
         self.storage_failing = False  # set by the writer while it retries
@@ -148,30 +153,21 @@ class Run:
         # Greenlets of one hub (no preemption), or real threads: decided once per run.
         self.cooperative = gevent_patched()
         self._lock = None if self.cooperative else threading.Lock()
-        ctx._emit = self.emit_chunk
+        # emit_chunk without its own call: this is every chunk's path.
+        ctx._emit = functools.partial(self._emit, protocol.CHUNK)
         ctx._max_event_bytes = max_event_bytes
         ctx._backend = backend
 
     # -- the producer side -----------------------------------------------------
-    @property
-    def count(self) -> int:
-        """Events emitted so far (the next event's seq)."""
-        return self._count
-
     @property
     def events(self) -> list[Event]:
         """The events held now: all of them until storage and readers let some go."""
         return list(self._events)
 
     @property
-    def total_bytes(self) -> int:
-        """Payload bytes emitted so far."""
-        return self._total
-
-    @property
     def held_bytes(self) -> int:
         """Payload bytes this run keeps in memory now."""
-        return self._total - self._trimmed_bytes
+        return self.total_bytes - self._trimmed_bytes
 
     def _emit(self, kind: str, payload: str) -> None:
         lock = self._lock
@@ -180,12 +176,12 @@ class Run:
         try:
             if self.ended:
                 raise StreamClosed(f"stream {self.stream_id} already ended")
-            seq = self._count
-            event = Event(seq, kind, payload)
+            seq = self.count
+            event = _new_tuple(Event, (seq, kind, payload))
             self._events.append(event)
-            self._total += len(payload)
-            self._ends.append(self._total)
-            self._count = seq + 1
+            self.total_bytes += len(payload)
+            self._ends.append(self.total_bytes)
+            self.count = seq + 1
             if kind != protocol.CHUNK:
                 self.ended = True
                 self.terminal = event
@@ -199,7 +195,7 @@ class Run:
         # once the flow yields; the others cost nothing here.
         if sink is not None and sink.armed:
             if (
-                self._total >= sink.flush_at
+                self.total_bytes >= sink.flush_at
                 or kind != protocol.CHUNK
                 or sink.burst_at != sink.clock()
             ):
@@ -213,7 +209,7 @@ class Run:
                 waiter.set()
         if self.on_emit is not None:
             self.on_emit(self)
-        if self._total >= self._check_at and kind == protocol.CHUNK:
+        if self.total_bytes >= self._check_at and kind == protocol.CHUNK:
             # Last: readers and the writer must know of this event before the flow
             # waits for them. Only the flow's own chunks may wait: a terminal event can
             # come from the writer's task (abort) or a shutdown, never waiting on itself.
@@ -322,7 +318,7 @@ class Run:
         try:
             if self._stored == _EVERYTHING:
                 return 0
-            return self._total - self._bytes_before(min(self._stored, self._count))
+            return self.total_bytes - self._bytes_before(min(self._stored, self.count))
         finally:
             if lock is not None:
                 lock.release()
@@ -372,7 +368,7 @@ class Run:
     # -- memory ----------------------------------------------------------------
     def _check_step(self) -> int:
         limit = self.buffer_limit or DEFAULT_BUFFER_LIMIT
-        return self._total + max(limit // 4, 64 * 1024)
+        return self.total_bytes + max(limit // 4, 64 * 1024)
 
     def _check_memory(self) -> None:
         """Every few hundred KiB emitted: release, pace or drop readers, wait for storage."""
@@ -393,7 +389,7 @@ class Run:
         if lock is not None:
             lock.acquire()
         try:
-            low = min([self._stored, self._count, *(r.cursor for r in self._readers)])
+            low = min([self._stored, self.count, *(r.cursor for r in self._readers)])
             cut = low - self._base
             # Tiny releases are not worth a list copy each: events go in steps.
             if cut > 0 and (
@@ -419,7 +415,7 @@ class Run:
             now = time.monotonic()
             slow = []
             for reader in self._readers:
-                if self._total - self._bytes_before(reader.cursor) > limit:
+                if self.total_bytes - self._bytes_before(reader.cursor) > limit:
                     slow.append(reader)
                 else:
                     reader.behind_since = None
@@ -469,14 +465,14 @@ class Run:
 
         Returns at once when the run has ended, whatever the count.
         """
-        if self._count > count or self.ended:
-            return self._count > count
+        if self.count > count or self.ended:
+            return self.count > count
         waiter = threading.Event()
         self._waiters.append(waiter)
-        if self._count > count or self.ended:  # emitted while we registered
-            return self._count > count
+        if self.count > count or self.ended:  # emitted while we registered
+            return self.count > count
         waiter.wait(timeout)
-        return self._count > count
+        return self.count > count
 
     def attach(self, after: int = -1) -> LiveReader:
         """A live reader from ``after + 1`` on: events it has not read are kept for it."""
@@ -535,7 +531,8 @@ class Run:
         batch = self.since(reader.cursor, max_bytes)
         reader.cursor += len(batch)
         reader.moved_at = time.monotonic()
-        self.reader_moved()
+        if self._pacing:  # see reader_moved
+            self.reader_moved()
         return batch
 
     def reader_moved(self) -> None:
@@ -563,7 +560,7 @@ class Run:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            self.wait_for(self._count, remaining)
+            self.wait_for(self.count, remaining)
         return self.terminal
 
 

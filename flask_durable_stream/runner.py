@@ -19,15 +19,15 @@ import atexit
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from . import _logging, _responses, protocol
-from ._concurrency import TaskGroup
+from ._concurrency import TaskGroup, real_lock
 from ._memory import release_memory
 from .exceptions import (
     FlowError,
@@ -126,7 +126,9 @@ def runner_for(manager: StreamManager | None, **options: Any) -> Runner:
 
 
 def new_stream_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, 128 random bits (what ``uuid4().hex`` gives, less its version bits and
+    its ``UUID`` object, which cost more than the rest of a stream's id and opening)."""
+    return os.urandom(16).hex()
 
 
 class Runner:
@@ -161,7 +163,7 @@ class Runner:
         self.tasks = TaskGroup()
         self._runs: dict[str, Run] = {}
         self._writers: dict[str, RunWriter] = {}
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # short sections that never switch
         self._ticker: Any = None
         self._inline = bool(manager is not None and manager.append_never_blocks)
         self._idle = threading.Event()  # wakes the ticker when the last stored run ends
@@ -214,11 +216,14 @@ class Runner:
                 raise StorageUnavailable(
                     f"The {manager.display_name} backend could not open the stream."
                 ) from exc
+        max_event_bytes = None  # (a manager's truth value would be its length: a lock taken)
+        if stream_writer is not None and manager is not None:
+            max_event_bytes = manager.max_event_bytes
         run = Run(
             stream_id,
-            FlowContext(stream_id if stream_writer else None, context or {}),
+            FlowContext(stream_id if stream_writer is not None else None, context or {}),
             buffer_limit=self.live_buffer_bytes,
-            max_event_bytes=manager.max_event_bytes if stream_writer and manager else None,
+            max_event_bytes=max_event_bytes,
             backend=manager.display_name if manager is not None else "storage",
         )
         if live:

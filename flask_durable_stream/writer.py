@@ -73,8 +73,8 @@ class Clock(Protocol):
 class RealClock:
     """The process's own time: what every runner uses unless a test gives another clock."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    #: The builtin itself: a writer reads it for every stored batch.
+    monotonic = staticmethod(time.monotonic)
 
     def sleep(self, seconds: float) -> None:
         _sleep(seconds)  # looked up at call time: cooperative once gevent has patched time
@@ -156,11 +156,12 @@ class RunWriter:
         # The manager's append never blocks (in-process storage): no task is needed.
         # Under gevent a hub callback stores everything emitted until the flow
         # yields, in one append; with threads it happens right here.
-        if self._claim():
-            if run.cooperative:
+        if run.cooperative:  # _claim without its lock, and without a call
+            if not (self.finished or self._flushing):
+                self._flushing = True
                 run.defer(self._store_inline)  # with the burst's live send, if any
-            else:
-                self._store_inline()
+        elif self._claim():
+            self._store_inline()
 
     def schedule(self) -> None:
         """Start a flush task unless one is running (it will see the new events)."""
@@ -192,7 +193,7 @@ class RunWriter:
             return
         self._appended()
         self.run.mark_stored(self.writer.next_seq)
-        if batch[-1].terminal:
+        if self.writer.closed:  # it stored the terminal event
             self._finish()
 
     def _store_nowait(self) -> None:

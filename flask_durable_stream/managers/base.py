@@ -165,9 +165,12 @@ class StreamWriter:
             return
         if self.closed:
             raise StreamClosed(f"stream {self.stream_id} already ended")
-        self._check(events)
+        if len(events) != 1 or events[0].seq != self.next_seq:  # else nothing to check
+            self._check(events)
         self.store(events)
-        self._moved_past(events)
+        last = events[-1]  # _moved_past, without its call: every stored batch comes here
+        self.next_seq = last.seq + 1
+        self.closed = last.kind != protocol.CHUNK
 
     def append_nowait(
         self, events: Sequence[Event], done: Callable[[BaseException | None], None]
@@ -199,8 +202,9 @@ class StreamWriter:
         return False
 
     def _moved_past(self, events: Sequence[Event]) -> None:
-        self.next_seq = events[-1].seq + 1
-        self.closed = events[-1].terminal
+        last = events[-1]
+        self.next_seq = last.seq + 1
+        self.closed = last.kind != protocol.CHUNK  # ``terminal``, without a property's call
 
     def _check(self, events: Sequence[Event]) -> None:
         first = self.next_seq
