@@ -224,9 +224,10 @@ def call_flow(flow: Flow, data: Any, ctx: FlowContext) -> Any:
     if is_async:
         return _run_async(flow, args, ctx)
     result = flow(*args)
-    if inspect.isgenerator(result):
+    # inspect.isgenerator and friends, without a call each: this runs for every stream.
+    if isinstance(result, types.GeneratorType):
         return _drain(result, ctx)
-    if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+    if isinstance(result, (types.CoroutineType, types.AsyncGeneratorType)):
         return _run_async(lambda *_: result, args, ctx)
     return result
 

@@ -105,7 +105,10 @@ class GenkitFront(Front):
 
     def _handle(self) -> Response:
         stream_id = self._stream_id(required=False)
-        streaming = protocol.wants_stream(request.headers.get("Accept"), request.args.get("stream"))
+        # ``request.args`` parses the query string; most calls have none.
+        query = request.environ.get("QUERY_STRING")
+        stream_arg = request.args.get("stream") if query else None
+        streaming = protocol.wants_stream(request.headers.get("Accept"), stream_arg)
         body = self._read_body(allow_empty=stream_id is not None)
         if stream_id is not None:
             _logging.bind(stream_id, self.name)
