@@ -4,8 +4,9 @@
 
 CPU time on a shared machine moves by 10-20 % from one run to the next, more than most
 changes to the hot path are worth. ``valgrind --tool=callgrind`` counts the instructions
-a process executes instead: the same count for the same code and inputs (within 1 %),
-whatever else the machine does. The price is a process about 50 times slower, so this
+a process executes instead: the same count for the same code and inputs whatever else
+the machine does (within 0.3 %; SQLite's per-chunk count within about 5 %, its writer
+thread's hand-offs differing from run to run). The price is a process about 50 times slower, so this
 runs a few slow streams, not a thousand: it measures the work per chunk and per stream,
 not how a worker behaves when it is saturated (``bench/run.py`` does that).
 
@@ -69,7 +70,10 @@ def child(path: str, streams: int, chunks: int) -> None:
     ).encode() + body
 
     def one() -> int:
-        with socket.create_connection(("127.0.0.1", server.server_port)) as sock:
+        # Not create_connection: its getaddrinfo would run in gevent's resolver thread,
+        # whose work (and waits for the interpreter lock) would be counted too.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.connect(("127.0.0.1", server.server_port))
             sock.sendall(request)
             received = 0
             while data := sock.recv(65536):

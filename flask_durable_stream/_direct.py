@@ -139,10 +139,7 @@ class DirectSink:
             return
         body = protocol.frames(run.read(reader, None))
         last = run.ended and reader.cursor >= run.count
-        if self._chunked and not last:  # _wire's usual case, without its call
-            self._send(b"%x\r\n%b\r\n" % (len(body), body), False)
-        else:
-            self._send(self._wire(body, last), last)
+        self._send(self._wire(body, last), last)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:

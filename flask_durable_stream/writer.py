@@ -156,12 +156,11 @@ class RunWriter:
         # The manager's append never blocks (in-process storage): no task is needed.
         # Under gevent a hub callback stores everything emitted until the flow
         # yields, in one append; with threads it happens right here.
-        if run.cooperative:  # _claim without its lock, and without a call
-            if not (self.finished or self._flushing):
-                self._flushing = True
+        if self._claim():
+            if run.cooperative:
                 run.defer(self._store_inline)  # with the burst's live send, if any
-        elif self._claim():
-            self._store_inline()
+            else:
+                self._store_inline()
 
     def schedule(self) -> None:
         """Start a flush task unless one is running (it will see the new events)."""

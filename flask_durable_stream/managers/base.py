@@ -165,12 +165,9 @@ class StreamWriter:
             return
         if self.closed:
             raise StreamClosed(f"stream {self.stream_id} already ended")
-        if len(events) != 1 or events[0].seq != self.next_seq:  # else nothing to check
-            self._check(events)
+        self._check(events)
         self.store(events)
-        last = events[-1]  # _moved_past, without its call: every stored batch comes here
-        self.next_seq = last.seq + 1
-        self.closed = last.kind != protocol.CHUNK
+        self._moved_past(events)
 
     def append_nowait(
         self, events: Sequence[Event], done: Callable[[BaseException | None], None]

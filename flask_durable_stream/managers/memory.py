@@ -77,12 +77,15 @@ class _Stream:
         return len(self.ends)
 
     def add(self, events: Sequence[Event]) -> None:
-        """With ``lock`` held: store ``events`` (the next ones, in order)."""
+        """With ``lock`` held: store ``events`` (the next ones, in order) and wake the
+        followers waiting (they run once the lock is released)."""
         data, ends = self.data, self.ends
         for event in events:
             data += event.payload.encode()
             ends.append(len(data))
         self.last_kind = events[-1].kind
+        if self._cond is not None:
+            self._cond.notify_all()
 
     def _payload(self, seq: int) -> str:
         start = self.ends[seq - 1] if seq else 0
@@ -179,28 +182,21 @@ class InMemoryStreamManager(StreamManager):
         lock.acquire()
         try:
             info = stream.info
-            ends = stream.ends
-            stored = len(ends)
+            stored = len(stream.ends)  # stream.count, without the property's call
             if events[0].seq != stored or info.status is not _OPEN:
                 if events[-1].seq < stored and all(map(stream.has, events)):
                     info.heartbeat_at = self.now()
                     return info.cancel_requested  # a retry of events that did reach storage
                 if info.status is not _OPEN or events[0].seq < stored:
                     raise StreamClosed(f"stream {info.stream_id} already ended")
-            data = stream.data
-            for event in events:
-                data += event.payload.encode()
-                ends.append(len(data))
+            stream.add(events)
             last = events[-1]
-            kind = stream.last_kind = last.kind
             now = self.now()
             info.updated_at = info.heartbeat_at = now
             info.last_seq = last.seq
-            if kind != _CHUNK:
+            if last.kind != _CHUNK:
                 info.status = status_after(last)
                 info.expires_at = now + self.ttl_seconds
-            if stream._cond is not None:
-                stream._cond.notify_all()  # its followers
             return info.cancel_requested
         finally:
             lock.release()
@@ -256,7 +252,6 @@ class InMemoryStreamManager(StreamManager):
         stream.info.last_seq = seq
         stream.info.updated_at = now
         stream.info.expires_at = now + self.ttl_seconds
-        stream.notify()
 
     # -- metadata ------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:
