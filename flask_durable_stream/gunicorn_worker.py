@@ -8,9 +8,10 @@ gevent's own WSGI server, costs less; this one is that worker with the two
 costs left in gevent's handler taken out: request headers are parsed by
 :func:`parse_headers` instead of through the standard library's e-mail parser,
 and nothing is built for the access log when gunicorn's access log is off;
-and two smaller ones: the ``Date`` header is formatted once a second, and a
+and three smaller ones: the ``Date`` header is formatted once a second, a
 response is written with one ``send`` (gevent's ``sendall`` asks the socket
-for its buffer size first, a system call per response).
+for its buffer size first, a system call per response), and a short body goes
+out in the same write as its head.
 Everything else (keep-alive, chunked bodies, ``Expect: 100-continue``,
 streaming responses, graceful stops, the server hooks) is gevent's and
 gunicorn's own.
@@ -30,6 +31,8 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
 from ._direct import send_whole
 
+#: A first body write up to this many bytes goes out in one write with the response's head.
+ONE_WRITE_BYTES = 64 * 1024
 #: The standard library's limits (``http.client``): longer lines or more headers get a 400.
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -100,6 +103,8 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
 
     provided_date: Any  # gevent's, set per response
     code: Any
+    _holding = False  # in _write_with_headers, for a body short enough to join its head
+    _held: Any = None  # the head kept back meanwhile
 
     def MessageClass(self, rfile: Any, *args: Any) -> Headers:  # noqa: N802 - gevent's name
         return parse_headers(rfile)
@@ -123,8 +128,34 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
             self.response_headers.append((b"Date", self.provided_date))
         super().finalize_headers()
 
+    def _write_with_headers(self, data: bytes) -> None:
+        """gevent's, but a first body write of up to :data:`ONE_WRITE_BYTES` leaves with the
+        head in one write (gevent sends the head, then the body: two system calls, two segments
+        that a client reads one after the other; a long-poll's answer is a short body).
+
+        The bytes are gevent's own, in its order: :meth:`_sendall` keeps the head back and
+        sends it with the next write, the body (framed as a chunk where gevent frames it). A
+        longer body keeps the two writes: joining it to its head would copy it.
+        """
+        if not data or len(data) > ONE_WRITE_BYTES:
+            super()._write_with_headers(data)
+            return
+        self._holding = True
+        try:
+            super()._write_with_headers(data)
+        finally:
+            self._holding = False
+            head, self._held = self._held, None
+        if head is not None:  # nothing followed the head
+            self._sendall(head)
+
     def _sendall(self, data: bytes) -> None:
         """gevent's, but one ``send`` first: a small response leaves in one system call."""
+        if self._holding:
+            if self._held is None:
+                self._held = data  # the head: it goes out with the write that follows
+                return
+            data, self._held, self._holding = self._held + data, None, False
         try:
             send_whole(self.socket, data)
         except OSError as ex:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -127,3 +129,26 @@ def test_parse_headers_keeps_order_and_the_first_of_duplicates() -> None:
     assert headers.items() == [("b", "2")] and headers.get("A") is None
     many = b"".join(b"H%d: x\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n"
     assert parse_headers(io.BytesIO(many)).status == "Too many headers"
+
+
+def test_a_short_body_leaves_with_its_head_in_one_write() -> None:
+    """The same bytes as gunicorn's ``gevent_pywsgi`` handler writes, in one write fewer for
+    a short first body write (a long-poll's answer; the first chunk of a chunked body); a body
+    over ``ONE_WRITE_BYTES`` and a response without a body are written as gevent writes them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.pywsgi_one_write_check"],
+        cwd=servers.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, answers in report.items():
+        assert answers["ours"][1] == answers["theirs"][1], case
+    assert report["short"]["ours"][1].endswith("\r\n\r\nping")
+    assert report["big"]["ours"][1].endswith("z" * 1000)
+    writes = {case: (a["theirs"][0], a["ours"][0]) for case, a in report.items()}
+    assert writes["short"] == (2, 1)
+    assert writes["chunked"][1] == writes["chunked"][0] - 1
+    assert writes["big"] == (2, 2) and writes["empty"] == (1, 1)
