@@ -102,3 +102,97 @@ def test_a_reader_in_another_worker_is_woken_by_the_append(tmp_path: Path) -> No
 
 def test_the_same_under_the_pywsgi_worker(tmp_path: Path) -> None:
     _cross_worker_long_polls(tmp_path, WORKER)
+
+
+class _Clock:
+    """``time.monotonic`` for the store module, moved on by the reader's waits alone."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _Woken:
+    """A reader's wake-up event that is never set: each wait lasts its whole timeout."""
+
+    def __init__(self, clock: _Clock, waits: list[float]) -> None:
+        self.clock, self.waits = clock, waits
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(round(timeout, 6))
+        self.clock.now += timeout
+        return False
+
+
+def _waits_of_a_quiet_long_poll(monkeypatch: Any, hears: bool, seconds: float) -> list[float]:
+    """The timeouts a reader of an unchanging stream waits with, on a clock moved by them."""
+    from flask_durable_stream.durable_streams import store as store_module
+
+    clock, waits = _Clock(), []
+    monkeypatch.setattr(store_module, "time", clock)
+
+    class Quiet(store_module.PolledStore):
+        def __init__(self) -> None:
+            self.wakeups = store_module.Wakeups()
+            self.polls = 0
+
+        def hears_others(self) -> bool:
+            return hears
+
+        def state(self, path: str) -> tuple[int, bool] | None:
+            self.polls += 1
+            return (3, False)
+
+    quiet = Quiet()
+    monkeypatch.setattr(quiet.wakeups, "register", lambda path: _Woken(clock, waits))
+    quiet.wait("s", 3, False, seconds)
+    assert quiet.polls == len(waits) + 1  # one look before each wait and one after the last
+    return waits
+
+
+def test_a_process_that_hears_the_others_polls_only_as_a_safety_net(monkeypatch: Any) -> None:
+    """Without the doorbell a reader polls every 2 ms for a quarter second, then backs off to
+    50 ms; while its process hears the other processes' rings, from 50 ms doubling to 0.5 s:
+    a 2 s long-poll of a quiet stream looks at the file 8 times instead of 165."""
+    polled = _waits_of_a_quiet_long_poll(monkeypatch, hears=False, seconds=2.0)
+    heard = _waits_of_a_quiet_long_poll(monkeypatch, hears=True, seconds=2.0)
+    assert polled[:125] == [0.002] * 125 and max(polled) == 0.05
+    assert len(polled) == 164  # 126 of 2 ms, 4, 8, 16 and 32 ms, 33 of 50 ms, the rest
+    assert heard == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.25]  # the last: what is left of the 2 s
+
+
+def test_every_process_rings_but_never_into_another_users_directory(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A writer not under gevent rings too (a listening process hears every writer); the paths
+    go only to a directory of the writer's own user."""
+    import os
+    import socket
+
+    from flask_durable_stream.durable_streams.doorbell import Doorbell
+
+    bell = Doorbell(str(tmp_path / "streams.db"), lambda paths: None)
+    assert not bell.enabled  # this test process is not patched: it never listens
+    os.makedirs(bell.directory, mode=0o700, exist_ok=True)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        peer.bind(os.path.join(bell.directory, "1"))  # another process's socket
+        peer.settimeout(5)
+        bell.ring(["a/b", "c"])
+        assert peer.recv(65536) == b"a/b\nc"
+        uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # the directory is not ours now
+        bell.ring(["d"])
+        peer.settimeout(0)
+        try:
+            got = peer.recv(65536)
+        except BlockingIOError:
+            got = b""
+        assert got == b""
+    finally:
+        peer.close()
+        bell.close()
+        os.unlink(os.path.join(bell.directory, "1"))
+        os.rmdir(bell.directory)

@@ -11,9 +11,10 @@ readers of its process (:class:`~.store.Wakeups`) at once.
 It only ever adds wake-ups (a spurious one is harmless: readers re-read), and
 it never blocks or fails a write: a full socket buffer, a stale socket of a
 dead worker or a directory it cannot use leave the readers to their polling.
-Only under gevent (``gunicorn -k gevent``), where the listener is a greenlet;
-a process that never has a live reader never listens, so it costs writers
-nothing.
+Listening needs gevent (``gunicorn -k gevent``: the listener is a greenlet);
+every process rings, patched or not (a ``stat`` of the directory per commit,
+and a datagram per listener), so a listening process's readers hear every
+writer and poll only as a safety net (:attr:`listening`).
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ class Doorbell:
         self._listener: socket.socket | None = None
         self._name = ""
         self._sender: socket.socket | None = None
+        self._sender_pid = 0  # the process the sender belongs to (a fork makes its own)
         self._peers: list[str] = []
         self._listed = -1  # the directory's mtime when it was last listed
         self._tasks = TaskGroup()
         self._checked = 0  # the process that decided ``_enabled`` (a fork decides again)
         self._enabled = False
+
+    @property
+    def listening(self) -> bool:
+        """Whether this process listens: other processes' rings wake its readers."""
+        return self._listener is not None and self._pid == os.getpid()
 
     @property
     def enabled(self) -> bool:
@@ -89,14 +96,13 @@ class Doorbell:
     # -- the writing side ---------------------------------------------------------------
     def ring(self, paths: Iterable[str]) -> None:
         """Tell every other listening process that ``paths`` changed; never blocks."""
-        if not self.enabled:
-            return
         peers = self._list()
         if not peers:
             return
-        if self._sender is None or self._pid != os.getpid():
+        if self._sender is None or self._sender_pid != os.getpid():
             self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sender.settimeout(0)  # a full buffer drops the ring, never waits
+            self._sender_pid = os.getpid()
         for payload in _payloads(paths):
             for peer in peers:
                 try:
@@ -110,9 +116,12 @@ class Doorbell:
     def _list(self) -> list[str]:
         """The other listeners' sockets, listed again whenever the directory changed."""
         try:
-            changed = os.stat(self.directory).st_mtime_ns
+            found = os.stat(self.directory)
         except OSError:
             return []
+        if found.st_uid != os.getuid():
+            return []  # not this user's: the paths are not sent there
+        changed = found.st_mtime_ns
         if changed != self._listed:
             self._listed = changed
             try:

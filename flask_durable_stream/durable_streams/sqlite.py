@@ -206,6 +206,7 @@ class SQLiteDSStore(PolledStore):
         synchronous: str = "NORMAL",
         poll_interval: tuple[float, float] = (0.002, 0.05),
         fast_poll_seconds: float = 0.25,
+        heard_poll_interval: tuple[float, float] = (0.05, 0.5),
         mmap_size: int = 256 << 20,
     ) -> None:
         self.path = path
@@ -214,6 +215,7 @@ class SQLiteDSStore(PolledStore):
         self.synchronous = synchronous
         self.poll_interval = poll_interval
         self.fast_poll_seconds = fast_poll_seconds
+        self.heard_poll_interval = heard_poll_interval
         self._pool: list[sqlite3.Connection] = []
         self._writers: list[sqlite3.Connection] = []  # busy_timeout 0: see _begin
         self._pid = os.getpid()
@@ -406,6 +408,9 @@ class SQLiteDSStore(PolledStore):
 
     def listen(self) -> None:
         self.doorbell.listen()
+
+    def hears_others(self) -> bool:
+        return self.doorbell.listening
 
     def state(self, path: str) -> tuple[int, bool] | None:
         with self._connection() as conn:

@@ -215,14 +215,22 @@ class PolledStore(DSStore):
     processes' writes are found by polling: every ``poll_interval[0]`` for the
     first ``fast_poll_seconds`` of a wait (a live reader is usually back
     within milliseconds of its last answer), then backing off to
-    ``poll_interval[1]``.
+    ``poll_interval[1]``. While the process hears the others' writes
+    (:meth:`hears_others`), polling is only a safety net (for a wake-up that
+    was lost): from ``heard_poll_interval[0]``, doubling up to
+    ``heard_poll_interval[1]``.
     """
 
     poll_interval: tuple[float, float] = (0.002, 0.05)
     fast_poll_seconds: float = 0.25
+    heard_poll_interval: tuple[float, float] = (0.05, 0.5)
 
     def listen(self) -> None:
         """Before a reader's first look: a store that can hear other processes' writes starts to."""
+
+    def hears_others(self) -> bool:
+        """Whether other processes' writes wake this process's readers (after :meth:`listen`)."""
+        return False
 
     def state(self, path: str) -> tuple[int, bool] | None:
         """The stream's (tail, closed), None if there is no such stream: one cheap read."""
@@ -241,8 +249,11 @@ class PolledStore(DSStore):
     def _wait(
         self, path: str, tail: int, closed: bool, deadline: float, woken: threading.Event
     ) -> None:
-        fast_until = time.monotonic() + self.fast_poll_seconds
-        delay = self.poll_interval[0]
+        if self.hears_others():
+            fast_until, (delay, longest) = 0.0, self.heard_poll_interval
+        else:
+            fast_until = time.monotonic() + self.fast_poll_seconds
+            delay, longest = self.poll_interval
         while True:
             now = self.state(path)
             if now is None or now[0] > tail or now[1] != closed:
@@ -253,7 +264,7 @@ class PolledStore(DSStore):
             if woken.wait(min(delay, remaining)):
                 return  # a write of this process
             if time.monotonic() > fast_until:  # quiet for a while: back off
-                delay = min(delay * 2, self.poll_interval[1])
+                delay = min(delay * 2, longest)
 
 
 def take(records: Sequence[bytes], max_bytes: int) -> list[bytes]:

@@ -17,7 +17,7 @@ _SECONDS = float(os.environ.get("DS_POLL_SECONDS", "60"))
 for blueprint in app.blueprints.values():
     store = getattr(blueprint, "durable_streams_store", None)
     if store is not None:
-        store.poll_interval = (_SECONDS, _SECONDS)
+        store.poll_interval = store.heard_poll_interval = (_SECONDS, _SECONDS)
         store.fast_poll_seconds = 0.0
 
 
