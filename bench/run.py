@@ -2,14 +2,16 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
-                        [--servers memory,memory-1g,memory-dr,sqlite,sqlite-1g,plain,genkit]
+                        [--servers memory,memory-1g,memory-dr,memory-pw,sqlite,sqlite-1g,
+                                   plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
    raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
    process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
    -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``) and with
-   ``DURABLE_STREAM_DETACH_RESPONSE`` (``-dr``); a plain Flask
+   ``DURABLE_STREAM_DETACH_RESPONSE`` (``-dr``), and the in-memory one under
+   ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -49,6 +51,7 @@ SERVERS = {
     "sqlite-1g": "ours, SQLite, flow in response",
     "memory-dr": "ours, in-memory, detached response",
     "sqlite-dr": "ours, SQLite, detached response",
+    "memory-pw": "ours, in-memory, `PyWSGIWorker`",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -59,9 +62,12 @@ PATHS = {
     "sqlite-1g": "/flows/llm",
     "memory-dr": "/flows/llm",
     "sqlite-dr": "/flows/llm",
+    "memory-pw": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
+#: The ``-pw`` servers' gunicorn worker class.
+WORKER_CLASS = "flask_durable_stream.gunicorn_worker.PyWSGIWorker"
 #: The per-backend scripts: arguments for a full run and for --quick.
 BACKENDS = {
     "bench_sqlite.py": ([], ["--quick"]),
@@ -119,9 +125,11 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_FLOW_IN_RESPONSE"] = "1"
         if kind.endswith("-dr"):
             env["BENCH_DETACH_RESPONSE"] = "1"
+        # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
+        worker = WORKER_CLASS if kind.endswith("-pw") else "gevent"
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
-            "-k", "gevent", "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
+            "-k", worker, "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
             "--no-control-socket", "-b", f"127.0.0.1:{port}",
             "--chdir", str(BENCH), "core_server:create_app()",
         ]  # fmt: skip
@@ -367,7 +375,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
     parser.add_argument(
-        "--servers", default="memory,memory-1g,memory-dr,sqlite,sqlite-1g,plain,genkit"
+        "--servers", default="memory,memory-1g,memory-dr,memory-pw,sqlite,sqlite-1g,plain,genkit"
     )
     parser.add_argument(
         "--gc",
