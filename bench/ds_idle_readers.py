@@ -31,6 +31,8 @@ sys.path.insert(0, str(BENCH))
 
 import bench_durable_streams as ds  # noqa: E402
 
+from tests.support.chaos import worker_pids  # noqa: E402
+
 REQUEST = b"GET /ds/idle?offset=now&live=long-poll HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -48,20 +50,13 @@ def reader(port: int) -> None:
                 data += got
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def measure(backend: str, worker: str, readers: int, seconds: float) -> float:
     """The worker's CPU share of one core while ``readers`` idle long-polls wait."""
     with tempfile.TemporaryDirectory() as tmp:
         server = ds.ours(backend, Path(tmp), worker=worker)
         try:
             deadline = time.monotonic() + 30
-            while not (pids := children(server.proc.pid)):
+            while not (pids := worker_pids(server)):
                 if time.monotonic() > deadline:
                     raise RuntimeError("gunicorn started no worker")
                 time.sleep(0.05)

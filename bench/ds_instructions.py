@@ -42,13 +42,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from bench_durable_streams import WORKER_CLASSES  # noqa: E402
 
 from tests.support import servers  # noqa: E402
 
-WORKERS = {
-    "gevent": "gevent",
-    "pywsgi": "flask_durable_stream.gunicorn_worker.PyWSGIWorker",
-}
 APPS = {
     "memory": "tests.support.ds_app:app",
     "sqlite": "tests.support.ds_app:app",
@@ -87,7 +86,7 @@ def count(server: str, worker: str, appends: int) -> int:
         PYTHONPATH=os.pathsep.join([str(BENCH), str(ROOT)]),
     )
     args = servers.gunicorn_args(APPS[server], port, extra=["--keep-alive", "600", "-t", "600"])
-    args[args.index("-k") + 1] = WORKERS[worker]
+    args[args.index("-k") + 1] = WORKER_CLASSES[worker]
     errors = Path(tmp) / "valgrind.txt"
     try:
         with open(errors, "w") as err:

@@ -44,6 +44,10 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 GENKIT_DIR = BENCH / "genkit_express"
+sys.path.insert(0, str(BENCH))
+
+from bench_durable_streams import WORKER_CLASSES  # noqa: E402 - the gunicorn worker classes
+
 SERVERS = {
     "memory": "ours, in-memory",
     "sqlite": "ours, SQLite",
@@ -66,8 +70,6 @@ PATHS = {
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
-#: The ``-pw`` servers' gunicorn worker class.
-WORKER_CLASS = "flask_durable_stream.gunicorn_worker.PyWSGIWorker"
 #: The per-backend scripts: arguments for a full run and for --quick.
 BACKENDS = {
     "bench_sqlite.py": ([], ["--quick"]),
@@ -126,7 +128,7 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
         if kind.endswith("-dr"):
             env["BENCH_DETACH_RESPONSE"] = "1"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
-        worker = WORKER_CLASS if kind.endswith("-pw") else "gevent"
+        worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
             "-k", worker, "-w", "1", "--worker-connections", "10000", "--backlog", "4096",

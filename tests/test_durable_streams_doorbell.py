@@ -104,6 +104,48 @@ def test_the_same_under_the_pywsgi_worker(tmp_path: Path) -> None:
     _cross_worker_long_polls(tmp_path, WORKER)
 
 
+def test_a_writer_not_under_gevent_rings_a_gunicorn_workers_reader(tmp_path: Path) -> None:
+    """An append made by a process that is not patched (this one, through the store and the
+    engine) wakes a long-poll waiting in a ``gunicorn -k gevent`` worker whose polling is
+    slowed to once an hour: only its ring can answer the reader."""
+    from flask_durable_stream.durable_streams.engine import Engine
+    from flask_durable_stream.durable_streams.sqlite import SQLiteDSStore
+
+    db = tmp_path / "ds.sqlite3"
+    env = {
+        "DS_BACKEND": "sqlite",
+        "DS_SQLITE_PATH": str(db),
+        "DS_LONG_POLL_TIMEOUT": "3600",
+        "DS_POLL_SECONDS": "3600",
+    }
+    server = servers.gunicorn("tests.support.ds_doorbell_app:app", env=env)
+    store = SQLiteDSStore(str(db))
+    reader = Conn(server.port)
+    try:
+        status, _, _ = reader.call("PUT", "/ds/outside", headers={"Content-Type": "text/plain"})
+        assert status == 201
+        got: list[tuple[int, bytes]] = []
+
+        def read() -> None:
+            status, _, body = reader.call("GET", "/ds/outside?offset=now&live=long-poll")
+            got.append((status, body))
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        time.sleep(0.5)  # the reader is waiting (if not, it reads the append at once)
+        reply = Engine(store).append(
+            "outside", content_type="text/plain", record=b"from outside", close=False,
+            stream_seq=None, producer=None,
+        )  # fmt: skip
+        assert reply.status == 204
+        thread.join(60)
+        assert got == [(200, b"from outside")]  # without the ring: nothing for an hour
+    finally:
+        reader.close()
+        store.close()
+        server.stop()
+
+
 class _Clock:
     """``time.monotonic`` for the store module, moved on by the reader's waits alone."""
 

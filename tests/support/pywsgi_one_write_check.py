@@ -20,8 +20,7 @@ from typing import Any  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from gunicorn.workers.ggevent import PyWSGIHandler  # noqa: E402
 
-from flask_durable_stream.gunicorn_worker import ONE_WRITE_BYTES, Handler
-ONE_WRITE_BYTES = 65536  # noqa: E402
+from flask_durable_stream.gunicorn_worker import ONE_WRITE_BYTES, Handler  # noqa: E402
 
 BIG = b"z" * (ONE_WRITE_BYTES + 1)
 
