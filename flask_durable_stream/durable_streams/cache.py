@@ -8,8 +8,9 @@ recently used first out.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
+
+from .._concurrency import real_lock
 
 
 class RecordCache:
@@ -17,7 +18,7 @@ class RecordCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._size = 0
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # short sections that never switch
 
     def get(self, gen: str, start: int, end: int, max_bytes: int) -> list[bytes]:
         """Cached records from ``start`` on, up to the first one missing."""

@@ -118,19 +118,19 @@ class FastPath:
         app = self.app
         if self.view.context_provider is not None or app.config.get("MAX_CONTENT_LENGTH"):
             return False  # the provider, and Flask's own body limit, are Flask's to apply
-        names = (None, self.blueprint)
+        blueprint = self.blueprint
         for hooks in (
             app.before_request_funcs,
             app.teardown_request_funcs,
             app.url_value_preprocessors,
         ):
-            if any(hooks.get(name) for name in names):
+            if hooks.get(None) or hooks.get(blueprint):  # every request: no generator
                 return False
         if app.after_request_funcs.get(None):
             return False
-        own = app.after_request_funcs.get(self.blueprint, ())
-        if any(f is not self.after_request for f in own):
-            return False
+        for hook in app.after_request_funcs.get(blueprint, ()):
+            if hook is not self.after_request:
+                return False
         if not self._routes_checked:
             # Another rule under the prefix (more specific than ours) would win in Flask.
             self._alone = not any(

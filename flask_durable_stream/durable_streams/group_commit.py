@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from .._concurrency import real_lock
 from .store import yield_to_greenlets
 
 _T = TypeVar("_T")
@@ -56,7 +57,7 @@ class GroupCommit:
 
     def __init__(self, commit: Callable[[Sequence[Job[Any]]], None]) -> None:
         self._commit = commit
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # short sections that never switch
         self._queue: list[Job[Any]] = []
         self._busy = False
 

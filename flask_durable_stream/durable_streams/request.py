@@ -38,11 +38,19 @@ class Headers:
         self._environ = environ
 
     def get(self, name: str) -> str | None:
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
+        key = _ENVIRON_KEYS.get(name)
+        if key is None:
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            if len(_ENVIRON_KEYS) < 256:  # the views' own names, not every name ever asked
+                _ENVIRON_KEYS[name] = key
         value = self._environ.get(key)
         return value if value is None or isinstance(value, str) else str(value)
+
+
+#: Header name -> its WSGI environ key, worked out once per name.
+_ENVIRON_KEYS: dict[str, str] = {}
 
 
 #: What a view answers on the fast path when only Flask can serve the request.
@@ -161,8 +169,11 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+_MEDIA_TYPE_RE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+
+
 def valid_media_type(content_type: str) -> bool:
-    return bool(re.match(r"^[\w.+-]+/[\w.+-]+$", media_type(content_type)))
+    return _MEDIA_TYPE_RE.match(media_type(content_type)) is not None
 
 
 def is_json(content_type: str) -> bool:

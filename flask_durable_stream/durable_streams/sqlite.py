@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from .._concurrency import real_lock
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable
 from ..managers.sqlite_io import is_busy
@@ -219,7 +219,7 @@ class SQLiteDSStore(PolledStore):
         self._pool: list[sqlite3.Connection] = []
         self._writers: list[sqlite3.Connection] = []  # busy_timeout 0: see _begin
         self._pid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # the pools' sections never switch
         self.wakeups = Wakeups()
         self.doorbell = Doorbell(path, self.wakeups.wake)  # other workers' readers
         self._group = GroupCommit(self._commit)

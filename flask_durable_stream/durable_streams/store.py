@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from .._concurrency import real_lock
+
 _T = TypeVar("_T")
 
 
@@ -169,7 +171,7 @@ class Wakeups:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = real_lock()  # short sections that never switch
         self._events: dict[str, set[threading.Event]] = {}
         self._metas: dict[threading.Event, Meta] = {}
 
