@@ -244,13 +244,77 @@ def test_concurrent_appends_from_threads_are_each_committed_once(tmp_path: Path)
         t.start()
     for t in threads:
         t.join()
-    assert len(set(offsets)) == 200  # every append acknowledged at its own offset
-    records = store.records("s", 0, 1000, 1 << 30)
-    assert sorted(records) == sorted(f"{n}-{i};".encode() for n in range(4) for i in range(50))
-    for n in range(4):  # each writer's appends in its order
-        mine = [r for r in records if r.startswith(f"{n}-".encode())]
-        assert mine == [f"{n}-{i};".encode() for i in range(50)]
+    _each_committed_once(offsets, store.records("s", 0, 1000, 1 << 30), writers=4, appends=50)
     store.close()
+
+
+def _each_committed_once(
+    offsets: list[str], records: list[bytes], *, writers: int, appends: int
+) -> None:
+    """Writer ``n``'s ``i``-th append was ``b"n-i;"``: each one acknowledged at an offset of
+    its own, stored once, and each writer's appends stored in its order."""
+    assert len(set(offsets)) == len(offsets) == writers * appends
+    expected = [f"{n}-{i};".encode() for n in range(writers) for i in range(appends)]
+    assert sorted(records) == sorted(expected)
+    for n in range(writers):
+        mine = [r for r in records if r.startswith(f"{n}-".encode())]
+        assert mine == [f"{n}-{i};".encode() for i in range(appends)]
+
+
+def test_concurrent_appends_through_gunicorn_are_each_committed_once(tmp_path: Path) -> None:
+    """The same through ``gunicorn -k gevent`` on SQLite, where the appends arriving
+    together share commits (group commit's queue is guarded by an OS lock there, held by
+    greenlets of one thread): four keep-alive writers, 50 appends each."""
+    env = {"DS_BACKEND": "sqlite", "DS_SQLITE_PATH": str(tmp_path / "ds.sqlite3")}
+    server = servers.gunicorn("tests.support.ds_app:app", env=env)
+    offsets: list[str] = []
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            for i in range(50):
+                conn.request(
+                    "POST", "/ds/s", body=f"{n}-{i};".encode(),
+                    headers={"Content-Type": "text/plain"},
+                )  # fmt: skip
+                response = conn.getresponse()
+                response.read()
+                assert response.status == 204, response.status
+                with lock:
+                    offsets.append(response.headers["Stream-Next-Offset"])
+        except BaseException as exc:  # reported by the test's thread below
+            failures.append(exc)
+        finally:
+            conn.close()
+
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("PUT", "/ds/s", headers={"Content-Type": "text/plain"})
+        assert conn.getresponse().status == 201
+        conn.close()
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not failures, failures
+        body, offset = b"", "-1"  # the whole stream, as a client catches up
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        while True:
+            conn.request("GET", f"/ds/s?offset={offset}")
+            response = conn.getresponse()
+            body += response.read()
+            assert response.status == 200, response.status
+            offset = response.headers["Stream-Next-Offset"]
+            if response.headers.get("Stream-Up-To-Date") == "true":
+                break
+        conn.close()
+    finally:
+        server.stop()
+    records = [part + b";" for part in body.split(b";") if part]
+    _each_committed_once(offsets, records, writers=4, appends=50)
 
 
 class _GunicornRequest:
