@@ -63,6 +63,7 @@ class DurableStreamsView:
         max_body_bytes: int,
         max_read_bytes: int,
         gc_interval: float = 60.0,
+        handover: bool = True,
     ) -> None:
         self.engine = Engine(store, max_read_bytes=max_read_bytes)
         self.flows = flows
@@ -73,6 +74,8 @@ class DurableStreamsView:
         self.max_body_bytes = max_body_bytes
         self.cache_control = PRIVATE_CACHE if context_provider is not None else CATCH_UP_CACHE
         self.gc_interval = gc_interval
+        #: Whether the fast path hands keep-alive connections over (:mod:`.handover`).
+        self.handover = handover
         self._next_gc = time.monotonic() + gc_interval
         self._tasks = TaskGroup()
 

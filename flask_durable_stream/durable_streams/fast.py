@@ -24,6 +24,7 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .._direct import is_gunicorn_response, send_whole
+from .handover import HandOver, may_hand_over
 from .replies import Reply, common_headers
 from .request import FLASK, Req
 
@@ -111,7 +112,7 @@ class FastPath:
         if isinstance(result, Response):  # pragma: no cover - the views answer Replies here
             return result(environ, start_response)
         assert isinstance(result, Reply)
-        return _send(result, req, start_response)
+        return _send(result, req, start_response, self.view.handover)
 
     def enabled(self) -> bool:
         """Whether Flask would answer exactly what the view answers on its own."""
@@ -141,8 +142,12 @@ class FastPath:
         return self._alone
 
 
-def _send(reply: Reply, req: Req, start_response: Any) -> Iterable[bytes]:
-    """The reply as Flask would send it (``to_response`` then ``add_common_headers``)."""
+def _send(reply: Reply, req: Req, start_response: Any, handover: bool) -> Iterable[bytes]:
+    """The reply as Flask would send it (``to_response`` then ``add_common_headers``).
+
+    With ``handover``, a reply written whole under gunicorn's gevent worker may hand its
+    keep-alive connection over to gevent's handler (:mod:`.handover`).
+    """
     status = reply.status
     headers = reply.headers
     body = reply.body
@@ -155,11 +160,12 @@ def _send(reply: Reply, req: Req, start_response: Any) -> Iterable[bytes]:
     out.extend(common_headers(origin, req.method, "Cache-Control" in headers))
     start_response(_STATUS.get(status, str(status)), out)
     if not body or req.method == "HEAD":
-        _sent_whole(start_response, b"")  # the head alone (an append's 204, a HEAD)
-        return []
-    if _sent_whole(start_response, body):
-        return []
-    return [body]
+        body = b""  # the head alone (an append's 204, a HEAD)
+    if not _sent_whole(start_response, body):
+        return [body] if body else []
+    if handover and may_hand_over(req.environ, start_response.__self__):
+        return HandOver(req.environ, start_response.__self__)
+    return []
 
 
 def _sent_whole(start_response: Any, body: bytes) -> bool:

@@ -25,6 +25,7 @@ def register_durable_streams(
         manager,
         context_provider=context_provider,
         long_poll_timeout=float(config["DURABLE_STREAM_DS_LONG_POLL_TIMEOUT"]),
+        handover=bool(config["DURABLE_STREAM_DS_HANDOVER"]),
     )
     app.register_blueprint(bp, url_prefix=prefix)
 

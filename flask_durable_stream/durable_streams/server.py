@@ -47,6 +47,7 @@ def durable_streams_server(
     max_body_bytes: int = 64 * 1024 * 1024,
     max_read_bytes: int = 1024 * 1024,
     gc_interval: float = 60.0,
+    handover: bool = True,
 ) -> DurableStreamsBlueprint:
     """A blueprint that serves the Durable Streams protocol at every path under its prefix.
 
@@ -54,6 +55,9 @@ def durable_streams_server(
     :meth:`~.StreamManager.durable_streams_store`), a store, or None for a
     fresh in-memory store. With a manager, its flow streams are readable too
     (``flow_streams=False`` turns that off). Register with any ``url_prefix``.
+    Under gunicorn's gevent worker, a keep-alive connection whose request the fast
+    path answered is served on by gevent's handler (:mod:`.handover`);
+    ``handover=False`` keeps every request with gunicorn.
     """
     store = store_of(stream_manager)
     flows = None
@@ -69,6 +73,7 @@ def durable_streams_server(
         max_body_bytes=max_body_bytes,
         max_read_bytes=max_read_bytes,
         gc_interval=gc_interval,
+        handover=handover,
     )
     bp = DurableStreamsBlueprint(name, import_name, store=store, flows=flows)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]  # PATCH: our 405

@@ -2,7 +2,8 @@
 
 ``DS_BACKEND`` picks the storage (memory, sqlite with ``DS_SQLITE_PATH``, redis
 with ``DS_REDIS_URL``); ``DS_LONG_POLL_TIMEOUT`` the long-poll wait;
-``DS_FLOW_POLL`` the seconds between a flow stream's polls where nothing pushes. Flows
+``DS_FLOW_POLL`` the seconds between a flow stream's polls where nothing pushes;
+``DS_HANDOVER=0`` keeps every request of a keep-alive connection with gunicorn. Flows
 ``echo`` and ``fail`` run on the same manager, so their streams are readable as
 Durable Streams at ``/ds/<stream id>`` too.
 """
@@ -38,6 +39,7 @@ app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
 app.config["DURABLE_STREAM_DS_LONG_POLL_TIMEOUT"] = float(
     os.environ.get("DS_LONG_POLL_TIMEOUT", "2")
 )
+app.config["DURABLE_STREAM_DS_HANDOVER"] = os.environ.get("DS_HANDOVER", "1") == "1"
 ext = DurableStream(stream_manager=_manager())
 
 

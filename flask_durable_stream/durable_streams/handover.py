@@ -1,0 +1,279 @@
+"""A Durable Streams client's keep-alive connection, handed from gunicorn's gevent worker to
+gevent's WSGI handler.
+
+A Durable Streams client makes many short requests on one connection: a
+writer one append after another, a reader one long-poll after another.
+gunicorn's ``gevent`` worker parses each of them with its own HTTP parser and
+builds each environ and response through several layers, which costs about as
+much CPU as the append itself (``docs/durable-streams.md``, "The connection
+after the first request"); gevent's WSGI handler, as :mod:`..gunicorn_worker`
+runs it, costs about half as much. So once the fast path has answered a
+request whole on such a connection, and the connection stays open, the rest
+of it is served by that handler (``HandedOver``), in the same greenlet:
+
+* the bytes gunicorn's parser has already read past the request (a pipelined
+  next request) are taken from its buffer and read first;
+* every later request on the connection, whatever its path, goes to the same
+  WSGI application gunicorn calls, with gevent's environ (as under
+  ``-k gevent_pywsgi``) plus gunicorn's ``gunicorn.socket`` and URL scheme
+  (a trusted proxy's ``secure_scheme_headers``);
+* gunicorn's rules go on: the next request is awaited for ``keepalive``
+  seconds, each request counts towards ``max_requests``, a stopping worker
+  (gunicorn's ``alive`` cleared) answers the request it is reading and then
+  closes the connection, the access log gets a line per request in gunicorn's
+  format, and the connection is still one of the worker's
+  ``worker_connections`` that a graceful stop waits for.
+
+The handover happens in the ``close`` of the first response, after gunicorn
+has written its access log line; it never happens when something could tell
+the difference: TLS, the PROXY protocol, a ``SCRIPT_NAME``, a ``pre_request``
+or ``post_request`` hook of the configuration, a body gunicorn has not read to
+its end, a response gunicorn closes, or a worker that is not gunicorn's
+``gevent`` one. It is on by default
+(``durable_streams_server(handover=False)`` or ``DURABLE_STREAM_DS_HANDOVER =
+False`` keep every request with gunicorn).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import io
+import sys
+import weakref
+from typing import Any
+
+#: How far up the stack gunicorn's ``handle_request`` may be from a response's ``close``
+#: (WSGI middleware between gunicorn and the app adds a frame or two).
+_MAX_DEPTH = 8
+
+#: gunicorn worker -> {listener name: the server object its handed-over connections use}.
+_SERVERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def may_hand_over(environ: dict[str, Any], response: Any) -> bool:
+    """Whether the connection of a request answered whole through gunicorn's ``response``
+    may be handed over: it stays open and its request's body has been read to its end."""
+    if response.should_close():
+        return False
+    body = environ.get("wsgi.input")
+    reader = getattr(body, "reader", None)
+    unreader = getattr(reader, "unreader", None)
+    return (
+        getattr(reader, "length", None) == 0  # gunicorn's LengthReader, read to its end
+        and not getattr(body, "failed", True)
+        and getattr(body, "buf", None) is not None
+        and body.buf.tell() == 0  # type: ignore[union-attr]
+        and hasattr(unreader, "take_buffered")
+    )
+
+
+class HandOver:
+    """The (empty) body of a response answered whole; its ``close`` hands the connection over.
+
+    gunicorn calls ``close`` once the response is out and its access log line
+    written; whatever stops the handover there leaves the connection to
+    gunicorn as if nothing had happened.
+    """
+
+    __slots__ = ("environ", "response")
+
+    def __init__(self, environ: dict[str, Any], response: Any) -> None:
+        self.environ = environ
+        self.response = response
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def close(self) -> None:
+        found = _gunicorn_frame(sys._getframe(1))
+        if found is None:
+            return
+        worker, req, listener_name, sock, addr = found
+        trusted = getattr(req, "_peer_is_trusted_proxy", None)
+        if trusted is None or not _worker_allows(worker) or self.environ.get("SCRIPT_NAME"):
+            return  # SCRIPT_NAME: from gunicorn's environment or a proxy's header
+        unreader = self.environ["wsgi.input"].reader.unreader
+        pending: bytes = unreader.take_buffered()
+        self.response.force_close()  # gunicorn's loop ends after this request; we go on
+        server = _server(worker, listener_name)
+        rfile = io.BufferedReader(_Prefixed(pending, sock), 8192)
+        handler = server.handler_class(sock, addr, server, rfile)
+        handler.trusted_proxy = bool(trusted())  # gunicorn's decision, as for every request
+        handler.handle()
+
+
+def _gunicorn_frame(frame: Any) -> tuple[Any, Any, Any, Any, Any] | None:
+    """gunicorn's ``handle_request`` frame above ``frame``: (worker, its request, listener
+    name, socket, client address), or None when it is not there or not the gevent worker's."""
+    try:
+        ggevent = _gunicorn("workers.ggevent")
+    except ImportError:  # pragma: no cover - a gunicorn response without gunicorn's gevent
+        return None
+    for _ in range(_MAX_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "handle_request":
+            local = frame.f_locals
+            worker = local.get("self")
+            if isinstance(worker, ggevent.GeventWorker) and worker.server_class is None:
+                try:
+                    return (
+                        worker,
+                        local["req"],
+                        local["listener_name"],
+                        local["sock"],
+                        local["addr"],
+                    )
+                except KeyError:  # pragma: no cover - another gunicorn's signature
+                    return None
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _gunicorn(module: str) -> Any:
+    """A module of gunicorn, imported when first needed (and untyped: gunicorn has no types)."""
+    return importlib.import_module("gunicorn." + module)
+
+
+def _worker_allows(worker: Any) -> bool:
+    cfg = worker.cfg
+    if not worker.alive or not cfg.keepalive or cfg.is_ssl:
+        return False
+    if getattr(cfg, "proxy_protocol", False) not in (False, "off"):
+        return False  # the PROXY line's addresses are gunicorn's to apply
+    settings = cfg.settings
+    return all(settings[name].value is settings[name].default for name in _HOOKS)
+
+
+#: gunicorn's per-request hooks: a configuration that sets one keeps every request with gunicorn.
+_HOOKS = ("pre_request", "post_request")
+
+
+def _server(worker: Any, listener_name: Any) -> Any:
+    """The server object a handed-over connection's handler uses: gevent's ``WSGIServer``
+    as gunicorn's ``gevent_pywsgi`` worker makes it, never started (no socket of its own)."""
+    servers = _SERVERS.setdefault(worker, {})
+    server = servers.get(listener_name)
+    if server is None:
+        ggevent = _gunicorn("workers.ggevent")
+        environ = _gunicorn("http.wsgi").base_environ(worker.cfg)
+        environ.update({"wsgi.multithread": True, "SERVER_SOFTWARE": ggevent.VERSION})
+        if isinstance(listener_name, tuple):
+            environ["SERVER_NAME"] = str(listener_name[0])
+            environ["SERVER_PORT"] = str(listener_name[1])
+        else:  # a Unix socket
+            environ["SERVER_NAME"] = environ["SERVER_PORT"] = ""
+        server = ggevent.PyWSGIServer(
+            ("127.0.0.1", 0),  # never bound: only handlers use this server
+            application=worker.wsgi,
+            spawn=None,
+            log=worker.log,
+            handler_class=_handler_class(),
+            environ=environ,
+        )
+        server.worker = worker
+        servers[listener_name] = server
+    return server
+
+
+class _Prefixed(io.RawIOBase):
+    """A socket's bytes, after ``first`` (what gunicorn's parser had read ahead)."""
+
+    def __init__(self, first: bytes, sock: Any) -> None:
+        self._first = memoryview(first)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        first = self._first
+        if first:
+            n = min(len(buffer), len(first))
+            buffer[:n] = first[:n]
+            self._first = first[n:]
+            return n
+        return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _handler_class() -> Any:
+    """:class:`HandedOver`, made on first use: gunicorn is imported only under gunicorn."""
+    handler: Any = importlib.import_module("flask_durable_stream.gunicorn_worker").Handler
+
+    class HandedOver(handler):  # type: ignore[misc]
+        """:class:`..gunicorn_worker.Handler` with gunicorn's worker's rules for a connection
+        (``keepalive``, ``max_requests``, a stopping worker) and its ``gunicorn.socket``."""
+
+        _body_bytes = 0
+        #: Whether the peer may set the scheme (gunicorn's ``forwarded_allow_ips``).
+        trusted_proxy = False
+        _scheme = "http"
+        response_length: int  # gevent's count of the bytes sent
+
+        def handle_one_request(self) -> Any:
+            if not self.server.worker.alive:
+                return None
+            self._body_bytes = 0
+            # gunicorn's wait for the next request's head: keepalive seconds, then the close.
+            self.socket.settimeout(self.server.worker.cfg.keepalive)
+            return super().handle_one_request()
+
+        def read_request(self, raw_requestline: str) -> Any:
+            result = super().read_request(raw_requestline)
+            self.socket.settimeout(None)  # the head is in; the rest waits as under gunicorn
+            worker = self.server.worker
+            worker.nr += 1
+            if worker.nr >= worker.max_requests and worker.alive:
+                worker.log.info("Autorestarting worker after current request.")
+                worker.alive = False
+            if not worker.alive:
+                self.close_connection = True
+            if result and self.trusted_proxy:
+                self._scheme = _scheme(self.headers.items_, worker.cfg.secure_scheme_headers)
+            return result
+
+        def finalize_headers(self) -> None:
+            super().finalize_headers()
+            if self.close_connection and self.request_version == "HTTP/1.1":
+                if not any(name.lower() == b"connection" for name, _ in self.response_headers):
+                    # gunicorn says so on a connection's last response
+                    self.response_headers.append((b"Connection", b"close"))
+
+        def _write(self, data: bytes) -> None:
+            super()._write(data)
+            self._body_bytes += len(data)
+
+        def log_request(self) -> None:
+            # gunicorn's log counts the body's bytes (its %(B)s); gevent's count has the head.
+            sent, self.response_length = self.response_length, self._body_bytes
+            try:
+                super().log_request()
+            finally:
+                self.response_length = sent
+
+        def get_environ(self) -> Any:
+            env = super().get_environ()
+            env["wsgi.url_scheme"] = self._scheme
+            env["gunicorn.socket"] = self.socket
+            return env
+
+    return HandedOver
+
+
+def _scheme(headers: list[tuple[str, str]], secure_headers: dict[str, str]) -> str:
+    """The URL scheme gunicorn gives a request from a trusted proxy: a header of its
+    ``secure_scheme_headers`` with its secure value makes it ``https``; two that disagree are
+    a 400 (a ``ValueError`` here, as gevent's handler answers one)."""
+    scheme = None
+    for name, value in headers:
+        secure = secure_headers.get(name.upper())
+        if secure is None:
+            continue
+        this = "https" if value == secure else "http"
+        if scheme is not None and this != scheme:
+            raise ValueError("Contradictory scheme headers")
+        scheme = this
+    return scheme or "http"
