@@ -103,6 +103,9 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
 
     provided_date: Any  # gevent's, set per response
     code: Any
+    status: Any
+    headers_sent: bool
+    response_headers: list[Any]
     _holding = False  # in _write_with_headers, for a body short enough to join its head
     _held: Any = None  # the head kept back meanwhile
 
@@ -121,6 +124,50 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
     def log_request(self) -> None:
         if self.server.log.access_log_enabled:
             super().log_request()
+
+    def send_whole_response(self, status: str, headers: list[tuple[str, str]], body: bytes) -> bool:
+        """Write a whole response, head and body, with one ``send``; whether it did.
+
+        For an application that has its whole answer at once (the Durable Streams fast
+        path's): the bytes gevent would write for ``start_response(status, headers)`` and a
+        body of ``body`` (``headers`` giving its ``Content-Length``, or none for a 204 or 304),
+        without its per-header checks and encodings, which cost more than the rest of a
+        short answer's writing. A header with a line break in it (gevent refuses those), a
+        request older than HTTP/1.1 or an answer already begun are left to gevent: False.
+        A client gone meanwhile closes the connection, as gevent does.
+        """
+        if self.headers_sent or self.request_version != "HTTP/1.1":
+            return False
+        headers = [*headers, ("Date", _date_text()), *self._closing()]
+        lines = [f"HTTP/1.1 {status}\r\n"]
+        lines.extend([f"{name}: {value}\r\n" for name, value in headers])
+        lines.append("\r\n")
+        head = "".join(lines)
+        breaks = len(lines)  # one per line: none inside a name, a value or the status
+        if head.count("\n") != breaks or head.count("\r") != breaks:
+            return False
+        try:
+            data = head.encode("latin-1") + body
+        except UnicodeEncodeError:
+            return False  # gevent's start_response explains it
+        self.status = status.encode("latin-1")
+        self.code = int(status[:3])
+        self.response_headers = headers
+        self.provided_date = headers[-1][1]
+        self.headers_sent = True
+        try:
+            send_whole(self.socket, data)
+        except OSError as ex:
+            self.status = f"socket error: {ex}"
+            self.code = -self.code
+            self.close_connection = True
+            return True
+        self.response_length += len(data)
+        return True
+
+    def _closing(self) -> list[tuple[str, str]]:
+        """Headers the handler adds because the connection closes after this response."""
+        return []
 
     def finalize_headers(self) -> None:
         if self.provided_date is None:  # gevent's own Date, formatted once a second
@@ -166,14 +213,20 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
         self.response_length += len(data)
 
 
-_DATE: list[Any] = [0, b""]  # [second, its Date value]
+_DATE: list[Any] = [0, b"", ""]  # [second, its Date value, the same as text]
 
 
 def _date() -> bytes:
     now = int(time.time())
     if _DATE[0] != now:
-        _DATE[:] = [now, format_date_time(now)]
+        value = format_date_time(now)
+        _DATE[:] = [now, value, value.decode("latin-1")]
     return _DATE[1]  # type: ignore[no-any-return]
+
+
+def _date_text() -> str:
+    _date()
+    return _DATE[2]  # type: ignore[no-any-return]
 
 
 class PyWSGIWorker(GeventPyWSGIWorker):  # type: ignore[misc]

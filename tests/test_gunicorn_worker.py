@@ -134,7 +134,8 @@ def test_parse_headers_keeps_order_and_the_first_of_duplicates() -> None:
 def test_a_short_body_leaves_with_its_head_in_one_write() -> None:
     """The same bytes as gunicorn's ``gevent_pywsgi`` handler writes, in one write fewer for
     a short first body write (a long-poll's answer; the first chunk of a chunked body); a body
-    over ``ONE_WRITE_BYTES`` and a response without a body are written as gevent writes them."""
+    over ``ONE_WRITE_BYTES`` and a response without a body are written as gevent writes them.
+    An answer written whole (``Handler.send_whole_response``) is the same bytes too."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.support.pywsgi_one_write_check"],
         cwd=servers.ROOT,
@@ -144,6 +145,7 @@ def test_a_short_body_leaves_with_its_head_in_one_write() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    written_whole = report.pop("written whole")
     for case, answers in report.items():
         assert answers["ours"][1] == answers["theirs"][1], case
     assert report["short"]["ours"][1].endswith("\r\n\r\nping")
@@ -152,3 +154,10 @@ def test_a_short_body_leaves_with_its_head_in_one_write() -> None:
     assert writes["short"] == (2, 1)
     assert writes["chunked"][1] == writes["chunked"][0] - 1
     assert writes["big"] == (2, 2) and writes["empty"] == (1, 1)
+    # An answer the application has whole (send_whole_response): the same bytes, one write.
+    assert report["whole/body"]["ours"][1].endswith("\r\nDate: -\r\n\r\nping")
+    assert writes["whole/body"] == (2, 1) and writes["whole/204"] == (1, 1)
+    assert written_whole == ["/whole/body", "/whole/204"]
+    # A header gevent refuses is refused the same way (its 500), never written.
+    assert report["whole/injected"]["ours"][1].startswith("HTTP/1.1 500")
+    assert "Set-Cookie" not in report["whole/injected"]["ours"][1]

@@ -158,9 +158,15 @@ def _send(reply: Reply, req: Req, start_response: Any, handover: bool) -> Iterab
         out.append(("Content-Length", str(len(body))))
     origin = req.environ.get("HTTP_ORIGIN")
     out.extend(common_headers(origin, req.method, "Cache-Control" in headers))
-    start_response(_STATUS.get(status, str(status)), out)
     if not body or req.method == "HEAD":
         body = b""  # the head alone (an append's 204, a HEAD)
+    line = _STATUS.get(status, str(status))
+    # gevent's handler as this package runs it (PyWSGIWorker, a handed-over connection)
+    send_whole_response = getattr(getattr(start_response, "__self__", None),
+                                  "send_whole_response", None)  # fmt: skip
+    if send_whole_response is not None and send_whole_response(line, out, body):
+        return []
+    start_response(line, out)
     if not _sent_whole(start_response, body):
         return [body] if body else []
     if handover and may_hand_over(req.environ, start_response.__self__):

@@ -242,6 +242,17 @@ def _handler_class() -> Any:
                     # gunicorn says so on a connection's last response
                     self.response_headers.append((b"Connection", b"close"))
 
+        def _closing(self) -> list[tuple[str, str]]:
+            return [("Connection", "close")] if self.close_connection else []
+
+        def send_whole_response(
+            self, status: str, headers: list[tuple[str, str]], body: bytes
+        ) -> bool:
+            if not super().send_whole_response(status, headers, body):
+                return False
+            self._body_bytes += len(body)
+            return True
+
         def _write(self, data: bytes) -> None:
             super()._write(data)
             self._body_bytes += len(data)

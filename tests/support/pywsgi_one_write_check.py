@@ -4,7 +4,8 @@ Used by tests/test_gunicorn_worker.py. In a patched process, each request is ser
 gunicorn's ``gevent_pywsgi`` handler and by ours over one end of a Unix socket pair (the
 request written to the other end first, then that end shut for writing, so the handler
 answers and ends): what the client read, with ``Date`` blanked, and how many writes each
-handler made to its socket. Prints a JSON report: ``{case: {handler: [writes, bytes]}}``.
+handler made to its socket. Prints a JSON report: ``{case: {handler: [writes, bytes]}}``, and
+under ``"written whole"`` the ``/whole/`` paths that ours wrote with ``send_whole_response``.
 """
 
 from gevent import monkey
@@ -25,8 +26,29 @@ from flask_durable_stream.gunicorn_worker import ONE_WRITE_BYTES, Handler  # noq
 BIG = b"z" * (ONE_WRITE_BYTES + 1)
 
 
+#: The answers of ``/whole/<case>``: an application with its whole answer at once, as the
+#: Durable Streams fast path has, which uses ``send_whole_response`` where the handler has it.
+WHOLE: dict[str, tuple[str, list[tuple[str, str]], bytes]] = {
+    "body": ("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")], b"ping"),
+    "204": ("204 NO CONTENT", [("Stream-Next-Offset", "1"), ("Cache-Control", "no-store")], b""),
+    "injected": ("200 OK", [("X-Evil", "a\r\nSet-Cookie: b"), ("Content-Length", "0")], b""),
+}
+
+
+#: The ``/whole/`` paths that ``send_whole_response`` wrote.
+WRITTEN_WHOLE: list[str] = []
+
+
 def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     path = environ["PATH_INFO"]
+    if path.startswith("/whole/"):
+        status, headers, body = WHOLE[path[7:]]
+        send = getattr(getattr(start_response, "__self__", None), "send_whole_response", None)
+        if send is not None and send(status, headers, body):
+            WRITTEN_WHOLE.append(path)
+            return []
+        start_response(status, headers)
+        return [body]
     if path == "/short":  # a long-poll's answer: a short body of known length
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
         return [b"ping"]
@@ -83,9 +105,10 @@ def main() -> None:
     report = {
         path: {name: serve(cls, "/" + path) for name, cls in (("theirs", PyWSGIHandler),
                                                                ("ours", Handler))}
-        for path in ("short", "chunked", "big", "empty")
+        for path in ("short", "chunked", "big", "empty", "whole/body", "whole/204",
+                     "whole/injected")
     }  # fmt: skip
-    print(json.dumps(report))
+    print(json.dumps({**report, "written whole": WRITTEN_WHOLE}))
 
 
 if __name__ == "__main__":
