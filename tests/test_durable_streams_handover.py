@@ -249,3 +249,21 @@ def test_gunicorns_script_name_keeps_the_connection_with_gunicorn() -> None:
         conn.close()
     finally:
         server.stop()
+
+
+def test_a_middleware_that_wraps_the_body_keeps_the_connection_with_gunicorn() -> None:
+    """A WSGI middleware that wraps the response's body calls its ``close`` itself, perhaps
+    inside state of its own for that request: every request stays with gunicorn."""
+    server = servers.gunicorn("tests.support.ds_app:wrapped")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        served = []
+        for method, body in (("PUT", b""), ("POST", b"a;"), ("POST", b"b;")):
+            response, _ = _call(conn, method, "/ds/w", body, **TEXT)
+            served.append((response.status, _by_gunicorn(response)))
+        response, data = _call(conn, "GET", "/ds/w?offset=-1")
+        assert served == [(201, True), (204, True), (204, True)]
+        assert (response.status, data, _by_gunicorn(response)) == (200, b"a;b;", True)
+        conn.close()
+    finally:
+        server.stop()

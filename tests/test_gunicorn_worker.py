@@ -157,6 +157,7 @@ def test_a_short_body_leaves_with_its_head_in_one_write() -> None:
     # An answer the application has whole (send_whole_response): the same bytes, one write.
     assert report["whole/body"]["ours"][1].endswith("\r\nDate: -\r\n\r\nping")
     assert writes["whole/body"] == (2, 1) and writes["whole/204"] == (1, 1)
+    assert writes["whole/big"] == (2, 2)  # a body over ONE_WRITE_BYTES: gevent's two writes
     assert written_whole == ["/whole/body", "/whole/204"]
     # A header gevent refuses is refused the same way (its 500), never written.
     assert report["whole/injected"]["ours"][1].startswith("HTTP/1.1 500")

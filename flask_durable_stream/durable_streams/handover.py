@@ -27,9 +27,9 @@ of it is served by that handler (``HandedOver``), in the same greenlet:
 The handover happens in the ``close`` of the first response, after gunicorn
 has written its access log line; it never happens when something could tell
 the difference: TLS, the PROXY protocol, a ``SCRIPT_NAME``, a ``pre_request``
-or ``post_request`` hook of the configuration, a body gunicorn has not read to
-its end, a response gunicorn closes, or a worker that is not gunicorn's
-``gevent`` one. It is on by default
+or ``post_request`` hook of the configuration, a WSGI middleware that wraps the
+response's body, a body gunicorn has not read to its end, a response gunicorn
+closes, or a worker that is not gunicorn's ``gevent`` one. It is on by default
 (``durable_streams_server(handover=False)`` or ``DURABLE_STREAM_DS_HANDOVER =
 False`` keep every request with gunicorn).
 """
@@ -42,10 +42,6 @@ import io
 import sys
 import weakref
 from typing import Any
-
-#: How far up the stack gunicorn's ``handle_request`` may be from a response's ``close``
-#: (WSGI middleware between gunicorn and the app adds a frame or two).
-_MAX_DEPTH = 8
 
 #: gunicorn worker -> {listener name: the server object its handed-over connections use}.
 _SERVERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
@@ -104,32 +100,28 @@ class HandOver:
 
 
 def _gunicorn_frame(frame: Any) -> tuple[Any, Any, Any, Any, Any] | None:
-    """gunicorn's ``handle_request`` frame above ``frame``: (worker, its request, listener
-    name, socket, client address), or None when it is not there or not the gevent worker's."""
+    """(worker, its request, listener name, socket, client address) when ``frame`` is the
+    gevent worker's ``handle_request``, else None.
+
+    Only gunicorn's own call of ``close`` hands over: a WSGI middleware that wraps the
+    response's body (and so calls its ``close``) may still hold the first request's state
+    (a tracing scope, a context variable) around that call, which the connection's later
+    requests would then run inside.
+    """
+    if frame is None or frame.f_code.co_name != "handle_request":
+        return None
     try:
         ggevent = _gunicorn("workers.ggevent")
     except ImportError:  # pragma: no cover - a gunicorn response without gunicorn's gevent
         return None
-    for _ in range(_MAX_DEPTH):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "handle_request":
-            local = frame.f_locals
-            worker = local.get("self")
-            if isinstance(worker, ggevent.GeventWorker) and worker.server_class is None:
-                try:
-                    return (
-                        worker,
-                        local["req"],
-                        local["listener_name"],
-                        local["sock"],
-                        local["addr"],
-                    )
-                except KeyError:  # pragma: no cover - another gunicorn's signature
-                    return None
-            return None
-        frame = frame.f_back
-    return None
+    local = frame.f_locals
+    worker = local.get("self")
+    if not isinstance(worker, ggevent.GeventWorker) or worker.server_class is not None:
+        return None
+    try:
+        return worker, local["req"], local["listener_name"], local["sock"], local["addr"]
+    except KeyError:  # pragma: no cover - another gunicorn's signature
+        return None
 
 
 def _gunicorn(module: str) -> Any:

@@ -87,3 +87,27 @@ ext.init_app(app)
 if os.environ.get("DS_FLOW_POLL"):
     flows = app.blueprints["durable_streams"].flow_streams
     flows.poll = (float(os.environ["DS_FLOW_POLL"]),) * 2
+
+
+class _WrappingMiddleware:
+    """A WSGI middleware that wraps every response's body, as tracing middlewares do."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        body = self.inner(environ, start_response)
+
+        class Wrapped:
+            def __iter__(self) -> Any:
+                return iter(body)
+
+            def close(self) -> None:
+                if hasattr(body, "close"):
+                    body.close()
+
+        return Wrapped()
+
+
+#: ``tests.support.ds_app:wrapped``: the app behind :class:`_WrappingMiddleware`.
+wrapped = _WrappingMiddleware(app)

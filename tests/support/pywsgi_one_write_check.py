@@ -31,6 +31,7 @@ BIG = b"z" * (ONE_WRITE_BYTES + 1)
 WHOLE: dict[str, tuple[str, list[tuple[str, str]], bytes]] = {
     "body": ("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")], b"ping"),
     "204": ("204 NO CONTENT", [("Stream-Next-Offset", "1"), ("Cache-Control", "no-store")], b""),
+    "big": ("200 OK", [("Content-Length", str(len(BIG)))], BIG),
     "injected": ("200 OK", [("X-Evil", "a\r\nSet-Cookie: b"), ("Content-Length", "0")], b""),
 }
 
@@ -106,7 +107,7 @@ def main() -> None:
         path: {name: serve(cls, "/" + path) for name, cls in (("theirs", PyWSGIHandler),
                                                                ("ours", Handler))}
         for path in ("short", "chunked", "big", "empty", "whole/body", "whole/204",
-                     "whole/injected")
+                     "whole/big", "whole/injected")
     }  # fmt: skip
     print(json.dumps({**report, "written whole": WRITTEN_WHOLE}))
 
