@@ -76,20 +76,21 @@ class Headers:
         return (f"{key}: {value}\r\n" for key, value in self.items_)
 
 
-def parse_headers(rfile: Any) -> Headers:
+def parse_headers(rfile: Any, max_line: int = MAX_LINE, max_headers: int = MAX_HEADERS) -> Headers:
     """The header lines up to the empty line, as ``http.client.parse_headers`` would keep them.
 
     A line folded onto the previous one (obsolete in HTTP/1.1) or without a
-    colon is refused rather than guessed at.
+    colon is refused rather than guessed at, and so is a line longer than
+    ``max_line`` bytes (its line break included) or more than ``max_headers`` lines.
     """
     items: list[tuple[str, str]] = []
     while True:
-        line = rfile.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
+        line = rfile.readline(max_line + 1)
+        if len(line) > max_line:
             return Headers(items, "Line too long")
         if line in (b"\r\n", b"\n", b""):
             return Headers(items)
-        if len(items) >= MAX_HEADERS:
+        if len(items) >= max_headers:
             return Headers(items, "Too many headers")
         text = line.decode("latin-1")
         name, colon, value = text.partition(":")

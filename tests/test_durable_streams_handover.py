@@ -267,3 +267,39 @@ def test_a_middleware_that_wraps_the_body_keeps_the_connection_with_gunicorn() -
         conn.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /ds/l?offset=-1&pad=" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /ds/l?offset=-1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n",
+        b"GET /ds/l?offset=-1 HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-H%d: x\r\n" % i for i in range(120))
+        + b"\r\n",
+    ],
+    ids=["request-line", "field-size", "fields"],
+)
+def test_gunicorns_request_limits_hold_on_a_handed_over_connection(request_head: bytes) -> None:
+    """``--limit-request-line``, ``--limit-request-field_size`` and ``--limit-request-fields``
+    (gunicorn's defaults: 4094, 8190, 100) refuse a request after the handover with the
+    status gunicorn gives it (414, 431) and close the connection."""
+    server = servers.gunicorn("tests.support.ds_app:app")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        assert _call(conn, "PUT", "/ds/l", **TEXT)[0].status == 201
+        for part in (b"a;", b"b;"):
+            response, _ = _call(conn, "POST", "/ds/l", part, **TEXT)
+        assert response.status == 204 and not _by_gunicorn(response)
+        assert conn.sock is not None
+        conn.sock.sendall(request_head)
+        answer = _wait_for_eof(conn.sock)
+        conn.close()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as fresh:
+            fresh.sendall(request_head)  # the same to gunicorn, on a new connection
+            by_gunicorn = _wait_for_eof(fresh)
+    finally:
+        server.stop()
+    status = by_gunicorn.partition(b"\r\n")[0]
+    assert status in (b"HTTP/1.1 414 URI Too Long", b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert answer.partition(b"\r\n")[0] == status, answer[:100]

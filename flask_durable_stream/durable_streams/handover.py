@@ -21,8 +21,8 @@ of it is served by that handler (``HandedOver``), in the same greenlet:
   seconds, each request counts towards ``max_requests``, a stopping worker
   (gunicorn's ``alive`` cleared) answers the request it is reading and then
   closes the connection, the access log gets a line per request in gunicorn's
-  format, and the connection is still one of the worker's
-  ``worker_connections`` that a graceful stop waits for.
+  format, gunicorn's request limits give its 414 and 431, and the connection is
+  still one of the worker's ``worker_connections`` that a graceful stop waits for.
 
 The handover happens in the ``close`` of the first response, after gunicorn
 has written its access log line; it never happens when something could tell
@@ -193,11 +193,15 @@ class _Prefixed(io.RawIOBase):
 @functools.cache
 def _handler_class() -> Any:
     """:class:`HandedOver`, made on first use: gunicorn is imported only under gunicorn."""
-    handler: Any = importlib.import_module("flask_durable_stream.gunicorn_worker").Handler
+    worker_module: Any = importlib.import_module("flask_durable_stream.gunicorn_worker")
+    handler: Any = worker_module.Handler
+    parse_headers = worker_module.parse_headers
+    MAX_LINE, MAX_HEADERS = worker_module.MAX_LINE, worker_module.MAX_HEADERS  # noqa: N806
 
     class HandedOver(handler):  # type: ignore[misc]
         """:class:`..gunicorn_worker.Handler` with gunicorn's worker's rules for a connection
-        (``keepalive``, ``max_requests``, a stopping worker) and its ``gunicorn.socket``."""
+        (``keepalive``, ``max_requests``, a stopping worker, the request limits) and its
+        ``gunicorn.socket``."""
 
         _body_bytes = 0
         #: Whether the peer may set the scheme (gunicorn's ``forwarded_allow_ips``).
@@ -213,8 +217,27 @@ def _handler_class() -> Any:
             self.socket.settimeout(self.server.worker.cfg.keepalive)
             return super().handle_one_request()
 
+        def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
+            # gunicorn's limits: --limit-request-field_size, --limit-request-fields
+            cfg = self.server.worker.cfg
+            size = cfg.limit_request_field_size
+            return parse_headers(
+                rfile,
+                size + 2 if size > 0 else MAX_LINE,  # its line break counts here
+                cfg.limit_request_fields if cfg.limit_request_fields > 0 else MAX_HEADERS,
+            )
+
         def read_request(self, raw_requestline: str) -> Any:
-            result = super().read_request(raw_requestline)
+            limit = self.server.worker.cfg.limit_request_line  # --limit-request-line
+            if limit > 0 and len(raw_requestline.rstrip("\r\n")) > limit:
+                raise _Refused("414 URI Too Long", "Request Line is too large")
+            try:
+                result = super().read_request(raw_requestline)
+            except ValueError:
+                status = getattr(self.headers, "status", "")
+                if status in ("Line too long", "Too many headers"):  # parse_headers' limits
+                    raise _Refused("431 Request Header Fields Too Large", status) from None
+                raise
             self.socket.settimeout(None)  # the head is in; the rest waits as under gunicorn
             worker = self.server.worker
             worker.nr += 1
@@ -233,6 +256,11 @@ def _handler_class() -> Any:
                 if not any(name.lower() == b"connection" for name, _ in self.response_headers):
                     # gunicorn says so on a connection's last response
                     self.response_headers.append((b"Connection", b"close"))
+
+        def _handle_client_error(self, ex: Exception) -> Any:
+            if isinstance(ex, _Refused):  # gunicorn's status for it, then the close
+                return ex.status[:3], ex.response()
+            return super()._handle_client_error(ex)
 
         def _closing(self) -> list[tuple[str, str]]:
             return [("Connection", "close")] if self.close_connection else []
@@ -280,3 +308,17 @@ def _scheme(headers: list[tuple[str, str]], secure_headers: dict[str, str]) -> s
             raise ValueError("Contradictory scheme headers")
         scheme = this
     return scheme or "http"
+
+
+class _Refused(ValueError):
+    """A request over one of gunicorn's limits: answered with gunicorn's status, then closed."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+    def response(self) -> bytes:
+        body = str(self).encode()
+        return b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: text/plain\r\n" % (
+            self.status.encode()
+        ) + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
