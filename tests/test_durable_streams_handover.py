@@ -45,6 +45,18 @@ def _wait_for_eof(sock: socket.socket, timeout: float = 20) -> bytes:
     return data
 
 
+def _handed_over(server: servers.Server, path: str) -> tuple[http.client.HTTPConnection, str]:
+    """A connection that created ``path`` and appended twice: handed over after the first
+    append. Also the stream's next offset."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    assert _call(conn, "PUT", path, **TEXT)[0].status == 201
+    for part in (b"a;", b"b;"):
+        response, _ = _call(conn, "POST", path, part, **TEXT)
+        assert response.status == 204
+    assert not _by_gunicorn(response)  # handed over
+    return conn, response.getheader("Stream-Next-Offset") or ""
+
+
 @pytest.mark.parametrize("handover", [True, False], ids=["handover", "off"])
 def test_every_request_after_a_fast_answer_is_served_on_the_same_connection(
     handover: bool,
@@ -131,12 +143,7 @@ def test_a_handed_over_connection_idle_past_keepalive_is_closed() -> None:
     """gunicorn's ``--keep-alive`` still bounds the wait for a next request."""
     server = servers.gunicorn("tests.support.ds_app:app", extra=["--keep-alive", "1"])
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        assert _call(conn, "PUT", "/ds/k", **TEXT)[0].status == 201
-        for part in (b"a;", b"b;"):
-            response, _ = _call(conn, "POST", "/ds/k", part, **TEXT)
-            assert response.status == 204
-        assert not _by_gunicorn(response)  # handed over
+        conn, _ = _handed_over(server, "/ds/k")
         assert conn.sock is not None
         assert _wait_for_eof(conn.sock) == b""  # closed by the server, with nothing sent
         conn.close()
@@ -184,12 +191,7 @@ def test_a_stopping_worker_answers_the_request_in_flight_then_closes() -> None:
         extra=["--keep-alive", "120", "--graceful-timeout", "60"],
     )
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        assert _call(conn, "PUT", "/ds/g", **TEXT)[0].status == 201
-        for part in (b"a;", b"b;"):
-            response, _ = _call(conn, "POST", "/ds/g", part, **TEXT)
-        assert response.status == 204 and not _by_gunicorn(response)
-        offset = response.getheader("Stream-Next-Offset")
+        conn, offset = _handed_over(server, "/ds/g")
         conn.request("GET", f"/ds/g?offset={offset}&live=long-poll")
         time.sleep(0.5)  # the long-poll is waiting (it answers after 3 s, or with data)
         os.kill(server.proc.pid, signal.SIGTERM)  # gunicorn's graceful stop
@@ -211,11 +213,7 @@ def test_a_trusted_proxys_scheme_header_still_makes_the_url_https() -> None:
     connection as under gunicorn: a flow's ``Durable-Stream-Url`` says so."""
     server = servers.gunicorn("tests.support.ds_app:app")
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        assert _call(conn, "PUT", "/ds/h", **TEXT)[0].status == 201
-        for part in (b"a;", b"b;"):
-            response, _ = _call(conn, "POST", "/ds/h", part, **TEXT)
-        assert not _by_gunicorn(response)
+        conn, _ = _handed_over(server, "/ds/h")
         urls = {}
         for proto in ("https", "http", None):
             headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -286,11 +284,7 @@ def test_gunicorns_request_limits_hold_on_a_handed_over_connection(request_head:
     status gunicorn gives it (414, 431) and close the connection."""
     server = servers.gunicorn("tests.support.ds_app:app")
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        assert _call(conn, "PUT", "/ds/l", **TEXT)[0].status == 201
-        for part in (b"a;", b"b;"):
-            response, _ = _call(conn, "POST", "/ds/l", part, **TEXT)
-        assert response.status == 204 and not _by_gunicorn(response)
+        conn, _ = _handed_over(server, "/ds/l")
         assert conn.sock is not None
         conn.sock.sendall(request_head)
         answer = _wait_for_eof(conn.sock)
