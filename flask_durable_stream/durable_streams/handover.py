@@ -150,6 +150,7 @@ def _server(worker: Any, listener_name: Any) -> Any:
     server = servers.get(listener_name)
     if server is None:
         ggevent = _gunicorn("workers.ggevent")
+        limits: Any = importlib.import_module("flask_durable_stream.gunicorn_worker")
         environ = _gunicorn("http.wsgi").base_environ(worker.cfg)
         environ.update({"wsgi.multithread": True, "SERVER_SOFTWARE": ggevent.VERSION})
         if isinstance(listener_name, tuple):
@@ -166,6 +167,16 @@ def _server(worker: Any, listener_name: Any) -> Any:
             environ=environ,
         )
         server.worker = worker
+        # gunicorn's settings a handed-over request reads, looked up once (gunicorn's Config
+        # finds each through __getattr__); a reloaded configuration comes with new workers.
+        cfg = worker.cfg
+        server.keepalive = cfg.keepalive
+        server.max_request_line = cfg.limit_request_line
+        size = cfg.limit_request_field_size
+        server.max_line = size + 2 if size > 0 else limits.MAX_LINE  # its line break counts
+        fields = cfg.limit_request_fields
+        server.max_headers = fields if fields > 0 else limits.MAX_HEADERS
+        server.secure_headers = {k.lower(): v for k, v in cfg.secure_scheme_headers.items()}
         servers[listener_name] = server
     return server
 
@@ -196,7 +207,6 @@ def _handler_class() -> Any:
     worker_module: Any = importlib.import_module("flask_durable_stream.gunicorn_worker")
     handler: Any = worker_module.Handler
     parse_headers = worker_module.parse_headers
-    MAX_LINE, MAX_HEADERS = worker_module.MAX_LINE, worker_module.MAX_HEADERS  # noqa: N806
 
     class HandedOver(handler):  # type: ignore[misc]
         """:class:`..gunicorn_worker.Handler` with gunicorn's worker's rules for a connection
@@ -214,21 +224,15 @@ def _handler_class() -> Any:
                 return None
             self._body_bytes = 0
             # gunicorn's wait for the next request's head: keepalive seconds, then the close.
-            self.socket.settimeout(self.server.worker.cfg.keepalive)
+            self.socket.settimeout(self.server.keepalive)
             return super().handle_one_request()
 
         def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
             # gunicorn's limits: --limit-request-field_size, --limit-request-fields
-            cfg = self.server.worker.cfg
-            size = cfg.limit_request_field_size
-            return parse_headers(
-                rfile,
-                size + 2 if size > 0 else MAX_LINE,  # its line break counts here
-                cfg.limit_request_fields if cfg.limit_request_fields > 0 else MAX_HEADERS,
-            )
+            return parse_headers(rfile, self.server.max_line, self.server.max_headers)
 
         def read_request(self, raw_requestline: str) -> Any:
-            limit = self.server.worker.cfg.limit_request_line  # --limit-request-line
+            limit = self.server.max_request_line  # --limit-request-line
             if limit > 0 and len(raw_requestline.rstrip("\r\n")) > limit:
                 raise _Refused("414 URI Too Long", "Request Line is too large")
             try:
@@ -247,7 +251,7 @@ def _handler_class() -> Any:
             if not worker.alive:
                 self.close_connection = True
             if result and self.trusted_proxy:
-                self._scheme = _scheme(self.headers.items_, worker.cfg.secure_scheme_headers)
+                self._scheme = _scheme(self.headers.items_, self.server.secure_headers)
             return result
 
         def finalize_headers(self) -> None:
@@ -296,11 +300,12 @@ def _handler_class() -> Any:
 
 def _scheme(headers: list[tuple[str, str]], secure_headers: dict[str, str]) -> str:
     """The URL scheme gunicorn gives a request from a trusted proxy: a header of its
-    ``secure_scheme_headers`` with its secure value makes it ``https``; two that disagree are
-    a 400 (a ``ValueError`` here, as gevent's handler answers one)."""
+    ``secure_scheme_headers`` (here by lowercase name) with its secure value makes it
+    ``https``; two that disagree are a 400 (a ``ValueError`` here, as gevent's handler
+    answers one)."""
     scheme = None
     for name, value in headers:
-        secure = secure_headers.get(name.upper())
+        secure = secure_headers.get(name.lower())
         if secure is None:
             continue
         this = "https" if value == secure else "http"
