@@ -399,6 +399,11 @@ def is_pywsgi_handler(owner: Any) -> bool:
     return pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler)
 
 
+#: A response body up to this many bytes goes out in one write with its head (gunicorn's
+#: fast path, PyWSGIWorker's handler); a longer one keeps two writes: joining it would copy it.
+ONE_WRITE_BYTES = 64 * 1024
+
+
 def send_whole(sock: Any, data: bytes) -> None:
     """``sock.sendall(data)``, one ``send`` first: a short write leaves in one system call
     (gevent's ``sendall`` first asks the socket for its buffer size, a system call of its own)."""

@@ -29,10 +29,8 @@ from typing import Any
 from gevent.pywsgi import format_date_time
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
-from ._direct import send_whole
+from ._direct import ONE_WRITE_BYTES, send_whole
 
-#: A first body write up to this many bytes goes out in one write with the response's head.
-ONE_WRITE_BYTES = 64 * 1024
 #: The standard library's limits (``http.client``): longer lines or more headers get a 400.
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -178,6 +176,9 @@ class Handler(PyWSGIHandler):  # type: ignore[misc]
             self.provided_date = _date()
             self.response_headers.append((b"Date", self.provided_date))
         super().finalize_headers()
+        closing = self._closing()
+        if closing and not any(name.lower() == b"connection" for name, _ in self.response_headers):
+            self.response_headers.extend((n.encode(), v.encode()) for n, v in closing)
 
     def _write_with_headers(self, data: bytes) -> None:
         """gevent's, but a first body write of up to :data:`ONE_WRITE_BYTES` leaves with the

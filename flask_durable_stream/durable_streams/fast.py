@@ -23,7 +23,7 @@ from flask import Flask, Response
 from flask.blueprints import BlueprintSetupState
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .._direct import is_gunicorn_response, send_whole
+from .._direct import ONE_WRITE_BYTES, is_gunicorn_response, send_whole
 from .handover import HandOver, may_hand_over
 from .replies import Reply, common_headers
 from .request import FLASK, Req
@@ -35,8 +35,6 @@ WSGIApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
 
 _STATUS = {code: f"{code} {phrase.upper()}" for code, phrase in HTTP_STATUS_CODES.items()}
 _FAST_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
-#: Bodies up to this many bytes go out in one write with their head under gunicorn.
-ONE_WRITE_BYTES = 64 * 1024
 
 
 def install(view: DurableStreamsView, after_request: Callable[..., Any]) -> Callable[..., None]:

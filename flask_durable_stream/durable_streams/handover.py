@@ -254,20 +254,16 @@ def _handler_class() -> Any:
                 self._scheme = _scheme(self.headers.items_, self.server.secure_headers)
             return result
 
-        def finalize_headers(self) -> None:
-            super().finalize_headers()
-            if self.close_connection and self.request_version == "HTTP/1.1":
-                if not any(name.lower() == b"connection" for name, _ in self.response_headers):
-                    # gunicorn says so on a connection's last response
-                    self.response_headers.append((b"Connection", b"close"))
-
         def _handle_client_error(self, ex: Exception) -> Any:
             if isinstance(ex, _Refused):  # gunicorn's status for it, then the close
                 return ex.status[:3], ex.response()
             return super()._handle_client_error(ex)
 
         def _closing(self) -> list[tuple[str, str]]:
-            return [("Connection", "close")] if self.close_connection else []
+            # gunicorn says so on a connection's last response
+            if self.close_connection and self.request_version == "HTTP/1.1":
+                return [("Connection", "close")]
+            return []
 
         def send_whole_response(
             self, status: str, headers: list[tuple[str, str]], body: bytes
