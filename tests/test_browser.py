@@ -69,6 +69,8 @@ def test_stop_button_cancels_the_flow_on_the_server(
     assert page.text_content("#status") == "error: CANCELLED: Cancelled by client."
     words = len((page.text_content("#story") or "").split())
     assert 5 <= words < len(story_words(DEFAULT_TOPIC))
+    # The page shows the error frame, then re-enables Start once the response body has ended.
+    page.wait_for_function("!document.getElementById('start').disabled", timeout=60_000)
     assert page.is_disabled("#stop") and page.is_enabled("#start")
     assert page.evaluate("sessionStorage.getItem('durable-story-stream-id')") is None
     page.close()
