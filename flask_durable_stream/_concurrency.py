@@ -17,6 +17,7 @@ import collections
 import functools
 import queue
 import selectors
+import sys
 import threading
 import time
 import weakref
@@ -395,3 +396,66 @@ class Inbox:
             if not self._items:
                 self._ready.wait(None if timeout is None else max(0.0, timeout))
         return self._items.popleft() if self._items else None
+
+
+class HubCallbacks:
+    """Runs callbacks in one gevent hub's thread, posted from any OS thread.
+
+    gevent's ``loop.run_callback_threadsafe`` counts each callback in libev's count
+    of active watchers (``ev_ref``) from the calling thread, with no lock, while the
+    hub's thread changes the same count inside the loop with the interpreter lock
+    released. The count drifts (a script posting 300,000 callbacks from a thread
+    while the hub runs timers left it at -14), and a loop whose count fell below
+    zero ends its next wait with ``LoopExit``: in a gunicorn worker, the worker's
+    own sleep, which kills the worker and every stream in it. Here the other thread
+    only appends to a deque and sends an ``async`` watcher (libev's thread-safe
+    wake-up); the hub's thread runs what is queued and alone changes the count.
+
+    Made with :meth:`of` in the hub's thread; :meth:`expect` (hub's thread) before
+    each :meth:`post` (any thread) keeps the loop alive until it has run.
+    """
+
+    __slots__ = ("_items", "_watcher", "_hub", "_expected", "__weakref__")
+
+    _by_hub: weakref.WeakKeyDictionary[Any, HubCallbacks] = weakref.WeakKeyDictionary()
+
+    def __init__(self, hub: Any) -> None:
+        self._items: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._hub = hub
+        self._expected = 0  # posts expected and not yet run: while any, the loop stays alive
+        self._watcher = hub.loop.async_(ref=False)
+        self._watcher.start(self._run)
+
+    @classmethod
+    def of(cls, hub: Any) -> HubCallbacks:
+        """The one for ``hub`` (called in its thread)."""
+        callbacks = cls._by_hub.get(hub)
+        if callbacks is None:
+            callbacks = cls._by_hub[hub] = cls(hub)
+        return callbacks
+
+    def expect(self) -> None:
+        """In the hub's thread: one :meth:`post` will come; keep the loop alive for it."""
+        if self._expected == 0:
+            self._watcher.ref = True
+        self._expected += 1
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From any thread: run ``fn(*args)`` in the hub's thread, soon, in order."""
+        self._items.append((fn, args))
+        self._watcher.send()
+
+    def _run(self) -> None:
+        items = self._items
+        while items:
+            fn, args = items.popleft()
+            if self._expected:
+                self._expected -= 1
+                if self._expected == 0:
+                    self._watcher.ref = False
+            try:
+                fn(*args)
+            except Exception:
+                self._hub.handle_error(fn, *sys.exc_info())

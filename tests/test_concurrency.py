@@ -1,4 +1,5 @@
-"""The thread-to-greenlet wake-up (:class:`Signal`, :class:`Inbox`), with and without gevent."""
+"""The thread-to-greenlet wake-ups (:class:`Signal`, :class:`Inbox`), with and without gevent,
+and :class:`HubCallbacks` under gevent."""
 
 from __future__ import annotations
 
@@ -41,3 +42,13 @@ def test_cases_run_unpatched_here() -> None:
 def test_under_gevent(patched_report: Any, case: str) -> None:
     assert patched_report["patched"] is True
     assert patched_report[case] == EXPECTED[case]
+
+
+def test_hub_callbacks_from_a_native_thread() -> None:
+    report = run_check("gevent_hub_callbacks_check")
+    assert report["same"] is True  # one per hub
+    assert report["order"] is True  # every post run, in order, in the hub's thread
+    assert report["kept_alive"] is True  # an expected post keeps the loop running
+    assert report["idle_returns"] is True  # and nothing expected keeps it running
+    # 200,000 posts from another thread, libev's active count unchanged
+    assert report["count"] == [200_000, 0]

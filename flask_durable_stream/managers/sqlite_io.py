@@ -126,8 +126,8 @@ class Request:
     """One operation for the writer thread.
 
     Its caller either waits on ``done`` or, with ``callback``, goes on: the
-    thread then has ``callback(result, error)`` run in the event loop ``loop`` (a
-    gevent hub's, which takes callbacks from any thread) once it is answered.
+    thread then has ``callback(result, error)`` run by ``loop`` (a gevent hub's
+    :class:`~.._concurrency.HubCallbacks`) once it is answered.
     """
 
     __slots__ = ("op", "args", "stream_id", "done", "callback", "loop", "result", "error")
@@ -153,7 +153,7 @@ class Request:
         """Wake the caller: called once, by the writer thread, result or error set."""
         if self.callback is not None:
             try:
-                self.loop.run_callback_threadsafe(self.callback, self.result, self.error)
+                self.loop.post(self.callback, self.result, self.error)
             except Exception:  # its hub's loop is gone (the process is ending): nobody waits
                 log.debug("a SQLite write was answered after its event loop closed")
         else:

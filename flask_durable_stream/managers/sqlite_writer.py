@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._concurrency import real_lock, start_native_thread
+from .._concurrency import HubCallbacks, real_lock, start_native_thread
 from ..exceptions import StorageUnavailable, StreamError
 from .sqlite_io import (
     RealQueue,
@@ -82,12 +82,14 @@ class WriterThread:
         """Queue ``op(conn, *args)`` and return; ``callback(result, error)`` runs in this
         greenlet's hub.
 
-        Under gevent only: the answer comes as a callback of the hub's loop, which
-        takes callbacks from other threads (the answers of one commit wake it once).
+        Under gevent only: the answer comes as a callback in the hub's thread, through
+        :class:`~.._concurrency.HubCallbacks` (the answers of one commit wake it once).
         """
         import gevent
 
-        self._put(Request(op, args, stream_id, callback, gevent.get_hub().loop))
+        hub = HubCallbacks.of(gevent.get_hub())
+        self._put(Request(op, args, stream_id, callback, hub))
+        hub.expect()  # after the put, which may raise; the answer runs in this thread
 
     def _put(self, request: Request) -> Request:
         if self._queue is None:
