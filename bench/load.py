@@ -31,11 +31,20 @@ RESULT_PREFIX = b'data: {"result":'
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system seconds of a process (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_times(stat: str) -> tuple[float, float]:
+    """User and system seconds from a /proc ``stat`` file (a process's: all its threads,
+    those that ended too; or one thread's, under ``task/``)."""
+    with open(stat) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def server_times(pid: int) -> tuple[float, float, float]:
+    """The process's user and system seconds, and its main thread's user + system
+    (the thread that runs gevent's hub; the others are native threads such as the
+    SQLite manager's writer)."""
+    user, system = cpu_times(f"/proc/{pid}/stat")
+    return user, system, sum(cpu_times(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def rss_kib(pid: int) -> int:
@@ -196,7 +205,7 @@ def main() -> None:
             gevent.sleep(0.05)
 
     sampler = gevent.spawn(sample)
-    cpu_before = cpu_seconds(args.pid)
+    user_before, sys_before, main_before = server_times(args.pid)
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     started_wall = time.time()
@@ -209,7 +218,10 @@ def main() -> None:
     client_cpu = (own_after.ru_utime - own_before.ru_utime) + (
         own_after.ru_stime - own_before.ru_stime
     )
-    server_cpu = cpu_seconds(args.pid) - cpu_before
+    user_after, sys_after, main_after = server_times(args.pid)
+    server_cpu = (user_after - user_before) + (sys_after - sys_before)
+    # What the process's other threads spent: for the SQLite manager, its writer thread.
+    off_hub = server_cpu - (main_after - main_before)
     stop[0] = True
     sampler.join()
     results = [job.value for job in jobs if job.successful()]
@@ -232,6 +244,9 @@ def main() -> None:
         "server_cpu_s": server_cpu,
         "chunks": chunks_sent,
         "cpu_per_chunk_us": server_cpu / max(1, chunks_sent) * 1e6,
+        "server_sys_s": sys_after - sys_before,
+        "off_hub_cpu_s": off_hub,
+        "off_hub_per_chunk_us": off_hub / max(1, chunks_sent) * 1e6,
         "gap_p50_ms": percentile(gaps, 50) * 1000,
         "gap_p99_ms": percentile(gaps, 99) * 1000,
         "lag_p50_ms": percentile(lags, 50) * 1000,

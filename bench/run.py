@@ -223,13 +223,16 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " stream in one gevent load process (`bench/load.py`); each server in a fresh"
         " process. CPU per chunk: the server process's user + system time (all threads, so"
         " SQLite's writer thread counts) over the run / chunks received; the ratio is to"
-        " plain Flask in the same run and N. Gap: time between two chunks at the client minus"
-        " the 20 ms pacing (0 when they arrive together). Lag: a chunk's arrival at its"
-        " client minus the time its flow emitted it (carried in the chunk): the server's"
-        " delay in sending what the flow emitted, and the client's in reading it. First"
-        " chunk: when a stream's first chunk reached its client, from the moment every"
-        " client was started (a server that takes streams in one after another shows short"
-        " gaps and late first chunks)."
+        " plain Flask in the same run and N. Of which: the part spent by threads other than"
+        " the main one (the one that runs gevent's hub or node's event loop: for ours on"
+        " SQLite, the writer thread; for node, its own helper threads), and the part that"
+        " was system time (the kernel's work: sockets, and SQLite's file writes). Gap: time"
+        " between two chunks at the client minus the 20 ms pacing (0 when they arrive"
+        " together). Lag: a chunk's arrival at its client minus the time its flow emitted"
+        " it (carried in the chunk): the server's delay in sending what the flow emitted,"
+        " and the client's in reading it. First chunk: when a stream's first chunk reached"
+        " its client, from the moment every client was started (a server that takes"
+        " streams in one after another shows short gaps and late first chunks)."
         " Load CPU: the load process's own CPU time over the run's wall time; near 100 % the"
         " clients themselves read late, and part of the gaps is theirs, not the server's."
         " RSS per stream: (peak - base RSS)"
@@ -249,16 +252,17 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
     for kind, reason in skipped.items():
         out.append(f"**{SERVERS[kind]} not measured: {reason}**\n")
     out.append(
-        "| run | N | server | CPU/chunk µs | vs plain | gap p50 ms | gap p99 ms"
+        "| run | N | server | CPU/chunk µs | vs plain | of which: other threads µs, system %"
+        " | gap p50 ms | gap p99 ms"
         " | lag p50 / p99 ms | first chunk p50 / p99 ms | RSS/stream KiB | complete"
         " | stored = live | wall s | load CPU |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "failed" in row:
             out.append(
                 f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]} |"
-                f" FAILED: {row['failed']} | | | | | | | | | | |"
+                f" FAILED: {row['failed']} | | | | | | | | | | | |"
             )
             continue
         plain = next(
@@ -273,6 +277,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             None,
         )
         ratio = f"{row['cpu_per_chunk_us'] / plain['cpu_per_chunk_us']:.2f}x" if plain else "-"
+        cpu = row["server_cpu_s"] or 1.0
         stored = row.get("stored_equal_live")
         stored_text = "-" if stored is None else f"{stored} / {row['streams']}"
         if row.get("replays_differing"):  # examples in the raw figures below
@@ -280,6 +285,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         out.append(
             f"| {row['run']} | {row['streams']} | {SERVERS[row['server']]}"
             f" | {row['cpu_per_chunk_us']:.1f} | {ratio}"
+            f" | {max(0.0, row['off_hub_per_chunk_us']):.1f}, {row['server_sys_s'] / cpu:.0%}"
             f" | {row['gap_p50_ms']:.1f} | {row['gap_p99_ms']:.1f}"
             f" | {row['lag_p50_ms']:.1f} / {row['lag_p99_ms']:.1f}"
             f" | {row['first_chunk_p50_ms']:.0f} / {row['first_chunk_p99_ms']:.0f}"
