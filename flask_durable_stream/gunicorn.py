@@ -17,6 +17,12 @@ after importing gevent and before loading the app, and a SIGTERM that comes
 earlier is lost, so that worker would serve until the master kills it. Keep
 ``graceful_timeout`` above the grace + 5 s (storing the last events) + ``keepalive``
 (an idle keep-alive connection holds the worker that long) + 2 s.
+
+``post_worker_init`` also makes a gevent worker's new connections take turns
+while it is busy (:class:`~flask_durable_stream._admission.Admission`): when
+many clients connect at once, the streams already running keep their pace and
+the new ones start a little later, instead of every running stream stalling
+behind a hundred new requests per turn of the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from ._admission import DEFAULT_TURN, Admission
 from .runner import shutdown_all
 
 #: What the master sends its workers to stop them (gracefully or not).
@@ -58,9 +65,15 @@ def post_fork(server: Any, worker: Any) -> None:
             worker.alive = False
 
 
-def post_worker_init(worker: Any) -> None:
-    """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop."""
+def post_worker_init(worker: Any, *, admission: float | None = DEFAULT_TURN) -> None:
+    """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop,
+    and let new connections in by turns (:func:`admit_connections`) while the worker is
+    busy: ``admission`` is the length of a turn of the hub's loop in seconds while
+    connections wait, ``None`` to let every connection in at once, as gunicorn does."""
     import gevent
+
+    if admission is not None:
+        admit_connections(worker, Admission(admission))
 
     def on_stop() -> None:
         while worker.alive:  # gunicorn's own loop checks this flag once a second
@@ -76,3 +89,40 @@ def worker_exit(server: Any, worker: Any) -> None:
     if task is not None:
         worker.alive = False  # also when the worker ends for another reason
         task.join(float(getattr(worker.cfg, "graceful_timeout", 30)) + EXIT_MARGIN)
+
+
+def admit_connections(worker: Any, admission: Admission) -> bool:
+    """Make a gevent ``worker``'s new connections wait for ``admission`` before their
+    first request is read; False (and nothing changed) for a worker of another kind.
+
+    gunicorn's ``gevent`` worker handles each connection by its ``handle`` method;
+    its ``gevent_pywsgi`` worker and this package's ``PyWSGIWorker`` by their
+    handler class's ``handle``. Either is replaced on this worker alone, before it
+    starts serving. The instance is kept as ``worker.durable_stream_admission``.
+    """
+    try:
+        from gunicorn.workers.ggevent import GeventPyWSGIWorker, GeventWorker
+    except ImportError:  # gunicorn without gevent
+        return False
+    if isinstance(worker, GeventPyWSGIWorker):
+        base = worker.wsgi_handler
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def handle(self) -> Any:
+                admission.admit()
+                return super().handle()
+
+        Handler.__name__ = Handler.__qualname__ = base.__name__
+        worker.wsgi_handler = Handler
+    elif isinstance(worker, GeventWorker):
+        handle = worker.handle
+
+        def admitted(listener: Any, client: Any, addr: Any) -> Any:
+            admission.admit()
+            return handle(listener, client, addr)
+
+        worker.handle = admitted
+    else:
+        return False
+    worker.durable_stream_admission = admission
+    return True
