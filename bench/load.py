@@ -236,6 +236,16 @@ def main() -> None:
     # When each stream's first chunk arrived, from the moment all clients were started.
     firsts = [r["times"][0] - started_wall for r in results if r["times"]]
     chunks_sent = sum(len(r["times"]) for r in results)
+    # The most streams open at once (from a stream's first chunk to its last): what the
+    # server held at its peak, which is fewer than N when it takes streams in by turns.
+    edges = sorted(
+        [(r["times"][0], 1) for r in results if r["times"]]
+        + [(r["times"][-1], -1) for r in results if r["times"]]
+    )
+    open_now = open_peak = 0
+    for _, step in edges:
+        open_now += step
+        open_peak = max(open_peak, open_now)
     out: dict[str, Any] = {
         "streams": args.streams,
         "complete": len(complete),
@@ -257,6 +267,7 @@ def main() -> None:
         "rss_base_kib": base,
         "rss_peak_kib": peak[0],
         "rss_per_stream_kib": (peak[0] - base) / args.streams,
+        "open_peak": open_peak,
     }
     if args.replay:
         same = [0]

@@ -2,7 +2,7 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
-                        [--servers memory,memory-1g,memory-dr,memory-pw,sqlite,sqlite-1g,
+                        [--servers memory,memory-1g,memory-dr,memory-pw,memory-na,sqlite,sqlite-1g,
                                    plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
@@ -11,7 +11,9 @@
    process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
    -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``) and with
    ``DURABLE_STREAM_DETACH_RESPONSE`` (``-dr``), and the in-memory one under
-   ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``); a plain Flask
+   ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``), all with the
+   production recipe's ``post_worker_init`` (bench/gunicorn_conf.py), and the in-memory
+   one without its admission of new connections by turns (``-na``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -56,6 +58,7 @@ SERVERS = {
     "memory-dr": "ours, in-memory, detached response",
     "sqlite-dr": "ours, SQLite, detached response",
     "memory-pw": "ours, in-memory, `PyWSGIWorker`",
+    "memory-na": "ours, in-memory, no admission by turns",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -67,6 +70,7 @@ PATHS = {
     "memory-dr": "/flows/llm",
     "sqlite-dr": "/flows/llm",
     "memory-pw": "/flows/llm",
+    "memory-na": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
@@ -127,12 +131,15 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_FLOW_IN_RESPONSE"] = "1"
         if kind.endswith("-dr"):
             env["BENCH_DETACH_RESPONSE"] = "1"
+        if kind.endswith("-na"):
+            env["BENCH_ADMISSION"] = "off"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
         worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
             os.path.join(os.path.dirname(sys.executable), "gunicorn"),
             "-k", worker, "-w", "1", "--worker-connections", "10000", "--backlog", "4096",
             "--no-control-socket", "-b", f"127.0.0.1:{port}",
+            "-c", str(BENCH / "gunicorn_conf.py"),
             "--chdir", str(BENCH), "core_server:create_app()",
         ]  # fmt: skip
     elif kind == "plain":
@@ -208,8 +215,12 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
     counts = [int(n) for n in args.streams.split(",")]
     rows: list[dict[str, Any]] = []
     for run in range(1, args.runs + 1):
+        # Each run starts with another server: a machine's load drifts within a run, and the
+        # server measured first (or right after node's) would always meet the same part of it.
+        shift = (run - 1) % len(kinds) if kinds else 0
+        order = kinds[shift:] + kinds[:shift]
         for n in counts:
-            for kind in kinds:
+            for kind in order:
                 print(f"[concurrency] run {run}: {kind}, {n} streams", file=sys.stderr, flush=True)
                 try:
                     figures = measure(kind, n, args.gc, args.chunks)
@@ -217,6 +228,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
                     print(f"!!! {kind} at {n} failed: {exc}", file=sys.stderr)
                     figures = {"failed": str(exc)[-300:]}
                 rows.append({"run": run, "streams": n, "server": kind, **figures})
+    rows.sort(key=lambda row: (row["run"], row["streams"], kinds.index(row["server"])))
     out.append("## 1. Concurrency sweep\n")
     out.append(
         f"N concurrent streams of {args.chunks} chunks 20 ms apart; one raw-socket client per"
@@ -235,8 +247,9 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " streams in one after another shows short gaps and late first chunks)."
         " Load CPU: the load process's own CPU time over the run's wall time; near 100 % the"
         " clients themselves read late, and part of the gaps is theirs, not the server's."
-        " RSS per stream: (peak - base RSS)"
-        f" / N. Complete: streams that got all {args.chunks} chunks and their result; stored"
+        " RSS per stream: (peak - base RSS) / N; open at the peak: the most streams open at"
+        " once (from a stream's first chunk to its last), N unless the server takes streams in"
+        f" by turns. Complete: streams that got all {args.chunks} chunks and their result; stored"
         " = live: streams whose replay by"
         " `x-genkit-stream-id` is byte-identical to the live body.\n"
     )
@@ -254,7 +267,8 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
     out.append(
         "| run | N | server | CPU/chunk µs | vs plain | of which: other threads µs, system %"
         " | gap p50 ms | gap p99 ms"
-        " | lag p50 / p99 ms | first chunk p50 / p99 ms | RSS/stream KiB | complete"
+        " | lag p50 / p99 ms | first chunk p50 / p99 ms | RSS/stream KiB (open at the peak)"
+        " | complete"
         " | stored = live | wall s | load CPU |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -289,7 +303,8 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             f" | {row['gap_p50_ms']:.1f} | {row['gap_p99_ms']:.1f}"
             f" | {row['lag_p50_ms']:.1f} / {row['lag_p99_ms']:.1f}"
             f" | {row['first_chunk_p50_ms']:.0f} / {row['first_chunk_p99_ms']:.0f}"
-            f" | {row['rss_per_stream_kib']:.1f} | {row['complete']} / {row['streams']}"
+            f" | {row['rss_per_stream_kib']:.1f} ({row.get('open_peak', '-')})"
+            f" | {row['complete']} / {row['streams']}"
             f" | {stored_text}"
             f" | {row['elapsed_s']:.1f} | {row['client_cpu_share']:.0%} |"
         )
@@ -383,7 +398,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the sweep to show noise")
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
     parser.add_argument(
-        "--servers", default="memory,memory-1g,memory-dr,memory-pw,sqlite,sqlite-1g,plain,genkit"
+        "--servers",
+        default="memory,memory-1g,memory-dr,memory-pw,memory-na,sqlite,sqlite-1g,plain,genkit",
     )
     parser.add_argument(
         "--gc",
