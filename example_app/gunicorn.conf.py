@@ -60,7 +60,9 @@ graceful_timeout = math.ceil(SHUTDOWN_GRACE) + 5 + keepalive + 2
 
 
 def post_worker_init(worker: Any) -> None:
-    hooks.post_worker_init(worker)  # the graceful stop of running flows
+    # The graceful stop of running flows, and new connections let in by turns while the
+    # worker is busy (admission=: the turn's length in seconds, None to turn it off).
+    hooks.post_worker_init(worker)
     # Many streams per worker: collections of the garbage collector rare and short
     # (the app is loaded by now; see tune_gc and docs/performance.md).
     tune_gc()
