@@ -15,6 +15,7 @@ import _thread
 import asyncio
 import collections
 import functools
+import os
 import queue
 import selectors
 import sys
@@ -412,7 +413,10 @@ class HubCallbacks:
     wake-up); the hub's thread runs what is queued and alone changes the count.
 
     Made with :meth:`of` in the hub's thread; :meth:`expect` (hub's thread) before
-    each :meth:`post` (any thread) keeps the loop alive until it has run.
+    each :meth:`post` (any thread) keeps the loop alive until it has run. A process
+    forked meanwhile starts with nothing expected and nothing queued: the threads
+    that were to post are not in the child, and their posts would keep its loop
+    alive for ever.
     """
 
     __slots__ = ("_items", "_watcher", "_hub", "_expected", "__weakref__")
@@ -459,3 +463,13 @@ class HubCallbacks:
                 fn(*args)
             except Exception:
                 self._hub.handle_error(fn, *sys.exc_info())
+
+
+def _hub_callbacks_after_fork() -> None:
+    for callbacks in list(HubCallbacks._by_hub.values()):
+        callbacks._items.clear()
+        callbacks._expected = 0
+        callbacks._watcher.ref = False
+
+
+os.register_at_fork(after_in_child=_hub_callbacks_after_fork)

@@ -52,3 +52,7 @@ def test_hub_callbacks_from_a_native_thread() -> None:
     assert report["idle_returns"] is True  # and nothing expected keeps it running
     # 200,000 posts from another thread, libev's active count unchanged
     assert report["count"] == [200_000, 0]
+    # A child forked while a post was due: its loop ends, the stale post never runs there
+    # (exit 0; a loop kept alive would be killed by its alarm); the parent runs both.
+    assert report["forked_child"] == 0
+    assert report["parent_after_fork"] is True

@@ -5,6 +5,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.monkey import get_original  # noqa: E402
@@ -82,4 +84,19 @@ start_native(post_bumps, ())
 gevent.joinall([gevent.spawn(tick) for _ in range(50)])
 gevent.sleep(0.05)
 report["count"] = [count[0], hub.loop.activecnt - base]
+
+# A child forked while a post is expected, and one is queued: the thread that was to post
+# is not in the child. It starts with nothing expected or queued, and its loop ends.
+callbacks.expect()
+callbacks._items.append((ran.append, ("stale",)))
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a loop kept alive would wait for ever: the child dies instead
+    gevent.wait()
+    os._exit(0 if "stale" not in ran else 3)
+callbacks.post(ran.append, "parent")  # what the parent's thread would post
+_, status = os.waitpid(pid, 0)
+report["forked_child"] = os.waitstatus_to_exitcode(status)
+gevent.wait()
+report["parent_after_fork"] = ran[-2:] == ["stale", "parent"]
 print(json.dumps(report))
