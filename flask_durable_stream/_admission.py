@@ -21,7 +21,7 @@ from typing import Any
 
 #: How long one turn of the hub's loop may last while connections wait to start
 #: (the running streams' due chunks included). Measured in docs/performance.md.
-DEFAULT_TURN = 0.004
+DEFAULT_TURN = 0.002
 
 
 class Admission:
