@@ -51,6 +51,7 @@ class Admission:
         self._waiting: collections.deque[Any] = collections.deque()
         self._hub: Any = None
         self._loop: Any = None
+        self._current: Any = None  # gevent.getcurrent, imported with the hub (after patching)
         self._timer: Any = None
         self._iteration = -1  # the loop iteration whose admissions _started counts from
         self._started = 0.0
@@ -63,14 +64,12 @@ class Admission:
 
     def admit(self) -> None:
         """Return once this connection may start (at once, unless the loop is busy)."""
-        import gevent
-
         if self._hub is None:
+            import gevent
+
             self._hub = gevent.get_hub()
             self._loop = self._hub.loop
-        current = gevent.getcurrent()
-        if current is self._hub:
-            return
+            self._current = gevent.getcurrent
         if not self._waiting:
             iteration = self._loop.iteration
             if iteration != self._iteration:
@@ -79,6 +78,7 @@ class Admission:
                 return
             if time.perf_counter() - self._started < self.turn:
                 return
+        current = self._current()
         self._waiting.append(current)
         self.waited += 1
         if self._timer is None:

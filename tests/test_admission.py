@@ -9,17 +9,20 @@ through gunicorn's gevent workers with the hook of the production recipe.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import gevent
 import pytest
 
+from flask_durable_stream import protocol
 from flask_durable_stream._admission import Admission
 from flask_durable_stream.client import DurableStreamClient
 from tests.support import servers
@@ -134,28 +137,15 @@ def server(request: Any) -> Iterator[servers.Server]:
     started.stop()
 
 
-def _get(port: int, path: str) -> Any:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
-def _read_stream(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return head + b"\r\n\r\n" + body
+def _get(server: servers.Server, path: str) -> Any:
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return json.load(response)
 
 
 def test_a_burst_of_streams_through_gunicorn_waits_its_turn_and_loses_nothing(
     server: servers.Server,
 ) -> None:
-    worker = _get(server.port, "/admission")
+    worker = _get(server, "/admission")
     assert worker["installed"] is True
     pid = worker["pid"]
     request = json.dumps({"data": {"chunks": CHUNKS}}).encode()
@@ -176,21 +166,20 @@ def test_a_burst_of_streams_through_gunicorn_waits_its_turn_and_loses_nothing(
             sock.sendall(raw)
     finally:
         os.kill(pid, signal.SIGCONT)
-    bodies = []
+    live: list[tuple[str, list[tuple[str, Any]]]] = []
     for sock in socks:
         with sock:
-            bodies.append(_read_stream(sock))
-    assert _get(server.port, "/admission")["waited"] >= 1
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
+            frames, rest = protocol.parse_frames(response.read().decode())
+            assert rest == ""
+            live.append((response.getheader("x-genkit-stream-id", ""), frames))
+    assert _get(server, "/admission")["waited"] >= 1
     client = DurableStreamClient(f"{server.url}/flows")
-    for body in bodies:
-        head, _, rest = body.partition(b"\r\n\r\n")
-        stream_id = next(
-            line.split(b":", 1)[1].strip().decode()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"x-genkit-stream-id:")
-        )
-        live = [f"chunk {i}" for i in range(CHUNKS)]
-        assert all(f'"{text}"'.encode() in rest for text in live)
+    chunks = [f"chunk {i}" for i in range(CHUNKS)]
+    for stream_id, frames in live:
+        assert frames == [(protocol.CHUNK, chunk) for chunk in chunks] + [(protocol.DONE, "done")]
         replay = client.resume("count", stream_id)
-        assert [chunk for chunk in replay] == live
+        assert list(replay) == chunks
         assert replay.result == "done"
