@@ -50,7 +50,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import _responses, protocol
 from .protocol import CHUNK
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class DirectSink:
     __slots__ = (
         "armed", "flush_at", "burst_at", "deferred", "clock", "failed", "done", "reader",
         "in_response", "_run", "_raw", "_chunked", "_rest", "_watcher", "_parked",
-        "_owner", "_detached",
+        "_owner", "_detached", "_after", "_busy",
     )  # fmt: skip
 
     def __init__(
@@ -115,6 +115,8 @@ class DirectSink:
         #: connection over and end the request at once (DURABLE_STREAM_DETACH_RESPONSE).
         self._owner = owner
         self._detached = False  # the sink owns the connection (a duplicate of its socket)
+        self._after: Any = None  # how the connection is served on after the stream, if it is
+        self._busy: object = None  # while the connection is the sink's: a graceful stop waits
 
     # -- queueing, while caught up ----------------------------------------------
     def take(self, kind: str) -> None:
@@ -227,12 +229,21 @@ class DirectSink:
         self.armed = False
         self.done = True
         self._unwatch()
-        if self._detached:  # the connection is the sink's: it ends with the stream
+        if self._detached:  # the connection is the sink's: it ends with the stream...
             self._run.detach(self.reader)
-            try:
-                self._raw.close()
-            except OSError:  # pragma: no cover - closing a socket does not fail here
-                pass
+            _responses.idle(self._busy)
+            after, self._after = self._after, None
+            if after is not None and not self.failed:  # ...or goes on, kept alive
+                import gevent
+
+                from .durable_streams.handover import serve_after
+
+                gevent.spawn(serve_after, after, self._raw)
+            else:
+                try:
+                    self._raw.close()
+                except OSError:  # pragma: no cover - closing a socket does not fail here
+                    pass
         parked, self._parked = self._parked, None
         if parked is not None:
             import gevent
@@ -265,6 +276,9 @@ class DirectSink:
         except OSError:  # out of descriptors: the response keeps the connection
             return False
         raw.setblocking(False)
+        from .durable_streams.handover import after_stream
+
+        self._after = after_stream(owner)  # before the server is told to close its side
         if is_gunicorn_response(owner):
             owner.chunked = False
             owner.force_close()
@@ -275,6 +289,7 @@ class DirectSink:
         self._unwatch()
         self._raw = raw
         self._detached = True
+        self._busy = _responses.busy()
         self.reader.on_drop = self._cut
         if watching:
             self._watch()

@@ -19,6 +19,9 @@ from collections.abc import Callable, Iterable, Iterator
 from ._concurrency import real_lock
 
 _OPEN: weakref.WeakSet[TrackedBody] = weakref.WeakSet()
+#: Work no server waits for at its stop that the shutdown lets end too: a live stream whose
+#: connection its sink took over, a request on a connection served on after such a stream.
+_BUSY: set[object] = set()
 _LOCK = real_lock()  # taken twice per stream; never held across a switch
 _CHANGED = threading.Event()
 #: A body dropped without ``close()`` leaves the set silently: look again this often.
@@ -75,16 +78,32 @@ class TrackedBody:
                 _CHANGED.set()
 
 
+def busy() -> object:
+    """Count something that is not a body as open until :func:`idle` gets its token."""
+    token = object()
+    with _LOCK:
+        _BUSY.add(token)
+    return token
+
+
+def idle(token: object) -> None:
+    with _LOCK:
+        if token in _BUSY:
+            _BUSY.discard(token)
+            _CHANGED.set()
+
+
 def open_count() -> int:
     with _LOCK:
-        return len(_OPEN)
+        return len(_OPEN) + len(_BUSY)
 
 
 def wait_finished(deadline: float) -> bool:
-    """Block until no body is open or ``deadline`` (monotonic) passes; True if none is."""
+    """Block until no body (nor anything :func:`busy`) is open or ``deadline`` (monotonic)
+    passes; True if none is."""
     while True:
         with _LOCK:
-            if not _OPEN:
+            if not _OPEN and not _BUSY:
                 return True
             _CHANGED.clear()
         left = deadline - time.monotonic()

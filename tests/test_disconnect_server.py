@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,18 +52,22 @@ WORKERS = {
     ]
 )
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.Server]:
+    server = start(request.param, tmp_path)
+    yield server
+    server.stop()
+
+
+def start(param: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> servers.Server:
     env = {}
-    mode, _, worker = request.param.partition(", -k ")
+    mode, _, worker = param.partition(", -k ")
     if mode.startswith("sqlite"):
         env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
     if mode.endswith("flow in response"):
         env["DISCONNECT_APP_FLOW_IN_RESPONSE"] = "1"
     if mode.endswith("detached response"):
         env["DISCONNECT_APP_DETACH_RESPONSE"] = "1"
-    extra = ["-k", WORKERS[worker]] if worker else []
-    server = servers.gunicorn(APP, env=env, extra=extra)
-    yield server
-    server.stop()
+    worker_class = ["-k", WORKERS[worker]] if worker else []
+    return servers.gunicorn(APP, env=env, extra=[*worker_class, *extra])
 
 
 def offers(server: servers.Server) -> int:
@@ -78,6 +85,14 @@ def stats(server: servers.Server) -> dict[str, int]:
 
 def detached(server: servers.Server) -> bool:
     return server.env.get("DISCONNECT_APP_DETACH_RESPONSE") == "1"
+
+
+def kept_alive(server: servers.Server) -> bool:
+    """Whether a detached response's connection is served on after its stream: under
+    gunicorn's ``gevent`` worker (the fixture's ``-k`` other workers close it)."""
+    args = list(server.proc.args)
+    worker = args[len(args) - 1 - args[::-1].index("-k") + 1]  # the last -k wins
+    return detached(server) and worker == "gevent"
 
 
 def open_live(
@@ -202,7 +217,12 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     assert stats(server)["open_bodies"] == (0 if detached(server) else 1)
     open_gate(server, key)
     rest = response.read()  # to the chunked body's end
-    if detached(server):  # then the sink closes the connection, whose request ended before
+    if kept_alive(server):  # the connection goes on: its next request is answered
+        sock = conn.sock
+        conn.request("GET", "/stats")
+        assert conn.getresponse().read()
+        assert conn.sock is sock
+    elif detached(server):  # the sink closes the connection, whose request ended before
         assert conn.sock is not None
         conn.sock.settimeout(60)
         assert conn.sock.recv(1) == b""
@@ -239,3 +259,119 @@ def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     assert events == [("chunk", "start"), *fill, *after, ("done", filled)]
     replay = post_stream(server.url, "/flows/fill", {}, stream_id=stream_id, timeout=60)
     assert replay.raw == raw
+
+
+def read_response(reader: Any, status_line: bytes | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 response from ``reader`` (a socket's ``makefile("rb")``), after its status
+    line when that was read already: its status and body (chunked, or of a length)."""
+    status_line = status_line or reader.readline()
+    headers = {}
+    while (line := reader.readline()) != b"\r\n":
+        assert line, "the connection closed within a response's head"
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding") != "chunked":
+        return int(status_line.split()[1]), reader.read(int(headers["content-length"]))
+    body = b""
+    while size := int(reader.readline(), 16):
+        body += reader.read(size)
+        assert reader.read(2) == b"\r\n"
+    assert reader.read(2) == b"\r\n"
+    return int(status_line.split()[1]), body
+
+
+def live_request(key: str, before: int, after: int, close: bool = False) -> bytes:
+    body = json.dumps({"data": {"before": before, "after": after, "key": key}}).encode()
+    return (
+        b"POST /flows/gated HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Accept: text/event-stream\r\nContent-Length: %d\r\n%s\r\n%s"
+        % (len(body), b"Connection: close\r\n" if close else b"", body)
+    )
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        "memory, detached response",
+        "sqlite, detached response",
+        "memory, detached response, -k PyWSGIWorker",
+    ],
+    indirect=True,
+)
+def test_a_detached_stream_s_connection_serves_the_requests_after_it(
+    server: servers.Server,
+) -> None:
+    """Under gunicorn's ``gevent`` worker, a detached response's connection is kept alive:
+    the requests that follow its stream on it are answered there, also when the client
+    sent them before the stream ended (read ahead by the server), and a second stream
+    on it is detached in turn."""
+    stats_request = b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        reader = sock.makefile("rb")
+        for n in range(2):
+            key = uuid.uuid4().hex
+            # The next request comes with the stream's: the server reads it along.
+            sock.sendall(live_request(key, BEFORE, AFTER) + stats_request)
+            # The response is detached once its headers are out: the flow waits at its gate.
+            status_line = reader.readline()
+            open_gate(server, key)
+            status, body = read_response(reader, status_line)
+            assert status == 200
+            assert whole_frames(body) == expected_events()
+            if not kept_alive(server):
+                assert reader.read(1) == b""  # closed after the stream: the next is not read
+                return
+            status, answer = read_response(reader)
+            assert status == 200
+            assert json.loads(answer)["detached"] >= n + 1
+    assert stats(server)["detached"] >= 2
+
+
+def test_a_stopping_worker_answers_a_request_in_flight_after_a_detached_stream() -> None:
+    """No server's pool counts a connection served on after a detached stream: a graceful
+    stop still lets the request in flight on it end (answered, then the connection closed)."""
+    server = start("memory, detached response", Path())
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            reader = sock.makefile("rb")
+            key = uuid.uuid4().hex
+            sock.sendall(live_request(key, 1, 1))
+            status_line = reader.readline()  # its headers are out: it is detached
+            open_gate(server, key)
+            status, body = read_response(reader, status_line)
+            assert whole_frames(body)[-1] == ("done", "done")
+            wait = f"GET /wait/never-{key}?timeout=5 HTTP/1.1\r\nHost: t\r\n\r\n"
+            sock.sendall(wait.encode())
+            for _ in range(600):  # until the request waits (5 s) on the connection served on
+                if stats(server)["waiting"]:
+                    break
+                time.sleep(0.05)
+            os.kill(server.proc.pid, signal.SIGTERM)
+            status, answer = read_response(reader)
+            assert (status, json.loads(answer)) == (200, {"open": False})
+            assert reader.read(1) == b""
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("streams", [1, 2], ids=["first request", "served on"])
+def test_a_detached_stream_that_asked_for_the_close_gets_it(streams: int) -> None:
+    """A client that says ``Connection: close`` (on a connection's first request, or on one
+    served on after a detached stream) has its connection closed after the stream."""
+    # Kept alive, the connection would stay open past the socket's timeout.
+    server = start("memory, detached response", Path(), ("--keep-alive", "120"))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            reader = sock.makefile("rb")
+            for n in range(streams):
+                key = uuid.uuid4().hex
+                sock.sendall(live_request(key, 1, 1, close=n == streams - 1))
+                status_line = reader.readline()
+                open_gate(server, key)
+                status, body = read_response(reader, status_line)
+                assert whole_frames(body)[-1] == ("done", "done")
+            assert reader.read(1) == b""
+        assert stats(server)["detached"] == streams
+    finally:
+        server.stop()

@@ -43,6 +43,8 @@ import sys
 import weakref
 from typing import Any
 
+from .. import _responses
+
 #: gunicorn worker -> {listener name: the server object its handed-over connections use}.
 _SERVERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
@@ -187,18 +189,151 @@ class _Prefixed(io.RawIOBase):
     def __init__(self, first: bytes, sock: Any) -> None:
         self._first = memoryview(first)
         self._sock = sock
+        self.paused = False  # read nothing more from the socket (see _read_ahead)
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
         first = self._first
         if first:
             n = min(len(buffer), len(first))
             buffer[:n] = first[:n]
             self._first = first[n:]
             return n
+        if self.paused:
+            return None  # "nothing now", as a non-blocking stream says it
         return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+
+
+# -- a connection after a stream whose response ended early -------------------------
+#
+# A live stream's response can end as soon as its headers are out, its connection
+# taken over by the stream's sink (``DURABLE_STREAM_DETACH_RESPONSE``, see
+# ``flask_durable_stream._direct``). Once the sink has sent the stream's last frame,
+# the connection would be closed; under gunicorn's ``gevent`` worker it is served on
+# instead, as a handed-over connection is: by :class:`HandedOver` in a greenlet of
+# its own, with the bytes the server had read past the request first.
+
+
+class After:
+    """What serving a taken-over connection on needs, kept by the sink for the stream's
+    length: the handler's server, the client's address, gunicorn's trust of the peer
+    as a proxy, and what had been read past the request."""
+
+    __slots__ = ("server", "addr", "trusted", "pending")
+
+    def __init__(self, server: Any, addr: Any, trusted: bool, pending: bytes) -> None:
+        self.server = server
+        self.addr = addr
+        self.trusted = trusted
+        self.pending = pending
+
+
+def after_stream(owner: Any) -> After | None:
+    """Called as a live stream's sink takes its connection over from ``owner`` (the
+    server's response object): how to serve the connection on once the stream has
+    been sent, or None where it must close then.
+
+    Only under gunicorn's ``gevent`` worker, with the same conditions as a handover
+    (keep-alive allowed, no TLS, PROXY protocol, ``SCRIPT_NAME`` or per-request hook,
+    the request's body read to its end), and for a client that keeps its connection
+    alive. Call it before telling ``owner`` to close.
+    """
+    if type(owner).__module__ == "gunicorn.http.wsgi":
+        return _after_gunicorn(owner)
+    # A handler of a connection handed over earlier (never made: none exists)
+    if _handler_class.cache_info().currsize and isinstance(owner, _handler_class()):
+        return _after_handed_over(owner)
+    return None
+
+
+def _after_gunicorn(response: Any) -> After | None:
+    frame: Any = sys._getframe(2)
+    for _ in range(16):  # gunicorn's handle_request is a few calls up: the body's first step
+        if frame is None or frame.f_code.co_name == "handle_request":
+            break
+        frame = frame.f_back
+    found = _gunicorn_frame(frame)
+    if found is None:
+        return None
+    worker, req, listener_name, _sock, addr = found
+    environ = frame.f_locals.get("environ")
+    trusted = getattr(req, "_peer_is_trusted_proxy", None)
+    if (
+        not isinstance(environ, dict)
+        or environ.get("SCRIPT_NAME")
+        or trusted is None
+        or not _worker_allows(worker)
+        or not may_hand_over(environ, response)
+    ):
+        return None
+    pending: bytes = environ["wsgi.input"].reader.unreader.take_buffered()
+    return After(_server(worker, listener_name), addr, bool(trusted()), pending)
+
+
+def _after_handed_over(handler: Any) -> After | None:
+    server = handler.server
+    body = getattr(handler, "environ", {}).get("wsgi.input")
+    if (
+        handler.close_connection
+        or not server.worker.alive
+        or body is None
+        or body.chunked_input
+        or body.content_length is None
+        or body.position < int(body.content_length)
+    ):
+        return None
+    after = After(server, handler.client_address, handler.trusted_proxy, _read_ahead(handler))
+    # gevent's handler would read out (and lose) what the client sent next, then close
+    # the socket; the sink's duplicate is the connection now.
+    handler.socket = _Released(handler.socket)
+    return after
+
+
+class _Released:
+    """A handler's socket once a stream's sink has taken the connection over: closing it
+    closes the handler's descriptor, and there is nothing to read out (``_sock``)."""
+
+    __slots__ = ("_socket",)
+    _sock = None
+
+    def __init__(self, socket: Any) -> None:
+        self._socket = socket
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def _read_ahead(handler: Any) -> bytes:
+    """What ``handler``'s reader holds past its request, read without waiting for more."""
+    rfile = handler.rfile
+    raw = rfile.raw
+    raw.paused = True
+    try:
+        held: bytes = rfile.peek()
+        return rfile.read(len(held)) if held else b""
+    finally:
+        raw.paused = False
+
+
+def serve_after(after: After, raw: Any) -> None:
+    """Serve the connection of ``raw`` (a non-blocking OS socket, whose response has
+    been sent whole) on with :class:`HandedOver`: the next request is awaited for
+    gunicorn's ``keepalive`` seconds. Runs in a greenlet of its own; closes ``raw``."""
+    from gevent import socket as gsocket
+
+    sock = gsocket.socket(fileno=raw.detach())
+    try:
+        server = after.server
+        if server.worker.alive:
+            rfile = io.BufferedReader(_Prefixed(after.pending, sock), 8192)
+            handler = server.handler_class(sock, after.addr, server, rfile)
+            handler.trusted_proxy = after.trusted
+            handler.counted = True
+            handler.handle()
+    finally:
+        sock.close()
 
 
 @functools.cache
@@ -219,13 +354,23 @@ def _handler_class() -> Any:
         _scheme = "http"
         response_length: int  # gevent's count of the bytes sent
 
+        #: Whether a graceful stop waits for the request being answered (:func:`serve_after`:
+        #: no server counts the connection); its token meanwhile.
+        counted = False
+        _answering: object = None
+
         def handle_one_request(self) -> Any:
             if not self.server.worker.alive:
                 return None
             self._body_bytes = 0
             # gunicorn's wait for the next request's head: keepalive seconds, then the close.
             self.socket.settimeout(self.server.keepalive)
-            return super().handle_one_request()
+            try:
+                return super().handle_one_request()
+            finally:
+                token, self._answering = self._answering, None
+                if token is not None:
+                    _responses.idle(token)
 
         def MessageClass(self, rfile: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
             # gunicorn's limits: --limit-request-field_size, --limit-request-fields
@@ -243,6 +388,8 @@ def _handler_class() -> Any:
                     raise _Refused("431 Request Header Fields Too Large", status) from None
                 raise
             self.socket.settimeout(None)  # the head is in; the rest waits as under gunicorn
+            if self.counted:
+                self._answering = _responses.busy()
             worker = self.server.worker
             worker.nr += 1
             if worker.nr >= worker.max_requests and worker.alive:

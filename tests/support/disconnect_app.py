@@ -11,7 +11,8 @@ says how many frames the live fast path took (see ``_direct``), so a test can te
 path was taken, and how many ``gated`` flows ran in their response's greenlet (the
 fast path's one greenlet per stream) rather than in a task of the runner's, how many
 live responses the fast path took the connection of (ending their requests), and how
-many response bodies the server is iterating now.
+many response bodies the server is iterating now, and how many ``GET /wait/<key>``
+requests wait for their gate (``?timeout=`` seconds at most, else 120).
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
 chunks until its live client's socket is full (the client does not read meanwhile),
@@ -26,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from flask import Flask
+from flask import Flask, request
 
 from flask_durable_stream import (
     DurableStream,
@@ -43,6 +44,7 @@ FILL = "x" * 16384
 _offers = [0]
 _in_response = [0]
 _detached = [0]
+_waiting = [0]  # requests waiting in GET /wait/<key>
 _flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
 
@@ -136,7 +138,11 @@ def create_app() -> Flask:
 
     @app.get("/wait/<key>")
     def wait_gate(key: str) -> dict[str, bool]:
-        return {"open": _gate(key).wait(120)}
+        _waiting[0] += 1
+        try:
+            return {"open": _gate(key).wait(float(request.args.get("timeout", 120)))}
+        finally:
+            _waiting[0] -= 1
 
     @app.get("/stats")
     def stats() -> dict[str, int]:
@@ -145,6 +151,7 @@ def create_app() -> Flask:
             "in_response": _in_response[0],
             "detached": _detached[0],
             "open_bodies": len(_responses._OPEN),
+            "waiting": _waiting[0],
         }
 
     return app
