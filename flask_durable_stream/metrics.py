@@ -30,7 +30,7 @@ from .exceptions import StoragePermanentError, StreamClosed
 from .managers.base import PRODUCER_LOST, Event, StreamWriter
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .run import LiveReader, Run
 
 EmitHook = Callable[["Run"], None]
 
@@ -55,6 +55,10 @@ class Observer:
     def subscriber(self, batches: Iterator[list[Event]], flow: str, mode: str) -> Iterator[Any]:
         """A reader's batches, counted while it reads (``mode`` is live or replay)."""
         return batches
+
+    def live_subscriber(self, reader: LiveReader, flow: str) -> None:
+        """A live client of a run of this process, counted from now until the run lets go
+        of its ``reader`` (the response's task, or the live fast path, is done with it)."""
 
     def reconnect(self, flow: str) -> None:
         pass
@@ -169,6 +173,12 @@ class PrometheusMetrics(Observer):
                     close()
 
         return counted()
+
+    def live_subscriber(self, reader: LiveReader, flow: str) -> None:
+        if reader.on_detach is None:
+            gauge = self.m["subscribers"].labels(flow, "live")
+            gauge.inc()
+            reader.on_detach = gauge.dec
 
     def reconnect(self, flow: str) -> None:
         self.m["reconnects"].labels(flow).inc()

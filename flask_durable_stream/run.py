@@ -69,12 +69,14 @@ _new_tuple = tuple.__new__
 class LiveReader:
     """A live reader's cursor. ``dropped`` once it fell too far behind."""
 
-    __slots__ = ("cursor", "dropped", "on_drop", "moved_at", "behind_since")
+    __slots__ = ("cursor", "dropped", "on_drop", "on_detach", "moved_at", "behind_since")
 
     def __init__(self, cursor: int, on_drop: Callable[[], None] | None) -> None:
         self.cursor = cursor
         self.dropped = False
         self.on_drop = on_drop
+        #: Called once, when the run lets go of this reader (:meth:`Run.detach`).
+        self.on_detach: Callable[[], None] | None = None
         self.moved_at = time.monotonic()
         self.behind_since: float | None = None  # when it was first seen past the bound
 
@@ -552,6 +554,9 @@ class Run:
         finally:
             if lock is not None:
                 lock.release()
+        hook, reader.on_detach = reader.on_detach, None
+        if hook is not None:
+            hook()
 
     def wait(self, timeout: float | None = None) -> Event | None:
         """Block until the terminal event (or timeout); return it."""

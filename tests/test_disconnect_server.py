@@ -57,8 +57,10 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[servers.S
     server.stop()
 
 
-def start(param: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> servers.Server:
-    env = {}
+def start(
+    param: str, tmp_path: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> servers.Server:
+    env = dict(env or {})
     mode, _, worker = param.partition(", -k ")
     if mode.startswith("sqlite"):
         env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
@@ -373,5 +375,32 @@ def test_a_detached_stream_that_asked_for_the_close_gets_it(streams: int) -> Non
                 assert whole_frames(body)[-1] == ("done", "done")
             assert reader.read(1) == b""
         assert stats(server)["detached"] == streams
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", ["memory", "memory, detached response"])
+def test_the_metrics_count_a_live_client_while_the_fast_path_serves_it(
+    mode: str, tmp_path: Path
+) -> None:
+    """The live fast path serves a client before the body's first step, and a detached
+    response's after its request ended: the ``subscribers{mode="live"}`` gauge counts the
+    client all that time, and not after."""
+    server = start(mode, tmp_path, env={"DISCONNECT_APP_METRICS": "1"})
+    try:
+        key = uuid.uuid4().hex
+        conn, response = open_live(
+            server, "/flows/gated", {"data": {"before": 1, "after": 1, "key": key}}
+        )
+        read_frames(response, 1, 65536)
+        assert stats(server)["live_subscribers"] == 1  # the flow waits at its gate
+        open_gate(server, key)
+        assert whole_frames(response.read())[-1] == ("done", "done")
+        conn.close()
+        for _ in range(600):  # the server lets go of the reader right after the last frame
+            if stats(server)["live_subscribers"] == 0:
+                break
+            time.sleep(0.05)
+        assert stats(server)["live_subscribers"] == 0
     finally:
         server.stop()

@@ -266,8 +266,12 @@ class StreamResponse(Response):
     #: The live fast path's hook (see _direct): given the server's ``write`` once the
     #: headers are out, it returns what the body does before its first frame, if anything.
     on_headers: Callable[[Callable[[bytes], Any]], Callable[[], object] | None] | None = None
+    #: Called once a server calls the response: it is being served from now on.
+    on_call: Callable[[], None] | None = None
 
     def __call__(self, environ: Any, start_response: Any) -> Iterable[bytes]:
+        if self.on_call is not None:
+            self.on_call()
         app_iter, status, headers = self.get_wsgi_response(environ)
         write = start_response(status, headers)
         write(b"")

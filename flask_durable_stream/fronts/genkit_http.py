@@ -8,6 +8,7 @@ stream's flow to stop, wherever it runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from ..flows import Flow
 from ..managers.base import Event
 from .core import (
     Front,
+    StreamResponse,
     check_owner,
     checked_stream_id,
     closer,
@@ -138,9 +140,15 @@ class GenkitFront(Front):
                 headers[protocol.STREAM_ID_HEADER] = run.stream_id
             # A client that stops reading is dropped past the buffer bound: its
             # connection is closed and it can resume from storage.
-            batches = run.batches(reader=run.live, on_drop=closer(request.environ))
-            batches = self.runner.metrics.subscriber(batches, self.name, "live")
+            reader = run.live
+            assert reader is not None  # started live
+            batches = run.batches(reader=reader, on_drop=closer(request.environ))
             response = self._stream(batches, headers)
+            # Counted until the run lets go of the reader: the live fast path may serve
+            # it before the body's first step and after the request (see _direct).
+            response.on_call = functools.partial(
+                self.runner.metrics.live_subscriber, reader, self.name
+            )
             options = self.options
             live_hook(
                 response,
@@ -178,7 +186,7 @@ class GenkitFront(Front):
             return error_response(StreamNotFound("Stream already ended."))
         return _plain(terminal)
 
-    def _stream(self, batches: Iterator[list[Event]], headers: dict[str, str]) -> Response:
+    def _stream(self, batches: Iterator[list[Event]], headers: dict[str, str]) -> StreamResponse:
         backend = self.backend
 
         def generate() -> Iterator[bytes]:

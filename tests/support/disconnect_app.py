@@ -4,7 +4,9 @@
 
 SQLite storage at ``DISCONNECT_APP_SQLITE`` when set, else the in-memory manager;
 ``DISCONNECT_APP_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``,
-``DISCONNECT_APP_DETACH_RESPONSE=1`` ``DURABLE_STREAM_DETACH_RESPONSE``. The
+``DISCONNECT_APP_DETACH_RESPONSE=1`` ``DURABLE_STREAM_DETACH_RESPONSE``,
+``DISCONNECT_APP_METRICS=1`` ``DURABLE_STREAM_METRICS`` (``GET /stats`` then also says how
+many live clients the metrics count). The
 ``gated`` flow emits ``before`` chunks, waits until ``POST /gate/<key>`` opens its gate,
 then emits ``after`` more: a test can drop the client at a known point. ``GET /stats``
 says how many frames the live fast path took (see ``_direct``), so a test can tell that
@@ -114,6 +116,18 @@ def fill(data: Any, ctx: FlowContext) -> int:
     return filled
 
 
+def _live_subscribers() -> int:
+    """The metrics' gauge of live clients of the ``gated`` flow (-1 without metrics)."""
+    if not os.environ.get("DISCONNECT_APP_METRICS"):
+        return -1
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "durable_stream_subscribers", {"flow": "gated", "mode": "live"}
+    )
+    return int(value or 0)
+
+
 def create_app() -> Flask:
     app = Flask(__name__)
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = os.environ.get(
@@ -122,6 +136,7 @@ def create_app() -> Flask:
     app.config["DURABLE_STREAM_DETACH_RESPONSE"] = os.environ.get(
         "DISCONNECT_APP_DETACH_RESPONSE", ""
     )
+    app.config["DURABLE_STREAM_METRICS"] = bool(os.environ.get("DISCONNECT_APP_METRICS"))
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     manager = SQLiteStreamManager(path) if path else None
     DurableStream(
@@ -152,6 +167,7 @@ def create_app() -> Flask:
             "detached": _detached[0],
             "open_bodies": len(_responses._OPEN),
             "waiting": _waiting[0],
+            "live_subscribers": _live_subscribers(),
         }
 
     return app
