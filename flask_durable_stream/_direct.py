@@ -4,7 +4,8 @@ Under gevent the usual path costs, per chunk, a wake-up of the response's task
 (an Event, a hub callback and two switches), a batch list and a trip through
 the WSGI server's write, and every stream holds two greenlets (the flow and
 the response). With a server whose socket we can reach (gunicorn's gevent
-workers, gevent's WSGIServer) none of that is needed:
+workers, gevent's WSGIServer), on a connection it does not encrypt itself (no
+TLS: the fast path writes to the OS socket), none of that is needed:
 
 * While the client keeps up, the first event of a burst (the first the flow
   emits in a turn of the hub's loop: every chunk of an LLM-paced flow) is framed
@@ -398,6 +399,8 @@ def _socket_of(write: Callable[[bytes], Any]) -> tuple[Any, bool, Any] | None:
         return None
     if getattr(sock, "_sock", None) is None:
         return None
+    if hasattr(sock, "_sslobj"):  # TLS (gevent's or the standard SSLSocket): its bytes are
+        return None  # encrypted by the socket object; the OS socket under it must not be written
     return sock, chunked, owner
 
 

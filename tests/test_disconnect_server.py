@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,6 +96,9 @@ def kept_alive(server: servers.Server) -> bool:
     args = list(server.proc.args)
     worker = args[len(args) - 1 - args[::-1].index("-k") + 1]  # the last -k wins
     return detached(server) and worker == "gevent"
+
+
+LIVE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
 def open_live(
@@ -402,5 +406,44 @@ def test_the_metrics_count_a_live_client_while_the_fast_path_serves_it(
                 break
             time.sleep(0.05)
         assert stats(server)["live_subscribers"] == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", ["memory", "memory, detached response"])
+def test_a_live_stream_over_tls_is_written_through_the_tls_socket(
+    mode: str, tmp_path: Path
+) -> None:
+    """gunicorn with ``--certfile``: the live fast path writes to the OS socket, under the
+    TLS layer, so it must leave such a connection to the server: every frame reaches the
+    client decrypted, equal to the replay, and the connection is not taken over."""
+    certfile, keyfile = servers.self_signed(tmp_path)
+    server = start(mode, tmp_path, ("--certfile", certfile, "--keyfile", keyfile))
+    try:
+        context = ssl.create_default_context(cafile=certfile)
+        context.check_hostname = False
+        key = uuid.uuid4().hex
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=60, context=context)
+        body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+        conn.request("POST", "/flows/gated", body=json.dumps(body), headers=LIVE)
+        response = conn.getresponse()
+        stream_id = response.getheader(protocol.STREAM_ID_HEADER)
+        raw = read_frames(response, BEFORE, 65536)
+        https = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=60, context=context)
+        https.request("POST", f"/gate/{key}")
+        assert https.getresponse().status == 200
+        raw += response.read()
+        assert whole_frames(raw) == expected_events()
+        conn.request("GET", "/stats")
+        assert json.loads(conn.getresponse().read())["detached"] == 0
+        conn.request(
+            "POST",
+            "/flows/gated",
+            body="{}",
+            headers={**LIVE, protocol.STREAM_ID_HEADER: stream_id},
+        )
+        assert conn.getresponse().read() == raw
+        conn.close()
+        https.close()
     finally:
         server.stop()
