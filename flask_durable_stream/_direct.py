@@ -235,11 +235,9 @@ class DirectSink:
             _responses.idle(self._busy)
             after, self._after = self._after, None
             if after is not None and not self.failed:  # ...or goes on, kept alive
-                import gevent
+                from .durable_streams.handover import continue_after
 
-                from .durable_streams.handover import serve_after
-
-                gevent.spawn(serve_after, after, self._raw)
+                continue_after(after, self._raw)
             else:
                 try:
                     self._raw.close()

@@ -189,7 +189,6 @@ class _Prefixed(io.RawIOBase):
     def __init__(self, first: bytes, sock: Any) -> None:
         self._first = memoryview(first)
         self._sock = sock
-        self.paused = False  # read nothing more from the socket (see _read_ahead)
 
     def readable(self) -> bool:
         return True
@@ -201,9 +200,10 @@ class _Prefixed(io.RawIOBase):
             buffer[:n] = first[:n]
             self._first = first[n:]
             return n
-        if self.paused:
-            return None  # "nothing now", as a non-blocking stream says it
-        return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+        try:
+            return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
+        except BlockingIOError:  # a socket told not to wait (see _read_ahead)
+            return None
 
 
 # -- a connection after a stream whose response ended early -------------------------
@@ -211,40 +211,43 @@ class _Prefixed(io.RawIOBase):
 # A live stream's response can end as soon as its headers are out, its connection
 # taken over by the stream's sink (``DURABLE_STREAM_DETACH_RESPONSE``, see
 # ``flask_durable_stream._direct``). Once the sink has sent the stream's last frame,
-# the connection would be closed; under gunicorn's ``gevent`` worker it is served on
-# instead, as a handed-over connection is: by :class:`HandedOver` in a greenlet of
-# its own, with the bytes the server had read past the request first.
+# the connection is served on, in a greenlet of its own, by the handler the server
+# would have gone on with: gevent's (:class:`HandedOver` under gunicorn's ``gevent``
+# worker, as a handed-over connection), with the bytes read past the request first.
 
 
 class After:
     """What serving a taken-over connection on needs, kept by the sink for the stream's
-    length: the handler's server, the client's address, gunicorn's trust of the peer
-    as a proxy, and what had been read past the request."""
+    length: the handler class and its server, the client's address, what had been read
+    past the request, and (for :class:`HandedOver`) gunicorn's trust of the peer."""
 
-    __slots__ = ("server", "addr", "trusted", "pending")
+    __slots__ = ("server", "handler_class", "addr", "pending", "trusted")
 
-    def __init__(self, server: Any, addr: Any, trusted: bool, pending: bytes) -> None:
+    def __init__(
+        self, server: Any, handler_class: Any, addr: Any, pending: bytes, trusted: bool | None
+    ) -> None:
         self.server = server
+        self.handler_class = handler_class
         self.addr = addr
-        self.trusted = trusted
         self.pending = pending
+        self.trusted = trusted
 
 
 def after_stream(owner: Any) -> After | None:
     """Called as a live stream's sink takes its connection over from ``owner`` (the
-    server's response object): how to serve the connection on once the stream has
-    been sent, or None where it must close then.
+    server's response object, or gevent's handler): how to serve the connection on once
+    the stream has been sent, or None where it must close then.
 
-    Only under gunicorn's ``gevent`` worker, with the same conditions as a handover
-    (keep-alive allowed, no TLS, PROXY protocol, ``SCRIPT_NAME`` or per-request hook,
-    the request's body read to its end), and for a client that keeps its connection
-    alive. Call it before telling ``owner`` to close.
+    Under gunicorn's ``gevent`` worker the conditions are a handover's (keep-alive
+    allowed, no TLS, PROXY protocol, ``SCRIPT_NAME`` or per-request hook); everywhere,
+    the client keeps its connection alive, the request's body was read to its end and
+    the server is not stopping. Call it before telling ``owner`` to close.
     """
     if type(owner).__module__ == "gunicorn.http.wsgi":
         return _after_gunicorn(owner)
-    # A handler of a connection handed over earlier (never made: none exists)
-    if _handler_class.cache_info().currsize and isinstance(owner, _handler_class()):
-        return _after_handed_over(owner)
+    pywsgi = sys.modules.get("gevent.pywsgi")
+    if pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler):
+        return _after_handler(owner)
     return None
 
 
@@ -269,22 +272,25 @@ def _after_gunicorn(response: Any) -> After | None:
     ):
         return None
     pending: bytes = environ["wsgi.input"].reader.unreader.take_buffered()
-    return After(_server(worker, listener_name), addr, bool(trusted()), pending)
+    server = _server(worker, listener_name)
+    return After(server, server.handler_class, addr, pending, bool(trusted()))
 
 
-def _after_handed_over(handler: Any) -> After | None:
+def _after_handler(handler: Any) -> After | None:
     server = handler.server
+    worker = getattr(server, "worker", None)  # a handover's server, never started itself
     body = getattr(handler, "environ", {}).get("wsgi.input")
     if (
         handler.close_connection
-        or not server.worker.alive
+        or not (worker.alive if worker is not None else server.started)
         or body is None
         or body.chunked_input
         or body.content_length is None
         or body.position < int(body.content_length)
     ):
         return None
-    after = After(server, handler.client_address, handler.trusted_proxy, _read_ahead(handler))
+    trusted = handler.trusted_proxy if worker is not None else None
+    after = After(server, type(handler), handler.client_address, _read_ahead(handler), trusted)
     # gevent's handler would read out (and lose) what the client sent next, then close
     # the socket; the sink's duplicate is the connection now.
     handler.socket = _Released(handler.socket)
@@ -307,30 +313,47 @@ class _Released:
 
 def _read_ahead(handler: Any) -> bytes:
     """What ``handler``'s reader holds past its request, read without waiting for more."""
-    rfile = handler.rfile
-    raw = rfile.raw
-    raw.paused = True
+    sock, rfile = handler.socket, handler.rfile
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # its reader's next read from it says "nothing now"
     try:
         held: bytes = rfile.peek()
         return rfile.read(len(held)) if held else b""
     finally:
-        raw.paused = False
+        sock.settimeout(timeout)
+
+
+def continue_after(after: After, raw: Any) -> None:
+    """Serve the connection of ``raw`` (a non-blocking OS socket, whose response has been
+    sent whole) on, in a greenlet of the server's pool where it has one (which it then
+    counts, and a graceful stop waits for), else of its own. A full pool closes it."""
+    import gevent
+
+    pool = getattr(after.server, "pool", None)
+    if pool is None:
+        gevent.spawn(serve_after, after, raw)
+    elif pool.full():
+        raw.close()
+    else:
+        pool.spawn(serve_after, after, raw)
 
 
 def serve_after(after: After, raw: Any) -> None:
-    """Serve the connection of ``raw`` (a non-blocking OS socket, whose response has
-    been sent whole) on with :class:`HandedOver`: the next request is awaited for
-    gunicorn's ``keepalive`` seconds. Runs in a greenlet of its own; closes ``raw``."""
+    """Serve ``raw``'s connection with a handler of ``after``: the next request is awaited
+    as the server awaits one (gunicorn's ``keepalive`` seconds for :class:`HandedOver`).
+    Closes ``raw``."""
     from gevent import socket as gsocket
 
     sock = gsocket.socket(fileno=raw.detach())
     try:
         server = after.server
-        if server.worker.alive:
+        worker = getattr(server, "worker", None)
+        if worker.alive if worker is not None else server.started:
             rfile = io.BufferedReader(_Prefixed(after.pending, sock), 8192)
-            handler = server.handler_class(sock, after.addr, server, rfile)
-            handler.trusted_proxy = after.trusted
-            handler.counted = True
+            handler = after.handler_class(sock, after.addr, server, rfile)
+            if after.trusted is not None:  # HandedOver, which no pool counts
+                handler.trusted_proxy = after.trusted
+                handler.counted = True
             handler.handle()
     finally:
         sock.close()

@@ -64,9 +64,9 @@ class FrontOptions:
     flow keeps the request until it ends (see docs/performance.md).
     ``detach_response``: under gevent, once a live stream's headers are out, the live
     fast path takes its connection over and the request ends at once: the stream is
-    written from the hub to its end, then the connection is served on (under gunicorn's
-    ``gevent`` worker) or closed (one greenlet per stream, the flow's; see
-    docs/performance.md). ``flow_in_response`` wins over it.
+    written from the hub to its end, then the connection is served on by the server's
+    handler, kept alive (one greenlet per stream, the flow's; see docs/performance.md).
+    ``flow_in_response`` wins over it.
     """
 
     context_provider: ContextProvider | None = None
