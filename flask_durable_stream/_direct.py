@@ -58,6 +58,9 @@ if TYPE_CHECKING:
     from .run import LiveReader, Run
 
 
+#: How many sinks own their connection now (DURABLE_STREAM_DETACH_RESPONSE): at most as
+#: many as the server serves connections at once (gunicorn's worker_connections).
+_taken = [0]
 #: Frames a burst may queue before they are sent without waiting for the burst's end.
 FLUSH_BYTES = 64 * 1024
 #: The watcher takes at most this many payload bytes from the run per write.
@@ -232,7 +235,10 @@ class DirectSink:
         self._unwatch()
         if self._detached:  # the connection is the sink's: it ends with the stream...
             self._run.detach(self.reader)
-            _responses.idle(self._busy)
+            busy, self._busy = self._busy, None
+            if busy is not None:  # once
+                _responses.idle(busy)
+                _taken[0] -= 1
             after, self._after = self._after, None
             if after is not None and not self.failed:  # ...or goes on, kept alive
                 from .durable_streams.handover import continue_after
@@ -269,14 +275,19 @@ class DirectSink:
         owner, self._owner = self._owner, None  # the request's objects go with it
         if owner is None:
             return False
+        from .durable_streams.handover import after_stream, connection_limit
+
+        limit = connection_limit(owner)
+        if limit is not None and _taken[0] >= limit:
+            # As many connections as the server serves at once are sinks' already: this
+            # one stays with its request, among those the server counts.
+            return False
         try:
             # The OS socket type (gevent's patched class would wait on the hub).
             raw = _socket.socket(fileno=os.dup(self._raw.fileno()))
         except OSError:  # out of descriptors: the response keeps the connection
             return False
         raw.setblocking(False)
-        from .durable_streams.handover import after_stream
-
         self._after = after_stream(owner)  # before the server is told to close its side
         if is_gunicorn_response(owner):
             owner.chunked = False
@@ -289,6 +300,7 @@ class DirectSink:
         self._raw = raw
         self._detached = True
         self._busy = _responses.busy()
+        _taken[0] += 1
         self.reader.on_drop = self._cut
         if watching:
             self._watch()

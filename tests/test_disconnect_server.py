@@ -438,3 +438,32 @@ def test_a_live_stream_over_tls_is_written_through_the_tls_socket(
         https.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("mode", DETACHED)
+def test_no_more_connections_are_taken_over_than_the_server_serves_at_once(mode: str) -> None:
+    """With ``--worker-connections 2``, two live streams are taken over; a third keeps its
+    request (which the server counts), and every one is whole. Once they are over, the
+    next stream is taken over again."""
+    server = start(mode, Path(), ("--worker-connections", "2"))
+    try:
+        keys = [uuid.uuid4().hex for _ in range(4)]
+        body = {"before": 1, "after": 2}
+        expected = [("chunk", 0), ("chunk", 1), ("chunk", 2), ("done", "done")]
+        live = []
+        for key in keys[:3]:
+            conn, response = open_live(server, "/flows/gated", {"data": {**body, "key": key}})
+            live.append((conn, response, read_frames(response, 1, 65536)))  # at its gate
+        assert (stats(server)["detached"], stats(server)["open_bodies"]) == (2, 1)
+        for key, (conn, response, first) in zip(keys, live, strict=False):
+            open_gate(server, key)
+            assert whole_frames(first + response.read()) == expected
+            conn.close()
+        conn, response = open_live(server, "/flows/gated", {"data": {**body, "key": keys[3]}})
+        first = read_frames(response, 1, 65536)
+        assert stats(server)["detached"] == 3
+        open_gate(server, keys[3])
+        assert whole_frames(first + response.read()) == expected
+        conn.close()
+    finally:
+        server.stop()

@@ -251,12 +251,35 @@ def after_stream(owner: Any) -> After | None:
     return None
 
 
-def _after_gunicorn(response: Any) -> After | None:
-    frame: Any = sys._getframe(2)
-    for _ in range(16):  # gunicorn's handle_request is a few calls up: the body's first step
+def connection_limit(owner: Any) -> int | None:
+    """How many connections the server of ``owner`` (as for :func:`after_stream`) serves
+    at once at most: gunicorn's ``worker_connections``, the size of a gevent server's
+    pool; None when nothing bounds them."""
+    if type(owner).__module__ == "gunicorn.http.wsgi":
+        frame = _request_frame()
+        found = _gunicorn_frame(frame)
+        return None if found is None else int(found[0].worker_connections)
+    server = getattr(owner, "server", None)
+    worker = getattr(server, "worker", None)  # a handover's server: gunicorn's worker's
+    if worker is not None:
+        return int(worker.worker_connections)
+    pool = getattr(server, "pool", None)
+    return None if pool is None or pool.size is None else int(pool.size)
+
+
+def _request_frame() -> Any:
+    """gunicorn's ``handle_request`` frame, a few calls up from the response body's first
+    step (where a live stream's sink takes the connection over), or None."""
+    frame: Any = sys._getframe(1)
+    for _ in range(16):
         if frame is None or frame.f_code.co_name == "handle_request":
-            break
+            return frame
         frame = frame.f_back
+    return None
+
+
+def _after_gunicorn(response: Any) -> After | None:
+    frame = _request_frame()
     found = _gunicorn_frame(frame)
     if found is None:
         return None
