@@ -238,17 +238,17 @@ class DirectSink:
             busy, self._busy = self._busy, None
             if busy is not None:  # once
                 _responses.idle(busy)
-                _taken[0] -= 1
-            after, self._after = self._after, None
-            if after is not None and not self.failed:  # ...or goes on, kept alive
-                from .durable_streams.handover import continue_after
+                after, self._after = self._after, None
+                if after is not None and not self.failed:  # ...or goes on, kept alive
+                    from .durable_streams.handover import continue_after
 
-                continue_after(after, self._raw)
-            else:
-                try:
-                    self._raw.close()
-                except OSError:  # pragma: no cover - closing a socket does not fail here
-                    pass
+                    continue_after(after, self._raw, _let_go)  # counted until it closes
+                else:
+                    _let_go()
+                    try:
+                        self._raw.close()
+                    except OSError:  # pragma: no cover - closing a socket does not fail here
+                        pass
         parked, self._parked = self._parked, None
         if parked is not None:
             import gevent
@@ -359,6 +359,11 @@ class DirectSink:
                 self._parked = None
                 self._fail()
         return not self.failed
+
+
+def _let_go() -> None:
+    """A connection a sink took over is closed, or served on no more."""
+    _taken[0] -= 1
 
 
 def _wake(parked: Any) -> None:

@@ -459,6 +459,10 @@ def test_no_more_connections_are_taken_over_than_the_server_serves_at_once(mode:
             open_gate(server, key)
             assert whole_frames(first + response.read()) == expected
             conn.close()
+        for _ in range(600):  # the server sees the closes
+            if stats(server)["taken"] == 0:
+                break
+            time.sleep(0.05)
         conn, response = open_live(server, "/flows/gated", {"data": {**body, "key": keys[3]}})
         first = read_frames(response, 1, 65536)
         assert stats(server)["detached"] == 3

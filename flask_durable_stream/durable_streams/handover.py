@@ -41,6 +41,7 @@ import importlib
 import io
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .. import _responses
@@ -346,28 +347,34 @@ def _read_ahead(handler: Any) -> bytes:
         sock.settimeout(timeout)
 
 
-def continue_after(after: After, raw: Any) -> None:
+def continue_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
     """Serve the connection of ``raw`` (a non-blocking OS socket, whose response has been
     sent whole) on, in a greenlet of the server's pool where it has one (which it then
-    counts, and a graceful stop waits for), else of its own. A full pool closes it."""
+    counts, and a graceful stop waits for), else of its own. A full pool closes it.
+    ``closed`` is called once the connection is closed."""
     import gevent
 
     pool = getattr(after.server, "pool", None)
     if pool is None:
-        gevent.spawn(serve_after, after, raw)
+        gevent.spawn(serve_after, after, raw, closed)
     elif pool.full():
         raw.close()
+        closed()
     else:
-        pool.spawn(serve_after, after, raw)
+        pool.spawn(serve_after, after, raw, closed)
 
 
-def serve_after(after: After, raw: Any) -> None:
+def serve_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
     """Serve ``raw``'s connection with a handler of ``after``: the next request is awaited
     as the server awaits one (gunicorn's ``keepalive`` seconds for :class:`HandedOver`).
-    Closes ``raw``."""
+    Closes ``raw``, then calls ``closed``."""
     from gevent import socket as gsocket
 
-    sock = gsocket.socket(fileno=raw.detach())
+    try:
+        sock = gsocket.socket(fileno=raw.detach())
+    except BaseException:
+        closed()
+        raise
     try:
         server = after.server
         worker = getattr(server, "worker", None)
@@ -380,6 +387,7 @@ def serve_after(after: After, raw: Any) -> None:
             handler.handle()
     finally:
         sock.close()
+        closed()
 
 
 @functools.cache

@@ -168,6 +168,7 @@ def create_app() -> Flask:
             "open_bodies": len(_responses._OPEN),
             "waiting": _waiting[0],
             "live_subscribers": _live_subscribers(),
+            "taken": _direct._taken[0],  # connections the sinks own (or serve on) now
         }
 
     return app
