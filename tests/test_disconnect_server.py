@@ -90,6 +90,11 @@ def detached(server: servers.Server) -> bool:
     return server.env.get("DISCONNECT_APP_DETACH_RESPONSE") == "1"
 
 
+def worker_class(server: servers.Server) -> str:
+    args = list(server.proc.args)
+    return str(args[len(args) - args[::-1].index("-k")])  # after the last -k
+
+
 #: A detached response under gunicorn's ``gevent`` worker, and under one of gevent's handler.
 DETACHED = ["memory, detached response", "memory, detached response, -k PyWSGIWorker"]
 LIVE = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -257,11 +262,14 @@ def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     assert replay.raw == raw
 
 
-def read_response(reader: Any, status_line: bytes | None = None) -> tuple[int, bytes]:
+def read_response(
+    reader: Any, status_line: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """One HTTP/1.1 response from ``reader`` (a socket's ``makefile("rb")``), after its status
-    line when that was read already: its status and body (chunked, or of a length)."""
+    line when that was read already: its status and body (chunked, or of a length); its
+    headers (lowercase names) go to ``headers``."""
     status_line = status_line or reader.readline()
-    headers = {}
+    headers = {} if headers is None else headers
     while (line := reader.readline()) != b"\r\n":
         assert line, "the connection closed within a response's head"
         name, _, value = line.decode().partition(":")
@@ -313,9 +321,12 @@ def test_a_detached_stream_s_connection_serves_the_requests_after_it(
             status, body = read_response(reader, status_line)
             assert status == 200
             assert whole_frames(body) == expected_events()
-            status, answer = read_response(reader)
+            headers: dict[str, str] = {}
+            status, answer = read_response(reader, None, headers)
             assert status == 200
             assert json.loads(answer)["detached"] >= n + 1
+            if worker_class(server) == "gevent":  # gunicorn's own handler serves it again
+                assert headers["server"].startswith("gunicorn")
     assert stats(server)["detached"] >= 2
 
 

@@ -212,37 +212,33 @@ class _Prefixed(io.RawIOBase):
 # A live stream's response can end as soon as its headers are out, its connection
 # taken over by the stream's sink (``DURABLE_STREAM_DETACH_RESPONSE``, see
 # ``flask_durable_stream._direct``). Once the sink has sent the stream's last frame,
-# the connection is served on, in a greenlet of its own, by the handler the server
-# would have gone on with: gevent's (:class:`HandedOver` under gunicorn's ``gevent``
-# worker, as a handed-over connection), with the bytes read past the request first.
+# the connection is served on, in a greenlet of its own, by what would have served it
+# had the response gone on: gunicorn's ``gevent`` worker (its ``handle``, as for a new
+# connection) or gevent's handler of the server (a pywsgi worker's, gevent's
+# WSGIServer's, :class:`HandedOver`), with the bytes read past the request first.
 
 
 class After:
-    """What serving a taken-over connection on needs, kept by the sink for the stream's
-    length: the handler class and its server, the client's address, what had been read
-    past the request, and (for :class:`HandedOver`) gunicorn's trust of the peer."""
+    """How to serve a taken-over connection on after its stream, kept by the sink for the
+    stream's length."""
 
-    __slots__ = ("server", "handler_class", "addr", "pending", "trusted")
+    __slots__ = ("_serve", "_alive", "pool")
 
     def __init__(
-        self, server: Any, handler_class: Any, addr: Any, pending: bytes, trusted: bool | None
+        self, serve: Callable[[Any], None], alive: Callable[[], bool], pool: Any = None
     ) -> None:
-        self.server = server
-        self.handler_class = handler_class
-        self.addr = addr
-        self.pending = pending
-        self.trusted = trusted
+        self._serve = serve  # called with the connection's gevent socket
+        self._alive = alive  # whether the server still serves
+        self.pool = pool  # the server's pool, which then counts the connection
 
 
 def after_stream(owner: Any) -> After | None:
     """Called as a live stream's sink takes its connection over from ``owner`` (the
     server's response object, or gevent's handler): how to serve the connection on once
-    the stream has been sent, or None where it must close then.
-
-    Under gunicorn's ``gevent`` worker the conditions are a handover's (keep-alive
-    allowed, no TLS, PROXY protocol, ``SCRIPT_NAME`` or per-request hook); everywhere,
-    the client keeps its connection alive, the request's body was read to its end and
-    the server is not stopping. Call it before telling ``owner`` to close.
+    the stream has been sent, or None where it must close then: the client did not keep
+    the connection alive, the request's body was not read to its end, the server is
+    stopping, or (gunicorn) ``keepalive`` is 0, TLS or the PROXY protocol. Call it
+    before telling ``owner`` to close.
     """
     if type(owner).__module__ == "gunicorn.http.wsgi":
         return _after_gunicorn(owner)
@@ -257,8 +253,7 @@ def connection_limit(owner: Any) -> int | None:
     at once at most: gunicorn's ``worker_connections``, the size of a gevent server's
     pool; None when nothing bounds them."""
     if type(owner).__module__ == "gunicorn.http.wsgi":
-        frame = _request_frame()
-        found = _gunicorn_frame(frame)
+        found = _gunicorn_frame(_request_frame())
         return None if found is None else int(found[0].worker_connections)
     server = getattr(owner, "server", None)
     worker = getattr(server, "worker", None)  # a handover's server: gunicorn's worker's
@@ -284,20 +279,55 @@ def _after_gunicorn(response: Any) -> After | None:
     found = _gunicorn_frame(frame)
     if found is None:
         return None
-    worker, req, listener_name, _sock, addr = found
+    worker, _req, _name, _sock, addr = found
+    listener = None
+    caller = frame.f_back
+    while caller is not None and listener is None:  # gunicorn's handle(listener, client, addr)
+        if caller.f_code.co_name == "handle":
+            listener = caller.f_locals.get("listener")
+        caller = caller.f_back
     environ = frame.f_locals.get("environ")
-    trusted = getattr(req, "_peer_is_trusted_proxy", None)
+    cfg = worker.cfg
     if (
-        not isinstance(environ, dict)
-        or environ.get("SCRIPT_NAME")
-        or trusted is None
-        or not _worker_allows(worker)
+        listener is None
+        or not isinstance(environ, dict)
+        or not worker.alive
+        or not cfg.keepalive
+        or cfg.is_ssl
+        or getattr(cfg, "proxy_protocol", False) not in (False, "off")  # a connection's first line
         or not may_hand_over(environ, response)
     ):
         return None
     pending: bytes = environ["wsgi.input"].reader.unreader.take_buffered()
-    server = _server(worker, listener_name)
-    return After(server, server.handler_class, addr, pending, bool(trusted()))
+
+    def serve(sock: Any) -> None:
+        # No pool counts this connection: a graceful stop waits for it (at most its
+        # keep-alive wait for the next request, then gunicorn closes it: not alive).
+        busy = _responses.busy()
+        try:
+            worker.handle(listener, _Replayed(sock, pending) if pending else sock, addr)
+        finally:
+            _responses.idle(busy)
+
+    return After(serve, lambda: bool(worker.alive))
+
+
+class _Replayed:
+    """A connection's socket, whose first bytes (read already) ``recv`` gives again."""
+
+    def __init__(self, sock: Any, first: bytes) -> None:
+        self._sock = sock
+        self._first = first
+
+    def recv(self, size: int) -> bytes:
+        first = self._first
+        if not first:
+            return self._sock.recv(size)  # type: ignore[no-any-return]
+        self._first = first[size:]
+        return first[:size]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _after_handler(handler: Any) -> After | None:
@@ -313,12 +343,23 @@ def _after_handler(handler: Any) -> After | None:
         or body.position < int(body.content_length)
     ):
         return None
+    handler_class, addr, pending = type(handler), handler.client_address, _read_ahead(handler)
     trusted = handler.trusted_proxy if worker is not None else None
-    after = After(server, type(handler), handler.client_address, _read_ahead(handler), trusted)
     # gevent's handler would read out (and lose) what the client sent next, then close
     # the socket; the sink's duplicate is the connection now.
     handler.socket = _Released(handler.socket)
-    return after
+
+    def serve(sock: Any) -> None:
+        rfile = io.BufferedReader(_Prefixed(pending, sock), 8192)
+        served = handler_class(sock, addr, server, rfile)
+        if trusted is not None:  # HandedOver, which no pool counts
+            served.trusted_proxy = trusted
+            served.counted = True
+        served.handle()
+
+    if worker is not None:
+        return After(serve, lambda: bool(worker.alive))
+    return After(serve, lambda: bool(server.started), getattr(server, "pool", None))
 
 
 class _Released:
@@ -354,7 +395,7 @@ def continue_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
     ``closed`` is called once the connection is closed."""
     import gevent
 
-    pool = getattr(after.server, "pool", None)
+    pool = after.pool
     if pool is None:
         gevent.spawn(serve_after, after, raw, closed)
     elif pool.full():
@@ -365,9 +406,8 @@ def continue_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
 
 
 def serve_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
-    """Serve ``raw``'s connection with a handler of ``after``: the next request is awaited
-    as the server awaits one (gunicorn's ``keepalive`` seconds for :class:`HandedOver`).
-    Closes ``raw``, then calls ``closed``."""
+    """Serve ``raw``'s connection as ``after`` says, unless the server has stopped
+    meanwhile. Closes ``raw``, then calls ``closed``."""
     from gevent import socket as gsocket
 
     try:
@@ -376,15 +416,8 @@ def serve_after(after: After, raw: Any, closed: Callable[[], None]) -> None:
         closed()
         raise
     try:
-        server = after.server
-        worker = getattr(server, "worker", None)
-        if worker.alive if worker is not None else server.started:
-            rfile = io.BufferedReader(_Prefixed(after.pending, sock), 8192)
-            handler = after.handler_class(sock, after.addr, server, rfile)
-            if after.trusted is not None:  # HandedOver, which no pool counts
-                handler.trusted_proxy = after.trusted
-                handler.counted = True
-            handler.handle()
+        if after._alive():
+            after._serve(sock)
     finally:
         sock.close()
         closed()
