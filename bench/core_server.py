@@ -20,8 +20,9 @@ from flask_durable_stream import DurableStream, SQLiteStreamManager, protocol, t
 
 def create_app() -> Flask:
     """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory;
-    ``BENCH_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``,
-    ``BENCH_DETACH_RESPONSE=1`` ``DURABLE_STREAM_DETACH_RESPONSE``.
+    ``BENCH_FLOW_IN_RESPONSE`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE`` and
+    ``BENCH_DETACH_RESPONSE`` ``DURABLE_STREAM_DETACH_RESPONSE`` (``1`` or ``0``; unset,
+    the library's default).
 
     Unless ``BENCH_GC=default``, the process's garbage collector is set up as the
     production recipe does (:func:`flask_durable_stream.tune_gc`, which the example's
@@ -29,8 +30,10 @@ def create_app() -> Flask:
     """
     app = Flask(__name__)
     app.config["DURABLE_STREAM_TTL"] = 600.0
-    app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = os.environ.get("BENCH_FLOW_IN_RESPONSE", "")
-    app.config["DURABLE_STREAM_DETACH_RESPONSE"] = os.environ.get("BENCH_DETACH_RESPONSE", "")
+    for setting in ("FLOW_IN_RESPONSE", "DETACH_RESPONSE"):  # else the library's default
+        value = os.environ.get("BENCH_" + setting)
+        if value is not None:
+            app.config["DURABLE_STREAM_" + setting] = value
     sqlite = os.environ.get("BENCH_SQLITE")
     manager = SQLiteStreamManager(sqlite) if sqlite else None
     DurableStream(app, flows={"blast": blast, "llm": llm}, stream_manager=manager)

@@ -42,7 +42,13 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-PATHS = {"memory": "/flows/llm", "sqlite": "/flows/llm", "plain": "/plain_llm"}
+PATHS = {
+    "memory": "/flows/llm",
+    "memory-dr": "/flows/llm",
+    "memory-kr": "/flows/llm",
+    "sqlite": "/flows/llm",
+    "plain": "/plain_llm",
+}
 DELAY = 0.05
 
 
@@ -95,6 +101,10 @@ def count(server: str, streams: int, chunks: int) -> int:
     try:
         if server == "sqlite":
             env["BENCH_SQLITE"] = os.path.join(tmp, "streams.db")
+        if server.endswith("-dr"):  # the live stream's connection taken over
+            env["BENCH_DETACH_RESPONSE"] = "1"
+        if server.endswith("-kr"):  # kept by its response to the stream's end
+            env["BENCH_DETACH_RESPONSE"] = "0"
         done = subprocess.run(
             [
                 "valgrind",

@@ -2,15 +2,16 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
-                        [--servers memory,memory-1g,memory-dr,memory-pw,memory-na,sqlite,sqlite-1g,
+                        [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,sqlite,sqlite-1g,
                                    plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
    raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
    process: ours with the in-memory and the SQLite manager under ``gunicorn -k gevent
-   -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``) and with
-   ``DURABLE_STREAM_DETACH_RESPONSE`` (``-dr``), and the in-memory one under
+   -w 1``, each also with ``DURABLE_STREAM_FLOW_IN_RESPONSE`` (``-1g``), without
+   ``DURABLE_STREAM_DETACH_RESPONSE`` (``-kr``: the response kept to the stream's end; ``-dr``
+   sets it explicitly, as the default does), and the in-memory one under
    ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``), all with the
    production recipe's ``post_worker_init`` (bench/gunicorn_conf.py), and the in-memory
    one without its admission of new connections by turns (``-na``); a plain Flask
@@ -57,6 +58,8 @@ SERVERS = {
     "sqlite-1g": "ours, SQLite, flow in response",
     "memory-dr": "ours, in-memory, detached response",
     "sqlite-dr": "ours, SQLite, detached response",
+    "memory-kr": "ours, in-memory, response kept (not detached)",
+    "sqlite-kr": "ours, SQLite, response kept (not detached)",
     "memory-pw": "ours, in-memory, `PyWSGIWorker`",
     "memory-na": "ours, in-memory, no admission by turns",
     "plain": "plain Flask (not durable)",
@@ -69,6 +72,8 @@ PATHS = {
     "sqlite-1g": "/flows/llm",
     "memory-dr": "/flows/llm",
     "sqlite-dr": "/flows/llm",
+    "memory-kr": "/flows/llm",
+    "sqlite-kr": "/flows/llm",
     "memory-pw": "/flows/llm",
     "memory-na": "/flows/llm",
     "plain": "/plain_llm",
@@ -131,6 +136,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_FLOW_IN_RESPONSE"] = "1"
         if kind.endswith("-dr"):
             env["BENCH_DETACH_RESPONSE"] = "1"
+        if kind.endswith("-kr"):
+            env["BENCH_DETACH_RESPONSE"] = "0"
         if kind.endswith("-na"):
             env["BENCH_ADMISSION"] = "off"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
@@ -399,7 +406,7 @@ def main() -> None:
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
     parser.add_argument(
         "--servers",
-        default="memory,memory-1g,memory-dr,memory-pw,memory-na,sqlite,sqlite-1g,plain,genkit",
+        default="memory,memory-1g,memory-kr,memory-pw,memory-na,sqlite,sqlite-1g,plain,genkit",
     )
     parser.add_argument(
         "--gc",

@@ -49,7 +49,17 @@ def main() -> None:
     parser.add_argument(
         "--server",
         default="memory",
-        choices=["memory", "memory-1g", "memory-dr", "sqlite", "sqlite-1g", "sqlite-dr", "plain"],
+        choices=[
+            "memory",
+            "memory-1g",
+            "memory-dr",
+            "memory-kr",
+            "sqlite",
+            "sqlite-1g",
+            "sqlite-dr",
+            "sqlite-kr",
+            "plain",
+        ],  # fmt: skip
     )
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()

@@ -78,7 +78,7 @@ class FrontOptions:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     live_buffer_bytes: int | None = DEFAULT_BUFFER_LIMIT
     flow_in_response: bool = False
-    detach_response: bool = False
+    detach_response: bool = True
 
     @classmethod
     def of(cls, options: FrontOptions | None, overrides: Mapping[str, Any]) -> FrontOptions:
