@@ -240,7 +240,7 @@ class DirectSink:
                 _responses.idle(busy)
                 after, self._after = self._after, None
                 if after is not None and not self.failed:  # ...or goes on, kept alive
-                    from .durable_streams.handover import continue_after
+                    from ._handover import continue_after
 
                     continue_after(after, self._raw, _let_go)  # counted until it closes
                 else:
@@ -275,7 +275,7 @@ class DirectSink:
         owner, self._owner = self._owner, None  # the request's objects go with it
         if owner is None:
             return False
-        from .durable_streams.handover import after_stream, connection_limit
+        from ._handover import after_stream, connection_limit
 
         limit = connection_limit(owner)
         if limit is not None and _taken[0] >= limit:

@@ -1,5 +1,5 @@
 """Through ``gunicorn -k gevent``: a keep-alive connection whose request the fast path answered
-is served on by gevent's handler, under gunicorn's rules (``durable_streams/handover.py``).
+is served on by gevent's handler, under gunicorn's rules (``flask_durable_stream/_handover.py``).
 
 Which server answered shows in the ``Server`` header: gunicorn's own responses carry
 ``Server: gunicorn``, gevent's handler sends none.
@@ -158,12 +158,14 @@ def test_max_requests_counts_the_handed_over_requests(tmp_path: Path) -> None:
     env = {"DS_BACKEND": "sqlite", "DS_SQLITE_PATH": str(tmp_path / "ds.sqlite3")}
     server = servers.gunicorn("tests.support.ds_app:app", env=env, extra=["--max-requests", "4"])
     try:
-        (first,) = worker_pids(server)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         statuses = []
         for method, body in (("PUT", b""), ("POST", b"a;"), ("POST", b"b;")):
             response, _ = _call(conn, method, "/ds/m", body, **TEXT)
             statuses.append(response.status)
+        # The worker that answered (the port is open, its requests queued, before the
+        # master forks it: it may not exist before the first answer).
+        (first,) = worker_pids(server)
         assert conn.sock is not None
         kept = conn.sock.dup()  # http.client closes its own socket on "Connection: close"
         response, _ = _call(conn, "POST", "/ds/m", b"c;", **TEXT)

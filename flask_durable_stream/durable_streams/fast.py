@@ -24,7 +24,7 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .._direct import ONE_WRITE_BYTES, is_gunicorn_response, send_whole
-from .handover import HandOver, may_hand_over
+from .._handover import HandOver, may_hand_over
 from .replies import Reply, common_headers
 from .request import FLASK, Req
 

@@ -1,12 +1,13 @@
-"""A Durable Streams client's keep-alive connection, handed from gunicorn's gevent worker to
-gevent's WSGI handler.
+"""Keep-alive connections handed from one handler to another: a Durable Streams client's,
+from gunicorn's gevent worker to gevent's WSGI handler, and a live stream's, once the
+stream's sink has sent it whole (see "a connection after a stream" below).
 
 A Durable Streams client makes many short requests on one connection: a
 writer one append after another, a reader one long-poll after another.
 gunicorn's ``gevent`` worker parses each of them with its own HTTP parser and
 builds each environ and response through several layers, which costs about as
 much CPU as the append itself (``docs/durable-streams.md``, "The connection
-after the first request"); gevent's WSGI handler, as :mod:`..gunicorn_worker`
+after the first request"); gevent's WSGI handler, as :mod:`.gunicorn_worker`
 runs it, costs about half as much. So once the fast path has answered a
 request whole on such a connection, and the connection stays open, the rest
 of it is served by that handler (``HandedOver``), in the same greenlet:
@@ -44,7 +45,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .. import _responses
+from . import _responses
 
 #: gunicorn worker -> {listener name: the server object its handed-over connections use}.
 _SERVERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
