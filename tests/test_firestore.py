@@ -32,6 +32,7 @@ from flask_durable_stream import (
     StreamManager,
 )
 from flask_durable_stream._retry import Backoff
+from flask_durable_stream.managers import firestore_reader
 from flask_durable_stream.managers.firestore_reader import Listener
 from tests.support.firestore_emulator import FirestoreEmulator
 
@@ -191,6 +192,56 @@ def test_live_subscriber_survives_listener_reanchoring(make: MakeManager) -> Non
     writer.close()
     reader.join(30)
     assert received == list(range(151))
+
+
+def test_listeners_the_server_ends_are_replaced_and_the_subscriber_misses_nothing(
+    make: MakeManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listen stream that ends with CANCELLED (the emulator once reset one with
+    RST_STREAM CANCEL): the client library closes its listener for good and raises the
+    error on a thread of its own, which pytest reports as an unhandled thread exception."""
+    listeners: list[Listener] = []
+
+    class Recorded(Listener):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            listeners.append(self)
+
+    monkeypatch.setattr(firestore_reader, "Listener", Recorded)
+    manager = make(batch_bytes=200, linger=0)
+    sid = new_id()
+    writer = manager.open(sid)
+    live = iter(manager.subscribe(sid))
+    writer.write("stored")
+    assert next(live).seq == 0  # replayed from storage, then the batches are listened to
+    writer.write("live")
+    assert next(live).seq == 1
+    assert len(listeners) == 2  # the metadata document's and the batches'
+    ended = [listener._watch for listener in listeners]
+    for watch in ended:
+        watch._rpc.call.cancel()  # the RPC ends with CANCELLED, as on a server's reset
+    deadline = time.monotonic() + 10
+    while any(listener.reopened == 0 for listener in listeners) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [listener.reopened for listener in listeners] == [1, 1]
+    assert all(watch._closed for watch in ended)
+    for i in range(3):
+        writer.write(f"after {i}")
+    writer.done("end")
+    writer.close()
+    received: list[Event] = []
+    reader = threading.Thread(target=lambda: received.extend(live), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert [(e.seq, e.payload) for e in received] == [
+        (2, '"after 0"'),
+        (3, '"after 1"'),
+        (4, '"after 2"'),
+        (5, '"end"'),
+    ]
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelname == "WARNING"] == [
+        "A Firestore listener ended"
+    ] * 2
 
 
 def test_oversized_event_is_too_large_and_large_ones_fit(make: MakeManager) -> None:

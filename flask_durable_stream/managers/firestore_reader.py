@@ -30,6 +30,8 @@ from .base import Event, ProducerWatch, StreamStatus
 from .firestore_io import events_of, seconds
 from .firestore_store import FirestoreStore
 
+log = logging.getLogger("flask_durable_stream")
+
 #: Documents a batch listener may accumulate before it is replaced by a fresh one.
 REANCHOR_DOCS = 64
 
@@ -158,28 +160,71 @@ class Listener:
     each re-open waits ``REOPEN_BACKOFF`` (interrupted by :meth:`unsubscribe`), and
     none happens once unsubscribed, so the consumer thread ends. Readers are not the ones to report
     the outage: their lease checks read storage and raise ``StorageUnavailable``.
+
+    The library gives up for good on some errors: a stream the server cancels
+    (``RST_STREAM`` with ``CANCEL``), a target the server removes. It then closes
+    the listener and raises the error on a thread of its own, where nobody sees it,
+    and no snapshot comes again. Here a listener so ended is replaced by a new one
+    on the same target, after the same delays; its first snapshot holds everything
+    the old one would have delivered, and the subscriber drops what it already has.
     """
 
     def __init__(self, target: Any, callback: Callable[..., None]) -> None:
+        self._target = target
+        self._callback = callback
         self._closed = threading.Event()
+        self._lock = threading.RLock()  # unsubscribe() holds it while the watch closes
         self._failures = 0
         self._failed_at = 0.0
-        self._watch = target.on_snapshot(callback)
-        rpc: Any = getattr(self._watch, "_rpc", None)
+        self.reopened = 0
+        self._watch: Any = None
+        with self._lock:  # an ending that comes at once waits for self._watch
+            self._watch = self._open()
+
+    def _open(self) -> Any:
+        watch = self._target.on_snapshot(self._callback)
+        rpc: Any = getattr(watch, "_rpc", None)
         recover = getattr(rpc, "_should_recover", None)
         if recover is not None:  # google-cloud-firestore's Watch on api_core's ResumableBidiRpc
             rpc._should_recover = lambda exc: self._should_recover(recover, exc)
+        close = watch.close
+        ended = False
+
+        def closing(reason: Any = None) -> None:
+            nonlocal ended
+            close()  # without the reason, which it would raise on the library's thread
+            with self._lock:
+                if ended or self._closed.is_set() or watch is not self._watch:
+                    return  # unsubscribed, or this ending is already handled
+                ended = True
+            self._ended(watch, reason)
+
+        watch.close = closing
+        return watch
+
+    def _ended(self, watch: Any, reason: Any) -> None:
+        log.warning("A Firestore listener ended (%s); opening another", reason or "no reason given")
+        self._pause()
+        with self._lock:
+            if self._closed.is_set() or watch is not self._watch:
+                return
+            self._watch = self._open()
+            self.reopened += 1
+
+    def _pause(self) -> None:
+        """Wait before the next attempt: longer after each failure, shorter on unsubscribe."""
+        now = time.monotonic()
+        if now - self._failed_at > REOPEN_RESET:
+            self._failures = 0
+        self._failed_at = now
+        self._closed.wait(REOPEN_BACKOFF.delay(self._failures))
+        self._failures += 1
 
     def _should_recover(self, recover: Callable[[BaseException], bool], exc: BaseException) -> bool:
         if not recover(exc):
             return False
         if not self._closed.is_set():
-            now = time.monotonic()
-            if now - self._failed_at > REOPEN_RESET:
-                self._failures = 0
-            self._failed_at = now
-            self._closed.wait(REOPEN_BACKOFF.delay(self._failures))
-            self._failures += 1
+            self._pause()
         if self._closed.is_set():  # closed before or during the wait: the thread ends
             _STOPPING.add(threading.get_ident())
             return False
@@ -187,7 +232,8 @@ class Listener:
 
     def unsubscribe(self) -> None:
         self._closed.set()
-        self._watch.unsubscribe()
+        with self._lock:
+            self._watch.unsubscribe()
 
 
 #: Consumer threads told to stop by a closed :class:`Listener`: the client library
