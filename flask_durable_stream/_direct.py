@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import _socket
 import contextvars
+import logging
 import os
 import socket
 import sys
@@ -57,6 +58,7 @@ from .protocol import CHUNK
 if TYPE_CHECKING:
     from .run import LiveReader, Run
 
+log = logging.getLogger("flask_durable_stream")
 
 #: How many sinks own their connection now (DURABLE_STREAM_DETACH_RESPONSE): at most as
 #: many as the server serves connections at once (gunicorn's worker_connections).
@@ -275,10 +277,14 @@ class DirectSink:
         owner, self._owner = self._owner, None  # the request's objects go with it
         if owner is None:
             return False
-        from ._handover import after_stream, connection_limit
+        from ._handover import taking
 
-        limit = connection_limit(owner)
-        if limit is not None and _taken[0] >= limit:
+        try:
+            server = taking(owner)
+        except Exception:  # a server's internals not as expected: the request keeps it
+            log.exception("Cannot take this live stream's connection over")
+            return False
+        if server.limit is not None and _taken[0] >= server.limit:
             # As many connections as the server serves at once are sinks' already: this
             # one stays with its request, among those the server counts.
             return False
@@ -288,7 +294,7 @@ class DirectSink:
         except OSError:  # out of descriptors: the response keeps the connection
             return False
         raw.setblocking(False)
-        self._after = after_stream(owner)  # before the server is told to close its side
+        self._after = server.after()  # before the server is told to close its side
         if is_gunicorn_response(owner):
             owner.chunked = False
             owner.force_close()

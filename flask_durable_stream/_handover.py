@@ -40,12 +40,15 @@ from __future__ import annotations
 import functools
 import importlib
 import io
+import logging
 import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from . import _responses
+
+log = logging.getLogger("flask_durable_stream")
 
 #: gunicorn worker -> {listener name: the server object its handed-over connections use}.
 _SERVERS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
@@ -97,8 +100,7 @@ class HandOver:
         pending: bytes = unreader.take_buffered()
         self.response.force_close()  # gunicorn's loop ends after this request; we go on
         server = _server(worker, listener_name)
-        rfile = io.BufferedReader(_Prefixed(pending, sock), 8192)
-        handler = server.handler_class(sock, addr, server, rfile)
+        handler = server.handler_class(sock, addr, server, _reader(sock, pending))
         handler.trusted_proxy = bool(trusted())  # gunicorn's decision, as for every request
         handler.handle()
 
@@ -134,13 +136,21 @@ def _gunicorn(module: str) -> Any:
 
 
 def _worker_allows(worker: Any) -> bool:
+    """Whether a connection of ``worker`` may be handed over after a request answered whole."""
+    if not _keeps_connections(worker):
+        return False
+    settings = worker.cfg.settings
+    return all(settings[name].value is settings[name].default for name in _HOOKS)
+
+
+def _keeps_connections(worker: Any) -> bool:
+    """Whether ``worker`` serves on a connection after its request, and lets another
+    serve it the same: alive, with ``keepalive``, neither TLS nor the PROXY protocol."""
     cfg = worker.cfg
     if not worker.alive or not cfg.keepalive or cfg.is_ssl:
         return False
-    if getattr(cfg, "proxy_protocol", False) not in (False, "off"):
-        return False  # the PROXY line's addresses are gunicorn's to apply
-    settings = cfg.settings
-    return all(settings[name].value is settings[name].default for name in _HOOKS)
+    # The PROXY line (a connection's first) has addresses that are gunicorn's to apply.
+    return getattr(cfg, "proxy_protocol", False) in (False, "off")
 
 
 #: gunicorn's per-request hooks: a configuration that sets one keeps every request with gunicorn.
@@ -185,27 +195,53 @@ def _server(worker: Any, listener_name: Any) -> Any:
     return server
 
 
-class _Prefixed(io.RawIOBase):
-    """A socket's bytes, after ``first`` (what gunicorn's parser had read ahead)."""
+class _SocketReader(io.RawIOBase):
+    """A socket read as a raw stream (for gevent's handler's buffered reader)."""
 
-    def __init__(self, first: bytes, sock: Any) -> None:
-        self._first = memoryview(first)
+    def __init__(self, sock: Any) -> None:
         self._sock = sock
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int | None:
-        first = self._first
-        if first:
-            n = min(len(buffer), len(first))
-            buffer[:n] = first[:n]
-            self._first = first[n:]
-            return n
         try:
             return self._sock.recv_into(buffer)  # type: ignore[no-any-return]
         except BlockingIOError:  # a socket told not to wait (see _read_ahead)
             return None
+
+
+class _Replayed:
+    """A connection's socket, whose first bytes (read already by the server that served
+    it until now) ``recv`` and ``recv_into`` give again."""
+
+    def __init__(self, sock: Any, first: bytes) -> None:
+        self._sock = sock
+        self._first = memoryview(first)
+
+    def recv(self, size: int) -> bytes:
+        first = self._first
+        if not first:
+            return self._sock.recv(size)  # type: ignore[no-any-return]
+        self._first = first[size:]
+        return bytes(first[:size])
+
+    def recv_into(self, buffer: Any, size: int = 0) -> int:
+        first = self._first
+        if not first:
+            return self._sock.recv_into(buffer, size)  # type: ignore[no-any-return]
+        n = min(size or len(buffer), len(first))
+        buffer[:n] = first[:n]
+        self._first = first[n:]
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _reader(sock: Any, first: bytes) -> io.BufferedReader:
+    """gevent's handler's reader of a connection whose ``first`` bytes were read already."""
+    return io.BufferedReader(_SocketReader(_Replayed(sock, first) if first else sock), 8192)
 
 
 # -- a connection after a stream whose response ended early -------------------------
@@ -233,35 +269,56 @@ class After:
         self.pool = pool  # the server's pool, which then counts the connection
 
 
-def after_stream(owner: Any) -> After | None:
-    """Called as a live stream's sink takes its connection over from ``owner`` (the
-    server's response object, or gevent's handler): how to serve the connection on once
-    the stream has been sent, or None where it must close then: the client did not keep
-    the connection alive, the request's body was not read to its end, the server is
-    stopping, or (gunicorn) ``keepalive`` is 0, TLS or the PROXY protocol. Call it
-    before telling ``owner`` to close.
-    """
-    if type(owner).__module__ == "gunicorn.http.wsgi":
-        return _after_gunicorn(owner)
-    pywsgi = sys.modules.get("gevent.pywsgi")
-    if pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler):
-        return _after_handler(owner)
-    return None
+class Taking:
+    """What a live stream's sink learns from the server of ``owner`` (the server's response
+    object, or gevent's handler) as it takes the connection over; see :func:`taking`."""
+
+    __slots__ = ("limit", "_after")
+
+    def __init__(self, limit: int | None, after: Callable[[], After | None] | None) -> None:
+        #: How many connections the server serves at once at most: gunicorn's
+        #: ``worker_connections``, the size of a gevent server's pool; None when unbounded.
+        self.limit = limit
+        self._after = after
+
+    def after(self) -> After | None:
+        """How to serve the connection on once the stream has been sent, or None where it
+        must close then: the client did not keep the connection alive, the request's body
+        was not read to its end, the server is stopping, or (gunicorn) ``keepalive`` is
+        0, TLS or the PROXY protocol. Call it once, after the connection is the sink's
+        and before the server is told to close its side (it takes the bytes the server
+        read ahead)."""
+        if self._after is None:
+            return None
+        try:
+            return self._after()
+        except Exception:  # a server's internals not as expected: the connection closes
+            log.exception("Cannot serve this connection on after its stream; it will close")
+            return None
 
 
-def connection_limit(owner: Any) -> int | None:
-    """How many connections the server of ``owner`` (as for :func:`after_stream`) serves
-    at once at most: gunicorn's ``worker_connections``, the size of a gevent server's
-    pool; None when nothing bounds them."""
+def taking(owner: Any) -> Taking:
+    """The server's side of a live stream's take-over of ``owner``'s connection. Under
+    gunicorn, found from the request's frames once."""
     if type(owner).__module__ == "gunicorn.http.wsgi":
-        found = _gunicorn_frame(_request_frame())
-        return None if found is None else int(found[0].worker_connections)
+        frame = _request_frame()
+        found = _gunicorn_frame(frame)
+        if found is None:
+            return Taking(None, None)
+        after = functools.partial(_after_gunicorn, owner, frame, found)
+        return Taking(int(found[0].worker_connections), after)
     server = getattr(owner, "server", None)
     worker = getattr(server, "worker", None)  # a handover's server: gunicorn's worker's
+    limit: int | None
     if worker is not None:
-        return int(worker.worker_connections)
-    pool = getattr(server, "pool", None)
-    return None if pool is None or pool.size is None else int(pool.size)
+        limit = int(worker.worker_connections)
+    else:
+        pool = getattr(server, "pool", None)
+        limit = None if pool is None or pool.size is None else int(pool.size)
+    pywsgi = sys.modules.get("gevent.pywsgi")
+    if pywsgi is not None and isinstance(owner, pywsgi.WSGIHandler):
+        return Taking(limit, functools.partial(_after_handler, owner))
+    return Taking(limit, None)
 
 
 def _request_frame() -> Any:
@@ -275,11 +332,7 @@ def _request_frame() -> Any:
     return None
 
 
-def _after_gunicorn(response: Any) -> After | None:
-    frame = _request_frame()
-    found = _gunicorn_frame(frame)
-    if found is None:
-        return None
+def _after_gunicorn(response: Any, frame: Any, found: tuple[Any, ...]) -> After | None:
     worker, _req, _name, _sock, addr = found
     listener = None
     caller = frame.f_back
@@ -288,14 +341,10 @@ def _after_gunicorn(response: Any) -> After | None:
             listener = caller.f_locals.get("listener")
         caller = caller.f_back
     environ = frame.f_locals.get("environ")
-    cfg = worker.cfg
     if (
         listener is None
         or not isinstance(environ, dict)
-        or not worker.alive
-        or not cfg.keepalive
-        or cfg.is_ssl
-        or getattr(cfg, "proxy_protocol", False) not in (False, "off")  # a connection's first line
+        or not _keeps_connections(worker)
         or not may_hand_over(environ, response)
     ):
         return None
@@ -311,24 +360,6 @@ def _after_gunicorn(response: Any) -> After | None:
             _responses.idle(busy)
 
     return After(serve, lambda: bool(worker.alive))
-
-
-class _Replayed:
-    """A connection's socket, whose first bytes (read already) ``recv`` gives again."""
-
-    def __init__(self, sock: Any, first: bytes) -> None:
-        self._sock = sock
-        self._first = first
-
-    def recv(self, size: int) -> bytes:
-        first = self._first
-        if not first:
-            return self._sock.recv(size)  # type: ignore[no-any-return]
-        self._first = first[size:]
-        return first[:size]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 def _after_handler(handler: Any) -> After | None:
@@ -351,8 +382,7 @@ def _after_handler(handler: Any) -> After | None:
     handler.socket = _Released(handler.socket)
 
     def serve(sock: Any) -> None:
-        rfile = io.BufferedReader(_Prefixed(pending, sock), 8192)
-        served = handler_class(sock, addr, server, rfile)
+        served = handler_class(sock, addr, server, _reader(sock, pending))
         if trusted is not None:  # HandedOver, which no pool counts
             served.trusted_proxy = trusted
             served.counted = True

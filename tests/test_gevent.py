@@ -126,3 +126,22 @@ def test_a_live_streams_flow_runs_in_its_responses_greenlet_and_stays_decoupled(
     # UNAVAILABLE at once: stored, not left open until the producer lease runs out.
     assert [kind for kind, _ in report["killed"]] == ["error"] * 3
     assert {body["status"] for _, body in report["killed"]} == {"UNAVAILABLE"}
+
+
+@pytest.mark.parametrize("fault", ["none", "after", "taking"])
+def test_a_server_not_as_the_live_fast_path_expects_still_gets_whole_streams(fault: str) -> None:
+    report = run_check("gevent_take_over_fault_check", fault)
+    assert report["body_ok"]  # whole, and equal to its replay from storage
+    # Served on after its stream, unless how to do so could not be learnt: then it closes.
+    assert report["second"] == (fault != "after")
+    # The warm-up's, the stream's and the second request's streams (no second when the
+    # connection closes after the stream); none when the take-over itself failed.
+    assert report["detached"] == {"none": 3, "after": 2, "taking": 0}[fault]
+    assert report["taken_left"] == 0
+    assert report["fds"] == 0  # the sink's duplicate of each connection is closed
+    expected = {
+        "none": [],
+        "after": ["Cannot serve this connection on after its stream; it will close"] * 2,
+        "taking": ["Cannot take this live stream's connection over"] * 3,
+    }
+    assert report["logged"] == expected[fault]

@@ -35,27 +35,17 @@ from flask_durable_stream import (  # noqa: E402
     DurableStream,
     FlowContext,
     InMemoryStreamManager,
-    _direct,
 )
 from flask_durable_stream._concurrency import _greenlet_class  # noqa: E402
 from tests.support.busy_hub import busy_hub  # noqa: E402
+from tests.support.live_checks import count_take_overs, dechunk  # noqa: E402
 
 STREAMS = 5
 counted = [0]  # callbacks of the busy queue run so far
 view_ends: list[int] = []
 flow_starts: list[int] = []
 own_task: list[bool] = []
-detached = [0]
-_take_over = _direct.DirectSink._take_over
-
-
-def counted_take_over(sink: _direct.DirectSink) -> bool:
-    taken = _take_over(sink)
-    detached[0] += taken
-    return taken
-
-
-_direct.DirectSink._take_over = counted_take_over  # type: ignore[method-assign]
+detached = count_take_overs()
 
 
 def counted_flow(data: Any, ctx: FlowContext) -> str:
@@ -86,24 +76,6 @@ def request(port: int, headers: bytes = b"") -> bytes:
         raw += piece
     sock.close()
     return raw
-
-
-def dechunk(raw: bytes) -> tuple[str, bytes]:
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    stream_id = ""
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"x-genkit-stream-id":
-            stream_id = value.strip().decode()
-    body = b""
-    while rest:
-        size, _, rest = rest.partition(b"\r\n")
-        n = int(size, 16)
-        if n == 0:
-            break
-        body += rest[:n]
-        rest = rest[n + 2 :]
-    return stream_id, body
 
 
 def main() -> None:
