@@ -25,7 +25,7 @@ from typing import Any
 
 from .._concurrency import Inbox
 from .._retry import Backoff
-from ..exceptions import StreamNotFound, StreamTimeout
+from ..exceptions import StorageUnavailable, StreamNotFound, StreamTimeout
 from .base import Event, ProducerWatch, StreamStatus
 from .firestore_io import events_of, seconds
 from .firestore_store import FirestoreStore
@@ -42,6 +42,10 @@ REOPEN_RESET = 60.0
 
 #: Stored events handed to a reader at once (one HTTP write).
 PAGE = 1000
+
+#: Seconds an open stream may go without a new event before its subscriber reads the
+#: stored batches once itself, in case a listener missed them (then once per period).
+QUIET_READ = 5.0
 
 
 def _pages(events: Iterator[Event]) -> Iterator[list[Event]]:
@@ -88,7 +92,7 @@ def follow(
             if page[-1].terminal:
                 return
         watches.append(_listen(store, stream_id, cursor, inbox))
-        last_activity = time.monotonic()
+        last_activity = quiet_since = time.monotonic()
         status_open = True
         watch = ProducerWatch(store.lease_seconds)
         while True:
@@ -108,6 +112,10 @@ def follow(
                     if not status_open:  # the terminal event is stored: fetch it directly
                         for event in store.stored_events(stream_id, cursor):
                             pending[event.seq] = event
+                elif kind == "stored":  # read by this subscriber itself (below)
+                    for event in docs:
+                        if event.seq > cursor:
+                            pending[event.seq] = event
                 else:
                     anchored_docs += len(docs)
                     for doc in docs:
@@ -121,7 +129,7 @@ def follow(
                     cursor = event.seq
                     ready.append(event)
                 if ready:
-                    last_activity = time.monotonic()
+                    last_activity = quiet_since = time.monotonic()
                     yield ready
                     if ready[-1].terminal:
                         return
@@ -130,6 +138,20 @@ def follow(
                     watches.append(_listen(store, stream_id, cursor, inbox))
                     anchored_docs = 0
                 continue
+            if time.monotonic() - quiet_since >= QUIET_READ:
+                quiet_since = time.monotonic()
+                missed = _stored_after(store, stream_id, cursor)
+                if missed:
+                    log.warning(
+                        "Firestore listeners of stream %s missed stored events %d-%d;"
+                        " read them, and listening anew",
+                        stream_id,
+                        missed[0].seq,
+                        missed[-1].seq,
+                    )
+                    inbox.put(("stored", missed))
+                    anchored_docs = REANCHOR_DOCS  # the batches' listener is replaced after them
+                    continue
             if time.monotonic() - last_activity >= timeout:
                 raise StreamTimeout("Stream timed out.")
             alive_at = max(heartbeat_at, written_at)
@@ -138,6 +160,15 @@ def follow(
     finally:
         for listener in watches:
             listener.unsubscribe()
+
+
+def _stored_after(store: FirestoreStore, stream_id: str, cursor: int) -> list[Event]:
+    """The stored events past ``cursor``, or none while storage does not answer (the lease
+    check is what reports an outage)."""
+    try:
+        return list(store.stored_events(stream_id, cursor))
+    except StorageUnavailable:
+        return []
 
 
 def _listen(store: FirestoreStore, stream_id: str, cursor: int, inbox: Inbox) -> Listener:
