@@ -30,6 +30,7 @@ from flask_durable_stream import (
     StorageUnavailable,
     StreamClosed,
     StreamManager,
+    StreamWriter,
 )
 from flask_durable_stream._retry import Backoff
 from flask_durable_stream.managers import firestore_reader
@@ -194,6 +195,20 @@ def test_live_subscriber_survives_listener_reanchoring(make: MakeManager) -> Non
     assert received == list(range(151))
 
 
+def _first_event_followed(make: MakeManager) -> tuple[str, StreamWriter, Iterator[Event]]:
+    """A new stream, a subscriber of it, and its first chunk written and received (replayed,
+    or heard): the subscriber then listens to the batches. The writer makes no heartbeats,
+    so its lease is long: a slow first snapshot (the emulator, on a loaded machine, has
+    taken 11 s) must not end it as lost."""
+    manager = make(batch_bytes=200, linger=0, lease_seconds=120)
+    sid = new_id()
+    writer = manager.open(sid)
+    live = iter(manager.subscribe(sid))
+    writer.write("stored")
+    assert next(live).seq == 0
+    return sid, writer, live
+
+
 def test_listeners_the_server_ends_are_replaced_and_the_subscriber_misses_nothing(
     make: MakeManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -208,14 +223,7 @@ def test_listeners_the_server_ends_are_replaced_and_the_subscriber_misses_nothin
             listeners.append(self)
 
     monkeypatch.setattr(firestore_reader, "Listener", Recorded)
-    # This writer makes no heartbeats: a long lease, so that a slow first snapshot (the
-    # emulator, on a loaded machine, has taken 11 s) does not end it as lost.
-    manager = make(batch_bytes=200, linger=0, lease_seconds=120)
-    sid = new_id()
-    writer = manager.open(sid)
-    live = iter(manager.subscribe(sid))
-    writer.write("stored")
-    assert next(live).seq == 0  # replayed from storage, then the batches are listened to
+    sid, writer, live = _first_event_followed(make)
     writer.write("live")
     assert next(live).seq == 1
     assert len(listeners) == 2  # the metadata document's and the batches'
@@ -262,12 +270,7 @@ def test_a_subscriber_whose_listener_hears_nothing_reads_the_batches_from_storag
         return listen(store, stream_id, cursor, inbox)
 
     monkeypatch.setattr(firestore_reader, "_listen", first_deaf)
-    manager = make(batch_bytes=200, linger=0, lease_seconds=120)
-    sid = new_id()
-    writer = manager.open(sid)
-    live = iter(manager.subscribe(sid))
-    writer.write("stored")
-    assert next(live).seq == 0  # replayed, or read past the deaf batches' listener
+    sid, writer, live = _first_event_followed(make)  # seq 0 read past the deaf listener
     for i in range(3):
         writer.write(f"live {i}")
     received: list[Event] = []
