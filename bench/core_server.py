@@ -34,6 +34,9 @@ def create_app() -> Flask:
         value = os.environ.get("BENCH_" + setting)
         if value is not None:
             app.config["DURABLE_STREAM_" + setting] = value
+    interval = os.environ.get("BENCH_STORE_INTERVAL")  # else the library's default
+    if interval is not None:
+        app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = float(interval)
     sqlite = os.environ.get("BENCH_SQLITE")
     manager = SQLiteStreamManager(sqlite) if sqlite else None
     DurableStream(app, flows={"blast": blast, "llm": llm}, stream_manager=manager)

@@ -2,8 +2,8 @@
 
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
-                        [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,sqlite,sqlite-1g,
-                                   plain,genkit]
+                        [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,
+                                   sqlite,sqlite-1g,plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
@@ -14,7 +14,8 @@
    sets it explicitly, as the default does), and the in-memory one under
    ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``), all with the
    production recipe's ``post_worker_init`` (bench/gunicorn_conf.py), and the in-memory
-   one without its admission of new connections by turns (``-na``); a plain Flask
+   one without its admission of new connections by turns (``-na``) and with each event
+   stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -62,6 +63,7 @@ SERVERS = {
     "sqlite-kr": "ours, SQLite, response kept (not detached)",
     "memory-pw": "ours, in-memory, `PyWSGIWorker`",
     "memory-na": "ours, in-memory, no admission by turns",
+    "memory-se": "ours, in-memory, each event stored as it comes",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -76,6 +78,7 @@ PATHS = {
     "sqlite-kr": "/flows/llm",
     "memory-pw": "/flows/llm",
     "memory-na": "/flows/llm",
+    "memory-se": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
@@ -140,6 +143,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_DETACH_RESPONSE"] = "0"
         if kind.endswith("-na"):
             env["BENCH_ADMISSION"] = "off"
+        if kind.endswith("-se"):
+            env["BENCH_STORE_INTERVAL"] = "0"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
         worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
@@ -406,7 +411,9 @@ def main() -> None:
     parser.add_argument("--streams", default=None, help="default 500,1000,2000 (--quick: 500)")
     parser.add_argument(
         "--servers",
-        default="memory,memory-1g,memory-kr,memory-pw,memory-na,sqlite,sqlite-1g,plain,genkit",
+        default=(
+            "memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,sqlite,sqlite-1g,plain,genkit"
+        ),
     )
     parser.add_argument(
         "--gc",

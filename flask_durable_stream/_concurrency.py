@@ -465,11 +465,71 @@ class HubCallbacks:
                 self._hub.handle_error(fn, *sys.exc_info())
 
 
+class Later:
+    """Callbacks run in one gevent hub's thread about ``interval`` seconds after each was
+    queued: one timer for every stream of the process, not one each.
+
+    The runner delays in-process stores with it (see ``RunWriter``): a thousand paced
+    streams then cost one timer, and each stream's store takes the events of several
+    chunks at once. The timer fires every ``interval / STEPS`` seconds while anything
+    waits and runs what is due, so the work is spread over the interval as the
+    callbacks were queued, not done in one pause of the whole worker. Made with
+    :meth:`of` in the hub's thread; callbacks are queued from that thread only.
+    """
+
+    STEPS = 8
+
+    __slots__ = ("interval", "_items", "_timer", "_hub", "_loop", "__weakref__")
+
+    _by_hub: weakref.WeakKeyDictionary[Any, dict[float, Later]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, hub: Any, interval: float) -> None:
+        self.interval = interval
+        self._items: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
+        self._hub = hub
+        self._loop = hub.loop
+        step = interval / self.STEPS
+        self._timer = hub.loop.timer(step, step)
+
+    @classmethod
+    def of(cls, interval: float) -> Later:
+        """The one of the calling thread's hub for ``interval``."""
+        import gevent
+
+        hub = gevent.get_hub()
+        by_interval = cls._by_hub.get(hub)
+        if by_interval is None:
+            by_interval = cls._by_hub[hub] = {}
+        later = by_interval.get(interval)
+        if later is None:
+            later = by_interval[interval] = cls(hub, interval)
+        return later
+
+    def add(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` about ``interval`` seconds from now (at most one step more)."""
+        self._items.append((self._loop.now() + self.interval, fn))
+        if not self._timer.active:
+            self._timer.start(self._run)
+
+    def _run(self) -> None:
+        items = self._items
+        now = self._loop.now()
+        while items and items[0][0] <= now:
+            fn = items.popleft()[1]
+            try:
+                fn()
+            except Exception:  # one stream's bug must not skip the others' stores
+                self._hub.handle_error(fn, *sys.exc_info())
+        if not items:
+            self._timer.stop()
+
+
 def _hub_callbacks_after_fork() -> None:
     for callbacks in list(HubCallbacks._by_hub.values()):
         callbacks._items.clear()
         callbacks._expected = 0
         callbacks._watcher.ref = False
+    Later._by_hub.clear()  # the parent's streams are not the child's
 
 
 os.register_at_fork(after_in_child=_hub_callbacks_after_fork)

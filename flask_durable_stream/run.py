@@ -102,7 +102,8 @@ class Run:
         "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "count",
         "total_bytes", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
-        "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "__weakref__",
+        "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "store_held",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -127,6 +128,8 @@ class Run:
         self.pending: Callable[[], None] | None = None
         #: With ``pending``: starts a claimed flow in a task of its own at once (see _direct).
         self.run_now: Callable[[Callable[[], None]], None] | None = None
+        #: Stores at once the events the writer holds back, if any (see RunWriter).
+        self.store_held: Callable[[], None] | None = None
         self._deferred: list[Callable[[], None]] = []
         self._turn = 0.0  # the loop's time at the last action run at once (see defer)
         self._loop: Any = None  # the hub's loop, once an action was deferred
@@ -375,6 +378,8 @@ class Run:
     def _check_memory(self) -> None:
         """Every few hundred KiB emitted: release, pace or drop readers, wait for storage."""
         can_wait = _may_block(self.cooperative)
+        if self.store_held is not None:
+            self.store_held()  # what waits for the writer's timer: it may be much
         self.release()
         if self._readers and self.buffer_limit is not None:
             self._keep_pace(self.buffer_limit, can_wait)

@@ -238,6 +238,7 @@ class Runner:
                 retry_timeout=self.write_retry_timeout,
                 heartbeat_interval=manager.heartbeat_interval,
                 inline=self._inline,
+                store_interval=manager.store_interval,
                 on_finished=self._writer_finished,
                 clock=self.clock.monotonic,
                 sleep=self.clock.sleep,

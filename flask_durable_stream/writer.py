@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from . import protocol
+from ._concurrency import Later
 from ._concurrency import sleep as _sleep
 from ._retry import Backoff
 from .exceptions import StoragePermanentError, StreamClosed
@@ -110,6 +111,7 @@ class RunWriter:
         retry_timeout: float,
         heartbeat_interval: float,
         inline: bool = False,
+        store_interval: float = 0.0,
         backoff: Backoff = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
@@ -137,6 +139,14 @@ class RunWriter:
         )
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
+        # In-process storage under gevent: a paced flow's events wait up to
+        # store_interval, for every stream in one timer (see _hold).
+        self._later: Later | None = None
+        self._held = False  # a store waits in _later
+        if inline and run.cooperative and store_interval > 0:
+            self._later = Later.of(store_interval)
+            writer.delaying(self.store_held)
+            run.store_held = self.store_held
         self._beat_at = clock()  # opening the stream stored a heartbeat
         self._beat_failed = False
         self._failing_since: float | None = None
@@ -155,12 +165,24 @@ class RunWriter:
             return
         # The manager's append never blocks (in-process storage): no task is needed.
         # Under gevent a hub callback stores everything emitted until the flow
-        # yields, in one append; with threads it happens right here.
+        # yields, in one append, or the process's timer (store_interval) what the
+        # flow emits until it fires; with threads it happens right here.
         if self._claim():
-            if run.cooperative:
-                run.defer(self._store_inline)  # with the burst's live send, if any
-            else:
+            if not run.cooperative:
                 self._store_inline()
+            elif self._later is not None and not run.ended and self.writer.may_delay():
+                self._held = True
+                self._later.add(self._store_inline)
+            else:
+                run.defer(self._store_inline)  # with the burst's live send, if any
+        elif self._held and run.ended:  # the end is stored at once, with what was held
+            run.defer(self._store_inline)
+
+    def store_held(self) -> None:
+        """Store at once what waits for the timer (``store_interval``): before a read of
+        the manager, and before the run waits for storage."""
+        if self._held:
+            self._store_inline()
 
     def schedule(self) -> None:
         """Start a flush task unless one is running (it will see the new events)."""
@@ -181,7 +203,7 @@ class RunWriter:
             return True
 
     def _store_inline(self) -> None:
-        self._flushing = False
+        self._flushing = self._held = False
         batch = self._unstored(None)
         if not batch or self.finished:
             return

@@ -206,6 +206,27 @@ def test_a_bundled_backend_sets_only_its_own_settings(tmp_path: Path) -> None:
         shut_down(app)
 
 
+@pytest.mark.parametrize(("setting", "expected"), [(None, 0.1), (0, 0.0), ("0.5", 0.5)])
+def test_the_in_memory_backend_reads_its_store_interval(setting: Any, expected: float) -> None:
+    app = Flask(__name__)
+    if setting is not None:
+        app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = setting
+    DurableStream(app, flows={"story": story})
+    try:
+        manager = state_of(app).manager
+        assert type(manager).__name__ == "InMemoryStreamManager"
+        assert manager.store_interval == expected
+    finally:
+        shut_down(app)
+
+
+def test_a_negative_store_interval_is_refused_at_init_app() -> None:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = -0.1
+    with pytest.raises(ValueError, match="DURABLE_STREAM_MEMORY_STORE_INTERVAL"):
+        DurableStream(app, flows={"story": story})
+
+
 def test_a_bundled_backend_names_the_setting_it_misses() -> None:
     app = Flask(__name__)
     app.config["DURABLE_STREAM_BACKEND"] = "rtdb"

@@ -82,6 +82,24 @@ def test_a_paced_chunk_is_sent_and_stored_before_the_hubs_queued_callbacks_run()
     assert burst["sent_equals_stored"]  # every frame once, in order, equal to storage
 
 
+def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
+    report = run_check("gevent_store_interval_check")
+    # A paced chunk is held back (store_interval), and a read of the manager stores it first.
+    assert report["held"] == [[0, 1, 1], [1, 2, 2]]
+    # Once a subscriber waits on the stream, each chunk is stored as it comes, and the
+    # subscriber gets every event after its cursor once, in order.
+    follower = report["follower"]
+    assert follower["kept_at_emit"] == [3, 4]
+    assert follower["got"] == [[2, "chunk", '"c"'], [3, "chunk", '"d"'], [4, "done", '"end"']]
+    # The end is stored at once, with the chunk held before it.
+    assert report["end"] == {"held_chunk": 0, "kept": 2, "status": "done"}
+    # A flow far ahead of storage does not wait for the timer: its memory check stores.
+    assert report["big"] >= 6
+    # Nobody reading: the process's timer stores what was held.
+    assert report["timer"] == [0, 1]
+    assert "must be >= 0 seconds" in report["invalid"]
+
+
 @pytest.mark.parametrize("mode", ["own task", "in-response", "detached"])
 def test_a_live_streams_flow_starts_before_the_hubs_queued_callbacks_run(mode: str) -> None:
     report = run_check("gevent_flow_start_check", mode)

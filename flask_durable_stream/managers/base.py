@@ -147,6 +147,17 @@ class StreamWriter:
         #: The stream's cancel flag as the last stored append read it (``append_beats``).
         self.cancel_requested = False
 
+    def may_delay(self) -> bool:
+        """Whether the runner may hold this stream's events back now (the manager's
+        ``store_interval``): no reader of the manager waits on the stream. False
+        unless a backend says so."""
+        return False
+
+    def delaying(self, store_now: Callable[[], None]) -> None:
+        """The runner may hold this stream's events back: ``store_now`` stores them at
+        once. A backend that says :meth:`may_delay` calls it before each read of the
+        stream, so no reader misses an event emitted before it read."""
+
     # -- the primitive -------------------------------------------------------
     def append(self, events: Sequence[Event]) -> None:
         """Store ``events`` (contiguous, starting at :attr:`next_seq`) in order.
@@ -266,6 +277,12 @@ class StreamManager:
     #: never waits on I/O: the runner then stores events from the emitting task
     #: instead of starting a flush task per batch.
     append_never_blocks: bool = False
+    #: With ``append_never_blocks``, under gevent: how long (seconds) the runner may
+    #: hold a paced stream's events before it stores them, in one append, while no
+    #: reader of this manager waits on the stream (:meth:`StreamWriter.may_delay`).
+    #: A reader that comes has them stored first (:meth:`StreamWriter.delaying`), so
+    #: it misses nothing. 0 stores each event as it comes.
+    store_interval: float = 0.0
     #: The largest event (its JSON payload, in UTF-8 bytes) this backend can
     #: store, or None for no limit. The flow's ``send_chunk`` checks it, so a
     #: chunk that could never be stored raises :class:`~.EventTooLarge` at the

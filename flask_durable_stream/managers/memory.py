@@ -15,8 +15,8 @@ import array
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
 from .._concurrency import Task, TaskGroup, real_lock
@@ -31,11 +31,18 @@ from .base import (
     StreamWriter,
     check_event_sizes,
     check_pointer_key,
+    common_options,
     status_after,
 )
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from ..durable_streams.store import DSStore
+
+#: ``store_interval``'s default: under gevent a paced stream's events are stored in
+#: one append at most this long after the first of them (see docs/performance.md).
+STORE_INTERVAL = 0.1
 
 _OPEN = StreamStatus.OPEN  # a module global: an enum member's lookup costs a call
 _CHUNK = protocol.CHUNK
@@ -56,9 +63,11 @@ class _Stream:
     The condition its followers wait on exists only once one waits: most
     streams are only ever read live (from the run), and a condition is seven
     objects the cyclic garbage collector tracks, per stream, for its lifetime.
+    Until then the runner may hold the stream's events back (``store_interval``);
+    ``unstored`` stores them at once, and every read calls it first.
     """
 
-    __slots__ = ("data", "ends", "last_kind", "info", "lock", "_cond")
+    __slots__ = ("data", "ends", "last_kind", "info", "lock", "_cond", "unstored")
 
     def __init__(self, info: StreamInfo) -> None:
         self.data = bytearray()
@@ -70,6 +79,7 @@ class _Stream:
         # (this one is taken for every stored batch).
         self.lock = real_lock()
         self._cond: threading.Condition | None = None
+        self.unstored: Callable[[], None] | None = None
 
     @property
     def count(self) -> int:
@@ -125,10 +135,31 @@ class _Stream:
 
 
 class InMemoryStreamManager(StreamManager):
-    """Keeps streams in this process's memory. Greenlet- and thread-safe."""
+    """Keeps streams in this process's memory. Greenlet- and thread-safe.
+
+    ``store_interval`` (seconds, ``DURABLE_STREAM_MEMORY_STORE_INTERVAL``): under
+    gevent, while no reader of this manager waits on a stream, the runner stores
+    its events in one append at most this long after the first of them, instead
+    of one append per event. Nothing is less durable for it (the events and the
+    manager live and die with the same process), and no reader sees less: each
+    read of a stream has what its run emitted stored first, and once a reader
+    waits on the stream every event is stored as it comes. 0 stores every event
+    as it comes.
+    """
 
     append_never_blocks = True
     backend_name = "in-memory"
+    config_defaults: ClassVar[Mapping[str, Any]] = {
+        "DURABLE_STREAM_MEMORY_STORE_INTERVAL": STORE_INTERVAL
+    }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], app: Flask) -> InMemoryStreamManager:
+        """``DURABLE_STREAM_MEMORY_STORE_INTERVAL`` and the common options."""
+        return cls(
+            store_interval=float(config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"]),
+            **common_options(config),
+        )
 
     def __init__(
         self,
@@ -138,7 +169,14 @@ class InMemoryStreamManager(StreamManager):
         lease_seconds: float = 10.0,
         heartbeat_interval: float | None = None,
         sweep_interval: float | None = None,
+        store_interval: float = STORE_INTERVAL,
     ) -> None:
+        if not store_interval >= 0:  # NaN too
+            raise ValueError(
+                f"store_interval (DURABLE_STREAM_MEMORY_STORE_INTERVAL) must be >= 0 seconds,"
+                f" got {store_interval!r}"
+            )
+        self.store_interval = store_interval
         super().__init__(
             timeout=timeout,
             ttl_seconds=ttl_seconds,
@@ -214,12 +252,22 @@ class InMemoryStreamManager(StreamManager):
         stream = self._get(stream_id)
         return self._follow(stream, after, self.timeout if timeout is None else timeout)
 
+    @staticmethod
+    def _catch_up(stream: _Stream) -> None:
+        """Store what the stream's run holds back (``store_interval``), before a read.
+
+        Never with the stream's lock held: the store takes it."""
+        unstored = stream.unstored
+        if unstored is not None:
+            unstored()
+
     def _follow(self, stream: _Stream, after: int, timeout: float) -> Iterator[list[Event]]:
         cursor = max(after + 1, 0)
         last_activity = time.monotonic()
         seen_heartbeat = stream.info.heartbeat_at
         watch = ProducerWatch(self.lease_seconds)
         while True:
+            self._catch_up(stream)
             with stream.lock:
                 while stream.count <= cursor:
                     info = stream.info
@@ -284,6 +332,7 @@ class InMemoryStreamManager(StreamManager):
             stream = self._streams.get(stream_id)
         if stream is None or self._expired(stream, self.now()):
             raise StreamNotFound(f"stream {stream_id} not found")
+        self._catch_up(stream)
         return stream
 
     @staticmethod
@@ -368,3 +417,9 @@ class _MemoryWriter(StreamWriter):
 
     def heartbeat(self) -> bool:
         return self._manager._heartbeat(self._stream)
+
+    def may_delay(self) -> bool:
+        return self._stream._cond is None  # no follower has waited on the stream
+
+    def delaying(self, store_now: Callable[[], None]) -> None:
+        self._stream.unstored = store_now
