@@ -60,7 +60,9 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.env = dict(env or {})  # what the test set, e.g. the path of the server's storage
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # PYTHONFAULTHANDLER: a Python server that does not stop in time prints every
+        # thread's stack on SIGABRT (see stop).
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **self.env}
         self.proc = subprocess.Popen(
             list(args),
             cwd=ROOT,
@@ -96,9 +98,28 @@ class Server:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            stuck = self._stuck()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the rest of its group
+            except ProcessLookupError:
+                pass
             self.proc.wait()
+            return self.output() + stuck
         return self.output()
+
+    def _stuck(self) -> str:
+        """Why the server did not stop: its signal state, then every thread's stack."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                state = [line for line in f if line.startswith(("Sig", "Shd", "State"))]
+        except OSError:
+            state = []
+        try:
+            os.kill(self.proc.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: stacks to the output
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        return f"\n--- did not stop within its timeout; its state then:\n{''.join(state)}"
 
 
 def sqlite_env(tmp_path_factory: Any, name: str = "streams") -> dict[str, str]:
