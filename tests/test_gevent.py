@@ -91,8 +91,9 @@ def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
     follower = report["follower"]
     assert follower["kept_at_emit"] == [3, 4]
     assert follower["got"] == [[2, "chunk", '"c"'], [3, "chunk", '"d"'], [4, "done", '"end"']]
-    # The end is stored at once, with the chunk held before it.
-    assert report["end"] == {"held_chunk": 0, "kept": 2, "status": "done"}
+    # The end is stored at once, with the chunk held before it, and the stored stream no
+    # longer refers to its run (it stays until its TTL; the run must not).
+    assert report["end"] == {"held_chunk": 0, "kept": 2, "status": "done", "run_let_go": True}
     # A flow far ahead of storage does not wait for the timer: its memory check stores.
     assert report["big"] >= 6
     # Nobody reading: the process's timer stores what was held.

@@ -235,6 +235,7 @@ class InMemoryStreamManager(StreamManager):
             if last.kind != _CHUNK:
                 info.status = status_after(last)
                 info.expires_at = now + self.ttl_seconds
+                stream.unstored = None  # nothing more to hold: let the run go
             return info.cancel_requested
         finally:
             lock.release()
@@ -300,6 +301,7 @@ class InMemoryStreamManager(StreamManager):
         stream.info.last_seq = seq
         stream.info.updated_at = now
         stream.info.expires_at = now + self.ttl_seconds
+        stream.unstored = None
 
     # -- metadata ------------------------------------------------------------
     def info(self, stream_id: str) -> StreamInfo | None:

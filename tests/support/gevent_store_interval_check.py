@@ -11,7 +11,8 @@ see the timer store. Prints a JSON report:
   the chunk is held, and the read stores it first;
 * ``follower``: a subscriber waiting on the stream: chunks it gets, each kept when
   ``send_chunk`` returned, and its events in order;
-* ``end``: a chunk held, then the flow's end: kept at once, and the status;
+* ``end``: a chunk held, then the flow's end: kept at once, the status, and whether the
+  stored stream let its run go;
 * ``big``: kept after chunks of 1 MiB in all were emitted with no read (the run's
   memory check stores what is held before it would wait for storage);
 * ``timer``: kept after the 50 ms timer, with no read at all;
@@ -102,8 +103,13 @@ def main() -> None:
     deadline = time.monotonic() + 10
     while kept(manager, sid) < 2 and time.monotonic() < deadline:
         gevent.sleep(0.001)
-    status = manager._streams[sid].info.status.value
-    report["end"] = {"held_chunk": held_chunk, "kept": kept(manager, sid), "status": status}
+    stream = manager._streams[sid]
+    report["end"] = {
+        "held_chunk": held_chunk,
+        "kept": kept(manager, sid),
+        "status": stream.info.status.value,
+        "run_let_go": stream.unstored is None,  # the stored stream no longer holds its run
+    }
 
     flow = Stepped(["x" * 100_000] * 11 + ["y"])
     sid = runner.start("stepped", flow, None).stream_id
