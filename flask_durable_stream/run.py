@@ -379,7 +379,7 @@ class Run:
         """Every few hundred KiB emitted: release, pace or drop readers, wait for storage."""
         can_wait = _may_block(self.cooperative)
         if self.store_held is not None:
-            self.store_held()  # what waits for the writer's timer: it may be much
+            self.store_held()  # up to an interval of a fast flow's output
         self.release()
         if self._readers and self.buffer_limit is not None:
             self._keep_pace(self.buffer_limit, can_wait)

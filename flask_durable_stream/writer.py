@@ -140,7 +140,7 @@ class RunWriter:
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         # In-process storage under gevent: a paced flow's events wait up to
-        # store_interval, for every stream in one timer (see _hold).
+        # store_interval, for every stream in one timer (see on_emit and store_held).
         self._later: Later | None = None
         self._held = False  # a store waits in _later
         if inline and run.cooperative and store_interval > 0:
