@@ -142,7 +142,8 @@ class RunWriter:
         # In-process storage under gevent: a paced flow's events wait up to
         # store_interval, for every stream in one timer (see on_emit and store_held).
         self._later: Later | None = None
-        self._held = False  # a store waits in _later
+        self._held = False  # events wait for _later's store
+        self._queued = False  # _later has this writer's store queued (one at most)
         if inline and run.cooperative and store_interval > 0:
             self._later = Later.of(store_interval)
             writer.delaying(self.store_held)
@@ -172,11 +173,21 @@ class RunWriter:
                 self._store_inline()
             elif self._later is not None and not run.ended and self.writer.may_delay():
                 self._held = True
-                self._later.add(self._store_inline)
+                if not self._queued:  # else the store already queued takes these too
+                    self._queued = True
+                    self._later.add(self._store_queued)
             else:
                 run.defer(self._store_inline)  # with the burst's live send, if any
         elif self._held and run.ended:  # the end is stored at once, with what was held
             run.defer(self._store_inline)
+
+    def _store_queued(self) -> None:
+        # A read or the stream's end may have stored what was held before the timer
+        # came: then this store has nothing to do, or takes what was held since,
+        # earlier than its own interval, never later.
+        self._queued = False
+        if self._held:
+            self._store_inline()
 
     def store_held(self) -> None:
         """Store at once what waits for the timer (``store_interval``): before a read of

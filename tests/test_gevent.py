@@ -86,6 +86,8 @@ def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
     report = run_check("gevent_store_interval_check")
     # A paced chunk is held back (store_interval), and a read of the manager stores it first.
     assert report["held"] == [[0, 1, 1], [1, 2, 2]]
+    # One store queued per stream: the one the read came before takes the next chunk too.
+    assert report["queued"] == [1, 1]
     # Once a subscriber waits on the stream, each chunk is stored as it comes, and the
     # subscriber gets every event after its cursor once, in order.
     follower = report["follower"]

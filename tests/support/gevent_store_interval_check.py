@@ -9,6 +9,8 @@ see the timer store. Prints a JSON report:
 
 * ``held``: after each of two chunks, kept / what ``info()`` says / kept after it:
   the chunk is held, and the read stores it first;
+* ``queued``: after each of those chunks, the stores queued in the process's timer:
+  one, also after the read stored the first chunk before its time;
 * ``follower``: a subscriber waiting on the stream: chunks it gets, each kept when
   ``send_chunk`` returned, and its events in order;
 * ``end``: a chunk held, then the flow's end: kept at once, the status, and whether the
@@ -31,6 +33,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
 from flask_durable_stream import FlowContext, InMemoryStreamManager  # noqa: E402
+from flask_durable_stream._concurrency import Later  # noqa: E402
 from flask_durable_stream.runner import Runner  # noqa: E402
 
 
@@ -70,13 +73,16 @@ def main() -> None:
 
     flow = Stepped(["a", "b", "c", "d"])
     sid = runner.start("stepped", flow, None).stream_id
-    held = []
+    timer = Later.of(30.0)
+    held, queued = [], []
     for _ in range(2):
         flow.step()
         before = kept(manager, sid)
+        queued.append(len(timer._items))
         info = manager.info(sid)
         held.append([before, None if info is None else info.last_seq + 1, kept(manager, sid)])
     report["held"] = held
+    report["queued"] = queued
 
     got: list[list[Any]] = []
 
