@@ -471,25 +471,27 @@ class Later:
 
     The runner delays in-process stores with it (see ``RunWriter``): a thousand paced
     streams then cost one timer, and each stream's store takes the events of several
-    chunks at once. The timer fires every ``interval / STEPS`` seconds while anything
-    waits and runs what is due, so the work is spread over the interval as the
-    callbacks were queued, not done in one pause of the whole worker. Made with
-    :meth:`of` in the hub's thread; callbacks are queued from that thread only.
+    chunks at once. The timer fires when the oldest callback is due, and then no sooner
+    than ``interval / STEPS`` seconds after its last run: a worker with one paced stream
+    wakes once per store, a busy one at most ``STEPS`` times an interval, each time
+    running what is due, so the work is spread over the interval as the callbacks were
+    queued, not done in one pause of the whole worker. Made with :meth:`of` in the
+    hub's thread; callbacks are queued from that thread only.
     """
 
     STEPS = 8
 
-    __slots__ = ("interval", "_items", "_timer", "_hub", "_loop", "__weakref__")
+    __slots__ = ("interval", "_step", "_items", "_timer", "_hub", "_loop", "__weakref__")
 
     _by_hub: weakref.WeakKeyDictionary[Any, dict[float, Later]] = weakref.WeakKeyDictionary()
 
     def __init__(self, hub: Any, interval: float) -> None:
         self.interval = interval
+        self._step = interval / self.STEPS
         self._items: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
         self._hub = hub
         self._loop = hub.loop
-        step = interval / self.STEPS
-        self._timer = hub.loop.timer(step, step)
+        self._timer: Any = None  # armed while anything waits
 
     @classmethod
     def of(cls, interval: float) -> Later:
@@ -508,20 +510,29 @@ class Later:
     def add(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` about ``interval`` seconds from now (at most one step more)."""
         self._items.append((self._loop.now() + self.interval, fn))
-        if not self._timer.active:
-            self._timer.start(self._run)
+        if self._timer is None:
+            self._arm(self.interval)
+
+    def _arm(self, delay: float) -> None:
+        # The loop's time, as add's: the callbacks are queued in the order they fall due.
+        self._timer = self._loop.timer(delay)
+        self._timer.start(self._run)
 
     def _run(self) -> None:
         items = self._items
         now = self._loop.now()
-        while items and items[0][0] <= now:
-            fn = items.popleft()[1]
-            try:
-                fn()
-            except Exception:  # one stream's bug must not skip the others' stores
-                self._hub.handle_error(fn, *sys.exc_info())
-        if not items:
-            self._timer.stop()
+        try:
+            while items and items[0][0] <= now:
+                fn = items.popleft()[1]
+                try:
+                    fn()
+                except Exception:  # one stream's bug must not skip the others' stores
+                    self._hub.handle_error(fn, *sys.exc_info())
+        finally:  # (a callback that queues another finds the timer still armed)
+            self._timer.close()
+            self._timer = None
+            if items:
+                self._arm(max(items[0][0] - now, self._step))
 
 
 def _hub_callbacks_after_fork() -> None:
