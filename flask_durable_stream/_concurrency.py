@@ -15,6 +15,7 @@ import _thread
 import asyncio
 import collections
 import functools
+import math
 import os
 import queue
 import selectors
@@ -471,12 +472,12 @@ class Later:
 
     The runner delays in-process stores with it (see ``RunWriter``): a thousand paced
     streams then cost one timer, and each stream's store takes the events of several
-    chunks at once. The timer fires when the oldest callback is due, and then no sooner
-    than ``interval / STEPS`` seconds after its last run: a worker with one paced stream
-    wakes once per store, a busy one at most ``STEPS`` times an interval, each time
-    running what is due, so the work is spread over the interval as the callbacks were
-    queued, not done in one pause of the whole worker. Made with :meth:`of` in the
-    hub's thread; callbacks are queued from that thread only.
+    chunks at once. The loop's clock is cut in steps of ``interval / STEPS`` seconds, and
+    the timer fires at the end of a step only when a callback falls due in it: a worker
+    with one paced stream wakes once per store, a busy one at most ``STEPS`` times an
+    interval, each time running what is due, so the work is spread over the interval
+    as the callbacks were queued, not done in one pause of the whole worker. Made with
+    :meth:`of` in the hub's thread; callbacks are queued from that thread only.
     """
 
     STEPS = 8
@@ -509,13 +510,19 @@ class Later:
 
     def add(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` about ``interval`` seconds from now (at most one step more)."""
-        self._items.append((self._loop.now() + self.interval, fn))
+        due = self._loop.now() + self.interval
+        self._items.append((due, fn))
         if self._timer is None:
-            self._arm(self.interval)
+            self._arm(due)
 
-    def _arm(self, delay: float) -> None:
-        # The loop's time, as add's: the callbacks are queued in the order they fall due.
-        self._timer = self._loop.timer(delay)
+    def _arm(self, due: float) -> None:
+        # The timer fires at the first step of the loop's clock at or after ``due``, and
+        # runs everything due by then: callbacks queued within one step share a run.
+        step = self._step
+        at = math.ceil(due / step) * step
+        if at < due:  # rounding
+            at += step
+        self._timer = self._loop.timer(max(0.0, at - self._loop.now()))
         self._timer.start(self._run)
 
     def _run(self) -> None:
@@ -532,7 +539,7 @@ class Later:
             self._timer.close()
             self._timer = None
             if items:
-                self._arm(max(items[0][0] - now, self._step))
+                self._arm(items[0][0])
 
 
 def _hub_callbacks_after_fork() -> None:
