@@ -4,7 +4,9 @@
 
 Each client POSTs ``{"data": {"chunks": C, "delay": D}}`` with ``Accept: text/event-stream``
 over its own socket (HTTP/1.1, ``Connection: close``), undoes the chunked transfer
-encoding and times every frame. All clients start at once. Meanwhile the server's RSS is
+encoding and times every frame. All clients start at once, or one after another evenly
+over ``--ramp`` seconds (arrivals spread out, as a server meets them outside a reconnect
+storm; a first chunk is then timed from its own client's start). Meanwhile the server's RSS is
 sampled from ``/proc/SERVER_PID``; its CPU (user + system of every thread, as the kernel
 counts them for the process) is read before the first and after the last stream. With
 ``--replay`` every stream is then read again by its ``x-genkit-stream-id`` and compared
@@ -182,6 +184,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=50)
     parser.add_argument("--delay", type=float, default=0.02)
     parser.add_argument("--replay", action="store_true", help="compare every stored stream")
+    parser.add_argument(
+        "--ramp", type=float, default=0.0, help="start the clients evenly over this many seconds"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -209,7 +214,12 @@ def main() -> None:
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     started_wall = time.time()
-    jobs = [gevent.spawn(stream, args.port, args.path, body, {}) for _ in range(args.streams)]
+
+    def client() -> dict[str, Any]:
+        begun = time.time()
+        return {**stream(args.port, args.path, body, {}), "begun": begun}
+
+    jobs = [gevent.spawn_later(i * args.ramp / args.streams, client) for i in range(args.streams)]
     gevent.joinall(jobs)
     elapsed = time.perf_counter() - started
     own_after = resource.getrusage(resource.RUSAGE_SELF)
@@ -233,8 +243,11 @@ def main() -> None:
     # How late each chunk reached its client: the flows of all servers put their emit time
     # (the wall clock, shared by the processes of one machine) in each chunk.
     lags = [lag for r in results for lag in r["lags"]]
-    # When each stream's first chunk arrived, from the moment all clients were started.
-    firsts = [r["times"][0] - started_wall for r in results if r["times"]]
+    # When each stream's first chunk arrived, from the moment all clients were started
+    # (with a ramp: from its own client's start).
+    firsts = [
+        r["times"][0] - (r["begun"] if args.ramp else started_wall) for r in results if r["times"]
+    ]
     chunks_sent = sum(len(r["times"]) for r in results)
     # The most streams open at once (from a stream's first chunk to its last): what the
     # server held at its peak, which is fewer than N when it takes streams in by turns.

@@ -4,7 +4,7 @@
                         [--streams 500,1000,2000]
                         [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,
                                    sqlite,sqlite-1g,plain,genkit]
-                        [--gc tuned|default] [--chunks 50] [--output BENCHMARKS.md]
+                        [--gc tuned|default] [--chunks 50] [--ramp 0] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
    raw-socket clients in one gevent load process (bench/load.py), each server in a fresh
@@ -200,12 +200,14 @@ def genkit_ready() -> str | None:
     return None
 
 
-def measure(kind: str, streams: int, gc: str, chunks: int = 50) -> dict[str, Any]:
+def measure(
+    kind: str, streams: int, gc: str, chunks: int = 50, ramp: float = 0.0
+) -> dict[str, Any]:
     with server(kind, gc) as (port, pid):
         load = [
             sys.executable, str(BENCH / "load.py"), "--port", str(port),
             "--path", PATHS[kind], "--pid", str(pid), "--streams", str(streams),
-            "--chunks", str(chunks),
+            "--chunks", str(chunks), "--ramp", str(ramp),
         ]  # fmt: skip
         if kind != "plain":
             load.append("--replay")
@@ -235,7 +237,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             for kind in order:
                 print(f"[concurrency] run {run}: {kind}, {n} streams", file=sys.stderr, flush=True)
                 try:
-                    figures = measure(kind, n, args.gc, args.chunks)
+                    figures = measure(kind, n, args.gc, args.chunks, args.ramp)
                 except Exception as exc:  # noqa: BLE001 - reported in the file, loudly
                     print(f"!!! {kind} at {n} failed: {exc}", file=sys.stderr)
                     figures = {"failed": str(exc)[-300:]}
@@ -244,23 +246,29 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
     out.append("## 1. Concurrency sweep\n")
     out.append(
         f"N concurrent streams of {args.chunks} chunks 20 ms apart; one raw-socket client per"
-        " stream in one gevent load process (`bench/load.py`); each server in a fresh"
-        " process. CPU per chunk: the server process's user + system time (all threads, so"
-        " SQLite's writer thread counts) over the run / chunks received; the ratio is to"
-        " plain Flask in the same run and N. Of which: the part spent by threads other than"
-        " the main one (the one that runs gevent's hub or node's event loop: for ours on"
-        " SQLite, the writer thread; for node, its own helper threads), and the part that"
-        " was system time (the kernel's work: sockets, and SQLite's file writes). Gap: time"
-        " between two chunks at the client minus the 20 ms pacing (0 when they arrive"
-        " together). Lag: a chunk's arrival at its client minus the time its flow emitted"
-        " it (carried in the chunk): the server's delay in sending what the flow emitted,"
-        " and the client's in reading it. First chunk: when a stream's first chunk reached"
-        " its client, from the moment every client was started (a server that takes"
-        " streams in one after another shows short gaps and late first chunks)."
-        " Load CPU: the load process's own CPU time over the run's wall time; near 100 % the"
-        " clients themselves read late, and part of the gaps is theirs, not the server's."
-        " RSS per stream: (peak - base RSS) / N; open at the peak: the most streams open at"
-        " once (from a stream's first chunk to its last), N unless the server takes streams in"
+        " stream in one gevent load process (`bench/load.py`), "
+        + (
+            f"started one after another evenly over {args.ramp:g} s"
+            if args.ramp
+            else "all started at once"
+        )
+        + "; each server in a fresh process. CPU per chunk: the server process's user + system "
+        "time (all threads, so SQLite's writer thread counts) over the run / chunks received;"
+        " the ratio is to plain Flask in the same run and N. Of which: the part spent by "
+        "threads other than the main one (the one that runs gevent's hub or node's event "
+        "loop: for ours on SQLite, the writer thread; for node, its own helper threads), and "
+        "the part that was system time (the kernel's work: sockets, and SQLite's file "
+        "writes). Gap: time between two chunks at the client minus the 20 ms pacing (0 when "
+        "they arrive together). Lag: a chunk's arrival at its client minus the time its flow "
+        "emitted it (carried in the chunk): the server's delay in sending what the flow "
+        "emitted, and the client's in reading it. First chunk: when a stream's first chunk "
+        "reached its client, from the moment every client was started, or with a ramp from "
+        "its own client's start (a server that takes streams in one after another shows short"
+        " gaps and late first chunks). Load CPU: the load process's own CPU time over the "
+        "run's wall time; near 100 % the clients themselves read late, and part of the gaps "
+        "is theirs, not the server's. RSS per stream: (peak - base RSS) / N; open at the "
+        "peak: the most streams open at once (from a stream's first chunk to its last), N "
+        "unless the server takes streams in"
         f" by turns. Complete: streams that got all {args.chunks} chunks and their result; stored"
         " = live: streams whose replay by"
         " `x-genkit-stream-id` is byte-identical to the live body.\n"
@@ -423,6 +431,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--chunks", type=int, default=50, help="chunks per stream in the sweep (per-stream costs)"
+    )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="start the sweep's clients evenly over this many seconds (default: all at once)",
     )
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
