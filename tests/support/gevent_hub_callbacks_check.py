@@ -89,6 +89,9 @@ report["count"] = [count[0], hub.loop.activecnt - base]
 # is not in the child. It starts with nothing expected or queued, and its loop ends.
 callbacks.expect()
 callbacks._items.append((ran.append, ("stale",)))
+# gevent's fork watches the child, but installs its SIGCHLD handler only then: a child that
+# exits before it would never be seen, and the parent's waitpid would wait for ever.
+hub.loop.install_sigchld()
 pid = os.fork()
 if pid == 0:
     signal.alarm(10)  # a loop kept alive would wait for ever: the child dies instead
