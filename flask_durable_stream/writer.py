@@ -186,8 +186,7 @@ class RunWriter:
         # came: then this store has nothing to do, or takes what was held since,
         # earlier than its own interval, never later.
         self._queued = False
-        if self._held:
-            self._store_inline()
+        self.store_held()
 
     def store_held(self) -> None:
         """Store at once what waits for the timer (``store_interval``): before a read of
