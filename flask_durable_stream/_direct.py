@@ -56,6 +56,7 @@ from . import _responses, protocol
 from .protocol import CHUNK
 
 if TYPE_CHECKING:
+    from .managers.base import Event
     from .run import LiveReader, Run
 
 log = logging.getLogger("flask_durable_stream")
@@ -125,11 +126,23 @@ class DirectSink:
         self._busy: object = None  # while the connection is the sink's: a graceful stop waits
 
     # -- queueing, while caught up ----------------------------------------------
-    def take(self, kind: str) -> None:
+    def take(self, event: Event) -> None:
         """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
         event, and once a burst has passed ``flush_at``. The events stay in the run, at
         the reader's cursor, until a send takes them."""
-        self.flush()  # sent now, from the emitting task
+        seq, kind, payload = event
+        reader = self.reader
+        if reader.cursor == seq:
+            # The reader is at this very event, the last one emitted (every chunk of an
+            # LLM-paced flow): flush() for one event, without reading it back from the run.
+            self.flush_at = 0
+            self.deferred = False
+            run = self._run
+            run.passed(reader, 1)
+            last = run.ended
+            self._send(self._wire(protocol.frame(kind, payload).encode(), last), last)
+        else:
+            self.flush()  # sent now, from the emitting task
         if kind == CHUNK and self.armed:
             # A new burst: the rest of it waits for one deferred send (asked for by its
             # second event, see Run._emit), up to FLUSH_BYTES. Its first event does not

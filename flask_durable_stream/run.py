@@ -204,7 +204,7 @@ class Run:
                 or kind != protocol.CHUNK
                 or sink.burst_at != sink.clock()
             ):
-                sink.take(kind)
+                sink.take(event)
             elif not sink.deferred:  # the burst's second event: the rest go at its end
                 sink.deferred = True
                 self.defer(sink.flush)
@@ -536,11 +536,15 @@ class Run:
         """The events at ``reader``'s cursor (up to ``max_bytes``; None: all of them), moving
         the cursor past them."""
         batch = self.since(reader.cursor, max_bytes)
-        reader.cursor += len(batch)
+        self.passed(reader, len(batch))
+        return batch
+
+    def passed(self, reader: LiveReader, taken: int) -> None:
+        """``reader`` took the ``taken`` events at its cursor: move the cursor past them."""
+        reader.cursor += taken
         reader.moved_at = time.monotonic()
         if self._pacing:  # see reader_moved
             self.reader_moved()
-        return batch
 
     def reader_moved(self) -> None:
         """A live reader took events: a flow waiting for it goes on."""
