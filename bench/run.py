@@ -37,6 +37,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -329,10 +330,64 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
             f" | {row['elapsed_s']:.1f} | {row['client_cpu_share']:.0%} |"
         )
     out.append("")
+    if args.runs > 1:
+        out += medians(rows, kinds, counts)
     out.append("<details><summary>raw figures (JSON)</summary>\n")
     out.append("```json")
     out += [json.dumps(row) for row in rows]
     out.append("```\n</details>\n")
+
+
+def medians(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> list[str]:
+    """The sweep's runs summed up: per N and server, the median and range of each figure.
+
+    CPU time on a shared machine moves by 20-40 % from one run to the next, the server
+    and the load alike (a run's figure tracks its wall time: a saturated server that
+    runs slower takes longer). One run's ratio to plain Flask can land far from the
+    others, so a target is judged on the median of the runs' ratios, each taken
+    within its own run.
+    """
+    lines = [
+        f"**Over the {max(r['run'] for r in rows)} runs:** median (lowest-highest). The ratio"
+        " to plain Flask is taken within each run, then its median across runs.\n",
+        "| N | server | CPU/chunk µs | vs plain | gap p99 ms | RSS/stream KiB | complete,"
+        " stored = live (all runs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def span(values: list[float], unit: str = "", digits: int = 1) -> str:
+        if not values:
+            return "-"
+        mid = statistics.median(values)
+        return f"{mid:.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    for n in counts:
+        plain = {r["run"]: r for r in rows if r["streams"] == n and r["server"] == "plain"}
+        for kind in kinds:
+            done = [
+                r for r in rows if r["streams"] == n and r["server"] == kind and "failed" not in r
+            ]
+            failed = sum(1 for r in rows if r["streams"] == n and r["server"] == kind) - len(done)
+            ratios = [
+                r["cpu_per_chunk_us"] / plain[r["run"]]["cpu_per_chunk_us"]
+                for r in done
+                if r["run"] in plain and "failed" not in plain[r["run"]]
+            ]
+            complete = sum(r["complete"] for r in done)
+            stored = [r.get("stored_equal_live") for r in done]
+            stored_text = "-" if None in stored or not done else str(sum(stored))
+            lines.append(
+                f"| {n} | {SERVERS[kind]}"
+                f" | {span([r['cpu_per_chunk_us'] for r in done])}"
+                f" | {span(ratios, 'x', 2) if kind != 'plain' else '1.00x'}"
+                f" | {span([r['gap_p99_ms'] for r in done])}"
+                f" | {span([r['rss_per_stream_kib'] for r in done])}"
+                f" | {complete} / {n * len(done)}, {stored_text}"
+                + (f" ({failed} runs FAILED)" if failed else "")
+                + " |"
+            )
+    lines.append("")
+    return lines
 
 
 def run_script(name: str, script_args: list[str], timeout: float) -> str:
