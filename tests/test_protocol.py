@@ -1,0 +1,83 @@
+"""``protocol.encode``: the C encoder called directly writes what ``json`` would."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pydantic
+import pytest
+
+from flask_durable_stream import protocol
+
+#: The standard encoder with the protocol's settings, the one ``encode`` skips the steps of.
+REFERENCE = protocol._encoder.encode
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    label: str
+
+
+class Model(pydantic.BaseModel):
+    name: str
+    tags: list[str]
+
+
+VALUES: list[Any] = [
+    "plain",
+    'quote " backslash \\ newline \n separator \u2028 accent é emoji \U0001f600',
+    0,
+    -7,
+    10**30,
+    1.5,
+    1e300,
+    -0.0,
+    True,
+    None,
+    [],
+    {},
+    [1, {"a": [2, 3.25, None]}, "x"],
+    {"k": "v", "nested": {"list": [1.25, "é"], "empty": []}},
+    {1: "int key", 2.5: "float key", False: "bool key", None: "none key"},
+    (1, 2),
+    {"tuple": (1, "two")},
+    Point(1, "p"),
+    [Point(2, "q")],
+    Model(name="m", tags=["a", "b"]),
+    {"set": {3}},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
+def test_encode_writes_what_the_standard_encoder_writes(value: Any) -> None:
+    assert protocol.encode(value) == REFERENCE(value)
+
+
+def _outcome(encode: Any, value: Any) -> tuple[type[BaseException], str] | str:
+    try:
+        return str(encode(value))
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [math.nan, math.inf, [1, -math.inf], object(), {(1, 2): "tuple key"}, {"a": object()}],
+    ids=["nan", "inf", "inf in list", "object", "tuple key", "object in dict"],
+)
+def test_encode_refuses_what_the_standard_encoder_refuses(value: Any) -> None:
+    outcome = _outcome(protocol.encode, value)
+    assert not isinstance(outcome, str)
+    assert outcome == _outcome(REFERENCE, value)
+
+
+def test_a_circular_value_is_refused_and_the_next_one_encodes() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        protocol.encode(loop)
+    shared = [1, 2]
+    assert protocol.encode({"a": shared, "b": shared}) == '{"a":[1,2],"b":[1,2]}'
