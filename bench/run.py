@@ -293,6 +293,9 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         " | stored = live | wall s | load CPU |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plains = {
+        (r["run"], r["streams"]): r for r in rows if r["server"] == "plain" and "failed" not in r
+    }
     for row in rows:
         if "failed" in row:
             out.append(
@@ -300,17 +303,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
                 f" FAILED: {row['failed']} | | | | | | | | | | | |"
             )
             continue
-        plain = next(
-            (
-                r
-                for r in rows
-                if r["run"] == row["run"]
-                and r["streams"] == row["streams"]
-                and r["server"] == "plain"
-                and "failed" not in r
-            ),
-            None,
-        )
+        plain = plains.get((row["run"], row["streams"]))
         ratio = f"{row['cpu_per_chunk_us'] / plain['cpu_per_chunk_us']:.2f}x" if plain else "-"
         cpu = row["server_cpu_s"] or 1.0
         stored = row.get("stored_equal_live")
@@ -331,14 +324,19 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         )
     out.append("")
     if args.runs > 1:
-        out += medians(rows, kinds, counts)
+        out += medians(rows, plains, kinds, counts)
     out.append("<details><summary>raw figures (JSON)</summary>\n")
     out.append("```json")
     out += [json.dumps(row) for row in rows]
     out.append("```\n</details>\n")
 
 
-def medians(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> list[str]:
+def medians(
+    rows: list[dict[str, Any]],
+    plains: dict[tuple[int, int], dict[str, Any]],
+    kinds: list[str],
+    counts: list[int],
+) -> list[str]:
     """The sweep's runs summed up: per N and server, the median and range of each figure.
 
     CPU time on a shared machine moves by 20-40 % from one run to the next, the server
@@ -362,16 +360,15 @@ def medians(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> 
         return f"{mid:.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
     for n in counts:
-        plain = {r["run"]: r for r in rows if r["streams"] == n and r["server"] == "plain"}
         for kind in kinds:
             done = [
                 r for r in rows if r["streams"] == n and r["server"] == kind and "failed" not in r
             ]
             failed = sum(1 for r in rows if r["streams"] == n and r["server"] == kind) - len(done)
             ratios = [
-                r["cpu_per_chunk_us"] / plain[r["run"]]["cpu_per_chunk_us"]
+                r["cpu_per_chunk_us"] / plains[r["run"], n]["cpu_per_chunk_us"]
                 for r in done
-                if r["run"] in plain and "failed" not in plain[r["run"]]
+                if (r["run"], n) in plains
             ]
             complete = sum(r["complete"] for r in done)
             stored = [r.get("stored_equal_live") for r in done]

@@ -130,35 +130,32 @@ class DirectSink:
         """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
         event, and once a burst has passed ``flush_at``. The events stay in the run, at
         the reader's cursor, until a send takes them."""
-        seq, kind, payload = event
-        reader = self.reader
-        if reader.cursor == seq:
-            # The reader is at this very event, the last one emitted (every chunk of an
-            # LLM-paced flow): flush() for one event, without reading it back from the run.
-            self.flush_at = 0
-            self.deferred = False
-            run = self._run
-            run.passed(reader, 1)
-            last = run.ended
-            self._send(self._wire(protocol.frame(kind, payload).encode(), last), last)
-        else:
-            self.flush()  # sent now, from the emitting task
-        if kind == CHUNK and self.armed:
+        self.flush(event)  # sent now, from the emitting task
+        if event[1] == CHUNK and self.armed:
             # A new burst: the rest of it waits for one deferred send (asked for by its
             # second event, see Run._emit), up to FLUSH_BYTES. Its first event does not
             # wait (see Run.defer): an LLM-paced flow emits one event per burst.
             self.flush_at = self._run.total_bytes + FLUSH_BYTES
             self.burst_at = self.clock()
 
-    def flush(self) -> None:
+    def flush(self, emitted: Event | None = None) -> None:
         """Send the events at the reader's cursor, framed at once, without waiting; a
-        short send hands over to the watcher (then, like once done, this sends nothing)."""
+        short send hands over to the watcher (then, like once done, this sends nothing).
+
+        ``emitted``: the event the flow just emitted (from :meth:`take`). When the
+        reader's cursor is at it, the usual case of an LLM-paced flow, it is framed from
+        the event itself rather than read back from the run.
+        """
         self.flush_at = 0
         self.deferred = False
         run, reader = self._run, self.reader
         if not self.armed or reader.cursor >= run.count:
             return
-        body = protocol.frames(run.read(reader, None))
+        if emitted is not None and reader.cursor == emitted[0]:
+            run.passed(reader, 1)
+            body = protocol.frame(emitted[1], emitted[2]).encode()
+        else:
+            body = protocol.frames(run.read(reader, None))
         last = run.ended and reader.cursor >= run.count
         self._send(self._wire(body, last), last)
 

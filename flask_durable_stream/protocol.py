@@ -58,9 +58,11 @@ _encoder = json.JSONEncoder(
 # same arguments, so the text is the same. None where the interpreter has no C encoder.
 _c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 _c_arguments = (
-    _default,
-    json.encoder.encode_basestring,
-    None,
+    _encoder.default,
+    json.encoder.encode_basestring_ascii
+    if _encoder.ensure_ascii
+    else json.encoder.encode_basestring,
+    _encoder.indent,
     _encoder.key_separator,
     _encoder.item_separator,
     _encoder.sort_keys,

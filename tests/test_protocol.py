@@ -74,10 +74,20 @@ def test_encode_refuses_what_the_standard_encoder_refuses(value: Any) -> None:
     assert outcome == _outcome(REFERENCE, value)
 
 
-def test_a_circular_value_is_refused_and_the_next_one_encodes() -> None:
+def test_a_circular_value_is_refused() -> None:
     loop: list[Any] = []
     loop.append(loop)
     with pytest.raises(ValueError, match="Circular reference detected"):
         protocol.encode(loop)
+
+
+def test_a_value_refused_midway_leaves_nothing_for_the_next_call() -> None:
+    # The refusal comes while ``items`` is being encoded: an encoder whose cycle check
+    # outlived the call would still hold ``items`` and call the next encoding circular.
+    items: list[Any] = [1, math.nan]
+    with pytest.raises(ValueError, match="Out of range float"):
+        protocol.encode(items)
+    items.pop()
+    assert protocol.encode(items) == "[1]"
     shared = [1, 2]
     assert protocol.encode({"a": shared, "b": shared}) == '{"a":[1,2],"b":[1,2]}'

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, request
@@ -48,22 +47,14 @@ _offers = [0]
 _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
-_sending = [0]  # take() may call flush(): only the outer call counts
+_flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
 
 
-def _counted(send: Callable[..., None]) -> Callable[..., None]:
-    def counted(sink: _direct.DirectSink, *args: Any) -> None:
-        before = sink.reader.cursor  # the events a send of the fast path takes move the cursor
-        _sending[0] += 1
-        try:
-            send(sink, *args)
-        finally:
-            _sending[0] -= 1
-        if not _sending[0]:
-            _offers[0] += sink.reader.cursor - before
-
-    return counted
+def _counted_flush(sink: _direct.DirectSink, *args: Any) -> None:
+    before = sink.reader.cursor  # the events a send of the fast path takes move the cursor
+    _flush(sink, *args)
+    _offers[0] += sink.reader.cursor - before
 
 
 def _counted_take_over(sink: _direct.DirectSink) -> bool:
@@ -72,8 +63,7 @@ def _counted_take_over(sink: _direct.DirectSink) -> bool:
     return taken
 
 
-_direct.DirectSink.flush = _counted(_direct.DirectSink.flush)  # type: ignore[method-assign]
-_direct.DirectSink.take = _counted(_direct.DirectSink.take)  # type: ignore[method-assign]
+_direct.DirectSink.flush = _counted_flush  # type: ignore[method-assign]
 _direct.DirectSink._take_over = _counted_take_over  # type: ignore[method-assign]
 
 
