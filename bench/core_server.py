@@ -19,7 +19,8 @@ from flask_durable_stream import DurableStream, SQLiteStreamManager, protocol, t
 
 
 def create_app() -> Flask:
-    """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory;
+    """The benchmark app; ``BENCH_SQLITE=<file>`` stores streams in SQLite, not in memory
+    (``BENCH_SQLITE_STORE_INTERVAL``: its ``store_interval``, seconds);
     ``BENCH_FLOW_IN_RESPONSE`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE`` and
     ``BENCH_DETACH_RESPONSE`` ``DURABLE_STREAM_DETACH_RESPONSE`` (``1`` or ``0``; unset,
     the library's default).
@@ -38,7 +39,8 @@ def create_app() -> Flask:
     if interval is not None:
         app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = float(interval)
     sqlite = os.environ.get("BENCH_SQLITE")
-    manager = SQLiteStreamManager(sqlite) if sqlite else None
+    held = float(os.environ.get("BENCH_SQLITE_STORE_INTERVAL", "0"))
+    manager = SQLiteStreamManager(sqlite, store_interval=held) if sqlite else None
     DurableStream(app, flows={"blast": blast, "llm": llm}, stream_manager=manager)
 
     @app.post("/plain")

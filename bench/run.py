@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
                         [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,
-                                   sqlite,sqlite-1g,plain,genkit]
+                                   sqlite,sqlite-1g,sqlite-si,plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--ramp 0] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
@@ -15,7 +15,9 @@
    ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``), all with the
    production recipe's ``post_worker_init`` (bench/gunicorn_conf.py), and the in-memory
    one without its admission of new connections by turns (``-na``) and with each event
-   stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``); a plain Flask
+   stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``), and the
+   SQLite one holding each stream's events up to 100 ms (``-si``:
+   ``DURABLE_STREAM_SQLITE_STORE_INTERVAL = 0.1``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -58,6 +60,7 @@ SERVERS = {
     "sqlite": "ours, SQLite",
     "memory-1g": "ours, in-memory, flow in response",
     "sqlite-1g": "ours, SQLite, flow in response",
+    "sqlite-si": "ours, SQLite, events held up to 100 ms",
     "memory-dr": "ours, in-memory, detached response",
     "sqlite-dr": "ours, SQLite, detached response",
     "memory-kr": "ours, in-memory, response kept (not detached)",
@@ -73,6 +76,7 @@ PATHS = {
     "sqlite": "/flows/llm",
     "memory-1g": "/flows/llm",
     "sqlite-1g": "/flows/llm",
+    "sqlite-si": "/flows/llm",
     "memory-dr": "/flows/llm",
     "sqlite-dr": "/flows/llm",
     "memory-kr": "/flows/llm",
@@ -146,6 +150,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_ADMISSION"] = "off"
         if kind.endswith("-se"):
             env["BENCH_STORE_INTERVAL"] = "0"
+        if kind.endswith("-si"):
+            env["BENCH_SQLITE_STORE_INTERVAL"] = "0.1"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
         worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
@@ -472,7 +478,8 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         default=(
-            "memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,sqlite,sqlite-1g,plain,genkit"
+            "memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,sqlite,sqlite-1g,sqlite-si,plain,"
+            "genkit"
         ),
     )
     parser.add_argument(

@@ -139,12 +139,13 @@ class RunWriter:
         )
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
-        # In-process storage under gevent: a paced flow's events wait up to
-        # store_interval, for every stream in one timer (see on_emit and store_held).
+        # Under gevent, storage that never blocks or answers through the hub (SQLite):
+        # a paced flow's events wait up to store_interval, for every stream in one
+        # timer (see on_emit and store_held).
         self._later: Later | None = None
         self._held = False  # events wait for _later's store
         self._queued = False  # _later has this writer's store queued (one at most)
-        if inline and run.cooperative and store_interval > 0:
+        if (inline or self._nowait) and run.cooperative and store_interval > 0:
             self._later = Later.of(store_interval)
             writer.delaying(self.store_held)
             run.store_held = self.store_held
@@ -159,7 +160,9 @@ class RunWriter:
         """After each event: store it, from the emitting task for in-process storage."""
         if not self._inline:
             if self._nowait:
-                if self._claim():
+                if self._later is not None and not run.ended and self.writer.may_delay():
+                    self._hold()  # the timer's store, or the answer in flight, takes it
+                elif self._claim():
                     run.defer(self._store_nowait)  # once the flow yields: the whole burst
                 return
             self.schedule()
@@ -172,14 +175,18 @@ class RunWriter:
             if not run.cooperative:
                 self._store_inline()
             elif self._later is not None and not run.ended and self.writer.may_delay():
-                self._held = True
-                if not self._queued:  # else the store already queued takes these too
-                    self._queued = True
-                    self._later.add(self._store_queued)
+                self._hold()
             else:
                 run.defer(self._store_inline)  # with the burst's live send, if any
         elif self._held and run.ended:  # the end is stored at once, with what was held
             run.defer(self._store_inline)
+
+    def _hold(self) -> None:
+        self._held = True
+        if not self._queued:  # else the store already queued takes these too
+            self._queued = True
+            assert self._later is not None
+            self._later.add(self._store_queued)
 
     def _store_queued(self) -> None:
         # A read or the stream's end may have stored what was held before the timer
@@ -191,8 +198,14 @@ class RunWriter:
     def store_held(self) -> None:
         """Store at once what waits for the timer (``store_interval``): before a read of
         the manager, and before the run waits for storage."""
-        if self._held:
+        if not self._held:
+            return
+        if self._inline:
             self._store_inline()
+        elif self._claim():
+            self._store_nowait()
+        else:  # an append is in flight: its answer stores them at once, not the timer
+            self._held = False
 
     def schedule(self) -> None:
         """Start a flush task unless one is running (it will see the new events)."""
@@ -235,6 +248,7 @@ class RunWriter:
         plain success (an error, a heartbeat due) hands over to the flush task,
         which retries from the same events and owns the fault model.
         """
+        self._held = False  # this append takes them
         batch = [] if self.finished else self._unstored(BATCH_BYTES)
         if not batch:
             self._flushing = False
@@ -258,6 +272,9 @@ class RunWriter:
                 return
         more = self.run.count > self.writer.next_seq
         if error is None and more and not self.heartbeat_due():
+            if self._queued and self._held and not self.run.ended:
+                self._flushing = False  # held: the timer's store takes them (store_interval)
+                return
             self._store_nowait()  # what the flow emitted meanwhile, still without a task
             return
         self._flushing = False

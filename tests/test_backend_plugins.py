@@ -206,24 +206,52 @@ def test_a_bundled_backend_sets_only_its_own_settings(tmp_path: Path) -> None:
         shut_down(app)
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(None, 0.1), (0, 0.0), ("0.5", 0.5)])
-def test_the_in_memory_backend_reads_its_store_interval(setting: Any, expected: float) -> None:
+#: Each backend with a store interval: its setting, and the manager's class.
+STORE_INTERVALS = {
+    "memory": ("DURABLE_STREAM_MEMORY_STORE_INTERVAL", "InMemoryStreamManager"),
+    "sqlite": ("DURABLE_STREAM_SQLITE_STORE_INTERVAL", "SQLiteStreamManager"),
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "value", "expected"),
+    [
+        ("memory", None, 0.1),
+        ("memory", 0, 0.0),
+        ("memory", "0.5", 0.5),
+        ("sqlite", None, 0.0),
+        ("sqlite", "0.25", 0.25),
+    ],
+)
+def test_a_backend_reads_its_store_interval(
+    tmp_path: Path, backend: str, value: Any, expected: float
+) -> None:
+    setting, manager_class = STORE_INTERVALS[backend]
     app = Flask(__name__)
-    if setting is not None:
-        app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = setting
+    app.config["DURABLE_STREAM_BACKEND"] = backend
+    app.config["DURABLE_STREAM_SQLITE_PATH"] = str(tmp_path / "streams.db")
+    if value is not None:
+        app.config[setting] = value
     DurableStream(app, flows={"story": story})
     try:
         manager = state_of(app).manager
-        assert type(manager).__name__ == "InMemoryStreamManager"
+        assert type(manager).__name__ == manager_class
         assert manager.store_interval == expected
     finally:
         shut_down(app)
 
 
-def test_a_negative_store_interval_is_refused_at_init_app() -> None:
+@pytest.mark.parametrize("backend", sorted(STORE_INTERVALS))
+@pytest.mark.parametrize("value", [-0.1, float("nan")])
+def test_a_store_interval_below_zero_or_nan_is_refused_at_init_app(
+    tmp_path: Path, backend: str, value: float
+) -> None:
+    setting = STORE_INTERVALS[backend][0]
     app = Flask(__name__)
-    app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = -0.1
-    with pytest.raises(ValueError, match="DURABLE_STREAM_MEMORY_STORE_INTERVAL"):
+    app.config["DURABLE_STREAM_BACKEND"] = backend
+    app.config["DURABLE_STREAM_SQLITE_PATH"] = str(tmp_path / "streams.db")
+    app.config[setting] = value
+    with pytest.raises(ValueError, match=setting):
         DurableStream(app, flows={"story": story})
 
 

@@ -41,6 +41,8 @@ WORKERS = {
     params=[
         "memory",
         "sqlite",
+        # events held up to 100 ms (store_interval); a resume here has them stored first
+        "sqlite, store interval",
         "memory, flow in response",
         "sqlite, flow in response",
         "memory, detached response",
@@ -65,6 +67,8 @@ def start(
     mode, _, worker = param.partition(", -k ")
     if mode.startswith("sqlite"):
         env["DISCONNECT_APP_SQLITE"] = str(tmp_path / "streams.db")
+    if mode.endswith("store interval"):
+        env["DISCONNECT_APP_SQLITE_STORE_INTERVAL"] = "0.1"
     if mode.endswith("flow in response"):
         env["DISCONNECT_APP_FLOW_IN_RESPONSE"] = "1"
     if mode.endswith("detached response"):

@@ -105,6 +105,32 @@ def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
     assert "must be >= 0 seconds" in report["invalid"]
 
 
+def test_held_events_reach_every_reader_of_the_sqlite_manager() -> None:
+    report = run_check("gevent_sqlite_store_interval_check")
+    # Paced chunks are held back (store_interval): not in the file, which is what other
+    # processes read, and not in what the manager reports.
+    assert report["held"] == [[0, -1], [0, -1]]
+    # A follower of this process has them stored as it starts (not at the 30 s timer),
+    # then gets each chunk as it comes and the end: every event once, in order.
+    follower = report["follower"]
+    assert follower["had_two"] == 2
+    assert follower["in_file_after_two"] == 2
+    assert follower["got"] == [
+        [0, "chunk", '"a"'],
+        [1, "chunk", '"b"'],
+        [2, "chunk", '"c"'],
+        [3, "chunk", '"d"'],
+        [4, "done", '"end"'],
+    ]
+    # Five held chunks and the end: the stream's open and one append, not six.
+    assert report["appends"] == 2
+    # The end is stored at once, with the chunk held before it.
+    assert report["end"] == {"in_file": 2, "status": "done"}
+    # Nobody reading: the process's timer stores what was held.
+    assert report["timer"] == [0, 1]
+    assert "DURABLE_STREAM_SQLITE_STORE_INTERVAL" in report["invalid"]
+
+
 @pytest.mark.parametrize("mode", ["own task", "in-response", "detached"])
 def test_a_live_streams_flow_starts_before_the_hubs_queued_callbacks_run(mode: str) -> None:
     report = run_check("gevent_flow_start_check", mode)

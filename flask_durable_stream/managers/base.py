@@ -46,6 +46,7 @@ from ..exceptions import StorageUnavailable, StreamClosed
 from .common import CommonOptions as CommonOptions
 from .common import ProducerWatch as ProducerWatch
 from .common import check_event_sizes as check_event_sizes
+from .common import check_store_interval as check_store_interval
 from .common import common_options as common_options
 from .common import event_size_error as event_size_error
 from .common import payload_bytes as payload_bytes
@@ -277,11 +278,13 @@ class StreamManager:
     #: never waits on I/O: the runner then stores events from the emitting task
     #: instead of starting a flush task per batch.
     append_never_blocks: bool = False
-    #: With ``append_never_blocks``, under gevent: how long (seconds) the runner may
-    #: hold a paced stream's events before it stores them, in one append, while no
-    #: reader of this manager waits on the stream (:meth:`StreamWriter.may_delay`).
-    #: A reader that comes has them stored first (:meth:`StreamWriter.delaying`), so
-    #: it misses nothing. 0 stores each event as it comes.
+    #: Under gevent, with ``append_never_blocks`` or a writer that stores without a
+    #: waiting task (:meth:`StreamWriter.store_nowait`): how long (seconds) the runner
+    #: may hold a paced stream's events before it stores them, in one append, while
+    #: no reader of this manager in this process waits on the stream
+    #: (:meth:`StreamWriter.may_delay`). A reader of this process that comes has them
+    #: stored first (:meth:`StreamWriter.delaying`), so it misses nothing; readers of
+    #: other processes see them up to this much later. 0 stores each event as it comes.
     store_interval: float = 0.0
     #: The largest event (its JSON payload, in UTF-8 bytes) this backend can
     #: store, or None for no limit. The flow's ``send_chunk`` checks it, so a

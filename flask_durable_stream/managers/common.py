@@ -37,6 +37,13 @@ def common_options(config: Mapping[str, Any]) -> CommonOptions:
     }
 
 
+def check_store_interval(seconds: float, setting: str) -> float:
+    """``seconds`` if it can be a ``store_interval``, else the ``ValueError`` naming ``setting``."""
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"store_interval ({setting}) must be >= 0 seconds, got {seconds!r}")
+    return seconds
+
+
 def required_setting(config: Mapping[str, Any], key: str, backend: str) -> Any:
     """``config[key]``, or the ``ValueError`` ``from_config`` raises when it is not set."""
     value = config.get(key)

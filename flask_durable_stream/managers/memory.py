@@ -31,6 +31,7 @@ from .base import (
     StreamWriter,
     check_event_sizes,
     check_pointer_key,
+    check_store_interval,
     common_options,
     status_after,
 )
@@ -171,12 +172,9 @@ class InMemoryStreamManager(StreamManager):
         sweep_interval: float | None = None,
         store_interval: float = STORE_INTERVAL,
     ) -> None:
-        if not store_interval >= 0:  # NaN too
-            raise ValueError(
-                f"store_interval (DURABLE_STREAM_MEMORY_STORE_INTERVAL) must be >= 0 seconds,"
-                f" got {store_interval!r}"
-            )
-        self.store_interval = store_interval
+        self.store_interval = check_store_interval(
+            store_interval, "DURABLE_STREAM_MEMORY_STORE_INTERVAL"
+        )
         super().__init__(
             timeout=timeout,
             ttl_seconds=ttl_seconds,

@@ -63,6 +63,7 @@ class Reader:
         mark_lost: MarkLost,
         tasks: TaskGroup,
         stopping: threading.Event,
+        catch_up: Callable[[str], object] | None = None,
     ) -> None:
         self.path = path
         self.busy_timeout = busy_timeout
@@ -75,6 +76,9 @@ class Reader:
         self._mark_lost_op = mark_lost
         self._tasks = tasks
         self._stopping = stopping
+        #: Called with a stream's id once its follower is registered, before its first
+        #: read: this process's writer stores what it holds back (``store_interval``).
+        self._catch_up = catch_up
         self._lock = real_lock()
         self._pool: list[sqlite3.Connection] = []
         self._watchers: dict[str, set[Signal]] = {}
@@ -145,6 +149,10 @@ class Reader:
         """True while the change poller runs (only while somebody follows)."""
         return self._poller is not None
 
+    def follows(self, stream_id: str) -> bool:
+        """Whether a follower of this process waits on ``stream_id``."""
+        return stream_id in self._watchers  # one lookup, atomic: no lock on the emit path
+
     def wake(self, stream_ids: Iterable[str]) -> None:
         """Wake the followers of ``stream_ids``; safe from any thread."""
         with self._lock:
@@ -163,6 +171,8 @@ class Reader:
         busy = BUSY.delays()
         watch = ProducerWatch(self.lease_seconds)
         try:
+            if self._catch_up is not None:  # its commit wakes us like any other
+                self._catch_up(stream_id)
             while True:
                 signal.clear()  # before reading, so a commit after the read still wakes us
                 rows = self.read(

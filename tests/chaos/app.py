@@ -64,10 +64,12 @@ def create_app() -> Flask:
     app.config.from_mapping(DURABLE_STREAM_BACKEND="memory")
     app.config.from_prefixed_env()
     DurableStream(app, flows=FLOWS)
+    store_interval = str(app.extensions["durable_stream"].runner.manager.store_interval)
 
     @app.after_request
     def name_the_worker(response: Response) -> Response:
         response.headers["X-Worker-Pid"] = str(os.getpid())
+        response.headers["X-Store-Interval"] = store_interval  # what the manager took
         return response
 
     return app

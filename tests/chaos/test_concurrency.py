@@ -34,6 +34,15 @@ def chaos(
     yield from app_on(request.param, shared_storage(request.param), log)
 
 
+@pytest.fixture(scope="module")
+def chaos_held(shared_storage: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """SQLite with ``DURABLE_STREAM_SQLITE_STORE_INTERVAL``: each worker holds a stream's
+    events up to 100 ms, and a reconnect that lands on the other worker reads the file."""
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    env = {"FLASK_DURABLE_STREAM_SQLITE_STORE_INTERVAL": "0.1"}
+    yield from app_on("sqlite", shared_storage("sqlite"), log, env)
+
+
 @dataclass
 class Client:
     """One stream's client: what it took, in order, from every connection."""
@@ -135,6 +144,19 @@ def consume_sse(url: str, client: Client, drop: int | None) -> None:
     "300 concurrent streams, random drops, POST + SSE reconnects: 0 lost, 0 duplicated", na=NA
 )
 def test_three_hundred_streams_lose_and_duplicate_nothing(chaos: App) -> None:
+    three_hundred_streams(chaos)
+
+
+def test_three_hundred_streams_whose_events_are_held_lose_and_duplicate_nothing(
+    chaos_held: App,
+) -> None:
+    probe = post(chaos_held.url, "echo", 1, timeout=60)
+    assert probe.reply.headers.get("x-store-interval") == "0.1"  # the setting took
+    probe.close()
+    three_hundred_streams(chaos_held)
+
+
+def three_hundred_streams(chaos: App) -> None:
     clients = [Client(i) for i in range(STREAMS)]
     errors: list[str] = []
 
