@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from flask_durable_stream import (
     RequestData,
     durable_stream_blueprint,
 )
+from flask_durable_stream.managers.base import PRODUCER_LOST
 from flask_durable_stream.sse import SSEDecoder
 from tests.support import servers
 
@@ -128,6 +130,28 @@ def test_nothing_after_the_end_is_204_which_stops_eventsource(client: FlaskClien
     assert parse_sse(events(client, sid).data.decode())[-1]["event"] == "result"
     done = events(client, sid, headers={"Last-Event-ID": "2"})
     assert done.status_code == 204 and done.data == b""
+
+
+def test_a_client_past_the_stored_end_gets_that_end_not_a_204(
+    client: FlaskClient, manager: InMemoryStreamManager
+) -> None:
+    """Its Last-Event-ID is past the last stored event: the client had events that storage
+    never got (their producer died before storing them). It must learn how the stream
+    ended, not get a 204 that stops EventSource as if all were well."""
+    sid = os.urandom(16).hex()
+    writer = manager.open(sid, flow="story")
+    for i in range(3):
+        writer.write({"i": i})
+    writer.error(PRODUCER_LOST)  # as a reader ends a stream whose producer's lease ran out
+    for last_seen in ("4", "30"):
+        response = events(client, sid, headers={"Last-Event-ID": last_seen})
+        assert response.status_code == 200
+        assert parse_sse(response.data.decode()) == [
+            {"retry": 1000},
+            {"id": 3, "event": "failure", "data": PRODUCER_LOST},
+        ]
+    # A client that has the end itself still gets the 204.
+    assert events(client, sid, headers={"Last-Event-ID": "3"}).status_code == 204
 
 
 def test_errors_are_failure_events_redacted_like_the_post_endpoint(client: FlaskClient) -> None:

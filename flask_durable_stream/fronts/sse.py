@@ -55,7 +55,13 @@ class SseFront(Front):
             raise StreamNotFound("Stream not found.")
         check_owner(info.owner, context)
         if info.status is not StreamStatus.OPEN and after >= info.last_seq:
-            return Response(status=204)  # nothing follows: EventSource stops reconnecting
+            if after == info.last_seq:
+                return Response(status=204)  # nothing follows: EventSource stops reconnecting
+            # Past the stored end: the client had events that storage never got (their
+            # producer died first, or storage gave up on them). It gets the stored end,
+            # which says so ("Producer lost", DATA_LOSS), not a 204 that would tell it
+            # nothing went wrong.
+            after = info.last_seq - 1
         try:
             batches = manager.subscribe_batches(
                 stream_id, after=after, timeout=self.options.subscribe_timeout
