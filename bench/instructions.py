@@ -47,6 +47,7 @@ PATHS = {
     "memory-dr": "/flows/llm",
     "memory-kr": "/flows/llm",
     "sqlite": "/flows/llm",
+    "sqlite-si": "/flows/llm",
     "plain": "/plain_llm",
 }
 DELAY = 0.05
@@ -101,8 +102,10 @@ def count(server: str, streams: int, chunks: int) -> int:
     env = dict(os.environ, PYTHONHASHSEED="0")
     tmp = tempfile.mkdtemp(prefix="bench-instructions-")
     try:
-        if server == "sqlite":
+        if server.startswith("sqlite"):
             env["BENCH_SQLITE"] = os.path.join(tmp, "streams.db")
+        if server.endswith("-si"):  # each stream's events held up to 100 ms
+            env["BENCH_SQLITE_STORE_INTERVAL"] = "0.1"
         if server.endswith("-dr"):  # the live stream's connection taken over
             env["BENCH_DETACH_RESPONSE"] = "1"
         if server.endswith("-kr"):  # kept by its response to the stream's end
