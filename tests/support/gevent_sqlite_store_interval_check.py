@@ -4,7 +4,7 @@ Used by tests/test_gevent.py. In a patched process, a runner over a
 ``SQLiteStreamManager`` starts flows that emit one chunk per step of the check.
 "In the file" is what another process would read: a connection of the check's own
 counts the stream's rows. With a 30 s interval and heartbeats 2 minutes apart,
-nothing below can be the timer's or a heartbeat's doing; one case uses 50 ms to
+nothing below can be the timer's or a heartbeat's doing; one case uses 0.5 s to
 see the timer store. Prints a JSON report:
 
 * ``held``: after each of two chunks (and a pause in which an append would have
@@ -17,7 +17,7 @@ see the timer store. Prints a JSON report:
   chunks held and its end (its open and one append);
 * ``end``: the rows in the file once the end was emitted after a held chunk, and
   the stream's status;
-* ``timer``: rows in the file after one chunk, then after the 50 ms timer with no
+* ``timer``: rows in the file after one chunk, then after the 0.5 s timer with no
   read at all;
 * ``invalid``: the error for a negative interval.
 """
@@ -101,7 +101,8 @@ def main() -> None:
     for _ in range(5):
         flow.step()
     flow.go.set()  # the end
-    until(lambda: rows_in_file(path, sid) >= 6)
+    # Answered too (in_flight is counted down after the commit is counted), not only committed.
+    until(lambda: rows_in_file(path, sid) >= 6 and manager.in_flight == 0)
     report["appends"] = manager.operations - before
 
     flow = Stepped(["y"])
@@ -115,7 +116,7 @@ def main() -> None:
         "status": None if info is None else info.status.value,
     }
 
-    quick = SQLiteStreamManager(os.path.join(folder, "quick.db"), store_interval=0.05)
+    quick = SQLiteStreamManager(os.path.join(folder, "quick.db"), store_interval=0.5)
     quick_runner = Runner(quick)
     flow = Stepped(["t"])
     sid = quick_runner.start("stepped", flow, None).stream_id
