@@ -216,6 +216,29 @@ def test_start_index_after_an_error_still_gets_error_and_finish(client: FlaskCli
     assert client.get(f"/api/chat/{run_id}/stream?startIndex={n}").status_code == 204
 
 
+def test_start_index_past_a_failed_streams_stored_end_gets_its_error_and_finish(
+    client: FlaskClient,
+) -> None:
+    """Past the stored end, a client had chunks that storage never got (their worker died
+    before storing them): it must learn that the answer failed, not get a 204."""
+    failed = client.post("/api/chat", json=body(None, kind="boom"))
+    chunks = chunks_of(failed.data)
+    run_id = failed.headers["x-workflow-run-id"]
+    assert [c["type"] for c in chunks[-3:-1]] == ["error", "finish"]
+    for past in (len(chunks), len(chunks) + 10):
+        resumed = client.get(f"/api/chat/{run_id}/stream?startIndex={past}")
+        assert chunks_of(resumed.data) == chunks[-3:]  # error, finish, [DONE]
+    # A stream that ended well has nothing after its end for anybody: 204.
+    done = client.post("/api/chat", json=body(None))
+    past = len(chunks_of(done.data)) + 10
+    assert (
+        client.get(
+            f"/api/chat/{done.headers['x-workflow-run-id']}/stream?startIndex={past}"
+        ).status_code
+        == 204
+    )
+
+
 def test_stop_ends_the_answer_for_every_reader_and_keeps_it(
     client: FlaskClient, gate: Gate, memory_manager: InMemoryStreamManager
 ) -> None:

@@ -173,7 +173,12 @@ class ChatEndpoints(Front):
             start = max(0, count + start)
         ended = info.status is not StreamStatus.OPEN
         if ended and start >= count:
-            return Response(status=204)  # nothing follows
+            if start == count or info.status is StreamStatus.DONE:
+                return Response(status=204)  # nothing follows
+            # Past the stored end of a stream that failed: the client had chunks that
+            # storage never got (their worker died first, or storage gave up on them).
+            # It gets the stored end, its error and finish, not a 204 that says all is well.
+            start = count - 2
         after = min(start, info.last_seq if ended else start) - 1
         try:
             batches = self.manager.subscribe_batches(
