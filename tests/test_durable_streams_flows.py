@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from flask_durable_stream import protocol
+from flask_durable_stream.durable_streams.request import format_offset, parse_offset
 from tests.support import servers
 from tests.support.client import post_stream
 from tests.support.ds import sse_events
@@ -174,6 +175,14 @@ def test_a_failed_flow_ends_with_the_same_error_as_on_the_genkit_endpoint(
         else {"status": "INTERNAL", "message": "Internal Error"}
     )
     assert messages == [{"message": {"i": 0}}, {"error": error}]
+    # An offset past the stored end (a client that had events storage never got, their
+    # worker gone first) reads the stored end again: how the stream ended, not nothing.
+    tail = parse_offset(requests.head(url, timeout=30).headers["Stream-Next-Offset"])
+    past = requests.get(url, params={"offset": format_offset(tail + 3)}, timeout=30)
+    assert past.status_code == 200
+    assert past.json() == [{"error": error}]
+    assert past.headers["Stream-Closed"] == "true"
+    assert parse_offset(past.headers["Stream-Next-Offset"]) == tail
 
 
 @pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])

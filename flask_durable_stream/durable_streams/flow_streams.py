@@ -123,6 +123,11 @@ class FlowStreams:
 
     def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
         start = start_of(meta, offset)
+        if meta.closed and offset > meta.tail > 0:
+            # Past the stored end: the client had events that storage never got (their
+            # worker died first, or storage gave up on them). It reads the stored end
+            # again, which says so ("Producer lost", DATA_LOSS), rather than nothing.
+            start = meta.tail - 1
         records: list[bytes] = []
         if start < meta.tail:
             batches = self.manager.subscribe_batches(path, start - 1)
