@@ -14,7 +14,7 @@ import pytest
 
 from flask_durable_stream import protocol
 from tests.chaos.conftest import App, app_on
-from tests.support.chaos import Reply, assert_bytes, post, summary
+from tests.support.chaos import Exchange, Reply, assert_bytes, post, summary
 
 LEASE = 3.0
 #: The target is the lease + 2 s (met on a quiet machine; see RELIABILITY.md). A test must not
@@ -85,3 +85,46 @@ def test_reconnecting_clients_get_producer_lost_within_the_lease(chaos: App) -> 
     assert len({r.raw for r in replies if isinstance(r, Reply)}) == 1
     fresh = post(chaos.url, "paced", {"count": 3, "delay_ms": 1}).read()
     assert_bytes("a new stream after the kill", fresh.raw, paced_bytes(3))
+
+
+@pytest.fixture(scope="module")
+def held(shared_storage: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """SQLite whose workers hold a stream's events (``DURABLE_STREAM_SQLITE_STORE_INTERVAL``):
+    its live clients run ahead of storage until a heartbeat or the timer stores them."""
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    env = {
+        "FLASK_DURABLE_STREAM_LEASE": str(LEASE),
+        "FLASK_DURABLE_STREAM_SQLITE_STORE_INTERVAL": "30",
+    }
+    yield from app_on("sqlite", shared_storage("sqlite"), log, env)
+
+
+def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer_was_lost(
+    held: App,
+) -> None:
+    """The live client has chunks that storage may never get (held, and the worker killed).
+    Reconnecting as ``EventSource`` does (``Last-Event-ID``, again whenever a connection ends
+    without the stream's end), it must get the failure "Producer lost": never a 204, which
+    would stop ``EventSource`` as if the stream had ended well."""
+    live = post(held.url, "paced", {"count": 400, "delay_ms": 50})
+    assert live.reply.status == 200
+    stream_id = live.reply.stream_id
+    assert live.read_chunks(10) == 10
+    os.kill(live.reply.pid, signal.SIGKILL)
+    live.close()
+    last_id, terminal, statuses = 9, None, []
+    path = f"/flows/paced/events?streamId={stream_id}"
+    while terminal is None and len(statuses) < 10:
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last_id)}
+        exchange = Exchange(held.url, "GET", path, headers=headers, timeout=60)
+        statuses.append(exchange.reply.status)
+        if exchange.reply.status != 200:
+            exchange.close()
+            break
+        for seq, event, value in exchange.read().events:
+            if event == "message":
+                assert seq == last_id + 1 and value == {"i": seq}, (seq, value)
+                last_id = seq
+            else:
+                terminal = (event, value)
+    assert terminal == ("failure", PRODUCER_LOST), statuses
