@@ -212,6 +212,30 @@ def test_a_reader_that_resumes_while_the_flow_waits_follows_it_to_the_end(
     assert events == expected_events()
 
 
+def test_a_resume_in_the_producing_worker_has_the_held_events_stored_at_once(
+    tmp_path: Path,
+) -> None:
+    """SQLite holding a stream's events for 30 s (DURABLE_STREAM_SQLITE_STORE_INTERVAL) and
+    heartbeats a minute apart: nothing but the resume itself can store the chunks before the
+    gate within the resumed reader's 10 s socket timeout."""
+    env = {"DISCONNECT_APP_SQLITE_STORE_INTERVAL": "30", "DISCONNECT_APP_SQLITE_HEARTBEAT": "60"}
+    server = start("sqlite", tmp_path, env=env)
+    try:
+        key = uuid.uuid4().hex
+        body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+        live = post_stream(server.url, "/flows/gated", body, stop_after=BEFORE)
+        assert live.stream_id is not None
+        conn, response = open_live(server, "/flows/gated", {}, stream_id=live.stream_id)
+        assert conn.sock is not None
+        conn.sock.settimeout(10)
+        raw = read_frames(response, BEFORE, 65536)  # held, and stored for this reader
+        open_gate(server, key)
+        raw += read_to_end(conn, response)
+        assert whole_frames(raw) == expected_events()
+    finally:
+        server.stop()
+
+
 def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage(
     server: servers.Server,
 ) -> None:

@@ -3,7 +3,8 @@
     gunicorn -k gevent -w 1 'tests.support.disconnect_app:create_app()'
 
 SQLite storage at ``DISCONNECT_APP_SQLITE`` when set (its ``store_interval`` from
-``DISCONNECT_APP_SQLITE_STORE_INTERVAL``, seconds), else the in-memory manager;
+``DISCONNECT_APP_SQLITE_STORE_INTERVAL``, seconds, its heartbeat interval from
+``DISCONNECT_APP_SQLITE_HEARTBEAT``), else the in-memory manager;
 ``DISCONNECT_APP_FLOW_IN_RESPONSE=1`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE``,
 ``DISCONNECT_APP_DETACH_RESPONSE=1`` ``DURABLE_STREAM_DETACH_RESPONSE``,
 ``DISCONNECT_APP_METRICS=1`` ``DURABLE_STREAM_METRICS`` (``GET /stats`` then also says how
@@ -140,7 +141,13 @@ def create_app() -> Flask:
     app.config["DURABLE_STREAM_METRICS"] = bool(os.environ.get("DISCONNECT_APP_METRICS"))
     path = os.environ.get("DISCONNECT_APP_SQLITE")
     interval = float(os.environ.get("DISCONNECT_APP_SQLITE_STORE_INTERVAL", "0"))
-    manager = SQLiteStreamManager(path, store_interval=interval) if path else None
+    beat = os.environ.get("DISCONNECT_APP_SQLITE_HEARTBEAT")  # seconds; the lease 10 of them
+    timing = (
+        {}
+        if beat is None
+        else {"heartbeat_interval": float(beat), "lease_seconds": 10 * float(beat)}
+    )
+    manager = SQLiteStreamManager(path, store_interval=interval, **timing) if path else None
     DurableStream(
         app,
         flows={"gated": gated, "generator": gated_generator, "fill": fill},
