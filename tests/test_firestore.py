@@ -249,8 +249,13 @@ def test_listeners_the_server_ends_are_replaced_and_the_subscriber_misses_nothin
         (4, '"after 2"'),
         (5, '"end"'),
     ]
-    ours = [r for r in caplog.records if r.name == "flask_durable_stream"]
-    assert [r.getMessage().split(" (")[0] for r in ours] == ["A Firestore listener ended"] * 2
+    ours = [r.getMessage() for r in caplog.records if r.name == "flask_durable_stream"]
+    # Each ended listener is said once. On a loaded machine the metadata document's snapshot
+    # can come before the batches' (the live event above): the reader then reads what its
+    # listeners missed from storage and says that too; nothing else may be logged.
+    healed = [m for m in ours if " missed stored events " in m and m.endswith("listening anew")]
+    ours = [m for m in ours if m not in healed]
+    assert [m.split(" (")[0] for m in ours] == ["A Firestore listener ended"] * 2
 
 
 def test_a_subscriber_whose_listener_hears_nothing_reads_the_batches_from_storage(
