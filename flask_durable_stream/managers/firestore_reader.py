@@ -112,6 +112,11 @@ def follow(
                     if not status_open:  # the terminal event is stored: fetch it directly
                         for event in store.stored_events(stream_id, cursor):
                             pending[event.seq] = event
+                        if not pending:
+                            # Nothing stored past the cursor of an ended stream: the
+                            # caller had the end, or is past it (its client had events
+                            # their worker never stored). As every backend: done.
+                            return
                 elif kind == "stored":  # read by this subscriber itself (below)
                     for event in docs:
                         if event.seq > cursor:

@@ -191,6 +191,24 @@ class LifecycleCases:
         with pytest.raises(StreamClosed):  # a producer that comes back cannot append
             writer.write("after the lease")
 
+    def test_a_reader_past_the_stored_end_of_a_lost_stream_ends_with_it(
+        self, make_manager: MakeManager
+    ) -> None:
+        """A reader can be ahead of storage: its client had events that their worker sent
+        and never stored. Once the producer's lease runs out the follow marks the stream
+        lost (the error takes the next stored seq, one the client had as a chunk) and
+        ends, within the lease, not the timeout, without an event (the fronts then send
+        the stored error: the reader may also yield it)."""
+        manager = make_manager(timeout=30, lease_seconds=0.6, heartbeat_interval=0.1)
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("stored")  # seq 0; the client also had 1, 2 and 3
+        events = collect(manager.subscribe(sid, after=3))
+        assert all(kind == "error" for _, kind, _ in events), events
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.ERROR and info.last_seq == 1
+        assert collect(manager.subscribe(sid, after=0))[0][:2] == (1, "error")
+
     # -- the storage fault model ------------------------------------------------------------------
 
     def test_an_event_over_max_event_bytes_is_too_large_and_the_stream_goes_on(
