@@ -239,9 +239,12 @@ class FlowStream:
         for seq, kind, value in _read_sse(response):
             if seq is None:  # not a stored event: skip it, the connection decides
                 continue
-            if seq <= self.last_seq:
-                continue  # never yield an event twice
-            self.last_seq = seq
+            if kind == protocol.CHUNK:
+                if seq <= self.last_seq:
+                    continue  # never yield a chunk twice
+                self.last_seq = seq
+            # The end comes once, and may have a seq this client had as a chunk: a
+            # failure stored after its worker died, before storing what it had sent.
             yield kind, value
 
     def cancel(self) -> bool:
@@ -278,5 +281,6 @@ def _read_sse(response: http.client.HTTPResponse) -> Iterator[tuple[int | None, 
     """``(id, kind, value)`` per SSE message; ``id`` None for one that is not a stored event."""
     kinds = {"message": protocol.CHUNK, "result": protocol.DONE, "failure": protocol.ERROR}
     for message in sse.read_events(response):
-        seq = int(message.id) if message.id.isascii() and message.id.isdigit() else None
+        number = message.id.removesuffix(protocol.SSE_END_ID)
+        seq = int(number) if number.isascii() and number.isdigit() else None
         yield seq, kinds.get(message.event, protocol.CHUNK), message.json()

@@ -118,11 +118,24 @@ SSE_KEEPALIVE = b": keep-alive\n\n"
 SSE_RETRY = b"retry: 1000\n\n"
 
 
+#: What follows the seq in the ``id`` of a stream's last event (``result`` or ``failure``).
+SSE_END_ID = "-end"
+#: The ``id`` line of each kind of event: a chunk's is its seq; the end's says it is the end.
+_SSE_ID_SUFFIX = {CHUNK: "\n", DONE: SSE_END_ID + "\n", ERROR: SSE_END_ID + "\n"}
+
+
 def sse_events(events: Iterable[tuple[int, str, str]]) -> bytes:
-    """Events as SSE messages whose ``id`` is the seq, so ``Last-Event-ID`` resumes after it."""
+    """Events as SSE messages whose ``id`` is the seq, so ``Last-Event-ID`` resumes after it.
+
+    The stream's last event has the id ``<seq>-end``: a client that reconnects with it
+    had the end. A plain seq at or past a failed stream's stored end cannot tell that,
+    since a client that received events storage never got (their worker died first)
+    has the seqs the stored failure took.
+    """
     names = SSE_EVENT
+    ids = _SSE_ID_SUFFIX
     return "".join(
-        [f"id: {seq}\n{names[kind]}data: {payload}\n\n" for seq, kind, payload in events]
+        [f"id: {seq}{ids[kind]}{names[kind]}data: {payload}\n\n" for seq, kind, payload in events]
     ).encode()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,9 +10,11 @@ import pytest
 from flask_durable_stream import (
     DurableStreamClient,
     FlowError,
+    SQLiteStreamManager,
     StreamError,
     StreamNotFound,
 )
+from flask_durable_stream.managers.base import PRODUCER_LOST
 from tests.support import servers
 from tests.support.proxy import CuttingProxy
 
@@ -108,6 +111,31 @@ def test_resume_an_existing_stream_from_an_offset(client: DurableStreamClient) -
         list(client.stream("nope", {}))
     with pytest.raises(FlowError, match="unknown flow 'nope'"):
         list(client.resume("nope", "no-such-stream"))
+
+
+def test_a_client_ahead_of_storage_gets_the_stored_failure(
+    server: servers.Server, client: DurableStreamClient
+) -> None:
+    """The client had events that their worker sent and never stored; the stream then
+    ended "Producer lost", at a seq the client had as a chunk. Resuming after its last
+    seq, it gets that failure (once, though its seq is not new), not a reconnect loop."""
+    manager = SQLiteStreamManager(server.env["FLASK_DURABLE_STREAM_SQLITE_PATH"])
+    try:
+        sid = os.urandom(16).hex()
+        writer = manager.open(sid, flow="story")
+        writer.write({"index": 0})
+        writer.error(PRODUCER_LOST)  # seq 1, as a reader ends a stream whose lease ran out
+    finally:
+        manager.close()
+    for after in (1, 3):
+        resumed = client.resume("story", sid, after=after)
+        with pytest.raises(FlowError) as failed:
+            list(resumed)
+        assert (failed.value.status, failed.value.message) == (
+            PRODUCER_LOST["status"],
+            PRODUCER_LOST["message"],
+        )
+        assert resumed.reconnects == 0
 
 
 def test_no_server_is_a_clear_unavailable_error() -> None:

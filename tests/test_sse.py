@@ -20,8 +20,9 @@ from flask_durable_stream import (
     RequestData,
     durable_stream_blueprint,
 )
-from flask_durable_stream.managers.base import PRODUCER_LOST
+from flask_durable_stream.managers.base import PRODUCER_LOST, StreamStatus
 from flask_durable_stream.sse import SSEDecoder
+from flask_durable_stream.testing import MakeManager
 from tests.support import servers
 
 SSE = {"Accept": "text/event-stream"}
@@ -39,8 +40,8 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     )
     for event in decoder.feed(text):
         message: dict[str, Any] = {"event": event.event, "data": event.json()}
-        if event.id:
-            message["id"] = int(event.id)
+        if event.id:  # the end's is "<seq>-end", the others' the seq
+            message["id"] = int(event.id) if event.id.isdigit() else event.id
         messages.append(message)
     return messages
 
@@ -107,51 +108,83 @@ def test_a_stream_as_server_sent_events(client: FlaskClient) -> None:
         'id: 0\ndata: {"i":0}\n\n'
         'id: 1\ndata: {"i":1}\n\n'
         'id: 2\ndata: {"i":2}\n\n'
-        'id: 3\nevent: result\ndata: {"n":3}\n\n'
+        'id: 3-end\nevent: result\ndata: {"n":3}\n\n'
     )
 
 
 def test_resume_after_an_id_from_the_query_or_last_event_id(client: FlaskClient) -> None:
     sid = start(client, n=4)
-    assert ids(events(client, sid).data) == [0, 1, 2, 3, 4]
-    assert ids(client.get(f"/api/story/events?streamId={sid}&after=1").data) == [2, 3, 4]
+    assert ids(events(client, sid).data) == [0, 1, 2, 3, "4-end"]
+    assert ids(client.get(f"/api/story/events?streamId={sid}&after=1").data) == [2, 3, "4-end"]
     # EventSource keeps its first URL and adds the header: the header is newer and wins.
     resumed = client.get(
         f"/api/story/events?streamId={sid}&after=0", headers={"Last-Event-ID": "3"}
     )
     assert parse_sse(resumed.data.decode()) == [
         {"retry": 1000},
-        {"id": 4, "event": "result", "data": {"n": 4}},
+        {"id": "4-end", "event": "result", "data": {"n": 4}},
     ]
 
 
 def test_nothing_after_the_end_is_204_which_stops_eventsource(client: FlaskClient) -> None:
     sid = start(client, n=2)
     assert parse_sse(events(client, sid).data.decode())[-1]["event"] == "result"
-    done = events(client, sid, headers={"Last-Event-ID": "2"})
-    assert done.status_code == 204 and done.data == b""
+    for had in ("2-end", "2"):  # the end's id; or the seq of a stream that ended well
+        done = events(client, sid, headers={"Last-Event-ID": had})
+        assert done.status_code == 204 and done.data == b""
 
 
-def test_a_client_past_the_stored_end_gets_that_end_not_a_204(
+def test_a_client_at_or_past_a_failed_streams_stored_end_gets_that_end_not_a_204(
     client: FlaskClient, manager: InMemoryStreamManager
 ) -> None:
-    """Its Last-Event-ID is past the last stored event: the client had events that storage
-    never got (their producer died before storing them). It must learn how the stream
-    ended, not get a 204 that stops EventSource as if all were well."""
+    """Its Last-Event-ID is a chunk's at or past the stored end: the client had events that
+    storage never got (their producer died before storing them), and the stored failure
+    took the first of their seqs. It must learn how the stream ended, not get a 204 that
+    stops EventSource as if all were well."""
     sid = os.urandom(16).hex()
     writer = manager.open(sid, flow="story")
     for i in range(3):
         writer.write({"i": i})
     writer.error(PRODUCER_LOST)  # as a reader ends a stream whose producer's lease ran out
-    for last_seen in ("4", "30"):
+    for last_seen in ("3", "4", "30"):
         response = events(client, sid, headers={"Last-Event-ID": last_seen})
         assert response.status_code == 200
         assert parse_sse(response.data.decode()) == [
             {"retry": 1000},
-            {"id": 3, "event": "failure", "data": PRODUCER_LOST},
+            {"id": "3-end", "event": "failure", "data": PRODUCER_LOST},
         ]
-    # A client that has the end itself still gets the 204.
-    assert events(client, sid, headers={"Last-Event-ID": "3"}).status_code == 204
+    # A client that has the end (its id says so) gets the 204.
+    assert events(client, sid, headers={"Last-Event-ID": "3-end"}).status_code == 204
+    assert client.get(f"/api/story/events?streamId={sid}&after=3-end").status_code == 204
+
+
+def test_a_follower_ahead_of_storage_gets_the_failure_once_the_producer_is_lost(
+    make_manager: MakeManager,
+) -> None:
+    """A client reconnects while its stream is open, with ids its worker sent but never
+    stored; that worker is gone, so the stream ends "Producer lost" once its lease runs
+    out, the error taking a seq the client had as a chunk. The follow then has nothing
+    after the client's cursor: the client gets the stored failure, not a quiet end (every
+    backend)."""
+    manager = make_manager(timeout=30, lease_seconds=1.0)
+    app = Flask(__name__)
+    app.register_blueprint(
+        durable_stream_blueprint({"story": story}, stream_manager=manager), url_prefix="/api"
+    )
+    client = app.test_client()
+    for had in (1, 3):  # one event, and three, ahead of storage
+        sid = os.urandom(16).hex()
+        writer = manager.open(sid, flow="story")
+        writer.write({"i": 0})  # stored: seq 0; the client also had 1..``had``
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.OPEN  # so it is followed
+        response = events(client, sid, headers={"Last-Event-ID": str(had)})
+        assert response.status_code == 200
+        assert parse_sse(response.data.decode()) == [
+            {"retry": 1000},
+            {"id": "1-end", "event": "failure", "data": PRODUCER_LOST},
+        ]
+        assert events(client, sid, headers={"Last-Event-ID": "1-end"}).status_code == 204
 
 
 def test_errors_are_failure_events_redacted_like_the_post_endpoint(client: FlaskClient) -> None:
@@ -161,7 +194,7 @@ def test_errors_are_failure_events_redacted_like_the_post_endpoint(client: Flask
         {"retry": 1000},
         {"id": 0, "event": "message", "data": "one"},
         {
-            "id": 1,
+            "id": "1-end",
             "event": "failure",
             "data": {"status": "INTERNAL", "message": "Internal Error"},
         },
@@ -251,8 +284,9 @@ def test_keepalives_lifetime_and_resume_on_a_real_server(server: servers.Server)
     conn.close()
     # The client resumed by event id and got every event exactly once, in order, then the end.
     assert cancelled and connections >= 3
-    assert [m["id"] for m in received] == list(range(len(received)))
     chunks, end = received[:-1], received[-1]
+    assert [m["id"] for m in chunks] == list(range(len(chunks)))
+    assert end["id"] == f"{len(chunks)}-end"
     assert [m["event"] for m in chunks] == ["message"] * len(chunks)
     assert [m["data"]["index"] for m in chunks] == list(range(len(chunks)))
     assert end["event"] == "failure" and end["data"]["status"] == "CANCELLED"

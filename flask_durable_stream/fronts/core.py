@@ -28,7 +28,7 @@ from .._concurrency import TaskGroup
 from .._responses import TrackedBody
 from ..exceptions import DurableStreamError, InvalidRequest, StorageUnavailable
 from ..flows import RequestData, foreign_error, resolve
-from ..managers.base import StreamInfo, StreamManager, valid_stream_id
+from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..run import DEFAULT_BUFFER_LIMIT
 from ..runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
 
@@ -112,26 +112,67 @@ def checked_stream_id(
     return stream_id
 
 
-#: A canonical event id: no sign, no spaces, no leading zeros, no exponent.
-_EVENT_ID_RE = re.compile(r"(?:0|[1-9][0-9]{0,18})")
+#: A canonical event id: no sign, no spaces, no leading zeros, no exponent; the
+#: stream's last event's has ``-end`` after its seq (``protocol.SSE_END_ID``).
+_EVENT_ID_RE = re.compile(r"(0|[1-9][0-9]{0,18})(-end)?")
 
 
-def after_seq(last_event_id: str | None, after: str | None) -> int:
-    """The seq to resume after: ``Last-Event-ID`` (newer, sent on reconnect) over ``?after=``.
+def after_seq(last_event_id: str | None, after: str | None) -> tuple[int, bool]:
+    """The seq to resume after, and whether the client had the stream's end.
 
-    Only canonical non-negative integers: an id the server never sent ("+1",
-    " 1", "01", "1e3") is a client bug worth a 400, not a guess.
+    ``Last-Event-ID`` (newer, sent on reconnect) wins over ``?after=``. Only ids the
+    server sends: canonical non-negative integers, the end's with ``-end``; another
+    ("+1", " 1", "01", "1e3") is a client bug worth a 400, not a guess.
     """
     raw = last_event_id if last_event_id not in (None, "") else after
     if raw in (None, ""):
-        return -1
+        return -1, False
     assert raw is not None
-    if not _EVENT_ID_RE.fullmatch(raw):
+    match = _EVENT_ID_RE.fullmatch(raw)
+    if match is None:
         raise InvalidRequest(
             "Last-Event-ID and after must be an event id: a non-negative integer"
-            " without sign, spaces or leading zeros."
+            " without sign, spaces or leading zeros, or the last event's (<seq>-end)."
         )
-    return int(raw)
+    return int(match.group(1)), match.group(2) is not None
+
+
+def with_stored_end(
+    manager: StreamManager,
+    stream_id: str,
+    batches: Iterator[list[Event]],
+    timeout: float | None,
+) -> Iterator[list[Event]]:
+    """A follow's ``batches``, then the stream's stored end if they stop without it.
+
+    A backend's follow stops without an event when the stream ends while nothing is
+    stored after the reader's cursor: the reader is past the stored end. It then
+    has events that storage never got (their worker died first, or storage gave up
+    on them), and the stream ended with an error ("Producer lost", DATA_LOSS) at a
+    seq the reader had as a chunk. The reader gets that error, not a quiet end.
+    """
+    try:
+        for batch in batches:
+            yield batch
+            if batch and batch[-1].terminal:
+                return
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    info = manager.info(stream_id)
+    if info is None or info.status in (StreamStatus.OPEN, StreamStatus.DONE):
+        return  # gone; or ended well, so the reader had every event and the end
+    tail = manager.subscribe_batches(stream_id, after=info.last_seq - 1, timeout=timeout)
+    try:
+        for batch in tail:
+            if batch and batch[-1].terminal:
+                yield batch[-1:]
+                return
+    finally:
+        close = getattr(tail, "close", None)
+        if close is not None:
+            close()
 
 
 def read_raw(limit: int) -> bytes:

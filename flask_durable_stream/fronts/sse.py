@@ -16,7 +16,15 @@ from .. import _logging, protocol
 from .._concurrency import gevent_patched
 from ..exceptions import DurableStreamError, StreamNotFound
 from ..managers.base import Event, StreamStatus
-from .core import Front, after_seq, check_owner, checked_stream_id, public_error, stream_response
+from .core import (
+    Front,
+    after_seq,
+    check_owner,
+    checked_stream_id,
+    public_error,
+    stream_response,
+    with_stored_end,
+)
 
 log = logging.getLogger("flask_durable_stream")
 
@@ -29,12 +37,14 @@ class SseFront(Front):
 
         Each event is ``id: <seq>`` plus ``data: <JSON>``: chunks as default
         ``message`` events, then ``event: result`` (the output) or ``event: failure``
-        (``{"status", "message"}``), after which the connection closes. A reconnect
-        with ``Last-Event-ID`` (EventSource sends it by itself) or ``?after=`` gets
-        the events after that seq; once nothing follows an ended stream, 204 (which
-        stops EventSource). Under gevent a ``: keep-alive`` comment goes out after
-        ``keepalive_interval`` seconds of silence, and with ``sse_lifetime`` the
-        connection is closed after that many seconds for the client to resume.
+        (``{"status", "message"}``) with the id ``<seq>-end``, after which the
+        connection closes. A reconnect with ``Last-Event-ID`` (EventSource sends it by
+        itself) or ``?after=`` gets the events after that seq; with the end's id, 204
+        (which stops EventSource). A client at or past a failed stream's stored end
+        without its end gets the stored failure. Under gevent a ``: keep-alive``
+        comment goes out after ``keepalive_interval`` seconds of silence, and with
+        ``sse_lifetime`` the connection is closed after that many seconds for the
+        client to resume.
         """
         return self.guarded(self._events)
 
@@ -47,7 +57,7 @@ class SseFront(Front):
         )
         assert stream_id is not None
         _logging.bind(stream_id, self.name)
-        after = after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
+        after, had_end = after_seq(request.headers.get("Last-Event-ID"), request.args.get("after"))
         context = self.context(None, stream_id)
         manager = self.manager
         info = self.stream_info(stream_id)
@@ -55,19 +65,20 @@ class SseFront(Front):
             raise StreamNotFound("Stream not found.")
         check_owner(info.owner, context)
         if info.status is not StreamStatus.OPEN and after >= info.last_seq:
-            if after == info.last_seq:
+            if had_end or (after == info.last_seq and info.status is StreamStatus.DONE):
                 return Response(status=204)  # nothing follows: EventSource stops reconnecting
-            # Past the stored end: the client had events that storage never got (their
-            # producer died first, or storage gave up on them). It gets the stored end,
-            # which says so ("Producer lost", DATA_LOSS), not a 204 that would tell it
+            # At or past a failed stream's stored end without having had the end: the
+            # client had events that storage never got (their worker died first, or
+            # storage gave up on them), and the stored failure took their seqs. It gets
+            # that failure ("Producer lost", DATA_LOSS), not a 204 that would tell it
             # nothing went wrong.
             after = info.last_seq - 1
+        timeout = self.options.subscribe_timeout
         try:
-            batches = manager.subscribe_batches(
-                stream_id, after=after, timeout=self.options.subscribe_timeout
-            )
+            batches = manager.subscribe_batches(stream_id, after=after, timeout=timeout)
         except StreamNotFound:
             raise StreamNotFound("Stream not found.") from None
+        batches = with_stored_end(manager, stream_id, batches, timeout)
         if request.headers.get("Last-Event-ID"):
             self.runner.metrics.reconnect(self.name)
         batches = self.runner.metrics.subscriber(batches, self.name, "replay")

@@ -427,7 +427,8 @@ def reattach_elsewhere(
 
 
 def parse_sse(buffer: str) -> tuple[list[tuple[int, str, Any]], str]:
-    """SSE messages as ``(id, event, data)``; comments are skipped."""
+    """SSE messages as ``(seq, event, data)``; comments are skipped. The seq of the
+    stream's end is its id without ``-end``."""
     messages: list[tuple[int, str, Any]] = []
     while (end := buffer.find("\n\n")) >= 0:
         block, buffer = buffer[:end], buffer[end + 2 :]
@@ -438,7 +439,11 @@ def parse_sse(buffer: str) -> tuple[list[tuple[int, str, Any]], str]:
                 fields[name] = value
         if "data" in fields:
             messages.append(
-                (int(fields["id"]), fields.get("event", "message"), json.loads(fields["data"]))
+                (
+                    int(fields["id"].removesuffix(protocol.SSE_END_ID)),
+                    fields.get("event", "message"),
+                    json.loads(fields["data"]),
+                )
             )
     return messages, buffer
 
