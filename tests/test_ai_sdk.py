@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from flask_durable_stream import (
     StreamManager,
 )
 from flask_durable_stream.ai_sdk import chat_blueprint
+from flask_durable_stream.managers.base import PRODUCER_LOST, StreamStatus
 from flask_durable_stream.runner import runner_for
 
 
@@ -204,30 +206,23 @@ def test_start_index_returns_only_the_rest(client: FlaskClient) -> None:
     assert client.get(f"/api/chat/{run_id}/stream?startIndex=x").status_code == 400
 
 
-def test_start_index_after_an_error_still_gets_error_and_finish(client: FlaskClient) -> None:
-    failed = client.post("/api/chat", json=body(None, kind="boom"))
-    chunks = chunks_of(failed.data)
-    run_id = failed.headers["x-workflow-run-id"]
-    n = len(chunks) - 1  # without [DONE]
-    assert chunks_of(client.get(f"/api/chat/{run_id}/stream?startIndex={n - 1}").data) == [
-        {"type": "finish", "finishReason": "error"},
-        "[DONE]",
-    ]
-    assert client.get(f"/api/chat/{run_id}/stream?startIndex={n}").status_code == 204
-
-
-def test_start_index_past_a_failed_streams_stored_end_gets_its_error_and_finish(
+def test_start_index_at_or_past_a_failed_runs_error_gets_error_and_finish(
     client: FlaskClient,
 ) -> None:
-    """Past the stored end, a client had chunks that storage never got (their worker died
-    before storing them): it must learn that the answer failed, not get a 204."""
+    """A client asks with ``startIndex`` only while it lacks ``finish``. At or past the
+    stored error's index it had chunks that storage never got under those indexes (their
+    worker died before storing them): it must learn that the answer failed, not get a 204
+    or a ``finish`` without its error."""
     failed = client.post("/api/chat", json=body(None, kind="boom"))
     chunks = chunks_of(failed.data)
     run_id = failed.headers["x-workflow-run-id"]
     assert [c["type"] for c in chunks[-3:-1]] == ["error", "finish"]
-    for past in (len(chunks), len(chunks) + 10):
-        resumed = client.get(f"/api/chat/{run_id}/stream?startIndex={past}")
-        assert chunks_of(resumed.data) == chunks[-3:]  # error, finish, [DONE]
+    error_index = len(chunks) - 3
+    for start in (error_index, error_index + 1, error_index + 2, error_index + 12):
+        resumed = client.get(f"/api/chat/{run_id}/stream?startIndex={start}")
+        assert chunks_of(resumed.data) == chunks[-3:], start  # error, finish, [DONE]
+    # Before the error, the chunks from there on, then the same end.
+    assert chunks_of(client.get(f"/api/chat/{run_id}/stream?startIndex=0").data) == chunks
     # A stream that ended well has nothing after its end for anybody: 204.
     done = client.post("/api/chat", json=body(None))
     past = len(chunks_of(done.data)) + 10
@@ -237,6 +232,34 @@ def test_start_index_past_a_failed_streams_stored_end_gets_its_error_and_finish(
         ).status_code
         == 204
     )
+
+
+def test_a_follower_ahead_of_storage_gets_error_and_finish_once_the_producer_is_lost(
+    make_manager: Callable[..., StreamManager],
+) -> None:
+    """The transport reconnects while the run is open, with more chunks than were stored
+    (their worker sent them, then died); the run ends "Producer lost" once its lease runs
+    out, the error taking an index the client had as a chunk. The client gets the error
+    and finish, not a body that ends without them (every backend)."""
+    manager = make_manager(timeout=30, lease_seconds=1.0)
+    app = Flask(__name__)
+    app.register_blueprint(
+        chat_blueprint(lambda data: iter(()), stream_manager=manager), url_prefix="/api/chat"
+    )
+    client = app.test_client()
+    for had in (2, 4):  # chunks the client had: one and three more than stored
+        sid = os.urandom(16).hex()
+        writer = manager.open(sid, flow="ai_chat")
+        writer.write({"type": "start"})  # stored: index 0
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.OPEN  # so it is followed
+        resumed = client.get(f"/api/chat/{sid}/stream?startIndex={had}")
+        assert resumed.status_code == 200
+        assert chunks_of(resumed.data) == [
+            {"type": "error", "errorText": PRODUCER_LOST["message"]},
+            {"type": "finish", "finishReason": "error"},
+            "[DONE]",
+        ]
 
 
 def test_stop_ends_the_answer_for_every_reader_and_keeps_it(

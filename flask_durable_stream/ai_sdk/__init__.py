@@ -44,6 +44,7 @@ from ..fronts.core import (
     owner_of,
     read_json_object,
     stream_response,
+    with_stored_end,
 )
 from ..managers.base import StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from ..managers.memory import InMemoryStreamManager
@@ -172,20 +173,21 @@ class ChatEndpoints(Front):
         if start < 0:  # the tail: resolved against what is stored now
             start = max(0, count + start)
         ended = info.status is not StreamStatus.OPEN
-        if ended and start >= count:
-            if start == count or info.status is StreamStatus.DONE:
-                return Response(status=204)  # nothing follows
-            # Past the stored end of a stream that failed: the client had chunks that
-            # storage never got (their worker died first, or storage gave up on them).
-            # It gets the stored end, its error and finish, not a 204 that says all is well.
+        if ended and info.status is not StreamStatus.DONE and start >= count - 2:
+            # At or past a failed stream's stored error: a client asks only while it
+            # lacks ``finish``, so it had chunks that storage never got (their worker
+            # died first, or storage gave up on them) under the indexes the error and
+            # finish took. It gets them, not a 204 that says all is well.
             start = count - 2
+        elif ended and start >= count:
+            return Response(status=204)  # nothing follows
         after = min(start, info.last_seq if ended else start) - 1
+        timeout = self.options.subscribe_timeout
         try:
-            batches = self.manager.subscribe_batches(
-                info.stream_id, after=after, timeout=self.options.subscribe_timeout
-            )
+            batches = self.manager.subscribe_batches(info.stream_id, after=after, timeout=timeout)
         except StreamNotFound:
             return Response(status=204)
+        batches = with_stored_end(self.manager, info.stream_id, batches, timeout)
         response = self._respond(_guard(sse(batches, start)), info.stream_id)
         response.headers[TAIL_INDEX_HEADER] = str(count - 1)
         return response

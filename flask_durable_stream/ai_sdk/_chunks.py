@@ -141,7 +141,10 @@ def sse(batches: Iterable[list[Event]], start: int = 0) -> Iterator[bytes]:
                 if seq >= start:
                     out.append(payload)
             elif kind == "error":
-                out.extend(c for i, c in enumerate(error_chunks(payload), seq) if i >= start)
+                # Both, whatever ``start``: a client at or past the stored error's index
+                # without ``finish`` had chunks that storage never got (their worker died
+                # first, or storage gave up on them) under the indexes the error took.
+                out.extend(error_chunks(payload))
         data = "".join(f"data: {chunk}\n\n" for chunk in out).encode()
         if batch and batch[-1].terminal:
             yield data + SSE_DONE
