@@ -13,8 +13,10 @@ from tests.support.chaos import BACKENDS, Exchange, post
 
 JSON = {"Content-Type": "application/json"}
 STREAM = {**JSON, "Accept": "text/event-stream"}
-#: Integers Python's int() takes that are not the canonical spelling of an event id.
+#: Integers Python's int() takes that are not the canonical spelling of an event id, and
+#: misspellings of the end's (``<seq>-end``).
 NON_CANONICAL = ["01", "+1", " 1", "1 ", "1_0", "\u0661", "-0", "0x1", "1.0", "1e0"]
+NON_CANONICAL += ["1-END", "01-end", "-end", "1end", "1-end-end"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -73,6 +75,9 @@ def test_event_ids_are_canonical_integers(chaos: App, value: str) -> None:
     # The control: the canonical spelling is served.
     ok = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": "0"}).read()
     assert ok.status == 200 and b"id: 1\n" in ok.raw, ok
+    assert b"id: 2-end\nevent: result\n" in ok.raw, ok  # the end's id, which is read back:
+    had_end = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": "2-end"}).read()
+    assert had_end.status == 204, had_end
     # A header value cannot carry surrounding spaces (HTTP strips them) or non-Latin-1 text.
     if value == value.strip() and value.isascii():
         by_header = Exchange(chaos.url, "GET", path, headers={"Last-Event-ID": value})
