@@ -129,3 +129,51 @@ def test_eventsource_resumes_by_itself_with_last_event_id(
     assert seen["chunks"] == list(range(12))
     assert seen["ids"] == [str(i) for i in range(12)] + ["12-end"]  # the end's id says so
     assert seen["result"]["words"] == 12
+
+
+EVENTSOURCE_LEFT_OPEN_SCRIPT = """
+async () => {
+  const started = await fetch("/flows/story", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
+    body: JSON.stringify({ data: { chunks: 50, delay: 0.1 } }),
+  });
+  const id = started.headers.get("x-genkit-stream-id");
+  started.body.cancel();
+  return await new Promise((resolve, reject) => {
+    const seen = { chunks: 0, failures: [], ids: [], opens: 0 };
+    const source = new EventSource("/flows/story/events?streamId=" + id);
+    source.onopen = () => { seen.opens += 1; };
+    source.onmessage = () => {
+      seen.chunks += 1;
+      if (seen.chunks === 2) {
+        fetch("/flows/story/cancel", { method: "POST", headers: { "x-genkit-stream-id": id } });
+      }
+    };
+    source.addEventListener("failure", (e) => {
+      seen.ids.push(e.lastEventId);
+      seen.failures.push(JSON.parse(e.data).status);
+    });  // and left open: the browser reconnects with the end's id
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) { resolve(seen); }
+    };
+    setTimeout(() => { source.close(); reject(new Error(JSON.stringify(seen))); }, 60000);
+  });
+}
+"""
+
+
+def test_an_eventsource_left_open_after_the_end_stops_once_and_for_all(
+    server: servers.Server, browser: Browser
+) -> None:
+    """A page that does not close its EventSource on ``failure``: Chromium reconnects with
+    the end's id (``<seq>-end``), gets 204 and stops for good, the failure seen once. A
+    plain seq there would get the stored failure again, and again."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    seen = page.evaluate(EVENTSOURCE_LEFT_OPEN_SCRIPT)
+    page.close()
+    assert seen["failures"] == ["CANCELLED"]
+    assert len(seen["ids"]) == 1 and seen["ids"][0].endswith("-end")
+    assert seen["chunks"] >= 2 and seen["ids"][0] == f"{seen['chunks']}-end"
+    assert seen["opens"] == 1  # the reconnect got 204: no second open
