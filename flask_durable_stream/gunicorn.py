@@ -23,6 +23,12 @@ while it is busy (:class:`~flask_durable_stream._admission.Admission`): when
 many clients connect at once, the streams already running keep their pace and
 the new ones start a little later, instead of every running stream stalling
 behind a hundred new requests per turn of the loop.
+
+And it gives the worker its settings as plain attributes (:func:`read_settings_once`):
+gunicorn reads about 35 of them for every request, each through ``Config.__getattr__``,
+which Python calls only after a failed lookup has built an ``AttributeError``; that
+was about 210k instructions a request, a fifth of what a small request costs in a
+``-k gevent`` worker.
 """
 
 from __future__ import annotations
@@ -65,13 +71,19 @@ def post_fork(server: Any, worker: Any) -> None:
             worker.alive = False
 
 
-def post_worker_init(worker: Any, *, admission: float | None = DEFAULT_TURN) -> None:
+def post_worker_init(
+    worker: Any, *, admission: float | None = DEFAULT_TURN, settings_once: bool = True
+) -> None:
     """Start the flows' graceful shutdown as soon as gunicorn asks this worker to stop,
     and let new connections in by turns (:func:`admit_connections`) while the worker is
     busy: ``admission`` is the length of a turn of the hub's loop in seconds while
-    connections wait, ``None`` to let every connection in at once, as gunicorn does."""
+    connections wait, ``None`` to let every connection in at once, as gunicorn does.
+    With ``settings_once`` (the default) the worker reads its settings as plain
+    attributes from now on (:func:`read_settings_once`)."""
     import gevent
 
+    if settings_once:
+        read_settings_once(worker)
     if admission is not None:
         admit_connections(worker, Admission(admission))
 
@@ -126,3 +138,52 @@ def admit_connections(worker: Any, admission: Admission) -> bool:
         return False
     worker.durable_stream_admission = admission
     return True
+
+
+#: The class of settings read once, by the class of gunicorn settings it copies.
+_SETTLED: dict[type, type] = {}
+
+
+def read_settings_once(worker: Any) -> bool:
+    """Give ``worker`` a copy of its gunicorn settings that keeps every value as a plain
+    attribute; False (and nothing changed) when ``worker.cfg`` is not gunicorn's ``Config``.
+
+    gunicorn's ``Config`` answers ``cfg.keepalive`` from ``Config.__getattr__``, which
+    Python calls only after the ordinary lookup failed and built an ``AttributeError``;
+    a ``-k gevent`` worker reads about 35 settings a request that way. The copy is an
+    instance of a subclass of the worker's ``Config`` class with each setting's value in
+    its ``__dict__``, so the same reads are plain attribute lookups. Everything else is
+    gunicorn's: its properties (``is_ssl``) compute from the same values, a name that is
+    no setting raises the same error, and ``cfg.set`` on the copy updates the setting
+    and the copy. The worker uses the copy for every request from now on; a setting
+    changed afterwards on the original (nothing in gunicorn does that in a running
+    worker) is not seen.
+    """
+    try:
+        from gunicorn.config import Config
+    except ImportError:  # not under gunicorn
+        return False
+    cfg = getattr(worker, "cfg", None)
+    if not isinstance(cfg, Config) or type(cfg) in _SETTLED.values():
+        return False
+    worker.cfg = settled(cfg)
+    return True
+
+
+def settled(cfg: Any) -> Any:
+    """A copy of gunicorn settings ``cfg`` with every setting's value a plain attribute."""
+    base = type(cfg)
+    cls = _SETTLED.get(base)
+    if cls is None:
+
+        def set(self: Any, name: str, value: Any) -> None:
+            base.set(self, name, value)
+            self.__dict__[name] = self.settings[name].get()
+
+        cls = type(base.__name__, (base,), {"set": set, "__module__": base.__module__})
+        cls.__qualname__ = base.__qualname__
+        _SETTLED[base] = cls
+    copy: Any = object.__new__(cls)
+    copy.__dict__.update(cfg.__dict__)  # the same Setting objects, gunicorn's own caches
+    copy.__dict__.update({name: setting.get() for name, setting in cfg.settings.items()})
+    return copy
