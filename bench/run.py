@@ -3,7 +3,7 @@
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
                         [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,
-                                   sqlite,sqlite-1g,sqlite-si,plain,genkit]
+                                   memory-gs,sqlite,sqlite-1g,sqlite-si,plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--ramp 0] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
@@ -15,7 +15,8 @@
    ``-k flask_durable_stream.gunicorn_worker.PyWSGIWorker`` (``-pw``), all with the
    production recipe's ``post_worker_init`` (bench/gunicorn_conf.py), and the in-memory
    one without its admission of new connections by turns (``-na``) and with each event
-   stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``), and the
+   stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``) and with
+   gunicorn's own settings object (``-gs``: ``post_worker_init(settings_once=False)``), and the
    SQLite one holding each stream's events up to 100 ms (``-si``:
    ``DURABLE_STREAM_SQLITE_STORE_INTERVAL = 0.1``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
@@ -68,6 +69,7 @@ SERVERS = {
     "memory-pw": "ours, in-memory, `PyWSGIWorker`",
     "memory-na": "ours, in-memory, no admission by turns",
     "memory-se": "ours, in-memory, each event stored as it comes",
+    "memory-gs": "ours, in-memory, gunicorn's own settings (`settings_once=False`)",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -84,6 +86,7 @@ PATHS = {
     "memory-pw": "/flows/llm",
     "memory-na": "/flows/llm",
     "memory-se": "/flows/llm",
+    "memory-gs": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
@@ -152,6 +155,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_STORE_INTERVAL"] = "0"
         if kind.endswith("-si"):
             env["BENCH_SQLITE_STORE_INTERVAL"] = "0.1"
+        if kind.endswith("-gs"):
+            env["BENCH_SETTINGS_ONCE"] = "0"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
         worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
