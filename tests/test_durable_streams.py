@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,9 @@ from flask_durable_stream import (
 )
 from flask_durable_stream.durable_streams import MemoryDSStore
 from flask_durable_stream.flows import FlowContext, RequestData
+from flask_durable_stream.managers.base import PRODUCER_LOST
+from flask_durable_stream.testing import MakeManager
+from tests.support.ds import sse_events
 
 
 def owner_from_header(data: RequestData) -> dict[str, Any]:
@@ -190,3 +194,95 @@ def test_a_slow_request_is_judged_at_its_arrival() -> None:
     assert client.head("/s/t").status_code == 200
     clock[0] = 1007.5
     assert client.head("/s/t").status_code == 404
+
+
+# -- Offsets that say whether they include a flow stream's end -------------------------------
+
+END = "_0000000000000001"
+NO_END = "_0000000000000000"
+
+
+def test_a_flow_streams_offsets_past_its_end_say_so(client: FlaskClient) -> None:
+    stream_id, _ = run_flow(client)
+    read = client.get(f"/ds/{stream_id}?offset=-1")
+    assert read.json == [{"message": 0}, {"message": 1}, {"result": "done"}]
+    assert read.headers["Stream-Next-Offset"] == "0000000000000003" + END
+    assert client.head(f"/ds/{stream_id}").headers["Stream-Next-Offset"] == "0000000000000003" + END
+    part = client.get(f"/ds/{stream_id}?offset=0000000000000001{NO_END}")
+    assert part.json == [{"message": 1}, {"result": "done"}]
+    assert part.headers["Stream-Next-Offset"] == "0000000000000003" + END
+    # Before the end, the offset has no mark; from the end's offset nothing more.
+    for offset in ("0000000000000003" + END, "0000000000000003" + NO_END):
+        # (a stream that ended well: a client at its tail cannot have been ahead of storage)
+        at_end = client.get(f"/ds/{stream_id}?offset={offset}")
+        assert at_end.json == [] and at_end.headers["Stream-Closed"] == "true"
+        assert at_end.headers["Stream-Next-Offset"] == "0000000000000003" + END
+        poll = client.get(f"/ds/{stream_id}?offset={offset}&live=long-poll")
+        assert poll.status_code == 204 and poll.headers["Stream-Closed"] == "true"
+        assert poll.headers["Stream-Next-Offset"] == "0000000000000003" + END
+
+
+def test_a_flow_streams_offset_with_another_mark_is_a_400(client: FlaskClient) -> None:
+    stream_id, _ = run_flow(client)
+    bad = client.get(f"/ds/{stream_id}?offset=0000000000000001_0000000000000002")
+    assert bad.status_code == 400
+    assert b"_0000000000000000 or _0000000000000001" in bad.data
+    # The store's own streams keep their offsets as they were.
+    alice = {"Content-Type": "text/plain"}
+    assert client.put("/ds/notes", headers=alice, data=b"hi").status_code == 201
+    notes = client.get("/ds/notes?offset=-1")
+    assert notes.data == b"hi" and notes.headers["Stream-Next-Offset"].endswith(NO_END)
+
+
+def _ds_app(manager: StreamManager) -> FlaskClient:
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
+    DurableStream(app, flows={}, stream_manager=manager)
+    return app.test_client()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])  # the backends with Durable Streams
+def ds_manager(request: pytest.FixtureRequest) -> StreamManager:
+    make: MakeManager = request.getfixturevalue(f"backend_{request.param}")
+    return make()
+
+
+def test_a_reader_one_message_ahead_of_a_lost_flow_stream_reads_how_it_ended(
+    ds_manager: StreamManager,
+) -> None:
+    """A client counted the messages it had live into an offset (the offset after message
+    n names the same position on every read), but its producer died before storing the
+    last of them, and the stored "Producer lost" took that message's seq. At the stored
+    end without the end's mark, every kind of read gives it the stored end, not "closed,
+    nothing more" (every backend with Durable Streams)."""
+    manager = ds_manager
+    client = _ds_app(manager)
+    sid = os.urandom(16).hex()
+    writer = manager.open(sid, flow="count")
+    for i in range(3):
+        writer.write(i)
+    writer.error(PRODUCER_LOST)  # as a reader ends a stream whose producer's lease ran out
+    end = {"error": PRODUCER_LOST}
+    tail = "0000000000000004"
+    for had in (4, 5, 9):  # the client had chunks 0..3, or more: one, two, six ahead
+        offset = f"{had:016d}{NO_END}"
+        read = client.get(f"/ds/{sid}?offset={offset}")
+        assert read.status_code == 200 and read.json == [end], (had, read.data)
+        assert read.headers["Stream-Closed"] == "true"
+        assert read.headers["Stream-Next-Offset"] == tail + END
+        poll = client.get(f"/ds/{sid}?offset={offset}&live=long-poll")
+        assert poll.status_code == 200 and poll.json == [end]
+        assert poll.headers["Stream-Next-Offset"] == tail + END
+        sse = client.get(f"/ds/{sid}?offset={offset}&live=sse")
+        assert list(sse_events(sse.data.decode().splitlines())) == [
+            ("data", [end]),
+            ("control", {"streamNextOffset": tail + END, "streamClosed": True, "upToDate": True}),
+        ]
+    # The offset the reads gave out includes the end: nothing more.
+    done = client.get(f"/ds/{sid}?offset={tail}{END}")
+    assert done.json == [] and done.headers["Stream-Closed"] == "true"
+    poll = client.get(f"/ds/{sid}?offset={tail}{END}&live=long-poll")
+    assert poll.status_code == 204 and poll.headers["Stream-Next-Offset"] == tail + END
+    # Not ahead: the stream's messages, then its end.
+    whole = client.get(f"/ds/{sid}?offset=0000000000000002{NO_END}")
+    assert whole.json == [{"message": 2}, end]

@@ -183,6 +183,22 @@ def test_a_failed_flow_ends_with_the_same_error_as_on_the_genkit_endpoint(
     assert past.json() == [{"error": error}]
     assert past.headers["Stream-Closed"] == "true"
     assert parse_offset(past.headers["Stream-Next-Offset"]) == tail
+    # The offset given out past the end says it includes the end: nothing more there. The
+    # offset of the stored end without that mark (a client that counted the messages it had
+    # live, the last of them never stored) reads the stored end again, catching up and
+    # through an SSE connection (the manager's push, under gevent).
+    end_offset = format_offset(tail, end=True)
+    assert past.headers["Stream-Next-Offset"] == end_offset
+    done = requests.get(url, params={"offset": end_offset}, timeout=30)
+    assert done.json() == [] and done.headers["Stream-Closed"] == "true"
+    at_end = requests.get(url, params={"offset": format_offset(tail)}, timeout=30)
+    assert at_end.json() == [{"error": error}]
+    assert at_end.headers["Stream-Next-Offset"] == end_offset
+    sse = requests.get(url, params={"offset": format_offset(tail), "live": "sse"}, timeout=30)
+    assert list(sse_events(sse.text.splitlines())) == [
+        ("data", [{"error": error}]),
+        ("control", {"streamNextOffset": end_offset, "streamClosed": True, "upToDate": True}),
+    ]
 
 
 @pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])

@@ -318,7 +318,10 @@ class DurableStreamsView:
             if self.flows is not None and self.flows.exists(path):
                 if req.fast:
                     return FLASK
-                return self.flows.get(path, owner, offset, live, req.arg("cursor"), self, req)
+                has_end = rq.offset_has_end(offsets[0]) if offsets else False
+                return self.flows.get(
+                    path, owner, offset, live, req.arg("cursor"), self, req, has_end=has_end
+                )
             return Reply(404, body=b"stream not found")
         if live == "sse" and req.fast:  # long-lived: Flask's cost per request does not matter
             return FLASK
@@ -345,7 +348,7 @@ class DurableStreamsView:
 
     @staticmethod
     def _chunkto_response(chunk: Chunk) -> Reply:
-        headers = {"Content-Type": chunk.meta.content_type, OFFSET: rq.format_offset(chunk.end)}
+        headers = {"Content-Type": chunk.meta.content_type, OFFSET: chunk.next_offset}
         if chunk.up_to_date:
             headers[UP_TO_DATE] = "true"
         if chunk.closed:

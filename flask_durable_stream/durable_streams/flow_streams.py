@@ -4,7 +4,11 @@ A flow stream's events (``seq`` 0, 1, ...) are its messages, one record each:
 ``{"message": <chunk>}``, then ``{"result": <output>}`` or ``{"error":
 <body>}``, the payloads of Genkit's frames byte for byte (an error body is
 stored already redacted). The offset after event ``seq`` is record ``seq + 1``;
-the stream is closed once its terminal event is stored.
+the stream is closed once its terminal event is stored, and an offset past the
+terminal event says so (``_0000000000000001``, :data:`~.request.END_MARK`). A
+client may count the messages it had live into an offset; one that had a chunk
+storage never got (its producer died first) holds the offset of the stored end
+without the mark, and reads the stored end again ("Producer lost"), not nothing.
 
 Live reads follow the flow with the manager's own subscription
 (``subscribe_batches``, each backend's push: a condition in memory, the SQLite
@@ -109,7 +113,7 @@ class FlowStreams:
         if info is None:
             return to_response(Reply(404, body=b"stream not found"))
         meta = self.meta(info)
-        headers = {"Content-Type": CONTENT_TYPE, OFFSET: format_offset(meta.tail)}
+        headers = {"Content-Type": CONTENT_TYPE, OFFSET: format_offset(meta.tail, meta.closed)}
         headers["Cache-Control"] = "no-store"
         if meta.closed:
             headers[CLOSED] = "true"
@@ -121,12 +125,22 @@ class FlowStreams:
             raise Forbidden()
         return info
 
-    def chunk(self, path: str, meta: Meta, offset: int) -> Chunk:
+    def chunk(
+        self, path: str, meta: Meta, offset: int, *, has_end: bool = True, failed: bool = False
+    ) -> Chunk:
+        """Records from ``offset`` on. ``has_end``: the client's offset includes the end
+        (its mark); ``failed``: the stream ended with an error."""
         start = start_of(meta, offset)
-        if meta.closed and offset > meta.tail > 0:
-            # Past the stored end: the client had events that storage never got (their
-            # worker died first, or storage gave up on them). It reads the stored end
-            # again, which says so ("Producer lost", DATA_LOSS), rather than nothing.
+        if (
+            meta.closed
+            and meta.tail > 0
+            and (offset > meta.tail or (offset == meta.tail and failed and not has_end))
+        ):
+            # Past the stored end, or at it without having had the end: the client had
+            # events that storage never got (their worker died first, or storage gave up
+            # on them), and the stored error took the seq of the first of them. It reads
+            # the stored end again, which says so ("Producer lost", DATA_LOSS), rather
+            # than nothing. (A stream that ended well cannot have been ahead of storage.)
             start = meta.tail - 1
         records: list[bytes] = []
         if start < meta.tail:
@@ -140,7 +154,7 @@ class FlowStreams:
                 close = getattr(batches, "close", None)
                 if close is not None:
                     close()
-        return Chunk(meta, start, start + len(records), records)
+        return Chunk(meta, start, start + len(records), records, marks_end=True)
 
     def wait(self, path: str, meta: Meta, deadline: float) -> Meta | None:
         """Until the stream has more than ``meta`` says, or ``deadline``: its fresh metadata
@@ -202,12 +216,15 @@ class FlowStreams:
         cursor: str | None,
         view: DurableStreamsView,
         req: Req,
+        *,
+        has_end: bool = False,
     ) -> Response:
         info = self._owned(path, owner)
         if info is None:
             return to_response(Reply(404, body=b"stream not found"))
         meta = self.meta(info)
-        chunk = self.chunk(path, meta, offset)
+        failed = info.status not in (StreamStatus.OPEN, StreamStatus.DONE)
+        chunk = self.chunk(path, meta, offset, has_end=has_end, failed=failed)
         if live is None:
             return to_response(view.catch_up(req, chunk, offset))
         if live == "long-poll":
@@ -216,12 +233,12 @@ class FlowStreams:
             while not chunk.records:
                 assert current is not None
                 if current.closed:
-                    return to_response(empty_poll(current, chunk.start, None))
+                    return to_response(empty_poll(current, chunk.start, None, marks_end=True))
                 current = self.wait(path, current, deadline)
                 if current is None:
                     return to_response(Reply(404, body=b"stream not found"))
                 if current.tail <= chunk.start and not current.closed:
-                    return to_response(empty_poll(current, chunk.start, cursor))
+                    return to_response(empty_poll(current, chunk.start, cursor, marks_end=True))
                 chunk = self.chunk(path, current, chunk.start)
             reply = view._chunkto_response(chunk)
             reply.headers["Cache-Control"] = view.cache_control
@@ -281,7 +298,7 @@ class FlowStreams:
                     continue
                 end = position + len(records)
                 state = dataclasses.replace(meta, tail=end, closed=batch[-1].terminal)
-                part = Chunk(state, position, end, records)
+                part = Chunk(state, position, end, records, marks_end=True)
                 yield sse_data(part.body(), False) + sse_control(part, cursor)
                 position = end
                 if part.closed or time.monotonic() >= deadline:

@@ -59,6 +59,12 @@ class Chunk:
     start: int
     end: int
     records: list[bytes]
+    #: A flow stream's: its offset past the end event says so (``request.END_MARK``).
+    marks_end: bool = False
+
+    @property
+    def next_offset(self) -> str:
+        return format_offset(self.end, self.marks_end and self.closed)
 
     @property
     def up_to_date(self) -> bool:
@@ -87,9 +93,11 @@ def cursor_for(client: str | None, now: float) -> str:
     return str(interval)
 
 
-def empty_poll(meta: Meta, start: int, cursor: str | None) -> Reply:
-    """A long-poll that timed out (or found the stream closed): 204 at the tail."""
-    headers = {OFFSET: format_offset(max(start, meta.tail)), UP_TO_DATE: "true"}
+def empty_poll(meta: Meta, start: int, cursor: str | None, *, marks_end: bool = False) -> Reply:
+    """A long-poll that timed out (or found the stream closed): 204 at the tail.
+    ``marks_end``: a flow stream's, whose offset past its end says so."""
+    offset = format_offset(max(start, meta.tail), marks_end and meta.closed)
+    headers = {OFFSET: offset, UP_TO_DATE: "true"}
     headers["Cache-Control"] = "no-store"
     if meta.closed:
         headers[CLOSED] = "true"
@@ -111,7 +119,7 @@ def sse_data(body: bytes, encode: bool) -> bytes:
 
 
 def sse_control(chunk: Chunk, cursor: str | None) -> bytes:
-    control: dict[str, Any] = {"streamNextOffset": format_offset(chunk.end)}
+    control: dict[str, Any] = {"streamNextOffset": chunk.next_offset}
     if chunk.closed:
         control["streamClosed"] = True
         control["upToDate"] = True

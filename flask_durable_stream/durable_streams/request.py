@@ -2,8 +2,11 @@
 
 Offsets are ``<record index, 16 digits>_<16 digits>``: fixed width, so their
 lexicographic order is their numeric order, and never ``-1`` or ``now``. The
-second field is reserved (always zero); it keeps the shape other servers use,
-so the all-zero offset names the start of a stream everywhere.
+second field is zero for the streams of this server's store; it keeps the shape
+other servers use, so the all-zero offset names the start of a stream everywhere.
+A flow stream's offset past its end event has ``1`` there (:data:`END_MARK`): a
+position must say whether it includes the end, since a stream whose producer was
+lost ends at the next stored seq, which a client ahead of storage had as a chunk.
 """
 
 from __future__ import annotations
@@ -102,8 +105,32 @@ class BadRequest(ValueError):
     """The request is malformed: the reply is 400 with this message."""
 
 
-def format_offset(index: int) -> str:
-    return f"{index:016d}_{0:016d}"
+#: The second field of a flow stream's offset that includes the stream's end.
+END_MARK = 1
+_NO_MARK = f"{0:016d}"
+_END_MARK = f"{END_MARK:016d}"
+
+
+def format_offset(index: int, end: bool = False) -> str:
+    """The offset of record ``index``; ``end``: a flow stream's, past its end event."""
+    return f"{index:016d}_{_END_MARK if end else _NO_MARK}"
+
+
+def offset_has_end(value: str) -> bool:
+    """Whether a flow stream's offset includes the stream's end (its second field is
+    :data:`END_MARK`); False for ``-1`` and ``now``. Any other second field is a 400:
+    a flow stream's offsets come from this server, which writes only these two."""
+    match = _OFFSET_RE.match(value)
+    if match is None:
+        return False
+    mark = match.group(2)
+    if mark == _NO_MARK:
+        return False
+    if mark == _END_MARK:
+        return True
+    raise BadRequest(
+        f"malformed offset {value!r}: a flow stream's ends in _{_NO_MARK} or _{_END_MARK}"
+    )
 
 
 def parse_offset(value: str) -> int:
