@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from flask_durable_stream import protocol
+from flask_durable_stream.durable_streams.request import format_offset, parse_offset
 from tests.chaos.conftest import App, app_on
 from tests.support.chaos import Exchange, Reply, assert_bytes, post, summary
+from tests.support.ds import sse_events
 
 LEASE = 3.0
 #: The target is the lease + 2 s (met on a quiet machine; see RELIABILITY.md). A test must not
@@ -128,3 +131,65 @@ def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer
             else:
                 terminal = (event, value)
     assert terminal == ("failure", PRODUCER_LOST), statuses
+
+
+@pytest.fixture(scope="module", params=["sqlite-held", "sqlite", "redis"])
+def ds_flows(
+    request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[App]:
+    """The flows' streams served as Durable Streams too (``/ds``); ``-held``: the workers hold a
+    stream's events, so its live clients run ahead of storage."""
+    backend, _, held = request.param.partition("-")
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    env = {"FLASK_DURABLE_STREAM_LEASE": str(LEASE), "FLASK_DURABLE_STREAM_DS_URL_PREFIX": "/ds"}
+    if held:
+        env["FLASK_DURABLE_STREAM_SQLITE_STORE_INTERVAL"] = "30"
+    yield from app_on(backend, shared_storage(backend), log, env)
+
+
+def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
+    ds_flows: App,
+) -> None:
+    """A Durable Streams client that counted the messages it had live into an offset, the
+    flow's worker killed: its long-poll from that offset ends the stream with "Producer lost"
+    (its own subscription sees the lease run out), and so does every offset a client could
+    hold, the stored end's own included (a client one message ahead of storage), by catch-up
+    and by SSE. Only the offset marked as past the end reads nothing more."""
+    live = post(ds_flows.url, "paced", {"count": 400, "delay_ms": 50})
+    assert live.reply.status == 200
+    url = live.reply.headers["durable-stream-url"]
+    had = live.read_chunks(1)
+    assert had >= 1
+    os.kill(live.reply.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    live.close()
+
+    lost = [{"error": PRODUCER_LOST}]
+    offset, messages = format_offset(had), []
+    while time.monotonic() - killed_at < LEASE + SLACK:
+        reply = requests.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
+        assert reply.status_code in (200, 204), (reply.status_code, reply.text[:300])
+        if reply.status_code == 200:
+            messages += reply.json()
+        offset = reply.headers["Stream-Next-Offset"]
+        if reply.headers.get("Stream-Closed") == "true":
+            break
+    took = time.monotonic() - killed_at
+    assert messages == lost, f"{took:.1f} s after the kill the reader had {messages}"
+    assert offset == format_offset(parse_offset(offset), end=True)
+
+    whole = requests.get(url, params={"offset": "-1"}, timeout=30).json()
+    stored = len(whole) - 1  # what storage had of the live chunks when the worker died
+    assert whole == [{"message": {"i": i}} for i in range(stored)] + lost
+    assert stored <= had
+    for position in range(stored + 2):  # stored + 1: the stored end, without the end mark
+        expected = [{"message": {"i": i}} for i in range(position, stored)] + lost
+        caught_up = requests.get(url, params={"offset": format_offset(position)}, timeout=30)
+        assert caught_up.json() == expected, position
+        sse = requests.get(
+            url, params={"offset": format_offset(position), "live": "sse"}, timeout=30
+        )
+        data = [d for kind, d in sse_events(sse.text.splitlines()) if kind == "data"]
+        assert [m for batch in data for m in batch] == expected, position
+    done = requests.get(url, params={"offset": offset}, timeout=30)
+    assert done.json() == [] and done.headers["Stream-Closed"] == "true"
