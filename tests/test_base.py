@@ -97,3 +97,60 @@ def test_display_name_defaults_to_the_class_name() -> None:
 
     assert ExampleStreamManager().display_name == "Example"
     assert Named().display_name == "Firestore"
+
+
+def test_readers_one_after_another_go_on_with_the_same_watch() -> None:
+    from flask_durable_stream.managers.base import ProducerWatches
+
+    clock = Clock()
+    watches = ProducerWatches(clock=clock)
+    first = watches.watch("s", 10.0)
+    assert first.observe(100.0, 101.0) == pytest.approx(10.0)  # its last heartbeat
+    clock.now = 2.0
+    first.end()  # a long-poll's end, 2 s in
+    clock.now = 2.1  # the next long-poll, right after: within the gap (1 s at a 10 s lease)
+    second = watches.watch("s", 10.0)
+    clock.now = 10.0
+    assert second.observe(100.0, 110.0) == pytest.approx(0.0)  # 10 s since the first saw it
+    another = watches.watch("other", 10.0)  # another stream's reader starts its own lease
+    assert another.observe(100.0, 110.0) == pytest.approx(10.0)
+
+
+def test_a_reader_after_a_gap_or_a_storage_failure_starts_its_own_lease() -> None:
+    from flask_durable_stream.managers.base import ProducerWatches
+
+    clock = Clock()
+    watches = ProducerWatches(clock=clock)
+    first = watches.watch("s", 10.0)
+    first.observe(100.0, 101.0)
+    clock.now = 2.0
+    first.end()
+    clock.now = 3.5  # nobody watched for 1.5 s: storage may have been down meanwhile
+    late = watches.watch("s", 10.0)
+    assert late.observe(100.0, 111.0) == pytest.approx(10.0)
+    clock.now = 4.0
+    late.end(failed=True)  # its storage calls failed: nothing to go on with
+    clock.now = 4.1
+    after_failure = watches.watch("s", 10.0)
+    assert after_failure.observe(100.0, 112.0) == pytest.approx(10.0)
+    after_failure.end()
+    clock.now = 4.2
+    after_a_new_heartbeat = watches.watch("s", 10.0)
+    assert after_a_new_heartbeat.observe(111.0, 112.0) == pytest.approx(10.0)
+
+
+def test_what_readers_leave_is_bounded() -> None:
+    from flask_durable_stream.managers.base import ProducerWatches
+
+    clock = Clock()
+    watches = ProducerWatches(clock=clock, limit=4)
+    for n in range(4):
+        watch = watches.watch(f"old-{n}", 10.0)
+        watch.observe(100.0, 101.0)
+        watch.end()
+    clock.now = 5.0  # every one of them past its gap
+    for n in range(3):
+        watch = watches.watch(f"new-{n}", 10.0)
+        watch.observe(100.0, 106.0)
+        watch.end()
+    assert len(watches._left) == 3  # the stale ones went when the limit was reached

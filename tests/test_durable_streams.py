@@ -286,3 +286,22 @@ def test_a_reader_one_message_ahead_of_a_lost_flow_stream_reads_how_it_ended(
     # Not ahead: the stream's messages, then its end.
     whole = client.get(f"/ds/{sid}?offset=0000000000000002{NO_END}")
     assert whole.json == [{"message": 2}, end]
+
+
+def test_long_polls_shorter_than_the_lease_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Readers in different workers do not count toward a lease together: with long-polls
+    shorter than it, a client whose every long-poll goes to another worker would never see a
+    dead flow's stream end. The server says so as it starts, and only then."""
+    manager = InMemoryStreamManager(lease_seconds=10.0)
+    with caplog.at_level("WARNING", logger="flask_durable_stream"):
+        durable_streams_server(manager, long_poll_timeout=20.0)
+        durable_streams_server(manager, long_poll_timeout=10.0)
+        durable_streams_server(MemoryDSStore(), long_poll_timeout=2.0)  # no flow streams
+    assert caplog.records == []
+    with caplog.at_level("WARNING", logger="flask_durable_stream"):
+        durable_streams_server(manager, long_poll_timeout=2.0)
+    assert [r.getMessage()[:63] for r in caplog.records] == [
+        "Durable Streams long-polls of 2 s are shorter than the producer"
+    ]

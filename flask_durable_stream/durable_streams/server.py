@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response
 
 from ..fronts.core import ContextProvider
@@ -11,6 +13,8 @@ from .fast import install as install_fast_path
 from .flow_streams import FlowStreams
 from .replies import Reply, add_common_headers, to_response
 from .store import DSStore
+
+log = logging.getLogger("flask_durable_stream")
 
 
 def store_of(stream_manager: StreamManager | DSStore | None) -> DSStore:
@@ -63,6 +67,15 @@ def durable_streams_server(
     flows = None
     if flow_streams and isinstance(stream_manager, StreamManager):
         flows = FlowStreams(stream_manager)
+        if long_poll_timeout < stream_manager.lease_seconds:
+            log.warning(
+                "Durable Streams long-polls of %g s are shorter than the producer lease of"
+                " %g s: a worker's readers of a flow stream judge the lease together, so a"
+                " client polling on one keep-alive connection learns that a flow's worker"
+                " died, but one whose long-polls go to other workers each time may never.",
+                long_poll_timeout,
+                stream_manager.lease_seconds,
+            )
     view = DurableStreamsView(
         store,
         flows=flows,

@@ -45,6 +45,7 @@ from .. import protocol
 from ..exceptions import StorageUnavailable, StreamClosed
 from .common import CommonOptions as CommonOptions
 from .common import ProducerWatch as ProducerWatch
+from .common import ProducerWatches as ProducerWatches
 from .common import check_event_sizes as check_event_sizes
 from .common import check_store_interval as check_store_interval
 from .common import common_options as common_options
@@ -331,6 +332,8 @@ class StreamManager:
         self.heartbeat_interval = (
             heartbeat_interval if heartbeat_interval is not None else min(2.0, lease_seconds / 5)
         )
+        #: What this process's readers saw of each producer, reader to reader.
+        self.producer_watches = ProducerWatches()
 
     @property
     def display_name(self) -> str:

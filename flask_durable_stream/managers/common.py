@@ -121,7 +121,7 @@ class ProducerWatch:
         watch.storage_failed()
     """
 
-    __slots__ = ("lease_seconds", "_clock", "_beat", "_since")
+    __slots__ = ("lease_seconds", "_clock", "_beat", "_since", "_key", "_watches")
 
     def __init__(
         self, lease_seconds: float, *, clock: Callable[[], float] = time.monotonic
@@ -130,6 +130,8 @@ class ProducerWatch:
         self._clock = clock
         self._beat: float | None = None
         self._since: float | None = None
+        self._key = ""
+        self._watches: ProducerWatches | None = None
 
     def observe(self, heartbeat_at: float | None, now: float) -> float:
         """Seconds left before the producer counts as lost (<= 0: lost now).
@@ -150,3 +152,60 @@ class ProducerWatch:
     def storage_failed(self) -> None:
         """A storage call of this reader failed: the producer may have failed too; start over."""
         self._since = None
+
+    def end(self, *, failed: bool = False) -> None:
+        """The reader stops watching (``failed``: because a storage call failed). A watch from
+        :meth:`ProducerWatches.watch` leaves what it saw to the stream's next reader."""
+        if self._watches is not None:
+            self._watches.ended(self, failed)
+
+
+class ProducerWatches:
+    """What this process's readers saw of each stream's heartbeat, joined up reader to reader.
+
+    A reader that starts within a short gap of the previous reader of the same stream
+    ending goes on with that reader's watch instead of starting a lease of its own. So
+    readers that each stay less than a lease, one after another (a Durable Streams client's
+    long-polls, shorter than the lease), still see a producer lost, a lease after the first
+    of them saw its last heartbeat. The rule of :class:`ProducerWatch` holds across them:
+    somebody in this process watched the whole lease with no gap longer than a single reader
+    leaves between its own looks (``gap``, by default the shorter of 1 s and a quarter of the
+    lease), and a reader whose storage calls failed leaves nothing to go on with.
+    """
+
+    __slots__ = ("gap", "limit", "_clock", "_left")
+
+    def __init__(
+        self,
+        *,
+        gap: float | None = None,
+        limit: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.gap = gap
+        self.limit = limit
+        self._clock = clock
+        #: stream id -> (heartbeat seen, seen unchanged since, a next reader starts by then)
+        self._left: dict[str, tuple[float | None, float, float]] = {}
+
+    def watch(self, stream_id: str, lease_seconds: float) -> ProducerWatch:
+        """A new reader's watch of ``stream_id``; the reader calls its ``end()`` when it stops."""
+        watch = ProducerWatch(lease_seconds, clock=self._clock)
+        watch._key, watch._watches = stream_id, self
+        left = self._left.pop(stream_id, None)
+        if left is not None and self._clock() <= left[2]:
+            watch._beat, watch._since = left[0], left[1]
+        return watch
+
+    def ended(self, watch: ProducerWatch, failed: bool) -> None:
+        key = watch._key
+        if failed or watch._since is None:
+            self._left.pop(key, None)
+            return
+        now = self._clock()
+        if len(self._left) >= self.limit:  # drop what no reader can go on with any more
+            stale = [k for k, left in list(self._left.items()) if now > left[2]]
+            for k in stale or list(self._left)[: self.limit // 2]:
+                del self._left[k]
+        gap = min(1.0, watch.lease_seconds / 4) if self.gap is None else self.gap
+        self._left[key] = (watch._beat, watch._since, now + gap)

@@ -26,7 +26,7 @@ from typing import Any
 from .._concurrency import Inbox
 from .._retry import Backoff
 from ..exceptions import StorageUnavailable, StreamNotFound, StreamTimeout
-from .base import Event, ProducerWatch, StreamStatus
+from .base import Event, StreamStatus
 from .firestore_io import events_of, seconds
 from .firestore_store import FirestoreStore
 
@@ -82,6 +82,8 @@ def follow(
     heartbeat_at = seconds(meta.get("heartbeatAt")) or 0.0
     written_at = 0.0  # server time of the newest batch seen: the producer was alive then
     anchored_docs = 0
+    watch = store.producer_watches.watch(stream_id, store.lease_seconds)
+    failed = False
     try:
         watches.append(
             Listener(meta_ref, lambda docs, changes, read_time: inbox.put(("meta", docs)))
@@ -94,7 +96,8 @@ def follow(
         watches.append(_listen(store, stream_id, cursor, inbox))
         last_activity = quiet_since = time.monotonic()
         status_open = True
-        watch = ProducerWatch(store.lease_seconds)
+        if watch.observe(heartbeat_at, store.now()) <= 0:  # readers before this one saw it end
+            store.mark_lost(stream_id)  # the listeners then deliver the error event
         while True:
             wait = min(timeout - (time.monotonic() - last_activity), store.lease_seconds / 2, 1.0)
             item = inbox.get(wait)
@@ -162,7 +165,11 @@ def follow(
             alive_at = max(heartbeat_at, written_at)
             if status_open and watch.observe(alive_at, store.now()) <= 0:
                 store.mark_lost(stream_id)  # the listeners then deliver the error event
+    except StorageUnavailable:
+        failed = True
+        raise
     finally:
+        watch.end(failed=failed)
         for listener in watches:
             listener.unsubscribe()
 

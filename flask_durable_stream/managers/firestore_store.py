@@ -35,7 +35,7 @@ from ..exceptions import (
     StreamExists,
     StreamNotFound,
 )
-from .base import PRODUCER_LOST, Event, StreamStatus, status_after
+from .base import PRODUCER_LOST, Event, ProducerWatches, StreamStatus, status_after
 from .firestore_io import (
     BATCHES,
     COMMIT_DOCS,
@@ -89,6 +89,8 @@ class FirestoreStore:
         self.rpc_timeout = rpc_timeout
         self.ttl_seconds = ttl_seconds
         self.lease_seconds = lease_seconds
+        #: What this process's readers saw of each producer, reader to reader.
+        self.producer_watches = ProducerWatches()
         self.max_stream_seconds = max_stream_seconds
         self.now = now
         self._project = project

@@ -24,7 +24,6 @@ from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeo
 from .base import (
     PRODUCER_LOST,
     Event,
-    ProducerWatch,
     StreamInfo,
     StreamManager,
     StreamStatus,
@@ -264,31 +263,34 @@ class InMemoryStreamManager(StreamManager):
         cursor = max(after + 1, 0)
         last_activity = time.monotonic()
         seen_heartbeat = stream.info.heartbeat_at
-        watch = ProducerWatch(self.lease_seconds)
-        while True:
-            self._catch_up(stream)
-            with stream.lock:
-                while stream.count <= cursor:
-                    info = stream.info
-                    if info.status is not StreamStatus.OPEN:
-                        return  # the caller already has the terminal event
-                    if info.heartbeat_at != seen_heartbeat:
-                        seen_heartbeat = info.heartbeat_at
-                        last_activity = time.monotonic()
-                    lease_left = watch.observe(info.heartbeat_at, self.now())
-                    if lease_left <= 0:
-                        self._mark_lost(stream)
-                        continue
-                    remaining = timeout - (time.monotonic() - last_activity)
-                    if remaining <= 0:
-                        raise StreamTimeout("Stream timed out.")
-                    stream.wait(min(remaining, lease_left + 0.001))
-                batch = stream.since(cursor)
-            last_activity = time.monotonic()
-            yield batch
-            if batch[-1].terminal:
-                return
-            cursor += len(batch)
+        watch = self.producer_watches.watch(stream.info.stream_id, self.lease_seconds)
+        try:
+            while True:
+                self._catch_up(stream)
+                with stream.lock:
+                    while stream.count <= cursor:
+                        info = stream.info
+                        if info.status is not StreamStatus.OPEN:
+                            return  # the caller already has the terminal event
+                        if info.heartbeat_at != seen_heartbeat:
+                            seen_heartbeat = info.heartbeat_at
+                            last_activity = time.monotonic()
+                        lease_left = watch.observe(info.heartbeat_at, self.now())
+                        if lease_left <= 0:
+                            self._mark_lost(stream)
+                            continue
+                        remaining = timeout - (time.monotonic() - last_activity)
+                        if remaining <= 0:
+                            raise StreamTimeout("Stream timed out.")
+                        stream.wait(min(remaining, lease_left + 0.001))
+                    batch = stream.since(cursor)
+                last_activity = time.monotonic()
+                yield batch
+                if batch[-1].terminal:
+                    return
+                cursor += len(batch)
+        finally:
+            watch.end()
 
     def _mark_lost(self, stream: _Stream) -> None:
         # Called with stream.lock held; the producer is gone, so nobody else appends.

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
-from ..exceptions import StreamExists, StreamNotFound, StreamTimeout
+from ..exceptions import StorageUnavailable, StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
     Event,
@@ -174,10 +174,22 @@ class RedisStreamManager(StreamManager):
     def _follow(
         self, stream_id: str, token: str, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
+        watch = self.producer_watches.watch(f"{stream_id}:{token}", self.lease_seconds)
+        failed = False
+        try:
+            yield from self._watched(stream_id, token, cursor, timeout, watch)
+        except StorageUnavailable:
+            failed = True
+            raise
+        finally:
+            watch.end(failed=failed)
+
+    def _watched(
+        self, stream_id: str, token: str, cursor: int, timeout: float, watch: ProducerWatch
+    ) -> Iterator[list[Event]]:
         events_key = self.storage.keys(stream_id)[1]
         last_activity = time.monotonic()
         seen_heartbeat = None
-        watch = ProducerWatch(self.lease_seconds)
         # Stored events first; then the shared reader hands over new entries as they
         # come, from a producer in any process, with no connection held meanwhile.
         batch = self._range(events_key, cursor)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..exceptions import StorageUnavailable, StreamError, StreamNotFound, StreamTimeout
-from .base import Event, ProducerWatch
+from .base import Event
 from .rtdb_io import OPEN, Meta, RtdbStorage, event_key, to_event
 from .rtdb_stream import Mirror
 
@@ -54,7 +54,7 @@ class Follower:
         self.events = Mirror()
         self.pending: dict[int, Event] = {}
         self.lease_seconds = storage.manager.lease_seconds
-        self.watch = ProducerWatch(self.lease_seconds)
+        self.watch = storage.manager.producer_watches.watch(key, self.lease_seconds)
 
     def run(self) -> Iterator[list[Event]]:
         storage, lease = self.storage, self.lease_seconds
@@ -73,6 +73,7 @@ class Follower:
         last_activity = time.monotonic()
         down_since: float | None = None
         next_check = 0.0
+        failed = False
         try:
             while True:
                 remaining = self.timeout - (time.monotonic() - last_activity)
@@ -118,7 +119,11 @@ class Follower:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + max(0.05, lease / 4)
                     self._check_lease(meta, time.monotonic() - last_activity)
+        except StorageUnavailable:
+            failed = True
+            raise
         finally:
+            self.watch.end(failed=failed)
             for watch in watches:
                 storage.unwatch(watch)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from .._concurrency import Signal, Task, TaskGroup, real_lock
 from ..exceptions import StorageUnavailable, StreamNotFound, StreamTimeout
-from .base import Event, ProducerWatch, StreamStatus
+from .base import Event, ProducerWatches, StreamStatus
 from .sqlite_io import (
     BUSY,
     HOLD,
@@ -71,6 +71,8 @@ class Reader:
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.now = now
+        #: What this process's readers saw of each producer, reader to reader.
+        self.producer_watches = ProducerWatches()
         self.closed = False
         self._make_schema = make_schema
         self._mark_lost_op = mark_lost
@@ -169,7 +171,8 @@ class Reader:
         last_activity = time.monotonic()
         seen_heartbeat = None
         busy = BUSY.delays()
-        watch = ProducerWatch(self.lease_seconds)
+        watch = self.producer_watches.watch(f"{stream_id}:{token}", self.lease_seconds)
+        failed = False
         try:
             if self._catch_up is not None:  # its commit wakes us like any other
                 self._catch_up(stream_id)
@@ -211,7 +214,11 @@ class Reader:
                 if self._poller is None:
                     self._ensure_poller()
                 signal.wait(min(RECHECK, remaining, lease_left + 0.001))
+        except StorageUnavailable:
+            failed = True
+            raise
         finally:
+            watch.end(failed=failed)
             with self._lock:
                 watchers = self._watchers.get(stream_id)
                 if watchers is not None:

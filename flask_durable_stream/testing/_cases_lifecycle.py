@@ -191,6 +191,29 @@ class LifecycleCases:
         with pytest.raises(StreamClosed):  # a producer that comes back cannot append
             writer.write("after the lease")
 
+    def test_readers_one_after_another_judge_the_lease_together(
+        self, make_manager: MakeManager
+    ) -> None:
+        """Readers that each give up before a lease has passed (a Durable Streams client's
+        long-polls, shorter than the lease), one right after another in the same process:
+        the stream still ends "Producer lost", as for one reader that stayed a lease."""
+        manager = make_manager(timeout=0.2, lease_seconds=1.0, heartbeat_interval=0.1)
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("before the crash")  # then the producer vanishes without a terminal event
+        gave_up = 0
+        events: list[tuple[int, str, str]] = []
+        while not events and gave_up < 50:  # 10 s of readers: ten leases
+            try:
+                events = collect(manager.subscribe(sid, after=0))
+            except StreamTimeout:
+                gave_up += 1
+        assert gave_up >= 1, "a single reader saw the lease end: the case proves nothing"
+        assert len(events) == 1 and events[0][:2] == (1, "error"), (gave_up, events)
+        assert '"UNAVAILABLE"' in events[0][2]
+        info = manager.info(sid)
+        assert info is not None and info.status is StreamStatus.ERROR
+
     def test_a_reader_past_the_stored_end_of_a_lost_stream_ends_with_it(
         self, make_manager: MakeManager
     ) -> None:

@@ -26,6 +26,8 @@ LEASE = 3.0
 SLACK = 20.0
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 DURABLE = ["sqlite", "redis", "firestore", "rtdb"]
+#: A Durable Streams long-poll's wait, a third of the lease: no single long-poll sees it end.
+LONG_POLL = LEASE / 3
 
 
 @pytest.fixture(scope="module", params=DURABLE)
@@ -137,11 +139,16 @@ def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer
 def ds_flows(
     request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[App]:
-    """The flows' streams served as Durable Streams too (``/ds``); ``-held``: the workers hold a
-    stream's events, so its live clients run ahead of storage."""
+    """The flows' streams served as Durable Streams too (``/ds``), with long-polls shorter
+    than the lease; ``-held``: the workers hold a stream's events, so its live clients run
+    ahead of storage."""
     backend, _, held = request.param.partition("-")
     log = tmp_path_factory.mktemp("log") / "gunicorn.log"
-    env = {"FLASK_DURABLE_STREAM_LEASE": str(LEASE), "FLASK_DURABLE_STREAM_DS_URL_PREFIX": "/ds"}
+    env = {
+        "FLASK_DURABLE_STREAM_LEASE": str(LEASE),
+        "FLASK_DURABLE_STREAM_DS_URL_PREFIX": "/ds",
+        "FLASK_DURABLE_STREAM_DS_LONG_POLL_TIMEOUT": str(LONG_POLL),
+    }
     if held:
         env["FLASK_DURABLE_STREAM_SQLITE_STORE_INTERVAL"] = "30"
     yield from app_on(backend, shared_storage(backend), log, env)
@@ -151,10 +158,12 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
     ds_flows: App,
 ) -> None:
     """A Durable Streams client that counted the messages it had live into an offset, the
-    flow's worker killed: its long-poll from that offset ends the stream with "Producer lost"
-    (its own subscription sees the lease run out), and so does every offset a client could
-    hold, the stored end's own included (a client one message ahead of storage), by catch-up
-    and by SSE. Only the offset marked as past the end reads nothing more."""
+    flow's worker killed: its long-polls from that offset on one connection, each shorter
+    than the lease, end the stream with "Producer lost" (a worker's readers of the stream
+    judge the lease together, one long-poll after another), and so does every offset a
+    client could hold, the stored end's own included (a client one message ahead of
+    storage), by catch-up and by SSE. Only the offset marked as past the end reads nothing
+    more."""
     live = post(ds_flows.url, "paced", {"count": 400, "delay_ms": 50})
     assert live.reply.status == 200
     url = live.reply.headers["durable-stream-url"]
@@ -166,8 +175,9 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
 
     lost = [{"error": PRODUCER_LOST}]
     offset, messages = format_offset(had), []
+    client = requests.Session()  # one keep-alive connection, as the official clients keep
     while time.monotonic() - killed_at < LEASE + SLACK:
-        reply = requests.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
+        reply = client.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
         assert reply.status_code in (200, 204), (reply.status_code, reply.text[:300])
         if reply.status_code == 200:
             messages += reply.json()
@@ -175,6 +185,7 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
         if reply.headers.get("Stream-Closed") == "true":
             break
     took = time.monotonic() - killed_at
+    client.close()
     assert messages == lost, f"{took:.1f} s after the kill the reader had {messages}"
     assert offset == format_offset(parse_offset(offset), end=True)
 
