@@ -242,9 +242,14 @@ def _ds_app(manager: StreamManager) -> FlaskClient:
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])  # the backends with Durable Streams
-def ds_manager(request: pytest.FixtureRequest) -> StreamManager:
+def make_ds_manager(request: pytest.FixtureRequest) -> MakeManager:
     make: MakeManager = request.getfixturevalue(f"backend_{request.param}")
-    return make()
+    return make
+
+
+@pytest.fixture
+def ds_manager(make_ds_manager: MakeManager) -> StreamManager:
+    return make_ds_manager()
 
 
 def test_a_reader_one_message_ahead_of_a_lost_flow_stream_reads_how_it_ended(
@@ -305,3 +310,37 @@ def test_long_polls_shorter_than_the_lease_are_warned_about(
     assert [r.getMessage()[:63] for r in caplog.records] == [
         "Durable Streams long-polls of 2 s are shorter than the producer"
     ]
+
+
+def test_polling_long_polls_of_a_dead_flow_end_it_producer_lost(
+    make_ds_manager: MakeManager,
+) -> None:
+    """Without gevent a live read polls the manager's ``info``. It judges the producer's
+    lease too, long-poll after long-poll (each shorter than the lease), and once it has run
+    out a subscription marks the stream lost: the client gets "Producer lost", not 204s for
+    ever (every backend with Durable Streams)."""
+    from flask_durable_stream._concurrency import gevent_patched
+
+    assert not gevent_patched(), "this case is about the path without gevent"
+    manager = make_ds_manager(lease_seconds=1.0, heartbeat_interval=0.1)
+    app = Flask(__name__)
+    app.config["DURABLE_STREAM_DS_URL_PREFIX"] = "/ds"
+    app.config["DURABLE_STREAM_DS_LONG_POLL_TIMEOUT"] = 0.3
+    DurableStream(app, flows={}, stream_manager=manager)
+    client = app.test_client()
+    sid = os.urandom(16).hex()
+    writer = manager.open(sid, flow="count")
+    writer.write(0)  # then the producer is gone, without a terminal event
+    offset, polls, messages = f"{1:016d}{NO_END}", 0, []
+    while polls < 50:  # 15 s: fifteen leases
+        polls += 1
+        poll = client.get(f"/ds/{sid}?offset={offset}&live=long-poll")
+        assert poll.status_code in (200, 204), poll.data
+        if poll.status_code == 200:
+            messages += poll.json
+        offset = poll.headers["Stream-Next-Offset"]
+        if poll.headers.get("Stream-Closed") == "true":
+            break
+    assert messages == [{"error": PRODUCER_LOST}], (polls, messages)
+    assert polls > 1, "one long-poll saw the lease end: the case proves nothing"
+    assert offset == f"{2:016d}{END}"

@@ -18,7 +18,9 @@ connection holds one subscription for its lifetime. The subscription runs in a
 task of its own (:func:`~..fronts.core.keepalive_pump`), so the request's
 deadline and the SSE keep-alives hold however the backend waits. Without
 gevent (threads, ``flask run``) a live read polls the manager's ``info`` every
-``poll`` seconds, backing off, then reads what arrived.
+``poll`` seconds, backing off, then reads what arrived; it judges the producer's
+lease from what it polls, and when that runs out a subscription marks the stream
+lost, as one would under gevent.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flask import Response
 
 from .. import protocol
 from .._concurrency import TaskGroup, gevent_patched
-from ..exceptions import DurableStreamError, StreamNotFound
+from ..exceptions import DurableStreamError, StorageUnavailable, StreamNotFound
 from ..fronts.core import keepalive_pump
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from .engine import start_of
@@ -161,17 +163,56 @@ class FlowStreams:
         (``meta`` itself at the deadline), None once it is gone."""
         if gevent_patched():
             return self._follow(path, meta, deadline)
-        delay = self.poll[0]
-        while time.monotonic() < deadline:
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, self.poll[1])
-            info = self.info(path)
-            if info is None:
-                return None
-            fresh = self.meta(info)
-            if fresh.tail != meta.tail or fresh.closed != meta.closed:
-                return fresh
-        return meta
+        manager = self.manager
+        # Polling, this read judges the producer's lease as a subscription would, going on
+        # from the stream's previous reader in this process (docs/fault-model.md).
+        watch = manager.producer_watches.watch(path, manager.lease_seconds)
+        failed = False
+        try:
+            delay = self.poll[0]
+            while time.monotonic() < deadline:
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, self.poll[1])
+                info = self.info(path)
+                if info is None:
+                    return None
+                fresh = self.meta(info)
+                if fresh.tail != meta.tail or fresh.closed != meta.closed:
+                    return fresh
+                if (
+                    info.status is StreamStatus.OPEN
+                    and watch.observe(info.heartbeat_at, manager.now()) <= 0
+                ):
+                    break  # to a subscription, once this watch has ended
+            else:
+                return meta
+        except StorageUnavailable:
+            failed = True
+            raise
+        finally:
+            watch.end(failed=failed)
+        return self._end_lost(path, meta)
+
+    def _end_lost(self, path: str, meta: Meta) -> Meta | None:
+        """The producer's lease ran out for this process's readers: a subscription, which goes
+        on with their watch, marks the stream lost (as under gevent); its fresh metadata."""
+        try:
+            batches = self.manager.subscribe_batches(
+                path, meta.tail - 1, timeout=2 * self.manager.lease_seconds
+            )
+        except DurableStreamError as exc:
+            log.debug("flow stream %s: cannot follow it: %s", path, exc)
+        else:
+            try:
+                next(iter(batches), None)
+            except DurableStreamError as exc:  # lost, timed out: the stream's state says
+                log.debug("flow stream %s: its subscription ended: %s", path, exc)
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+        info = self.info(path)
+        return self.meta(info) if info is not None else None
 
     def _batches(
         self, path: str, after: int, deadline: float, interval: float

@@ -174,7 +174,7 @@ class RedisStreamManager(StreamManager):
     def _follow(
         self, stream_id: str, token: str, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
-        watch = self.producer_watches.watch(f"{stream_id}:{token}", self.lease_seconds)
+        watch = self.producer_watches.watch(stream_id, self.lease_seconds)
         failed = False
         try:
             yield from self._watched(stream_id, token, cursor, timeout, watch)

@@ -171,7 +171,7 @@ class Reader:
         last_activity = time.monotonic()
         seen_heartbeat = None
         busy = BUSY.delays()
-        watch = self.producer_watches.watch(f"{stream_id}:{token}", self.lease_seconds)
+        watch = self.producer_watches.watch(stream_id, self.lease_seconds)
         failed = False
         try:
             if self._catch_up is not None:  # its commit wakes us like any other
