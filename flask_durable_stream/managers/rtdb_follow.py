@@ -54,7 +54,8 @@ class Follower:
         self.events = Mirror()
         self.pending: dict[int, Event] = {}
         self.lease_seconds = storage.manager.lease_seconds
-        self.watch = storage.manager.producer_watches.watch(key, self.lease_seconds)
+        stream_id = key.replace(",", ".")  # node_key's inverse: ids have no commas
+        self.watch = storage.manager.producer_watches.watch(stream_id, self.lease_seconds)
 
     def run(self) -> Iterator[list[Event]]:
         storage, lease = self.storage, self.lease_seconds
