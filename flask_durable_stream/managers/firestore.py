@@ -167,6 +167,7 @@ class FirestoreStreamManager(StreamManager):
             rpc_timeout=rpc_timeout,
             ttl_seconds=ttl_seconds,
             lease_seconds=lease_seconds,
+            producer_watches=self.producer_watches,
             max_stream_seconds=max_stream_seconds,
             now=self.now,
         )

@@ -82,6 +82,7 @@ class FirestoreStore:
         rpc_timeout: float,
         ttl_seconds: float,
         lease_seconds: float,
+        producer_watches: ProducerWatches,
         max_stream_seconds: float,
         now: Callable[[], float],
     ) -> None:
@@ -89,8 +90,8 @@ class FirestoreStore:
         self.rpc_timeout = rpc_timeout
         self.ttl_seconds = ttl_seconds
         self.lease_seconds = lease_seconds
-        #: What this process's readers saw of each producer, reader to reader.
-        self.producer_watches = ProducerWatches()
+        #: The manager's: what this process's readers saw of each producer, reader to reader.
+        self.producer_watches = producer_watches
         self.max_stream_seconds = max_stream_seconds
         self.now = now
         self._project = project

@@ -154,6 +154,7 @@ class SQLiteStreamManager(SQLiteOperations):
             pool_size=self.read_pool_size,
             poll_interval=self.poll_interval,
             lease_seconds=self.lease_seconds,
+            producer_watches=self.producer_watches,
             now=self.now,
             make_schema=self._make_schema,
             mark_lost=self._op_mark_lost,

@@ -58,6 +58,7 @@ class Reader:
         pool_size: int,
         poll_interval: tuple[float, float],
         lease_seconds: float,
+        producer_watches: ProducerWatches,
         now: Callable[[], float],
         make_schema: Callable[[], object],
         mark_lost: MarkLost,
@@ -71,8 +72,8 @@ class Reader:
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.now = now
-        #: What this process's readers saw of each producer, reader to reader.
-        self.producer_watches = ProducerWatches()
+        #: The manager's: what this process's readers saw of each producer, reader to reader.
+        self.producer_watches = producer_watches
         self.closed = False
         self._make_schema = make_schema
         self._mark_lost_op = mark_lost

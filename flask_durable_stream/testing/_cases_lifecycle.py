@@ -214,6 +214,33 @@ class LifecycleCases:
         info = manager.info(sid)
         assert info is not None and info.status is StreamStatus.ERROR
 
+    def test_a_subscription_goes_on_with_the_managers_watch_of_the_stream(
+        self, make_manager: MakeManager
+    ) -> None:
+        """The watches of ``manager.producer_watches`` are the ones its subscriptions go on
+        with: a front that polls ``info`` (Durable Streams flow streams without gevent) judges
+        the lease, and then a subscription ends the stream at its first look, not after a
+        lease of its own."""
+        manager = make_manager(timeout=30, lease_seconds=4.0, heartbeat_interval=0.1)
+        sid = new_id()
+        writer = manager.open(sid)
+        writer.write("before the crash")  # then the producer vanishes without a terminal event
+        watch = manager.producer_watches.watch(sid, manager.lease_seconds)
+        while True:
+            info = manager.info(sid)
+            assert info is not None and info.status is StreamStatus.OPEN
+            left = watch.observe(info.heartbeat_at, manager.now())
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.2))
+        watch.end()
+        started = time.monotonic()
+        events = collect(manager.subscribe(sid, after=0))
+        took = time.monotonic() - started
+        assert len(events) == 1 and events[0][:2] == (1, "error"), events
+        # A watch of its own could not call the producer lost before a whole lease.
+        assert took < manager.lease_seconds, f"the subscription took {took:.1f} s"
+
     def test_a_reader_past_the_stored_end_of_a_lost_stream_ends_with_it(
         self, make_manager: MakeManager
     ) -> None:
