@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -24,7 +26,7 @@ from flask_durable_stream import protocol
 from flask_durable_stream.durable_streams.request import format_offset, parse_offset
 from tests.support import servers
 from tests.support.client import post_stream
-from tests.support.ds import sse_events
+from tests.support.ds import long_poll_to_the_end, sse_events
 from tests.test_durable_streams_suite import DS, ds_server, ensure_node_modules
 
 STREAM_URL_HEADER = "durable-stream-url"
@@ -258,3 +260,31 @@ def test_live_reads_of_a_running_flow_are_pushed_not_polled(
     assert data == [{"message": {"i": 1}}, {"result": {"done": 2}}]
     assert controls[-1]["streamClosed"] is True
     assert data == genkit_messages(unpolled_server, "echo", stream_id)[1:]
+
+
+def test_without_gevent_long_polls_of_a_killed_flow_end_it_producer_lost(
+    tmp_path: Path,
+) -> None:
+    """Through gunicorn's threaded worker (``-k gthread``: no gevent, so a live read polls
+    the manager's ``info``), two workers on SQLite, both killed while a flow runs: a client
+    long-polling on one connection, each long-poll shorter than the lease, gets what was
+    stored and then "Producer lost", not 204s for ever."""
+    from flask_durable_stream.managers.base import PRODUCER_LOST
+    from tests.support.chaos import worker_pids
+
+    env = {"DS_LEASE": "2", "DS_LONG_POLL_TIMEOUT": "0.5"}
+    server = ds_server("sqlite", tmp_path, workers=2, worker_class="gthread", env=env)
+    try:
+        _, url = start_flow(server, "paced", {"chunks": 400, "delay": 0.05})
+        first = requests.get(url, params={"offset": "-1", "live": "long-poll"}, timeout=30)
+        assert first.status_code == 200, first.text  # the flow runs and stores
+        for pid in worker_pids(server):
+            os.kill(pid, signal.SIGKILL)
+        later, _ = long_poll_to_the_end(url, first.headers["Stream-Next-Offset"], 60)
+        messages = first.json() + later
+        chunks = messages[:-1]
+        assert messages[-1:] == [{"error": PRODUCER_LOST}], messages[-3:]
+        assert all("message" in m for m in chunks) and chunks
+        assert [m["message"]["i"] for m in chunks] == list(range(len(chunks)))
+    finally:
+        server.stop()

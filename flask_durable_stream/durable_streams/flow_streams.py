@@ -35,7 +35,7 @@ from flask import Response
 
 from .. import protocol
 from .._concurrency import TaskGroup, gevent_patched
-from ..exceptions import DurableStreamError, StorageUnavailable, StreamNotFound
+from ..exceptions import DurableStreamError, StreamNotFound
 from ..fronts.core import keepalive_pump
 from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
 from .engine import start_of
@@ -166,9 +166,7 @@ class FlowStreams:
         manager = self.manager
         # Polling, this read judges the producer's lease as a subscription would, going on
         # from the stream's previous reader in this process (docs/fault-model.md).
-        watch = manager.producer_watches.watch(path, manager.lease_seconds)
-        failed = False
-        try:
+        with manager.producer_watches.watch(path, manager.lease_seconds) as watch:
             delay = self.poll[0]
             while time.monotonic() < deadline:
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -186,11 +184,6 @@ class FlowStreams:
                     break  # to a subscription, once this watch has ended
             else:
                 return meta
-        except StorageUnavailable:
-            failed = True
-            raise
-        finally:
-            watch.end(failed=failed)
         return self._end_lost(path, meta)
 
     def _end_lost(self, path: str, meta: Meta) -> Meta | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from .. import protocol
-from ..exceptions import EventTooLarge
+from ..exceptions import EventTooLarge, StorageUnavailable
 
 if TYPE_CHECKING:
     from .base import Event
@@ -159,6 +159,13 @@ class ProducerWatch:
         if self._watches is not None:
             self._watches.ended(self, failed)
 
+    def __enter__(self) -> ProducerWatch:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        """:meth:`end` as the reader stops: failed when a storage call's error ended it."""
+        self.end(failed=isinstance(exc, StorageUnavailable))
+
 
 class ProducerWatches:
     """What this process's readers saw of each stream's heartbeat, joined up reader to reader.
@@ -189,7 +196,8 @@ class ProducerWatches:
         self._left: dict[str, tuple[float | None, float, float]] = {}
 
     def watch(self, stream_id: str, lease_seconds: float) -> ProducerWatch:
-        """A new reader's watch of ``stream_id``; the reader calls its ``end()`` when it stops."""
+        """A new reader's watch of ``stream_id``, used as a context manager around the reading
+        (or the reader calls its ``end()`` when it stops)."""
         watch = ProducerWatch(lease_seconds, clock=self._clock)
         watch._key, watch._watches = stream_id, self
         left = self._left.pop(stream_id, None)

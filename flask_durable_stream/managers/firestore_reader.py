@@ -82,96 +82,95 @@ def follow(
     heartbeat_at = seconds(meta.get("heartbeatAt")) or 0.0
     written_at = 0.0  # server time of the newest batch seen: the producer was alive then
     anchored_docs = 0
-    watch = store.producer_watches.watch(stream_id, store.lease_seconds)
-    failed = False
-    try:
-        watches.append(
-            Listener(meta_ref, lambda docs, changes, read_time: inbox.put(("meta", docs)))
-        )
-        for page in _pages(store.stored_events(stream_id, cursor)):
-            yield page
-            cursor = page[-1].seq
-            if page[-1].terminal:
-                return
-        watches.append(_listen(store, stream_id, cursor, inbox))
-        last_activity = quiet_since = time.monotonic()
-        status_open = True
-        if watch.observe(heartbeat_at, store.now()) <= 0:  # readers before this one saw it end
-            store.mark_lost(stream_id)  # the listeners then deliver the error event
-        while True:
-            wait = min(timeout - (time.monotonic() - last_activity), store.lease_seconds / 2, 1.0)
-            item = inbox.get(wait)
-            if item is not None:
-                kind, docs = item
-                if kind == "meta":
-                    if not docs or not docs[0].exists:
-                        raise StreamNotFound(f"stream {stream_id} was deleted")
-                    data = docs[0].to_dict()
-                    beat = seconds(data.get("heartbeatAt")) or 0.0
-                    if beat != heartbeat_at:
-                        heartbeat_at = beat
-                        last_activity = time.monotonic()
-                    status_open = data.get("status") == StreamStatus.OPEN.value
-                    if not status_open:  # the terminal event is stored: fetch it directly
-                        for event in store.stored_events(stream_id, cursor):
-                            pending[event.seq] = event
-                        if not pending:
-                            # Nothing stored past the cursor of an ended stream: the
-                            # caller had the end, or is past it (its client had events
-                            # their worker never stored). As every backend: done.
-                            return
-                elif kind == "stored":  # read by this subscriber itself (below)
-                    for event in docs:
-                        if event.seq > cursor:
-                            pending[event.seq] = event
-                else:
-                    anchored_docs += len(docs)
-                    for doc in docs:
-                        written_at = max(written_at, doc.update_time.timestamp())
-                        for event in events_of(doc.to_dict()):
+    with store.producer_watches.watch(stream_id, store.lease_seconds) as watch:
+        try:
+            watches.append(
+                Listener(meta_ref, lambda docs, changes, read_time: inbox.put(("meta", docs)))
+            )
+            for page in _pages(store.stored_events(stream_id, cursor)):
+                yield page
+                cursor = page[-1].seq
+                if page[-1].terminal:
+                    return
+            watches.append(_listen(store, stream_id, cursor, inbox))
+            last_activity = quiet_since = time.monotonic()
+            status_open = True
+            if watch.observe(heartbeat_at, store.now()) <= 0:  # readers before this one saw it end
+                store.mark_lost(stream_id)  # the listeners then deliver the error event
+            while True:
+                wait = min(
+                    timeout - (time.monotonic() - last_activity), store.lease_seconds / 2, 1.0
+                )
+                item = inbox.get(wait)
+                if item is not None:
+                    kind, docs = item
+                    if kind == "meta":
+                        if not docs or not docs[0].exists:
+                            raise StreamNotFound(f"stream {stream_id} was deleted")
+                        data = docs[0].to_dict()
+                        beat = seconds(data.get("heartbeatAt")) or 0.0
+                        if beat != heartbeat_at:
+                            heartbeat_at = beat
+                            last_activity = time.monotonic()
+                        status_open = data.get("status") == StreamStatus.OPEN.value
+                        if not status_open:  # the terminal event is stored: fetch it directly
+                            for event in store.stored_events(stream_id, cursor):
+                                pending[event.seq] = event
+                            if not pending:
+                                # Nothing stored past the cursor of an ended stream: the
+                                # caller had the end, or is past it (its client had events
+                                # their worker never stored). As every backend: done.
+                                return
+                    elif kind == "stored":  # read by this subscriber itself (below)
+                        for event in docs:
                             if event.seq > cursor:
                                 pending[event.seq] = event
-                ready: list[Event] = []
-                while cursor + 1 in pending:
-                    event = pending.pop(cursor + 1)
-                    cursor = event.seq
-                    ready.append(event)
-                if ready:
-                    last_activity = quiet_since = time.monotonic()
-                    yield ready
-                    if ready[-1].terminal:
-                        return
-                if anchored_docs >= REANCHOR_DOCS:
-                    watches.pop().unsubscribe()
-                    watches.append(_listen(store, stream_id, cursor, inbox))
-                    anchored_docs = 0
-                continue
-            if time.monotonic() - quiet_since >= QUIET_READ:
-                quiet_since = time.monotonic()
-                missed = _stored_after(store, stream_id, cursor)
-                if missed:
-                    log.warning(
-                        "Firestore listeners of stream %s missed stored events %d-%d;"
-                        " read them, and listening anew",
-                        stream_id,
-                        missed[0].seq,
-                        missed[-1].seq,
-                    )
-                    inbox.put(("stored", missed))
-                    anchored_docs = REANCHOR_DOCS  # the batches' listener is replaced after them
+                    else:
+                        anchored_docs += len(docs)
+                        for doc in docs:
+                            written_at = max(written_at, doc.update_time.timestamp())
+                            for event in events_of(doc.to_dict()):
+                                if event.seq > cursor:
+                                    pending[event.seq] = event
+                    ready: list[Event] = []
+                    while cursor + 1 in pending:
+                        event = pending.pop(cursor + 1)
+                        cursor = event.seq
+                        ready.append(event)
+                    if ready:
+                        last_activity = quiet_since = time.monotonic()
+                        yield ready
+                        if ready[-1].terminal:
+                            return
+                    if anchored_docs >= REANCHOR_DOCS:
+                        watches.pop().unsubscribe()
+                        watches.append(_listen(store, stream_id, cursor, inbox))
+                        anchored_docs = 0
                     continue
-            if time.monotonic() - last_activity >= timeout:
-                raise StreamTimeout("Stream timed out.")
-            alive_at = max(heartbeat_at, written_at)
-            if status_open and watch.observe(alive_at, store.now()) <= 0:
-                store.mark_lost(stream_id)  # the listeners then deliver the error event
-    except StorageUnavailable:
-        failed = True
-        raise
-    finally:
-        watch.end(failed=failed)
-        for listener in watches:
-            listener.unsubscribe()
+                if time.monotonic() - quiet_since >= QUIET_READ:
+                    quiet_since = time.monotonic()
+                    missed = _stored_after(store, stream_id, cursor)
+                    if missed:
+                        log.warning(
+                            "Firestore listeners of stream %s missed stored events %d-%d;"
+                            " read them, and listening anew",
+                            stream_id,
+                            missed[0].seq,
+                            missed[-1].seq,
+                        )
+                        inbox.put(("stored", missed))
+                        anchored_docs = (
+                            REANCHOR_DOCS  # the batches' listener is replaced after them
+                        )
+                        continue
+                if time.monotonic() - last_activity >= timeout:
+                    raise StreamTimeout("Stream timed out.")
+                alive_at = max(heartbeat_at, written_at)
+                if status_open and watch.observe(alive_at, store.now()) <= 0:
+                    store.mark_lost(stream_id)  # the listeners then deliver the error event
+        finally:
+            for listener in watches:
+                listener.unsubscribe()
 
 
 def _stored_after(store: FirestoreStore, stream_id: str, cursor: int) -> list[Event]:

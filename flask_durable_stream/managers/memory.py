@@ -263,8 +263,7 @@ class InMemoryStreamManager(StreamManager):
         cursor = max(after + 1, 0)
         last_activity = time.monotonic()
         seen_heartbeat = stream.info.heartbeat_at
-        watch = self.producer_watches.watch(stream.info.stream_id, self.lease_seconds)
-        try:
+        with self.producer_watches.watch(stream.info.stream_id, self.lease_seconds) as watch:
             while True:
                 self._catch_up(stream)
                 with stream.lock:
@@ -289,8 +288,6 @@ class InMemoryStreamManager(StreamManager):
                 if batch[-1].terminal:
                     return
                 cursor += len(batch)
-        finally:
-            watch.end()
 
     def _mark_lost(self, stream: _Stream) -> None:
         # Called with stream.lock held; the producer is gone, so nobody else appends.

@@ -43,7 +43,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
-from ..exceptions import StorageUnavailable, StreamExists, StreamNotFound, StreamTimeout
+from ..exceptions import StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
     Event,
@@ -174,15 +174,8 @@ class RedisStreamManager(StreamManager):
     def _follow(
         self, stream_id: str, token: str, cursor: int, timeout: float
     ) -> Iterator[list[Event]]:
-        watch = self.producer_watches.watch(stream_id, self.lease_seconds)
-        failed = False
-        try:
+        with self.producer_watches.watch(stream_id, self.lease_seconds) as watch:
             yield from self._watched(stream_id, token, cursor, timeout, watch)
-        except StorageUnavailable:
-            failed = True
-            raise
-        finally:
-            watch.end(failed=failed)
 
     def _watched(
         self, stream_id: str, token: str, cursor: int, timeout: float, watch: ProducerWatch

@@ -74,59 +74,55 @@ class Follower:
         last_activity = time.monotonic()
         down_since: float | None = None
         next_check = 0.0
-        failed = False
-        try:
-            while True:
-                remaining = self.timeout - (time.monotonic() - last_activity)
-                if remaining <= 0:
-                    if down_since is not None:
-                        raise StorageUnavailable("Realtime Database stream unavailable.")
-                    raise StreamTimeout("Stream timed out.")
-                try:
-                    items = [self.inbox.get(timeout=min(remaining, max(0.05, lease / 4)))]
-                except queue.Empty:
-                    items = []
-                while not self.inbox.empty():
-                    items.append(self.inbox.get_nowait())
-                for source, event, data in items:
-                    if event == "disconnected":
-                        down_since = down_since or time.monotonic()
-                        self.watch.storage_failed()  # the producer may be cut off too
-                    elif event == "denied":
-                        raise StreamError(str(data), status="PERMISSION_DENIED")
-                    elif event == "closed":
-                        raise StorageUnavailable("The stream manager was closed.")
-                    elif event in ("put", "patch"):
-                        down_since = None
-                        if source == "events":
-                            self._take(self.events.apply(event, data))
-                        else:
-                            meta_mirror.apply(event, data)
-                            if not isinstance(meta_mirror.value, dict):
-                                raise StreamNotFound(f"stream {self.key} was deleted")
-                            self.meta = meta_mirror.value
-                            if self.meta.get("heartbeatAt") != beat:
-                                beat = self.meta.get("heartbeatAt")
-                                last_activity = time.monotonic()
-                batch = self._ready()
-                if batch:
-                    last_activity = time.monotonic()
-                    yield batch
-                    if batch[-1].terminal:
+        with self.watch:
+            try:
+                while True:
+                    remaining = self.timeout - (time.monotonic() - last_activity)
+                    if remaining <= 0:
+                        if down_since is not None:
+                            raise StorageUnavailable("Realtime Database stream unavailable.")
+                        raise StreamTimeout("Stream timed out.")
+                    try:
+                        items = [self.inbox.get(timeout=min(remaining, max(0.05, lease / 4)))]
+                    except queue.Empty:
+                        items = []
+                    while not self.inbox.empty():
+                        items.append(self.inbox.get_nowait())
+                    for source, event, data in items:
+                        if event == "disconnected":
+                            down_since = down_since or time.monotonic()
+                            self.watch.storage_failed()  # the producer may be cut off too
+                        elif event == "denied":
+                            raise StreamError(str(data), status="PERMISSION_DENIED")
+                        elif event == "closed":
+                            raise StorageUnavailable("The stream manager was closed.")
+                        elif event in ("put", "patch"):
+                            down_since = None
+                            if source == "events":
+                                self._take(self.events.apply(event, data))
+                            else:
+                                meta_mirror.apply(event, data)
+                                if not isinstance(meta_mirror.value, dict):
+                                    raise StreamNotFound(f"stream {self.key} was deleted")
+                                self.meta = meta_mirror.value
+                                if self.meta.get("heartbeatAt") != beat:
+                                    beat = self.meta.get("heartbeatAt")
+                                    last_activity = time.monotonic()
+                    batch = self._ready()
+                    if batch:
+                        last_activity = time.monotonic()
+                        yield batch
+                        if batch[-1].terminal:
+                            return
+                    meta = self.meta
+                    if meta.get("status") != OPEN and meta.get("lastSeq", -1) < self.cursor:
                         return
-                meta = self.meta
-                if meta.get("status") != OPEN and meta.get("lastSeq", -1) < self.cursor:
-                    return
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + max(0.05, lease / 4)
-                    self._check_lease(meta, time.monotonic() - last_activity)
-        except StorageUnavailable:
-            failed = True
-            raise
-        finally:
-            self.watch.end(failed=failed)
-            for watch in watches:
-                storage.unwatch(watch)
+                    if time.monotonic() >= next_check:
+                        next_check = time.monotonic() + max(0.05, lease / 4)
+                        self._check_lease(meta, time.monotonic() - last_activity)
+            finally:
+                for watch in watches:
+                    storage.unwatch(watch)
 
     def _ready(self) -> list[Event]:
         """The pending events that continue the cursor, up to a terminal one."""

@@ -172,60 +172,55 @@ class Reader:
         last_activity = time.monotonic()
         seen_heartbeat = None
         busy = BUSY.delays()
-        watch = self.producer_watches.watch(stream_id, self.lease_seconds)
-        failed = False
-        try:
-            if self._catch_up is not None:  # its commit wakes us like any other
-                self._catch_up(stream_id)
-            while True:
-                signal.clear()  # before reading, so a commit after the read still wakes us
-                rows = self.read(
-                    "SELECT seq, kind, payload FROM ds_events WHERE stream_id = ? AND seq >= ?"
-                    " ORDER BY seq LIMIT ?",
-                    (stream_id, cursor, READ_BATCH),
-                )
-                if rows:
-                    batch = [Event(*row) for row in rows]
-                    yield batch  # a page at a time: the HTTP layer sends it in one write
-                    if batch[-1].terminal:
-                        return
-                    cursor = rows[-1][0] + 1
-                    last_activity = time.monotonic()
-                    continue
-                info = self.row(stream_id)
-                if info is None or info[9] != token:
-                    raise StreamNotFound(f"stream {stream_id} not found")
-                if info[4] >= cursor:
-                    continue  # committed between our two reads
-                if info[1] != StreamStatus.OPEN.value:
-                    return  # the caller already has the terminal event
-                heartbeat = info[7]
-                if heartbeat != seen_heartbeat:
-                    seen_heartbeat, last_activity = heartbeat, time.monotonic()
-                lease_left = watch.observe(heartbeat, self.now())
-                if lease_left <= 0:
-                    if self.mark_lost(stream_id, token, info[4]):
+        with self.producer_watches.watch(stream_id, self.lease_seconds) as watch:
+            try:
+                if self._catch_up is not None:  # its commit wakes us like any other
+                    self._catch_up(stream_id)
+                while True:
+                    signal.clear()  # before reading, so a commit after the read still wakes us
+                    rows = self.read(
+                        "SELECT seq, kind, payload FROM ds_events WHERE stream_id = ? AND seq >= ?"
+                        " ORDER BY seq LIMIT ?",
+                        (stream_id, cursor, READ_BATCH),
+                    )
+                    if rows:
+                        batch = [Event(*row) for row in rows]
+                        yield batch  # a page at a time: the HTTP layer sends it in one write
+                        if batch[-1].terminal:
+                            return
+                        cursor = rows[-1][0] + 1
+                        last_activity = time.monotonic()
                         continue
-                    lease_left = next(busy)  # somebody is writing: look again shortly
-                else:
-                    busy = BUSY.delays()
-                remaining = timeout - (time.monotonic() - last_activity)
-                if remaining <= 0:
-                    raise StreamTimeout("Stream timed out.")
-                if self._poller is None:
-                    self._ensure_poller()
-                signal.wait(min(RECHECK, remaining, lease_left + 0.001))
-        except StorageUnavailable:
-            failed = True
-            raise
-        finally:
-            watch.end(failed=failed)
-            with self._lock:
-                watchers = self._watchers.get(stream_id)
-                if watchers is not None:
-                    watchers.discard(signal)
-                    if not watchers:
-                        del self._watchers[stream_id]
+                    info = self.row(stream_id)
+                    if info is None or info[9] != token:
+                        raise StreamNotFound(f"stream {stream_id} not found")
+                    if info[4] >= cursor:
+                        continue  # committed between our two reads
+                    if info[1] != StreamStatus.OPEN.value:
+                        return  # the caller already has the terminal event
+                    heartbeat = info[7]
+                    if heartbeat != seen_heartbeat:
+                        seen_heartbeat, last_activity = heartbeat, time.monotonic()
+                    lease_left = watch.observe(heartbeat, self.now())
+                    if lease_left <= 0:
+                        if self.mark_lost(stream_id, token, info[4]):
+                            continue
+                        lease_left = next(busy)  # somebody is writing: look again shortly
+                    else:
+                        busy = BUSY.delays()
+                    remaining = timeout - (time.monotonic() - last_activity)
+                    if remaining <= 0:
+                        raise StreamTimeout("Stream timed out.")
+                    if self._poller is None:
+                        self._ensure_poller()
+                    signal.wait(min(RECHECK, remaining, lease_left + 0.001))
+            finally:
+                with self._lock:
+                    watchers = self._watchers.get(stream_id)
+                    if watchers is not None:
+                        watchers.discard(signal)
+                        if not watchers:
+                            del self._watchers[stream_id]
 
     def mark_lost(self, stream_id: str, token: int, last_seq: int) -> bool:
         """End a stream whose producer's lease expired, from the follower, without waiting.

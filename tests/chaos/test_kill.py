@@ -17,7 +17,7 @@ from flask_durable_stream import protocol
 from flask_durable_stream.durable_streams.request import format_offset, parse_offset
 from tests.chaos.conftest import App, app_on
 from tests.support.chaos import Exchange, Reply, assert_bytes, post, summary
-from tests.support.ds import sse_events
+from tests.support.ds import long_poll_to_the_end, sse_events
 
 LEASE = 3.0
 #: The target is the lease + 2 s (met on a quiet machine; see RELIABILITY.md). A test must not
@@ -174,18 +174,8 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
     live.close()
 
     lost = [{"error": PRODUCER_LOST}]
-    offset, messages = format_offset(had), []
-    client = requests.Session()  # one keep-alive connection, as the official clients keep
-    while time.monotonic() - killed_at < LEASE + SLACK:
-        reply = client.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
-        assert reply.status_code in (200, 204), (reply.status_code, reply.text[:300])
-        if reply.status_code == 200:
-            messages += reply.json()
-        offset = reply.headers["Stream-Next-Offset"]
-        if reply.headers.get("Stream-Closed") == "true":
-            break
+    messages, offset = long_poll_to_the_end(url, format_offset(had), LEASE + SLACK)
     took = time.monotonic() - killed_at
-    client.close()
     whole = requests.get(url, params={"offset": "-1"}, timeout=30).json()
     stored = len(whole) - 1  # the chunks storage had when the worker died (none, mostly)
     assert whole == [{"message": {"i": i}} for i in range(stored)] + lost

@@ -47,3 +47,25 @@ def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
             event = line.split(":", 1)[1].strip()
         elif line.startswith("data:"):
             yield event, json.loads(line.split(":", 1)[1])
+
+
+def long_poll_to_the_end(url: str, offset: str, within: float) -> tuple[list[Any], str]:
+    """Long-poll ``url`` from ``offset`` on one keep-alive connection, as the official clients
+    do, until the stream is closed or ``within`` seconds have passed: the messages and the
+    last ``Stream-Next-Offset``."""
+    import time
+
+    import requests
+
+    messages: list[Any] = []
+    deadline = time.monotonic() + within
+    with requests.Session() as client:
+        while time.monotonic() < deadline:
+            reply = client.get(url, params={"offset": offset, "live": "long-poll"}, timeout=60)
+            assert reply.status_code in (200, 204), (reply.status_code, reply.text[:300])
+            if reply.status_code == 200:
+                messages += reply.json()
+            offset = reply.headers["Stream-Next-Offset"]
+            if reply.headers.get("Stream-Closed") == "true":
+                break
+    return messages, offset

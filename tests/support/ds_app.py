@@ -1,7 +1,8 @@
 """A Durable Streams server for tests: ``gunicorn -k gevent tests.support.ds_app:app``.
 
 ``DS_BACKEND`` picks the storage (memory, sqlite with ``DS_SQLITE_PATH``, redis
-with ``DS_REDIS_URL``); ``DS_LONG_POLL_TIMEOUT`` the long-poll wait;
+with ``DS_REDIS_URL``), ``DS_LEASE`` its producer lease; ``DS_LONG_POLL_TIMEOUT``
+the long-poll wait;
 ``DS_FLOW_POLL`` the seconds between a flow stream's polls where nothing pushes;
 ``DS_HANDOVER=0`` keeps every request of a keep-alive connection with gunicorn. Flows
 ``echo`` and ``fail`` run on the same manager, so their streams are readable as
@@ -21,17 +22,20 @@ from flask_durable_stream.flows import FlowContext
 
 def _manager() -> StreamManager:
     backend = os.environ.get("DS_BACKEND", "memory")
+    lease = float(os.environ.get("DS_LEASE", "10"))
     if backend == "sqlite":
         from flask_durable_stream import SQLiteStreamManager
 
-        return SQLiteStreamManager(os.environ["DS_SQLITE_PATH"])  # type: ignore[no-any-return]
+        path = os.environ["DS_SQLITE_PATH"]
+        return SQLiteStreamManager(path, lease_seconds=lease)  # type: ignore[no-any-return]
     if backend == "redis":
         from flask_durable_stream import RedisStreamManager
 
-        return RedisStreamManager(url=os.environ["DS_REDIS_URL"])  # type: ignore[no-any-return]
+        url = os.environ["DS_REDIS_URL"]
+        return RedisStreamManager(url=url, lease_seconds=lease)  # type: ignore[no-any-return]
     from flask_durable_stream import InMemoryStreamManager
 
-    return InMemoryStreamManager()
+    return InMemoryStreamManager(lease_seconds=lease)
 
 
 app = Flask(__name__)
