@@ -22,8 +22,9 @@ from tests.support.chaos import LoggedServer, Storage, start_app, start_storage
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "chaos_case(name, na=None): a row of RELIABILITY.md; na maps a backend the case"
-        " does not apply to to the reason",
+        "chaos_case(name, na=None, backend=None): a row of RELIABILITY.md; na maps a"
+        " backend the case does not apply to to the reason; backend names the column of a"
+        " case whose app fixture has no backend parameter",
     )
 
 

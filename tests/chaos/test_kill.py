@@ -26,6 +26,19 @@ LEASE = 3.0
 SLACK = 20.0
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 DURABLE = ["sqlite", "redis", "firestore", "rtdb"]
+KILLED_NA = {"memory": "the stream lives in the killed process: nothing is left to report on"}
+#: Only the SQLite (and in-memory) manager hold a stream's events back (store_interval).
+HELD_NA = {
+    **KILLED_NA,
+    **{b: "its manager stores every event as it comes (no store_interval)" for b in DURABLE[1:]},
+}
+DS_NA = {
+    **KILLED_NA,
+    **{
+        b: "Durable Streams are served by the memory, SQLite and Redis managers"
+        for b in ("firestore", "rtdb")
+    },
+}
 #: A Durable Streams long-poll's wait, a third of the lease: no single long-poll sees it end.
 LONG_POLL = LEASE / 3
 
@@ -47,7 +60,7 @@ def paced_bytes(count: int, upto: int | None = None) -> bytes:
 
 @pytest.mark.chaos_case(
     "kill -9 of the producing worker: Producer lost, ended by the lease (target: lease + 2 s)",
-    na={"memory": "the stream lives in the killed process: nothing is left to report on"},
+    na=KILLED_NA,
 )
 def test_reconnecting_clients_get_producer_lost_within_the_lease(chaos: App) -> None:
     count = 400  # 20 s at 50 ms: still running when the worker dies
@@ -104,6 +117,12 @@ def held(shared_storage: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield from app_on("sqlite", shared_storage("sqlite"), log, env)
 
 
+@pytest.mark.chaos_case(
+    "kill -9 of the producing worker, events held (STORE_INTERVAL): an EventSource client"
+    " ahead of storage gets Producer lost, never a 204",
+    backend="sqlite",
+    na=HELD_NA,
+)
 def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer_was_lost(
     held: App,
 ) -> None:
@@ -135,7 +154,25 @@ def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer
     assert terminal == ("failure", PRODUCER_LOST), statuses
 
 
-@pytest.fixture(scope="module", params=["sqlite-held", "sqlite", "redis"])
+DS_KILL = (
+    "kill -9 of the producing worker: a Durable Streams reader whose long-polls are shorter"
+    " than the lease gets Producer lost, at every offset"
+)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(
+            "sqlite-held",
+            marks=pytest.mark.chaos_case(DS_KILL + ", events held (STORE_INTERVAL)", na=HELD_NA),
+        ),
+        *(
+            pytest.param(backend, marks=pytest.mark.chaos_case(DS_KILL, na=DS_NA))
+            for backend in ("sqlite", "redis")
+        ),
+    ],
+)
 def ds_flows(
     request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[App]:
