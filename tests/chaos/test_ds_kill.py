@@ -1,5 +1,5 @@
-"""``kill -9`` of a Durable Streams server on SQLite while clients append: every append
-answered 2xx is still there after a restart, once, in each writer's order.
+"""``kill -9`` of a Durable Streams server on SQLite or Redis while clients append: every
+append answered 2xx is still there after a restart, once, in each writer's order.
 
 The server is the production recipe (``gunicorn -k gevent -w 2``); the master and both
 workers die together, in the middle of the writers' appends, so an append is either
@@ -14,18 +14,21 @@ import os
 import re
 import signal
 import threading
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.support import servers
+from tests.support.chaos import DS_NOT_SERVED
 from tests.support.waiting import wait_for
 from tests.test_durable_streams_suite import ds_server
 
 WRITERS = 4
 #: Acknowledged appends before the kill: enough that several group commits have run.
 ACKED_BEFORE_KILL = 200
-STREAM = "/ds/v1/stream/kill-during-appends"
 CONTENT_TYPE = "text/plain"
 MESSAGE = re.compile(rb"w(\d+)-(\d+)\n")
 
@@ -57,7 +60,11 @@ def _pids_in_group(pgid: int) -> list[int]:
 
 
 def _write(
-    server: servers.Server, writer: Writer, lock: threading.Lock, stop: threading.Event
+    server: servers.Server,
+    stream: str,
+    writer: Writer,
+    lock: threading.Lock,
+    stop: threading.Event,
 ) -> None:
     """Append numbered messages until the connection breaks (the kill) or ``stop`` is set."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
@@ -67,7 +74,7 @@ def _write(
             body = b"w%d-%d\n" % (writer.index, n)
             with lock:
                 writer.sent.append(body)
-            conn.request("POST", STREAM, body=body, headers={"Content-Type": CONTENT_TYPE})
+            conn.request("POST", stream, body=body, headers={"Content-Type": CONTENT_TYPE})
             reply = conn.getresponse()
             reply.read()
             if 200 <= reply.status < 300:
@@ -80,13 +87,13 @@ def _write(
         conn.close()
 
 
-def _read_all(server: servers.Server) -> bytes:
+def _read_all(server: servers.Server, stream: str) -> bytes:
     """The whole stream, from offset -1, following Stream-Next-Offset until up to date."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
         body, offset = b"", "-1"
         while True:
-            conn.request("GET", f"{STREAM}?offset={offset}")
+            conn.request("GET", f"{stream}?offset={offset}")
             reply = conn.getresponse()
             data = reply.read()
             assert reply.status == 200, (reply.status, data[:500])
@@ -98,24 +105,45 @@ def _read_all(server: servers.Server) -> bytes:
         conn.close()
 
 
-def test_acknowledged_appends_survive_kill_9_of_every_process(tmp_path: Path) -> None:
+KILLED = (
+    "kill -9 of a Durable Streams server while 4 clients append: every acknowledged append"
+    " kept, once, in order"
+)
+
+
+@pytest.mark.chaos_case(
+    KILLED,
+    na={
+        "memory": "the streams live in the killed processes",
+        "firestore": DS_NOT_SERVED,
+        "rtdb": DS_NOT_SERVED,
+    },
+)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_acknowledged_appends_survive_kill_9_of_every_process(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Redis outlives the servers (only they are killed); a stream of its own on the
+    # session's Redis. SQLite: the file in tmp_path is the storage that outlives them.
+    redis = request.getfixturevalue("redis_server") if backend == "redis" else None
+    stream = f"/ds/v1/stream/kill-during-appends-{uuid.uuid4().hex[:12]}"
     started: list[servers.Server] = []
     stop = threading.Event()
     lock = threading.Lock()
     writers = [Writer(i) for i in range(WRITERS)]
     threads: list[threading.Thread] = []
     try:
-        first = ds_server("sqlite", tmp_path, workers=2)
+        first = ds_server(backend, tmp_path, redis, workers=2)
         started.append(first)
         conn = http.client.HTTPConnection("127.0.0.1", first.port, timeout=60)
-        conn.request("PUT", STREAM, headers={"Content-Type": CONTENT_TYPE})
+        conn.request("PUT", stream, headers={"Content-Type": CONTENT_TYPE})
         created = conn.getresponse()
         created.read()
         conn.close()
         assert created.status == 201, created.status
 
         threads = [
-            threading.Thread(target=_write, args=(first, w, lock, stop), daemon=True)
+            threading.Thread(target=_write, args=(first, stream, w, lock, stop), daemon=True)
             for w in writers
         ]
         for t in threads:
@@ -139,9 +167,9 @@ def test_acknowledged_appends_survive_kill_9_of_every_process(tmp_path: Path) ->
         # Every writer was still appending when the server died: none stopped on its own.
         assert all(w.ended_by is not None for w in writers), [w.ended_by for w in writers]
 
-        second = ds_server("sqlite", tmp_path, workers=2)
+        second = ds_server(backend, tmp_path, redis, workers=2)
         started.append(second)
-        stored = _read_all(second).split(b"\n")
+        stored = _read_all(second, stream).split(b"\n")
         assert stored[-1] == b"", "the stream does not end with a whole message"
         stored = [line + b"\n" for line in stored[:-1]]
     finally:

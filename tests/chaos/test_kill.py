@@ -16,7 +16,7 @@ import requests
 from flask_durable_stream import protocol
 from flask_durable_stream.durable_streams.request import format_offset, parse_offset
 from tests.chaos.conftest import App, app_on
-from tests.support.chaos import Exchange, Reply, assert_bytes, post, summary
+from tests.support.chaos import DS_NOT_SERVED, Exchange, Reply, assert_bytes, post, summary
 from tests.support.ds import long_poll_to_the_end, sse_events
 
 LEASE = 3.0
@@ -34,10 +34,7 @@ HELD_NA = {
 }
 DS_NA = {
     **KILLED_NA,
-    **{
-        b: "Durable Streams are served by the memory, SQLite and Redis managers"
-        for b in ("firestore", "rtdb")
-    },
+    **{b: DS_NOT_SERVED for b in ("firestore", "rtdb")},
 }
 #: A Durable Streams long-poll's wait, a third of the lease: no single long-poll sees it end.
 LONG_POLL = LEASE / 3

@@ -32,6 +32,8 @@ from tests.support import servers
 
 PID_HEADER = "x-worker-pid"
 BACKENDS = ("memory", "sqlite", "redis", "firestore", "rtdb")
+#: The reason a Durable Streams case has no Firestore or RTDB cell (docs/durable-streams.md).
+DS_NOT_SERVED = "Durable Streams are served by the memory, SQLite and Redis managers"
 
 
 class OutageUnavailable(RuntimeError):
