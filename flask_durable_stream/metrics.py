@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .exceptions import StoragePermanentError, StreamClosed
-from .managers.base import PRODUCER_LOST, Event, StreamWriter
+from .managers.base import PRODUCER_LOST, Event, StreamWriter, close_batches
 
 if TYPE_CHECKING:
     from .run import LiveReader, Run
@@ -168,9 +168,7 @@ class PrometheusMetrics(Observer):
                     yield batch
             finally:
                 gauge.dec()
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
+                close_batches(batches)
 
         return counted()
 

@@ -37,7 +37,14 @@ from .. import protocol
 from .._concurrency import TaskGroup, gevent_patched
 from ..exceptions import DurableStreamError, StreamNotFound
 from ..fronts.core import keepalive_pump
-from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
+from ..managers.base import (
+    Event,
+    StreamInfo,
+    StreamManager,
+    StreamStatus,
+    close_batches,
+    valid_stream_id,
+)
 from .engine import start_of
 from .replies import (
     CLOSED,
@@ -153,9 +160,7 @@ class FlowStreams:
                     if not batch or batch[-1].seq + 1 >= meta.tail:
                         break
             finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
+                close_batches(batches)
         return Chunk(meta, start, start + len(records), records, marks_end=True)
 
     def wait(self, path: str, meta: Meta, deadline: float) -> Meta | None:
@@ -186,6 +191,11 @@ class FlowStreams:
                 return meta
         return self._end_lost(path, meta)
 
+    def _fresh(self, path: str) -> Meta | None:
+        """The stream's metadata as stored now, None once it is gone."""
+        info = self.info(path)
+        return self.meta(info) if info is not None else None
+
     def _end_lost(self, path: str, meta: Meta) -> Meta | None:
         """The producer's lease ran out for this process's readers: a subscription, which goes
         on with their watch, marks the stream lost (as under gevent); its fresh metadata."""
@@ -201,11 +211,8 @@ class FlowStreams:
             except DurableStreamError as exc:  # lost, timed out: the stream's state says
                 log.debug("flow stream %s: its subscription ended: %s", path, exc)
             finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
-        info = self.info(path)
-        return self.meta(info) if info is not None else None
+                close_batches(batches)
+        return self._fresh(path)
 
     def _batches(
         self, path: str, after: int, deadline: float, interval: float
@@ -238,8 +245,7 @@ class FlowStreams:
                 log.debug("flow stream %s: its subscription ended: %s", path, exc)
             finally:
                 source.close()
-        info = self.info(path)
-        return self.meta(info) if info is not None else None
+        return self._fresh(path)
 
     def get(
         self,

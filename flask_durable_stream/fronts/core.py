@@ -28,7 +28,14 @@ from .._concurrency import TaskGroup
 from .._responses import TrackedBody
 from ..exceptions import DurableStreamError, InvalidRequest, StorageUnavailable
 from ..flows import RequestData, foreign_error, resolve
-from ..managers.base import Event, StreamInfo, StreamManager, StreamStatus, valid_stream_id
+from ..managers.base import (
+    Event,
+    StreamInfo,
+    StreamManager,
+    StreamStatus,
+    close_batches,
+    valid_stream_id,
+)
 from ..run import DEFAULT_BUFFER_LIMIT
 from ..runner import DEFAULT_SHUTDOWN_GRACE, DEFAULT_WRITE_RETRY_TIMEOUT, Runner
 
@@ -157,9 +164,7 @@ def with_stored_end(
             if batch and batch[-1].terminal:
                 return
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        close_batches(batches)
     info = manager.info(stream_id)
     if info is None or info.status in (StreamStatus.OPEN, StreamStatus.DONE):
         return  # gone; or ended well, so the reader had every event and the end
@@ -170,9 +175,7 @@ def with_stored_end(
                 yield batch[-1:]
                 return
     finally:
-        close = getattr(tail, "close", None)
-        if close is not None:
-            close()
+        close_batches(tail)
 
 
 def read_raw(limit: int) -> bytes:

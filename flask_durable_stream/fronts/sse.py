@@ -15,7 +15,7 @@ from flask import Response, request
 from .. import _logging, protocol
 from .._concurrency import gevent_patched
 from ..exceptions import DurableStreamError, StreamNotFound
-from ..managers.base import Event, StreamStatus
+from ..managers.base import Event, StreamStatus, close_batches
 from .core import (
     Front,
     after_seq,
@@ -111,6 +111,4 @@ class SseFront(Front):
             log.exception("reading a stream failed")
             yield protocol.sse_comment("failure " + protocol.encode(protocol.INTERNAL_ERROR))
         finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+            close_batches(source)

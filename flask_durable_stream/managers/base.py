@@ -37,7 +37,7 @@ import operator
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
@@ -258,6 +258,15 @@ class StreamWriter:
         event = Event(self.next_seq, kind, payload)
         self.append([event])
         return event
+
+
+def close_batches(batches: Iterable[Any]) -> None:
+    """Close what :meth:`StreamManager.subscribe_batches` returned, if it can be closed:
+    a backend's subscription (a generator) lets go of its listeners and its lease watch
+    now, not when the collector finds it."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 class StreamManager:

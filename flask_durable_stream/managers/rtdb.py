@@ -64,6 +64,7 @@ from .rtdb_io import (
     database_root,
     firebase_app_for,
     node_key,
+    stream_id_of,
 )
 from .rtdb_writer import RtdbWriter
 
@@ -198,7 +199,7 @@ class RtdbStreamManager(StreamManager):
         if meta.get("status") == OPEN:  # lastSeq is only refreshed by heartbeats
             last_seq = max(last_seq, self.storage.last_seq(key))
         return StreamInfo(
-            key.replace(",", "."),
+            stream_id_of(key),
             StreamStatus(meta.get("status", OPEN)),
             meta.get("createdAt", 0.0),
             meta.get("updatedAt", 0.0),

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..exceptions import StorageUnavailable, StreamError, StreamNotFound, StreamTimeout
 from .base import Event
-from .rtdb_io import OPEN, Meta, RtdbStorage, event_key, to_event
+from .rtdb_io import OPEN, Meta, RtdbStorage, event_key, stream_id_of, to_event
 from .rtdb_stream import Mirror
 
 
@@ -54,8 +54,7 @@ class Follower:
         self.events = Mirror()
         self.pending: dict[int, Event] = {}
         self.lease_seconds = storage.manager.lease_seconds
-        stream_id = key.replace(",", ".")  # node_key's inverse: ids have no commas
-        self.watch = storage.manager.producer_watches.watch(stream_id, self.lease_seconds)
+        self.watch = storage.manager.producer_watches.watch(stream_id_of(key), self.lease_seconds)
 
     def run(self) -> Iterator[list[Event]]:
         storage, lease = self.storage, self.lease_seconds

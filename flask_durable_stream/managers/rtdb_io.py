@@ -66,6 +66,11 @@ def node_key(stream_id: str) -> str:
     return stream_id.replace(".", ",")
 
 
+def stream_id_of(key: str) -> str:
+    """:func:`node_key`'s inverse (stream ids have no commas)."""
+    return key.replace(",", ".")
+
+
 def to_event(key: str, node: Any) -> Event | None:
     """The event stored at ``events/<key>``, or None while it is incomplete."""
     if not isinstance(node, dict) or not isinstance(node.get("payload"), str):
