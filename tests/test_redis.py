@@ -15,8 +15,10 @@ from flask_durable_stream import (
     DurableStream,
     StoragePermanentError,
     StorageUnavailable,
+    StreamNotFound,
     StreamStatus,
 )
+from flask_durable_stream.managers.base import Event
 from flask_durable_stream.managers.redis import RedisStreamManager
 from tests.support import servers
 from tests.support.redis_server import RedisServer
@@ -29,16 +31,91 @@ def manager(redis_server: RedisServer) -> Any:
     manager.close()
 
 
-def test_finished_streams_get_a_redis_ttl_open_ones_none(manager: RedisStreamManager) -> None:
+def test_finished_streams_get_the_ttl_open_ones_lease_and_ttl_from_each_write(
+    manager: RedisStreamManager,
+) -> None:
     finished = manager.open("finished")
     finished.write("a")
     finished.done("b")
-    still_open = manager.open("open")
-    still_open.write("a")
     for key in manager.storage.keys("finished"):
         assert 0 < manager.client.pttl(key) <= manager.ttl_seconds * 1000
-    for key in manager.storage.keys("open"):
-        assert manager.client.pttl(key) == -1  # no expiry while the producer lives
+    abandon = (manager.lease_seconds + manager.ttl_seconds) * 1000
+    meta, events = manager.storage.keys("open")
+    still_open = manager.open("open")
+    assert abandon - 5000 < manager.client.pttl(meta) <= abandon  # no events key yet
+
+    def renewed_by(write: Any) -> None:
+        for key in (meta, events):
+            manager.client.pexpire(key, 1000)
+        write()
+        for key in (meta, events):
+            assert abandon - 5000 < manager.client.pttl(key) <= abandon
+
+    renewed_by(lambda: still_open.write("a"))
+    renewed_by(still_open.heartbeat)
+    renewed_by(lambda: still_open.append([Event(1, "chunk", '"b"')]))
+
+
+def test_a_dead_producers_stream_is_deleted_by_redis_with_no_gc(redis_server: RedisServer) -> None:
+    """A producer that died with nobody reading (its worker killed): Redis deletes its
+    stream the lease and then the TTL after its last write, as it deletes a finished one;
+    a producer that keeps beating keeps its stream."""
+    manager = RedisStreamManager(
+        url=redis_server.url,
+        prefix=f"t-{uuid.uuid4().hex[:8]}",
+        lease_seconds=0.3,
+        ttl_seconds=0.3,
+    )
+    try:
+        manager.open("abandoned").write("last words")  # and nothing after it
+        written = time.monotonic()
+        alive = manager.open("alive")
+        alive.write("first")
+        deadline = written + 30
+        while manager.client.exists(*manager.storage.keys("abandoned")):
+            assert time.monotonic() < deadline, "Redis never deleted the abandoned stream"
+            alive.heartbeat()
+            time.sleep(0.05)
+        assert time.monotonic() - written >= 0.5  # not before the lease and the TTL
+        assert manager.info("abandoned") is None
+        with pytest.raises(StreamNotFound):
+            manager.subscribe("abandoned")
+        info = manager.info("alive")
+        assert info is not None and info.status is StreamStatus.OPEN
+        alive.done("end")
+        assert [e.payload for e in manager.subscribe("alive")] == ['"first"', '"end"']
+    finally:
+        manager.close()
+
+
+def test_the_index_forgets_streams_redis_deleted_as_new_ones_open(
+    redis_server: RedisServer,
+) -> None:
+    """Redis deletes a stream's keys, not its entry in the index that ``list_streams``
+    reads: each ``open`` looks at a few entries on from where the last one stopped and
+    drops those of deleted streams, passing by live ones, with no gc job."""
+    manager = RedisStreamManager(
+        url=redis_server.url, prefix=f"t-{uuid.uuid4().hex[:8]}", ttl_seconds=0.2
+    )
+    try:
+        long_lived = manager.open("long-lived")  # the index's first entry, open throughout
+        for i in range(10):
+            manager.open(f"old-{i}").done("x")
+        deadline = time.monotonic() + 30
+        while any(manager.client.exists(manager.storage.keys(f"old-{i}")[0]) for i in range(10)):
+            assert time.monotonic() < deadline, "Redis never deleted the ended streams"
+            time.sleep(0.05)
+        index = manager.storage.index
+        assert manager.client.zcard(index) == 11  # the keys are gone, their entries not
+        new = [f"new-{i}" for i in range(5)]
+        for stream_id in new:
+            manager.open(stream_id)
+        entries = {raw.decode() for raw in manager.client.zrange(index, 0, -1)}
+        assert entries == {"long-lived", *new}
+        assert {info.stream_id for info in manager.list_streams()} == entries
+        long_lived.done("end")
+    finally:
+        manager.close()
 
 
 def test_a_follower_of_another_manager_is_woken_by_new_entries(

@@ -58,6 +58,7 @@ from .base import (
 )
 from .redis_io import RedisStorage, expired, make_client, text, to_event
 from .redis_reader import PAGE, SharedReader, poke_key
+from .redis_scripts import INDEX_SWEEP
 from .redis_writer import RedisWriter
 
 if TYPE_CHECKING:
@@ -154,8 +155,9 @@ class RedisStreamManager(StreamManager):
     ) -> StreamWriter:
         token = os.urandom(12).hex()
         storage = self.storage
-        keys = [*storage.keys(stream_id), storage.index]
-        args = [stream_id, token, owner or "", repr(self.now()), flow or ""]
+        keys = [*storage.keys(stream_id), storage.index, storage.index_sweep]
+        args = [stream_id, token, owner or "", repr(self.now()), flow or "", storage.abandon_ms()]
+        args += [*storage.meta_key_parts(), INDEX_SWEEP]
         if not int(storage.script("open", keys, args)):
             raise StreamExists(f"stream {stream_id} already exists")
         return RedisWriter(storage, stream_id, token)

@@ -3,7 +3,7 @@
 :class:`RedisStorage` is what the manager (:mod:`.redis`), the writer
 (:mod:`.redis_writer`) and the shared reader (:mod:`.redis_reader`) call; it
 calls none of them, and reads only the public settings of the manager it serves
-(``now()``, ``ttl_seconds``).
+(``now()``, ``ttl_seconds``, ``lease_seconds``).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class RedisStorage:
         self.prefix = prefix
         self.manager = manager
         self.index = f"{prefix}:index"
+        #: Where ``open`` goes on looking through the index for deleted streams.
+        self.index_sweep = f"{prefix}:index:sweep"
         self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self._reply_error = redis.exceptions.ResponseError
         self._scripts = {name: client.register_script(src) for name, src in SCRIPTS.items()}
@@ -82,6 +84,11 @@ class RedisStorage:
         """The stream's meta hash and events stream (one hash tag: one Cluster slot)."""
         base = f"{self.prefix}:{{{stream_id}}}"
         return [f"{base}:meta", f"{base}:events"]
+
+    def meta_key_parts(self) -> list[str]:
+        """What goes before and after a stream's id in its meta key (for a script that
+        builds the key of an id it read)."""
+        return [f"{self.prefix}:{{", "}:meta"]
 
     def pointer_key(self, key: str) -> str:
         return f"{self.prefix}:pointer:{key}"
@@ -114,6 +121,13 @@ class RedisStorage:
         """The key TTL (ms) and ``expires_at`` of a stream that ends at ``now``."""
         ttl = self.manager.ttl_seconds
         return max(1, int(ttl * 1000)), repr(now + ttl)
+
+    def abandon_ms(self) -> int:
+        """The key TTL (ms) an open stream's keys get from each of its producer's writes:
+        the lease, then the TTL of a stream that ended. Redis deletes the stream of a
+        producer that died with nobody reading by then, as it deletes a finished one."""
+        manager = self.manager
+        return max(1, int((manager.lease_seconds + manager.ttl_seconds) * 1000))
 
     def stored_meta(self, stream_id: str) -> dict[str, str]:
         """The meta hash as stored, expired or not ({} when Redis has none)."""

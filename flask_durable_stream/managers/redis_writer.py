@@ -46,6 +46,7 @@ class RedisWriter(StreamWriter):
         last = events[-1]
         terminal = status_after(last).value if last.terminal else ""
         args: list[Any] = [self._token, repr(now), ttl_ms, expires, terminal, events[0].seq]
+        args.append(storage.abandon_ms())
         for event in events:
             args.append(event.kind)
             args.append(event.payload)
@@ -60,6 +61,6 @@ class RedisWriter(StreamWriter):
 
     def heartbeat(self) -> bool:
         storage = self._storage
-        keys = storage.keys(self.stream_id)[:1]
-        result = storage.script("heartbeat", keys, [self._token, repr(storage.manager.now())])
+        args = [self._token, repr(storage.manager.now()), storage.abandon_ms()]
+        result = storage.script("heartbeat", storage.keys(self.stream_id), args)
         return int(result) == 1

@@ -55,20 +55,31 @@ def paced_bytes(count: int, upto: int | None = None) -> bytes:
     return "".join(chunks[:upto] if upto is not None else [*chunks, done]).encode()
 
 
+#: The chunks of a stream whose worker a case kills: 20 s at 50 ms, still running at the kill.
+KILLED_COUNT = 400
+
+
+def kill_mid_stream(url: str, chunks: int) -> tuple[str, float]:
+    """Start a paced stream of ``KILLED_COUNT`` chunks, read ``chunks`` of them live, then
+    ``kill -9`` its worker: the stream's id and the time of the kill."""
+    live = post(url, "paced", {"count": KILLED_COUNT, "delay_ms": 50})
+    assert live.reply.status == 200
+    stream_id = live.reply.stream_id
+    assert stream_id
+    assert live.read_chunks(chunks) == chunks
+    os.kill(live.reply.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    live.close()
+    return stream_id, killed_at
+
+
 @pytest.mark.chaos_case(
     "kill -9 of the producing worker: Producer lost, ended by the lease (target: lease + 2 s)",
     na=KILLED_NA,
 )
 def test_reconnecting_clients_get_producer_lost_within_the_lease(chaos: App) -> None:
-    count = 400  # 20 s at 50 ms: still running when the worker dies
-    live = post(chaos.url, "paced", {"count": count, "delay_ms": 50})
-    assert live.reply.status == 200
-    stream_id = live.reply.stream_id
-    assert stream_id
-    assert live.read_chunks(5) == 5
-    os.kill(live.reply.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    live.close()
+    count = KILLED_COUNT
+    stream_id, killed_at = kill_mid_stream(chaos.url, 5)
 
     replies: list[Reply | BaseException] = []
 
@@ -127,12 +138,7 @@ def test_an_sse_client_ahead_of_storage_when_its_worker_dies_learns_the_producer
     Reconnecting as ``EventSource`` does (``Last-Event-ID``, again whenever a connection ends
     without the stream's end), it must get the failure "Producer lost": never a 204, which
     would stop ``EventSource`` as if the stream had ended well."""
-    live = post(held.url, "paced", {"count": 400, "delay_ms": 50})
-    assert live.reply.status == 200
-    stream_id = live.reply.stream_id
-    assert live.read_chunks(10) == 10
-    os.kill(live.reply.pid, signal.SIGKILL)
-    live.close()
+    stream_id, _ = kill_mid_stream(held.url, 10)
     last_id, terminal, statuses = 9, None, []
     path = f"/flows/paced/events?streamId={stream_id}"
     while terminal is None and len(statuses) < 10:
@@ -227,3 +233,71 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
         assert [m for batch in data for m in batch] == expected, position
     done = requests.get(url, params={"offset": offset}, timeout=30)
     assert done.json() == [] and done.headers["Stream-Closed"] == "true"
+
+
+#: Short, so that a case sees a killed producer's stream go: it is ended once the lease is
+#: over and deleted once the TTL is too.
+SHORT_LEASE, SHORT_TTL = 1.0, 1.0
+ABANDONED_NA = {
+    **KILLED_NA,
+    "firestore": "the Firestore manager deletes an abandoned open stream only when a periodic"
+    " job runs `flask durable-stream gc` (docs/firestore.md)",
+    "rtdb": "the RTDB manager sweeps only with `sweep_interval` set (off by default; docs/rtdb.md)",
+}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def short_lived(
+    request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[App, Any]]:
+    """The app with a short lease and TTL, and a manager of the test's own on the same
+    storage, to look at what is stored without reading the stream (a reader would end it)."""
+    backend = request.param
+    storage = shared_storage(backend)
+    env = {
+        "FLASK_DURABLE_STREAM_LEASE": str(SHORT_LEASE),
+        "FLASK_DURABLE_STREAM_TTL": str(SHORT_TTL),
+    }
+    if backend == "redis":
+        from flask_durable_stream import RedisStreamManager
+
+        prefix = f"abandoned-{os.getpid()}-{time.monotonic_ns()}"
+        env["FLASK_DURABLE_STREAM_REDIS_PREFIX"] = prefix
+        manager: Any = RedisStreamManager(url=storage.server.url, prefix=prefix)
+    else:
+        from flask_durable_stream import SQLiteStreamManager
+
+        manager = SQLiteStreamManager(str(storage.path))
+    log = tmp_path_factory.mktemp("log") / "gunicorn.log"
+    try:
+        for app in app_on(backend, storage, log, env):
+            yield app, manager
+    finally:
+        manager.close()
+
+
+@pytest.mark.chaos_case(
+    "kill -9 of the producing worker, nobody reading: its stream ends and is deleted"
+    " (lease + TTL), with no reader and no gc job",
+    na=ABANDONED_NA,
+)
+def test_a_killed_flows_stream_goes_away_with_nobody_reading(
+    short_lived: tuple[App, Any],
+) -> None:
+    app, manager = short_lived
+    stream_id, killed_at = kill_mid_stream(app.url, 3)
+    info = manager.info(stream_id)
+    assert info is not None and info.status.value == "open", info  # left open by the kill
+    # The server goes on: new streams (a SQLite worker sweeps once it has opened one).
+    for _ in range(3):
+        fresh = post(app.url, "paced", {"count": 3, "delay_ms": 1}).read()
+        assert_bytes("a new stream after the kill", fresh.raw, paced_bytes(3))
+    deadline = killed_at + SHORT_LEASE + SHORT_TTL + SLACK
+    while manager.info(stream_id) is not None:
+        assert time.monotonic() < deadline, f"still stored: {manager.info(stream_id)}"
+        time.sleep(0.1)
+    if app.backend == "redis":  # and the index that list_streams reads forgets it
+        for _ in range(3):
+            post(app.url, "paced", {"count": 1, "delay_ms": 1}).read()
+        assert manager.client.zscore(manager.storage.index, stream_id) is None
+    assert stream_id not in {i.stream_id for i in manager.list_streams(limit=1000)}
