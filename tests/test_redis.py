@@ -22,6 +22,7 @@ from flask_durable_stream.managers.base import Event
 from flask_durable_stream.managers.redis import RedisStreamManager
 from tests.support import servers
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -291,3 +292,33 @@ def test_redis_down_at_startup_then_up_needs_no_restart(tmp_path: Path) -> None:
             server.stop()
     finally:
         manager.close()
+
+
+def test_a_redis_cluster_client_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A cluster refuses a script whose keys hash to different slots, as ``open``'s do (the
+    stream's keys and the index): the manager refuses a cluster client when it is made."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    from flask_durable_stream.managers.redis_scripts import _OPEN
+
+    nodes = ("--cluster-config-file", str(tmp_path / "nodes.conf"))
+    server = RedisServer(tmp_path, extra=("--cluster-enabled", "yes", *nodes))
+    try:
+        node = redis.Redis(port=server.port)
+        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # a cluster of one node
+        info = lambda: node.execute_command("CLUSTER", "INFO")  # noqa: E731
+        wait_for(lambda: b"cluster_state:ok" in info(), "the cluster to be up")
+        keys = ["p:{s}:meta", "p:{s}:events", "p:index", "p:index:sweep"]
+        with pytest.raises(redis.exceptions.ResponseError, match="hash to the same slot"):
+            node.eval(_OPEN, len(keys), *keys, "s", "t", "", "1.0", "", 1000, "p:{", "}:meta", 4)
+        cluster = RedisCluster(host="127.0.0.1", port=server.port)
+        try:
+            for client in (cluster, lambda: cluster):  # the client, or a factory of it
+                with pytest.raises(ValueError, match="not a Redis Cluster"):
+                    RedisStreamManager(client=client)
+        finally:
+            cluster.close()
+        node.close()
+    finally:
+        server.stop()

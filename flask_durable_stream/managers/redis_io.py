@@ -51,6 +51,7 @@ def to_event(entry_id: Any, fields: dict[Any, Any]) -> Event:
 def make_client(client: Any, url: str | None, max_connections: int, pool_timeout: float) -> Any:
     """``client`` (a ``redis.Redis`` or a factory of one), else a blocking pool's for ``url``."""
     import redis
+    from redis.cluster import RedisCluster
 
     if client is None:
         if url is None:
@@ -59,8 +60,14 @@ def make_client(client: Any, url: str | None, max_connections: int, pool_timeout
             url, max_connections=max_connections, timeout=pool_timeout
         )
         return redis.Redis(connection_pool=pool)
-    if callable(client) and not isinstance(client, redis.Redis):
-        return client()
+    if callable(client) and not isinstance(client, (redis.Redis, RedisCluster)):
+        client = client()
+    if isinstance(client, RedisCluster):
+        raise ValueError(
+            "RedisStreamManager needs one Redis server (a primary), not a Redis Cluster:"
+            " a stream's open and the shared XREAD span hash slots, which a cluster refuses"
+            " (see docs/redis.md)"
+        )
     return client
 
 

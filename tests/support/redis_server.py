@@ -23,7 +23,7 @@ def find_redis_server() -> str:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         if port is None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -43,6 +43,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(workdir),
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
