@@ -208,7 +208,7 @@ def test_lease_cannot_clobber_a_terminal_event(
 
 
 def test_expired_streams_are_not_found_before_gc(backend_rtdb: Make) -> None:
-    manager = backend_rtdb(ttl_seconds=30)
+    manager = backend_rtdb(ttl_seconds=30, sweep_interval=0)  # gc() below, nothing before it
     clock = ManualClock()
     manager.clock = clock
     sid = "dotted.id.v1"  # '.' is stored as ',' in keys
@@ -222,6 +222,73 @@ def test_expired_streams_are_not_found_before_gc(backend_rtdb: Make) -> None:
     with pytest.raises(StreamNotFound):
         manager.request_cancel(sid)
     assert manager.gc() == 1
+
+
+def test_the_sweep_deletes_ended_and_abandoned_streams_with_no_gc_job(
+    backend_rtdb: Make, rtdb_app: Any
+) -> None:
+    """By default each process that opens streams runs ``gc()`` every half TTL (at least
+    1 s): a finished stream past its TTL, and an open one whose producer stopped beating
+    past the lease and the TTL, are deleted from the database with no job; a producer that
+    beats keeps its stream. With the sweep off (0) nothing is deleted in the same time."""
+    manager = backend_rtdb(lease_seconds=0.3, ttl_seconds=0.5)
+    assert manager.sweep_interval == 1.0  # half the TTL, at least 1 s
+    unswept = RtdbStreamManager(
+        firebase_app=rtdb_app,
+        ref_prefix=f"t-{uuid.uuid4().hex[:12]}",
+        linger=0.0,
+        lease_seconds=0.3,
+        ttl_seconds=0.5,
+        sweep_interval=0,
+    )
+    try:
+        for each in (manager, unswept):
+            each.open("finished").done("x")
+            each.open("abandoned").write("last words")  # and nothing after it
+        alive = manager.open("alive")
+
+        def stored(m: StreamManager, sid: str) -> bool:
+            return call(m.root.child(node_key(sid)).get, shallow=True) is not None  # type: ignore[attr-defined]
+
+        deadline = time.monotonic() + 30
+        while stored(manager, "finished") or stored(manager, "abandoned"):
+            assert time.monotonic() < deadline, "the sweep never deleted them"
+            alive.heartbeat()
+            time.sleep(0.1)
+        index = call(manager.root.child("_index").get, shallow=True) or {}  # type: ignore[attr-defined]
+        assert set(index) == {"alive"}
+        info = manager.info("alive")
+        assert info is not None and info.status.value == "open"
+        assert stored(unswept, "finished") and stored(unswept, "abandoned")
+        assert unswept.gc() == 2  # what a job would have to do
+    finally:
+        unswept.close()
+
+
+def test_the_sweep_interval_from_config(rtdb_server: RtdbServer) -> None:
+    from flask import Flask
+
+    from flask_durable_stream import DurableStream
+
+    managers = []
+    for setting, expected in ((None, 30.0), ("0", 0.0), ("5", 5.0)):
+        app = Flask(__name__)
+        app.config.update(
+            DURABLE_STREAM_BACKEND="rtdb",
+            DURABLE_STREAM_RTDB_URL=rtdb_server.database_url,
+            DURABLE_STREAM_TTL=60.0,
+        )
+        if setting is not None:
+            app.config["DURABLE_STREAM_RTDB_SWEEP_INTERVAL"] = setting
+        DurableStream(app, flows={})
+        manager = app.extensions["durable_stream"].manager
+        managers.append(manager)
+        assert isinstance(manager, RtdbStreamManager)
+        assert manager.sweep_interval == expected
+    with pytest.raises(ValueError, match="sweep_interval"):
+        RtdbStreamManager(reference=managers[0].root, sweep_interval=-1)
+    for manager in managers:
+        manager.close()
 
 
 def test_closing_a_subscription_is_immediate(backend_rtdb: Make, rtdb_server: RtdbServer) -> None:
@@ -316,12 +383,13 @@ GEVENT_SCRIPT = textwrap.dedent(
     started = time.monotonic()
     follower.kill(block=True, timeout=10)
     closed_in = time.monotonic() - started
-    leftover = [t.name for t in running_tasks()]
+    leftover = [t.name for t in running_tasks()]  # the manager's own sweep, until close
     manager.close()
     clock.kill()
     print(json.dumps({
         "patched": gevent_patched(), "reads": [r.value for r in readers], "ticks": ticks[0],
         "closed_in": closed_in, "follower_dead": follower.dead, "leftover": leftover,
+        "after_close": [t.name for t in running_tasks()],
     }))
     """
 )
@@ -343,7 +411,8 @@ def test_under_gevent_monkey_patching(rtdb_server: RtdbServer, tmp_path: Path) -
     assert result["patched"] is True
     assert result["reads"] == [list(range(31))] * 3
     assert result["ticks"] > 10  # the hub kept running while readers waited on sockets
-    assert result["follower_dead"] and result["leftover"] == []
+    assert result["follower_dead"] and result["leftover"] == ["rtdb-sweep"]
+    assert result["after_close"] == []
     assert result["closed_in"] < 5  # keep-alives come every 30 s: it did not wait for a byte
 
 

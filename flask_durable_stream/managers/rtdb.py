@@ -34,6 +34,7 @@ streaming client (:mod:`.rtdb_stream`).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -80,8 +81,9 @@ class RtdbStreamManager(StreamManager):
     ``reference``: the node under which ``ref_prefix`` lives (default: the root
     of ``firebase_app``'s database, or of the default app). ``linger``: how long
     a batch may wait for the previous write, the lever on write count.
-    ``sweep_interval``: run :meth:`gc` in the background that often (off by
-    default: call ``gc()`` from a scheduled job).
+    ``sweep_interval``: run :meth:`gc` in the background that often, from the
+    first :meth:`open` of the process on (None: half the TTL, between 1 and 60
+    seconds; 0: never, for an app that runs ``gc()`` from a scheduled job).
     """
 
     max_event_bytes = MAX_STRING_BYTES
@@ -89,15 +91,19 @@ class RtdbStreamManager(StreamManager):
     config_defaults: ClassVar[Mapping[str, Any]] = {
         "DURABLE_STREAM_RTDB_URL": None,
         "DURABLE_STREAM_RTDB_PREFIX": "durable-streams",
+        "DURABLE_STREAM_RTDB_SWEEP_INTERVAL": None,
     }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], app: Flask) -> RtdbStreamManager:
-        """``DURABLE_STREAM_RTDB_URL`` (required) and ``DURABLE_STREAM_RTDB_PREFIX``."""
+        """``DURABLE_STREAM_RTDB_URL`` (required), ``DURABLE_STREAM_RTDB_PREFIX`` and
+        ``DURABLE_STREAM_RTDB_SWEEP_INTERVAL`` (seconds; 0 turns the sweep off)."""
         url = required_setting(config, "DURABLE_STREAM_RTDB_URL", "rtdb")
+        sweep = config["DURABLE_STREAM_RTDB_SWEEP_INTERVAL"]
         return cls(
             firebase_app=firebase_app_for(url),
             ref_prefix=config["DURABLE_STREAM_RTDB_PREFIX"],
+            sweep_interval=None if sweep is None else float(sweep),
             **common_options(config),
         )
 
@@ -132,8 +138,15 @@ class RtdbStreamManager(StreamManager):
             base.child(ref_prefix), self, self._tasks, read_timeout=read_timeout
         )
         self.root = self.storage.root
-        if sweep_interval:
-            self._tasks.spawn(self._sweep, sweep_interval, name="rtdb-sweep")
+        if sweep_interval is None:
+            sweep_interval = max(1.0, min(60.0, ttl_seconds / 2))
+        if sweep_interval < 0:
+            raise ValueError(f"sweep_interval must be 0 (off) or more, got {sweep_interval}")
+        #: Seconds between two runs of :meth:`gc` in the background; 0: never.
+        self.sweep_interval = sweep_interval
+        self._sweeper: Any = None  # started by the first open of the process
+        self._sweeper_pid = 0
+        self._sweeper_lock = threading.Lock()
 
     # -- producer ------------------------------------------------------------
     def open(
@@ -141,6 +154,7 @@ class RtdbStreamManager(StreamManager):
     ) -> StreamWriter:
         if not valid_stream_id(stream_id):
             raise InvalidRequest(f"invalid stream id {stream_id!r}")
+        self._ensure_sweeper()
         key = node_key(stream_id)
         started, now = time.monotonic(), self.now()
         meta = {
@@ -267,6 +281,17 @@ class RtdbStreamManager(StreamManager):
                 update[f"{INDEX}/{key}"] = None
             self.storage.update(update)
         return len(expired)
+
+    def _ensure_sweeper(self) -> None:
+        # In each process that opens streams (a forked worker starts its own), not in one
+        # that only reads or runs a command, nor before a fork (gunicorn --preload).
+        if self.sweep_interval and self._sweeper_pid != os.getpid():
+            with self._sweeper_lock:
+                if self._sweeper_pid != os.getpid() and not self._stopping.is_set():
+                    self._sweeper_pid = os.getpid()
+                    self._sweeper = self._tasks.spawn(
+                        self._sweep, self.sweep_interval, name="rtdb-sweep"
+                    )
 
     def _sweep(self, interval: float) -> None:
         while not self._stopping.wait(interval):

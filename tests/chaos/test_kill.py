@@ -238,14 +238,9 @@ def test_a_durable_streams_reader_of_a_killed_flow_learns_the_producer_was_lost(
 #: Short, so that a case sees a killed producer's stream go: it is ended once the lease is
 #: over and deleted once the TTL is too.
 SHORT_LEASE, SHORT_TTL = 1.0, 1.0
-ABANDONED_NA = {
-    **KILLED_NA,
-    "rtdb": "the RTDB manager ends and deletes an abandoned open stream only when `gc()` runs:"
-    " its `sweep_interval` (off by default) or a periodic job (docs/rtdb.md)",
-}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "redis", "firestore"])
+@pytest.fixture(scope="module", params=DURABLE)
 def short_lived(
     request: pytest.FixtureRequest, shared_storage: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[App, Any]]:
@@ -271,6 +266,17 @@ def short_lived(
             patch.setenv("FIRESTORE_EMULATOR_HOST", emulator.host)
             env["FLASK_DURABLE_STREAM_FIRESTORE_COLLECTION"] = name
             manager = FirestoreStreamManager(project=emulator.project, collection=name)
+        elif backend == "rtdb":
+            from flask_durable_stream import RtdbStreamManager
+            from flask_durable_stream.managers.rtdb_io import firebase_app_for
+
+            config = storage.env()
+            patch.setenv(
+                "FIREBASE_DATABASE_EMULATOR_HOST", config["FIREBASE_DATABASE_EMULATOR_HOST"]
+            )
+            env["FLASK_DURABLE_STREAM_RTDB_PREFIX"] = name
+            app = firebase_app_for(config["FLASK_DURABLE_STREAM_RTDB_URL"])
+            manager = RtdbStreamManager(firebase_app=app, ref_prefix=name)  # it opens nothing
         else:
             from flask_durable_stream import SQLiteStreamManager
 
@@ -286,7 +292,7 @@ def short_lived(
 @pytest.mark.chaos_case(
     "kill -9 of the producing worker, nobody reading: its stream is gone lease + TTL later"
     " (ended and deleted, or read as expired), with no reader and no gc job",
-    na=ABANDONED_NA,
+    na=KILLED_NA,
 )
 def test_a_killed_flows_stream_goes_away_with_nobody_reading(
     short_lived: tuple[App, Any],
