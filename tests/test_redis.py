@@ -303,7 +303,11 @@ def test_a_redis_cluster_client_is_refused_with_the_reason(tmp_path: Path) -> No
     from flask_durable_stream.managers.redis_scripts import _OPEN
 
     nodes = ("--cluster-config-file", str(tmp_path / "nodes.conf"))
-    server = RedisServer(tmp_path, extra=("--cluster-enabled", "yes", *nodes))
+    # The cluster bus's port is the server's + 10,000 unless set: past 55,535 there is none.
+    port = servers.free_port()
+    bus = next(p for p in iter(servers.free_port, None) if p != port)
+    extra = ("--cluster-enabled", "yes", *nodes, "--cluster-port", str(bus))
+    server = RedisServer(tmp_path, port, extra=extra)
     try:
         node = redis.Redis(port=server.port)
         node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # a cluster of one node
