@@ -144,8 +144,7 @@ class RtdbStreamManager(StreamManager):
             raise ValueError(f"sweep_interval must be 0 (off) or more, got {sweep_interval}")
         #: Seconds between two runs of :meth:`gc` in the background; 0: never.
         self.sweep_interval = sweep_interval
-        self._sweeper: Any = None  # started by the first open of the process
-        self._sweeper_pid = 0
+        self._sweeper_pid = 0  # the process whose first open started the sweep
         self._sweeper_lock = threading.Lock()
 
     # -- producer ------------------------------------------------------------
@@ -289,9 +288,7 @@ class RtdbStreamManager(StreamManager):
             with self._sweeper_lock:
                 if self._sweeper_pid != os.getpid() and not self._stopping.is_set():
                     self._sweeper_pid = os.getpid()
-                    self._sweeper = self._tasks.spawn(
-                        self._sweep, self.sweep_interval, name="rtdb-sweep"
-                    )
+                    self._tasks.spawn(self._sweep, self.sweep_interval, name="rtdb-sweep")
 
     def _sweep(self, interval: float) -> None:
         while not self._stopping.wait(interval):
