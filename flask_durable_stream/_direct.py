@@ -126,38 +126,39 @@ class DirectSink:
         self._busy: object = None  # while the connection is the sink's: a graceful stop waits
 
     # -- queueing, while caught up ----------------------------------------------
-    def take(self, event: Event) -> None:
-        """From ``Run._emit``, while armed, for the first event of a burst, for a terminal
-        event, and once a burst has passed ``flush_at``. The events stay in the run, at
-        the reader's cursor, until a send takes them."""
-        self.flush(event)  # sent now, from the emitting task
-        if event[1] == CHUNK and self.armed:
-            # A new burst: the rest of it waits for one deferred send (asked for by its
-            # second event, see Run._emit), up to FLUSH_BYTES. Its first event does not
-            # wait (see Run.defer): an LLM-paced flow emits one event per burst.
-            self.flush_at = self._run.total_bytes + FLUSH_BYTES
-            self.burst_at = self.clock()
-
-    def flush(self, emitted: Event | None = None) -> None:
+    def take(self, emitted: Event | None) -> None:
         """Send the events at the reader's cursor, framed at once, without waiting; a
         short send hands over to the watcher (then, like once done, this sends nothing).
 
-        ``emitted``: the event the flow just emitted (from :meth:`take`). When the
-        reader's cursor is at it, the usual case of an LLM-paced flow, it is framed from
-        the event itself rather than read back from the run.
+        From ``Run._emit``, while armed, with the event just emitted (``emitted``), for
+        the first event of a burst, for a terminal event, and once a burst has passed
+        ``flush_at``; the events stay in the run, at the reader's cursor, until a send
+        takes them. When the reader's cursor is at ``emitted``, the usual case of an
+        LLM-paced flow, it is framed from the event itself rather than read back from the
+        run. A chunk starts a new burst: the rest of it waits for one deferred send
+        (:meth:`flush`, asked for by its second event, see Run._emit), up to
+        FLUSH_BYTES. Its first event does not wait (see Run.defer): an LLM-paced flow
+        emits one event per burst.
         """
         self.flush_at = 0
         self.deferred = False
         run, reader = self._run, self.reader
-        if not self.armed or reader.cursor >= run.count:
-            return
-        if emitted is not None and reader.cursor == emitted[0]:
-            run.passed(reader, 1)
-            body = protocol.frame(emitted[1], emitted[2]).encode()
-        else:
-            body = protocol.frames(run.read(reader, None))
-        last = run.ended and reader.cursor >= run.count
-        self._send(self._wire(body, last), last)
+        if self.armed and reader.cursor < run.count:
+            if emitted is not None and reader.cursor == emitted[0]:
+                run.passed(reader, 1)
+                body = protocol.frame(emitted[1], emitted[2]).encode()
+            else:
+                body = protocol.frames(run.read(reader, None))
+            last = run.ended and reader.cursor >= run.count
+            self._send(self._wire(body, last), last)
+        if emitted is not None and emitted[1] == CHUNK and self.armed:  # a new burst
+            self.flush_at = run.total_bytes + FLUSH_BYTES
+            self.burst_at = self.clock()
+
+    def flush(self) -> None:
+        """:meth:`take` of what is at the reader's cursor: the rest of a burst, once the
+        flow yields, and what the flow emitted before the sink was set up."""
+        self.take(None)
 
     def _send(self, data: bytes, last: bool) -> None:
         try:

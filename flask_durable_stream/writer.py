@@ -170,8 +170,9 @@ class RunWriter:
         # The manager's append never blocks (in-process storage): no task is needed.
         # Under gevent a hub callback stores everything emitted until the flow
         # yields, in one append, or the process's timer (store_interval) what the
-        # flow emits until it fires; with threads it happens right here.
-        if self._claim():
+        # flow emits until it fires; with threads it happens right here. While a store
+        # is due (held for the timer, or deferred), it takes this event too: no claim.
+        if not self._flushing and self._claim():
             if not run.cooperative:
                 self._store_inline()
             elif self._later is not None and not run.ended and self.writer.may_delay():

@@ -49,13 +49,13 @@ _offers = [0]
 _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
-_flush = _direct.DirectSink.flush
+_take = _direct.DirectSink.take
 _take_over = _direct.DirectSink._take_over
 
 
-def _counted_flush(sink: _direct.DirectSink, *args: Any) -> None:
+def _counted_take(sink: _direct.DirectSink, *args: Any) -> None:
     before = sink.reader.cursor  # the events a send of the fast path takes move the cursor
-    _flush(sink, *args)
+    _take(sink, *args)
     _offers[0] += sink.reader.cursor - before
 
 
@@ -65,7 +65,7 @@ def _counted_take_over(sink: _direct.DirectSink) -> bool:
     return taken
 
 
-_direct.DirectSink.flush = _counted_flush  # type: ignore[method-assign]
+_direct.DirectSink.take = _counted_take  # type: ignore[method-assign]
 _direct.DirectSink._take_over = _counted_take_over  # type: ignore[method-assign]
 
 
