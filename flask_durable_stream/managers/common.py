@@ -9,11 +9,14 @@ side (:mod:`..flows`) can use it without importing a backend.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from .. import protocol
+from .._concurrency import real_lock
 from ..exceptions import EventTooLarge, StorageUnavailable
 
 if TYPE_CHECKING:
@@ -42,6 +45,56 @@ def check_store_interval(seconds: float, setting: str) -> float:
     if not seconds >= 0:  # NaN too
         raise ValueError(f"store_interval ({setting}) must be >= 0 seconds, got {seconds!r}")
     return seconds
+
+
+def check_sweep_interval(seconds: float | None, default: float) -> float:
+    """``seconds`` (``default`` for None) if it can be a ``sweep_interval``: 0 (never) or more."""
+    seconds = default if seconds is None else seconds
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"sweep_interval must be 0 (off) or more seconds, got {seconds!r}")
+    return seconds
+
+
+#: This process's id, kept up to date in a forked child: read on every ``open``.
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
+
+class Sweep:
+    """A manager's ``gc()`` in the background, every ``interval`` seconds (0: never), in
+    each process from its first :meth:`start` (a manager calls it from ``open``) until
+    ``stopping`` is set. A process that only reads or runs a command sweeps nothing, and
+    one forked after a sweep started (gunicorn's workers, ``--preload``) starts its own.
+    An error of a ``transient`` kind (storage busy or down) is left for the next round.
+    """
+
+    def __init__(
+        self,
+        stopping: threading.Event,
+        *,
+        name: str,
+        transient: tuple[type[BaseException], ...] = (StorageUnavailable,),
+    ) -> None:
+        self._stopping = stopping
+        self._name = name
+        self._transient = transient
+        self._pid = 0  # the process whose sweep runs
+        self._lock = real_lock()  # never held across a switch: spawning does not switch
+
+    def start(self, spawn: Callable[..., Any], gc: Callable[[], object], interval: float) -> None:
+        """Start the sweep of this process with ``spawn`` (a task group's), unless it runs."""
+        if interval and self._pid != _PROCESS[0]:
+            with self._lock:
+                if self._pid != _PROCESS[0] and not self._stopping.is_set():
+                    self._pid = _PROCESS[0]
+                    spawn(self._run, gc, interval, name=self._name)
+
+    def _run(self, gc: Callable[[], object], interval: float) -> None:
+        while not self._stopping.wait(interval):
+            try:
+                gc()
+            except self._transient:
+                pass  # the next round tries again
 
 
 def required_setting(config: Mapping[str, Any], key: str, backend: str) -> Any:

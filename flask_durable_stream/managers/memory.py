@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import protocol
-from .._concurrency import Task, TaskGroup, real_lock
+from .._concurrency import TaskGroup, real_lock
 from ..exceptions import StreamClosed, StreamExists, StreamNotFound, StreamTimeout
 from .base import (
     PRODUCER_LOST,
@@ -34,6 +34,7 @@ from .base import (
     common_options,
     status_after,
 )
+from .common import Sweep, check_sweep_interval
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -180,15 +181,16 @@ class InMemoryStreamManager(StreamManager):
             lease_seconds=lease_seconds,
             heartbeat_interval=heartbeat_interval,
         )
-        self.sweep_interval = (
-            sweep_interval if sweep_interval is not None else max(0.05, min(30.0, ttl_seconds / 2))
+        #: Seconds between two runs of :meth:`gc` in the background; 0: never.
+        self.sweep_interval = check_sweep_interval(
+            sweep_interval, max(0.05, min(30.0, ttl_seconds / 2))
         )
         self._lock = real_lock()  # never held across a switch (see _Stream)
         self._streams: dict[str, _Stream] = {}
         self._pointers: dict[str, str] = {}
         self._tasks = TaskGroup()
-        self._sweeper: Task | None = None
         self._stopping = threading.Event()
+        self._sweep = Sweep(self._stopping, name="durable-stream-sweep")
 
     # -- producer ------------------------------------------------------------
     def open(
@@ -203,7 +205,7 @@ class InMemoryStreamManager(StreamManager):
                 stream_id, StreamStatus.OPEN, now, now, owner=owner, heartbeat_at=now, flow=flow
             )
             stream = self._streams[stream_id] = _Stream(info)
-            self._ensure_sweeper()
+            self._sweep.start(self._tasks.spawn, self.gc, self.sweep_interval)
         return _MemoryWriter(self, stream)
 
     def _append(self, stream: _Stream, events: Sequence[Event]) -> bool:
@@ -358,14 +360,6 @@ class InMemoryStreamManager(StreamManager):
             for sid in dead:
                 del self._streams[sid]
         return len(dead)
-
-    def _ensure_sweeper(self) -> None:
-        if self._sweeper is None and not self._stopping.is_set():
-            self._sweeper = self._tasks.spawn(self._sweep, name="durable-stream-sweep")
-
-    def _sweep(self) -> None:
-        while not self._stopping.wait(self.sweep_interval):
-            self.gc()
 
     def set_pointer(self, key: str, stream_id: str) -> None:
         with self._lock:

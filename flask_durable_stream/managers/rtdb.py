@@ -34,7 +34,6 @@ streaming client (:mod:`.rtdb_stream`).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -53,6 +52,7 @@ from .base import (
     required_setting,
     valid_stream_id,
 )
+from .common import Sweep, check_sweep_interval
 from .rtdb_follow import follow
 from .rtdb_io import (
     INDEX,
@@ -138,14 +138,11 @@ class RtdbStreamManager(StreamManager):
             base.child(ref_prefix), self, self._tasks, read_timeout=read_timeout
         )
         self.root = self.storage.root
-        if sweep_interval is None:
-            sweep_interval = max(1.0, min(60.0, ttl_seconds / 2))
-        if sweep_interval < 0:
-            raise ValueError(f"sweep_interval must be 0 (off) or more, got {sweep_interval}")
         #: Seconds between two runs of :meth:`gc` in the background; 0: never.
-        self.sweep_interval = sweep_interval
-        self._sweeper_pid = 0  # the process whose first open started the sweep
-        self._sweeper_lock = threading.Lock()
+        self.sweep_interval = check_sweep_interval(
+            sweep_interval, max(1.0, min(60.0, ttl_seconds / 2))
+        )
+        self._sweep = Sweep(self._stopping, name="rtdb-sweep", transient=(StreamError,))
 
     # -- producer ------------------------------------------------------------
     def open(
@@ -153,7 +150,7 @@ class RtdbStreamManager(StreamManager):
     ) -> StreamWriter:
         if not valid_stream_id(stream_id):
             raise InvalidRequest(f"invalid stream id {stream_id!r}")
-        self._ensure_sweeper()
+        self._sweep.start(self._tasks.spawn, self.gc, self.sweep_interval)
         key = node_key(stream_id)
         started, now = time.monotonic(), self.now()
         meta = {
@@ -280,22 +277,6 @@ class RtdbStreamManager(StreamManager):
                 update[f"{INDEX}/{key}"] = None
             self.storage.update(update)
         return len(expired)
-
-    def _ensure_sweeper(self) -> None:
-        # In each process that opens streams (a forked worker starts its own), not in one
-        # that only reads or runs a command, nor before a fork (gunicorn --preload).
-        if self.sweep_interval and self._sweeper_pid != os.getpid():
-            with self._sweeper_lock:
-                if self._sweeper_pid != os.getpid() and not self._stopping.is_set():
-                    self._sweeper_pid = os.getpid()
-                    self._tasks.spawn(self._sweep, self.sweep_interval, name="rtdb-sweep")
-
-    def _sweep(self, interval: float) -> None:
-        while not self._stopping.wait(interval):
-            try:
-                self.gc()
-            except StreamError:
-                pass  # storage down: try again next time
 
     def close(self) -> None:
         self._stopping.set()

@@ -26,8 +26,8 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._concurrency import Task, TaskGroup, gevent_patched
-from ..exceptions import StorageUnavailable, StreamNotFound
+from .._concurrency import TaskGroup, gevent_patched
+from ..exceptions import StreamNotFound
 from .base import (
     Event,
     StreamInfo,
@@ -37,6 +37,7 @@ from .base import (
     check_store_interval,
     common_options,
 )
+from .common import Sweep, check_sweep_interval
 from .sqlite_io import ABANDONED, MAX_EVENT_BYTES, ROW, SYNC_MODES, check_path, noop, row_info
 from .sqlite_ops import SQLiteOperations
 from .sqlite_reader import Reader
@@ -117,14 +118,15 @@ class SQLiteStreamManager(SQLiteOperations):
             raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.poll_interval = poll_interval
         self.busy_timeout = busy_timeout
-        self.sweep_interval = (
-            sweep_interval if sweep_interval is not None else max(0.05, min(30.0, ttl_seconds / 2))
+        #: Seconds between two runs of :meth:`gc` in the background; 0: never.
+        self.sweep_interval = check_sweep_interval(
+            sweep_interval, max(0.05, min(30.0, ttl_seconds / 2))
         )
         self.read_pool_size = read_pool_size
         self.max_batch = max_batch
         self._tasks = TaskGroup()
-        self._sweeper: Task | None = None
         self._stopping = threading.Event()
+        self._sweep = Sweep(self._stopping, name="durable-stream-sqlite-sweep")
         #: This process's runs that hold events back (store_interval): how to store them now.
         self._held: dict[str, Callable[[], None]] = {}
         self._writer = self._new_writer()
@@ -184,7 +186,6 @@ class SQLiteStreamManager(SQLiteOperations):
         # writer on first use.
         ABANDONED.append(self._reader.connections())
         self._tasks = TaskGroup()
-        self._sweeper = None
         self._writer = self._new_writer()
         self._reader = self._new_reader()
 
@@ -219,7 +220,7 @@ class SQLiteStreamManager(SQLiteOperations):
         self, stream_id: str, *, owner: str | None = None, flow: str | None = None
     ) -> StreamWriter:
         token = self._writer.submit(self._op_open, stream_id, owner, flow)
-        self._ensure_sweeper()
+        self._sweep.start(self._tasks.spawn, self.gc, self.sweep_interval)
         return _SQLiteWriter(self, stream_id, token)
 
     # -- consumer ----------------------------------------------------------------------
@@ -264,17 +265,6 @@ class SQLiteStreamManager(SQLiteOperations):
     # -- expiry --------------------------------------------------------------------------
     def gc(self, now: float | None = None) -> int:
         return int(self._writer.submit(self._op_gc, self.now() if now is None else now))
-
-    def _ensure_sweeper(self) -> None:
-        if self._sweeper is None and not self._stopping.is_set():
-            self._sweeper = self._tasks.spawn(self._sweep, name="durable-stream-sqlite-sweep")
-
-    def _sweep(self) -> None:
-        while not self._stopping.wait(self.sweep_interval):
-            try:
-                self.gc()
-            except StorageUnavailable:
-                pass  # busy or closing: the next sweep tries again
 
     def __enter__(self) -> SQLiteStreamManager:
         return self
