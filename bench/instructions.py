@@ -55,7 +55,7 @@ DELAY = 0.05
 ENV_PAD = 512
 
 
-def child(path: str, streams: int, chunks: int) -> None:
+def child(path: str, streams: int, chunks: int, delay: float = DELAY) -> None:
     """Serve the benchmark app and run ``streams`` streams of ``chunks`` chunks, twice."""
     from gevent import monkey
 
@@ -72,7 +72,7 @@ def child(path: str, streams: int, chunks: int) -> None:
 
     server = WSGIServer(("127.0.0.1", 0), core_server.create_app(), log=None, spawn=Pool(1000))
     server.start()
-    body = json.dumps({"data": {"chunks": chunks, "delay": DELAY}}).encode()
+    body = json.dumps({"data": {"chunks": chunks, "delay": delay}}).encode()
     request = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -97,7 +97,7 @@ def child(path: str, streams: int, chunks: int) -> None:
     server.stop()
 
 
-def count(server: str, streams: int, chunks: int) -> int:
+def count(server: str, streams: int, chunks: int, delay: float = DELAY) -> int:
     """Instructions of one child process, as callgrind counts them."""
     env = dict(os.environ, PYTHONHASHSEED="0")
     tmp = tempfile.mkdtemp(prefix="bench-instructions-")
@@ -126,6 +126,8 @@ def count(server: str, streams: int, chunks: int) -> int:
                 PATHS[server],
                 str(streams),
                 str(chunks),
+                "--delay",
+                str(delay),
             ],  # fmt: skip
             env=env,
             capture_output=True,
@@ -145,18 +147,21 @@ def main() -> None:
     parser.add_argument("--servers", default="memory,sqlite,plain")
     parser.add_argument("--streams", type=int, default=5)
     parser.add_argument("--child", nargs=3, metavar=("PATH", "STREAMS", "CHUNKS"))
+    parser.add_argument(
+        "--delay", type=float, default=DELAY, help="seconds between two chunks of a stream"
+    )
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.delay)
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found (Debian: apt-get install valgrind)")
     n = args.streams
     rows = []
     for server in [s for s in args.servers.split(",") if s]:
-        one = count(server, n, 1)
-        per_chunk = (count(server, n, 41) - one) / (2 * n * 40)
-        per_stream = (count(server, 9 * n, 1) - one) / (2 * 8 * n)
+        one = count(server, n, 1, args.delay)
+        per_chunk = (count(server, n, 41, args.delay) - one) / (2 * n * 40)
+        per_stream = (count(server, 9 * n, 1, args.delay) - one) / (2 * 8 * n)
         rows.append((server, per_chunk, per_stream))
         print(f"{server:8s} {per_chunk / 1e3:8.1f}k instructions per chunk"
               f"  {per_stream / 1e3:8.0f}k per stream (with its chunk)", flush=True)  # fmt: skip
