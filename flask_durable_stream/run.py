@@ -98,8 +98,8 @@ class Run:
     """
 
     __slots__ = (
-        "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
-        "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
+        "stream_id", "ctx", "ended", "durable_failed", "terminal", "last", "on_emit", "live",
+        "sink", "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "count",
         "total_bytes", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
         "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "store_held",
@@ -121,6 +121,7 @@ class Run:
         self.ended = False
         self.durable_failed = False
         self.terminal: Event | None = None
+        self.last: Event | None = None  # the event emitted last
         self.on_emit: Callable[[Run], None] | None = None  # called after every event
         self.live: LiveReader | None = None  # the reader attached when the run started
         self.sink: DirectSink | None = None  # the live reader's fast path (see _direct)
@@ -184,6 +185,7 @@ class Run:
             seq = self.count
             event = _new_tuple(Event, (seq, kind, payload))
             self._events.append(event)
+            self.last = event
             self.total_bytes += len(payload)
             self._ends.append(self.total_bytes)
             self.count = seq + 1
@@ -207,7 +209,7 @@ class Run:
                 sink.take(event)
             elif not sink.deferred:  # the burst's second event: the rest go at its end
                 sink.deferred = True
-                self.defer(sink.flush)
+                self.after_yield(sink.flush)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -256,6 +258,19 @@ class Run:
                 except Exception:  # pragma: no cover - as in _run_deferred
                     log.exception("stream %s: an action failed", self.stream_id)
                 return
+            loop.run_callback(self._run_deferred)
+        deferred.append(action)
+
+    def after_yield(self, action: Callable[[], None]) -> None:
+        """Under gevent, ``action`` once the emitting task yields: in the one hub callback
+        that runs the burst's deferred actions (see :meth:`defer`), never at once."""
+        deferred = self._deferred
+        if not deferred:
+            loop = self._loop
+            if loop is None:
+                import gevent
+
+                loop = self._loop = gevent.get_hub().loop
             loop.run_callback(self._run_deferred)
         deferred.append(action)
 
