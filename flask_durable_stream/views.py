@@ -87,7 +87,10 @@ def add_flow_rules(add_url_rule: Callable[..., None], endpoint: FlowEndpoint) ->
     name = endpoint.name
     if not name or "/" in name:
         raise ValueError(f"invalid flow name {name!r}")
-    add_url_rule(f"/{name}", endpoint=name, view_func=endpoint, methods=["POST"])
+    # The endpoint's bound method rather than the endpoint: Flask asks for every request
+    # whether its view is a coroutine function, and ``inspect`` answers for a function or a
+    # method at once, for a callable object only after looking for a function's attributes.
+    add_url_rule(f"/{name}", endpoint=name, view_func=endpoint.__call__, methods=["POST"])
     add_url_rule(
         f"/{name}/events", endpoint=f"{name}:events", view_func=endpoint.events, methods=["GET"]
     )

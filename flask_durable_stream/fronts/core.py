@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Response, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_input_stream
 
@@ -322,6 +323,23 @@ class StreamResponse(Response):
         first = self.on_headers(write) if self.on_headers is not None else None
         # Tracked, so that a graceful stop lets it send the terminal frame first.
         return TrackedBody(app_iter, first)
+
+    def get_wsgi_headers(self, environ: Any) -> Headers:
+        """Werkzeug's, without the copy of every header it makes to change none of them:
+        for a stream (200, a body that is no sequence, no ``Location`` or
+        ``Content-Location``), Werkzeug's own fix-ups would leave the headers as they
+        are. The server only reads them, once."""
+        headers = self.headers
+        if self.status_code != 200 or self.is_sequence:
+            return super().get_wsgi_headers(environ)
+        for key, _ in headers:
+            if key.lower() in _LOCATIONS:
+                return super().get_wsgi_headers(environ)
+        return headers
+
+
+#: The headers Werkzeug rewrites in a response (``get_wsgi_headers``), lowercase.
+_LOCATIONS = frozenset(("location", "content-location"))
 
 
 def stream_response(body: Iterable[bytes], headers: Mapping[str, str]) -> StreamResponse:
