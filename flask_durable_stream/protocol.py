@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,10 +73,27 @@ _c_arguments = (
 
 
 def encode(value: Any) -> str:
-    """Compact JSON text, as JavaScript's ``JSON.stringify`` would write it."""
+    """Compact JSON text, as JavaScript's ``JSON.stringify`` would write it.
+
+    As it does, a UTF-16 surrogate on its own (a string from a JSON escape such as
+    ``"\\ud800"``, or from bytes decoded with ``surrogateescape``) is written as a
+    ``\\uXXXX`` escape: no UTF-8 text can carry it, and a payload with one could be
+    neither sent nor stored. JSON readers give the same string back.
+    """
     if _c_encoder is None:
-        return _encoder.encode(value)
-    return "".join(_c_encoder({}, *_c_arguments)(value, 0))
+        text: str = _encoder.encode(value)
+    else:
+        text = "".join(_c_encoder({}, *_c_arguments)(value, 0))
+    if text.isascii() or _SURROGATE.search(text) is None:  # isascii: no scan
+        return text
+    return _SURROGATE.sub(_escaped, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -91,3 +92,18 @@ def test_a_value_refused_midway_leaves_nothing_for_the_next_call() -> None:
     assert protocol.encode(items) == "[1]"
     shared = [1, 2]
     assert protocol.encode({"a": shared, "b": shared}) == '{"a":[1,2],"b":[1,2]}'
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("\ud800", '"\\ud800"'),
+        ({"k\udc00": ["a\ud83d", "é", "\U0001f600"]}, '{"k\\udc00":["a\\ud83d","é","\U0001f600"]}'),
+        ("x\udcff\udcfe", '"x\\udcff\\udcfe"'),
+    ],
+)
+def test_a_lone_surrogate_is_written_as_an_escape(value: Any, text: str) -> None:
+    """As JSON.stringify writes it: the text is UTF-8 encodable, and reads back the same."""
+    encoded = protocol.encode(value)
+    assert encoded == text
+    assert json.loads(encoded.encode()) == value
