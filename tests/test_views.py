@@ -504,3 +504,41 @@ def test_a_flow_decorated_after_init_app_is_routed(manager: InMemoryStreamManage
     # Like @app.route: once the app served a request, its routes are fixed, and it says so.
     with pytest.raises(AssertionError, match="first request"):
         ext.flow("later")(echo)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_a_json_body_in_any_encoding_json_reads(client: FlaskClient, encoding: str) -> None:
+    """UTF-8 is read without asking json which encoding it is; the others as json reads them."""
+    body = '{"data": {"x": "é€"}}'.encode(encoding)
+    response = client.post("/api/echo", data=body, content_type="application/json")
+    assert response.status_code == 200, response.data
+    assert response.json == {"result": {"x": "é€"}}
+
+
+@pytest.mark.parametrize("body", [b'{"data": "\xff"}', b"{", b'{"data": 1} trailing'])
+def test_a_body_that_is_not_json_is_a_400(client: FlaskClient, body: bytes) -> None:
+    response = client.post("/api/echo", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json == {
+        "status": "INVALID_ARGUMENT",
+        "message": "Request body must be valid JSON.",
+    }
+
+
+@pytest.mark.parametrize("accept", [{}, SSE])
+def test_a_lone_surrogate_in_the_input_comes_back_escaped(
+    client: FlaskClient, accept: dict[str, str]
+) -> None:
+    """``"\\ud800"`` is a JSON string no UTF-8 text can carry raw: the flow's output with it
+    is sent and stored as an escape (as JSON.stringify writes it), not a 500 or a stream
+    that storage cannot take."""
+    body = b'{"data": {"x": "a\\ud800"}}'
+    live = client.post("/api/echo", data=body, content_type="application/json", headers=accept)
+    assert live.status_code == 200
+    if not accept:
+        assert live.data == b'{"result":{"x":"a\\ud800"}}'
+        return
+    assert frames(live.data) == [("done", {"x": "a\ud800"})]
+    sid = live.headers["x-genkit-stream-id"]
+    again = client.post("/api/echo", json={}, headers={**SSE, "x-genkit-stream-id": sid})
+    assert again.data == live.data
