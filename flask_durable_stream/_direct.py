@@ -300,8 +300,10 @@ class DirectSink:
             # one stays with its request, among those the server counts.
             return False
         try:
-            # The OS socket type (gevent's patched class would wait on the hub).
-            raw = _socket.socket(fileno=os.dup(self._raw.fileno()))
+            # The OS socket type (gevent's patched class would wait on the hub), told what
+            # it is (else it asks the kernel: three system calls, for every stream).
+            old = self._raw
+            raw = _socket.socket(old.family, old.type, old.proto, os.dup(old.fileno()))
         except OSError:  # out of descriptors: the response keeps the connection
             return False
         raw.setblocking(False)
