@@ -98,8 +98,8 @@ class Run:
     """
 
     __slots__ = (
-        "stream_id", "ctx", "ended", "durable_failed", "terminal", "last", "on_emit", "live",
-        "sink", "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
+        "stream_id", "ctx", "ended", "durable_failed", "terminal", "on_emit", "live", "sink",
+        "_deferred", "_turn", "_loop", "buffer_limit", "reader_grace", "_reader_progress",
         "_pacing", "max_event_bytes", "backend", "_events", "_ends", "_base", "count",
         "total_bytes", "_trimmed_bytes", "_stored", "storage_failing", "_progress", "_readers",
         "_waiters", "_check_at", "cooperative", "_lock", "pending", "run_now", "store_held",
@@ -121,7 +121,6 @@ class Run:
         self.ended = False
         self.durable_failed = False
         self.terminal: Event | None = None
-        self.last: Event | None = None  # the event emitted last
         self.on_emit: Callable[[Run], None] | None = None  # called after every event
         self.live: LiveReader | None = None  # the reader attached when the run started
         self.sink: DirectSink | None = None  # the live reader's fast path (see _direct)
@@ -185,7 +184,6 @@ class Run:
             seq = self.count
             event = _new_tuple(Event, (seq, kind, payload))
             self._events.append(event)
-            self.last = event
             self.total_bytes += len(payload)
             self._ends.append(self.total_bytes)
             self.count = seq + 1

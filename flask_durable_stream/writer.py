@@ -139,20 +139,6 @@ class RunWriter:
         )
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
-        # Under gevent, in-process storage that takes a chunk at once (the in-memory
-        # manager) and holds nothing back (store_interval 0): each chunk that follows
-        # what storage has is stored from on_emit, one call instead of a batch's
-        # bookkeeping and a hub callback. Its own class's method, like _nowait: a
-        # wrapper that measures appends keeps them measured.
-        self._direct: Callable[[Event], bool] | None = None
-        if (
-            inline
-            and run.cooperative
-            and store_interval <= 0
-            and getattr(type(writer), "append_chunk", StreamWriter.append_chunk)
-            is not StreamWriter.append_chunk
-        ):
-            self._direct = writer.append_chunk
         # Under gevent, storage that never blocks or answers through the hub (SQLite):
         # a paced flow's events wait up to store_interval, for every stream in one
         # timer (see on_emit and store_held).
@@ -172,13 +158,6 @@ class RunWriter:
     # -- scheduling ------------------------------------------------------------
     def on_emit(self, run: Run) -> None:
         """After each event: store it, from the emitting task for in-process storage."""
-        direct = self._direct
-        if direct is not None and not run.ended and self.writer.next_seq == run.count - 1:
-            # A chunk right after what storage has: stored now, or the usual way below.
-            event = run.last
-            if event is not None and direct(event):
-                run.mark_stored(event.seq + 1)
-                return
         if not self._inline:
             if self._nowait:
                 if self._later is not None and not run.ended and self.writer.may_delay():

@@ -216,8 +216,8 @@ STORE_INTERVALS = {
 @pytest.mark.parametrize(
     ("backend", "value", "expected"),
     [
-        ("memory", None, 0.0),
-        ("memory", "0.1", 0.1),
+        ("memory", None, 0.1),
+        ("memory", 0, 0.0),
         ("memory", "0.5", 0.5),
         ("sqlite", None, 0.0),
         ("sqlite", "0.25", 0.25),

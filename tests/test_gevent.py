@@ -80,6 +80,8 @@ def test_a_paced_chunk_is_sent_and_stored_before_the_hubs_queued_callbacks_run()
     assert (burst["rest_writes"], burst["rest_frames"]) == (1, 49)
     assert burst["last"] == ['data: {"result":"end"}\n\n']
     assert burst["sent_equals_stored"]  # every frame once, in order, equal to storage
+    # The same with events held for the store timer: the rest in one write, after the yield.
+    assert report["held"] == {"before_yield": 0, "rest_writes": 1}
 
 
 def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
@@ -103,28 +105,6 @@ def test_held_events_reach_every_reader_of_the_in_memory_manager() -> None:
     # The timer fired once, when that store was due: an idle worker is not woken every step.
     assert report["timer_runs"] == 1
     assert "must be >= 0 seconds" in report["invalid"]
-
-
-def test_the_in_memory_manager_stores_each_chunk_as_it_is_emitted() -> None:
-    report = run_check("gevent_direct_store_check")
-    # Stored before send_chunk returned, with no batch append: one call per chunk.
-    assert report["kept"] == [1, 2, 3, 4, 5]
-    assert report["appends"] == 0
-    # Stored and taken by the live reader: the run keeps none of them.
-    assert report["run_held"] == 0
-    assert report["info"] == {"status": "done", "last_seq": 5}
-    assert [e[2] for e in report["got"]] == ['"a"', '"b"', '"c"', '"d"', '"e"', '"end"']
-    # A cancel only storage knows of: the next chunk takes the usual append, which reads
-    # the flag; the flow stops at its next chunk, and every chunk before is kept.
-    cancel = report["cancel"]
-    assert cancel["end"] == {"status": "cancelled", "last_seq": 2}
-    assert [e[:2] for e in cancel["events"]] == [[0, "chunk"], [1, "chunk"], [2, "error"]]
-    # A stream a reader declared lost: the next chunk is refused, not stored after the end.
-    lost = report["lost"]["events"]
-    assert [e[:2] for e in lost] == [[0, "chunk"], [1, "error"]]
-    assert "Producer lost" in lost[1][2]
-    # With metrics on, the measured append stores the chunk (and measures it).
-    assert report["measured"] == {"kept": [1], "appends": 1, "now": 1}
 
 
 def test_held_events_reach_every_reader_of_the_sqlite_manager() -> None:

@@ -7,8 +7,6 @@ import threading
 import pytest
 
 from flask_durable_stream import InMemoryStreamManager
-from flask_durable_stream.exceptions import EventTooLarge, StreamClosed
-from flask_durable_stream.managers.base import Event
 from flask_durable_stream.testing import ManualClock
 
 
@@ -70,39 +68,3 @@ def test_payloads_of_any_text_come_back_as_stored_from_any_offset() -> None:
             manager._append(manager._streams["s2"], [Event(0, "chunk", '"other"')])
         late.done(None)
         assert [e.value for e in manager.subscribe("s2")] == ["日本", None]
-
-
-def test_append_chunk_stores_one_chunk_or_changes_nothing() -> None:
-    """The one-chunk store the runner uses under gevent: stored at ``next_seq``, or refused
-    with nothing changed, so that the usual append says why."""
-    clock = ManualClock()
-    with InMemoryStreamManager(sweep_interval=0) as manager:
-        manager.clock = clock
-        writer = manager.open("s")
-        clock.advance(5)
-        assert writer.append_chunk(Event(0, "chunk", '"a"'))
-        assert writer.next_seq == 1
-        info = manager.info("s")
-        assert info is not None
-        assert (info.last_seq, info.heartbeat_at, info.updated_at) == (0, clock(), clock())
-        assert not writer.append_chunk(Event(5, "chunk", '"gap"'))  # not at next_seq
-        manager.max_event_bytes = 8
-        assert not writer.append_chunk(Event(1, "chunk", '"too large"'))
-        with pytest.raises(EventTooLarge):
-            writer.append([Event(1, "chunk", '"too large"')])
-        manager.max_event_bytes = None
-        manager.request_cancel("s")
-        assert not writer.append_chunk(Event(1, "chunk", '"b"'))  # the append reads the flag
-        writer.append([Event(1, "chunk", '"b"')])
-        assert writer.cancel_requested
-        assert writer.next_seq == 2
-        writer.done("end")
-        assert [e.payload for e in manager.subscribe("s")] == ['"a"', '"b"', '"end"']
-
-        lost = manager.open("lost")
-        stream = manager._streams["lost"]
-        with stream.lock:
-            manager._mark_lost(stream)
-        assert not lost.append_chunk(Event(0, "chunk", '"late"'))
-        with pytest.raises(StreamClosed):
-            lost.append([Event(0, "chunk", '"late"')])

@@ -211,17 +211,6 @@ class StreamWriter:
         """The backend's side of :meth:`append_nowait`: False (the default) if it cannot."""
         return False
 
-    def append_chunk(self, event: Event) -> bool:
-        """Store one chunk (at :attr:`next_seq`) at once, in the caller's task, and
-        return True; or change nothing and return False (the default), and the caller
-        takes :meth:`append`'s way, which says why (a closed stream, a size limit).
-
-        For in-process storage only: it never blocks, never switches and never
-        fails. Under gevent the runner offers every chunk that follows what storage
-        has here first: one call per chunk instead of a batch's bookkeeping.
-        """
-        return False
-
     def _moved_past(self, events: Sequence[Event]) -> None:
         last = events[-1]
         self.next_seq = last.seq + 1

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
     from ..durable_streams.store import DSStore
 
-#: ``store_interval``'s default: every chunk stored as it is emitted, in the emitting
-#: task (:meth:`_MemoryWriter.append_chunk`; see docs/performance.md).
-STORE_INTERVAL = 0.0
+#: ``store_interval``'s default: under gevent a paced stream's events are stored in
+#: one append at most this long after the first of them (see docs/performance.md).
+STORE_INTERVAL = 0.1
 
 _OPEN = StreamStatus.OPEN  # a module global: an enum member's lookup costs a call
 _CHUNK = protocol.CHUNK
@@ -138,18 +138,14 @@ class _Stream:
 class InMemoryStreamManager(StreamManager):
     """Keeps streams in this process's memory. Greenlet- and thread-safe.
 
-    By default every chunk is stored as its flow emits it: under gevent, from
-    the emitting task, as one call that adds its bytes to the stream's buffer
-    (:meth:`_MemoryWriter.append_chunk`), cheaper than holding chunks back and
-    storing them in batches.
-
-    ``store_interval`` (seconds, ``DURABLE_STREAM_MEMORY_STORE_INTERVAL``, 0 by
-    default): above 0, under gevent, while no reader of this manager waits on a
-    stream, the runner stores its events in one append at most this long after
-    the first of them instead. Nothing is less durable for it (the events and the
+    ``store_interval`` (seconds, ``DURABLE_STREAM_MEMORY_STORE_INTERVAL``): under
+    gevent, while no reader of this manager waits on a stream, the runner stores
+    its events in one append at most this long after the first of them, instead
+    of one append per event. Nothing is less durable for it (the events and the
     manager live and die with the same process), and no reader sees less: each
     read of a stream has what its run emitted stored first, and once a reader
-    waits on the stream every event is stored as it comes.
+    waits on the stream every event is stored as it comes. 0 stores every event
+    as it comes.
     """
 
     append_never_blocks = True
@@ -411,33 +407,6 @@ class _MemoryWriter(StreamWriter):
         if manager.max_event_bytes is not None:
             check_event_sizes(events, manager.max_event_bytes, manager.display_name)
         self.cancel_requested = manager._append(self._stream, events)
-
-    def append_chunk(self, event: Event) -> bool:
-        """The chunk's bytes onto the stream's buffer, under its lock: what :meth:`store`
-        does for a batch of one, without the batch. A cancel request, a size limit or a
-        stream that is not open (its lease lost) is left to :meth:`append`."""
-        stream = self._stream
-        info = stream.info
-        manager = self._manager
-        data = event.payload.encode()
-        limit = manager.max_event_bytes
-        if info.cancel_requested or (limit is not None and len(data) > limit):
-            return False
-        seq = event.seq
-        with stream.lock:
-            ends = stream.ends
-            if info.status is not _OPEN or len(ends) != seq:
-                return False
-            buffer = stream.data
-            buffer += data  # in place: a bytearray
-            ends.append(len(buffer))
-            # An append is a heartbeat (the manager's clock, without now()'s call).
-            info.updated_at = info.heartbeat_at = manager.clock()
-            info.last_seq = seq
-            if stream._cond is not None:
-                stream._cond.notify_all()
-        self.next_seq = seq + 1
-        return True
 
     def heartbeat(self) -> bool:
         return self._manager._heartbeat(self._stream)

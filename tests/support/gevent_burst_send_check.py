@@ -57,7 +57,9 @@ def http_chunks(wire: bytes) -> list[bytes]:
     return bodies
 
 
-def setup(manager: InMemoryStreamManager, stream_id: str) -> tuple[Run, Any, socket.socket]:
+def setup(
+    manager: InMemoryStreamManager, stream_id: str, store_interval: float = 0.0
+) -> tuple[Run, Any, socket.socket]:
     run = Run(stream_id, FlowContext(stream_id))
     stream_writer = manager.open(stream_id)
     writer = RunWriter(
@@ -67,6 +69,7 @@ def setup(manager: InMemoryStreamManager, stream_id: str) -> tuple[Run, Any, soc
         retry_timeout=10.0,
         heartbeat_interval=3600.0,
         inline=True,
+        store_interval=store_interval,
     )
     run.on_emit = writer.on_emit  # as the runner does
     server, client = socket.socketpair()
@@ -114,6 +117,19 @@ def main() -> None:
     rest = http_chunks(available(client))
     run.finish("end")
     last = http_chunks(available(client))
+
+    # Events held for the timer (the in-memory manager's default store_interval): nothing
+    # else is deferred in the burst's turn, and still its second event waits for the yield.
+    run, _, client = setup(manager, "held", store_interval=0.1)
+    gevent.sleep(0.005)
+    run.emit_chunk(protocol.encode(0))
+    http_chunks(available(client))
+    run.emit_chunk(protocol.encode(1))
+    run.emit_chunk(protocol.encode(2))
+    report["held"] = {"before_yield": len(available(client))}
+    gevent.sleep(0)
+    report["held"]["rest_writes"] = len(http_chunks(available(client)))
+    run.finish("end")
     stop[0] = True
     stored = b"".join(
         protocol.frame(e.kind, e.payload).encode() for e in manager.subscribe("burst", timeout=5)
