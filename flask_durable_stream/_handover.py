@@ -130,18 +130,10 @@ def _gunicorn_frame(frame: Any) -> tuple[Any, Any, Any, Any, Any] | None:
         return None
 
 
+@functools.cache  # import_module runs ~90 bytecode instructions even once imported
 def _gunicorn(module: str) -> Any:
-    """A module of gunicorn, imported when first needed (and untyped: gunicorn has no types).
-
-    Remembered: ``importlib.import_module`` runs some 90 bytecode instructions of
-    ``importlib`` even for a module already imported, and this runs for every stream."""
-    found = _GUNICORN_MODULES.get(module)
-    if found is None:
-        found = _GUNICORN_MODULES[module] = importlib.import_module("gunicorn." + module)
-    return found
-
-
-_GUNICORN_MODULES: dict[str, Any] = {}
+    """A module of gunicorn, imported when first needed (and untyped: gunicorn has no types)."""
+    return importlib.import_module("gunicorn." + module)
 
 
 def _worker_allows(worker: Any) -> bool:

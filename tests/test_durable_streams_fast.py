@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import threading
@@ -454,3 +455,31 @@ def test_one_write_answers_keep_gunicorns_connection_and_access_log(tmp_path: Pa
         for method, path, status, size in bodies
     ]
     assert logged == expected
+
+
+def test_a_json_append_with_a_lone_surrogate_is_stored_and_read_back(tmp_path: Path) -> None:
+    """Through ``gunicorn -k gevent`` on SQLite: ``"\\ud800"`` is valid JSON for a string no
+    UTF-8 text carries raw; it is stored and read as the escape (as the flow fronts write
+    it). A number past a float's range, which would read back as ``Infinity``, is a 400."""
+    env = {"DS_BACKEND": "sqlite", "DS_SQLITE_PATH": str(tmp_path / "ds.sqlite3")}
+    server = servers.gunicorn("tests.support.ds_app:app", env=env)
+
+    def call(method: str, body: bytes = b"") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.request(method, "/ds/j", body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    try:
+        assert call("PUT")[0] == 201
+        assert call("POST", b'{"text": "a\\ud800"}')[0] == 204
+        assert call("POST", b"[1e400]")[0] == 400
+        status, body = call("GET")
+        assert status == 200
+        assert body == b'[{"text":"a\\ud800"}]'
+        assert json.loads(body) == [{"text": "a\ud800"}]
+    finally:
+        server.stop()

@@ -151,6 +151,18 @@ def start_slow_story(server: servers.Server) -> str:
         conn.close()
 
 
+def test_a_lone_surrogate_in_the_input_is_streamed_and_stored(server: servers.Server) -> None:
+    """``"\\ud800"`` is valid JSON for a string no UTF-8 text can carry raw: the chunks with it
+    go out and into storage (SQLite here) as escapes, and the stream is stored to its end."""
+    body = {"data": {"topic": "pip \ud800", "chunks": 40, "delay": 0.001}}
+    live = post_stream(server.url, "/flows/story", body)
+    assert live.status == 200 and live.stream_id
+    assert live.terminal is not None and live.terminal[0] == "done"
+    assert any("\ud800" in chunk["text"] for chunk in live.chunks)
+    again = post_stream(server.url, "/flows/story", {}, stream_id=live.stream_id)
+    assert (again.chunks, again.terminal) == (live.chunks, live.terminal)
+
+
 def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> None:
     assert post_stream(server.url, "/flows/story", {}, stream_id="f" * 32).status == 204
     host, port = server.url.removeprefix("http://").split(":")

@@ -22,6 +22,7 @@ from .request import (
     START,
     BadRequest,
     Producer,
+    encode_messages,
     format_offset,
     is_json,
     media_type,
@@ -418,7 +419,7 @@ def _prefix(record: bytes, count: int, content_type: str) -> bytes:
         messages = json.loads(record)
         if count > len(messages):
             raise BadRequest("Stream-Fork-Sub-Offset is past the next append's messages")
-        return json.dumps(messages[:count], separators=(",", ":"), ensure_ascii=False).encode()
+        return encode_messages(messages[:count])
     if count > len(record):
         raise BadRequest("Stream-Fork-Sub-Offset is past the next append's bytes")
     return record[:count]

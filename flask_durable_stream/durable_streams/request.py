@@ -18,6 +18,8 @@ from datetime import datetime
 from typing import IO, Any
 from urllib.parse import parse_qs
 
+from .. import protocol
+
 START = -1
 NOW = -2
 MAX_SAFE_INT = 2**53 - 1
@@ -230,7 +232,10 @@ def json_record(body: bytes, *, allow_empty: bool) -> bytes | None:
         if allow_empty:
             return None
         raise BadRequest("an empty JSON array appends nothing")
-    return encode_messages(messages)
+    try:
+        return encode_messages(messages)
+    except ValueError as exc:  # a number past a float's range (1e400) reads as infinity
+        raise BadRequest("body is not valid JSON") from exc
 
 
 def _no_constant(name: str) -> Any:
@@ -239,7 +244,9 @@ def _no_constant(name: str) -> Any:
 
 
 def encode_messages(messages: list[Any]) -> bytes:
-    return json.dumps(messages, separators=(",", ":"), ensure_ascii=False).encode()
+    """The messages as one JSON record, written as the flow fronts write JSON
+    (:func:`..protocol.encode`: a lone surrogate as an escape, no ``NaN`` or ``Infinity``)."""
+    return protocol.encode(messages).encode()
 
 
 def join_json(records: list[bytes]) -> bytes:
