@@ -194,20 +194,8 @@ class Run:
             if lock is not None:
                 lock.release()
         sink = self.sink
-        # The live reader is caught up (see _direct): the sink sends a burst's first
-        # event (the first of this turn of the hub's loop) at once, and its end and a
-        # burst too long to wait for; its second event asks for one send of the rest
-        # once the flow yields; the others cost nothing here.
-        if sink is not None and sink.armed:
-            if (
-                self.total_bytes >= sink.flush_at
-                or kind != protocol.CHUNK
-                or sink.burst_at != sink.clock()
-            ):
-                sink.take(event)
-            elif not sink.deferred:  # the burst's second event: the rest go at its end
-                sink.deferred = True
-                self.after_yield(sink.flush)
+        if sink is not None and sink.armed:  # the live reader is caught up (see _direct)
+            sink.emitted(event)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:

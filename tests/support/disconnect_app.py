@@ -49,14 +49,20 @@ _offers = [0]
 _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
-_take = _direct.DirectSink.take
+_emitted = _direct.DirectSink.emitted
+_flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
 
 
-def _counted_take(sink: _direct.DirectSink, *args: Any) -> None:
-    before = sink.reader.cursor  # the events a send of the fast path takes move the cursor
-    _take(sink, *args)
-    _offers[0] += sink.reader.cursor - before
+def _counted(send: Any) -> Any:
+    # The fast path's two ways in: an event just emitted, and the deferred send of a
+    # burst's rest. The events a send of the fast path takes move the reader's cursor.
+    def counted(sink: _direct.DirectSink, *args: Any) -> None:
+        before = sink.reader.cursor
+        send(sink, *args)
+        _offers[0] += sink.reader.cursor - before
+
+    return counted
 
 
 def _counted_take_over(sink: _direct.DirectSink) -> bool:
@@ -65,7 +71,8 @@ def _counted_take_over(sink: _direct.DirectSink) -> bool:
     return taken
 
 
-_direct.DirectSink.take = _counted_take  # type: ignore[method-assign]
+_direct.DirectSink.emitted = _counted(_emitted)  # type: ignore[method-assign]
+_direct.DirectSink.flush = _counted(_flush)  # type: ignore[method-assign]
 _direct.DirectSink._take_over = _counted_take_over  # type: ignore[method-assign]
 
 
