@@ -82,6 +82,28 @@ def test_a_circular_value_is_refused() -> None:
         protocol.encode(loop)
 
 
+def test_a_circular_dict_is_refused_and_the_encoder_goes_on() -> None:
+    # One shared encoder without a cycle check: a cycle ends in a RecursionError, which
+    # encode turns into json's refusal; the next value is encoded as usual.
+    loop: dict[str, Any] = {"a": 1}
+    loop["self"] = {"inner": loop}
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        protocol.encode(loop)
+    assert protocol.encode({"a": [1, "b"]}) == '{"a":[1,"b"]}'
+
+
+def test_a_value_nested_too_deep_is_refused_as_json_refuses_it() -> None:
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(RecursionError):
+        json.dumps(deep)
+    with pytest.raises(RecursionError):
+        protocol.encode(deep)
+
+
 def test_a_value_refused_midway_leaves_nothing_for_the_next_call() -> None:
     # The refusal comes while ``items`` is being encoded: an encoder whose cycle check
     # outlived the call would still hold ``items`` and call the next encoding circular.
