@@ -23,7 +23,8 @@ def create_app() -> Flask:
     (``BENCH_SQLITE_STORE_INTERVAL``: its ``store_interval``, seconds);
     ``BENCH_FLOW_IN_RESPONSE`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE`` and
     ``BENCH_DETACH_RESPONSE`` ``DURABLE_STREAM_DETACH_RESPONSE`` (``1`` or ``0``; unset,
-    the library's default).
+    the library's default); ``BENCH_METRICS=1`` turns the Prometheus metrics on
+    (``DURABLE_STREAM_METRICS``).
 
     Unless ``BENCH_GC=default``, the process's garbage collector is set up as the
     production recipe does (:func:`flask_durable_stream.tune_gc`, which the example's
@@ -35,6 +36,8 @@ def create_app() -> Flask:
         value = os.environ.get("BENCH_" + setting)
         if value is not None:
             app.config["DURABLE_STREAM_" + setting] = value
+    if os.environ.get("BENCH_METRICS"):
+        app.config["DURABLE_STREAM_METRICS"] = True
     interval = os.environ.get("BENCH_STORE_INTERVAL")  # else the library's default
     if interval is not None:
         app.config["DURABLE_STREAM_MEMORY_STORE_INTERVAL"] = float(interval)

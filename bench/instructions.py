@@ -48,6 +48,8 @@ PATHS = {
     "memory-kr": "/flows/llm",
     "sqlite": "/flows/llm",
     "sqlite-si": "/flows/llm",
+    "memory-pm": "/flows/llm",
+    "sqlite-pm": "/flows/llm",
     "plain": "/plain_llm",
 }
 DELAY = 0.05
@@ -110,6 +112,8 @@ def count(server: str, streams: int, chunks: int, delay: float = DELAY) -> int:
             env["BENCH_DETACH_RESPONSE"] = "1"
         if server.endswith("-kr"):  # kept by its response to the stream's end
             env["BENCH_DETACH_RESPONSE"] = "0"
+        if server.endswith("-pm"):  # the Prometheus metrics on
+            env["BENCH_METRICS"] = "1"
         # The same environment size for every server: the process's memory layout moves
         # with it, and so does the count (an unset variable of 23 bytes moved the in-memory
         # server's figure per chunk by 4.5k instructions, 4 %).

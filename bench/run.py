@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--only concurrency,single,backends] [--runs 3]
                         [--streams 500,1000,2000]
                         [--servers memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,
-                                   memory-gs,sqlite,sqlite-1g,sqlite-si,plain,genkit]
+                                   memory-gs,memory-pm,sqlite,sqlite-1g,sqlite-si,sqlite-pm,
+                                   plain,genkit]
                         [--gc tuned|default] [--chunks 50] [--ramp 0] [--output BENCHMARKS.md]
 
 1. Concurrency sweep: N concurrent streams of 50 chunks (``--chunks``) 20 ms apart,
@@ -18,7 +19,8 @@
    stored as it comes (``-se``: ``DURABLE_STREAM_MEMORY_STORE_INTERVAL = 0``) and with
    gunicorn's own settings object (``-gs``: ``post_worker_init(settings_once=False)``), and the
    SQLite one holding each stream's events up to 100 ms (``-si``:
-   ``DURABLE_STREAM_SQLITE_STORE_INTERVAL = 0.1``); a plain Flask
+   ``DURABLE_STREAM_SQLITE_STORE_INTERVAL = 0.1``), and either with the Prometheus metrics
+   on (``-pm``: ``DURABLE_STREAM_METRICS``); a plain Flask
    generator on gevent's WSGIServer (not durable); Genkit's Express
    handler with its InMemoryStreamManager when node is available (its npm packages are
    installed into bench/genkit_express from its pinned package.json). Both Python servers
@@ -70,6 +72,8 @@ SERVERS = {
     "memory-na": "ours, in-memory, no admission by turns",
     "memory-se": "ours, in-memory, each event stored as it comes",
     "memory-gs": "ours, in-memory, gunicorn's own settings (`settings_once=False`)",
+    "memory-pm": "ours, in-memory, Prometheus metrics on",
+    "sqlite-pm": "ours, SQLite, Prometheus metrics on",
     "plain": "plain Flask (not durable)",
     "genkit": "Genkit Express durable",
 }
@@ -87,6 +91,8 @@ PATHS = {
     "memory-na": "/flows/llm",
     "memory-se": "/flows/llm",
     "memory-gs": "/flows/llm",
+    "memory-pm": "/flows/llm",
+    "sqlite-pm": "/flows/llm",
     "plain": "/plain_llm",
     "genkit": "/llm",
 }
@@ -157,6 +163,8 @@ def server(kind: str, gc: str = "tuned") -> Iterator[tuple[int, int]]:
             env["BENCH_SQLITE_STORE_INTERVAL"] = "0.1"
         if kind.endswith("-gs"):
             env["BENCH_SETTINGS_ONCE"] = "0"
+        if kind.endswith("-pm"):
+            env["BENCH_METRICS"] = "1"
         # -pw: gunicorn with this package's PyWSGIWorker, not its gevent worker
         worker = WORKER_CLASSES["pywsgi" if kind.endswith("-pw") else "gevent"]
         args = [
@@ -483,8 +491,8 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         default=(
-            "memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,sqlite,sqlite-1g,sqlite-si,plain,"
-            "genkit"
+            "memory,memory-1g,memory-kr,memory-pw,memory-na,memory-se,memory-pm,sqlite,sqlite-1g,"
+            "sqlite-si,sqlite-pm,plain,genkit"
         ),
     )
     parser.add_argument(

@@ -183,7 +183,12 @@ class PrometheusMetrics(Observer):
 
 
 class _MeasuredWriter:
-    """A :class:`StreamWriter` whose appends are timed; everything else is passed through."""
+    """A :class:`StreamWriter` whose appends are timed; everything else is passed through.
+
+    What the runner reads for every event or store is passed through by a method or
+    property of its own: ``__getattr__`` runs only after the ordinary lookup has failed
+    and built an ``AttributeError``, which costs more than the read.
+    """
 
     def __init__(self, inner: StreamWriter, m: dict[str, Any], flow: str, backend: str) -> None:
         self._inner = inner
@@ -198,6 +203,21 @@ class _MeasuredWriter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    @property
+    def next_seq(self) -> int:
+        return self._inner.next_seq
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    @property
+    def stores_nowait(self) -> bool:
+        return self._inner.stores_nowait
+
+    def may_delay(self) -> bool:
+        return self._inner.may_delay()
+
     def append(self, events: Sequence[Event]) -> None:
         # Events emitted while this append runs set pending_since anew: they are not in it.
         since, self.pending_since = self.pending_since, None
@@ -205,13 +225,46 @@ class _MeasuredWriter:
         try:
             self._inner.append(events)
         except BaseException as exc:
-            if self.pending_since is None:
-                self.pending_since = since
-            if isinstance(exc, StreamClosed):
-                self._lost.inc()
-            elif isinstance(exc, Exception) and not isinstance(exc, StoragePermanentError):
-                self._retries.inc()
+            self._failed(exc, since)
             raise
+        self._stored(events, started, since)
+
+    def append_nowait(
+        self, events: Sequence[Event], done: Callable[[BaseException | None], None]
+    ) -> bool:
+        """The inner writer's, timed from now until it answers, as :meth:`append` is."""
+        since, self.pending_since = self.pending_since, None
+        started = time.monotonic()
+
+        def answered(error: BaseException | None) -> None:
+            if error is None:
+                self._stored(events, started, since)
+            else:
+                self._failed(error, since)
+            done(error)
+
+        try:
+            begun = self._inner.append_nowait(events, answered)
+        except BaseException:
+            # Refused at once: the caller's append (measured) tries again and says why.
+            self._restore(since)
+            raise
+        if not begun:
+            self._restore(since)
+        return begun
+
+    def _restore(self, since: float | None) -> None:
+        if self.pending_since is None:
+            self.pending_since = since
+
+    def _failed(self, exc: BaseException, since: float | None) -> None:
+        self._restore(since)
+        if isinstance(exc, StreamClosed):
+            self._lost.inc()
+        elif isinstance(exc, Exception) and not isinstance(exc, StoragePermanentError):
+            self._retries.inc()
+
+    def _stored(self, events: Sequence[Event], started: float, since: float | None) -> None:
         now = time.monotonic()
         self._write.observe(now - started)
         if since is not None:

@@ -131,12 +131,8 @@ class RunWriter:
         # gevent patches time (gunicorn.conf.py) would otherwise block the whole worker.
         self._sleep = sleep if sleep is not None else _sleep
         self._on_finished = on_finished
-        # Whether the writer can store without a task waiting (see _store_nowait): its own
-        # class's method, so a wrapper that measures appends keeps them measured.
-        self._nowait = run.cooperative and (
-            getattr(type(writer), "store_nowait", StreamWriter.store_nowait)
-            is not StreamWriter.store_nowait
-        )
+        # Whether the writer can store without a task waiting (see _store_nowait).
+        self._nowait = run.cooperative and writer.stores_nowait
         self._flushing = False
         self._flag_lock = None if run.cooperative else threading.Lock()
         # Under gevent, storage that never blocks or answers through the hub (SQLite):

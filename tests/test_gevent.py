@@ -66,6 +66,24 @@ def test_sqlite_stores_a_running_flow_without_a_task_per_batch_and_retries_throu
     assert failing["faults_injected"] == 60  # 3 failed appends per stream
     assert failing["equal"]  # retried until stored: nothing lost, nothing twice
     assert 20 <= failing["flush_tasks"] <= 60  # the retries went through the flush task
+    # With the Prometheus metrics on, the same: their measuring wrapper keeps the way
+    # without a task, and every append is timed (its write and its events' lag) once.
+    measured, measured_failing = report["measured"], report["measured_failing"]
+    assert measured["equal"]
+    assert measured["flush_tasks"] == 0
+    assert working["counted"] == {
+        "write_seconds_count": 0,
+        "lag_seconds_count": 0,
+        "retries_total": 0,
+    }
+    assert measured["counted"]["write_seconds_count"] == measured["appends"] > 0
+    assert measured["counted"]["lag_seconds_count"] == measured["appends"]
+    assert measured["counted"]["retries_total"] == 0
+    assert measured_failing["equal"]
+    assert 20 <= measured_failing["flush_tasks"] <= 60
+    # Each injected fault counted once as a retry, whichever way its append went.
+    assert measured_failing["counted"]["retries_total"] == measured_failing["faults_injected"] == 60
+    assert measured_failing["counted"]["write_seconds_count"] == measured_failing["appends"]
 
 
 def test_a_paced_chunk_is_sent_and_stored_before_the_hubs_queued_callbacks_run() -> None:

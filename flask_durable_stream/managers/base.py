@@ -149,6 +149,12 @@ class StreamWriter:
         #: The stream's cancel flag as the last stored append read it (``append_beats``).
         self.cancel_requested = False
 
+    @property
+    def stores_nowait(self) -> bool:
+        """Whether :meth:`append_nowait` can store here: the backend implements
+        :meth:`store_nowait` (else the runner's flush task stores, and waits)."""
+        return type(self).store_nowait is not StreamWriter.store_nowait
+
     def may_delay(self) -> bool:
         """Whether the runner may hold this stream's events back now (the manager's
         ``store_interval``): no reader of the manager waits on the stream. False

@@ -2,9 +2,10 @@
 
 Used by tests/test_gevent.py. Runs concurrent flows on a SQLiteStreamManager in a
 patched process, first with working storage, then with storage failing for the
-first appends of each stream, and prints a JSON report: per phase, whether every
-stored stream equals what its flow emitted, and how many flush tasks the runner
-started (the task that retries with backoff and owns the fault model).
+first appends of each stream, then both again with the Prometheus metrics on, and
+prints a JSON report: per phase, whether every stored stream equals what its flow
+emitted, how many flush tasks the runner started (the task that retries with backoff
+and owns the fault model), and with metrics, how many appends and retries they counted.
 """
 
 from gevent import monkey
@@ -35,9 +36,28 @@ def flow(data: Any, ctx: FlowContext) -> int:
     return int(data)
 
 
-def phase(manager: SQLiteStreamManager, fail_first: int) -> dict[str, Any]:
+def sample(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"backend": "SQLite"}) or 0.0
+
+
+def phase(manager: SQLiteStreamManager, fail_first: int, metrics: bool = False) -> dict[str, Any]:
     """Run the flows; the first ``fail_first`` appends of each stream fail (transiently)."""
     runner = Runner(manager, write_retry_timeout=30)
+    if metrics:
+        from flask_durable_stream.metrics import PrometheusMetrics
+
+        runner.metrics = PrometheusMetrics()
+    counted = {
+        name: sample(name)
+        for name in (
+            "durable_stream_storage_write_seconds_count",
+            "durable_stream_storage_lag_seconds_count",
+            "durable_stream_storage_retries_total",
+        )
+    }
+    appends = [0]
     spawned = [0]
     spawn = runner._spawn_flush
 
@@ -54,6 +74,7 @@ def phase(manager: SQLiteStreamManager, fail_first: int) -> dict[str, Any]:
         if left > 0:
             failing[stream_id] = left - 1
             raise StorageUnavailable("injected: storage is down")
+        appends[0] += 1
         return append(conn, stream_id, *args)
 
     manager._op_append = flaky  # type: ignore[method-assign]
@@ -69,6 +90,9 @@ def phase(manager: SQLiteStreamManager, fail_first: int) -> dict[str, Any]:
         "equal": stored == expected,
         "flush_tasks": spawned[0],
         "faults_injected": fail_first * len(failing) - sum(failing.values()),
+        "appends": appends[0],  # stored ones (the stream's end included)
+        # What the metrics counted meanwhile (0 without them).
+        "counted": {name.split("_", 3)[-1]: sample(name) - n for name, n in counted.items()},
     }
 
 
@@ -80,7 +104,12 @@ def main() -> None:
             str(Path(tmp) / "streams.db"), lease_seconds=7200, heartbeat_interval=3600
         )
         try:
-            report = {"working": phase(manager, 0), "failing": phase(manager, 3)}
+            report = {
+                "working": phase(manager, 0),
+                "failing": phase(manager, 3),
+                "measured": phase(manager, 0, metrics=True),
+                "measured_failing": phase(manager, 3, metrics=True),
+            }
         finally:
             manager.close()
     print(json.dumps(report))
