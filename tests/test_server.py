@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -161,6 +162,56 @@ def test_a_lone_surrogate_in_the_input_is_streamed_and_stored(server: servers.Se
     assert any("\ud800" in chunk["text"] for chunk in live.chunks)
     again = post_stream(server.url, "/flows/story", {}, stream_id=live.stream_id)
     assert (again.chunks, again.terminal) == (live.chunks, live.terminal)
+
+
+def dechunked(body: bytes) -> bytes:
+    """A chunked HTTP body's data."""
+    data = bytearray()
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return bytes(data)
+        data += body[:n]
+        assert body[n : n + 2] == b"\r\n"
+        body = body[n + 2 :]
+
+
+def test_an_http_1_0_client_gets_the_stream_unchunked_to_its_close(
+    server: servers.Server, request: pytest.FixtureRequest
+) -> None:
+    """A client (or a proxy: nginx's default ``proxy_http_version``) that speaks HTTP/1.0
+    gets the frames as they are, no chunked framing, and the close ends the body; what it
+    got equals the stored stream. (Werkzeug's development server, ``flask run``, answers
+    HTTP/1.0 with a chunked body all the same; that much is checked there too.)"""
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"data": {"chunks": 12, "delay": 0.005}}).encode()
+    head = (
+        f"POST /flows/story HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    received = bytearray()
+    with socket.create_connection((host, int(port)), timeout=PATIENCE) as sock:
+        sock.sendall(head + body)
+        while data := sock.recv(65536):
+            received += data
+    status_and_headers, _, raw = bytes(received).partition(b"\r\n\r\n")
+    lines = status_and_headers.decode().split("\r\n")
+    assert lines[0].split(" ")[1] == "200", lines[0]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if request.node.callspec.params["server"] == "flask-run":
+        assert headers.get("transfer-encoding") == "chunked"
+        raw = dechunked(raw)
+    else:  # gevent's servers, and the live fast path's own writes
+        assert "transfer-encoding" not in headers
+    events, rest = protocol.parse_frames(raw.decode())
+    assert rest == ""
+    assert [e[1]["index"] for e in events[:-1]] == list(range(12))
+    assert events[-1][0] == "done"
+    again = post_stream(
+        server.url, "/flows/story", {}, stream_id=headers[protocol.STREAM_ID_HEADER]
+    )
+    assert again.raw == raw  # byte for byte what storage has
 
 
 def test_unknown_stream_and_bad_input_over_the_wire(server: servers.Server) -> None:
