@@ -49,7 +49,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,9 +64,6 @@ log = logging.getLogger("flask_durable_stream")
 #: How many sinks own their connection now (DURABLE_STREAM_DETACH_RESPONSE): at most as
 #: many as the server serves connections at once (gunicorn's worker_connections).
 _taken = [0]
-_monotonic = time.monotonic
-#: How a chunk's frame starts (``protocol.frame``'s, for the fast path's own framing).
-_CHUNK_PREFIX = protocol._PREFIX[CHUNK]
 #: Frames a burst may queue before they are sent without waiting for the burst's end.
 FLUSH_BYTES = 64 * 1024
 #: The watcher takes at most this many payload bytes from the run per write.
@@ -139,7 +135,9 @@ class DirectSink:
         cost nothing here. A chunk at the reader's cursor, the usual case of an
         LLM-paced flow, is framed and sent right here, without :meth:`take`'s steps
         for the other cases (one chunk of a paced stream at a time: a few function
-        calls less per chunk, for every chunk of every live stream).
+        calls less per chunk, for every chunk of every live stream), through the same
+        :meth:`_send` (a short send hands over to the watcher, a failed one lets go of
+        the client).
         """
         now = self.clock()
         run = self._run
@@ -156,28 +154,12 @@ class DirectSink:
             self.take(event)
             return
         self.deferred = False
-        reader.cursor += 1  # Run.passed, inline
-        reader.moved_at = _monotonic()
-        if run._pacing:
-            run.reader_moved()
-        body = (_CHUNK_PREFIX + event[2] + "}\n\n").encode()
-        data = b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the client went away: the flow goes on without it
-            self.flush_at = 0
-            self._fail()
-            return
-        if sent < len(data):
-            self.flush_at = 0
-            self._rest = data[sent:]
-            self.armed = False  # the watcher writes from here on
-            self._watch()
-            return
-        self.flush_at = run.total_bytes + FLUSH_BYTES  # a new burst
-        self.burst_at = now
+        self.flush_at = 0
+        run.passed(reader, 1)
+        self._send(self._wire(protocol.frame(CHUNK, event[2]).encode()), False)
+        if self.armed:  # sent whole: a new burst
+            self.flush_at = run.total_bytes + FLUSH_BYTES
+            self.burst_at = now
 
     def take(self, emitted: Event | None) -> None:
         """Send the events at the reader's cursor, framed at once, without waiting; a
