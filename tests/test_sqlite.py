@@ -337,6 +337,113 @@ def test_large_batches_round_trip_byte_for_byte_and_retry_idempotently(db: Path)
             writer.store(batch[:20] + [Event(20, "chunk", '"x"')])
 
 
+def append_many(manager: SQLiteStreamManager, entries: list[tuple[Any, ...]]) -> list[Any]:
+    """What the writer thread answers for the appends of several streams in one request
+    (how a gevent worker stores its running flows), and how many took the one-by-one way."""
+    one_by_one = []
+    alone = manager._op_append
+
+    def counted(conn: Any, stream_id: str, *args: Any) -> Any:
+        one_by_one.append(stream_id)
+        return alone(conn, stream_id, *args)
+
+    manager._op_append = counted  # type: ignore[method-assign]
+    try:
+        results = manager._writer.submit(manager._op_append_many, entries)
+    finally:
+        manager._op_append = alone  # type: ignore[method-assign]
+    return [one_by_one, *results]
+
+
+def chunk(seq: int, value: str) -> Event:
+    return Event(seq, "chunk", protocol.encode(value))
+
+
+def test_the_appends_of_many_running_streams_are_stored_together(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        # 100 streams (more than one statement carries), one to three events each.
+        writers = [manager.open(f"s{n}") for n in range(100)]
+        entries = [
+            (w.stream_id, w._token, [chunk(i, f"{n}.{i}") for i in range(1 + n % 3)])
+            for n, w in enumerate(writers)
+        ]
+        one_by_one, *results = append_many(manager, entries)
+        assert one_by_one == [] and results == [False] * 100  # no cancel asked
+        for n, w in enumerate(writers):
+            info = manager.info(w.stream_id)
+            assert info is not None and info.last_seq == n % 3
+            w._moved_past(entries[n][2])
+            w.done("end")
+            stored = [e.value for e in manager.subscribe(w.stream_id)]
+            assert stored == [f"{n}.{i}" for i in range(1 + n % 3)] + ["end"]
+
+
+def test_appends_together_answer_each_stream_as_its_own_append_would(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        plain, ending, cancelled, retried, forged, gone = (
+            manager.open(name)
+            for name in ("plain", "ending", "cancelled", "retried", "forged", "gone")
+        )
+        retried.write("stored before")  # a retry: the writer thread had it stored
+        forged.write("original")
+        gone.done("over")  # ended: a late append must be refused
+        assert manager.request_cancel("cancelled")
+        entries = [
+            ("plain", plain._token, [chunk(0, "p")]),
+            ("ending", ending._token, [chunk(0, "e"), Event(1, "done", '"end"')]),
+            ("cancelled", cancelled._token, [chunk(0, "c")]),
+            ("retried", retried._token, [chunk(0, "stored before"), chunk(1, "new")]),
+            ("forged", forged._token, [chunk(0, "forged")]),
+            ("gone", gone._token, [chunk(1, "late")]),
+        ]
+        one_by_one, *results = append_many(manager, entries)
+        # A check failed: nothing of them was stored together; each went its own way.
+        assert one_by_one == ["plain", "ending", "cancelled", "retried", "forged", "gone"]
+        assert results[:4] == [False, False, True, False]  # the cancel flag, as ever
+        assert isinstance(results[4], StreamClosed) and "conflicting" in str(results[4])
+        assert isinstance(results[5], StreamClosed) and "ended" in str(results[5])
+        stored = {name: [e.value for e in manager.subscribe(name)] for name in ("ending", "gone")}
+        assert stored == {"ending": ["e", "end"], "gone": ["over"]}
+        assert next(manager.subscribe("forged")).value == "original"
+        info = manager.info("forged")
+        assert info is not None and info.last_seq == 0  # the forged event was not stored
+        for name, values in (
+            ("plain", ["p"]),
+            ("cancelled", ["c"]),
+            ("retried", ["stored before", "new"]),
+        ):
+            info = manager.info(name)
+            assert info is not None and info.last_seq == len(values) - 1
+        # Running streams with an end among them: those together, the end on its own.
+        one_by_one, *results = append_many(
+            manager,
+            [
+                ("plain", plain._token, [chunk(1, "p1")]),
+                ("retried", retried._token, [chunk(2, "r2")]),
+                ("cancelled", cancelled._token, [Event(1, "error", '{"status":"CANCELLED"}')]),
+            ],
+        )
+        assert one_by_one == ["cancelled"] and results == [False, False, True]
+        info = manager.info("cancelled")
+        assert info is not None and info.status is StreamStatus.CANCELLED
+
+
+def test_one_stream_twice_in_one_request_is_stored_in_order(db: Path) -> None:
+    with SQLiteStreamManager(db) as manager:
+        a, b = manager.open("a"), manager.open("b")
+        one_by_one, *results = append_many(
+            manager,
+            [
+                ("a", a._token, [chunk(0, "a0")]),
+                ("b", b._token, [chunk(0, "b0")]),
+                ("a", a._token, [chunk(1, "a1")]),
+            ],
+        )
+        assert one_by_one == ["a", "b", "a"] and results == [False] * 3
+        info = manager.info("a")
+        assert info is not None and info.last_seq == 1
+
+
 def test_conflicting_payload_at_an_existing_seq_is_refused(db: Path) -> None:
     with SQLiteStreamManager(db) as manager:
         writer = manager.open("c")

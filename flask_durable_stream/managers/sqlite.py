@@ -20,6 +20,8 @@ See ``docs/sqlite.md`` for figures and limits.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 import weakref
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from ..durable_streams.store import DSStore
+
+log = logging.getLogger("flask_durable_stream.managers.sqlite")
 
 
 class SQLiteStreamManager(SQLiteOperations):
@@ -131,6 +135,7 @@ class SQLiteStreamManager(SQLiteOperations):
         self._held: dict[str, Callable[[], None]] = {}
         self._writer = self._new_writer()
         self._reader = self._new_reader()
+        self._appends: weakref.WeakKeyDictionary[Any, _Appends] = weakref.WeakKeyDictionary()
         ref = weakref.ref(self)
 
         def after_fork() -> None:
@@ -165,6 +170,16 @@ class SQLiteStreamManager(SQLiteOperations):
             catch_up=self._catch_up,
         )
 
+    def _appends_here(self) -> _Appends:
+        """The running flows' appends under the calling thread's gevent hub."""
+        import gevent
+
+        hub = gevent.get_hub()
+        appends = self._appends.get(hub)
+        if appends is None:
+            appends = self._appends[hub] = _Appends(self, hub)
+        return appends
+
     def _catch_up(self, stream_id: str) -> None:
         """A follower of this process is about to read: what the stream's run holds back
         goes to storage now (its commit wakes the follower), not at the timer."""
@@ -188,6 +203,7 @@ class SQLiteStreamManager(SQLiteOperations):
         self._tasks = TaskGroup()
         self._writer = self._new_writer()
         self._reader = self._new_reader()
+        self._appends = weakref.WeakKeyDictionary()  # what the parent's hub was to send
 
     # -- what operators (and tests) may look at ----------------------------------------
     @property
@@ -293,7 +309,7 @@ class _SQLiteWriter(StreamWriter):
         self._manager = manager
         self._token = token
         self._done: Callable[[BaseException | None], None] | None = None  # store_nowait's
-        self._answered_cb = self._answered  # one bound method, not one per append
+        self._appends: _Appends | None = None  # this hub's, found on the first store_nowait
         self._store_now: Callable[[], None] | None = None  # while the runner may hold events
 
     def store(self, events: Sequence[Event]) -> None:
@@ -313,14 +329,10 @@ class _SQLiteWriter(StreamWriter):
         manager = self._manager
         check_event_sizes(events, manager.max_event_bytes, manager.display_name)
         self._done = done  # one append at a time (append_nowait's contract)
-        manager._writer.submit_nowait(
-            manager._op_append,
-            self.stream_id,
-            self._token,
-            list(events),
-            stream_id=self.stream_id,
-            callback=self._answered_cb,
-        )
+        appends = self._appends
+        if appends is None:
+            appends = self._appends = manager._appends_here()
+        appends.add(self, list(events))
         return True
 
     def _answered(self, cancel: bool, error: BaseException | None) -> None:
@@ -345,3 +357,62 @@ class _SQLiteWriter(StreamWriter):
         held = self._manager._held
         if self._store_now is not None and held.get(self.stream_id) is self._store_now:
             del held[self.stream_id]
+
+
+class _Appends:
+    """The appends of running flows under one gevent hub (:meth:`_SQLiteWriter.store_nowait`),
+    handed to the writer thread together: one request, one wake-up of the thread and one
+    answer for all the streams that stored in a turn of the hub's loop, not one each.
+
+    Every lock the writer thread takes back, and every answer it posts, is a round trip
+    for the interpreter lock with the hub's thread, which is serving the streams. The
+    writer stores them together too (:meth:`~.sqlite_ops.SQLiteOperations._op_append_many`);
+    each stream gets its own answer, as from its own append.
+    """
+
+    __slots__ = ("_manager", "_loop", "_writers", "_entries")
+
+    def __init__(self, manager: SQLiteStreamManager, hub: Any) -> None:
+        self._manager = manager
+        self._loop = hub.loop
+        self._writers: list[_SQLiteWriter] = []
+        self._entries: list[tuple[str, int, list[Event]]] = []
+
+    def add(self, writer: _SQLiteWriter, events: list[Event]) -> None:
+        if not self._writers:  # the first of this turn: the request goes once the turn ends
+            self._loop.run_callback(self._send)
+        self._writers.append(writer)
+        self._entries.append((writer.stream_id, writer._token, events))
+
+    def _send(self) -> None:
+        writers, self._writers = self._writers, []
+        entries, self._entries = self._entries, []
+        manager = self._manager
+        try:
+            manager._writer.submit_nowait(
+                manager._op_append_many,
+                entries,
+                stream_id=tuple(entry[0] for entry in entries),
+                callback=functools.partial(self._answered, writers),
+                operations=len(entries),
+            )
+        except Exception as exc:  # the manager is closed: each run's flush task says so
+            self._answered(writers, None, exc)
+
+    @staticmethod
+    def _answered(
+        writers: list[_SQLiteWriter],
+        results: list[bool | BaseException] | None,
+        error: BaseException | None,
+    ) -> None:
+        for i, writer in enumerate(writers):
+            result = False if results is None else results[i]
+            try:
+                if error is not None:
+                    writer._answered(False, error)
+                elif isinstance(result, BaseException):
+                    writer._answered(False, result)
+                else:
+                    writer._answered(result, None)
+            except Exception:  # one stream's bug must not keep the others' answers
+                log.exception("stream %s: storing its answer failed", writer.stream_id)

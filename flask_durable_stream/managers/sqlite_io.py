@@ -130,13 +130,23 @@ class Request:
     :class:`~.._concurrency.HubCallbacks`) once it is answered.
     """
 
-    __slots__ = ("op", "args", "stream_id", "done", "callback", "loop", "result", "error")
+    __slots__ = (
+        "op",
+        "args",
+        "stream_id",
+        "done",
+        "callback",
+        "loop",
+        "result",
+        "error",
+        "operations",
+    )
 
     def __init__(
         self,
         op: Callable[..., Any],
         args: tuple[Any, ...],
-        stream_id: str | None,
+        stream_id: str | tuple[str, ...] | None,
         callback: Callable[[Any, BaseException | None], None] | None = None,
         loop: Any = None,
     ) -> None:
@@ -148,6 +158,7 @@ class Request:
         self.done = Signal() if callback is None else None
         self.result: Any = None
         self.error: BaseException | None = None
+        self.operations = 1  # what it counts as in the writer's ``operations``
 
     def answer(self) -> None:
         """Wake the caller: called once, by the writer thread, result or error set."""

@@ -7,16 +7,24 @@ it was written and the rest of the transaction goes on.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from collections.abc import Sequence
+from typing import TypeVar
 
 from .. import protocol
-from ..exceptions import StreamClosed, StreamExists, StreamNotFound
+from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
 from .base import PRODUCER_LOST, Event, StreamManager, StreamStatus, status_after
 from .sqlite_io import INSERT_EVENT, INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
 
 _OPEN = StreamStatus.OPEN.value
+#: ``UPDATE ... FROM`` (SQLite 3.33): the appends of many streams in one statement.
+UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+#: The most rows (streams, events) one statement of :meth:`_append_together` carries:
+#: 4 parameters a row stays under the 999 an older SQLite allows.
+PART = 64
+T = TypeVar("T")
 
 
 class SQLiteOperations(StreamManager):
@@ -80,6 +88,57 @@ class SQLiteOperations(StreamManager):
         self._insert(conn, stream_id, new)
         self._advance(conn, stream_id, last, now)
         return bool(row[3])
+
+    def _op_append_many(
+        self, conn: sqlite3.Connection, entries: Sequence[tuple[str, int, Sequence[Event]]]
+    ) -> list[bool | StreamError]:
+        """The appends of several streams, ``(stream_id, token, events)`` each: for each,
+        what :meth:`_op_append` returns (the cancel flag) or the :class:`StreamError` it
+        raises, in order.
+
+        Running streams that nobody asked to cancel, whose events follow the stored
+        ones, are stored together: one ``UPDATE`` and one ``INSERT`` statement for all
+        of them, where one each per stream made the writer thread take the interpreter
+        lock back after every statement. An append that ends its stream, and all of them
+        if any check fails, take :meth:`_op_append` one by one, with the same answers.
+        """
+        results: list[bool | StreamError | None] = [None] * len(entries)
+        running = [i for i, entry in enumerate(entries) if not entry[2][-1].terminal]
+        if len(running) > 1 and self._append_together(conn, [entries[i] for i in running]):
+            for i in running:
+                results[i] = False
+        for i, (stream_id, token, events) in enumerate(entries):
+            if results[i] is None:
+                try:
+                    results[i] = self._op_append(conn, stream_id, token, events)
+                except StreamError as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]  # every one set above
+
+    def _append_together(
+        self, conn: sqlite3.Connection, entries: Sequence[tuple[str, int, Sequence[Event]]]
+    ) -> bool:
+        """Store ``entries`` (no terminal event among them) if every stream passes the
+        usual case's checks; else nothing of them is written and False."""
+        if not UPDATE_FROM or len({entry[0] for entry in entries}) != len(entries):
+            return False  # an UPDATE ... FROM matches a row once, however often it is named
+        conn.execute("SAVEPOINT append_together")
+        now = self.now()
+        moved = 0
+        for part in _parts(entries):
+            args: list[object] = [now, now]
+            for stream_id, token, events in part:
+                args += (stream_id, events[-1].seq, token, events[0].seq - 1)
+            moved += conn.execute(_update_sql(len(part)), args).rowcount
+        if moved != len(entries):  # one was cancelled, ended, replaced, or this is a retry
+            conn.execute("ROLLBACK TO append_together")
+            conn.execute("RELEASE append_together")
+            return False
+        rows = [(sid, e.seq, e.kind, e.payload) for sid, _, events in entries for e in events]
+        for some in _parts(rows):
+            conn.execute(_insert_sql(len(some)), [value for row in some for value in row])
+        conn.execute("RELEASE append_together")
+        return True
 
     def _advance(
         self,
@@ -207,3 +266,33 @@ class SQLiteOperations(StreamManager):
     def _op_clear_pointer(conn: sqlite3.Connection, key: str, stream_id: str) -> bool:
         sql = "DELETE FROM ds_pointers WHERE key = ? AND stream_id = ?"
         return bool(conn.execute(sql, (key, stream_id)).rowcount > 0)
+
+
+def _parts(items: Sequence[T]) -> list[Sequence[T]]:
+    """``items`` cut into parts of PART, 32, 16, ... 1: few statements, and few texts of
+    them for the connection's cache of prepared statements."""
+    parts = []
+    start, size = 0, PART
+    while start < len(items):
+        while size > len(items) - start:
+            size //= 2
+        parts.append(items[start : start + size])
+        start += size
+    return parts
+
+
+@functools.cache
+def _update_sql(n: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    return (
+        "UPDATE ds_streams SET last_seq = u.column2, updated_at = ?, heartbeat_at = ?"
+        f" FROM (VALUES {values}) AS u WHERE ds_streams.stream_id = u.column1"
+        " AND ds_streams.token = u.column3 AND ds_streams.status = 'open'"
+        " AND ds_streams.last_seq = u.column4 AND ds_streams.cancel_requested = 0"
+    )
+
+
+@functools.cache
+def _insert_sql(n: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    return f"INSERT OR IGNORE INTO ds_events (stream_id, seq, kind, payload) VALUES {values}"

@@ -76,11 +76,13 @@ class WriterThread:
         self,
         op: Callable[..., Any],
         *args: Any,
-        stream_id: str | None,
+        stream_id: str | tuple[str, ...] | None,
         callback: Callable[[Any, BaseException | None], None],
+        operations: int = 1,
     ) -> None:
         """Queue ``op(conn, *args)`` and return; ``callback(result, error)`` runs in this
-        greenlet's hub.
+        greenlet's hub. ``stream_id``: the stream (or streams) it writes; ``operations``:
+        how many it counts as in :attr:`operations`.
 
         Under gevent only: the answer comes as a callback in the hub's thread, through
         :class:`~.._concurrency.HubCallbacks` (the answers of one commit wake it once).
@@ -88,7 +90,9 @@ class WriterThread:
         import gevent
 
         hub = HubCallbacks.of(gevent.get_hub())
-        self._put(Request(op, args, stream_id, callback, hub))
+        request = Request(op, args, stream_id, callback, hub)
+        request.operations = operations
+        self._put(request)
         hub.expect()  # after the put, which may raise; the answer runs in this thread
 
     def _put(self, request: Request) -> Request:
@@ -181,7 +185,7 @@ class WriterThread:
                     rollback_quietly(conn)
                 raise
             self.transactions += 1
-            self.operations += len(batch)
+            self.operations += sum(request.operations for request in batch)
         except Exception as exc:
             # Nothing of the batch was stored. A bug in one operation fails that one;
             # storage trouble fails all as UNAVAILABLE, which callers retry. The
@@ -202,7 +206,13 @@ class WriterThread:
         if error is not None:
             for request in batch:
                 request.result, request.error = None, error
-        touched = {r.stream_id for r in batch if r.stream_id is not None and r.error is None}
+        touched: set[str] = set()
+        for request in batch:
+            if request.stream_id is not None and request.error is None:
+                if isinstance(request.stream_id, str):
+                    touched.add(request.stream_id)
+                else:  # the appends of several streams
+                    touched.update(request.stream_id)
         with self._lock:
             self.in_flight -= len(batch)
         for request in batch:
