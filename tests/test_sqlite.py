@@ -685,6 +685,44 @@ def test_fork_leaves_sqlite_alone_until_the_child_uses_it(db: Path) -> None:
     assert result.stdout.split() == ["ok"]
 
 
+FORK_PENDING_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import os, sys
+import gevent
+from flask_durable_stream import Event, SQLiteStreamManager
+
+manager = SQLiteStreamManager(sys.argv[1])
+writers = [manager.open(f"s{n}") for n in range(3)]
+answers = []
+for writer in writers:  # queued in this turn of the hub's loop, sent when it ends
+    assert writer.append_nowait([Event(0, "chunk", '"x"')], answers.append)
+pid = os.fork()  # before they went to the writer thread
+if pid == 0:
+    gevent.sleep(0.2)  # the child's hub runs what it inherited
+    # The parent's appends are the parent's to send: the child's writer did nothing.
+    os._exit(0 if (manager.transactions, manager.operations, answers) == (0, 0, []) else 1)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, "the child sent the parent's appends"
+while len(answers) < 3:
+    gevent.sleep(0.01)
+assert answers == [None] * 3 and manager.operations == 6, (answers, manager.operations)
+manager.close()
+print("ok")
+"""
+
+
+def test_a_forked_child_does_not_send_the_parents_queued_appends(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_PENDING_SCRIPT, str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]
+
+
 def test_replay_reaches_the_http_layer_in_pages(tmp_path: Path) -> None:
     # The HTTP layer writes each batch of subscribe_batches() in one go; the base class's
     # default yields one event per batch, which makes a 20,000-chunk replay about 25 times

@@ -203,7 +203,9 @@ class SQLiteStreamManager(SQLiteOperations):
         self._tasks = TaskGroup()
         self._writer = self._new_writer()
         self._reader = self._new_reader()
-        self._appends = weakref.WeakKeyDictionary()  # what the parent's hub was to send
+        for appends in list(self._appends.values()):
+            appends.drop()  # the parent's runs' appends, which its own hub sends
+        self._appends = weakref.WeakKeyDictionary()
 
     # -- what operators (and tests) may look at ----------------------------------------
     @property
@@ -384,7 +386,13 @@ class _Appends:
         self._writers.append(writer)
         self._entries.append((writer.stream_id, writer._token, events))
 
+    def drop(self) -> None:
+        """Forget what waits to be sent: in a forked child, whose parent sends it."""
+        self._writers, self._entries = [], []
+
     def _send(self) -> None:
+        if not self._writers:  # dropped meanwhile
+            return
         writers, self._writers = self._writers, []
         entries, self._entries = self._entries, []
         manager = self._manager
