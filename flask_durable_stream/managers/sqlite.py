@@ -372,29 +372,28 @@ class _Appends:
     each stream gets its own answer, as from its own append.
     """
 
-    __slots__ = ("_manager", "_loop", "_writers", "_entries")
+    __slots__ = ("_manager", "_loop", "_waiting")
 
     def __init__(self, manager: SQLiteStreamManager, hub: Any) -> None:
         self._manager = manager
         self._loop = hub.loop
-        self._writers: list[_SQLiteWriter] = []
-        self._entries: list[tuple[str, int, list[Event]]] = []
+        self._waiting: list[tuple[_SQLiteWriter, list[Event]]] = []
 
     def add(self, writer: _SQLiteWriter, events: list[Event]) -> None:
-        if not self._writers:  # the first of this turn: the request goes once the turn ends
+        if not self._waiting:  # the first of this turn: the request goes once the turn ends
             self._loop.run_callback(self._send)
-        self._writers.append(writer)
-        self._entries.append((writer.stream_id, writer._token, events))
+        self._waiting.append((writer, events))
 
     def drop(self) -> None:
         """Forget what waits to be sent: in a forked child, whose parent sends it."""
-        self._writers, self._entries = [], []
+        self._waiting = []
 
     def _send(self) -> None:
-        if not self._writers:  # dropped meanwhile
+        waiting, self._waiting = self._waiting, []
+        if not waiting:  # dropped meanwhile
             return
-        writers, self._writers = self._writers, []
-        entries, self._entries = self._entries, []
+        writers = [writer for writer, _ in waiting]
+        entries = [(writer.stream_id, writer._token, events) for writer, events in waiting]
         manager = self._manager
         try:
             manager._writer.submit_nowait(
@@ -402,7 +401,6 @@ class _Appends:
                 entries,
                 stream_id=tuple(entry[0] for entry in entries),
                 callback=functools.partial(self._answered, writers),
-                operations=len(entries),
             )
         except Exception as exc:  # the manager is closed: each run's flush task says so
             self._answered(writers, None, exc)
@@ -413,14 +411,14 @@ class _Appends:
         results: list[bool | BaseException] | None,
         error: BaseException | None,
     ) -> None:
-        for i, writer in enumerate(writers):
-            result = False if results is None else results[i]
+        # The request failed as a whole (error), or each stream has its cancel flag or
+        # the StreamError its own append raised.
+        answers = results if error is None and results is not None else [error] * len(writers)
+        for writer, answer in zip(writers, answers, strict=True):
             try:
-                if error is not None:
-                    writer._answered(False, error)
-                elif isinstance(result, BaseException):
-                    writer._answered(False, result)
+                if isinstance(answer, BaseException):
+                    writer._answered(False, answer)
                 else:
-                    writer._answered(result, None)
+                    writer._answered(bool(answer), None)
             except Exception:  # one stream's bug must not keep the others' answers
                 log.exception("stream %s: storing its answer failed", writer.stream_id)

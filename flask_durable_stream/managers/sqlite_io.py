@@ -139,7 +139,6 @@ class Request:
         "loop",
         "result",
         "error",
-        "operations",
     )
 
     def __init__(
@@ -158,7 +157,18 @@ class Request:
         self.done = Signal() if callback is None else None
         self.result: Any = None
         self.error: BaseException | None = None
-        self.operations = 1  # what it counts as in the writer's ``operations``
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The streams it writes: a stream's op's one, an append of several's all."""
+        sid = self.stream_id
+        return () if sid is None else (sid,) if isinstance(sid, str) else sid
+
+    @property
+    def operations(self) -> int:
+        """What it counts as in the writer's ``operations``: an append of several streams
+        as one per stream."""
+        return len(self.streams) or 1
 
     def answer(self) -> None:
         """Wake the caller: called once, by the writer thread, result or error set."""

@@ -78,11 +78,10 @@ class WriterThread:
         *args: Any,
         stream_id: str | tuple[str, ...] | None,
         callback: Callable[[Any, BaseException | None], None],
-        operations: int = 1,
     ) -> None:
         """Queue ``op(conn, *args)`` and return; ``callback(result, error)`` runs in this
-        greenlet's hub. ``stream_id``: the stream (or streams) it writes; ``operations``:
-        how many it counts as in :attr:`operations`.
+        greenlet's hub. ``stream_id``: the stream it writes, or a tuple of them for the
+        appends of several (each counts in :attr:`operations`).
 
         Under gevent only: the answer comes as a callback in the hub's thread, through
         :class:`~.._concurrency.HubCallbacks` (the answers of one commit wake it once).
@@ -90,9 +89,7 @@ class WriterThread:
         import gevent
 
         hub = HubCallbacks.of(gevent.get_hub())
-        request = Request(op, args, stream_id, callback, hub)
-        request.operations = operations
-        self._put(request)
+        self._put(Request(op, args, stream_id, callback, hub))
         hub.expect()  # after the put, which may raise; the answer runs in this thread
 
     def _put(self, request: Request) -> Request:
@@ -206,13 +203,7 @@ class WriterThread:
         if error is not None:
             for request in batch:
                 request.result, request.error = None, error
-        touched: set[str] = set()
-        for request in batch:
-            if request.stream_id is not None and request.error is None:
-                if isinstance(request.stream_id, str):
-                    touched.add(request.stream_id)
-                else:  # the appends of several streams
-                    touched.update(request.stream_id)
+        touched = {sid for r in batch if r.error is None for sid in r.streams}
         with self._lock:
             self.in_flight -= len(batch)
         for request in batch:
