@@ -24,7 +24,7 @@ def create_app() -> Flask:
     ``BENCH_FLOW_IN_RESPONSE`` sets ``DURABLE_STREAM_FLOW_IN_RESPONSE`` and
     ``BENCH_DETACH_RESPONSE`` ``DURABLE_STREAM_DETACH_RESPONSE`` (``1`` or ``0``; unset,
     the library's default); ``BENCH_METRICS=1`` turns the Prometheus metrics on
-    (``DURABLE_STREAM_METRICS``).
+    (``DURABLE_STREAM_METRICS``). ``GET /storage``: the SQLite manager's writes and commits.
 
     Unless ``BENCH_GC=default``, the process's garbage collector is set up as the
     production recipe does (:func:`flask_durable_stream.tune_gc`, which the example's
@@ -82,6 +82,14 @@ def create_app() -> Flask:
             **{k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")},
             "cpu": usage.ru_utime + usage.ru_stime,  # type: ignore[dict-item]
         }
+
+    @app.get("/storage")
+    def storage() -> dict[str, int]:
+        """The SQLite manager's writes so far (opens and appends) and the commits that
+        carried them; empty on the in-memory manager."""
+        if manager is None:
+            return {}
+        return {"writes": manager.operations, "commits": manager.transactions}
 
     if os.environ.get("BENCH_GC", "tuned") != "default":
         tune_gc()  # last: what the app holds is frozen

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,11 @@ def measure(
         done = subprocess.run(load, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise RuntimeError(f"load.py failed: {done.stderr.strip()[-2000:]}")
-        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+        row = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+        if kind.startswith("sqlite"):  # how many commits carried the run's writes
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/storage", timeout=30) as r:
+                row.update({"sqlite_" + k: v for k, v in json.load(r).items()})
+        return row
 
 
 def concurrency(args: argparse.Namespace, out: list[str]) -> None:
@@ -291,7 +296,9 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
         "unless the server takes streams in"
         f" by turns. Complete: streams that got all {args.chunks} chunks and their result; stored"
         " = live: streams whose replay by"
-        " `x-genkit-stream-id` is byte-identical to the live body.\n"
+        " `x-genkit-stream-id` is byte-identical to the live body. The SQLite servers' raw"
+        " figures also say how many writes (opens and appends, the warm-up's included) their"
+        " manager made and in how many commits (`sqlite_writes`, `sqlite_commits`).\n"
     )
     out.append(
         "Garbage collector of both Python servers: "

@@ -264,6 +264,36 @@ def test_a_client_that_stays_gets_every_frame_once_in_order_and_equal_to_storage
     assert replay.raw == raw
 
 
+@pytest.mark.parametrize("mode", ["sqlite", "sqlite, store interval"])
+def test_streams_stored_together_are_each_whole_whether_their_client_stayed_or_left(
+    mode: str, tmp_path: Path
+) -> None:
+    """Eight SQLite streams whose flows go on at the same moment (one gate) and stay paced
+    together, so their appends reach the writer thread in shared requests; four clients
+    left before the gate. Every stream is stored whole and equal to what a staying client
+    got live."""
+    server = start(mode, tmp_path)
+    try:
+        key = uuid.uuid4().hex
+        body = {"data": {"before": BEFORE, "after": AFTER, "key": key}}
+        left = [post_stream(server.url, "/flows/gated", body, stop_after=BEFORE) for _ in range(4)]
+        staying = [open_live(server, "/flows/gated", body) for _ in range(4)]
+        raws = [read_frames(response, BEFORE, 65536) for _, response in staying]
+        before = stats(server)["together"]
+        open_gate(server, key)
+        raws = [raw + read_to_end(conn, r) for raw, (conn, r) in zip(raws, staying, strict=True)]
+        for raw, (_, response) in zip(raws, staying, strict=True):
+            assert whole_frames(raw) == expected_events()
+            stream_id = response.getheader(protocol.STREAM_ID_HEADER)
+            assert post_stream(server.url, "/flows/gated", {}, stream_id=stream_id).raw == raw
+        for live in left:
+            replay = post_stream(server.url, "/flows/gated", {}, stream_id=live.stream_id)
+            assert replay.events == expected_events()
+        assert stats(server)["together"] > before  # the shared requests did carry them
+    finally:
+        server.stop()
+
+
 def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     server: servers.Server,
 ) -> None:

@@ -16,7 +16,8 @@ path was taken, and how many ``gated`` flows ran in their response's greenlet (t
 fast path's one greenlet per stream) rather than in a task of the runner's, how many
 live responses the fast path took the connection of (ending their requests), and how
 many response bodies the server is iterating now, and how many ``GET /wait/<key>``
-requests wait for their gate (``?timeout=`` seconds at most, else 120).
+requests wait for their gate (``?timeout=`` seconds at most, else 120), and on SQLite
+how many appends the writer thread got in requests carrying several streams' appends.
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
 chunks until its live client's socket is full (the client does not read meanwhile),
@@ -49,6 +50,7 @@ _offers = [0]
 _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
+_together = [0]  # SQLite: appends stored in a request of several streams' appends
 _emitted = _direct.DirectSink.emitted
 _flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
@@ -137,6 +139,19 @@ def _live_subscribers() -> int:
     return int(value or 0)
 
 
+def _count_appends_together(manager: SQLiteStreamManager) -> None:
+    """Count the appends the writer thread got in requests of several streams' appends
+    (the running flows' appends of one turn of the hub's loop)."""
+    append_many = manager._op_append_many
+
+    def counted(conn: Any, entries: Any) -> Any:
+        if len(entries) > 1:
+            _together[0] += len(entries)
+        return append_many(conn, entries)
+
+    manager._op_append_many = counted  # type: ignore[method-assign]
+
+
 def create_app() -> Flask:
     app = Flask(__name__)
     app.config["DURABLE_STREAM_FLOW_IN_RESPONSE"] = os.environ.get(
@@ -155,6 +170,8 @@ def create_app() -> Flask:
         else {"heartbeat_interval": float(beat), "lease_seconds": 10 * float(beat)}
     )
     manager = SQLiteStreamManager(path, store_interval=interval, **timing) if path else None
+    if manager is not None:
+        _count_appends_together(manager)
     DurableStream(
         app,
         flows={"gated": gated, "generator": gated_generator, "fill": fill},
@@ -185,6 +202,7 @@ def create_app() -> Flask:
             "waiting": _waiting[0],
             "live_subscribers": _live_subscribers(),
             "taken": _direct._taken[0],  # connections the sinks own (or serve on) now
+            "together": _together[0],
         }
 
     return app
