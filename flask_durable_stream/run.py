@@ -362,7 +362,7 @@ class Run:
             start = seq - self._base
             if start < 0:
                 raise LookupError(f"event {seq} of stream {self.stream_id} was released")
-            if max_bytes is None or start >= len(self._ends):
+            if max_bytes is None or start >= len(self._ends) - 1:  # all, or one at most
                 return self._events[start:]
             floor = self._ends[start - 1] if start else self._trimmed_bytes
             stop = bisect.bisect_right(self._ends, floor + max_bytes, lo=start)
