@@ -53,7 +53,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _responses, protocol
-from .protocol import CHUNK, CHUNK_START, FRAME_END
+from .protocol import CHUNK
 
 if TYPE_CHECKING:
     from .managers.base import Event
@@ -156,8 +156,7 @@ class DirectSink:
         self.deferred = False
         self.flush_at = 0
         run.passed(reader, 1)
-        body = (CHUNK_START + event[2] + FRAME_END).encode()  # protocol.frame's, and _wire's
-        self._send(b"%x\r\n%b\r\n" % (len(body), body) if self._chunked else body, False)
+        self._send(self._wire(protocol.frame(CHUNK, event[2]).encode()), False)
         if self.armed:  # sent whole: a new burst
             self.flush_at = run.total_bytes + FLUSH_BYTES
             self.burst_at = now

@@ -111,15 +111,12 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 
 _PREFIX = {CHUNK: 'data: {"message":', DONE: 'data: {"result":', ERROR: 'error: {"error":'}
-#: A chunk's frame is ``CHUNK_START + payload + FRAME_END`` (:func:`frame`, for the
-#: one caller that frames every chunk of a live stream without a call).
-CHUNK_START, FRAME_END = _PREFIX[CHUNK], "}\n\n"
 
 
 def frame(kind: str, payload: str) -> str:
     """One wire frame for an event whose payload is already JSON text."""
     try:
-        return _PREFIX[kind] + payload + FRAME_END
+        return _PREFIX[kind] + payload + "}\n\n"
     except KeyError:
         raise ValueError(f"unknown event kind {kind!r}") from None
 

@@ -392,8 +392,7 @@ class RunWriter:
     def heartbeat_due(self) -> bool:
         # Compared with the same sum _pause sleeps towards: with a difference
         # instead, rounding can leave "not due" and "0 s to wait" at once (a spin).
-        # (_next_beat's sum, without its call: asked after every stored append.)
-        return self._clock() >= self._beat_at + self.heartbeat_interval / 2
+        return self._clock() >= self._next_beat()
 
     def _pause(self, seconds: float) -> None:
         """Sleep between retries, heartbeating on time however long the backoff delay."""

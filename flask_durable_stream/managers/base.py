@@ -203,16 +203,18 @@ class StreamWriter:
         if not events or self.closed:
             return False  # the caller's append says what these mean
         self._check(events)
-        return self.store_nowait(events, done)
+
+        def stored(error: BaseException | None) -> None:
+            if error is None:
+                self._moved_past(events)
+            done(error)
+
+        return self.store_nowait(events, stored)
 
     def store_nowait(
         self, events: Sequence[Event], done: Callable[[BaseException | None], None]
     ) -> bool:
-        """The backend's side of :meth:`append_nowait`: False (the default) if it cannot.
-
-        A backend that can calls :meth:`_moved_past` with ``events`` once they are
-        stored, then ``done(None)``; or ``done(error)`` alone.
-        """
+        """The backend's side of :meth:`append_nowait`: False (the default) if it cannot."""
         return False
 
     def _moved_past(self, events: Sequence[Event]) -> None:

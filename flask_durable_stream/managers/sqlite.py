@@ -337,11 +337,10 @@ class _SQLiteWriter(StreamWriter):
         appends.add(self, list(events))
         return True
 
-    def _answered(self, events: list[Event], cancel: bool, error: BaseException | None) -> None:
+    def _answered(self, cancel: bool, error: BaseException | None) -> None:
         done, self._done = self._done, None
         if error is None:
             self.cancel_requested = cancel
-            self._moved_past(events)
         assert done is not None
         done(error)
 
@@ -393,6 +392,7 @@ class _Appends:
         waiting, self._waiting = self._waiting, []
         if not waiting:  # dropped meanwhile
             return
+        writers = [writer for writer, _ in waiting]
         entries = [(writer.stream_id, writer._token, events) for writer, events in waiting]
         manager = self._manager
         try:
@@ -400,25 +400,25 @@ class _Appends:
                 manager._op_append_many,
                 entries,
                 stream_id=tuple(entry[0] for entry in entries),
-                callback=functools.partial(self._answered, waiting),
+                callback=functools.partial(self._answered, writers),
             )
         except Exception as exc:  # the manager is closed: each run's flush task says so
-            self._answered(waiting, None, exc)
+            self._answered(writers, None, exc)
 
     @staticmethod
     def _answered(
-        waiting: list[tuple[_SQLiteWriter, list[Event]]],
+        writers: list[_SQLiteWriter],
         results: list[bool | BaseException] | None,
         error: BaseException | None,
     ) -> None:
         # The request failed as a whole (error), or each stream has its cancel flag or
         # the StreamError its own append raised.
-        answers = results if error is None and results is not None else [error] * len(waiting)
-        for (writer, events), answer in zip(waiting, answers, strict=True):
+        answers = results if error is None and results is not None else [error] * len(writers)
+        for writer, answer in zip(writers, answers, strict=True):
             try:
                 if isinstance(answer, BaseException):
-                    writer._answered(events, False, answer)
+                    writer._answered(False, answer)
                 else:
-                    writer._answered(events, bool(answer), None)
+                    writer._answered(bool(answer), None)
             except Exception:  # one stream's bug must not keep the others' answers
                 log.exception("stream %s: storing its answer failed", writer.stream_id)

@@ -130,16 +130,7 @@ class Request:
     :class:`~.._concurrency.HubCallbacks`) once it is answered.
     """
 
-    __slots__ = (
-        "op",
-        "args",
-        "stream_id",
-        "done",
-        "callback",
-        "loop",
-        "result",
-        "error",
-    )
+    __slots__ = ("op", "args", "stream_id", "done", "callback", "loop", "result", "error")
 
     def __init__(
         self,

@@ -27,6 +27,19 @@ PART = 64
 T = TypeVar("T")
 
 
+def _usual_case(token: str, tail: str, table: str = "") -> str:
+    """The checks of an append's ``UPDATE`` of its stream's row, for the usual case: the
+    writer's ``token``, the stream still open, its stored tail at ``tail`` (the seq before
+    the events), and no cancel asked. One text for the single append and the joint one."""
+    return (
+        f" AND {table}token = {token} AND {table}status = '{_OPEN}'"
+        f" AND {table}last_seq = {tail} AND {table}cancel_requested = 0"
+    )
+
+
+_GUARD = _usual_case("?", "?")
+
+
 class SQLiteOperations(StreamManager):
     """The writer thread's operations; :class:`~.sqlite.SQLiteStreamManager` runs them."""
 
@@ -60,8 +73,7 @@ class SQLiteOperations(StreamManager):
         # third more). Otherwise (a retry, an ended or replaced stream, the cancel flag)
         # nothing was written yet and the checks below say what to do.
         now, last = self.now(), events[-1]
-        guard = " AND token = ? AND status = ? AND last_seq = ? AND cancel_requested = 0"
-        if self._advance(conn, stream_id, last, now, guard, (token, _OPEN, events[0].seq - 1)):
+        if self._advance(conn, stream_id, last, now, _GUARD, (token, events[0].seq - 1)):
             self._insert(conn, stream_id, events)
             return False
         row = conn.execute(
@@ -287,8 +299,7 @@ def _update_sql(n: int) -> str:
     return (
         "UPDATE ds_streams SET last_seq = u.column2, updated_at = ?, heartbeat_at = ?"
         f" FROM (VALUES {values}) AS u WHERE ds_streams.stream_id = u.column1"
-        " AND ds_streams.token = u.column3 AND ds_streams.status = 'open'"
-        " AND ds_streams.last_seq = u.column4 AND ds_streams.cancel_requested = 0"
+        + _usual_case("u.column3", "u.column4", "ds_streams.")
     )
 
 
