@@ -6,15 +6,22 @@
 One process, no server, no other thread: the floor under the SQLite manager's writer
 thread. ``--streams`` open streams with the manager's own 32-hex ids, appended to in a
 random order (as paced streams' appends arrive), ``--per-commit`` appends a transaction
-(66 is what the joint appends of a 1,000-stream sweep averaged); each append is the
-manager's usual case: the ``UPDATE`` of the stream's row with its checks, then the
-``INSERT`` of its events. The file is made with the manager's schema and connection
-settings (WAL, ``synchronous=NORMAL``); the variants change one thing each:
+(66 is what the joint appends of a 1,000-stream sweep averaged). The file is made with the
+manager's schema and connection settings (WAL, ``synchronous=NORMAL``).
 
+The first figure stores each append as the single append does: the ``UPDATE`` of the
+stream's row with the usual case's checks, then the ``INSERT`` of its event. Every other
+figure stores a transaction's appends as the joint append does under load (the manager's
+own ``UPDATE ... FROM`` and ``INSERT`` texts, up to 64 streams a statement), and changes
+one thing:
+
+* no ``UPDATE`` of the streams' rows (what the checks, the tail and the lease cost);
 * the events table as a rowid table with a ``UNIQUE (stream_id, seq)`` index, or with an
-  integer per stream instead of its id (a layout the manager does not use);
-* ``page_size`` 2,048 or 1,024 bytes; a 64 MiB page cache;
-* 5 events an append instead of 1 (one ``INSERT`` of 5 rows).
+  integer per stream instead of its id (layouts the manager does not use);
+* the events first written to an append-ordered table (a rowid table, no index) and moved
+  into the manager's table, sorted, every 50 commits (a layout the manager does not use);
+* ``page_size`` 2,048 bytes; a 64 MiB page cache; ``wal_autocheckpoint`` 10,000 pages;
+* 5 events an append instead of 1.
 
 Prints the process's CPU time (user + system) per append, the median of ``--rounds``
 fresh files, and the range. Asserts nothing about time.
@@ -31,11 +38,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flask_durable_stream.managers.sqlite_io import INSERT_EVENT, SCHEMA, connect  # noqa: E402
-from flask_durable_stream.managers.sqlite_ops import _GUARD  # noqa: E402
+from flask_durable_stream.managers.sqlite_ops import (  # noqa: E402
+    _GUARD,
+    _insert_sql,
+    _parts,
+    _update_sql,
+)
 from flask_durable_stream.runner import new_stream_id  # noqa: E402
 
 UPDATE = "UPDATE ds_streams SET last_seq = ?, updated_at = ?, heartbeat_at = ? WHERE stream_id = ?"
@@ -46,39 +59,63 @@ EVENTS_BY_ID = (
     " kind TEXT NOT NULL, payload TEXT NOT NULL);"
     "CREATE UNIQUE INDEX ds_events_key ON ds_events (stream_id, seq)"
 )
-EVENTS_BY_NUMBER = (
-    "DROP TABLE ds_events;"
-    "CREATE TABLE ds_events (stream_id INTEGER NOT NULL, seq INTEGER NOT NULL,"
-    " kind TEXT NOT NULL, payload TEXT NOT NULL);"
-    "CREATE UNIQUE INDEX ds_events_key ON ds_events (stream_id, seq)"
+EVENTS_BY_NUMBER = EVENTS_BY_ID.replace("(stream_id TEXT", "(stream_id INTEGER")
+LOG = (
+    "CREATE TABLE ds_log (stream_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " kind TEXT NOT NULL, payload TEXT NOT NULL)"
 )
-VARIANTS: dict[str, dict[str, object]] = {
-    "as stored (WITHOUT ROWID, key (stream_id, seq))": {},
-    "rowid table, UNIQUE (stream_id, seq)": {"layout": EVENTS_BY_ID},
-    "rowid table, UNIQUE (number, seq), a number per stream": {
+MOVE = ("INSERT INTO ds_events SELECT * FROM ds_log ORDER BY stream_id, seq", "DELETE FROM ds_log")
+JOINT = {"joint": True}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "as stored (WITHOUT ROWID, key (stream_id, seq)), single appends": {},
+    "as stored, joint appends (as under load)": JOINT,
+    "joint, no UPDATE of the streams' rows": {**JOINT, "update": False},
+    "joint, rowid table, UNIQUE (stream_id, seq)": {**JOINT, "layout": EVENTS_BY_ID},
+    "joint, rowid table, UNIQUE (number, seq), a number per stream": {
+        **JOINT,
         "layout": EVENTS_BY_NUMBER,
         "numbers": True,
     },
-    "as stored, page_size 2048": {"page_size": 2048},
-    "as stored, page_size 1024": {"page_size": 1024},
-    "as stored, 64 MiB page cache": {"cache_kib": 65536},
-    "as stored, 5 events an append": {"events": 5},
+    "joint, to an append-ordered table, moved every 50 commits": {**JOINT, "log_every": 50},
+    "joint, the same, no UPDATE of the streams' rows": {
+        **JOINT,
+        "log_every": 50,
+        "update": False,
+    },
+    "joint, page_size 2048": {**JOINT, "page_size": 2048},
+    "joint, 64 MiB page cache": {**JOINT, "pragmas": ["cache_size=-65536"]},
+    "joint, wal_autocheckpoint 10000": {**JOINT, "pragmas": ["wal_autocheckpoint=10000"]},
+    "joint, 5 events an append": {**JOINT, "events": 5},
 }
 
 
 def cpu_per_append(
-    directory: str, streams: int, per_commit: int, appends: int, **variant: object
+    directory: str,
+    streams: int,
+    per_commit: int,
+    appends: int,
+    *,
+    joint: bool = False,
+    update: bool = True,
+    layout: str | None = None,
+    numbers: bool = False,
+    log_every: int = 0,
+    page_size: int | None = None,
+    pragmas: tuple[str, ...] = (),
+    events: int = 1,
 ) -> float:
     path = os.path.join(directory, f"{random.getrandbits(64):x}.db")
-    if "page_size" in variant:  # before the file has a page: the WAL switch writes one
+    if page_size is not None:  # before the file has a page: the WAL switch writes one
         with sqlite3.connect(path) as fresh:
-            fresh.execute(f"PRAGMA page_size={variant['page_size']}")
+            fresh.execute(f"PRAGMA page_size={page_size}")
             fresh.execute("VACUUM")
     conn = connect(path, busy_timeout=5.0, synchronous="NORMAL")
-    if "cache_kib" in variant:
-        conn.execute(f"PRAGMA cache_size=-{variant['cache_kib']}")
-    if "layout" in variant:
-        conn.executescript(str(variant["layout"]))
+    for pragma in pragmas:
+        conn.execute(f"PRAGMA {pragma}")
+    if layout is not None:
+        conn.executescript(layout)
+    if log_every:
+        conn.execute(LOG)
     ids = [new_stream_id() for _ in range(streams)]
     conn.execute("BEGIN")
     for stream_id in ids:
@@ -88,29 +125,55 @@ def cpu_per_append(
             (stream_id,),
         )
     conn.execute("COMMIT")
-    keys: list[object] = list(range(1, streams + 1)) if variant.get("numbers") else list(ids)
-    per_append = int(variant.get("events", 1))  # type: ignore[call-overload]
-    insert = INSERT_EVENT.replace("(?, ?, ?, ?)", ", ".join(["(?, ?, ?, ?)"] * per_append))
+    keys: list[object] = list(range(1, streams + 1)) if numbers else list(ids)
+    insert = INSERT_EVENT.replace("(?, ?, ?, ?)", ", ".join(["(?, ?, ?, ?)"] * events))
     tail = [-1] * streams
     order = list(range(streams))
     random.shuffle(order)
     started = time.process_time()
-    done = 0
+    done = commits = 0
     while done < appends:
         conn.execute("BEGIN IMMEDIATE")
-        for _ in range(per_commit):
-            n = order[done % streams]
-            first, last = tail[n] + 1, tail[n] + per_append
-            moved = conn.execute(UPDATE + _GUARD, (last, 1.0, 1.0, ids[n], 1, first - 1))
-            if moved.rowcount != 1:
-                raise SystemExit(f"the usual case's checks failed for stream {ids[n]}")
-            rows = [(keys[n], seq, "chunk", PAYLOAD) for seq in range(first, last + 1)]
-            conn.execute(insert, [value for row in rows for value in row])
-            tail[n] = last
-            done += 1
+        batch = [order[(done + i) % streams] for i in range(per_commit)]  # distinct streams
+        if joint:
+            for part in _parts(batch):
+                if update:
+                    args: list[object] = [1.0, 1.0]
+                    for n in part:
+                        args += (ids[n], tail[n] + events, 1, tail[n])
+                    if conn.execute(_update_sql(len(part)), args).rowcount != len(part):
+                        raise SystemExit("the usual case's checks failed")
+                rows = [
+                    value
+                    for n in part
+                    for seq in range(tail[n] + 1, tail[n] + events + 1)
+                    for value in (keys[n], seq, "chunk", PAYLOAD)
+                ]
+                sql = _insert_sql(len(part) * events)
+                conn.execute(sql.replace("ds_events", "ds_log") if log_every else sql, rows)
+        else:
+            for n in batch:
+                first, last = tail[n] + 1, tail[n] + events
+                moved = conn.execute(UPDATE + _GUARD, (last, 1.0, 1.0, ids[n], 1, first - 1))
+                if moved.rowcount != 1:
+                    raise SystemExit(f"the usual case's checks failed for stream {ids[n]}")
+                rows = [(keys[n], seq, "chunk", PAYLOAD) for seq in range(first, last + 1)]
+                conn.execute(insert, [value for row in rows for value in row])
+        for n in batch:
+            tail[n] += events
+        done += per_commit
+        commits += 1
+        if log_every and commits % log_every == 0:
+            for sql in MOVE:
+                conn.execute(sql)
         conn.execute("COMMIT")
     spent = time.process_time() - started
+    stored = conn.execute("SELECT count(*) FROM ds_events").fetchone()[0]
+    if log_every:
+        stored += conn.execute("SELECT count(*) FROM ds_log").fetchone()[0]
     conn.close()
+    if stored != done * events:
+        raise SystemExit(f"{stored} events stored of {done * events}")
     return spent / done * 1e6
 
 
@@ -121,6 +184,10 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.per_commit > args.streams:
+        parser.error(
+            "--per-commit cannot exceed --streams: a commit's appends are of distinct streams"
+        )
     assert "WITHOUT ROWID" in SCHEMA  # "as stored" is the manager's own layout
     print(
         f"{args.streams} streams, {args.per_commit} appends a commit, {args.appends} appends,"
@@ -133,7 +200,7 @@ def main() -> None:
                 for _ in range(args.rounds)
             ]
         print(
-            f"  {name:58s} {statistics.median(figures):6.1f} us"
+            f"  {name:64s} {statistics.median(figures):6.1f} us"
             f" ({min(figures):.1f}-{max(figures):.1f})",
             flush=True,
         )
