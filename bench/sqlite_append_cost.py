@@ -1,12 +1,13 @@
 """What SQLite itself costs per append, as the writer thread appends for paced streams.
 
     .venv/bin/python bench/sqlite_append_cost.py [--streams 1000] [--per-commit 66]
-                                                 [--appends 50000] [--rounds 3]
+                                                 [--appends 50000] [--rounds 5]
 
 One process, no server, no other thread: the floor under the SQLite manager's writer
 thread. ``--streams`` open streams with the manager's own 32-hex ids, appended to in a
 random order (as paced streams' appends arrive), ``--per-commit`` appends a transaction
-(66 is what the joint appends of a 1,000-stream sweep averaged). The file is made with the
+(66 is what the joint appends of a 1,000-stream sweep once averaged; it moves with how busy
+the writer thread is: 197 in a sweep run of 2026-12-05). The file is made with the
 manager's schema and connection settings (WAL, ``synchronous=NORMAL``).
 
 The first figure stores each append as the single append does: the ``UPDATE`` of the
@@ -21,10 +22,13 @@ one thing:
 * the events first written to an append-ordered table (a rowid table, no index) and moved
   into the manager's table, sorted, every 50 commits (a layout the manager does not use);
 * ``page_size`` 2,048 bytes; a 64 MiB page cache; ``wal_autocheckpoint`` 10,000 pages;
-* 5 events an append instead of 1.
+* 5 events an append instead of 1, a row each or all in one row (the JSON array of their
+  payloads: a layout the manager does not use).
 
 Prints the process's CPU time (user + system) per append, the median of ``--rounds``
-fresh files, and the range. Asserts nothing about time.
+fresh files and the range, and the median of the rounds' ratios to the joint append as
+stored: the variants take turns, one file each a round, so a change of the machine's speed
+during the run falls on all of them. Asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -66,9 +70,10 @@ LOG = (
 )
 MOVE = ("INSERT INTO ds_events SELECT * FROM ds_log ORDER BY stream_id, seq", "DELETE FROM ds_log")
 JOINT = {"joint": True}
+BASE = "as stored, joint appends (as under load)"
 VARIANTS: dict[str, dict[str, Any]] = {
     "as stored (WITHOUT ROWID, key (stream_id, seq)), single appends": {},
-    "as stored, joint appends (as under load)": JOINT,
+    BASE: JOINT,
     "joint, no UPDATE of the streams' rows": {**JOINT, "update": False},
     "joint, rowid table, UNIQUE (stream_id, seq)": {**JOINT, "layout": EVENTS_BY_ID},
     "joint, rowid table, UNIQUE (number, seq), a number per stream": {
@@ -86,6 +91,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "joint, 64 MiB page cache": {**JOINT, "pragmas": ["cache_size=-65536"]},
     "joint, wal_autocheckpoint 10000": {**JOINT, "pragmas": ["wal_autocheckpoint=10000"]},
     "joint, 5 events an append": {**JOINT, "events": 5},
+    "joint, 5 events an append in one row (their JSON array)": {
+        **JOINT,
+        "events": 5,
+        "packed": True,
+    },
 }
 
 
@@ -103,6 +113,7 @@ def cpu_per_append(
     page_size: int | None = None,
     pragmas: tuple[str, ...] = (),
     events: int = 1,
+    packed: bool = False,
 ) -> float:
     path = os.path.join(directory, f"{random.getrandbits(64):x}.db")
     if page_size is not None:  # before the file has a page: the WAL switch writes one
@@ -143,13 +154,17 @@ def cpu_per_append(
                         args += (ids[n], tail[n] + events, 1, tail[n])
                     if conn.execute(_update_sql(len(part)), args).rowcount != len(part):
                         raise SystemExit("the usual case's checks failed")
-                rows = [
-                    value
-                    for n in part
-                    for seq in range(tail[n] + 1, tail[n] + events + 1)
-                    for value in (keys[n], seq, "chunk", PAYLOAD)
-                ]
-                sql = _insert_sql(len(part) * events)
+                if packed:  # one row an append, keyed by its first seq
+                    array = "[" + ",".join([PAYLOAD] * events) + "]"
+                    rows = [value for n in part for value in (keys[n], tail[n] + 1, "chunk", array)]
+                else:
+                    rows = [
+                        value
+                        for n in part
+                        for seq in range(tail[n] + 1, tail[n] + events + 1)
+                        for value in (keys[n], seq, "chunk", PAYLOAD)
+                    ]
+                sql = _insert_sql(len(rows) // 4)
                 conn.execute(sql.replace("ds_events", "ds_log") if log_every else sql, rows)
         else:
             for n in batch:
@@ -172,8 +187,10 @@ def cpu_per_append(
     if log_every:
         stored += conn.execute("SELECT count(*) FROM ds_log").fetchone()[0]
     conn.close()
-    if stored != done * events:
-        raise SystemExit(f"{stored} events stored of {done * events}")
+    os.remove(path)  # the variants' files would fill the directory
+    expected = done if packed else done * events
+    if stored != expected:
+        raise SystemExit(f"{stored} rows stored of {expected}")
     return spent / done * 1e6
 
 
@@ -182,7 +199,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--per-commit", type=int, default=66)
     parser.add_argument("--appends", type=int, default=50_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.per_commit > args.streams:
         parser.error(
@@ -191,18 +208,26 @@ def main() -> None:
     assert "WITHOUT ROWID" in SCHEMA  # "as stored" is the manager's own layout
     print(
         f"{args.streams} streams, {args.per_commit} appends a commit, {args.appends} appends,"
-        f" SQLite {sqlite3.sqlite_version}; CPU per append, median of {args.rounds} (range)"
+        f" SQLite {sqlite3.sqlite_version}; CPU per append, median of {args.rounds} (range);"
+        " against the joint append as stored, the median of the rounds' ratios"
     )
-    for name, variant in VARIANTS.items():
-        with tempfile.TemporaryDirectory() as directory:
-            figures = [
-                cpu_per_append(directory, args.streams, args.per_commit, args.appends, **variant)
-                for _ in range(args.rounds)
-            ]
+    # Round by round, every variant once: a change of the machine's speed during the run
+    # falls on all of them, and each round's ratio to the joint append as stored cancels it.
+    figures: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as directory:
+        for _ in range(args.rounds):
+            for name, variant in VARIANTS.items():
+                figures[name].append(
+                    cpu_per_append(
+                        directory, args.streams, args.per_commit, args.appends, **variant
+                    )
+                )
+    base = figures[BASE]
+    for name, values in figures.items():
+        ratio = statistics.median(v / b for v, b in zip(values, base, strict=True))
         print(
-            f"  {name:64s} {statistics.median(figures):6.1f} us"
-            f" ({min(figures):.1f}-{max(figures):.1f})",
-            flush=True,
+            f"  {name:64s} {statistics.median(values):6.1f} us"
+            f" ({min(values):.1f}-{max(values):.1f})  {ratio:4.2f}x"
         )
 
 
