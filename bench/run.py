@@ -351,6 +351,7 @@ def concurrency(args: argparse.Namespace, out: list[str]) -> None:
     out.append("")
     if args.runs > 1:
         out += medians(rows, plains, kinds, counts)
+    out += targets(rows, kinds, counts)
     out.append("<details><summary>raw figures (JSON)</summary>\n")
     out.append("```json")
     out += [json.dumps(row) for row in rows]
@@ -411,6 +412,80 @@ def medians(
             )
     lines.append("")
     return lines
+
+
+#: The sweep's targets: CPU per chunk at 500 and 1,000 streams against plain Flask's, by
+#: store (the in-memory manager, SQLite); the gap p99 at 1,000 streams against Genkit's and
+#: at 2,000 against plain Flask's, in the same run; RSS per open stream at 500 and 2,000.
+CPU_TARGETS = {"memory": 1.1, "sqlite": 1.4}
+CPU_AT = (500, 1000)
+GAP_AGAINST = ((1000, "genkit", "Genkit's"), (2000, "plain", "plain Flask's"))
+RSS_AT = (500, 2000)
+RSS_TARGET_KIB = 24.0
+
+
+def targets(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> list[str]:
+    """Each of ours judged against the sweep's targets on this report's own figures.
+
+    A ratio is taken within each run (ours against plain Flask or Genkit at the same N),
+    and the target judged on the median of the runs' ratios; RSS on the median of the
+    runs. A target whose N or other server this sweep did not run is left out.
+    """
+    done = [r for r in rows if "failed" not in r]
+
+    def of(kind: str, n: int) -> list[dict[str, Any]]:
+        return [r for r in done if r["server"] == kind and r["streams"] == n]
+
+    def within_runs(kind: str, other: str, n: int, key: str) -> list[float]:
+        theirs = {r["run"]: r[key] for r in of(other, n)}
+        return [r[key] / theirs[r["run"]] for r in of(kind, n) if theirs.get(r["run"], 0) > 0]
+
+    def span(values: list[float], unit: str) -> str:
+        return f"{median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+
+    def line(target: str, kind: str, n: object, figure: str, met: bool) -> str:
+        return f"| {target} | {SERVERS[kind]} | {n} | {figure} | {'yes' if met else '**no**'} |"
+
+    lines = [
+        "**Against the targets**, each judged on the figures above: a ratio is taken within"
+        " each run, and the median of the runs judged (lowest-highest).\n",
+        "| target | server | N | figure | met |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in [k for k in kinds if k.split("-")[0] in CPU_TARGETS]:
+        limit = CPU_TARGETS[kind.split("-")[0]]
+        for n in CPU_AT:
+            ratios = within_runs(kind, "plain", n, "cpu_per_chunk_us")
+            if ratios:
+                target = f"CPU per chunk <= {limit}x plain Flask's"
+                lines.append(line(target, kind, n, span(ratios, "x"), median(ratios) <= limit))
+        for n, other, name in GAP_AGAINST:
+            ratios = within_runs(kind, other, n, "gap_p99_ms")
+            if ratios:
+                target = f"gap p99 <= {name} (ours / theirs)"
+                lines.append(line(target, kind, n, span(ratios, "x"), median(ratios) <= 1.0))
+        for n in RSS_AT:
+            rss = [r["rss_per_stream_kib"] for r in of(kind, n)]
+            if rss:
+                target = f"RSS per open stream <= {RSS_TARGET_KIB:.0f} KiB"
+                lines.append(
+                    line(target, kind, n, span(rss, " KiB"), median(rss) <= RSS_TARGET_KIB)
+                )
+        ran = [r for r in rows if r["server"] == kind and r["streams"] in counts]
+        if ran:  # a failed run counts as one that lost streams
+            whole = sum(
+                1 for r in ran if r.get("complete") == r["streams"] == r.get("stored_equal_live")
+            )
+            target = "every stream complete, its stored record equal to its live body"
+            ns = ", ".join(str(n) for n in counts)
+            figure = f"{whole} of {len(ran)} runs"
+            lines.append(line(target, kind, ns, figure, whole == len(ran)))
+    lines.append("")
+    return lines
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
 
 
 def run_script(name: str, script_args: list[str], timeout: float) -> str:
