@@ -13,8 +13,8 @@ manager's schema and connection settings (WAL, ``synchronous=NORMAL``).
 The first figure stores each append as the single append does: the ``UPDATE`` of the
 stream's row with the usual case's checks, then the ``INSERT`` of its event. Every other
 figure stores a transaction's appends as the joint append does under load (the manager's
-own ``UPDATE ... FROM`` and ``INSERT`` texts, up to 64 streams a statement), and changes
-one thing:
+own ``UPDATE ... FROM`` and ``INSERT`` texts, up to 64 streams or events a statement, every
+stream's ``UPDATE`` before the events), and changes one thing:
 
 * no ``UPDATE`` of the streams' rows (what the checks, the tail and the lease cost);
 * the events table as a rowid table with a ``UNIQUE (stream_id, seq)`` index, or with an
@@ -146,26 +146,27 @@ def cpu_per_append(
     while done < appends:
         conn.execute("BEGIN IMMEDIATE")
         batch = [order[(done + i) % streams] for i in range(per_commit)]  # distinct streams
-        if joint:
-            for part in _parts(batch):
-                if update:
+        if joint:  # as _append_together: every stream's UPDATE, then every event's INSERT
+            if update:
+                for part in _parts(batch):
                     args: list[object] = [1.0, 1.0]
                     for n in part:
                         args += (ids[n], tail[n] + events, 1, tail[n])
                     if conn.execute(_update_sql(len(part)), args).rowcount != len(part):
                         raise SystemExit("the usual case's checks failed")
-                if packed:  # one row an append, keyed by its first seq
-                    array = "[" + ",".join([PAYLOAD] * events) + "]"
-                    rows = [value for n in part for value in (keys[n], tail[n] + 1, "chunk", array)]
-                else:
-                    rows = [
-                        value
-                        for n in part
-                        for seq in range(tail[n] + 1, tail[n] + events + 1)
-                        for value in (keys[n], seq, "chunk", PAYLOAD)
-                    ]
-                sql = _insert_sql(len(rows) // 4)
-                conn.execute(sql.replace("ds_events", "ds_log") if log_every else sql, rows)
+            if packed:  # one row an append, keyed by its first seq
+                array = "[" + ",".join([PAYLOAD] * events) + "]"
+                rows = [(keys[n], tail[n] + 1, "chunk", array) for n in batch]
+            else:
+                rows = [
+                    (keys[n], seq, "chunk", PAYLOAD)
+                    for n in batch
+                    for seq in range(tail[n] + 1, tail[n] + events + 1)
+                ]
+            for some in _parts(rows):
+                sql = _insert_sql(len(some))
+                sql = sql.replace("ds_events", "ds_log") if log_every else sql
+                conn.execute(sql, [value for row in some for value in row])
         else:
             for n in batch:
                 first, last = tail[n] + 1, tail[n] + events
