@@ -40,6 +40,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -512,11 +513,34 @@ def single(args: argparse.Namespace, out: list[str]) -> None:
     out.append("## 2. Single stream (bench/bench_core.py)\n")
     out.append(f"`python bench/bench_core.py {' '.join(script_args)}`\n")
     out += ["```", text.rstrip(), "```", ""]
+    out += single_targets(text)
     start_args = ["--rounds", "3", "--requests", "1000"] if args.quick else []
     text = run_script("stream_start.py", start_args, 600)
     out.append("### Starting a stream (bench/stream_start.py)\n")
     out.append(f"`{' '.join(['python bench/stream_start.py', *start_args])}`\n")
     out += ["```", text.rstrip(), "```", ""]
+
+
+#: A line of bench/bench_core.py that states its own target: "<what> : <ms> ms ratio <r>
+#: (target <= <t>)".
+SINGLE_TARGET = re.compile(r"^\s*(.+?)\s*:.*ratio ([\d.]+)\s+\(target <= ([\d.]+)\)", re.M)
+
+
+def single_targets(text: str) -> list[str]:
+    """bench/bench_core.py's ratios to plain Flask judged against the targets it prints."""
+    found = SINGLE_TARGET.findall(text)
+    if not found:
+        return []
+    lines = [
+        "**Against the targets** (ratio to plain Flask's time, as printed above):\n",
+        "| single stream | ratio | target | met |",
+        "|---|---|---|---|",
+    ]
+    for what, ratio, limit in found:
+        met = float(ratio) <= float(limit)
+        lines.append(f"| {what} | {ratio} | <= {limit} | {'yes' if met else '**no**'} |")
+    lines.append("")
+    return lines
 
 
 def backends(args: argparse.Namespace, out: list[str]) -> None:

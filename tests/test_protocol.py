@@ -129,3 +129,33 @@ def test_a_lone_surrogate_is_written_as_an_escape(value: Any, text: str) -> None
     encoded = protocol.encode(value)
     assert encoded == text
     assert json.loads(encoded.encode()) == value
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["chunk", "chunk", "chunk"],
+        ["chunk", "chunk", "done"],
+        ["chunk", "error"],
+        ["done", "chunk"],  # never a stream's order; framed as given all the same
+        ["chunk", "error", "chunk", "done"],
+        ["done", "done"],
+    ],
+    ids="-".join,
+)
+def test_a_batch_is_framed_as_its_events_one_by_one(kinds: list[str]) -> None:
+    """``frames`` joins a batch of chunks (and its end) in one step: the same bytes, and
+    each event keeps its kind, as when each is framed by itself."""
+    payloads = ['"a"', '{"x":"é"}', "1", '""']
+    events = [(seq, kind, payloads[seq % 4]) for seq, kind in enumerate(kinds)]
+    one_by_one = "".join(protocol.frame(kind, payload) for _, kind, payload in events)
+    body = protocol.frames(events)
+    assert body == one_by_one.encode()
+    parsed, rest = protocol.parse_frames(body.decode())
+    assert rest == ""
+    assert parsed == [(kind, json.loads(payload)) for _, kind, payload in events]
+
+
+def test_a_batch_with_an_unknown_kind_is_refused() -> None:
+    with pytest.raises(KeyError):
+        protocol.frames([(0, "chunk", "1"), (1, "unknown", "2")])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +36,8 @@ from .base import (
     status_after,
 )
 from .common import Sweep, check_sweep_interval
+
+_new_tuple = tuple.__new__  # an Event from a (seq, kind, payload) tuple, without its __new__
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -111,15 +114,27 @@ class _Stream:
         return event.kind == (self.last_kind if last else protocol.CHUNK)
 
     def since(self, start: int) -> list[Event]:
-        """With ``lock`` held: the events from seq ``start`` on."""
-        data, ends, chunk = self.data, self.ends, protocol.CHUNK
-        events: list[Event] = []
-        at = ends[start - 1] if 0 < start <= len(ends) else 0
-        for seq in range(start, len(ends)):
-            end = ends[seq]
-            events.append(Event(seq, chunk, data[at:end].decode()))
-            at = end
-        if events and self.last_kind != chunk:
+        """With ``lock`` held: the events from seq ``start`` on.
+
+        A replay makes every event of a stream again: when each character is one byte
+        (ASCII, which JSON text mostly is), the payloads are decoded in one piece and the
+        text cut at their ends, else each is decoded; the tuples are made in C."""
+        data, ends = self.data, self.ends
+        count = len(ends)
+        if start >= count:
+            return []
+        first = ends[start - 1] if start > 0 else 0
+        bounds = ends[start:]
+        pairs = zip(itertools.chain((first,), bounds[:-1]), bounds, strict=True)
+        piece = data[first : bounds[-1]]
+        text = piece.decode()
+        if len(text) == len(piece):  # the byte offsets are the text's
+            payloads = [text[a - first : b - first] for a, b in pairs]
+        else:
+            payloads = [data[a:b].decode() for a, b in pairs]
+        rows = zip(range(start, count), itertools.repeat(protocol.CHUNK), payloads, strict=False)
+        events: list[Event] = list(map(_new_tuple, itertools.repeat(Event), rows))
+        if self.last_kind != protocol.CHUNK:
             events[-1] = events[-1]._replace(kind=self.last_kind)
         return events
 
