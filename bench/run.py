@@ -381,12 +381,6 @@ def medians(
         "|---|---|---|---|---|---|---|",
     ]
 
-    def span(values: list[float], unit: str = "", digits: int = 1) -> str:
-        if not values:
-            return "-"
-        mid = statistics.median(values)
-        return f"{mid:.{digits}f}{unit} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
     for n in counts:
         for kind in kinds:
             done = [
@@ -441,9 +435,6 @@ def targets(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> 
         theirs = {r["run"]: r[key] for r in of(other, n)}
         return [r[key] / theirs[r["run"]] for r in of(kind, n) if theirs.get(r["run"], 0) > 0]
 
-    def span(values: list[float], unit: str) -> str:
-        return f"{median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
-
     def line(target: str, kind: str, n: object, figure: str, met: bool) -> str:
         return f"| {target} | {SERVERS[kind]} | {n} | {figure} | {'yes' if met else '**no**'} |"
 
@@ -459,18 +450,18 @@ def targets(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> 
             ratios = within_runs(kind, "plain", n, "cpu_per_chunk_us")
             if ratios:
                 target = f"CPU per chunk <= {limit}x plain Flask's"
-                lines.append(line(target, kind, n, span(ratios, "x"), median(ratios) <= limit))
+                lines.append(line(target, kind, n, span(ratios, "x", 2), median(ratios) <= limit))
         for n, other, name in GAP_AGAINST:
             ratios = within_runs(kind, other, n, "gap_p99_ms")
             if ratios:
                 target = f"gap p99 <= {name} (ours / theirs)"
-                lines.append(line(target, kind, n, span(ratios, "x"), median(ratios) <= 1.0))
+                lines.append(line(target, kind, n, span(ratios, "x", 2), median(ratios) <= 1.0))
         for n in RSS_AT:
             rss = [r["rss_per_stream_kib"] for r in of(kind, n)]
             if rss:
                 target = f"RSS per open stream <= {RSS_TARGET_KIB:.0f} KiB"
                 lines.append(
-                    line(target, kind, n, span(rss, " KiB"), median(rss) <= RSS_TARGET_KIB)
+                    line(target, kind, n, span(rss, " KiB", 2), median(rss) <= RSS_TARGET_KIB)
                 )
         ran = [r for r in rows if r["server"] == kind and r["streams"] in counts]
         if ran:  # a failed run counts as one that lost streams
@@ -487,6 +478,14 @@ def targets(rows: list[dict[str, Any]], kinds: list[str], counts: list[int]) -> 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def span(values: list[float], unit: str = "", digits: int = 1) -> str:
+    """``values``' median and range: ``1.06x (1.01-1.21)``."""
+    if not values:
+        return "-"
+    lo, mid, hi = min(values), median(values), max(values)
+    return f"{mid:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def run_script(name: str, script_args: list[str], timeout: float) -> str:

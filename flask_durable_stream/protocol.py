@@ -113,7 +113,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 _PREFIX = {CHUNK: 'data: {"message":', DONE: 'data: {"result":', ERROR: 'error: {"error":'}
 _kind_of = operator.itemgetter(1)
-_payload_of = operator.itemgetter(2)
+payload_of = operator.itemgetter(2)  # an event's payload, for map()
 
 
 def frame(kind: str, payload: str) -> str:
@@ -135,7 +135,7 @@ def frames(events: Sequence[tuple[int, str, str]]) -> bytes:
     if chunks >= len(events) - 1 and (chunks == len(events) or kinds[-1] != CHUNK):
         # Chunks, and at most an end after them (a replay, a burst): the payloads joined
         # in one step, where a frame each was two concatenations in a Python loop.
-        payloads = list(map(_payload_of, events))
+        payloads = list(map(payload_of, events))
         end = "" if chunks == len(events) else prefix[kinds[-1]] + payloads.pop() + "}\n\n"
         head = prefix[CHUNK]
         return (head + ("}\n\n" + head).join(payloads) + "}\n\n" + end).encode()

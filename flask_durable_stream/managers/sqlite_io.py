@@ -8,7 +8,6 @@ from __future__ import annotations
 import _queue
 import json
 import logging
-import operator
 import os
 import sqlite3
 from collections.abc import Callable
@@ -65,7 +64,6 @@ SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 READ_BATCH = 256
 HOLD = 0.25  # seconds the change poller stays quick after a watched stream advanced
 RECHECK = 2.0  # seconds: a waiting follower re-reads on its own at least this often
-payload_of = operator.itemgetter(2)  # Event.payload
 #: SQLite's longest string or row (SQLITE_MAX_LENGTH, 1,000,000,000 bytes unless
 #: the library was built otherwise), less room for the row's other columns.
 LENGTH_LIMIT = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)

@@ -16,7 +16,7 @@ from typing import TypeVar
 from .. import protocol
 from ..exceptions import StreamClosed, StreamError, StreamExists, StreamNotFound
 from .base import PRODUCER_LOST, Event, StreamManager, StreamStatus, status_after
-from .sqlite_io import INSERT_EVENT, INSERT_PACKED, LENGTH_LIMIT, PACK, payload_of
+from .sqlite_io import INSERT_EVENT, INSERT_PACKED, LENGTH_LIMIT, PACK
 
 _OPEN = StreamStatus.OPEN.value
 #: ``UPDATE ... FROM`` (SQLite 3.33): the appends of many streams in one statement.
@@ -187,7 +187,7 @@ class SQLiteOperations(StreamManager):
             # payload texts in C, about twice as fast as a row-by-row executemany.
             # StreamWriter.append checked that only the last event may be terminal.
             # JSON text never holds a raw NUL, which would end SQLite's string early.
-            packed = PACK.encode(list(map(payload_of, events)))
+            packed = PACK.encode(list(map(protocol.payload_of, events)))
             if "\x00" not in packed and len(packed) * 4 < LENGTH_LIMIT:
                 conn.execute(
                     INSERT_PACKED,
