@@ -14,8 +14,10 @@ The first figure stores each append as the single append does: the ``UPDATE`` of
 stream's row with the usual case's checks, then the ``INSERT`` of its event. Every other
 figure stores a transaction's appends as the joint append does under load (the manager's
 own ``UPDATE ... FROM`` and ``INSERT`` texts, up to 64 streams or events a statement, every
-stream's ``UPDATE`` before the events), and changes one thing:
+stream's ``UPDATE`` before the events, all in one savepoint), and changes one thing:
 
+* the savepoint's statement journal in a temporary file once it passes 64 KiB, SQLite's
+  default (``temp_store=DEFAULT``), where the manager keeps it in memory;
 * no ``UPDATE`` of the streams' rows (what the checks, the tail and the lease cost);
 * the events table as a rowid table with a ``UNIQUE (stream_id, seq)`` index, or with an
   integer per stream instead of its id (layouts the manager does not use);
@@ -74,6 +76,10 @@ BASE = "as stored, joint appends (as under load)"
 VARIANTS: dict[str, dict[str, Any]] = {
     "as stored (WITHOUT ROWID, key (stream_id, seq)), single appends": {},
     BASE: JOINT,
+    "joint, the savepoint's journal in a temp file (temp_store DEFAULT)": {
+        **JOINT,
+        "pragmas": ["temp_store=DEFAULT"],
+    },
     "joint, no UPDATE of the streams' rows": {**JOINT, "update": False},
     "joint, rowid table, UNIQUE (stream_id, seq)": {**JOINT, "layout": EVENTS_BY_ID},
     "joint, rowid table, UNIQUE (number, seq), a number per stream": {
@@ -147,6 +153,7 @@ def cpu_per_append(
         conn.execute("BEGIN IMMEDIATE")
         batch = [order[(done + i) % streams] for i in range(per_commit)]  # distinct streams
         if joint:  # as _append_together: every stream's UPDATE, then every event's INSERT
+            conn.execute("SAVEPOINT append_together")
             if update:
                 for part in _parts(batch):
                     args: list[object] = [1.0, 1.0]
@@ -167,6 +174,7 @@ def cpu_per_append(
                 sql = _insert_sql(len(some))
                 sql = sql.replace("ds_events", "ds_log") if log_every else sql
                 conn.execute(sql, [value for row in some for value in row])
+            conn.execute("RELEASE append_together")
         else:
             for n in batch:
                 first, last = tail[n] + 1, tail[n] + events
