@@ -13,11 +13,12 @@ manager's schema and connection settings (WAL, ``synchronous=NORMAL``).
 The first figure stores each append as the single append does: the ``UPDATE`` of the
 stream's row with the usual case's checks, then the ``INSERT`` of its event. Every other
 figure stores a transaction's appends as the joint append does under load (the manager's
-own ``UPDATE ... FROM`` and ``INSERT`` texts, up to 64 streams or events a statement, every
-stream's ``UPDATE`` before the events, all in one savepoint), and changes one thing:
+own texts, up to 64 streams or events a statement: every stream's checks read, then every
+stream's ``UPDATE ... FROM``, then the events' ``INSERT``), and changes one thing:
 
-* the savepoint's statement journal in a temporary file once it passes 64 KiB, SQLite's
-  default (``temp_store=DEFAULT``), where the manager keeps it in memory;
+* no checks read first, the ``UPDATE`` (not ``OR IGNORE``) and the ``INSERT`` in a savepoint
+  that a failed check rolls back, as the manager did before 2026-12-05: SQLite then keeps a
+  statement journal of the pages they change, in a temporary file once it passes 64 KiB;
 * no ``UPDATE`` of the streams' rows (what the checks, the tail and the lease cost);
 * the events table as a rowid table with a ``UNIQUE (stream_id, seq)`` index, or with an
   integer per stream instead of its id (layouts the manager does not use);
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flask_durable_stream.managers.sqlite_io import INSERT_EVENT, SCHEMA, connect  # noqa: E402
 from flask_durable_stream.managers.sqlite_ops import (  # noqa: E402
     _GUARD,
+    _check_sql,
     _insert_sql,
     _parts,
     _update_sql,
@@ -76,9 +78,9 @@ BASE = "as stored, joint appends (as under load)"
 VARIANTS: dict[str, dict[str, Any]] = {
     "as stored (WITHOUT ROWID, key (stream_id, seq)), single appends": {},
     BASE: JOINT,
-    "joint, the savepoint's journal in a temp file (temp_store DEFAULT)": {
+    "joint, in a savepoint, no checks read first (before 2026-12-05)": {
         **JOINT,
-        "pragmas": ["temp_store=DEFAULT"],
+        "savepoint": True,
     },
     "joint, no UPDATE of the streams' rows": {**JOINT, "update": False},
     "joint, rowid table, UNIQUE (stream_id, seq)": {**JOINT, "layout": EVENTS_BY_ID},
@@ -112,6 +114,7 @@ def cpu_per_append(
     appends: int,
     *,
     joint: bool = False,
+    savepoint: bool = False,
     update: bool = True,
     layout: str | None = None,
     numbers: bool = False,
@@ -152,14 +155,24 @@ def cpu_per_append(
     while done < appends:
         conn.execute("BEGIN IMMEDIATE")
         batch = [order[(done + i) % streams] for i in range(per_commit)]  # distinct streams
-        if joint:  # as _append_together: every stream's UPDATE, then every event's INSERT
-            conn.execute("SAVEPOINT append_together")
+        if joint:  # as _append_together: the checks, every stream's UPDATE, every INSERT
+            if savepoint:
+                conn.execute("SAVEPOINT append_together")
             if update:
+                parts = []
                 for part in _parts(batch):
-                    args: list[object] = [1.0, 1.0]
+                    args: list[object] = []
                     for n in part:
                         args += (ids[n], tail[n] + events, 1, tail[n])
-                    if conn.execute(_update_sql(len(part)), args).rowcount != len(part):
+                    if not savepoint:
+                        ready = conn.execute(_check_sql(len(part)), args).fetchone()[0]
+                        if ready != len(part):
+                            raise SystemExit("the usual case's checks failed")
+                    parts.append((len(part), args))
+                for size, args in parts:
+                    sql = _update_sql(size)
+                    sql = sql.replace("UPDATE OR IGNORE", "UPDATE") if savepoint else sql
+                    if conn.execute(sql, [1.0, 1.0, *args]).rowcount != size:
                         raise SystemExit("the usual case's checks failed")
             if packed:  # one row an append, keyed by its first seq
                 array = "[" + ",".join([PAYLOAD] * events) + "]"
@@ -174,7 +187,8 @@ def cpu_per_append(
                 sql = _insert_sql(len(some))
                 sql = sql.replace("ds_events", "ds_log") if log_every else sql
                 conn.execute(sql, [value for row in some for value in row])
-            conn.execute("RELEASE append_together")
+            if savepoint:
+                conn.execute("RELEASE append_together")
         else:
             for n in batch:
                 first, last = tail[n] + 1, tail[n] + events

@@ -217,9 +217,8 @@ def connect(
 ) -> sqlite3.Connection:
     """A connection in autocommit mode: the writer's (``synchronous`` given) or a reader's.
 
-    The writer's switches the file to WAL, keeps its statement journals in memory,
-    proves the file is writable and creates or migrates the schema; a reader's is
-    query-only.
+    The writer's switches the file to WAL, proves it is writable and creates or
+    migrates the schema; a reader's is query-only.
     """
     conn = sqlite3.connect(
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -230,11 +229,6 @@ def connect(
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous={synchronous}")
-            # The joint append's savepoint keeps the pages it changes in a statement
-            # journal, which SQLite moves to a new temporary file on disk (created,
-            # unlinked, written, closed) once it passes 64 KiB: most commits of a busy
-            # writer. In memory it is a copy of those pages, freed at the savepoint's end.
-            conn.execute("PRAGMA temp_store=MEMORY")
             conn.execute("BEGIN IMMEDIATE")  # also proves the file is writable
             migrate(conn, conn.execute("PRAGMA user_version").fetchone()[0])
             conn.execute("COMMIT")

@@ -131,25 +131,36 @@ class SQLiteOperations(StreamManager):
         self, conn: sqlite3.Connection, entries: Sequence[tuple[str, int, Sequence[Event]]]
     ) -> bool:
         """Store ``entries`` (no terminal event among them) if every stream passes the
-        usual case's checks; else nothing of them is written and False."""
+        usual case's checks; else nothing of them is written and False.
+
+        The checks are read first, so that nothing written ever has to be undone: a
+        savepoint would make SQLite copy every page the statements change into a
+        statement journal, and move that journal to a temporary file on disk once it
+        passes 64 KiB (a few dozen streams). For the same reason the statements are
+        ``OR IGNORE`` ones, which cannot fail halfway (nothing they write can conflict).
+        This connection is the only writer and the transaction holds the write lock, so
+        what was read stays true until the statements run.
+        """
         if not UPDATE_FROM or len({entry[0] for entry in entries}) != len(entries):
             return False  # an UPDATE ... FROM matches a row once, however often it is named
-        conn.execute("SAVEPOINT append_together")
-        now = self.now()
-        moved = 0
+        parts = []
+        ready = 0
         for part in _parts(entries):
-            args: list[object] = [now, now]
+            args: list[object] = []
             for stream_id, token, events in part:
                 args += (stream_id, events[-1].seq, token, events[0].seq - 1)
-            moved += conn.execute(_update_sql(len(part)), args).rowcount
-        if moved != len(entries):  # one was cancelled, ended, replaced, or this is a retry
-            conn.execute("ROLLBACK TO append_together")
-            conn.execute("RELEASE append_together")
+            ready += conn.execute(_check_sql(len(part)), args).fetchone()[0]
+            parts.append((len(part), args))
+        if ready != len(entries):  # one was cancelled, ended, replaced, or this is a retry
             return False
+        now = self.now()
+        for size, args in parts:
+            if conn.execute(_update_sql(size), [now, now, *args]).rowcount != size:
+                # Cannot happen (see above); the whole transaction is rolled back.
+                raise RuntimeError("a stream's row changed between its checks and its update")
         rows = [(sid, e.seq, e.kind, e.payload) for sid, _, events in entries for e in events]
         for some in _parts(rows):
             conn.execute(_insert_sql(len(some)), [value for row in some for value in row])
-        conn.execute("RELEASE append_together")
         return True
 
     def _advance(
@@ -294,10 +305,22 @@ def _parts(items: Sequence[T]) -> list[Sequence[T]]:
 
 
 @functools.cache
+def _check_sql(n: int) -> str:
+    """How many of ``n`` streams, ``(stream_id, last seq, token, tail)`` each, pass the
+    usual case's checks."""
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    return (
+        f"SELECT count(*) FROM ds_streams, (VALUES {values}) AS u"
+        " WHERE ds_streams.stream_id = u.column1"
+        + _usual_case("u.column3", "u.column4", "ds_streams.")
+    )
+
+
+@functools.cache
 def _update_sql(n: int) -> str:
     values = ", ".join(["(?, ?, ?, ?)"] * n)
     return (
-        "UPDATE ds_streams SET last_seq = u.column2, updated_at = ?, heartbeat_at = ?"
+        "UPDATE OR IGNORE ds_streams SET last_seq = u.column2, updated_at = ?, heartbeat_at = ?"
         f" FROM (VALUES {values}) AS u WHERE ds_streams.stream_id = u.column1"
         + _usual_case("u.column3", "u.column4", "ds_streams.")
     )
