@@ -136,7 +136,7 @@ class SQLiteOperations(StreamManager):
         The checks are read first, so that nothing written ever has to be undone: a
         savepoint would make SQLite copy every page the statements change into a
         statement journal, and move that journal to a temporary file on disk once it
-        passes 64 KiB (a few dozen streams). For the same reason the statements are
+        passes 64 KiB (16 pages: about a dozen streams). For the same reason the statements are
         ``OR IGNORE`` ones, which cannot fail halfway (nothing they write can conflict).
         This connection is the only writer and the transaction holds the write lock, so
         what was read stays true until the statements run.
