@@ -112,7 +112,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 
 _PREFIX = {CHUNK: 'data: {"message":', DONE: 'data: {"result":', ERROR: 'error: {"error":'}
-_kind_of = operator.itemgetter(1)
+kind_of = operator.itemgetter(1)  # an event's kind, for map()
 payload_of = operator.itemgetter(2)  # an event's payload, for map()
 
 
@@ -130,7 +130,7 @@ def frames(events: Sequence[tuple[int, str, str]]) -> bytes:
     if len(events) == 1:  # a live chunk's (a list comprehension is a call of its own)
         _, kind, payload = events[0]
         return (prefix[kind] + payload + "}\n\n").encode()
-    kinds = list(map(_kind_of, events))
+    kinds = list(map(kind_of, events))
     chunks = kinds.count(CHUNK)
     if chunks >= len(events) - 1 and (chunks == len(events) or kinds[-1] != CHUNK):
         # Chunks, and at most an end after them (a replay, a burst): the payloads joined

@@ -35,7 +35,7 @@ from . import protocol
 from ._concurrency import gevent_patched
 from .exceptions import StreamClosed
 from .flows import FlowContext, fit_error
-from .managers.base import Event
+from .managers.base import Event, new_tuple
 from .managers.common import event_size_error
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ RELEASE_MIN_BYTES = 64 * 1024
 RELEASE_MIN_EVENTS = 4
 #: Sequence numbers below this are "stored" for a run that has no storage.
 _EVERYTHING = sys.maxsize
-#: ``Event(seq, kind, payload)`` without the Python-level ``__new__`` a NamedTuple has.
-_new_tuple = tuple.__new__
 
 
 class LiveReader:
@@ -182,7 +180,7 @@ class Run:
             if self.ended:
                 raise StreamClosed(f"stream {self.stream_id} already ended")
             seq = self.count
-            event = _new_tuple(Event, (seq, kind, payload))
+            event = new_tuple(Event, (seq, kind, payload))
             self._events.append(event)
             self.total_bytes += len(payload)
             self._ends.append(self.total_bytes)

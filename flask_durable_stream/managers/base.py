@@ -63,7 +63,9 @@ STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 _M = TypeVar("_M", bound="StreamManager")
 _seq_of = operator.itemgetter(0)
-_kind_of = operator.itemgetter(1)
+#: ``new_tuple(Event, (seq, kind, payload))``: an Event without the Python-level ``__new__``
+#: a NamedTuple has (also over many rows, with ``map``).
+new_tuple = tuple.__new__
 
 PRODUCER_LOST = {"status": "UNAVAILABLE", "message": "Producer lost: the flow's worker stopped."}
 
@@ -231,7 +233,7 @@ class StreamWriter:
         # Checked with C-level loops: this runs for every batch of a long stream.
         if list(map(_seq_of, events)) != list(range(first, first + len(events))):
             raise ValueError(f"events must be contiguous from seq {first}")
-        if len(events) > 1 and set(map(_kind_of, events[:-1])) != {protocol.CHUNK}:
+        if len(events) > 1 and set(map(protocol.kind_of, events[:-1])) != {protocol.CHUNK}:
             raise StreamClosed("no event may follow a terminal event")
 
     def store(self, events: Sequence[Event]) -> None:

@@ -33,11 +33,10 @@ from .base import (
     check_pointer_key,
     check_store_interval,
     common_options,
+    new_tuple,
     status_after,
 )
 from .common import Sweep, check_sweep_interval
-
-_new_tuple = tuple.__new__  # an Event from a (seq, kind, payload) tuple, without its __new__
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -133,7 +132,7 @@ class _Stream:
         else:
             payloads = [data[a:b].decode() for a, b in pairs]
         rows = zip(range(start, count), itertools.repeat(protocol.CHUNK), payloads, strict=False)
-        events: list[Event] = list(map(_new_tuple, itertools.repeat(Event), rows))
+        events: list[Event] = list(map(new_tuple, itertools.repeat(Event), rows))
         if self.last_kind != protocol.CHUNK:
             events[-1] = events[-1]._replace(kind=self.last_kind)
         return events

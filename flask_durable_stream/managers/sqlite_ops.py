@@ -304,25 +304,25 @@ def _parts(items: Sequence[T]) -> list[Sequence[T]]:
     return parts
 
 
+def _passing(n: int) -> str:
+    """``n`` streams, ``(stream_id, last seq, token, tail)`` each, as ``u``, joined to their
+    rows where the usual case's checks pass: the checks' and the update's one text."""
+    values = ", ".join(["(?, ?, ?, ?)"] * n)
+    checks = _usual_case("u.column3", "u.column4", "ds_streams.")
+    return f"(VALUES {values}) AS u WHERE ds_streams.stream_id = u.column1{checks}"
+
+
 @functools.cache
 def _check_sql(n: int) -> str:
-    """How many of ``n`` streams, ``(stream_id, last seq, token, tail)`` each, pass the
-    usual case's checks."""
-    values = ", ".join(["(?, ?, ?, ?)"] * n)
-    return (
-        f"SELECT count(*) FROM ds_streams, (VALUES {values}) AS u"
-        " WHERE ds_streams.stream_id = u.column1"
-        + _usual_case("u.column3", "u.column4", "ds_streams.")
-    )
+    """How many of ``n`` streams pass the usual case's checks."""
+    return "SELECT count(*) FROM ds_streams, " + _passing(n)
 
 
 @functools.cache
 def _update_sql(n: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?)"] * n)
     return (
         "UPDATE OR IGNORE ds_streams SET last_seq = u.column2, updated_at = ?, heartbeat_at = ?"
-        f" FROM (VALUES {values}) AS u WHERE ds_streams.stream_id = u.column1"
-        + _usual_case("u.column3", "u.column4", "ds_streams.")
+        " FROM " + _passing(n)
     )
 
 
