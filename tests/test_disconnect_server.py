@@ -294,6 +294,61 @@ def test_streams_stored_together_are_each_whole_whether_their_client_stayed_or_l
         server.stop()
 
 
+def test_a_stream_cancelled_by_another_process_sends_the_shared_appends_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Eight SQLite streams emit each chunk in the same turn of the hub's loop (``lockstep``),
+    so their appends share the writer's requests; four clients left after the first chunk.
+    Another process (this test, as another worker would) raises one stream's cancel flag
+    in the file. That stream's next append fails the joint append's checks, so the shared
+    request's appends all run one by one: the cancelled stream stores its chunk and gets
+    the flag, its flow stops at its next chunk, and every stream is stored whole and equal
+    to what a staying client got live."""
+    from flask_durable_stream import SQLiteStreamManager
+
+    server = start("sqlite", tmp_path)
+    try:
+        key, steps = uuid.uuid4().hex, 4
+        body = {"data": {"key": key, "steps": steps}}
+        calls = [open_live(server, "/flows/lockstep", body) for _ in range(8)]
+        ids = [response.getheader(protocol.STREAM_ID_HEADER) for _, response in calls]
+        open_gate(server, f"{key}-0")
+        raws = [read_frames(response, 1, 1) for _, response in calls]
+        for conn, response in calls[4:]:
+            response.close()
+            conn.close()  # these flows go on without their clients
+        staying, cancelled = calls[:4], ids[0]
+        with SQLiteStreamManager(server.env["DISCONNECT_APP_SQLITE"]) as elsewhere:
+            assert elsewhere.request_cancel(cancelled)
+        apart = stats(server)["apart"]
+        open_gate(server, f"{key}-1")
+        deadline = time.monotonic() + 60
+        while not requests.get(f"{server.url}/cancelled/{cancelled}", timeout=30).json()[
+            "cancelled"
+        ]:
+            assert time.monotonic() < deadline, "the cancel flag never reached the flow"
+            time.sleep(0.01)
+        assert stats(server)["apart"] == apart + 8  # the shared request went one by one
+        for i in range(2, steps):
+            open_gate(server, f"{key}-{i}")
+        raws = [
+            raw + read_to_end(conn, response)
+            for raw, (conn, response) in zip(raws[:4], staying, strict=True)
+        ]
+        whole = [("chunk", i) for i in range(steps)] + [("done", "done")]
+        cancel = {"status": "CANCELLED", "message": "Cancelled by client."}
+        assert whole_frames(raws[0]) == [("chunk", 0), ("chunk", 1), ("error", cancel)]
+        for raw in raws[1:]:
+            assert whole_frames(raw) == whole
+        for stream_id, raw in zip(ids[:4], raws, strict=True):
+            assert post_stream(server.url, "/flows/lockstep", {}, stream_id=stream_id).raw == raw
+        for stream_id in ids[4:]:
+            replay = post_stream(server.url, "/flows/lockstep", {}, stream_id=stream_id)
+            assert replay.events == whole
+    finally:
+        server.stop()
+
+
 def test_a_client_that_falls_behind_gets_the_rest_from_the_run_in_order(
     server: servers.Server,
 ) -> None:

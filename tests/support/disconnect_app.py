@@ -17,7 +17,10 @@ fast path's one greenlet per stream) rather than in a task of the runner's, how 
 live responses the fast path took the connection of (ending their requests), and how
 many response bodies the server is iterating now, and how many ``GET /wait/<key>``
 requests wait for their gate (``?timeout=`` seconds at most, else 120), and on SQLite
-how many appends the writer thread got in requests carrying several streams' appends.
+how many appends the writer thread got in requests carrying several streams' appends
+(``together``) and how many of those a failed check sent one by one (``apart``);
+``GET /cancelled/<stream_id>`` says whether a flow running here was asked to cancel.
+The ``lockstep`` flow emits chunk ``i`` once the gate ``<key>-<i>`` opens.
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
 chunks until its live client's socket is full (the client does not read meanwhile),
@@ -51,6 +54,7 @@ _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
 _together = [0]  # SQLite: appends stored in a request of several streams' appends
+_apart = [0]  # SQLite: of those, the ones a failed check sent one by one
 _emitted = _direct.DirectSink.emitted
 _flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
@@ -110,6 +114,15 @@ def gated_generator(data: Any) -> Any:
     return isinstance(gevent.getcurrent(), _concurrency._greenlet_class())
 
 
+def lockstep(data: Any, ctx: FlowContext) -> str:
+    """Chunk ``i`` once the gate ``<key>-<i>`` opens, for ``i`` below ``steps``: flows of one
+    key emit each chunk in the same turn of the hub's loop, so their appends share a request."""
+    for i in range(int(data["steps"])):
+        _gate(f"{data['key']}-{i}").wait()
+        ctx.send_chunk(i)
+    return "done"
+
+
 def fill(data: Any, ctx: FlowContext) -> int:
     ctx.send_chunk("start")
     _gate("go-" + str(data["key"])).wait()  # the client has the first frame: the sink is armed
@@ -149,7 +162,16 @@ def _count_appends_together(manager: SQLiteStreamManager) -> None:
             _together[0] += len(entries)
         return append_many(conn, entries)
 
+    together = manager._append_together
+
+    def counted_together(conn: Any, entries: Any) -> bool:
+        stored = together(conn, entries)
+        if not stored:
+            _apart[0] += len(entries)
+        return stored
+
     manager._op_append_many = counted  # type: ignore[method-assign]
+    manager._append_together = counted_together  # type: ignore[method-assign]
 
 
 def create_app() -> Flask:
@@ -174,7 +196,7 @@ def create_app() -> Flask:
         _count_appends_together(manager)
     DurableStream(
         app,
-        flows={"gated": gated, "generator": gated_generator, "fill": fill},
+        flows={"gated": gated, "generator": gated_generator, "fill": fill, "lockstep": lockstep},
         stream_manager=manager,
     )
     _runner[:] = [app.extensions["durable_stream"].runner]
@@ -203,6 +225,13 @@ def create_app() -> Flask:
             "live_subscribers": _live_subscribers(),
             "taken": _direct._taken[0],  # connections the sinks own (or serve on) now
             "together": _together[0],
+            "apart": _apart[0],
         }
+
+    @app.get("/cancelled/<stream_id>")
+    def cancelled(stream_id: str) -> dict[str, bool]:
+        """Whether the flow of ``stream_id``, running here, was asked to cancel."""
+        run = _runner[0].get(stream_id)
+        return {"cancelled": run is not None and run.ctx.cancelled}
 
     return app
