@@ -177,7 +177,12 @@ class LifecycleCases:
         assert events == [(0, "done", '"finally"')]
 
     def test_dead_producer_lease_ends_stream_for_everyone(self, make_manager: MakeManager) -> None:
+        """The lost stream's error goes right after its own last event, whatever other
+        streams of the same storage hold (here one that is further along)."""
         manager = make_manager(timeout=30, lease_seconds=0.6, heartbeat_interval=0.1)
+        further = manager.open(new_id())
+        for n in range(3):
+            further.write(n)
         sid = new_id()
         writer = manager.open(sid)
         writer.write("before the crash")  # then the producer vanishes without a terminal event
@@ -187,7 +192,7 @@ class LifecycleCases:
         assert '"UNAVAILABLE"' in events[1][2]
         assert collect(manager.subscribe(sid)) == events
         info = manager.info(sid)
-        assert info is not None and info.status is StreamStatus.ERROR
+        assert info is not None and info.status is StreamStatus.ERROR and info.last_seq == 1
         with pytest.raises(StreamClosed):  # a producer that comes back cannot append
             writer.write("after the lease")
 
