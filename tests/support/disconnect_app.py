@@ -18,7 +18,8 @@ live responses the fast path took the connection of (ending their requests), and
 many response bodies the server is iterating now, and how many ``GET /wait/<key>``
 requests wait for their gate (``?timeout=`` seconds at most, else 120), and on SQLite
 how many appends the writer thread got in requests carrying several streams' appends
-(``together``) and how many of those a failed check sent one by one (``apart``);
+(``together``) and how many of those a failed check sent one by one (``apart``; ``GET
+/apart`` lists their streams);
 ``GET /cancelled/<stream_id>`` says whether a flow running here was asked to cancel.
 The ``lockstep`` flow emits chunk ``i`` once the gate ``<key>-<i>`` opens.
 
@@ -54,7 +55,7 @@ _in_response = [0]
 _detached = [0]
 _waiting = [0]  # requests waiting in GET /wait/<key>
 _together = [0]  # SQLite: appends stored in a request of several streams' appends
-_apart = [0]  # SQLite: of those, the ones a failed check sent one by one
+_apart: list[str] = []  # SQLite: of those, the streams a failed check sent one by one
 _emitted = _direct.DirectSink.emitted
 _flush = _direct.DirectSink.flush
 _take_over = _direct.DirectSink._take_over
@@ -167,7 +168,7 @@ def _count_appends_together(manager: SQLiteStreamManager) -> None:
     def counted_together(conn: Any, entries: Any) -> bool:
         stored = together(conn, entries)
         if not stored:
-            _apart[0] += len(entries)
+            _apart.extend(entry[0] for entry in entries)
         return stored
 
     manager._op_append_many = counted  # type: ignore[method-assign]
@@ -225,8 +226,12 @@ def create_app() -> Flask:
             "live_subscribers": _live_subscribers(),
             "taken": _direct._taken[0],  # connections the sinks own (or serve on) now
             "together": _together[0],
-            "apart": _apart[0],
+            "apart": len(_apart),
         }
+
+    @app.get("/apart")
+    def apart() -> dict[str, list[str]]:
+        return {"streams": _apart}
 
     @app.get("/cancelled/<stream_id>")
     def cancelled(stream_id: str) -> dict[str, bool]:
