@@ -26,7 +26,7 @@ from flask_durable_stream import (
     StreamStatus,
     protocol,
 )
-from flask_durable_stream.managers import sqlite_reader
+from flask_durable_stream.managers import sqlite_io, sqlite_reader, sqlite_writer
 from flask_durable_stream.managers.sqlite import SQLiteStreamManager
 from flask_durable_stream.managers.sqlite_reader import Reader
 
@@ -429,17 +429,30 @@ def test_appends_together_answer_each_stream_as_its_own_append_would(db: Path) -
 
 
 def test_one_failed_check_among_a_thousand_streams_writes_nothing_of_them_together(
-    db: Path,
+    db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The joint append reads every stream's checks before it writes anything (so it
     never has to undo a write): of a thousand streams, 64 to a statement, the last
-    one's check fails. Nothing is written together; each append runs on its own."""
+    one's check fails. Nothing is written together (the writer's connection runs no
+    statement of the joint form but the checks); each append runs on its own."""
+    statements: list[str] = []
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = sqlite_io.connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite_writer, "connect", traced)
     with SQLiteStreamManager(db) as manager:
         writers = [manager.open(f"stream-{n:04d}-" + "x" * 60) for n in range(1000)]
         last = writers[-1].stream_id
         assert manager.request_cancel(last)  # its check fails: all go one by one
         entries = [(w.stream_id, w._token, [chunk(0, str(n))]) for n, w in enumerate(writers)]
+        statements.clear()
         one_by_one, *results = append_many(manager, entries)
+        joint = [s for s in statements if ") AS u WHERE" in s or "), (" in s]
+        assert len(joint) == 17  # 15 of 64 streams, 32 and 8: the checks alone
+        assert all(s.startswith("SELECT count(*)") for s in joint), joint[-1][:80]
         assert one_by_one == [w.stream_id for w in writers]
         assert results == [False] * 999 + [True]  # each its own append's answer
         for w in writers:

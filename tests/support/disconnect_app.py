@@ -18,9 +18,9 @@ live responses the fast path took the connection of (ending their requests), and
 many response bodies the server is iterating now, and how many ``GET /wait/<key>``
 requests wait for their gate (``?timeout=`` seconds at most, else 120), and on SQLite
 how many appends the writer thread got in requests carrying several streams' appends
-(``together``) and how many of those a failed check sent one by one (``apart``;
-``GET /apart`` lists their streams); ``GET /cancelled/<stream_id>`` says whether a flow
-running here was asked to cancel.
+(``together``); ``GET /apart`` lists the streams of those that a failed check sent one
+by one, and ``GET /cancelled/<stream_id>`` says whether a flow running here was asked to
+cancel.
 The ``lockstep`` flow emits chunk ``i`` once the gate ``<key>-<i>`` opens.
 
 The ``fill`` flow emits ``"start"``, waits for the gate ``go-<key>``, emits 16 KiB
@@ -226,7 +226,6 @@ def create_app() -> Flask:
             "live_subscribers": _live_subscribers(),
             "taken": _direct._taken[0],  # connections the sinks own (or serve on) now
             "together": _together[0],
-            "apart": len(_apart),
         }
 
     @app.get("/apart")
